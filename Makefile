@@ -1,0 +1,20 @@
+# The two set-up commands of the README: `make demo` (the main job on the embedded model)
+# and `make test` (the test suite). Both create or reuse .venv idempotently.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint bench
+setup:
+	@VENV=$(VENV) bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m steerlab demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_capture.py
