@@ -48,7 +48,7 @@ _GEMMA2 = Arch("gemma3", "model.embed_tokens", "model.layers", "model.norm", "lm
                attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
 _GPT2 = Arch("gpt2", "transformer.wte", "transformer.h", "transformer.ln_f", "lm_head",
              "attn", "attn.c_proj", "mlp", "mlp.c_proj")
-_NEOX = Arch("gpt_neox", "gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out",
+_NEOX = Arch("gpt_neox", "gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head",
              "attention", "attention.dense", "mlp", "mlp.dense_4h_to_h")
 
 ARCHS: dict[str, Arch] = {

@@ -1,0 +1,73 @@
+"""Tiny random-weight models of every supported architecture, built in-process (no download)."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from steerlab.models.model import Model
+
+CHARS = string.ascii_letters + string.digits + string.punctuation + " "
+SPECIALS = ["<pad>", "<eos>", "<bos>"]
+VOCAB = {t: i for i, t in enumerate(SPECIALS + list(CHARS))}
+V = len(VOCAB)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one token per character, <bos> prepended."""
+    tk = Tokenizer(models.WordLevel(VOCAB, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    from tokenizers import processors
+
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+_COMMON = dict(vocab_size=V, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def configs() -> dict:
+    return {
+        "llama": LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, **_COMMON),
+        "mistral": MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=128, sliding_window=None, **_COMMON),
+        "qwen2": Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=128, **_COMMON),
+        "gemma3_text": Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                                        max_position_embeddings=128, sliding_window=16, **_COMMON),
+        "gpt2": GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **_COMMON),
+        "gpt_neox": GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=128, **_COMMON),
+    }
+
+
+ARCHS = list(configs())
+
+
+def tiny_model(arch: str = "llama", seed: int = 0) -> Model:
+    torch.manual_seed(seed)
+    cfg = configs()[arch]
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # random weights with a larger scale than init so differences show up in tests
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return Model.wrap(hf, char_tokenizer(), name=f"tiny-{arch}")
+
+
+PROMPTS = ["hello world", "a", "The quick brown fox!", "steer me"]
