@@ -1,0 +1,65 @@
+"""Batched generation through steerlab (no intervention) against plain `model.generate` in the
+same run, and the throughput of each offline toxicity scorer.
+
+    python benchmarks/bench_generate.py [--n 32] [--new 32] [--batch-size 16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import steerlab as sl
+from common import alternate, rtp_prompts
+from steerlab.generation import GenConfig, _plan, generate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-scorers", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    m = sl.load(args.model)
+    prompts = rtp_prompts(args.n)
+    cfg = GenConfig(max_new_tokens=args.new, batch_size=args.batch_size)
+    bs = args.batch_size
+    same_batches = [[prompts[i] for i in b] for b in _plan(m, [str(i) for i in range(len(prompts))], prompts, cfg)]
+    in_order = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
+
+    @torch.no_grad()
+    def plain(batches):
+        outs = []
+        for texts in batches:
+            enc = m.tok(texts, return_tensors="pt", padding=True)
+            out = m.hf.generate(**enc, max_new_tokens=args.new, do_sample=False, pad_token_id=m.tok.pad_token_id,
+                                temperature=None, top_p=None, top_k=None)
+            outs += m.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return outs
+
+    res = alternate({
+        "plain generate, steerlab's batches (the limit)": lambda: plain(same_batches),
+        "plain generate, batches in input order": lambda: plain(in_order),
+        "steerlab.generation.generate": lambda: generate(m, prompts, cfg, progress=False),
+    }, args.repeats)
+    limit = res["plain generate, steerlab's batches (the limit)"]
+    print(f"model {m.name}: {len(prompts)} prompts x {args.new} new tokens, greedy, batch {bs}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    for k, v in res.items():
+        print(f"  {k:50s} {v:7.2f} s   ratio {v / limit:5.3f}")
+    if not args.skip_scorers:
+        from steerlab.scoring import list_scorers, scorer_throughput
+
+        texts = rtp_prompts(700)
+        print(f"scorer throughput on {len(texts)} RealToxicityPrompts prefixes:")
+        for name in list_scorers(offline=True):
+            print(f"  {name:20s} {scorer_throughput(name, texts):10.0f} texts/s")
+
+
+if __name__ == "__main__":
+    main()
