@@ -13,6 +13,7 @@ text, and a resumed run regenerates an interrupted batch exactly. Results depend
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -60,8 +61,9 @@ def text_id(text: str) -> str:
 def _ids_texts(prompts: Sequence) -> tuple[list[str], list[str]]:
     if not prompts:
         raise EmptyInputError("no prompts given: need at least one")
-    texts = [p if isinstance(p, str) else p.text for p in prompts]
-    ids = [text_id(p) if isinstance(p, str) else str(p.id) for p in prompts]
+    texts = [p if isinstance(p, str | list) else p.text for p in prompts]
+    ids = [text_id(p if isinstance(p, str) else json.dumps(p, sort_keys=True)) if isinstance(p, str | list)
+           else str(p.id) for p in prompts]
     if len(set(ids)) != len(ids):
         seen, dup = set(), None
         for i in ids:
@@ -72,8 +74,8 @@ def _ids_texts(prompts: Sequence) -> tuple[list[str], list[str]]:
 
 
 def _plan(model: Model, ids: list[str], texts: list[str], cfg: GenConfig) -> list[list[int]]:
-    """Deterministic batches of prompt indices (sorted by token length, then id)."""
-    lengths = [len(x) for x in model.tok(texts, add_special_tokens=False)["input_ids"]]
+    """Deterministic batches of prompt indices (sorted by length in characters, then id)."""
+    lengths = [len(t) if isinstance(t, str) else len(json.dumps(t)) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], ids[i]))
     per = max(1, cfg.batch_size // cfg.k)
     return [order[i:i + per] for i in range(0, len(order), per)]
@@ -99,7 +101,8 @@ def generate_batch(model: Model, texts: list[str], cfg: GenConfig, seed: int) ->
 
 def generate(model: Model, prompts: Sequence, cfg: GenConfig | None = None, progress: bool | None = None,
              **kw) -> list[list[str]]:
-    """Continuations of each prompt (``k`` per prompt), in prompt order. Any active
+    """Continuations of each prompt (``k`` per prompt), in prompt order. With ``chat=True`` a prompt
+    may also be a whole dialogue (a list of ``{"role", "content"}`` messages). Any active
     :func:`steerlab.edit` applies. Keyword arguments override fields of ``cfg``."""
     cfg = GenConfig(**{**(asdict(cfg) if cfg else {}), **kw})
     ids, texts = _ids_texts(prompts)

@@ -152,9 +152,11 @@ class Model:
             msgs = [{"role": "system", "content": system}, *msgs]
         return self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
-    def encode(self, texts: Sequence[str], chat: bool = False, max_length: int | None = None) -> dict:
+    def encode(self, texts: Sequence[str] | Sequence[list[dict]], chat: bool = False,
+               max_length: int | None = None) -> dict:
         """Tokenize a batch with left padding: ``input_ids``, ``attention_mask``, ``position_ids``
-        on the model's device. ``chat=True`` renders each text as a user turn first."""
+        on the model's device. ``chat=True`` renders each text as a user turn (or each list of
+        messages as a dialogue) with the chat template, ready for the assistant's reply."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise EmptyInputError("no texts given: need at least one")

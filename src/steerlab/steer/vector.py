@@ -1,0 +1,303 @@
+"""Steering vectors: directions at one or many sites, fitted from contrast data, added while the
+model runs (Turner et al. 2023, "activation addition"; Rimsky et al. 2024, CAA; METHODS.md s1).
+
+Fitting (``SteeringVector.fit``), per site, from desirable texts D and undesirable texts U:
+
+- ``mean_diff``: s = mean_i h(D_i) - mean_i h(U_i) at the chosen positions: the last token,
+  the mean over prompt tokens, or ``aligned`` (paired texts, differences taken position by
+  position from the end over the shorter text's length, then averaged).
+- ``pca``: the first right-singular vector of the paired differences h(D_i) - h(U_i)
+  (uncentred, so the mean shift counts), signed to point from U to D.
+- ``probe``: the weight vector of a logistic-regression probe separating D from U (sklearn).
+
+``scale="unit"`` normalises each site's vector to norm 1 (the convention of the self-correction
+code: alpha = +-20 with a unit vector); ``scale="raw"`` keeps the mean-difference scale (for pca
+and probe, the unit direction times the mean difference's projection on it).
+
+Applying adds ``alpha * s`` at each site (``where``: ``all`` positions, ``prompt`` positions
+during prefill, ``generated`` positions, or the ``last`` position of every call); ``alpha`` may be
+a ``[batch]`` tensor so a strength sweep is one batched generate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import EmptyInputError, ShapeError, SteerlabError
+from ..hooks import add, capture, edit
+from ..models.model import Model
+
+METHODS = ("mean_diff", "pca", "probe")
+POSITIONS = ("last", "mean", "aligned")
+
+
+class VectorError(SteerlabError):
+    """A steering vector that does not fit the model, or a file that is not one."""
+
+
+def _fingerprint_texts(*groups: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for g in groups:
+        for t in g:
+            h.update(t.encode())
+            h.update(b"\0")
+        h.update(b"\1")
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class SteeringVector:
+    """Directions keyed by site name (``[d]`` each) plus provenance metadata."""
+
+    directions: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.directions:
+            raise EmptyInputError("a steering vector needs at least one site")
+        self.directions = {k: v.detach().float().cpu() for k, v in self.directions.items()}
+
+    # --- fitting -------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, model: Model, desirable: Sequence[str], undesirable: Sequence[str], sites: str | Sequence[str],
+            method: str = "mean_diff", positions: str = "last", scale: str = "unit", chat: bool = False,
+            batch_size: int = 16) -> SteeringVector:
+        """Fit one direction per site pointing from ``undesirable`` to ``desirable`` activations."""
+        if method not in METHODS:
+            raise VectorError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if positions not in POSITIONS:
+            raise VectorError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
+        if scale not in ("unit", "raw"):
+            raise VectorError(f"unknown scale {scale!r}; choose 'unit' or 'raw'")
+        desirable, undesirable = list(desirable), list(undesirable)
+        if not desirable or not undesirable:
+            raise EmptyInputError(f"empty contrast set: {len(desirable)} desirable and {len(undesirable)} "
+                                  f"undesirable texts; need at least one of each")
+        paired = method == "pca" or positions == "aligned"
+        if paired and len(desirable) != len(undesirable):
+            raise VectorError(f"method {method!r} with positions {positions!r} needs paired texts, got "
+                              f"{len(desirable)} desirable and {len(undesirable)} undesirable")
+        names = [sites] if isinstance(sites, str) else list(sites)
+        canon = [model.site(s).name for s in names]
+        for s in canon:
+            if len(model.site_shape(s)) != 1:
+                raise VectorError(f"steering vectors live on d-dimensional sites; {s!r} has shape "
+                                  f"{model.site_shape(s)} (use resid/attn.out/mlp.out/final/embed or mlp.act)")
+        pos = "all" if positions == "aligned" else positions
+        texts = desirable + undesirable
+        caps = capture(model, texts, canon, pos, batch_size=batch_size, chat=chat)
+        n = len(desirable)
+        dirs = {}
+        for s in canon:
+            a = caps[s]
+            if positions == "aligned":
+                diffs = _aligned_diffs(a[:n], caps.mask[:n], a[n:], caps.mask[n:])
+                hd, hu = None, None
+            else:
+                hd, hu = a[:n], a[n:]
+                diffs = hd - hu if paired else None
+            mean_diff = diffs.mean(0) if diffs is not None else hd.mean(0) - hu.mean(0)
+            if method == "mean_diff":
+                v = mean_diff
+            elif method == "pca":
+                v = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
+                v = v * torch.sign(v @ mean_diff)
+            else:
+                v = _probe_direction(hd if hd is not None else a[:n, -1], hu if hu is not None else a[n:, -1])
+            if scale == "unit" or method != "mean_diff":
+                v = v / v.norm().clamp_min(1e-12)
+                if scale == "raw":
+                    v = v * (mean_diff @ v)
+            dirs[s] = v
+        meta = {
+            "method": method, "positions": positions, "scale": scale, "chat": chat,
+            "model": model.name, "model_fingerprint": model.fingerprint, "d_model": model.d_model,
+            "n_layers": model.n_layers, "model_type": model.config.model_type,
+            "data_fingerprint": _fingerprint_texts(desirable, undesirable),
+            "n_desirable": len(desirable), "n_undesirable": len(undesirable),
+        }
+        return cls(dirs, meta)
+
+    # --- applying ------------------------------------------------------------------------------
+    def check(self, model: Model, strict: bool = True) -> None:
+        """Raise when the vector does not fit ``model``: size always; fingerprint when ``strict``."""
+        for s, v in self.directions.items():
+            shape = model.site_shape(s)
+            if tuple(v.shape) != tuple(shape):
+                raise VectorError(f"vector for site {s!r} has size {tuple(v.shape)} but {model.name} has {shape}: "
+                                  f"it was fitted on another model ({self.meta.get('model', '?')})")
+        fp = self.meta.get("model_fingerprint")
+        if strict and fp and fp != model.fingerprint:
+            raise VectorError(f"vector was fitted on model {self.meta.get('model')!r} (fingerprint {fp}), not on "
+                              f"{model.name!r} ({model.fingerprint}); pass strict=False to apply it anyway")
+
+    @contextmanager
+    def apply(self, model: Model, alpha: float | torch.Tensor = 1.0, where: str = "all", strict: bool = True):
+        """Context manager: add ``alpha * direction`` at every site while the body runs."""
+        self.check(model, strict)
+        with edit(model, {s: add(v, alpha=alpha, where=where) for s, v in self.directions.items()}) as step:
+            yield step
+
+    # --- arithmetic ----------------------------------------------------------------------------
+    def _combine(self, other: SteeringVector, sign: float) -> SteeringVector:
+        dirs = dict(self.directions)
+        for s, v in other.directions.items():
+            if s in dirs and dirs[s].shape != v.shape:
+                raise VectorError(f"cannot combine vectors of sizes {tuple(dirs[s].shape)} and {tuple(v.shape)} at {s!r}")
+            dirs[s] = dirs[s] + sign * v if s in dirs else sign * v
+        return SteeringVector(dirs, {**self.meta, "derived": f"combination ({'+' if sign > 0 else '-'})"})
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, -1.0)
+
+    def __mul__(self, c: float) -> SteeringVector:
+        return SteeringVector({s: v * float(c) for s, v in self.directions.items()}, {**self.meta})
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> SteeringVector:
+        return self * -1.0
+
+    def only(self, sites: str | Sequence[str]) -> SteeringVector:
+        """The same vector restricted to some sites."""
+        names = [sites] if isinstance(sites, str) else list(sites)
+        missing = [s for s in names if s not in self.directions]
+        if missing:
+            raise VectorError(f"sites {missing} not in this vector (it has {', '.join(self.directions)})")
+        return SteeringVector({s: self.directions[s] for s in names}, dict(self.meta))
+
+    def norms(self) -> dict[str, float]:
+        return {s: float(v.norm()) for s, v in self.directions.items()}
+
+    def cosine(self, x: torch.Tensor | SteeringVector, site: str | None = None) -> torch.Tensor | dict[str, float]:
+        """Cosine similarity of each site's direction with another vector's (dict), or of one site's
+        direction with the rows of a tensor ``[..., d]``."""
+        if isinstance(x, SteeringVector):
+            return {s: float(torch.nn.functional.cosine_similarity(v, x.directions[s], dim=0))
+                    for s, v in self.directions.items() if s in x.directions}
+        v = self.directions[site] if site else next(iter(self.directions.values()))
+        return torch.nn.functional.cosine_similarity(x.float(), v.to(x.device).expand_as(x), dim=-1)
+
+    # --- controls ------------------------------------------------------------------------------
+    def permuted(self, seed: int = 0) -> SteeringVector:
+        """Control: each site's coordinates randomly permuted (same norm and value distribution)."""
+        g = torch.Generator().manual_seed(seed)
+        return SteeringVector({s: v[torch.randperm(v.numel(), generator=g)] for s, v in self.directions.items()},
+                              {**self.meta, "control": f"permuted(seed={seed})"})
+
+    def random(self, seed: int = 0) -> SteeringVector:
+        """Control: a Gaussian random direction per site with the same norm."""
+        g = torch.Generator().manual_seed(seed)
+        out = {}
+        for s, v in self.directions.items():
+            r = torch.randn(v.shape, generator=g)
+            out[s] = r / r.norm() * v.norm()
+        return SteeringVector(out, {**self.meta, "control": f"random(seed={seed})"})
+
+    # --- files ---------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """safetensors with a JSON header (``__metadata__['steerlab']``); nothing is pickled."""
+        from .. import __version__
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {**self.meta, "kind": "steering_vector", "steerlab_version": __version__}
+        tensors = {s: v.contiguous() for s, v in self.directions.items()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"steerlab": json.dumps(meta)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: Model | None = None, strict: bool = True) -> SteeringVector:
+        """Read a vector saved by :meth:`save`; with ``model``, check that it fits."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise VectorError(f"steering vector file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("steerlab", "null"))
+            tensors = load_file(str(path))
+        except Exception as e:
+            raise VectorError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+        if not isinstance(meta, dict) or meta.get("kind") != "steering_vector":
+            raise VectorError(f"{path} is a safetensors file but not a steerlab steering vector (no header)")
+        sv = cls(tensors, meta)
+        if model is not None:
+            sv.check(model, strict)
+        return sv
+
+    def to_gguf(self, path: str | Path) -> Path:
+        """Export as a llama.cpp control vector (``--control-vector``): tensors ``direction.{l}``
+        for ``blocks.{l}.resid_post`` (llama.cpp adds direction ``l`` to the output of block ``l``,
+        at every position; it has no slot for block 0)."""
+        import gguf
+
+        layers = {}
+        for s, v in self.directions.items():
+            parts = s.split(".")
+            if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "resid_post":
+                raise VectorError(f"llama.cpp control vectors hold resid_post directions only; {s!r} cannot be exported")
+            if int(parts[1]) == 0:
+                raise VectorError("llama.cpp control vectors have no slot for block 0 (direction.0 is rejected)")
+            layers[int(parts[1])] = v.numpy().astype(np.float32)
+        path = Path(path)
+        w = gguf.GGUFWriter(str(path), "controlvector")
+        w.add_string("controlvector.model_hint", self.meta.get("model_type", "llama"))
+        w.add_uint32("controlvector.layer_count", len(layers))
+        for layer in sorted(layers):
+            w.add_tensor(f"direction.{layer}", layers[layer])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> SteeringVector:
+        """Read a llama.cpp control vector back (``direction.{l}`` -> ``blocks.{l}.resid_post``)."""
+        import gguf
+
+        r = gguf.GGUFReader(str(path))
+        dirs = {}
+        for t in r.tensors:
+            if not t.name.startswith("direction."):
+                continue
+            dirs[f"blocks.{int(t.name.split('.')[1])}.resid_post"] = torch.from_numpy(np.array(t.data, dtype=np.float32))
+        hint = r.fields.get("controlvector.model_hint")
+        mt = bytes(hint.parts[-1]).decode() if hint is not None else None
+        return cls(dirs, {"model_type": mt, "source": str(path)})
+
+
+def _aligned_diffs(a_d: torch.Tensor, m_d: torch.Tensor, a_u: torch.Tensor, m_u: torch.Tensor) -> torch.Tensor:
+    """Per pair: mean over positions (aligned from the end, over the shorter length) of h_d - h_u."""
+    L = torch.minimum(m_d.sum(1), m_u.sum(1))  # [N]
+    T = a_d.shape[1]
+    cols = torch.arange(T, device=a_d.device)[None, :]
+    keep = (cols >= T - L[:, None]).to(a_d.dtype)[..., None]  # last L columns of each row
+    return ((a_d - a_u) * keep).sum(1) / L[:, None].to(a_d.dtype)
+
+
+def _probe_direction(hd: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
+    from sklearn.linear_model import LogisticRegression
+
+    X = torch.cat([hd, hu]).cpu().numpy()
+    y = np.r_[np.ones(len(hd)), np.zeros(len(hu))]
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    clf = LogisticRegression(C=1.0, max_iter=2000).fit((X - mu) / sd, y)
+    w = clf.coef_[0] / sd  # back to activation coordinates
+    return torch.from_numpy(w).float().to(hd.device)
