@@ -19,3 +19,8 @@ class ShapeError(SteerlabError):
 
 class EmptyInputError(SteerlabError):
     """An empty list of texts, prompts or examples where at least one is needed."""
+
+
+class DataError(SteerlabError):
+    """A prompt set, data file or saved data object that is unknown, missing, unreadable, empty or
+    lacks the expected field; the message names the file (or spec) and the problem."""

