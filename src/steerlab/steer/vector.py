@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import EmptyInputError, ShapeError, SteerlabError
+from ..errors import EmptyInputError, SteerlabError
 from ..hooks import add, capture, edit
 from ..models.model import Model
 
@@ -100,24 +100,10 @@ class SteeringVector:
         for s in canon:
             a = caps[s]
             if positions == "aligned":
-                diffs = _aligned_diffs(a[:n], caps.mask[:n], a[n:], caps.mask[n:])
-                hd, hu = None, None
+                dirs[s] = direction(a[:n, -1], a[n:, -1], method, scale,
+                                    diffs=_aligned_diffs(a[:n], caps.mask[:n], a[n:], caps.mask[n:]))
             else:
-                hd, hu = a[:n], a[n:]
-                diffs = hd - hu if paired else None
-            mean_diff = diffs.mean(0) if diffs is not None else hd.mean(0) - hu.mean(0)
-            if method == "mean_diff":
-                v = mean_diff
-            elif method == "pca":
-                v = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
-                v = v * torch.sign(v @ mean_diff)
-            else:
-                v = _probe_direction(hd if hd is not None else a[:n, -1], hu if hu is not None else a[n:, -1])
-            if scale == "unit" or method != "mean_diff":
-                v = v / v.norm().clamp_min(1e-12)
-                if scale == "raw":
-                    v = v * (mean_diff @ v)
-            dirs[s] = v
+                dirs[s] = direction(a[:n], a[n:], method, scale, paired=paired)
         meta = {
             "method": method, "positions": positions, "scale": scale, "chat": chat,
             "model": model.name, "model_fingerprint": model.fingerprint, "d_model": model.d_model,
@@ -281,6 +267,36 @@ class SteeringVector:
         hint = r.fields.get("controlvector.model_hint")
         mt = bytes(hint.parts[-1]).decode() if hint is not None else None
         return cls(dirs, {"model_type": mt, "source": str(path)})
+
+
+def direction(hd: torch.Tensor, hu: torch.Tensor, method: str = "mean_diff", scale: str = "unit",
+              paired: bool = False, diffs: torch.Tensor | None = None) -> torch.Tensor:
+    """One direction from desirable ``hd [n, d]`` and undesirable ``hu [m, d]`` activations.
+
+    ``mean_diff``: mean(hd) - mean(hu) (or the mean of given paired ``diffs``); ``pca``: first
+    right-singular vector of the paired differences, signed along the mean difference;
+    ``probe``: logistic-regression weights (in activation coordinates). ``unit`` scale gives norm
+    1; ``raw`` gives the mean difference (pca/probe: unit direction times the mean difference's
+    projection on it)."""
+    if diffs is None and (paired or method == "pca"):
+        if hd.shape != hu.shape:
+            raise VectorError(f"paired differences need equal shapes, got {tuple(hd.shape)} and {tuple(hu.shape)}")
+        diffs = hd - hu
+    mean_diff = diffs.mean(0) if diffs is not None else hd.mean(0) - hu.mean(0)
+    if method == "mean_diff":
+        v = mean_diff
+    elif method == "pca":
+        v = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
+        v = v * torch.sign(v @ mean_diff)
+    elif method == "probe":
+        v = _probe_direction(hd, hu)
+    else:
+        raise VectorError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if scale == "unit" or method != "mean_diff":
+        v = v / v.norm().clamp_min(1e-12)
+        if scale == "raw":
+            v = v * (mean_diff @ v)
+    return v
 
 
 def _aligned_diffs(a_d: torch.Tensor, m_d: torch.Tensor, a_u: torch.Tensor, m_u: torch.Tensor) -> torch.Tensor:

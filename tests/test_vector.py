@@ -1,0 +1,149 @@
+"""Steering vectors: planted-direction recovery, apply == hand hook, file round trips, errors."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import steerlab as sl
+from steerlab.steer import SteeringVector, VectorError
+from steerlab.steer.vector import direction
+from tiny import PROMPTS, tiny_model
+
+GOOD = ["what a lovely day", "thank you so much", "you are kind", "nice work friend"]
+BAD = ["you stupid idiot", "I hate all of you", "shut up loser", "go to hell now"]
+
+
+def _planted(n=2000, d=32, seed=0):
+    """Two overlapping isotropic Gaussian classes whose means differ by 1.0 along a unit u."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    return u, torch.randn(n, d, generator=g) + 0.5 * u, torch.randn(n, d, generator=g) - 0.5 * u
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca", "probe"])
+def test_planted_direction_is_recovered(method):
+    u, hd, hu = _planted()
+    v = direction(hd, hu, method, "unit", paired=True)
+    assert float(v @ u) > 0.95, float(v @ u)
+    raw = direction(hd, hu, method, "raw", paired=True)
+    assert float(raw.norm()) == pytest.approx(1.0, rel=0.15)  # the planted mean shift is 1 along u
+
+
+def test_mean_diff_hand_example():
+    hd = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    hu = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    # mean(hd) = (2, 3), mean(hu) = (0.5, 0) -> (1.5, 3); norm = sqrt(11.25)
+    assert torch.allclose(direction(hd, hu, scale="raw"), torch.tensor([1.5, 3.0]))
+    assert torch.allclose(direction(hd, hu), torch.tensor([1.5, 3.0]) / 11.25 ** 0.5)
+
+
+def test_fit_matches_capture_mean_difference(llama):
+    sv = SteeringVector.fit(llama, GOOD, BAD, ["blocks.1.resid_post", "blocks.-1.resid_post"], scale="raw")
+    assert set(sv.directions) == {"blocks.1.resid_post", "blocks.2.resid_post"}
+    caps = sl.capture(llama, GOOD + BAD, "blocks.1.resid_post")["blocks.1.resid_post"]
+    ref = caps[:4].mean(0) - caps[4:].mean(0)
+    assert torch.allclose(sv.directions["blocks.1.resid_post"], ref, atol=1e-5)
+    assert sv.meta["model_fingerprint"] == llama.fingerprint and sv.meta["n_desirable"] == 4
+    unit = SteeringVector.fit(llama, GOOD, BAD, "blocks.1.resid_post")
+    assert unit.norms()["blocks.1.resid_post"] == pytest.approx(1.0, abs=1e-5)
+    aligned = SteeringVector.fit(llama, GOOD, BAD, "blocks.1.resid_post", positions="aligned", scale="raw")
+    full = sl.capture(llama, GOOD + BAD, "blocks.1.resid_post", "all")
+    a, m = full["blocks.1.resid_post"], full.mask.sum(1)
+    diffs = []
+    for i in range(4):  # hand loop: positions aligned from the end over the shorter length
+        L = int(min(m[i], m[4 + i]))
+        diffs.append((a[i, -L:] - a[4 + i, -L:]).mean(0))
+    assert torch.allclose(aligned.directions["blocks.1.resid_post"], torch.stack(diffs).mean(0), atol=1e-5)
+
+
+def test_apply_equals_hand_hook(llama):
+    sv = SteeringVector.fit(llama, GOOD, BAD, "blocks.1.resid_post")
+    v = sv.directions["blocks.1.resid_post"]
+    enc = llama.encode(PROMPTS)
+    h = llama.layer(1).register_forward_hook(lambda m, a, o: o + 6.0 * v)
+    with torch.no_grad():
+        ref = llama.hf(**enc).logits
+    h.remove()
+    with sv.apply(llama, alpha=6.0), torch.no_grad():
+        got = llama.hf(**enc).logits
+    assert torch.equal(got, ref)
+    with (-sv).apply(llama, alpha=-6.0), torch.no_grad():  # -(-v) * 6 == v * 6
+        assert torch.allclose(llama.hf(**enc).logits, ref, atol=1e-6)
+
+
+def test_arithmetic_and_controls(llama):
+    a = SteeringVector.fit(llama, GOOD, BAD, ["blocks.0.resid_post", "blocks.1.resid_post"])
+    b = SteeringVector.fit(llama, GOOD[:2], BAD[:2], ["blocks.1.resid_post"])
+    c = a + b * 2
+    assert torch.allclose(c.directions["blocks.1.resid_post"],
+                          a.directions["blocks.1.resid_post"] + 2 * b.directions["blocks.1.resid_post"])
+    assert torch.equal(c.directions["blocks.0.resid_post"], a.directions["blocks.0.resid_post"])
+    assert torch.allclose((a - a).directions["blocks.0.resid_post"], torch.zeros(32))
+    p, r = a.permuted(1), a.random(1)
+    for s, v in a.directions.items():
+        assert torch.equal(p.directions[s].sort().values, v.sort().values)
+        assert float(r.directions[s].norm()) == pytest.approx(float(v.norm()), rel=1e-5)
+    assert a.cosine(a)["blocks.0.resid_post"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_save_load_bit_for_bit_and_checks(tmp_path, llama):
+    sv = SteeringVector.fit(llama, GOOD, BAD, ["blocks.0.resid_post", "blocks.2.mlp.out"], method="pca")
+    f = sv.save(tmp_path / "v.safetensors")
+    back = SteeringVector.load(f, llama)
+    assert back.meta["method"] == "pca" and back.meta["data_fingerprint"] == sv.meta["data_fingerprint"]
+    for s in sv.directions:
+        assert torch.equal(back.directions[s], sv.directions[s])
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(VectorError, match="fingerprint"):
+        SteeringVector.load(f, other)
+    SteeringVector.load(f, other, strict=False)  # same sizes: allowed when asked
+    wrong = SteeringVector({"blocks.0.resid_post": torch.ones(31)}, {"model": "other"}).save(tmp_path / "w.safetensors")
+    with pytest.raises(VectorError, match=r"has size \(31,\) but tiny-llama has \(32,\)"):
+        SteeringVector.load(wrong, llama)
+    with pytest.raises(VectorError, match="not found"):
+        SteeringVector.load(tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(VectorError, match="not a readable safetensors"):
+        SteeringVector.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(VectorError, match="not a steerlab steering vector"):
+        SteeringVector.load(tmp_path / "plain.safetensors")
+
+
+def test_gguf_control_vector_round_trip(tmp_path, llama):
+    sv = SteeringVector.fit(llama, GOOD, BAD, ["blocks.1.resid_post", "blocks.2.resid_post"])
+    f = sv.to_gguf(tmp_path / "v.gguf")
+    r = gguf.GGUFReader(str(f))  # read back with the gguf package, independently of steerlab
+    assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "controlvector"
+    assert int(r.fields["controlvector.layer_count"].parts[-1][0]) == 2
+    assert bytes(r.fields["controlvector.model_hint"].parts[-1]).decode() == "llama"
+    got = {t.name: np.array(t.data) for t in r.tensors}
+    assert set(got) == {"direction.1", "direction.2"}
+    for layer in (1, 2):
+        np.testing.assert_array_equal(got[f"direction.{layer}"], sv.directions[f"blocks.{layer}.resid_post"].numpy())
+    back = SteeringVector.from_gguf(f)
+    assert torch.equal(back.directions["blocks.2.resid_post"], sv.directions["blocks.2.resid_post"])
+    with pytest.raises(VectorError, match="no slot for block 0"):
+        SteeringVector.fit(llama, GOOD, BAD, "blocks.0.resid_post").to_gguf(tmp_path / "x.gguf")
+    with pytest.raises(VectorError, match="resid_post directions only"):
+        SteeringVector.fit(llama, GOOD, BAD, "blocks.1.mlp.out").to_gguf(tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize(
+    "kw, err, message",
+    [
+        (dict(desirable=[], undesirable=BAD), sl.EmptyInputError, "empty contrast set"),
+        (dict(sites="blocks.7.resid_post"), sl.SiteError, "out of range"),
+        (dict(method="ica"), VectorError, "unknown method"),
+        (dict(method="pca", undesirable=BAD[:3]), VectorError, "needs paired texts"),
+        (dict(sites="blocks.0.attn.heads"), VectorError, "d-dimensional"),
+    ],
+)
+def test_fit_errors(llama, kw, err, message):
+    args = dict(desirable=GOOD, undesirable=BAD, sites="blocks.0.resid_post") | kw
+    with pytest.raises(err, match=message):
+        SteeringVector.fit(llama, **args)
