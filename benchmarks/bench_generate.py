@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import alternate, rtp_prompts
 
 import steerlab as sl
-from common import alternate, rtp_prompts
 from steerlab.generation import GenConfig, _plan, generate
 
 
