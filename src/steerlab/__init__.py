@@ -7,7 +7,7 @@
         ...                                         # any forward or m.hf.generate(...)
 """
 
-from .errors import EmptyInputError, ModelLoadError, ShapeError, SiteError, SteerlabError
+from .errors import DataError, EmptyInputError, ModelLoadError, ShapeError, SiteError, SteerlabError
 from .hooks import Captured, Step, add, capture, edit, replace, scale
 from .models import Model, load
 from .positions import ALL, LAST, MAX, MEAN, AllPrompt, Indices, Last, MaxPool, MeanPool
@@ -15,7 +15,7 @@ from .positions import ALL, LAST, MAX, MEAN, AllPrompt, Indices, Last, MaxPool, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALL", "LAST", "MAX", "MEAN", "AllPrompt", "Captured", "EmptyInputError", "Indices", "Last", "MaxPool",
+    "ALL", "LAST", "MAX", "MEAN", "AllPrompt", "Captured", "DataError", "EmptyInputError", "Indices", "Last", "MaxPool",
     "MeanPool", "Model", "ModelLoadError", "ShapeError", "SiteError", "Step", "SteerlabError", "add", "capture",
     "edit", "load", "replace", "scale", "__version__",
 ]
