@@ -39,3 +39,42 @@ def test_info_and_help(tmp_path):
     assert r.exit_code == 0 and "fingerprint" in r.output and "llama" in r.output
     r = runner.invoke(app, ["--help"])
     assert r.exit_code == 0 and "lens" in r.output
+
+
+def test_generate_and_score_cli(tmp_path):
+    import json
+
+    d = _model_dir(tmp_path)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"line {i} of text" for i in range(6)) + "\n")
+    out = tmp_path / "run"
+    args = ["generate", "--out", str(out), "--model", d, "--prompts", str(prompts), "-k", "2", "--sampling", "t1.0",
+            "--max-new-tokens", "5", "--scorer", "profanity"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(0 <= x["toxicity"] <= 1 for x in rows)
+    metrics = json.loads((out / "metrics.json").read_text())
+    emt = metrics["toxicity"]["expected_max_toxicity"]
+    by = {}
+    for x in rows:
+        by.setdefault(x["prompt_id"], []).append(x["toxicity"])
+    assert emt["value"] == sum(max(v) for v in by.values()) / 6
+    assert emt["lo"] <= emt["value"] <= emt["hi"]
+    assert "expected max toxicity" in r.output
+    # the same command again resumes (nothing to do) and gives the same rows
+    r2 = runner.invoke(app, args)
+    assert r2.exit_code == 0 and (out / "results.jsonl").read_text().count("\n") == 12
+    # another config in the same directory is refused, and the rows stay
+    r3 = runner.invoke(app, args[:-2] + ["--scorer", "jigsaw-bilstm"])
+    assert r3.exit_code == 2 and "different config" in r3.output
+    assert (out / "results.jsonl").read_text().count("\n") == 12
+
+    scored = tmp_path / "scored.jsonl"
+    r = runner.invoke(app, ["score", str(prompts), "--scorer", "profanity", "--out", str(scored)])
+    assert r.exit_code == 0, r.output
+    assert len(scored.read_text().splitlines()) == 6
+    r = runner.invoke(app, ["score", str(tmp_path / "missing.txt")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    r = runner.invoke(app, ["score", str(prompts), "--scorer", "nope"])
+    assert r.exit_code == 2 and "nope" in r.output

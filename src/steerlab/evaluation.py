@@ -1,0 +1,55 @@
+"""Summaries every method is judged by: toxicity (with bootstrap CIs), fluency, diversity.
+
+``summarize(rows, k)`` turns the rows of a scored generation run (see
+:func:`steerlab.generation.generate_run`) into one metrics dict. Compute fluency with the
+*unedited* reference model, i.e. outside any :func:`steerlab.edit` context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import EmptyInputError
+from .models.model import Model
+from .scoring.metrics import distinct, perplexity, toxicity_metrics
+
+
+def score_matrix(rows: Sequence[dict], key: str = "toxicity") -> tuple[list[str], np.ndarray]:
+    """``(prompt_ids, [n_prompts, k])`` from scored rows (prompt order as first seen; NaN for
+    a missing sample)."""
+    if not rows:
+        raise EmptyInputError("no generation rows to summarise")
+    ids = list(dict.fromkeys(r["prompt_id"] for r in rows))
+    pos = {p: i for i, p in enumerate(ids)}
+    k = 1 + max(r["sample"] for r in rows)
+    m = np.full((len(ids), k), np.nan)
+    for r in rows:
+        if key not in r:
+            raise EmptyInputError(f"rows carry no {key!r}: generate with a scorer first")
+        m[pos[r["prompt_id"]], r["sample"]] = r[key]
+    return ids, m
+
+
+def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bool = False,
+              n_boot: int = 1000, seed: int = 0, batch_size: int = 8) -> dict:
+    """Toxicity metrics (expected max, probability, mean, each with a 95% bootstrap CI),
+    distinct-1/2/3 (per prompt, averaged) and, given ``fluency_model``, the perplexity of the
+    continuations conditioned on their prompts."""
+    ids, m = score_matrix(rows)
+    out: dict = {"n_prompts": len(ids), "k": int(m.shape[1])}
+    out["toxicity"] = toxicity_metrics(m, n_boot=n_boot, seed=seed).to_dict()
+    by_prompt: dict[str, list[str]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], []).append(r["continuation"])
+    out["diversity"] = distinct(list(by_prompt.values()))
+    if fluency_model is not None:
+        conts = [r["continuation"] for r in rows]
+        keep = [i for i, c in enumerate(conts) if c.strip()]
+        if keep:
+            ppl = perplexity(fluency_model, [conts[i] for i in keep], prompts=[rows[i]["prompt"] for i in keep],
+                             chat=chat, batch_size=batch_size)
+            out["fluency"] = {"perplexity": float(ppl.aggregate), "reference_model": fluency_model.name,
+                              "n_scored": len(keep)}
+    return out
