@@ -215,6 +215,213 @@ def scorers() -> None:
         console.print(f"{name}{'  (= ' + DEFAULT_SCORER + ')' if name == 'default' else ''}")
 
 
+steer_app = typer.Typer(help="Steering vectors: fit, sweep layers x strengths, export to llama.cpp.",
+                        no_args_is_help=True)
+app.add_typer(steer_app, name="steer")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+@steer_app.command("fit")
+def steer_fit(
+    out: str = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    desirable: str = typer.Option("", help="File of desirable texts (.txt/.jsonl/.csv)."),
+    undesirable: str = typer.Option("", help="File of undesirable texts."),
+    prompts: str = typer.Option("rtp", help="Without --desirable/--undesirable: rank the training split of this "
+                                "prompt set by toxicity and pair the least toxic with the most toxic."),
+    n_pairs: int = typer.Option(64, help="Contrast pairs taken from the ranked prompts."),
+    layers: str = typer.Option("", help="Comma-separated layers (default: all); sites blocks.{l}.resid_post."),
+    method: str = typer.Option("mean_diff", help="mean_diff | pca | probe."),
+    positions: str = typer.Option("mean", help="last | mean | aligned."),
+    scale: str = typer.Option("unit", help="unit | raw."),
+    scorer: str = typer.Option("default", help="Scorer that ranks prompts (when building the contrast set)."),
+) -> None:
+    """Fit a steering vector (one direction per layer) from contrast texts and save it."""
+    from .data import contrast_from_scores, load_prompts, split
+    from .errors import SteerlabError
+    from .scoring import get_scorer
+    from .steer import SteeringVector
+
+    try:
+        m = _load(model)
+        if desirable or undesirable:
+            d = [p.text for p in load_prompts(desirable)] if desirable else []
+            u = [p.text for p in load_prompts(undesirable)] if undesirable else []
+        else:
+            train = [p.text for p in split(load_prompts(prompts))["train"]]
+            cs = contrast_from_scores(train, get_scorer(scorer).toxicity(train), n=n_pairs)
+            d, u = cs.desirable, cs.undesirable
+        idx = _ints(layers) or list(range(m.n_layers))
+        sv = SteeringVector.fit(m, d, u, [f"blocks.{i}.resid_post" for i in idx], method=method,
+                                positions=positions, scale=scale)
+        sv.save(out)
+    except SteerlabError as e:
+        _fail(e)
+    console.print(f"saved {len(sv.directions)} directions ({method}, {positions}, {scale}) from {len(d)} desirable / "
+                  f"{len(u)} undesirable texts to {out}")
+
+
+@steer_app.command("export-gguf")
+def steer_export(
+    vector: str = typer.Argument(..., help="A steering vector saved by `steerlab steer fit`."),
+    out: str = typer.Argument(..., help="Output .gguf control vector for llama.cpp (--control-vector)."),
+) -> None:
+    """Export the resid_post directions of a vector as a llama.cpp control vector."""
+    from .errors import SteerlabError
+    from .steer import SteeringVector
+
+    try:
+        path = SteeringVector.load(vector).to_gguf(out)
+    except SteerlabError as e:
+        _fail(e)
+    console.print(f"wrote {path}")
+
+
+@steer_app.command("study")
+def steer_study(
+    out: str = typer.Option(..., "--out", "-o", help="Run directory (rerun to resume)."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    prompts: str = typer.Option("rtp", help="Prompt set, split 60/20/20 into train / validation / test by prompt."),
+    layers: str = typer.Option("3,6,9,12,15,18,21,24", help="Layers to sweep."),
+    alphas: str = typer.Option("-0.5,-0.25,-0.1,0,0.1,0.25,0.5", help="Strengths, in units of the layer's typical residual norm."),
+    n_pairs: int = typer.Option(64, help="Contrast pairs from the training split."),
+    n_sweep: int = typer.Option(24, help="Validation prompts per sweep cell."),
+    n_test: int = typer.Option(100, help="Held-out test prompts."),
+    k_test: int = typer.Option(3, help="Samples per test prompt."),
+    max_new_tokens: int = typer.Option(20, help="New tokens per continuation."),
+    where: str = typer.Option("all", help="Schedule: all | prompt | generated."),
+    positions: str = typer.Option("mean", help="Fitting positions: last | mean | aligned."),
+    method: str = typer.Option("mean_diff", help="mean_diff | pca | probe."),
+    scorer: str = typer.Option("default", help="Toxicity scorer."),
+    seed: int = typer.Option(0, help="Seed of the split and of sampling."),
+) -> None:
+    """Fit a toxicity steering vector on the training split, sweep layers x strengths on validation
+    prompts (heat map), then test the best setting, its negation and a random control on held-out
+    prompts with bootstrap CIs."""
+    from .errors import SteerlabError
+    from .experiments.steering import SteeringStudy, run_steering_study
+
+    try:
+        m = _load(model)
+        st = SteeringStudy(prompts=prompts, layers=_ints(layers), alphas=_floats(alphas), n_pairs=n_pairs,
+                           n_sweep=n_sweep, n_test=n_test, k_test=k_test, max_new_tokens=max_new_tokens,
+                           where=where, positions=positions, method=method, scorer=scorer, seed=seed)
+        metrics = run_steering_study(m, out, st)
+    except SteerlabError as e:
+        _fail(e)
+    ch = metrics["chosen"]
+    t = Table(title=f"{m.name}: held-out test ({metrics['n_test_prompts']} prompts x {metrics['k']}), "
+                    f"vector at {ch['site']}, alpha {ch['alpha']:g} x {ch['typical_norm']:.0f}", title_justify="left")
+    for c in ("intervention", "mean toxicity [95% CI]", "expected max tox.", "tox. probability", "perplexity",
+              "distinct-2"):
+        t.add_column(c)
+    for name, r in metrics["test"].items():
+        tx = r["toxicity"]
+        mt = tx["mean_toxicity"]
+        t.add_row(name, f"{mt['value']:.3f} [{mt['lo']:.3f}, {mt['hi']:.3f}]",
+                  f"{tx['expected_max_toxicity']['value']:.3f}", f"{tx['toxicity_probability']['value']:.3f}",
+                  f"{r.get('fluency', {}).get('perplexity', float('nan')):.1f}", f"{r['diversity']['distinct-2']:.3f}")
+    console.print(t)
+    console.print(f"figures: {out}/figures/sweep_heatmap.png, {out}/figures/test_toxicity.png")
+
+
+@app.command()
+def selfcorrect(
+    out: str = typer.Option("runs/selfcorrect", "--out", "-o", help="Run directory (rerunning the same command resumes it)."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    prompts: str = typer.Option("rtp", help="Prompt pool: rtp, rtp:<category>, a .txt/.jsonl/.csv file or hf:<id>."),
+    preset: str = typer.Option("small", help="small (48 prompts, 3 rounds, 40 tokens: minutes on 2 CPU cores), "
+                               "paper (200 prompts, 5 rounds, 150 tokens) or tiny (smoke test)."),
+    n: int | None = typer.Option(None, help="Samples (split between detox and toxify groups); default from --preset."),
+    rounds: int | None = typer.Option(None, min=2, help="Dialogue rounds (1 completion + corrections); default from --preset."),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="New tokens per reply; default from --preset."),
+    directions: str = typer.Option("both", help="both | detox (toxic prompts only) | toxify (non-toxic prompts only)."),
+    selection: str = typer.Option("threshold", help="threshold: random prompts on each side of toxicity 0.5; "
+                                  "rank: the most and least toxic prompts."),
+    detox: str = typer.Option("strong_detox", help="Correction instruction for toxic prompts."),
+    toxify: str = typer.Option("strong_toxify", help="Correction instruction for non-toxic prompts."),
+    opening: str = typer.Option("opening", help="Round-1 instruction (its text holds {prompt})."),
+    instructions: str | None = typer.Option(None, help="JSON file of extra or replacement instructions "
+                                            '({"kind": "text"} or {"kind": {"text": ..., "direction": ...}}).'),
+    list_instructions: bool = typer.Option(False, "--list-instructions", help="Print the instruction kinds and exit."),
+    sampling: str = typer.Option("t0.7", help="Sampling preset: t0.7 (T=0.7, top_p=0.9), t1.0 or greedy."),
+    seed: int = typer.Option(0, help="Seed of prompt selection and sampling."),
+    batch_size: int = typer.Option(16, min=1, help="Dialogues per generate call."),
+    scorer: str = typer.Option("default", help="Toxicity scorer (see `steerlab scorers`)."),
+    steer_pairs: int = typer.Option(64, min=1, help="Contrast pairs for the per-layer steering vectors."),
+    steer_positions: str = typer.Option("mean", help="Steering-vector positions: last | mean | aligned."),
+    overwrite: bool = typer.Option(False, help="Start the run directory afresh instead of resuming."),
+) -> None:
+    """Intrinsic self-correction study (arXiv 2505.11924): multi-round detox/toxify dialogues,
+    toxicity and hidden states per round, logit-lens relation, PCA of the moves, and the cosine
+    of each round's shift with per-layer toxicity steering vectors. Writes tables, figures and
+    report.html into --out."""
+    from .errors import SteerlabError
+    from .experiments.selfcorrect import make_config, run_selfcorrect
+    from .steer.selfcorrect import get_instruction, instruction_kinds, load_instructions
+
+    try:
+        if instructions:
+            load_instructions(instructions)
+        if list_instructions:
+            t = Table(title="self-correction instructions")
+            for c in ("kind", "direction", "text"):
+                t.add_column(c)
+            for kind in instruction_kinds():
+                inst = get_instruction(kind)
+                t.add_row(kind, inst.direction, inst.text)
+            console.print(t)
+            return
+        cfg = make_config(preset, prompts=prompts, n=n, rounds=rounds, max_new_tokens=max_new_tokens,
+                          directions=directions, selection=selection, detox=detox, toxify=toxify, opening=opening,
+                          sampling=sampling, seed=seed, batch_size=batch_size, scorer=scorer,
+                          steer_pairs=steer_pairs, steer_positions=steer_positions)
+        cfg.validate()
+        m = _load(model)
+        res = run_selfcorrect(m, out, cfg, overwrite=overwrite)
+    except SteerlabError as e:
+        _fail(e)
+    h = res.headline
+    groups = [g for g in ("detox", "toxify") if g in h]
+    t = Table(title=f"{m.name}: toxicity of the completion per round (mean ± std; moved = moved as instructed)",
+              title_justify="left")
+    t.add_column("group")
+    t.add_column("moved")
+    for r in range(cfg.rounds):
+        t.add_column(f"round {r + 1}", justify="right")
+    for g in groups:
+        gh = h[g]
+        t.add_row(f"{g} ({gh['instruction']}, n={gh['n']})", str(gh["moved_as_instructed"]),
+                  *[f"{mu:.3f} ± {sd:.3f}" for mu, sd in zip(gh["toxicity_mean"], gh["toxicity_std"])])
+    console.print(t)
+    L = len(h[groups[0]]["first_shift_cos_by_layer"])
+    shown = sorted({*range(0, L, max(1, L // 6)), L - 1})
+    t = Table(title="cosine of the round 1→2 shift (resid_post, last prompt token) with the layer's "
+                    "non-toxic-minus-toxic steering vector", title_justify="left")
+    t.add_column("layer", justify="right")
+    for g in groups:
+        t.add_column(f"{g}", justify="right")
+        t.add_column(f"{g} random ± std", justify="right")
+        t.add_column(f"{g} permuted", justify="right")
+    for layer in shown:
+        cells = []
+        for g in groups:
+            gh = h[g]
+            cells += [f"{gh['first_shift_cos_by_layer'][layer]:+.3f}",
+                      f"{gh['first_shift_random_cos'][layer]:+.3f} ± {gh['first_shift_random_std'][layer]:.3f}",
+                      f"{gh['first_shift_permuted_cos'][layer]:+.3f}"]
+        t.add_row(str(layer), *cells)
+    console.print(t)
+    console.print(f"{h.get('seconds_total', '?')} s; report: {res.path / 'report.html'}")
+
+
 DEMO_PROMPTS = ["The capital of France is", "One, two, three, four,", "The opposite of hot is"]
 
 

@@ -1,0 +1,190 @@
+"""Layer x strength sweeps of a steering vector: one batched generate per chunk of rows, each row
+with its own strength (``alpha`` as a ``[batch]`` tensor), scored, resumable, drawn as a heat map."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import EmptyInputError
+from ..generation import GenConfig, _ids_texts, generate_batch
+from ..hooks import capture
+from ..models.model import Model
+from ..runs import RunDir
+from .vector import SteeringVector
+
+
+def typical_norms(model: Model, texts: Sequence[str], sites: Sequence[str], chat: bool = False) -> dict[str, float]:
+    """Median norm of each site's activation at the last token: the scale for relative strengths."""
+    caps = capture(model, list(texts), list(sites), "last", chat=chat)
+    return {s: float(caps[s].norm(dim=-1).median()) for s in sites}
+
+
+@dataclass
+class SweepResult:
+    """Mean toxicity and fluency per (site, alpha); ``rows`` holds every scored continuation."""
+
+    sites: list[str]
+    alphas: list[float]
+    scale: dict[str, float]  # alpha -> added norm multiplier per site (1.0 when absolute)
+    toxicity: np.ndarray  # [n_sites, n_alphas] mean toxicity
+    perplexity: np.ndarray  # [n_sites, n_alphas] perplexity under the unedited model (NaN if not computed)
+    baseline_toxicity: float
+    baseline_perplexity: float
+    rows: list[dict]
+
+    def best(self, lower: bool = True, max_ppl_ratio: float | None = 2.0) -> tuple[str, float]:
+        """(site, alpha) with the lowest (or highest) mean toxicity whose perplexity stays within
+        ``max_ppl_ratio`` of the unsteered baseline."""
+        tox = np.where(np.array(self.alphas)[None, :] == 0, np.nan, self.toxicity)
+        if max_ppl_ratio is not None and np.isfinite(self.baseline_perplexity):
+            tox = np.where(self.perplexity <= max_ppl_ratio * self.baseline_perplexity, tox, np.nan)
+        if np.all(np.isnan(tox)):
+            raise EmptyInputError("no sweep cell satisfies the fluency constraint; raise max_ppl_ratio")
+        i, j = np.unravel_index(np.nanargmin(tox) if lower else np.nanargmax(tox), tox.shape)
+        return self.sites[i], self.alphas[j]
+
+    def heatmap(self, path: str | Path, title: str = "Steering sweep") -> Path:
+        """Two panels: mean toxicity and perplexity per layer x strength, values annotated."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(self.alphas) * 2, 1.5 + 0.45 * len(self.sites)),
+                                 constrained_layout=True)
+        panels = [(self.toxicity, f"mean toxicity (baseline {self.baseline_toxicity:.3f})", "RdYlGn_r"),
+                  (self.perplexity, f"perplexity (baseline {self.baseline_perplexity:.1f})", "viridis")]
+        from matplotlib.colors import LogNorm
+
+        for ax, (z, name, cmap) in zip(axes, panels):
+            finite = z[np.isfinite(z)]
+            log = z is self.perplexity and finite.size and finite.min() > 0
+            norm = LogNorm(finite.min(), finite.max()) if log else None
+            im = ax.imshow(z, aspect="auto", cmap=cmap, norm=norm)
+            ax.set_xticks(range(len(self.alphas)), [f"{a:g}" for a in self.alphas])
+            ax.set_yticks(range(len(self.sites)), [s.replace(".resid_post", "") for s in self.sites])
+            ax.set_xlabel("strength alpha" + (" (x typical residual norm)" if any(v != 1 for v in self.scale.values())
+                                               else ""))
+            ax.set_ylabel("steered site")
+            ax.set_title(name)
+            for (r, c), v in np.ndenumerate(z):
+                if np.isfinite(v):
+                    rgb = im.cmap(im.norm(v))[:3]
+                    dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5
+                    ax.text(c, r, f"{v:.2f}" if z is self.toxicity else f"{v:.0f}", ha="center", va="center",
+                            fontsize=8, color="white" if dark else "black")
+            fig.colorbar(im, ax=ax, shrink=0.8, label=name.split(" (")[0] + (" (log scale)" if log else ""))
+        fig.suptitle(title)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def _seed(seed: int, site: str, keys: list[str]) -> int:
+    return int(hashlib.sha256(f"{seed}|{site}|{'|'.join(keys)}".encode()).hexdigest()[:8], 16)
+
+
+def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Sequence[float], scorer,
+          out_dir: str | Path, cfg: GenConfig | None = None, where: str = "all", relative: bool = True,
+          fluency: bool = True, overwrite: bool = False, progress: bool | None = None) -> SweepResult:
+    """Generate with ``alpha * direction`` added at each site of ``vector`` in turn (one site at a
+    time), for every alpha, score the continuations and summarise.
+
+    With ``relative=True`` the added vector is ``alpha * typical_norm(site) * unit direction``, so
+    strengths are comparable across layers whose residual norms differ by 10x or more. Rows of
+    all strengths share batched generate calls (per-row strength); alpha 0 (the unsteered
+    baseline) is generated once. Rows are appended to ``out_dir/results.jsonl`` and a rerun resumes.
+    """
+    cfg = cfg or GenConfig()
+    alphas = [float(a) for a in alphas]
+    if not alphas:
+        raise EmptyInputError("sweep needs at least one strength")
+    ids, texts = _ids_texts(prompts)
+    sites = list(vector.directions)
+    vector.check(model)
+    scale = typical_norms(model, texts, sites, chat=cfg.chat) if relative else {s: 1.0 for s in sites}
+    unit = {s: v / v.norm().clamp_min(1e-12) if relative else v for s, v in vector.directions.items()}
+    config = {"kind": "sweep", "model_fingerprint": model.fingerprint, **asdict(cfg), "where": where,
+              "relative": relative, "alphas": alphas, "sites": sites, "scorer": getattr(scorer, "name", None),
+              "vector_data": vector.meta.get("data_fingerprint"), "prompts": ids}
+    run = RunDir(out_dir, config, overwrite=overwrite)
+    done = {(r["site"], r["alpha"], r["prompt_id"], r["sample"]) for r in run.rows()}
+    # jobs: (site, alpha, prompt index); the unsteered baseline once, under site "none"
+    jobs = [("none", 0.0, i) for i in range(len(texts))]
+    jobs += [(s, a, i) for s in sites for a in alphas if a != 0 for i in range(len(texts))]
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), ids[i]))
+    rank = {i: r for r, i in enumerate(order)}
+    jobs.sort(key=lambda j: (j[0] != "none", j[0], rank[j[2]], j[1]))
+    todo = [j for j in jobs if any((j[0], j[1], ids[j[2]], s) not in done for s in range(cfg.k))]
+    per = max(1, cfg.batch_size // cfg.k)
+    chunks, cur = [], []
+    for j in todo:  # a chunk never mixes sites (one hook set per generate call)
+        if cur and (len(cur) == per or cur[0][0] != j[0]):
+            chunks.append(cur)
+            cur = []
+        cur.append(j)
+    if cur:
+        chunks.append(cur)
+    show = progress if progress is not None else True
+    bar = tqdm(total=len(jobs) * cfg.k, initial=len(jobs) * cfg.k - sum(len(c) for c in chunks) * cfg.k,
+               desc="sweep", unit="row", disable=not show)
+    t0 = time.perf_counter()
+    for chunk in chunks:
+        site = chunk[0][0]
+        keys = [f"{a:g}:{ids[i]}" for _, a, i in chunk]
+        chunk_texts = [texts[i] for _, _, i in chunk]
+        seed = _seed(cfg.seed, site, keys)
+        if site == "none":
+            conts = generate_batch(model, chunk_texts, cfg, seed)
+        else:
+            a = torch.tensor([al * scale[site] for _, al, _ in chunk]).repeat_interleave(cfg.k)
+            with SteeringVector({site: unit[site]}, vector.meta).apply(model, alpha=a, where=where):
+                conts = generate_batch(model, chunk_texts, cfg, seed)
+        rows = [{"site": site, "alpha": al, "prompt_id": ids[i], "prompt": texts[i], "sample": s, "continuation": c}
+                for (_, al, i), cs in zip(chunk, conts) for s, c in enumerate(cs)
+                if (site, al, ids[i], s) not in done]
+        if rows:
+            tox = scorer.toxicity([r["continuation"] for r in rows])
+            for r, t in zip(rows, tox):
+                r["toxicity"] = float(t)
+        run.append(rows)
+        bar.update(len(chunk) * cfg.k)
+    bar.close()
+    rows = run.rows()
+    run.write_record(sweep_seconds=round(time.perf_counter() - t0, 3), scale=scale)
+    return _summarise(model, rows, sites, alphas, scale, cfg, fluency)
+
+
+def _summarise(model, rows, sites, alphas, scale, cfg, fluency) -> SweepResult:
+    from ..scoring.metrics import perplexity
+
+    def cell(site, alpha):
+        return [r for r in rows if (r["site"], r["alpha"]) == (site, alpha)]
+
+    def ppl(rs):
+        keep = [r for r in rs if r["continuation"].strip()]
+        if not fluency or not keep:
+            return float("nan")
+        return float(perplexity(model, [r["continuation"] for r in keep], prompts=[r["prompt"] for r in keep],
+                                chat=cfg.chat).aggregate)
+
+    base = cell("none", 0.0)
+    base_tox, base_ppl = float(np.mean([r["toxicity"] for r in base])), ppl(base)
+    tox = np.full((len(sites), len(alphas)), np.nan)
+    pp = np.full_like(tox, np.nan)
+    for i, s in enumerate(sites):
+        for j, a in enumerate(alphas):
+            rs = base if a == 0 else cell(s, a)
+            tox[i, j] = np.mean([r["toxicity"] for r in rs])
+            pp[i, j] = base_ppl if a == 0 else ppl(rs)
+    return SweepResult(sites, alphas, scale, tox, pp, base_tox, base_ppl, rows)

@@ -1,0 +1,36 @@
+"""The steering study end to end on a tiny model (real prompts, real scorer, tiny generations)."""
+
+import json
+
+import numpy as np
+
+from steerlab.data import ContrastSet
+from steerlab.experiments.steering import SteeringStudy, run_steering_study
+from steerlab.scoring import get_scorer
+from steerlab.steer import SteeringVector
+
+
+def test_steering_study_tiny(tmp_path, llama):
+    st = SteeringStudy(layers=[0, 1], alphas=[-1.0, 0.0, 1.0], n_pairs=8, n_sweep=4, n_test=6, k_test=2,
+                       max_new_tokens=4, batch_size=8, scorer="profanity")
+    metrics = run_steering_study(llama, tmp_path, st, progress=False)
+    for f in ("config.json", "metrics.json", "contrast.json", "vector.safetensors", "sweep.csv",
+              "figures/sweep_heatmap.png", "figures/test_toxicity.png"):
+        assert (tmp_path / f).exists(), f
+    cs = ContrastSet.load(tmp_path / "contrast.json")
+    scorer = get_scorer("profanity")
+    # the contrast pairs: every desirable prompt is less toxic than every undesirable one
+    assert scorer.toxicity(cs.desirable).max() <= scorer.toxicity(cs.undesirable).min()
+    sv = SteeringVector.load(tmp_path / "vector.safetensors", llama)
+    assert set(sv.directions) == {"blocks.0.resid_post", "blocks.1.resid_post"}
+    assert metrics["chosen"]["alpha"] in (-1.0, 1.0)
+    test = metrics["test"]
+    assert list(test)[0] == "unsteered" and len(test) == 4
+    base = test["unsteered"]["toxicity"]["mean_toxicity"]["value"]
+    for r in test.values():
+        mt = r["toxicity"]["mean_toxicity"]
+        assert mt["lo"] <= mt["value"] <= mt["hi"]
+        assert np.isclose(r["mean_toxicity_change"], mt["value"] - base)
+        assert r["toxicity"]["n_prompts"] == 6 and r["toxicity"]["k_samples"] == 2
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["chosen"] == metrics["chosen"]
