@@ -10,9 +10,9 @@ import argparse
 import time
 
 import torch
+from common import alternate, rtp_prompts
 
 import steerlab as sl
-from common import alternate, rtp_prompts
 from steerlab.steer import SteeringVector
 
 
