@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -12,7 +14,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+# rich assumes 80 columns when stdout is not a terminal; tables are more readable wider
+console = Console() if sys.stdout.isatty() else Console(width=130)
 
 MODEL_HELP = ("Model: 'default' (embedded SmolLM2-135M-Instruct), an embedded name (see `steerlab models`), "
               "a .gguf file, a local model directory, or a hub id.")
@@ -358,6 +361,8 @@ def selfcorrect(
     steer_pairs: int = typer.Option(64, min=1, help="Contrast pairs for the per-layer steering vectors."),
     steer_positions: str = typer.Option("mean", help="Steering-vector positions: last | mean | aligned."),
     overwrite: bool = typer.Option(False, help="Start the run directory afresh instead of resuming."),
+    threads: int | None = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice). On a "
+                                       "machine shared with other jobs, 1 can be much faster."),
 ) -> None:
     """Intrinsic self-correction study (arXiv 2505.11924): multi-round detox/toxify dialogues,
     toxicity and hidden states per round, logit-lens relation, PCA of the moves, and the cosine
@@ -384,42 +389,46 @@ def selfcorrect(
                           sampling=sampling, seed=seed, batch_size=batch_size, scorer=scorer,
                           steer_pairs=steer_pairs, steer_positions=steer_positions)
         cfg.validate()
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         m = _load(model)
         res = run_selfcorrect(m, out, cfg, overwrite=overwrite)
     except SteerlabError as e:
         _fail(e)
     h = res.headline
     groups = [g for g in ("detox", "toxify") if g in h]
-    t = Table(title=f"{m.name}: toxicity of the completion per round (mean ± std; moved = moved as instructed)",
-              title_justify="left")
+    t = Table(title=f"{m.name}: toxicity per round, mean ± std ("
+                    + ", ".join(f"{g}: {h[g]['instruction']}" for g in groups) + ")", title_justify="left")
     t.add_column("group")
-    t.add_column("moved")
     for r in range(cfg.rounds):
         t.add_column(f"round {r + 1}", justify="right")
+    t.add_column("moved as instructed", justify="right")
     for g in groups:
         gh = h[g]
-        t.add_row(f"{g} ({gh['instruction']}, n={gh['n']})", str(gh["moved_as_instructed"]),
-                  *[f"{mu:.3f} ± {sd:.3f}" for mu, sd in zip(gh["toxicity_mean"], gh["toxicity_std"])])
+        t.add_row(f"{g} (n={gh['n']})", *[f"{mu:.3f} ± {sd:.3f}" for mu, sd in zip(gh["toxicity_mean"], gh["toxicity_std"])],
+                  str(gh["moved_as_instructed"]))
     console.print(t)
     L = len(h[groups[0]]["first_shift_cos_by_layer"])
     shown = sorted({*range(0, L, max(1, L // 6)), L - 1})
-    t = Table(title="cosine of the round 1→2 shift (resid_post, last prompt token) with the layer's "
-                    "non-toxic-minus-toxic steering vector", title_justify="left")
+    t = Table(title="cosine of the round 1→2 shift with the layer's steering vector (resid_post, last prompt "
+                    "token; + = towards non-toxic); controls for the detox shift (others: tables/steering_cosine.csv)",
+              title_justify="left")
     t.add_column("layer", justify="right")
-    for g in groups:
-        t.add_column(f"{g}", justify="right")
-        t.add_column(f"{g} random ± std", justify="right")
-        t.add_column(f"{g} permuted", justify="right")
+    cols = [*groups, *(["detox-toxify"] if "detox-toxify" in h else [])]
+    for g in cols:
+        t.add_column("detox − toxify" if g == "detox-toxify" else g, justify="right")
+    t.add_column("random ± std", justify="right")
+    t.add_column("permuted", justify="right")
+    ref = h[groups[0]]
     for layer in shown:
-        cells = []
-        for g in groups:
-            gh = h[g]
-            cells += [f"{gh['first_shift_cos_by_layer'][layer]:+.3f}",
-                      f"{gh['first_shift_random_cos'][layer]:+.3f} ± {gh['first_shift_random_std'][layer]:.3f}",
-                      f"{gh['first_shift_permuted_cos'][layer]:+.3f}"]
-        t.add_row(str(layer), *cells)
+        t.add_row(str(layer), *[f"{h[g]['first_shift_cos_by_layer'][layer]:+.3f}" for g in cols],
+                  f"{ref['first_shift_random_cos'][layer]:+.3f} ± {ref['first_shift_random_std'][layer]:.3f}",
+                  f"{ref['first_shift_permuted_cos'][layer]:+.3f}")
     console.print(t)
-    console.print(f"{h.get('seconds_total', '?')} s; report: {res.path / 'report.html'}")
+    console.print(f"generation {h.get('generation_seconds', '?')} s over all rounds, this call "
+                  f"{h.get('seconds_this_call', '?')} s; report: {res.path / 'report.html'}")
 
 
 DEMO_PROMPTS = ["The capital of France is", "One, two, three, four,", "The opposite of hot is"]

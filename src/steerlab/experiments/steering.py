@@ -123,9 +123,14 @@ def _plot_test(results: dict, path: Path, title: str) -> None:
     hi = np.array([results[n]["toxicity"]["mean_toxicity"]["hi"] for n in names])
     fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
     ax.bar(names, vals, yerr=[vals - lo, hi - vals], capsize=6, color=["#888", "#2a9d8f", "#e76f51", "#bbb"][: len(names)])
+    for i, n in enumerate(names):
+        ppl = results[n].get("fluency", {}).get("perplexity")
+        if ppl is not None:
+            ax.text(i, hi[i] + 0.01, f"ppl {ppl:.1f}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylim(0, max(1e-3, float(hi.max())) * 1.18)
     ax.set_ylabel("mean toxicity (95% bootstrap CI)")
     ax.set_xlabel("intervention")
-    ax.set_title(title)
+    ax.set_title(title + "\n(ppl: perplexity of the continuations under the unedited model)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
