@@ -1,0 +1,295 @@
+"""Intrinsic self-correction study (arXiv 2505.11924): protocol, pure analysis functions, pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from steerlab.errors import EmptyInputError
+from steerlab.experiments.selfcorrect import (
+    SelfCorrectConfig,
+    SelfCorrectError,
+    lexicon_relation,
+    logit_shift,
+    make_config,
+    moved_as_instructed,
+    projection_stats,
+    run_selfcorrect,
+    svd_shares,
+)
+from steerlab.steer.selfcorrect import (
+    InstructionError,
+    dialogue,
+    get_instruction,
+    instruction_kinds,
+    load_instructions,
+    parse_completion,
+    register_instruction,
+    reset_instructions,
+)
+from tiny import tiny_model
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry():
+    reset_instructions()
+    yield
+    reset_instructions()
+
+
+@pytest.fixture
+def chat_llama():
+    m = tiny_model("llama")
+    m.tok.chat_template = TEMPLATE
+    return m
+
+
+# --- instructions and dialogues ------------------------------------------------------------------
+def test_builtin_kinds_and_unknown_kind():
+    assert {"opening", "strong_detox", "weak_detox", "strong_toxify", "weak_toxify"} <= set(instruction_kinds())
+    assert instruction_kinds("detox") == ["strong_detox", "weak_detox"]
+    assert "{prompt}" in get_instruction("opening").text
+    with pytest.raises(InstructionError, match="unknown instruction kind 'medium_detox'.*strong_detox"):
+        get_instruction("medium_detox")
+    with pytest.raises(InstructionError, match="unknown instruction kind"):
+        make_config(detox="nope").validate()
+
+
+def test_register_and_load_instructions(tmp_path):
+    register_instruction("polite_detox", "Please be polite.")
+    assert get_instruction("polite_detox").direction == "detox"
+    with pytest.raises(InstructionError, match="already registered"):
+        register_instruction("polite_detox", "Other text.")
+    with pytest.raises(InstructionError, match="direction"):
+        register_instruction("mystery", "Hm.")
+    with pytest.raises(InstructionError, match=r"\{prompt\}"):
+        register_instruction("my_opening", "no placeholder")
+    f = tmp_path / "inst.json"
+    f.write_text(json.dumps({"strong_detox": "Replaced.", "shout": {"text": "LOUDER", "direction": "toxify"}}))
+    assert load_instructions(f) == ["strong_detox", "shout"]
+    assert get_instruction("strong_detox").text == "Replaced."
+    assert get_instruction("shout").direction == "toxify"
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(InstructionError, match="JSON object"):
+        load_instructions(tmp_path / "bad.json")
+    with pytest.raises(SelfCorrectError, match="used as the detox one"):
+        make_config(detox="shout").validate()
+
+
+def test_dialogue_structure():
+    d1 = dialogue("You are a", [], "weak_detox")
+    assert len(d1) == 1 and d1[0]["role"] == "user" and "You are a" in d1[0]["content"]
+    d3 = dialogue("You are a", ["reply one", "reply two"], "weak_detox")
+    assert [m["role"] for m in d3] == ["user", "assistant", "user", "assistant", "user"]
+    assert d3[1]["content"] == "reply one" and d3[4]["content"] == get_instruction("weak_detox").text
+    with pytest.raises(InstructionError, match="not a correction"):
+        dialogue("x", ["r"], "opening")
+
+
+def test_parse_completion():
+    assert parse_completion('Sure.\nCompletion: "The cat sat on the mat."') == ("The cat sat on the mat.", True)
+    assert parse_completion("completion:  A.\n\nExplanation: blah") == ("A.", True)
+    # the last marker with text after it wins; a trailing empty marker is skipped
+    assert parse_completion("Give it after Completion:. Completion: B. Completion:") == ("B.", True)
+    assert parse_completion("  no marker here ") == ("no marker here", False)
+
+
+# --- pure analysis functions ---------------------------------------------------------------------
+def test_moved_as_instructed_hand_example():
+    tox = np.array([
+        [0.9, 0.5, 0.3, 0.2, 0.1],    # detox: 4 of 4 moves down
+        [0.9, 0.5, 0.6, 0.3, 0.2],    # detox: 3 of 4
+        [0.9, 0.5, 0.6, 0.7, 0.2],    # detox: 2 of 4 -> not kept
+        [0.5, 0.5, 0.495, 0.3, 0.1],  # detox: 0.5 -> 0.495 is below the 2% threshold: 2 of 4
+        [0.1, 0.3, 0.5, 0.4, 0.9],    # toxify: 3 of 4 up
+    ])
+    sign = np.array([-1, -1, -1, -1, 1])
+    assert moved_as_instructed(tox, sign).tolist() == [True, True, False, False, True]
+    # R = 3: ceil(0.75 * 2) = 2 transitions needed
+    assert moved_as_instructed(np.array([[0.9, 0.5, 0.6], [0.9, 0.5, 0.4]]), -1).tolist() == [False, True]
+    # R = 2: one transition
+    assert moved_as_instructed(np.array([[0.2, 0.1]]), -1).tolist() == [True]
+    with pytest.raises(SelfCorrectError):
+        moved_as_instructed(np.array([0.1, 0.2]), 1)
+
+
+def test_logit_shift_and_lexicon_relation_hand_computation():
+    # 2 samples, 1 transition, d = 2, vocab of 5
+    D = np.array([[[1.0, 0.0]], [[3.0, 2.0]]])       # mean difference = [2, 1]
+    U = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0], [-1.0, 2.0]])
+    s = logit_shift(D, torch.tensor(U, dtype=torch.float32))
+    assert np.allclose(s, [[2.0, 1.0, 3.0, 1.0, 0.0]])
+    ids = np.array([0, 1, 2, 3, 4])
+    tox = np.array([0.9, 0.1, 0.5, 0.8, 0.05])
+    rows = lexicon_relation(s, ids, tox, k=2)
+    (r,) = rows
+    # most toxic: tokens 0 (0.9) and 3 (0.8): 2*0.9 + 1*0.8 = 2.6; least toxic: 4 (0.05), 1 (0.1): 0*0.05 + 1*0.1
+    assert r["k"] == 2 and r["transition"] == "1->2"
+    assert math.isclose(r["toxic_weighted"], 2.6) and math.isclose(r["nontoxic_weighted"], 0.1)
+    assert math.isclose(r["toxic_mean_logit"], 1.5) and math.isclose(r["nontoxic_mean_logit"], 0.5)
+    assert math.isclose(r["gap"], 1.0) and math.isclose(r["vocab_mean_logit"], 7 / 5)
+    assert math.isclose(r["toxic_vs_vocab"], 1.5 - 1.4) and math.isclose(r["nontoxic_vs_vocab"], 0.5 - 1.4)
+    # k larger than half the lexicon is cut
+    assert lexicon_relation(s, ids, tox, k=100)[0]["k"] == 2
+    with pytest.raises(SelfCorrectError, match="outside the vocabulary"):
+        lexicon_relation(s, np.array([0, 9]), np.array([0.1, 0.2]))
+
+
+def test_projection_stats_hand_computation():
+    st = projection_stats(np.array([3.0, 4.0]), np.array([2.0, 0.0]))
+    # lambda = <P,s>/<s,s> = 6/4; rejection = P - 1.5 s = [0, 4]; cos = 3/5
+    assert math.isclose(st["lambda"], 1.5) and math.isclose(st["rejection_norm"], 4.0)
+    assert math.isclose(st["cos"], 0.6) and math.isclose(st["shift_norm"], 5.0)
+    with pytest.raises(SelfCorrectError):
+        projection_stats(np.ones(2), np.zeros(2))
+
+
+def test_svd_shares():
+    M = np.array([[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0]])
+    sh = svd_shares(M)
+    assert math.isclose(sh["rank1_share"], 1.0) and math.isclose(sh["rank2_share"], 1.0)
+    assert math.isclose(sh["v1_mean_cos"], 1.0)
+
+
+def test_config_presets():
+    c = make_config("small", n=10)
+    assert (c.n, c.rounds, c.max_new_tokens) == (10, 3, 40)
+    assert SelfCorrectConfig().rounds == 5 and SelfCorrectConfig().max_new_tokens == 150
+    with pytest.raises(SelfCorrectError, match="unknown preset"):
+        make_config("huge")
+    with pytest.raises(SelfCorrectError, match="rounds must be >= 2"):
+        make_config(rounds=1).validate()
+
+
+# --- the pipeline on a tiny model ----------------------------------------------------------------
+PROMPTS = ["you stupid idiot", "shut up you moron", "a nice day", "the cat sat"]
+
+
+def _short_instructions():
+    register_instruction("t_opening", "Complete: {prompt}")
+    register_instruction("t_detox", "Be nicer.")
+    register_instruction("t_toxify", "Be ruder.")
+    return {"opening": "t_opening", "detox": "t_detox", "toxify": "t_toxify"}
+
+
+def test_pipeline_tiny_end_to_end(chat_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEERLAB_CACHE", str(tmp_path / "cache"))
+    kinds = _short_instructions()
+    out = tmp_path / "run"
+    kw = dict(prompts=PROMPTS, n=4, rounds=2, max_new_tokens=5, selection="rank", lexicon_min_len=1,
+              steer_pairs=2, n_controls=2, progress=False, **kinds)
+    res = run_selfcorrect(chat_llama, out, **kw)
+    for f in ["config.json", "record.json", "results.jsonl", "metrics.json", "report.html",
+              "steering_vector.safetensors", "states/round_1.npz", "states/round_2.npz",
+              "tables/toxicity_per_round.csv", "tables/lexicon_relation.csv", "tables/steering_cosine.csv",
+              "tables/svd.csv", "tables/pca_coords.csv", "tables/samples.csv",
+              "figures/toxicity_per_round.png", "figures/pca_arrows.png", "figures/steering_cosine.png",
+              "figures/lexicon_relation.png"]:
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {r["round"] for r in rows} == {1, 2}
+    assert {r["group"] for r in rows} == {"detox", "toxify"}
+    # rank selection: the two most toxic prompts are the detox group
+    assert {r["prompt"] for r in rows if r["group"] == "detox"} == {"you stupid idiot", "shut up you moron"}
+    z = np.load(out / "states" / "round_2.npz")
+    assert z["prompt"].shape == (4, 32) and z["response"].shape == (4, 32) and z["resid"].shape == (4, 3, 32)
+    assert len(res.cosine) == 3 * 1 * 3  # (2 groups + their contrast) x transitions x layers
+    lam = {(r["group"], r["layer"]): r["lambda"] for r in res.cosine}
+    for layer in range(3):  # lambda is linear in the shift: contrast = detox - toxify
+        assert math.isclose(lam[("detox-toxify", layer)], lam[("detox", layer)] - lam[("toxify", layer)],
+                            rel_tol=1e-6, abs_tol=1e-9)
+    assert {r["state"] for r in res.lexicon} == {"prompt", "response"}
+    h = json.loads((out / "metrics.json").read_text())
+    assert len(h["detox"]["toxicity_mean"]) == 2 and len(h["toxify"]["first_shift_cos_by_layer"]) == 3
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64" in html and "Toxicity per round" in html
+
+    # the logged states equal a fresh capture of the round-2 dialogue
+    from steerlab.hooks import capture
+    from steerlab.steer.selfcorrect import dialogue as dlg
+
+    r1 = {r["sample"]: r for r in rows if r["round"] == 1}
+    d = dlg(r1[0]["prompt"], [r1[0]["response"]], r1[0]["instruction"], "t_opening")
+    h_last = capture(chat_llama, [d], ["final"], "last", chat=True)["final"][0]
+    assert torch.allclose(torch.from_numpy(z["prompt"][0]), h_last, atol=1e-5)
+
+    # rerunning the same call resumes: nothing is regenerated, same numbers
+    res2 = run_selfcorrect(chat_llama, out, **kw)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 8
+    assert res2.headline["rounds_generated_this_call"] == [] and set(res2.headline["round_seconds"]) == {"1", "2"}
+    assert res2.toxicity == res.toxicity
+
+
+def test_generate_round_states_match_a_fresh_forward(chat_llama):
+    """States recorded during generation equal a forward over prompt + reply, including a reply cut
+    short by the end token (greedy decoding, so the reference generate call gives the same tokens)."""
+    from steerlab.experiments.selfcorrect import generate_round
+    from steerlab.hooks import capture
+
+    kinds = _short_instructions()
+    m = chat_llama
+    dials = [dialogue(p, [], kinds["detox"], kinds["opening"]) for p in ["ab", "a longer prompt", "xyz"]]
+    cfg = make_config(max_new_tokens=6, sampling="greedy", batch_size=4, **kinds)
+    enc = m.encode(dials, chat=True)
+    ref = m.hf.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=6,
+                        do_sample=False, pad_token_id=m.tok.pad_token_id)
+    gen = ref[:, enc["input_ids"].shape[1]:]
+    m.hf.generation_config.eos_token_id = int(gen[0, 2])  # row 0 now stops at its third token
+    texts, st = generate_round(m, dials, ["k0", "k1", "k2"], cfg, round_index=1)
+    stop = {int(gen[0, 2]), m.tok.eos_token_id}
+    for i, d in enumerate(dials):
+        g = gen[i].tolist()
+        n = next((j for j, t in enumerate(g) if t in stop), len(g))
+        assert st["response_tokens"][i] == max(n, 1)
+        p_ids = m.tok(m.chat_text(d), add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p_ids + g[:max(n, 1) - 1]])
+        h = capture(m, {"input_ids": ids}, ["final", "blocks.1.resid_post"], "all")
+        want = h["final"][0, len(p_ids) - 1:].mean(0)
+        assert torch.allclose(torch.from_numpy(st["response"][i]), want, atol=1e-4)
+        assert torch.allclose(torch.from_numpy(st["prompt"][i]), h["final"][0, len(p_ids) - 1], atol=1e-4)
+        assert torch.allclose(torch.from_numpy(st["resid"][i, 1]), h["blocks.1.resid_post"][0, len(p_ids) - 1], atol=1e-4)
+    assert st["response_tokens"][0] == 2
+
+
+def test_pipeline_errors(chat_llama, tmp_path):
+    kinds = _short_instructions()
+    with pytest.raises(EmptyInputError, match="empty prompt set"):
+        run_selfcorrect(chat_llama, tmp_path / "a", prompts=[], n=2, rounds=2, progress=False, **kinds)
+    with pytest.raises(SelfCorrectError, match="no chat template"):
+        run_selfcorrect(tiny_model("llama"), tmp_path / "b", prompts=PROMPTS, n=2, rounds=2, progress=False, **kinds)
+    from steerlab.errors import DataError
+
+    with pytest.raises(DataError, match="selection='rank'"):
+        # the tiny prompts have at most two toxic ones: 4 detox samples cannot be drawn
+        run_selfcorrect(chat_llama, tmp_path / "c", prompts=PROMPTS, n=4, directions="detox", rounds=2,
+                        progress=False, **kinds)
+
+
+def test_cli_list_instructions():
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    r = CliRunner().invoke(app, ["selfcorrect", "--list-instructions"])
+    assert r.exit_code == 0, r.output
+    assert "strong_detox" in r.output and "weak_toxify" in r.output
+
+
+@pytest.mark.integration
+def test_selfcorrect_real_model(real_model, tmp_path):
+    """A few dialogues on SmolLM2-135M-Instruct: replies are parsed and scored, shifts are non-zero."""
+    res = run_selfcorrect(real_model, tmp_path / "run", n=4, rounds=2, max_new_tokens=8, steer_pairs=4,
+                          n_controls=2, batch_size=4, progress=False)
+    h = res.headline
+    assert h["detox"]["n"] == 2 and h["toxify"]["n"] == 2
+    assert all(0 <= v <= 1 for v in h["detox"]["toxicity_mean"])
+    assert len(h["detox"]["first_shift_cos_by_layer"]) == real_model.n_layers
+    assert h["detox"]["shift_norm_by_transition"]["1->2"] > 0
+    assert (tmp_path / "run" / "report.html").is_file()
