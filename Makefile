@@ -11,10 +11,11 @@ demo: setup
 	$(PY) -m steerlab demo
 
 test: setup
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks
 
 bench: setup
-	$(PY) benchmarks/bench_capture.py
+	for b in bench_capture bench_generate bench_steer; do $(PY) benchmarks/$$b.py || exit 1; done
