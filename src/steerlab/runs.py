@@ -35,6 +35,16 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path, what: str, error: type[SteerlabError] = SteerlabError) -> Any:
+    """Parse a JSON file; a missing or unreadable file is ``error`` naming ``what`` and the path."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{what} {path} cannot be read as JSON: {e}") from e
+
+
 def versions() -> dict[str, str]:
     import torch
     import transformers

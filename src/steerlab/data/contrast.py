@@ -97,13 +97,10 @@ class ContrastSet:
     @classmethod
     def load(cls, path: str | Path) -> ContrastSet:
         """Read a set written by :meth:`save`; the stored fingerprint must match the contents."""
+        from ..runs import read_json
+
         path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"contrast set file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"contrast set file {path} cannot be read as JSON: {e}") from e
+        d = read_json(path, "contrast set file", DataError)
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise DataError(f"{path} is not a steerlab contrast set (no \"format\": \"{FORMAT}\")")
         if d.get("version", 0) > VERSION:

@@ -149,13 +149,10 @@ def load_instructions(path: str | Path, overwrite: bool = True) -> list[str]:
     ``{"kind": "text", ...}``, ``{"kind": {"text": ..., "direction": ...}, ...}`` or the format of
     the built-in file (``{"format": "steerlab.instructions", "instructions": {...}}``). Kinds
     already registered are replaced (the file wins) unless ``overwrite=False``."""
+    from ..runs import read_json
+
     path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InstructionError(f"instruction file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InstructionError(f"instruction file {path} is not readable JSON: {e}") from e
+    obj = read_json(path, "instruction file", InstructionError)
     insts = _parse(obj, str(path))
     for i in insts:
         register_instruction(i.kind, i.text, i.direction, overwrite=overwrite)
