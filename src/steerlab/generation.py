@@ -81,8 +81,9 @@ def _plan(model: Model, ids: list[str], texts: list[str], cfg: GenConfig) -> lis
     return [order[i:i + per] for i in range(0, len(order), per)]
 
 
-def _batch_seed(seed: int, ids: list[str]) -> int:
-    return int(hashlib.sha256(f"{seed}|{'|'.join(ids)}".encode()).hexdigest()[:8], 16)
+def derive_seed(*parts) -> int:
+    """A 32-bit seed derived from the run seed and whatever identifies a batch (ids, round, site)."""
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
 @torch.no_grad()
@@ -110,7 +111,7 @@ def generate(model: Model, prompts: Sequence, cfg: GenConfig | None = None, prog
     batches = _plan(model, ids, texts, cfg)
     show = progress if progress is not None else len(batches) >= 4
     for b in tqdm(batches, desc="generate", disable=not show, leave=False):
-        for i, conts in zip(b, generate_batch(model, [texts[i] for i in b], cfg, _batch_seed(cfg.seed, [ids[i] for i in b]))):
+        for i, conts in zip(b, generate_batch(model, [texts[i] for i in b], cfg, derive_seed(cfg.seed, *[ids[i] for i in b]))):
             out[i] = conts
     return out  # type: ignore[return-value]
 
@@ -141,7 +142,7 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
     bar = tqdm(total=len(ids) * cfg.k, initial=len(done), desc="generate", unit="row", disable=not show)
     for b in todo:
         bids = [ids[i] for i in b]
-        conts = generate_batch(model, [texts[i] for i in b], cfg, _batch_seed(cfg.seed, bids))
+        conts = generate_batch(model, [texts[i] for i in b], cfg, derive_seed(cfg.seed, *bids))
         rows = [{"prompt_id": ids[i], "prompt": texts[i], "sample": s, "continuation": c}
                 for i, cs in zip(b, conts) for s, c in enumerate(cs) if (ids[i], s) not in done]
         if scorer is not None and rows:

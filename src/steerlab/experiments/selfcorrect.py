@@ -53,11 +53,8 @@ What is computed, and the choices made where the paper leaves room:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -70,9 +67,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError, EmptyInputError, SteerlabError
-from ..generation import SAMPLING, GenConfig
+from ..generation import SAMPLING, GenConfig, derive_seed, text_id
 from ..models.model import Model
-from ..runs import RunDir
+from ..runs import RunDir, write_atomic
 from ..steer.selfcorrect import (
     dialogue,
     get_instruction,
@@ -308,14 +305,10 @@ def _pool(prompts: Sequence | None, spec: str) -> tuple[list[str], list[str]]:
             continue
         seen.add(t)
         texts.append(t)
-        ids.append(getattr(p, "id", None) or _text_id(t))
+        ids.append(getattr(p, "id", None) or text_id(t))
     if not texts:
         raise EmptyInputError("the self-correction study got only blank prompts")
     return texts, ids
-
-
-def _text_id(t: str) -> str:
-    return hashlib.sha256(t.encode()).hexdigest()[:16]
 
 
 def select_samples(texts: Sequence[str], ids: Sequence[str], scores: np.ndarray, cfg: SelfCorrectConfig) -> list[Sample]:
@@ -421,11 +414,6 @@ class _Recorder:
                 "response": resp.numpy(), "response_tokens": np.asarray(n, dtype=np.int64)}
 
 
-def _batch_seed(seed: int, round_index: int, keys: Sequence[str]) -> int:
-    h = hashlib.sha256(f"selfcorrect|{seed}|{round_index}|{'|'.join(keys)}".encode()).hexdigest()
-    return int(h[:8], 16)
-
-
 def generate_round(model: Model, dialogues: list[list[dict]], keys: Sequence[str], cfg: SelfCorrectConfig,
                    round_index: int, progress: bool = False) -> tuple[list[str], dict[str, np.ndarray]]:
     """Generate one reply per dialogue and read the round's states during generation.
@@ -454,7 +442,7 @@ def generate_round(model: Model, dialogues: list[list[dict]], keys: Sequence[str
     texts: list[str] = [""] * len(dialogues)
     parts: dict[str, list] = {"prompt": [], "resid": [], "response": [], "response_tokens": []}
     for b in tqdm(batches, desc=f"generate round {round_index}", disable=not progress, leave=False):
-        seed = _batch_seed(cfg.seed, round_index, [keys[i] for i in b])
+        seed = derive_seed("selfcorrect", cfg.seed, round_index, *[keys[i] for i in b])
         with rec.recording():
             out = generate_batch(model, [dialogues[i] for i in b], gen_cfg, seed)
         for i, o in zip(b, out):
@@ -467,17 +455,7 @@ def generate_round(model: Model, dialogues: list[list[dict]], keys: Sequence[str
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def _load_npz(path: Path, n: int) -> dict | None:
@@ -549,7 +527,7 @@ def run_selfcorrect(
 
     run_config = {"kind": "selfcorrect", "paper": PAPER, **asdict(cfg), "scorer_key": getattr(sc, "key", str(sc)),
                   "model": model.name, "model_fingerprint": model.fingerprint,
-                  "pool_fingerprint": _text_id("\n".join(ids)), "n_pool": len(texts),
+                  "pool_fingerprint": text_id("\n".join(ids)), "n_pool": len(texts),
                   "sample_ids": [s.prompt_id for s in samples],
                   "instructions": instruction_texts([cfg.opening] + sorted({s.instruction for s in samples}))}
     run = RunDir(out_dir, run_config, overwrite=overwrite)

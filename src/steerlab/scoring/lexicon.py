@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -68,15 +66,10 @@ def _read(path: Path, spec: dict) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _write(path: Path, ids: np.ndarray, scores: np.ndarray, spec: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, token_ids=ids, scores=scores, meta=np.asarray(json.dumps(spec, sort_keys=True)))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..runs import write_atomic
+
+    write_atomic(path, lambda fh: np.savez(fh, token_ids=ids, scores=scores,
+                                           meta=np.asarray(json.dumps(spec, sort_keys=True))))
 
 
 def token_lexicon(model, scorer: str | Scorer = "default", carrier: str = "This is {}.", cache: bool = True,

@@ -3,7 +3,6 @@ with its own strength (``alpha`` as a ``[batch]`` tensor), scored, resumable, dr
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -14,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import EmptyInputError
-from ..generation import GenConfig, _ids_texts, generate_batch
+from ..generation import GenConfig, _ids_texts, derive_seed, generate_batch
 from ..hooks import capture
 from ..models.model import Model
 from ..runs import RunDir
@@ -90,10 +89,6 @@ class SweepResult:
         return path
 
 
-def _seed(seed: int, site: str, keys: list[str]) -> int:
-    return int(hashlib.sha256(f"{seed}|{site}|{'|'.join(keys)}".encode()).hexdigest()[:8], 16)
-
-
 def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Sequence[float], scorer,
           out_dir: str | Path, cfg: GenConfig | None = None, where: str = "all", relative: bool = True,
           fluency: bool = True, overwrite: bool = False, progress: bool | None = None) -> SweepResult:
@@ -143,7 +138,7 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
         site = chunk[0][0]
         keys = [f"{a:g}:{ids[i]}" for _, a, i in chunk]
         chunk_texts = [texts[i] for _, _, i in chunk]
-        seed = _seed(cfg.seed, site, keys)
+        seed = derive_seed(cfg.seed, site, *keys)
         if site == "none":
             conts = generate_batch(model, chunk_texts, cfg, seed)
         else:
