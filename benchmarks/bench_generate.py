@@ -12,7 +12,7 @@ import torch
 from common import alternate, rtp_prompts
 
 import steerlab as sl
-from steerlab.generation import GenConfig, _plan, generate
+from steerlab.generation import GenConfig, _ids_texts, _plan, generate
 
 
 def main() -> None:
@@ -29,7 +29,8 @@ def main() -> None:
     prompts = rtp_prompts(args.n)
     cfg = GenConfig(max_new_tokens=args.new, batch_size=args.batch_size)
     bs = args.batch_size
-    same_batches = [[prompts[i] for i in b] for b in _plan(m, [str(i) for i in range(len(prompts))], prompts, cfg)]
+    ids, texts = _ids_texts(prompts)
+    same_batches = [[texts[i] for i in b] for b in _plan(m, ids, texts, cfg)]
     in_order = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
 
     @torch.no_grad()
