@@ -36,14 +36,14 @@ class Arch:
     mlp: str
     mlp_down: str
     # modules whose *output* is the sub-layer's contribution to the residual, when it is not the
-    # sub-layer's own output (Gemma 2/3 norm the attention and MLP outputs before adding them)
+    # sub-layer's own output (Gemma 2/3 and OLMo 2 norm the attention and MLP outputs before adding them)
     attn_out: str | None = None
     mlp_out: str | None = None
 
 
 _LLAMA = Arch("llama", "model.embed_tokens", "model.layers", "model.norm", "lm_head",
               "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj")
-_GEMMA2 = Arch("gemma3", "model.embed_tokens", "model.layers", "model.norm", "lm_head",
+_POSTNORM = Arch("postnorm", "model.embed_tokens", "model.layers", "model.norm", "lm_head",
                "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj",
                attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
 _GPT2 = Arch("gpt2", "transformer.wte", "transformer.h", "transformer.ln_f", "lm_head",
@@ -52,10 +52,8 @@ _NEOX = Arch("gpt_neox", "gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final
              "attention", "attention.dense", "mlp", "mlp.dense_4h_to_h")
 
 ARCHS: dict[str, Arch] = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
-    "olmo2": _LLAMA, "phi3": Arch("phi3", "model.embed_tokens", "model.layers", "model.norm", "lm_head",
-                                  "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj"),
-    "gemma2": _GEMMA2, "gemma3_text": _GEMMA2,
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "phi3": _LLAMA,
+    "gemma2": _POSTNORM, "gemma3_text": _POSTNORM, "olmo2": _POSTNORM,
     "gpt2": _GPT2, "gpt_neox": _NEOX,
 }
 
