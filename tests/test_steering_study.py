@@ -23,7 +23,7 @@ def test_steering_study_tiny(tmp_path, llama):
     assert scorer.toxicity(cs.desirable).max() <= scorer.toxicity(cs.undesirable).min()
     sv = SteeringVector.load(tmp_path / "vector.safetensors", llama)
     assert set(sv.directions) == {"blocks.0.resid_post", "blocks.1.resid_post"}
-    assert metrics["chosen"]["alpha"] in (-1.0, 1.0)
+    assert metrics["chosen"]["alpha"] == 1.0  # the study looks at detoxifying (positive) strengths only
     test = metrics["test"]
     assert list(test)[0] == "unsteered" and len(test) == 4
     base = test["unsteered"]["toxicity"]["mean_toxicity"]["value"]

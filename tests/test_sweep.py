@@ -50,6 +50,11 @@ def test_sweep_rows_equal_separate_steered_runs(tmp_path, llama):
     site, alpha = res.best(lower=True, max_ppl_ratio=None)
     assert alpha != 0 and res.toxicity[res.sites.index(site), alphas.index(alpha)] == np.nanmin(
         np.where(np.array(alphas) == 0, np.nan, res.toxicity))
+    site, alpha = res.best(lower=True, max_ppl_ratio=None, sign=1)
+    assert alpha > 0 and res.toxicity[res.sites.index(site), alphas.index(alpha)] == np.nanmin(
+        res.toxicity[:, [alphas.index(1.0), alphas.index(3.0)]])
+    with pytest.raises(Exception, match="no sweep cell satisfies"):
+        res.best(max_ppl_ratio=1e-9)
     png = res.heatmap(tmp_path / "heat.png")
     assert png.stat().st_size > 10_000
 

@@ -78,7 +78,7 @@ def run_steering_study(model: Model, out_dir: str | Path, s: SteeringStudy | Non
         for i, site in enumerate(res.sites):
             for j, a in enumerate(res.alphas):
                 w.writerow([site, a, f"{res.toxicity[i, j]:.4f}", f"{res.perplexity[i, j]:.2f}"])
-    site, alpha = res.best(lower=True, max_ppl_ratio=s.max_ppl_ratio)
+    site, alpha = res.best(lower=True, max_ppl_ratio=s.max_ppl_ratio, sign=1)
     # 3. held-out evaluation
     test = parts["test"][: s.n_test]
     cfg = GenConfig(max_new_tokens=s.max_new_tokens, sampling=s.sampling, k=s.k_test, seed=s.seed,

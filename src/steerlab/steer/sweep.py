@@ -39,14 +39,18 @@ class SweepResult:
     baseline_perplexity: float
     rows: list[dict]
 
-    def best(self, lower: bool = True, max_ppl_ratio: float | None = 2.0) -> tuple[str, float]:
+    def best(self, lower: bool = True, max_ppl_ratio: float | None = 2.0, sign: int | None = None) -> tuple[str, float]:
         """(site, alpha) with the lowest (or highest) mean toxicity whose perplexity stays within
-        ``max_ppl_ratio`` of the unsteered baseline."""
-        tox = np.where(np.array(self.alphas)[None, :] == 0, np.nan, self.toxicity)
+        ``max_ppl_ratio`` of the unsteered baseline; ``sign`` (+1 / -1) keeps only strengths of
+        that sign (a study of a detoxifying direction looks at positive strengths only)."""
+        a = np.array(self.alphas)[None, :]
+        keep = (a != 0) if sign is None else (np.sign(a) == sign)
+        tox = np.where(keep, self.toxicity, np.nan)
         if max_ppl_ratio is not None and np.isfinite(self.baseline_perplexity):
             tox = np.where(self.perplexity <= max_ppl_ratio * self.baseline_perplexity, tox, np.nan)
         if np.all(np.isnan(tox)):
-            raise EmptyInputError("no sweep cell satisfies the fluency constraint; raise max_ppl_ratio")
+            raise EmptyInputError("no sweep cell satisfies the constraints (strength sign, fluency); "
+                                  "widen the strengths or raise max_ppl_ratio")
         i, j = np.unravel_index(np.nanargmin(tox) if lower else np.nanargmax(tox), tox.shape)
         return self.sites[i], self.alphas[j]
 
