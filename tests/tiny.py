@@ -11,15 +11,15 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
-    Olmo2Config,
-    Phi3Config,
-    Qwen3Config,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from steerlab.models.model import Model
