@@ -78,3 +78,15 @@ def test_generate_and_score_cli(tmp_path):
     assert r.exit_code == 2 and "does not exist" in r.output
     r = runner.invoke(app, ["score", str(prompts), "--scorer", "nope"])
     assert r.exit_code == 2 and "nope" in r.output
+
+
+def test_global_threads_option():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        r = runner.invoke(app, ["--threads", "1", "models"])
+        assert r.exit_code == 0 and "smollm2-135m-instruct" in r.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -21,6 +21,17 @@ MODEL_HELP = ("Model: 'default' (embedded SmolLM2-135M-Instruct), an embedded na
               "a .gguf file, a local model directory, or a hub id.")
 
 
+@app.callback()
+def _global(
+    threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads for any command (0: torch's choice, "
+                                "one per core). On a machine shared with other jobs, 1 can be much faster."),
+) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _load(spec: str, dtype: str = "float32", device: str = "cpu"):
     from .models import load
 
@@ -361,8 +372,6 @@ def selfcorrect(
     steer_pairs: int = typer.Option(64, min=1, help="Contrast pairs for the per-layer steering vectors."),
     steer_positions: str = typer.Option("mean", help="Steering-vector positions: last | mean | aligned."),
     overwrite: bool = typer.Option(False, help="Start the run directory afresh instead of resuming."),
-    threads: int | None = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice). On a "
-                                       "machine shared with other jobs, 1 can be much faster."),
 ) -> None:
     """Intrinsic self-correction study (arXiv 2505.11924): multi-round detox/toxify dialogues,
     toxicity and hidden states per round, logit-lens relation, PCA of the moves, and the cosine
@@ -389,10 +398,6 @@ def selfcorrect(
                           sampling=sampling, seed=seed, batch_size=batch_size, scorer=scorer,
                           steer_pairs=steer_pairs, steer_positions=steer_positions)
         cfg.validate()
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         m = _load(model)
         res = run_selfcorrect(m, out, cfg, overwrite=overwrite)
     except SteerlabError as e:
