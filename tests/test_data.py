@@ -3,7 +3,6 @@
 import json
 import random
 import sys
-import types
 from collections import Counter
 
 import pytest
@@ -167,43 +166,41 @@ def test_file_errors_unreadable(tmp_path):
         load_prompts("neutral", limit=0)
 
 
-# --- Hugging Face datasets (a stand-in `datasets` module: the hub is unreachable here) -----------
+# --- Hugging Face datasets: the real `datasets` library on a local dataset repository (the hub is
+# unreachable here, so a hub id exercises the offline error path) ------------------------------
 
 
-class _FakeDataset(list):
-    column_names = ["prompt", "label"]
+@pytest.fixture
+def hf_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    repo = tmp_path / "dataset-repo" / "data"
+    repo.mkdir(parents=True)
+    rows = [{"prompt": {"text": "hub one"}, "label": 1, "category": "a"},
+            {"prompt": {"text": "hub two"}, "label": 0, "category": "b"}]
+    for split_name in ("train", "validation"):
+        (repo / f"{split_name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return repo.parent
 
 
-def _fake_datasets(monkeypatch, behaviour):
-    mod = types.ModuleType("datasets")
-    calls = []
-
-    def load_dataset(name, split):
-        calls.append((name, split))
-        if behaviour == "offline":
-            raise ConnectionError("Couldn't reach 'allenai/x' on the Hub")
-        return _FakeDataset([{"prompt": {"text": "hub one"}, "label": 1}, {"prompt": {"text": "hub two"}, "label": 0}])
-
-    mod.load_dataset = load_dataset
-    monkeypatch.setitem(sys.modules, "datasets", mod)
-    return calls
-
-
-def test_hf_loader(monkeypatch):
-    calls = _fake_datasets(monkeypatch, "ok")
-    ps = load_prompts("hf:allenai/x:validation:prompt.text")
-    assert calls == [("allenai/x", "validation")]
-    assert texts(ps) == ["hub one", "hub two"] and ps[0].source == "hf:allenai/x:validation"
-    assert texts(load_prompts("hf:allenai/x", field="prompt.text")) == ["hub one", "hub two"]
-    assert calls[-1] == ("allenai/x", "train")
+def test_hf_loader_with_the_datasets_library(hf_offline):
+    pytest.importorskip("datasets")
+    spec = f"hf:{hf_offline}:validation:prompt.text"
+    ps = load_prompts(spec)
+    assert texts(ps) == ["hub one", "hub two"] and ps[0].source == f"hf:{hf_offline}:validation"
+    assert [p.category for p in ps] == ["a", "b"]
+    assert texts(load_prompts(f"hf:{hf_offline}", field="prompt.text")) == ["hub one", "hub two"]
     with pytest.raises(DataError, match=r"no field 'text' or 'prompt'|is dict, not a string"):
-        load_prompts("hf:allenai/x")
-    with pytest.raises(DataError, match=r"no field 'body'; columns are \['prompt', 'label'\]"):
-        load_prompts("hf:allenai/x::body")
+        load_prompts(f"hf:{hf_offline}")
+    with pytest.raises(DataError, match=r"no field 'body'; columns are \['prompt', 'label', 'category'\]"):
+        load_prompts(f"hf:{hf_offline}::body")
+    with pytest.raises(DataError, match="could not load split 'test'"):
+        load_prompts(f"hf:{hf_offline}:test:prompt.text")
 
 
-def test_hf_offline(monkeypatch):
-    _fake_datasets(monkeypatch, "offline")
+def test_hf_hub_id_offline(hf_offline):
+    pytest.importorskip("datasets")
     with pytest.raises(DataError, match="could not load split 'train' of dataset 'allenai/x'.*offline.*local"):
         load_prompts("hf:allenai/x")
 
