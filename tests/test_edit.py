@@ -114,17 +114,19 @@ def _generate(m, texts, **kw):
     return out[:, enc["input_ids"].shape[1]:]
 
 
-def test_schedules_in_generation_with_cache(llama):
+def test_schedules_in_generation_with_cache(any_model):
     """'prompt' edits only the prefill, 'generated' only decode steps, 'all' both; checked against
     a hand-written hook that tracks the same thing by the call's sequence length."""
-    m = llama
+    m = any_model
     v = torch.randn(32) * 3
     T = m.encode(PROMPTS)["input_ids"].shape[1]
     for sched in ("all", "prompt", "generated"):
         def hand(mod, args, out, sched=sched):
-            prefill = out.shape[1] == T
+            h = out[0] if isinstance(out, tuple) else out
+            prefill = h.shape[1] == T
             on = sched == "all" or (sched == "prompt") == prefill
-            return out + v if on else out
+            h = h + v if on else h
+            return (h, *out[1:]) if isinstance(out, tuple) else h
 
         h = m.layer(1).register_forward_hook(hand)
         ref = _generate(m, PROMPTS)
