@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from steerlab.data import ContrastSet
 from steerlab.experiments.steering import SteeringStudy, run_steering_study
@@ -32,5 +33,25 @@ def test_steering_study_tiny(tmp_path, llama):
         assert mt["lo"] <= mt["value"] <= mt["hi"]
         assert np.isclose(r["mean_toxicity_change"], mt["value"] - base)
         assert r["toxicity"]["n_prompts"] == 6 and r["toxicity"]["k_samples"] == 2
+    assert test["unsteered"]["side_effects"]["kl_from_unedited"] == pytest.approx(0.0, abs=1e-6)
+    assert test[list(test)[2]]["side_effects"]["kl_from_unedited"] > 0  # the negated vector changes the model
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["chosen"] == metrics["chosen"]
+
+
+def test_side_effects_zero_without_edit_and_positive_with(llama):
+    import torch
+
+    from steerlab.evaluation import neutral_reference, side_effects
+    from steerlab.scoring.metrics import perplexity
+
+    texts = ["a plain sentence about the weather.", "the train leaves at nine."]
+    ref = neutral_reference(llama, texts, top_k=None)  # exact distributions
+    plain = side_effects(llama, ref, texts)
+    assert plain["kl_from_unedited"] == pytest.approx(0.0, abs=1e-6) and plain["kl_coverage"] == 1.0
+    assert plain["neutral_perplexity"] == pytest.approx(perplexity(llama, texts).aggregate)
+    v = SteeringVector({"blocks.1.resid_post": torch.ones(32)})
+    with v.apply(llama, alpha=2.0, strict=False):
+        edited = side_effects(llama, ref, texts)
+    assert edited["kl_from_unedited"] > 0.01
+    assert edited["neutral_perplexity"] != pytest.approx(plain["neutral_perplexity"])

@@ -318,7 +318,7 @@ def steer_study(
 ) -> None:
     """Fit a toxicity steering vector on the training split, sweep layers x strengths on validation
     prompts (heat map), then test the best setting, its negation and a random control on held-out
-    prompts with bootstrap CIs."""
+    prompts with bootstrap CIs, fluency, and side effects on neutral text (perplexity, KL)."""
     from .errors import SteerlabError
     from .experiments.steering import SteeringStudy, run_steering_study
 
@@ -334,14 +334,16 @@ def steer_study(
     t = Table(title=f"{m.name}: held-out test ({metrics['n_test_prompts']} prompts x {metrics['k']}), "
                     f"vector at {ch['site']}, alpha {ch['alpha']:g} x {ch['typical_norm']:.0f}", title_justify="left")
     for c in ("intervention", "mean toxicity [95% CI]", "expected max tox.", "tox. probability", "perplexity",
-              "distinct-2"):
+              "distinct-2", "neutral ppl", "neutral KL"):
         t.add_column(c)
     for name, r in metrics["test"].items():
         tx = r["toxicity"]
         mt = tx["mean_toxicity"]
+        se = r.get("side_effects", {})
         t.add_row(name, f"{mt['value']:.3f} [{mt['lo']:.3f}, {mt['hi']:.3f}]",
                   f"{tx['expected_max_toxicity']['value']:.3f}", f"{tx['toxicity_probability']['value']:.3f}",
-                  f"{r.get('fluency', {}).get('perplexity', float('nan')):.1f}", f"{r['diversity']['distinct-2']:.3f}")
+                  f"{r.get('fluency', {}).get('perplexity', float('nan')):.1f}", f"{r['diversity']['distinct-2']:.3f}",
+                  f"{se.get('neutral_perplexity', float('nan')):.1f}", f"{se.get('kl_from_unedited', float('nan')):.3f}")
     console.print(t)
     console.print(f"figures: {out}/figures/sweep_heatmap.png, {out}/figures/test_toxicity.png")
 

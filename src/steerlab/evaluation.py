@@ -13,7 +13,14 @@ import numpy as np
 
 from .errors import EmptyInputError
 from .models.model import Model
-from .scoring.metrics import distinct, perplexity, toxicity_metrics
+from .scoring.metrics import (
+    NextTokenLogprobs,
+    distinct,
+    kl_from_reference,
+    next_token_logprobs,
+    perplexity,
+    toxicity_metrics,
+)
 
 
 def score_matrix(rows: Sequence[dict], key: str = "toxicity") -> tuple[list[str], np.ndarray]:
@@ -53,3 +60,23 @@ def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bo
             out["fluency"] = {"perplexity": float(ppl.aggregate), "reference_model": fluency_model.name,
                               "n_scored": len(keep)}
     return out
+
+
+def neutral_reference(model: Model, texts: Sequence[str] | None = None, top_k: int | None = 256) -> NextTokenLogprobs:
+    """Next-token distributions of the *unedited* model on neutral text (default: the bundled
+    neutral set), computed once and compared with every edited variant by :func:`side_effects`."""
+    from .data import neutral_texts
+
+    return next_token_logprobs(model, list(texts) if texts is not None else neutral_texts(), top_k=top_k)
+
+
+def side_effects(model: Model, reference: NextTokenLogprobs, texts: Sequence[str] | None = None) -> dict:
+    """Side effects of whatever edits are active now, on neutral text: the text's perplexity
+    under the edited model and KL(unedited || edited) of next-token distributions (mean over
+    positions; a top-k reference gives a lower bound, ``kl_coverage`` says how much mass it saw)."""
+    from .data import neutral_texts
+
+    texts = list(texts) if texts is not None else neutral_texts()
+    kl = kl_from_reference(model, reference, texts)
+    return {"neutral_perplexity": float(perplexity(model, texts).aggregate), "kl_from_unedited": float(kl.mean),
+            "kl_coverage": float(kl.coverage), "n_neutral_texts": len(texts)}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import contrast_from_scores, load_prompts, split
-from ..evaluation import summarize
+from ..evaluation import neutral_reference, side_effects, summarize
 from ..generation import GenConfig, generate_run
 from ..models.model import Model
 from ..runs import RunDir, write_json_atomic
@@ -89,14 +89,18 @@ def run_steering_study(model: Model, out_dir: str | Path, s: SteeringStudy | Non
                 f"-{alpha:g} (toxify)": unit * (-alpha * norm),
                 f"random control {alpha:g}": unit.random(seed=s.seed) * (alpha * norm)}
     results = {}
+    reference = neutral_reference(model)  # unedited next-token distributions on neutral text
     for name, v in variants.items():
         d = out / "test" / name.split(" ")[0].replace("+", "plus").replace("-", "minus")
         if v is None:
             rows = generate_run(model, test, d, cfg, scorer=scorer, progress=progress)
+            effects = side_effects(model, reference)
         else:
             with v.apply(model, alpha=1.0, where=s.where):
                 rows = generate_run(model, test, d, cfg, scorer=scorer, progress=progress)
+                effects = side_effects(model, reference)
         results[name] = summarize(rows, fluency_model=model)  # fluency outside the edit: unedited model
+        results[name]["side_effects"] = effects
     base = results["unsteered"]["toxicity"]["mean_toxicity"]
     metrics = {"chosen": {"site": site, "alpha": alpha, "typical_norm": norm},
                "sweep": {"baseline_toxicity": res.baseline_toxicity, "baseline_perplexity": res.baseline_perplexity},
