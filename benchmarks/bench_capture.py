@@ -6,23 +6,14 @@ model, against the plain-transformers limit: a forward with output_hidden_states
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from common import alternate, rtp_prompts
+from common import alternate, rtp_prompts, setup
 
 import steerlab as sl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
-    torch.set_num_threads(2)
-    m = sl.load(args.model)
+    args, m = setup(__doc__, n=64, repeats=5)
     prompts = rtp_prompts(args.n)
     bs = args.batch_size
     sites = [f"blocks.{i}.resid_post" for i in range(m.n_layers)]

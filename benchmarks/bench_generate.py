@@ -6,26 +6,14 @@ same run, and the throughput of each offline toxicity scorer.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from common import alternate, rtp_prompts
+from common import alternate, rtp_prompts, setup
 
-import steerlab as sl
 from steerlab.generation import GenConfig, _ids_texts, _plan, generate
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip-scorers", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(2)
-    m = sl.load(args.model)
+    args, m = setup(__doc__, n=32, repeats=3, new_tokens=32, skip_scorers=("flag", False))
     prompts = rtp_prompts(args.n)
     cfg = GenConfig(max_new_tokens=args.new, batch_size=args.batch_size)
     bs = args.batch_size

@@ -6,27 +6,16 @@ the same run, at batch 16 and batch 1, plus the time to fit a vector at every la
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
-from common import alternate, rtp_prompts
+from common import alternate, rtp_prompts, setup
 
-import steerlab as sl
 from steerlab.steer import SteeringVector
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--layer", type=int, default=12)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(2)
-    m = sl.load(args.model)
+    args, m = setup(__doc__, n=32, repeats=3, new_tokens=32, layer=(int, 12))
     prompts = rtp_prompts(args.n + 64)
     fit_texts, prompts = prompts[:64], prompts[64:]
     t0 = time.perf_counter()
