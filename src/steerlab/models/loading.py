@@ -163,14 +163,21 @@ def _from_dir(d: Path, dtype: torch.dtype, device: str | None, device_map, name:
               fingerprint: str | None) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     kw = {"dtype": dtype}
     if device_map is not None:
         kw["device_map"] = device_map
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # reading safetensors takes well under a second: no bar
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(d), **kw)
         tok = AutoTokenizer.from_pretrained(str(d))
     except Exception as e:
         raise ModelLoadError(f"could not load a causal LM from {d}: {type(e).__name__}: {e}") from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     if device_map is None and device is not None:
         hf.to(device)
     return Model(hf, tok, name=name, source=source, fingerprint=fingerprint or files_fingerprint(_weight_files(d)))
