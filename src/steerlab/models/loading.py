@@ -162,7 +162,6 @@ def dequantised_dir(gguf: Path) -> tuple[Path, str]:
 def _from_dir(d: Path, dtype: torch.dtype, device: str | None, device_map, name: str, source: str,
               fingerprint: str | None) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     kw = {"dtype": dtype}
