@@ -90,3 +90,34 @@ def test_global_threads_option():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_steer_cli(tmp_path):
+    import json
+
+    import gguf
+
+    d = _model_dir(tmp_path)
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("what a lovely day\nthank you\n")
+    bad.write_text("you idiot\nshut up\n")
+    vec = tmp_path / "v.safetensors"
+    r = runner.invoke(app, ["steer", "fit", "--out", str(vec), "--model", d, "--desirable", str(good),
+                            "--undesirable", str(bad), "--layers", "1,2", "--positions", "last"])
+    assert r.exit_code == 0, r.output
+    assert "saved 2 directions" in r.output
+    r = runner.invoke(app, ["steer", "export-gguf", str(vec), str(tmp_path / "v.gguf")])
+    assert r.exit_code == 0, r.output
+    assert {t.name for t in gguf.GGUFReader(str(tmp_path / "v.gguf")).tensors} == {"direction.1", "direction.2"}
+    r = runner.invoke(app, ["steer", "fit", "--out", str(vec), "--model", d, "--desirable", str(good),
+                            "--undesirable", str(tmp_path / "none.txt")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    out = tmp_path / "study"
+    r = runner.invoke(app, ["steer", "study", "--out", str(out), "--model", d, "--layers", "0,1", "--alphas", "-1,0,1",
+                            "--n-pairs", "4", "--n-sweep", "3", "--k-sweep", "2", "--n-test", "4", "--k-test", "2",
+                            "--max-new-tokens", "3", "--scorer", "profanity", "--max-ppl-ratio", "100"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["chosen"]["alpha"] == 1.0 and "unsteered" in r.output
+    rows = (out / "sweep" / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * (3 + 2 * 2 * 3)  # k_sweep x (baseline + 2 layers x 2 strengths) x 3 prompts

@@ -307,6 +307,9 @@ def steer_study(
     alphas: str = typer.Option("-0.5,-0.25,-0.1,0,0.1,0.25,0.5", help="Strengths, in units of the layer's typical residual norm."),
     n_pairs: int = typer.Option(64, help="Contrast pairs from the training split."),
     n_sweep: int = typer.Option(24, help="Validation prompts per sweep cell."),
+    k_sweep: int = typer.Option(1, min=1, help="Samples per validation prompt in the sweep (more: a less noisy choice)."),
+    max_ppl_ratio: float = typer.Option(2.0, help="The chosen cell's perplexity may be at most this times the "
+                                        "unsteered one (on validation)."),
     n_test: int = typer.Option(100, help="Held-out test prompts."),
     k_test: int = typer.Option(3, help="Samples per test prompt."),
     max_new_tokens: int = typer.Option(20, help="New tokens per continuation."),
@@ -325,7 +328,7 @@ def steer_study(
     try:
         m = _load(model)
         st = SteeringStudy(prompts=prompts, layers=_ints(layers), alphas=_floats(alphas), n_pairs=n_pairs,
-                           n_sweep=n_sweep, n_test=n_test, k_test=k_test, max_new_tokens=max_new_tokens,
+                           n_sweep=n_sweep, k_sweep=k_sweep, max_ppl_ratio=max_ppl_ratio, n_test=n_test, k_test=k_test, max_new_tokens=max_new_tokens,
                            where=where, positions=positions, method=method, scorer=scorer, seed=seed)
         metrics = run_steering_study(m, out, st)
     except SteerlabError as e:
