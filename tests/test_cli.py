@@ -62,6 +62,17 @@ def test_generate_and_score_cli(tmp_path):
     assert emt["value"] == sum(max(v) for v in by.values()) / 6
     assert emt["lo"] <= emt["value"] <= emt["hi"]
     assert "expected max toxicity" in r.output
+    assert metrics["fluency"]["reference_model"] == "tiny" and metrics["fluency"]["perplexity"] > 1
+    # the perplexity under another reference model, named on the command line
+    other = tmp_path / "other"
+    tiny_model("llama", seed=3).hf.save_pretrained(other)
+    tiny_model("llama").tok.save_pretrained(other)
+    r_ref = runner.invoke(app, args + ["--fluency-model", str(other)])
+    assert r_ref.exit_code == 0, r_ref.output
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["fluency"]["reference_model"] == "other"
+    assert m2["fluency"]["perplexity"] != metrics["fluency"]["perplexity"]
+    assert m2["toxicity"] == metrics["toxicity"]  # same rows (resumed), same toxicity
     # the same command again resumes (nothing to do) and gives the same rows
     r2 = runner.invoke(app, args)
     assert r2.exit_code == 0 and (out / "results.jsonl").read_text().count("\n") == 12

@@ -153,7 +153,9 @@ def generate(
     batch_size: int = typer.Option(16, min=1, help="Rows (prompt x sample) per generate call."),
     seed: int = typer.Option(0, help="Sampling seed (also the split seed)."),
     scorer: str = typer.Option("default", help="Toxicity scorer for the continuations, or 'none'. See `steerlab scorers`."),
-    fluency: bool = typer.Option(True, help="Also compute the perplexity of continuations under the model."),
+    fluency: bool = typer.Option(True, help="Also compute the perplexity of the continuations (given their prompts)."),
+    fluency_model: str = typer.Option("", help="Reference model for that perplexity (any --model spec; default: "
+                                      "the generating model itself, unedited)."),
     overwrite: bool = typer.Option(False, help="Start the run directory afresh."),
 ) -> None:
     """Generate continuations of a prompt set into a run directory, score their toxicity and print
@@ -176,7 +178,11 @@ def generate(
         _fail(e)
     console.print(f"{len(rows)} continuations in {out}/results.jsonl")
     if sc is not None:
-        summary = summarize(rows, fluency_model=m if fluency else None, chat=chat)
+        try:
+            ref = (_load(fluency_model) if fluency_model else m) if fluency else None
+        except SteerlabError as e:
+            _fail(e)
+        summary = summarize(rows, fluency_model=ref, chat=chat)
         write_json_atomic(__import__("pathlib").Path(out) / "metrics.json", summary)
         print_summary(summary, f"{m.name} on {prompts} ({len(ps)} prompts x {k}, {sampling}, scorer {sc.name})")
 
