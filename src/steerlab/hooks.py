@@ -43,6 +43,30 @@ def _with_out(out, new: torch.Tensor):
     return (new, *out[1:]) if isinstance(out, tuple) else new
 
 
+def _hook_site(model: Model, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Register one hook that hands ``fn`` the site's tensor (``[..., H, d_head]`` for
+    ``attn.heads``) and writes back what ``fn`` returns (None: leave it). Returns the handle."""
+    mod, where = site.hook_point(model.hf, model.arch)
+    heads = (model.n_heads, model.d_head) if site.kind == "attn.heads" else None
+
+    def run(t: torch.Tensor) -> torch.Tensor | None:
+        y = fn(t.view(*t.shape[:-1], *heads) if heads else t)
+        return None if y is None else (y.reshape(t.shape) if heads else y)
+
+    if where == "in":
+        def pre(mod, args, kwargs):
+            y = run(_in_tensor(args, kwargs))
+            return None if y is None else _with_in(args, kwargs, y)
+
+        return mod.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(mod, args, out):
+        y = run(_out_tensor(out))
+        return None if y is None else _with_out(out, y)
+
+    return mod.register_forward_hook(post)
+
+
 class Captured(dict):
     """Captured activations keyed by site name. ``mask`` ([N, T]) is set when the selector keeps
     the token axis (left-padded like the inputs)."""
@@ -107,7 +131,6 @@ def capture(
     enc = _encode_all(model, inputs, chat)
     ids_all, mask_all = enc["input_ids"], enc["attention_mask"]
     N, T_all = ids_all.shape
-    H, dh = model.n_heads, model.d_head
     deepest = parsed[-1]
     extra = {"use_cache": False}
     if _accepts(model, "logits_to_keep"):
@@ -119,27 +142,18 @@ def capture(
     masks: list[torch.Tensor] = []
     state: dict[str, torch.Tensor] = {}
 
-    def make_hook(site: Site, where: str):
-        heads = site.kind == "attn.heads"
-
+    def reader(site: Site):
         def read(t: torch.Tensor) -> None:
-            if heads:
-                t = t.view(*t.shape[:-1], H, dh)
             results[site.name].append(pos.select(t, state["mask"]).to(dtype=dtype, copy=True))
             if site is deepest:
                 raise _Stop
 
-        if where == "in":
-            return lambda mod, args, kwargs: read(_in_tensor(args, kwargs))
-        return lambda mod, args, out: read(_out_tensor(out))
+        return read
 
     handles = []
     try:
         for s in parsed:
-            mod, where = s.hook_point(model.hf, model.arch)
-            hook = make_hook(s, where)
-            handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True) if where == "in"
-                           else mod.register_forward_hook(hook))
+            handles.append(_hook_site(model, s, reader(s)))
         batches = list(_batches(mask_all, batch_size))
         show = progress if progress is not None else len(batches) >= 8
         for rows in tqdm(batches, desc="capture", disable=not show, leave=False):
@@ -355,7 +369,6 @@ def edit(model: Model, edits: Mapping[str, EditSpec | Sequence[EditSpec]]) -> It
             if isinstance(f, EditFn):
                 f.bind(site.name, shape, model.device, model.dtype)
         plan.append((site, fns))
-    H, dh = model.n_heads, model.d_head
 
     def track(mod, args, kwargs):
         x = kwargs.get("input_ids")
@@ -370,31 +383,23 @@ def edit(model: Model, edits: Mapping[str, EditSpec | Sequence[EditSpec]]) -> It
         if step.past_len == 0:
             step.prompt_len = step.T
 
-    def apply(site: Site, fns, t: torch.Tensor) -> torch.Tensor:
-        heads = site.kind == "attn.heads"
-        x = t.view(*t.shape[:-1], H, dh) if heads else t
-        for f in fns:
-            y = f(x, step)
-            if y is not None:
-                if y.shape != x.shape:
-                    raise ShapeError(f"edit on {site.name!r} returned shape {tuple(y.shape)}, expected {tuple(x.shape)}")
-                x = y
-        return x.reshape(t.shape) if heads else x
+    def applier(site: Site, fns):
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            for f in fns:
+                y = f(x, step)
+                if y is not None:
+                    if y.shape != x.shape:
+                        raise ShapeError(f"edit on {site.name!r} returned shape {tuple(y.shape)}, "
+                                         f"expected {tuple(x.shape)}")
+                    x = y
+            return x
+
+        return apply
 
     handles = [_base_module(model).register_forward_pre_hook(track, with_kwargs=True)]
     try:
         for site, fns in plan:
-            mod, where = site.hook_point(model.hf, model.arch)
-            if where == "in":
-                def pre(mod, args, kwargs, site=site, fns=fns):
-                    return _with_in(args, kwargs, apply(site, fns, _in_tensor(args, kwargs)))
-
-                handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                def post(mod, args, out, site=site, fns=fns):
-                    return _with_out(out, apply(site, fns, _out_tensor(out)))
-
-                handles.append(mod.register_forward_hook(post))
+            handles.append(_hook_site(model, site, applier(site, fns)))
         yield step
     finally:
         for h in handles:
