@@ -97,20 +97,22 @@ def cosine_figure(path: Path, result, groups: list[str]) -> Path:
                label=f"random control {trans[0]} (mean ± 2 std)", color="#888888")
         F.band(ax, layers, [r["permuted_cos_mean"] for r in first], [2 * r["permuted_cos_std"] for r in first],
                label=f"permuted control {trans[0]} (mean ± 2 std)", color="#c2a5cf", alpha=0.3)
-        for t, tr in enumerate(trans):
-            rr = [r for r in rows if r["transition"] == tr]
-            ax.plot([r["layer"] for r in rr], [r["cos"] for r in rr], marker="o", markersize=3,
-                    color=_shade(g, t), linewidth=2.0 if t == 0 else 1.2, label=f"shift {tr}")
+        _per_transition(ax, rows, trans, g, "cos", "shift")
         ax.axhline(0, color="black", linewidth=0.6)
         F.label(ax, "layer l (resid_post)", "cosine(mean shift, s_l)", title=f"{g}: {GROUP_TEXT.get(g, g)}")
         ax = axes[1, j]
-        for t, tr in enumerate(trans):
-            rr = [r for r in rows if r["transition"] == tr]
-            ax.plot([r["layer"] for r in rr], [r["lambda"] for r in rr], marker="o", markersize=3,
-                    color=_shade(g, t), linewidth=2.0 if t == 0 else 1.2, label=f"λ, shift {tr}")
+        _per_transition(ax, rows, trans, g, "lambda", "λ, shift")
         ax.axhline(0, color="black", linewidth=0.6)
         F.label(ax, "layer l (resid_post)", "λ = <P, s_l> / <s_l, s_l>", title=f"{g}: projection on s_l (unit norm)")
     return F.save(fig, path)
+
+
+def _per_transition(ax, rows: list[dict], trans: list[str], group: str, key: str, label: str) -> None:
+    """One line per transition of ``rows[key]`` against the layer (the first transition drawn bold)."""
+    for t, tr in enumerate(trans):
+        rr = [r for r in rows if r["transition"] == tr]
+        ax.plot([r["layer"] for r in rr], [r[key] for r in rr], marker="o", markersize=3,
+                color=_shade(group, t), linewidth=2.0 if t == 0 else 1.2, label=f"{label} {tr}")
 
 
 def lexicon_figure(path: Path, result, groups: list[str]) -> Path:
