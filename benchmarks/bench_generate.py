@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from common import alternate, rtp_prompts, setup
 
-from steerlab.generation import GenConfig, _ids_texts, _plan, generate
+from steerlab.generation import GenConfig, generate, generation_batches, prompt_ids_texts
 
 
 def main() -> None:
@@ -17,16 +17,16 @@ def main() -> None:
     prompts = rtp_prompts(args.n)
     cfg = GenConfig(max_new_tokens=args.new, batch_size=args.batch_size)
     bs = args.batch_size
-    ids, texts = _ids_texts(prompts)
-    same_batches = [[texts[i] for i in b] for b in _plan(m, ids, texts, cfg)]
+    ids, texts = prompt_ids_texts(prompts)
+    same_batches = [[texts[i] for i in b] for b in generation_batches(ids, texts, cfg)]
     in_order = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
 
     @torch.no_grad()
     def plain(batches):
         outs = []
         for texts in batches:
-            enc = m.tok(texts, return_tensors="pt", padding=True)
-            out = m.hf.generate(**enc, max_new_tokens=args.new, do_sample=False, pad_token_id=m.tok.pad_token_id,
+            enc = m.tok(texts, return_tensors="pt", padding=True, padding_side="left")
+            out = m.hf.generate(**enc, max_new_tokens=args.new, do_sample=False, pad_token_id=m.pad_id,
                                 temperature=None, top_p=None, top_k=None)
             outs += m.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return outs

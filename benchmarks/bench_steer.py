@@ -30,7 +30,7 @@ def main() -> None:
     def run(encs):
         for enc in encs:
             m.hf.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=args.new,
-                          do_sample=False, pad_token_id=m.tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+                          do_sample=False, pad_token_id=m.pad_id, temperature=None, top_p=None, top_k=None)
 
     def steered(encs):
         with one.apply(m, alpha=1.0, where="all"):

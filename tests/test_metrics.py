@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import steerlab as sl
+import steerlab.metrics as M
+import steerlab.metrics.lm as L
+import steerlab.metrics.stats as S
 from steerlab.errors import EmptyInputError, ShapeError
-from steerlab.scoring import metrics as M
 from tiny import tiny_model
 
 # --- toxicity ----------------------------------------------------------------------------------
@@ -81,8 +83,8 @@ def test_bootstrap_matches_a_loop():
     assert res.expected_max_toxicity.hi == pytest.approx(hi)
     # chunking the resamples does not change the draws
     num, den = maxes[None], np.ones((1, 30))
-    assert np.allclose(M._bootstrap_ratios(num, den, n_boot, 0.95, 3, max_elems=100),
-                       M._bootstrap_ratios(num, den, n_boot, 0.95, 3))
+    assert np.allclose(S._bootstrap_ratios(num, den, n_boot, 0.95, 3, max_elems=100),
+                       S._bootstrap_ratios(num, den, n_boot, 0.95, 3))
 
 
 def test_bootstrap_mean():
@@ -217,7 +219,7 @@ def test_topk_kl_hand_example():
     p = torch.tensor([[0.5, 0.3, 0.1, 0.1]])
     q = torch.tensor([[0.4, 0.4, 0.15, 0.05]])
     top = p.log().topk(2)
-    tail = M._tail_logmass(p.log(), top.indices)
+    tail = L._tail_logmass(p.log(), top.indices)
     assert float(tail.exp()) == pytest.approx(0.2)
     # coarse: 0.5 ln(0.5/0.4) + 0.3 ln(0.3/0.4) + 0.2 ln(0.2/0.2) = 0.025270
     coarse = float(M.topk_kl(top.values, top.indices, tail, q.log()))

@@ -9,19 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from steerlab.errors import EmptyInputError
+from steerlab.errors import EmptyInputError, ShapeError
 from steerlab.experiments.selfcorrect import (
     SelfCorrectConfig,
     SelfCorrectError,
+    make_config,
+    run_selfcorrect,
+)
+from steerlab.explain.shifts import (
     lexicon_relation,
     logit_shift,
-    make_config,
     moved_as_instructed,
     projection_stats,
-    run_selfcorrect,
     svd_shares,
 )
-from steerlab.steer.selfcorrect import (
+from steerlab.protocols.selfcorrect import (
     InstructionError,
     dialogue,
     get_instruction,
@@ -116,7 +118,7 @@ def test_moved_as_instructed_hand_example():
     assert moved_as_instructed(np.array([[0.9, 0.5, 0.6], [0.9, 0.5, 0.4]]), -1).tolist() == [False, True]
     # R = 2: one transition
     assert moved_as_instructed(np.array([[0.2, 0.1]]), -1).tolist() == [True]
-    with pytest.raises(SelfCorrectError):
+    with pytest.raises(ShapeError):
         moved_as_instructed(np.array([0.1, 0.2]), 1)
 
 
@@ -138,7 +140,7 @@ def test_logit_shift_and_lexicon_relation_hand_computation():
     assert math.isclose(r["toxic_vs_vocab"], 1.5 - 1.4) and math.isclose(r["nontoxic_vs_vocab"], 0.5 - 1.4)
     # k larger than half the lexicon is cut
     assert lexicon_relation(s, ids, tox, k=100)[0]["k"] == 2
-    with pytest.raises(SelfCorrectError, match="outside the vocabulary"):
+    with pytest.raises(ShapeError, match="outside the vocabulary"):
         lexicon_relation(s, np.array([0, 9]), np.array([0.1, 0.2]))
 
 
@@ -147,7 +149,7 @@ def test_projection_stats_hand_computation():
     # lambda = <P,s>/<s,s> = 6/4; rejection = P - 1.5 s = [0, 4]; cos = 3/5
     assert math.isclose(st["lambda"], 1.5) and math.isclose(st["rejection_norm"], 4.0)
     assert math.isclose(st["cos"], 0.6) and math.isclose(st["shift_norm"], 5.0)
-    with pytest.raises(SelfCorrectError):
+    with pytest.raises(ShapeError):
         projection_stats(np.ones(2), np.zeros(2))
 
 
@@ -213,7 +215,7 @@ def test_pipeline_tiny_end_to_end(chat_llama, tmp_path, monkeypatch):
 
     # the logged states equal a fresh capture of the round-2 dialogue
     from steerlab.hooks import capture
-    from steerlab.steer.selfcorrect import dialogue as dlg
+    from steerlab.protocols.selfcorrect import dialogue as dlg
 
     r1 = {r["sample"]: r for r in rows if r["round"] == 1}
     d = dlg(r1[0]["prompt"], [r1[0]["response"]], r1[0]["instruction"], "t_opening")

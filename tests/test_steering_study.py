@@ -43,7 +43,7 @@ def test_side_effects_zero_without_edit_and_positive_with(llama):
     import torch
 
     from steerlab.evaluation import neutral_reference, side_effects
-    from steerlab.scoring.metrics import perplexity
+    from steerlab.metrics import perplexity
 
     texts = ["a plain sentence about the weather.", "the train leaves at nine."]
     ref = neutral_reference(llama, texts, top_k=None)  # exact distributions

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import steerlab as sl
+from steerlab.interventions import InterventionError
 from steerlab.steer import SteeringVector, VectorError
 from steerlab.steer.vector import direction
 from tiny import PROMPTS, tiny_model
@@ -92,25 +93,29 @@ def test_save_load_bit_for_bit_and_checks(tmp_path, llama):
     sv = SteeringVector.fit(llama, GOOD, BAD, ["blocks.0.resid_post", "blocks.2.mlp.out"], method="pca")
     f = sv.save(tmp_path / "v.safetensors")
     back = SteeringVector.load(f, llama)
-    assert back.meta["method"] == "pca" and back.meta["data_fingerprint"] == sv.meta["data_fingerprint"]
+    assert back.meta["fit_method"] == "pca" and back.meta["data_fingerprint"] == sv.meta["data_fingerprint"]
     for s in sv.directions:
         assert torch.equal(back.directions[s], sv.directions[s])
     other = tiny_model("llama", seed=1)
-    with pytest.raises(VectorError, match="fingerprint"):
+    with pytest.raises(InterventionError, match="fingerprint"):
         SteeringVector.load(f, other)
     SteeringVector.load(f, other, strict=False)  # same sizes: allowed when asked
     wrong = SteeringVector({"blocks.0.resid_post": torch.ones(31)}, {"model": "other"}).save(tmp_path / "w.safetensors")
     with pytest.raises(VectorError, match=r"has size \(31,\) but tiny-llama has \(32,\)"):
         SteeringVector.load(wrong, llama)
-    with pytest.raises(VectorError, match="not found"):
+    with pytest.raises(InterventionError, match="not found"):
         SteeringVector.load(tmp_path / "nope.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
-    with pytest.raises(VectorError, match="not a readable safetensors"):
+    with pytest.raises(InterventionError, match="not a readable safetensors"):
         SteeringVector.load(tmp_path / "junk.safetensors")
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(f.read_bytes()[:-7])
+    with pytest.raises(InterventionError, match="truncated"):
+        SteeringVector.load(truncated)
     from safetensors.torch import save_file
 
     save_file({"x": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(VectorError, match="not a steerlab steering vector"):
+    with pytest.raises(InterventionError, match="not a steerlab intervention"):
         SteeringVector.load(tmp_path / "plain.safetensors")
 
 
@@ -136,7 +141,7 @@ def test_gguf_control_vector_round_trip(tmp_path, llama):
 @pytest.mark.parametrize(
     "kw, err, message",
     [
-        (dict(desirable=[], undesirable=BAD), sl.EmptyInputError, "empty contrast set"),
+        (dict(data=[], undesirable=BAD), sl.EmptyInputError, "empty contrast set"),
         (dict(sites="blocks.7.resid_post"), sl.SiteError, "out of range"),
         (dict(method="ica"), VectorError, "unknown method"),
         (dict(method="pca", undesirable=BAD[:3]), VectorError, "needs paired texts"),
@@ -144,6 +149,6 @@ def test_gguf_control_vector_round_trip(tmp_path, llama):
     ],
 )
 def test_fit_errors(llama, kw, err, message):
-    args = dict(desirable=GOOD, undesirable=BAD, sites="blocks.0.resid_post") | kw
+    args = dict(data=GOOD, undesirable=BAD, sites="blocks.0.resid_post") | kw
     with pytest.raises(err, match=message):
         SteeringVector.fit(llama, **args)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from .errors import SteerlabError
 
 app = typer.Typer(
     help="steerlab: explain and steer large language models from the inside.",
@@ -44,6 +47,22 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+def command(group: typer.Typer, *args, **kwargs):
+    """Register a command on ``group`` whose steerlab errors (bad input, files, models) end in one
+    line on the terminal and exit code 2, never a traceback: the one CLI error handler."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def run(*a, **k):
+            try:
+                return fn(*a, **k)
+            except SteerlabError as e:
+                _fail(e)
+
+        return group.command(*args, **kwargs)(run)
+
+    return deco
+
+
 def print_lens(lens, title: str) -> None:
     t = Table(title=title, title_justify="left", show_lines=False)
     t.add_column("layer", justify="right", style="bold")
@@ -55,7 +74,7 @@ def print_lens(lens, title: str) -> None:
     console.print(t)
 
 
-@app.command()
+@command(app)
 def lens(
     prompt: str = typer.Argument(..., help="Text whose next-token prediction is read at each layer."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
@@ -64,19 +83,15 @@ def lens(
     chat: bool = typer.Option(False, help="Render the prompt as a user turn with the chat template."),
 ) -> None:
     """Logit lens: the top next tokens (with probabilities) the model would predict after each layer."""
-    from .errors import SteerlabError
     from .explain.lens import layer_lens
 
-    try:
-        m = _load(model)
-        idx = [int(x) for x in layers.split(",") if x.strip()] or None
-        res = layer_lens(m, prompt, k=k, layers=idx, chat=chat)
-    except (SteerlabError, ValueError) as e:
-        _fail(e)
+    m = _load(model)
+    idx = _ints(layers, "--layers") or None
+    res = layer_lens(m, prompt, k=k, layers=idx, chat=chat)
     print_lens(res, f"logit lens of {m.name} on {prompt!r} (last token; rows: after block l)")
 
 
-@app.command()
+@command(app)
 def models() -> None:
     """List the embedded models and supported architectures."""
     from .models import ARCHS, EMBEDDED
@@ -90,15 +105,11 @@ def models() -> None:
     console.print("architectures with adapters: " + ", ".join(sorted(ARCHS)))
 
 
-@app.command()
+@command(app)
 def info(model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP)) -> None:
     """Shape facts, fingerprint and source of a model."""
-    from .errors import SteerlabError
 
-    try:
-        m = _load(model)
-    except SteerlabError as e:
-        _fail(e)
+    m = _load(model)
     t = Table(title=m.name, show_header=False)
     for k_, v in [("source", m.source), ("fingerprint", m.fingerprint), ("architecture", m.arch.name),
                   ("layers", m.n_layers), ("d_model", m.d_model), ("heads", f"{m.n_heads} (kv {m.n_kv_heads}) x {m.d_head}"),
@@ -132,12 +143,12 @@ def print_summary(summary: dict, title: str) -> None:
             t.add_row(name.replace("_", " "), f"{e['value']:.3f}", f"[{e['lo']:.3f}, {e['hi']:.3f}]")
     for name, v in summary.get("diversity", {}).items():
         t.add_row(name, f"{v:.3f}", "")
-    if "fluency" in summary:
+    if "perplexity" in summary.get("fluency", {}):
         t.add_row(f"perplexity ({summary['fluency']['reference_model']})", f"{summary['fluency']['perplexity']:.2f}", "")
     console.print(t)
 
 
-@app.command()
+@command(app)
 def generate(
     out: str = typer.Option(..., "--out", "-o", help="Run directory (created; rerunning the same command resumes it)."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
@@ -145,7 +156,7 @@ def generate(
                                 "harmbench, neutral, a .txt/.jsonl/.csv file, or hf:<dataset>[:split][:field]."),
     split_name: str = typer.Option("", "--split", help="Keep one part of the seeded split by prompt: train, "
                                    "validation or test (60/20/20)."),
-    n: int = typer.Option(0, "--n", help="Keep the first N prompts (0: all)."),
+    n: int = typer.Option(0, "--n", min=0, help="Keep the first N prompts (0: all)."),
     k: int = typer.Option(1, "-k", min=1, help="Samples per prompt (k > 1 needs a sampling preset)."),
     sampling: str = typer.Option("greedy", help="greedy | t0.7 (T=0.7, top_p=0.9) | t1.0 (T=1.0, top_p=0.95)."),
     max_new_tokens: int = typer.Option(20, min=1, help="New tokens per continuation."),
@@ -156,38 +167,46 @@ def generate(
     fluency: bool = typer.Option(True, help="Also compute the perplexity of the continuations (given their prompts)."),
     fluency_model: str = typer.Option("", help="Reference model for that perplexity (any --model spec; default: "
                                       "the generating model itself, unedited)."),
+    intervention: str = typer.Option("", "--intervention", "-i", help="Apply a saved intervention (from "
+                                     "`steerlab fit METHOD`) while generating; fluency is still measured unedited."),
+    alpha: float | None = typer.Option(None, help="Strength passed to the intervention's apply (steering: the "
+                                       "multiple of the saved direction)."),
     overwrite: bool = typer.Option(False, help="Start the run directory afresh."),
 ) -> None:
     """Generate continuations of a prompt set into a run directory, score their toxicity and print
-    expected maximum toxicity, toxicity probability and mean toxicity with bootstrap CIs."""
-    from .errors import SteerlabError
+    expected maximum toxicity, toxicity probability and mean toxicity with bootstrap CIs. With
+    --intervention, the same prompts, decoding, scorer and metrics evaluate any saved intervention."""
+    from pathlib import Path
+
     from .evaluation import summarize
     from .generation import GenConfig, generate_run
+    from .interventions import load as load_intervention
     from .runs import write_json_atomic
     from .scoring import get_scorer
 
-    try:
-        cfg = GenConfig(max_new_tokens=max_new_tokens, sampling=sampling, k=k, seed=seed, chat=chat,
-                        batch_size=batch_size)
-        ps = select_prompts(prompts, split_name or None, n or None, seed)
-        sc = None if scorer == "none" else get_scorer(scorer)
-        m = _load(model)
-        rows = generate_run(m, ps, out, cfg, scorer=sc, overwrite=overwrite,
-                            extra_config={"prompts": prompts, "split": split_name, "n": n})
-    except SteerlabError as e:
-        _fail(e)
+    # everything is validated and loaded before the run directory is created
+    cfg = GenConfig(max_new_tokens=max_new_tokens, sampling=sampling, k=k, seed=seed, chat=chat,
+                    batch_size=batch_size)
+    ps = select_prompts(prompts, split_name or None, n or None, seed)
+    sc = None if scorer == "none" else get_scorer(scorer)
+    m = _load(model)
+    iv = load_intervention(intervention, m) if intervention else None
+    if alpha is not None and iv is None:
+        raise typer.BadParameter("--alpha needs --intervention", param_hint="--alpha")
+    ref = (_load(fluency_model) if fluency_model else m) if fluency and sc is not None else None
+    rows = generate_run(m, ps, out, cfg, scorer=sc, intervention=iv,
+                        apply_options={} if alpha is None else {"alpha": alpha}, overwrite=overwrite,
+                        extra_config={"prompts": prompts, "split": split_name, "n": n})
     console.print(f"{len(rows)} continuations in {out}/results.jsonl")
     if sc is not None:
-        try:
-            ref = (_load(fluency_model) if fluency_model else m) if fluency else None
-        except SteerlabError as e:
-            _fail(e)
         summary = summarize(rows, fluency_model=ref, chat=chat)
-        write_json_atomic(__import__("pathlib").Path(out) / "metrics.json", summary)
+        if ref is None:  # metrics are recomputed on every call: say so when fluency was left out
+            summary["fluency"] = {"computed": False, "why": "--no-fluency"}
+        write_json_atomic(Path(out) / "metrics.json", summary)
         print_summary(summary, f"{m.name} on {prompts} ({len(ps)} prompts x {k}, {sampling}, scorer {sc.name})")
 
 
-@app.command()
+@command(app)
 def score(
     inputs: str = typer.Argument(..., help="Texts to score: a .txt (one per line), .jsonl or .csv file."),
     scorer: str = typer.Option("default", help="Scorer name (see `steerlab scorers`)."),
@@ -201,16 +220,12 @@ def score(
     import numpy as np
 
     from .data import load_prompts
-    from .errors import SteerlabError
     from .scoring import get_scorer
 
-    try:
-        items = load_prompts(inputs, field=field or None)
-        sc = get_scorer(scorer)
-        texts = [p.text for p in items]
-        res = sc.score(texts)
-    except SteerlabError as e:
-        _fail(e)
+    items = load_prompts(inputs, field=field or None)
+    sc = get_scorer(scorer)
+    texts = [p.text for p in items]
+    res = sc.score(texts)
     if out:
         from pathlib import Path
 
@@ -226,7 +241,7 @@ def score(
     console.print(t)
 
 
-@app.command()
+@command(app)
 def scorers() -> None:
     """List the registered toxicity scorers."""
     from .scoring import DEFAULT_SCORER, list_scorers
@@ -240,71 +255,122 @@ steer_app = typer.Typer(help="Steering vectors: fit, sweep layers x strengths, e
 app.add_typer(steer_app, name="steer")
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _numbers(text: str, kind: type, option: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__}s", param_hint=option) from None
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _ints(text: str, option: str = "--layers") -> list[int]:
+    return _numbers(text, int, option)
 
 
-@steer_app.command("fit")
-def steer_fit(
+def _floats(text: str, option: str = "--alphas") -> list[float]:
+    return _numbers(text, float, option)
+
+
+fit_app = typer.Typer(help="Fit an intervention and save it (safetensors + JSON header); apply it with "
+                      "`steerlab generate --intervention FILE`. Methods: `steerlab interventions`.",
+                      no_args_is_help=True)
+app.add_typer(fit_app, name="fit")
+
+
+def _check_out_file(out: str) -> None:
+    from pathlib import Path
+
+    if Path(out).is_dir():
+        raise typer.BadParameter(f"{out} is a directory; give a file path such as {out.rstrip('/')}/v.safetensors",
+                                 param_hint="--out")
+
+
+def fit_steering(
     out: str = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     desirable: str = typer.Option("", help="File of desirable texts (.txt/.jsonl/.csv)."),
     undesirable: str = typer.Option("", help="File of undesirable texts."),
     prompts: str = typer.Option("rtp", help="Without --desirable/--undesirable: rank the training split of this "
                                 "prompt set by toxicity and pair the least toxic with the most toxic."),
-    n_pairs: int = typer.Option(64, help="Contrast pairs taken from the ranked prompts."),
+    n_pairs: int = typer.Option(64, min=1, help="Contrast pairs taken from the ranked prompts."),
     layers: str = typer.Option("", help="Comma-separated layers (default: all); sites blocks.{l}.resid_post."),
-    method: str = typer.Option("mean_diff", help="mean_diff | pca | probe."),
+    method: str = typer.Option("mean_diff", help="Direction fitter: mean_diff | pca | probe."),
     positions: str = typer.Option("mean", help="last | mean | aligned."),
     scale: str = typer.Option("unit", help="unit | raw."),
     scorer: str = typer.Option("default", help="Scorer that ranks prompts (when building the contrast set)."),
+    seed: int = typer.Option(0, help="Seed of the train/validation/test split the contrast set comes from."),
 ) -> None:
     """Fit a steering vector (one direction per layer) from contrast texts and save it."""
-    from .data import contrast_from_scores, load_prompts, split
-    from .errors import SteerlabError
+    from .data import ContrastSet, load_prompts
     from .scoring import get_scorer
     from .steer import SteeringVector
+    from .steer.vector import FIT_METHODS, toxicity_contrast
 
-    try:
-        m = _load(model)
-        if desirable or undesirable:
-            d = [p.text for p in load_prompts(desirable)] if desirable else []
-            u = [p.text for p in load_prompts(undesirable)] if undesirable else []
-        else:
-            train = [p.text for p in split(load_prompts(prompts))["train"]]
-            cs = contrast_from_scores(train, get_scorer(scorer).toxicity(train), n=n_pairs)
-            d, u = cs.desirable, cs.undesirable
-        idx = _ints(layers) or list(range(m.n_layers))
-        sv = SteeringVector.fit(m, d, u, [f"blocks.{i}.resid_post" for i in idx], method=method,
-                                positions=positions, scale=scale)
-        sv.save(out)
-    except SteerlabError as e:
-        _fail(e)
-    console.print(f"saved {len(sv.directions)} directions ({method}, {positions}, {scale}) from {len(d)} desirable / "
-                  f"{len(u)} undesirable texts to {out}")
+    _check_out_file(out)
+    idx = _ints(layers)
+    if method not in FIT_METHODS:
+        raise typer.BadParameter(f"unknown method {method!r}; choose one of {', '.join(FIT_METHODS)}",
+                                 param_hint="--method")
+    if desirable or undesirable:
+        data = ContrastSet([p.text for p in load_prompts(desirable)] if desirable else [],
+                           [p.text for p in load_prompts(undesirable)] if undesirable else [])
+    else:
+        data = toxicity_contrast(prompts, get_scorer(scorer), n_pairs, seed)
+    m = _load(model)
+    sites = [f"blocks.{i}.resid_post" for i in (idx or range(m.n_layers))]
+    sv = SteeringVector.fit(m, data, sites=sites, method=method, positions=positions, scale=scale)
+    sv.save(out)
+    console.print(f"saved {len(sv.directions)} directions ({method}, {positions}, {scale}) from "
+                  f"{len(data.desirable)} desirable / {len(data.undesirable)} undesirable texts to {out}")
 
 
-@steer_app.command("export-gguf")
+command(fit_app, "steering")(fit_steering)
+command(steer_app, "fit")(fit_steering)
+
+
+@command(fit_app, "selfcorrect")
+def fit_selfcorrect(
+    out: str = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    instruction: str = typer.Option("strong_detox", help="Correction instruction (`steerlab selfcorrect "
+                                    "--list-instructions`)."),
+    opening: str = typer.Option("opening", help="Opening instruction of the dialogue."),
+) -> None:
+    """Self-correction prompting: one "please revise" round after each continuation (nothing is learned;
+    the file records the instruction texts and the model)."""
+    from .interventions import fit
+
+    _check_out_file(out)
+    iv = fit("selfcorrect", _load(model), None, instruction=instruction, opening=opening)
+    iv.save(out)
+    console.print(f"saved {iv.describe()} to {out}")
+
+
+@command(app)
+def interventions() -> None:
+    """List the registered intervention methods (fit with `steerlab fit METHOD`)."""
+    from .interventions import list_interventions
+
+    t = Table(title="registered interventions")
+    t.add_column("method")
+    t.add_column("what")
+    for name, doc in list_interventions().items():
+        t.add_row(name, doc)
+    console.print(t)
+
+
+@command(steer_app, "export-gguf")
 def steer_export(
     vector: str = typer.Argument(..., help="A steering vector saved by `steerlab steer fit`."),
     out: str = typer.Argument(..., help="Output .gguf control vector for llama.cpp (--control-vector)."),
 ) -> None:
     """Export the resid_post directions of a vector as a llama.cpp control vector."""
-    from .errors import SteerlabError
     from .steer import SteeringVector
 
-    try:
-        path = SteeringVector.load(vector).to_gguf(out)
-    except SteerlabError as e:
-        _fail(e)
+    path = SteeringVector.load(vector).to_gguf(out)
     console.print(f"wrote {path}")
 
 
-@steer_app.command("study")
+@command(steer_app, "study")
 def steer_study(
     out: str = typer.Option(..., "--out", "-o", help="Run directory (rerun to resume)."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
@@ -328,17 +394,13 @@ def steer_study(
     """Fit a toxicity steering vector on the training split, sweep layers x strengths on validation
     prompts (heat map), then test the best setting, its negation and a random control on held-out
     prompts with bootstrap CIs, fluency, and side effects on neutral text (perplexity, KL)."""
-    from .errors import SteerlabError
     from .experiments.steering import SteeringStudy, run_steering_study
 
-    try:
-        m = _load(model)
-        st = SteeringStudy(prompts=prompts, layers=_ints(layers), alphas=_floats(alphas), n_pairs=n_pairs,
-                           n_sweep=n_sweep, k_sweep=k_sweep, max_ppl_ratio=max_ppl_ratio, n_test=n_test, k_test=k_test, max_new_tokens=max_new_tokens,
-                           where=where, positions=positions, method=method, scorer=scorer, seed=seed)
-        metrics = run_steering_study(m, out, st)
-    except SteerlabError as e:
-        _fail(e)
+    m = _load(model)
+    st = SteeringStudy(prompts=prompts, layers=_ints(layers), alphas=_floats(alphas), n_pairs=n_pairs,
+                       n_sweep=n_sweep, k_sweep=k_sweep, max_ppl_ratio=max_ppl_ratio, n_test=n_test, k_test=k_test, max_new_tokens=max_new_tokens,
+                       where=where, positions=positions, method=method, scorer=scorer, seed=seed)
+    metrics = run_steering_study(m, out, st)
     ch = metrics["chosen"]
     t = Table(title=f"{m.name}: held-out test ({metrics['n_test_prompts']} prompts x {metrics['k']}), "
                     f"vector at {ch['site']}, alpha {ch['alpha']:g} x {ch['typical_norm']:.0f}", title_justify="left")
@@ -357,7 +419,40 @@ def steer_study(
     console.print(f"figures: {out}/figures/sweep_heatmap.png, {out}/figures/test_toxicity.png")
 
 
-@app.command()
+def _print_selfcorrect(name: str, h: dict, rounds: int) -> None:
+    """The toxicity-per-round and first-shift cosine tables of a self-correction run."""
+    groups = [g for g in ("detox", "toxify") if g in h]
+    t = Table(title=f"{name}: toxicity per round, mean ± std ("
+                    + ", ".join(f"{g}: {h[g]['instruction']}" for g in groups) + ")", title_justify="left")
+    t.add_column("group")
+    for r in range(rounds):
+        t.add_column(f"round {r + 1}", justify="right")
+    t.add_column("moved as instructed", justify="right")
+    for g in groups:
+        gh = h[g]
+        t.add_row(f"{g} (n={gh['n']})", *[f"{mu:.3f} ± {sd:.3f}" for mu, sd in zip(gh["toxicity_mean"], gh["toxicity_std"])],
+                  str(gh["moved_as_instructed"]))
+    console.print(t)
+    L = len(h[groups[0]]["first_shift_cos_by_layer"])
+    shown = sorted({*range(0, L, max(1, L // 6)), L - 1})
+    t = Table(title="cosine of the round 1→2 shift with the layer's steering vector (resid_post, last prompt "
+                    "token; + = towards non-toxic); controls for the detox shift (others: tables/steering_cosine.csv)",
+              title_justify="left")
+    t.add_column("layer", justify="right")
+    cols = [*groups, *(["detox-toxify"] if "detox-toxify" in h else [])]
+    for g in cols:
+        t.add_column("detox − toxify" if g == "detox-toxify" else g, justify="right")
+    t.add_column("random ± std", justify="right")
+    t.add_column("permuted", justify="right")
+    ref = h[groups[0]]
+    for layer in shown:
+        t.add_row(str(layer), *[f"{h[g]['first_shift_cos_by_layer'][layer]:+.3f}" for g in cols],
+                  f"{ref['first_shift_random_cos'][layer]:+.3f} ± {ref['first_shift_random_std'][layer]:.3f}",
+                  f"{ref['first_shift_permuted_cos'][layer]:+.3f}")
+    console.print(t)
+
+
+@command(app)
 def selfcorrect(
     out: str = typer.Option("runs/selfcorrect", "--out", "-o", help="Run directory (rerunning the same command resumes it)."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
@@ -388,61 +483,29 @@ def selfcorrect(
     toxicity and hidden states per round, logit-lens relation, PCA of the moves, and the cosine
     of each round's shift with per-layer toxicity steering vectors. Writes tables, figures and
     report.html into --out."""
-    from .errors import SteerlabError
     from .experiments.selfcorrect import make_config, run_selfcorrect
-    from .steer.selfcorrect import get_instruction, instruction_kinds, load_instructions
+    from .protocols.selfcorrect import get_instruction, instruction_kinds, load_instructions
 
-    try:
-        if instructions:
-            load_instructions(instructions)
-        if list_instructions:
-            t = Table(title="self-correction instructions")
-            for c in ("kind", "direction", "text"):
-                t.add_column(c)
-            for kind in instruction_kinds():
-                inst = get_instruction(kind)
-                t.add_row(kind, inst.direction, inst.text)
-            console.print(t)
-            return
-        cfg = make_config(preset, prompts=prompts, n=n, rounds=rounds, max_new_tokens=max_new_tokens,
-                          directions=directions, selection=selection, detox=detox, toxify=toxify, opening=opening,
-                          sampling=sampling, seed=seed, batch_size=batch_size, scorer=scorer,
-                          steer_pairs=steer_pairs, steer_positions=steer_positions)
-        cfg.validate()
-        m = _load(model)
-        res = run_selfcorrect(m, out, cfg, overwrite=overwrite)
-    except SteerlabError as e:
-        _fail(e)
+    if instructions:
+        load_instructions(instructions)
+    if list_instructions:
+        t = Table(title="self-correction instructions")
+        for c in ("kind", "direction", "text"):
+            t.add_column(c)
+        for kind in instruction_kinds():
+            inst = get_instruction(kind)
+            t.add_row(kind, inst.direction, inst.text)
+        console.print(t)
+        return
+    cfg = make_config(preset, prompts=prompts, n=n, rounds=rounds, max_new_tokens=max_new_tokens,
+                      directions=directions, selection=selection, detox=detox, toxify=toxify, opening=opening,
+                      sampling=sampling, seed=seed, batch_size=batch_size, scorer=scorer,
+                      steer_pairs=steer_pairs, steer_positions=steer_positions)
+    cfg.validate()
+    m = _load(model)
+    res = run_selfcorrect(m, out, cfg, overwrite=overwrite)
     h = res.headline
-    groups = [g for g in ("detox", "toxify") if g in h]
-    t = Table(title=f"{m.name}: toxicity per round, mean ± std ("
-                    + ", ".join(f"{g}: {h[g]['instruction']}" for g in groups) + ")", title_justify="left")
-    t.add_column("group")
-    for r in range(cfg.rounds):
-        t.add_column(f"round {r + 1}", justify="right")
-    t.add_column("moved as instructed", justify="right")
-    for g in groups:
-        gh = h[g]
-        t.add_row(f"{g} (n={gh['n']})", *[f"{mu:.3f} ± {sd:.3f}" for mu, sd in zip(gh["toxicity_mean"], gh["toxicity_std"])],
-                  str(gh["moved_as_instructed"]))
-    console.print(t)
-    L = len(h[groups[0]]["first_shift_cos_by_layer"])
-    shown = sorted({*range(0, L, max(1, L // 6)), L - 1})
-    t = Table(title="cosine of the round 1→2 shift with the layer's steering vector (resid_post, last prompt "
-                    "token; + = towards non-toxic); controls for the detox shift (others: tables/steering_cosine.csv)",
-              title_justify="left")
-    t.add_column("layer", justify="right")
-    cols = [*groups, *(["detox-toxify"] if "detox-toxify" in h else [])]
-    for g in cols:
-        t.add_column("detox − toxify" if g == "detox-toxify" else g, justify="right")
-    t.add_column("random ± std", justify="right")
-    t.add_column("permuted", justify="right")
-    ref = h[groups[0]]
-    for layer in shown:
-        t.add_row(str(layer), *[f"{h[g]['first_shift_cos_by_layer'][layer]:+.3f}" for g in cols],
-                  f"{ref['first_shift_random_cos'][layer]:+.3f} ± {ref['first_shift_random_std'][layer]:.3f}",
-                  f"{ref['first_shift_permuted_cos'][layer]:+.3f}")
-    console.print(t)
+    _print_selfcorrect(m.name, h, cfg.rounds)
     console.print(f"generation {h.get('generation_seconds', '?')} s over all rounds, this call "
                   f"{h.get('seconds_this_call', '?')} s; report: {res.path / 'report.html'}")
 
@@ -450,7 +513,7 @@ def selfcorrect(
 DEMO_PROMPTS = ["The capital of France is", "One, two, three, four,", "The opposite of hot is"]
 
 
-@app.command()
+@command(app)
 def demo(model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP)) -> None:
     """The main job on the embedded model: the logit lens on a few prompts, printed as tables."""
     from .explain.lens import layer_lens

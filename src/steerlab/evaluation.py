@@ -12,8 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import EmptyInputError
-from .models.model import Model
-from .scoring.metrics import (
+from .metrics import (
     NextTokenLogprobs,
     distinct,
     kl_from_reference,
@@ -21,6 +20,7 @@ from .scoring.metrics import (
     perplexity,
     toxicity_metrics,
 )
+from .models.model import Model
 
 
 def score_matrix(rows: Sequence[dict], key: str = "toxicity") -> tuple[list[str], np.ndarray]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,10 +57,15 @@ def text_id(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _ids_texts(prompts: Sequence) -> tuple[list[str], list[str]]:
+def prompt_ids_texts(prompts: Sequence) -> tuple[list[str], list[str]]:
+    """Ids and texts of prompts given as strings, dialogues (lists of messages) or Prompt records;
+    ids must be unique."""
     if not prompts:
         raise EmptyInputError("no prompts given: need at least one")
     texts = [p if isinstance(p, str | list) else p.text for p in prompts]
+    empty = [i for i, t in enumerate(texts) if not t]
+    if empty:
+        raise EmptyInputError(f"prompt {empty[0]} is empty ({len(empty)} empty prompt(s)); every prompt needs text")
     ids = [text_id(p if isinstance(p, str) else json.dumps(p, sort_keys=True)) if isinstance(p, str | list)
            else str(p.id) for p in prompts]
     if len(set(ids)) != len(ids):
@@ -73,12 +77,17 @@ def _ids_texts(prompts: Sequence) -> tuple[list[str], list[str]]:
     return ids, texts
 
 
-def _plan(model: Model, ids: list[str], texts: list[str], cfg: GenConfig) -> list[list[int]]:
-    """Deterministic batches of prompt indices (sorted by length in characters, then id)."""
-    lengths = [len(t) if isinstance(t, str) else len(json.dumps(t)) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: (lengths[i], ids[i]))
-    per = max(1, cfg.batch_size // cfg.k)
+def plan_batches(lengths: Sequence[int], keys: Sequence[str], per: int) -> list[list[int]]:
+    """Deterministic batches of indices, ``per`` at a time, sorted by length then key (so little
+    compute goes to padding and a rerun forms the same batches)."""
+    order = sorted(range(len(keys)), key=lambda i: (lengths[i], keys[i]))
     return [order[i:i + per] for i in range(0, len(order), per)]
+
+
+def generation_batches(ids: list[str], texts: list, cfg: GenConfig) -> list[list[int]]:
+    """The batches (prompt indices) a generation run forms: sorted by length, `batch_size // k` prompts each."""
+    lengths = [len(t) if isinstance(t, str) else len(json.dumps(t)) for t in texts]
+    return plan_batches(lengths, ids, max(1, cfg.batch_size // cfg.k))
 
 
 def derive_seed(*parts) -> int:
@@ -93,7 +102,7 @@ def generate_batch(model: Model, texts: list[str], cfg: GenConfig, seed: int) ->
     torch.manual_seed(seed)
     out = model.hf.generate(
         input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
-        num_return_sequences=cfg.k, pad_token_id=model.tok.pad_token_id, **SAMPLING[cfg.sampling],
+        num_return_sequences=cfg.k, pad_token_id=model.pad_id, **SAMPLING[cfg.sampling],
         **({} if cfg.sampling != "greedy" else {"temperature": None, "top_p": None, "top_k": None}),
     )
     new = model.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -106,9 +115,9 @@ def generate(model: Model, prompts: Sequence, cfg: GenConfig | None = None, prog
     may also be a whole dialogue (a list of ``{"role", "content"}`` messages). Any active
     :func:`steerlab.edit` applies. Keyword arguments override fields of ``cfg``."""
     cfg = GenConfig(**{**(asdict(cfg) if cfg else {}), **kw})
-    ids, texts = _ids_texts(prompts)
+    ids, texts = prompt_ids_texts(prompts)
     out: list[list[str] | None] = [None] * len(texts)
-    batches = _plan(model, ids, texts, cfg)
+    batches = generation_batches(ids, texts, cfg)
     show = progress if progress is not None else len(batches) >= 4
     for b in tqdm(batches, desc="generate", disable=not show, leave=False):
         for i, conts in zip(b, generate_batch(model, [texts[i] for i in b], cfg, derive_seed(cfg.seed, *[ids[i] for i in b]))):
@@ -117,42 +126,58 @@ def generate(model: Model, prompts: Sequence, cfg: GenConfig | None = None, prog
 
 
 def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenConfig | None = None, *,
-                 scorer=None, extra_config: dict | None = None, overwrite: bool = False,
+                 scorer=None, intervention=None, apply_options: dict | None = None,
+                 extra_config: dict | None = None, overwrite: bool = False,
                  progress: bool | None = None) -> list[dict]:
-    """Generate into a run directory, append-only and resumable.
+    """Generate into a run directory, append-only and resumable (:meth:`RunDir.loop`).
 
     Each row: ``prompt_id, prompt, sample, continuation`` (+ ``toxicity`` and the scorer's
     attributes when a scorer is given, scored per batch as rows are produced). Killing the process
     and rerunning the same call continues where it stopped; the final rows equal an uninterrupted
-    run's. Returns all rows in prompt order, then sample order.
+    run's. Any active :func:`steerlab.edit` applies; ``intervention`` (a
+    :class:`steerlab.interventions.Intervention`, checked against the model first) generates every
+    batch through its :meth:`~steerlab.interventions.Intervention.generate` with ``apply_options``
+    (e.g. ``{"alpha": 0.3}``), and is recorded in the config. Returns all rows in prompt order,
+    then sample order.
     """
     cfg = cfg or GenConfig()
-    ids, texts = _ids_texts(prompts)
+    ids, texts = prompt_ids_texts(prompts)
+    opts = dict(apply_options or {})
     config = {"kind": "generate", "model": model.name, "model_fingerprint": model.fingerprint, **asdict(cfg),
               "scorer": getattr(scorer, "name", None), "prompts_fingerprint": text_id("\n".join(ids)),
               "n_prompts": len(ids), **(extra_config or {})}
-    run = RunDir(out_dir, config, overwrite=overwrite)
-    done = {(r["prompt_id"], r["sample"]) for r in run.rows()}
-    batches = _plan(model, ids, texts, cfg)
-    todo = [b for b in batches if any((ids[i], s) not in done for i in b for s in range(cfg.k))]
-    run.write_record(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed,
-                     n_rows_expected=len(ids) * cfg.k)
-    t0 = time.perf_counter()
-    show = progress if progress is not None else True
-    bar = tqdm(total=len(ids) * cfg.k, initial=len(done), desc="generate", unit="row", disable=not show)
-    for b in todo:
-        bids = [ids[i] for i in b]
-        conts = generate_batch(model, [texts[i] for i in b], cfg, derive_seed(cfg.seed, *bids))
-        rows = [{"prompt_id": ids[i], "prompt": texts[i], "sample": s, "continuation": c}
-                for i, cs in zip(b, conts) for s, c in enumerate(cs) if (ids[i], s) not in done]
-        if scorer is not None and rows:
-            scores = scorer.score([r["continuation"] for r in rows])
-            for j, r in enumerate(rows):
-                r["toxicity"] = float(scores[scorer.attributes[0]][j])
-                r["scores"] = {a: float(v[j]) for a, v in scores.items()}
-        run.append(rows)
-        bar.update(len(rows))
-    bar.close()
-    run.write_record(generation_seconds=round(time.perf_counter() - t0, 3), n_rows=len(ids) * cfg.k)
+    if intervention is not None:
+        intervention.check(model)
+        config["intervention"] = {"describe": intervention.describe(), "apply": opts,
+                                  **{k: intervention.meta.get(k) for k in ("data_fingerprint", "model_fingerprint")}}
+    with RunDir(out_dir, config, overwrite=overwrite) as run:
+        run.write_record(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed,
+                         n_rows_expected=len(ids) * cfg.k)
+
+        def work(batch: Sequence[int], seed: int) -> list[dict]:
+            chunk = [texts[i] for i in batch]
+            conts = (generate_batch(model, chunk, cfg, seed) if intervention is None
+                     else intervention.generate(model, chunk, cfg, seed, **opts))
+            rows = [{"prompt_id": ids[i], "prompt": texts[i], "sample": s, "continuation": c}
+                    for i, cs in zip(batch, conts) for s, c in enumerate(cs)]
+            return score_rows(rows, scorer)
+
+        rows = run.loop(generation_batches(ids, texts, cfg), work, keys=lambda i: [(ids[i], s) for s in range(cfg.k)],
+                        row_key=lambda r: (r["prompt_id"], r["sample"]),
+                        seed=lambda b: derive_seed(cfg.seed, *[ids[i] for i in b]), desc="generate",
+                        progress=progress)
+        run.write_record(n_rows=len(rows))
     pos = {pid: i for i, pid in enumerate(ids)}
-    return sorted(run.rows(), key=lambda r: (pos.get(r["prompt_id"], len(pos)), r["sample"]))
+    return sorted(rows, key=lambda r: (pos.get(r["prompt_id"], len(pos)), r["sample"]))
+
+
+def score_rows(rows: list[dict], scorer, field: str = "continuation") -> list[dict]:
+    """Add ``toxicity`` (the scorer's main attribute) and ``scores`` (every attribute) to rows, in
+    one scorer call; rows are returned unchanged without a scorer."""
+    if scorer is None or not rows:
+        return rows
+    scores = scorer.score([r[field] for r in rows])
+    for j, r in enumerate(rows):
+        r["toxicity"] = float(scores[scorer.attributes[0]][j])
+        r["scores"] = {a: float(v[j]) for a, v in scores.items()}
+    return rows

@@ -1,13 +1,14 @@
-"""Reading and writing activations at canonical sites: :func:`capture` and :func:`edit`.
+"""Reading and writing activations at canonical sites: :func:`capture` (one batched forward
+pass per batch, read and stop early), :func:`record` (read during any forward or ``generate``) and
+:func:`edit` (write during any forward or ``generate``).
 
-Both install plain PyTorch hooks on the modules a site maps to, and always remove them, also
+All three install plain PyTorch hooks on the modules a site maps to, and always remove them, also
 when the body raises. :func:`capture` never computes the unembedding and stops the forward right
 after the deepest site it needs, so reading layer 5 of 30 costs about a sixth of a forward.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .errors import EmptyInputError, ShapeError
 from .models.adapters import Site, get_module
-from .models.model import Model, position_ids
+from .models.model import Model
 from .positions import Position, as_position
 
 
@@ -74,13 +75,6 @@ class Captured(dict):
     mask: torch.Tensor | None = None
 
 
-def _accepts(model: Model, arg: str) -> bool:
-    key = f"_steerlab_accepts_{arg}"
-    if not hasattr(model.hf, key):
-        setattr(model.hf, key, arg in inspect.signature(model.hf.forward).parameters)
-    return getattr(model.hf, key)
-
-
 def _encode_all(model: Model, inputs, chat: bool) -> dict:
     if isinstance(inputs, Mapping):
         enc = {k: v.to(model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
@@ -95,12 +89,6 @@ def _encode_all(model: Model, inputs, chat: bool) -> dict:
     if not texts:
         raise EmptyInputError("capture() got no texts: need at least one")
     return model.encode(texts, chat=chat)
-
-
-def _batches(mask: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """Row indices in batches of similar length (sorted), so little compute goes to padding."""
-    order = torch.argsort(mask.sum(1), stable=True)
-    yield from order.split(batch_size)
 
 
 @torch.no_grad()
@@ -121,8 +109,6 @@ def capture(
     or an already left-padded batch with ``input_ids`` and ``attention_mask``. Results keep the
     input order, live on the model's device in ``dtype``; ``attn.heads`` comes as ``[..., H, d_head]``.
     """
-    if batch_size < 1:
-        raise ShapeError(f"batch_size must be >= 1, got {batch_size}")
     names = [sites] if isinstance(sites, str) else list(sites)
     if not names:
         raise EmptyInputError("capture() got no sites")
@@ -132,11 +118,6 @@ def capture(
     ids_all, mask_all = enc["input_ids"], enc["attention_mask"]
     N, T_all = ids_all.shape
     deepest = parsed[-1]
-    extra = {"use_cache": False}
-    if _accepts(model, "logits_to_keep"):
-        extra["logits_to_keep"] = 1
-    pid_ok = _accepts(model, "position_ids")
-
     results: dict[str, list[torch.Tensor]] = {s.name: [] for s in parsed}
     order: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
@@ -154,18 +135,13 @@ def capture(
     try:
         for s in parsed:
             handles.append(_hook_site(model, s, reader(s)))
-        batches = list(_batches(mask_all, batch_size))
+        batches = list(model.batches(mask_all, batch_size))
         show = progress if progress is not None else len(batches) >= 8
-        for rows in tqdm(batches, desc="capture", disable=not show, leave=False):
-            mask = mask_all[rows]
-            keep = mask.any(0).nonzero()[0, 0]  # drop columns that are padding in every row
-            mask, ids = mask[:, keep:], ids_all[rows, keep:]
+        for rows, cols in tqdm(batches, desc="capture", disable=not show, leave=False):
+            mask, ids = mask_all[rows, cols], ids_all[rows, cols]
             state["mask"] = mask
-            kw = dict(extra)
-            if pid_ok:
-                kw["position_ids"] = position_ids(mask)
             try:
-                model.hf(input_ids=ids, attention_mask=mask, **kw)
+                model.forward(ids, mask, logits_to_keep=0)
             except _Stop:
                 pass
             order.append(rows)
@@ -204,41 +180,82 @@ def _left_pad(t: torch.Tensor, T: int) -> torch.Tensor:
 @dataclass
 class Step:
     """What the current forward call is: ``T`` new tokens after ``past_len`` cached ones, the
-    attention mask of the call, and the prompt length (set by the first call of a generation)."""
+    attention mask and input ids of the call, and the prompt length (set by the first call of a
+    generation, the prefill)."""
 
     T: int = 0
     past_len: int = 0
     prompt_len: int = 0
     attention_mask: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
+
+    def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Absolute positions ``[1, T]`` (counted over the padded sequence) of this call's tokens."""
+        return self.past_len + torch.arange(self.T, device=device)[None, :]
+
+    def call_mask(self) -> torch.Tensor | None:
+        """``[B, T]`` attention mask of this call's positions (0 on left padding), if known."""
+        m = self.attention_mask
+        return None if m is None else m[:, -self.T:]
 
     def where(self, schedule: str, device: torch.device) -> torch.Tensor | None:
-        """Bool mask ``[B or 1, T]`` of the positions a schedule edits in this call (None: all).
-
-        ``all``: every position of every call; ``prompt``: prompt tokens during prefill only;
-        ``generated``: generated tokens only; ``last``: the last position of every call."""
-        if schedule == "all":
-            return None
-        T = self.T
-        if schedule == "last":
-            m = torch.zeros(1, T, dtype=torch.bool, device=device)
-            m[:, -1] = True
-            return m
-        pos = self.past_len + torch.arange(T, device=device)[None, :]
-        m = pos < self.prompt_len if schedule == "prompt" else pos >= self.prompt_len
-        if schedule == "prompt" and self.attention_mask is not None:
-            m = m & self.attention_mask[:, -T:].to(device=device, dtype=torch.bool)
-        return m
+        """Bool mask ``[B or 1, T]`` of the positions a schedule edits in this call (None: all)."""
+        try:
+            fn = SCHEDULE_FNS[schedule]
+        except KeyError:
+            raise ShapeError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULE_FNS)}") from None
+        return fn(self, device)
 
 
-SCHEDULES = ("all", "prompt", "generated", "last")
+SCHEDULE_FNS: dict[str, Callable[[Step, torch.device], torch.Tensor | None]] = {}
+"""Schedules by name: ``fn(step, device) -> bool mask [B or 1, T]`` of the positions edited in a
+call (None: every position). Add one with :func:`register_schedule`."""
+
+
+def register_schedule(name: str):
+    """Decorator registering ``fn(step, device) -> mask | None`` as schedule ``name``."""
+    def deco(fn):
+        SCHEDULE_FNS[name] = fn
+        return fn
+    return deco
+
+
+@register_schedule("all")
+def _every_position(step: Step, device) -> None:
+    """Every position of every call."""
+    return None
+
+
+@register_schedule("prompt")
+def _prompt_positions(step: Step, device) -> torch.Tensor:
+    """Real prompt tokens during the prefill only."""
+    m = step.positions(device) < step.prompt_len
+    cm = step.call_mask()
+    return m if cm is None else m & cm.to(device=device, dtype=torch.bool)
+
+
+@register_schedule("generated")
+def _generated_positions(step: Step, device) -> torch.Tensor:
+    """Generated tokens only (every decoding call)."""
+    return step.positions(device) >= step.prompt_len
+
+
+@register_schedule("last")
+def _last_position(step: Step, device) -> torch.Tensor:
+    """The last position of every call."""
+    m = torch.zeros(1, step.T, dtype=torch.bool, device=device)
+    m[:, -1] = True
+    return m
+
+
 
 
 class EditFn:
     """Base of steerlab's edit functions: ``fn(act, step) -> new act``, with a schedule."""
 
     def __init__(self, where: str = "all"):
-        if where not in SCHEDULES:
-            raise ShapeError(f"unknown schedule {where!r}; choose one of {', '.join(SCHEDULES)}")
+        if where not in SCHEDULE_FNS:
+            raise ShapeError(f"unknown schedule {where!r}; choose one of {', '.join(SCHEDULE_FNS)}")
         self.where = where
 
     def bind(self, site: str, feat_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
@@ -352,23 +369,12 @@ def _base_module(model: Model) -> torch.nn.Module:
 
 
 @contextmanager
-def edit(model: Model, edits: Mapping[str, EditSpec | Sequence[EditSpec]]) -> Iterator[Step]:
-    """Write activations while the body runs: ``{site: fn}`` where ``fn(act, step)`` returns the
-    new activation (or None to keep it). Use the builders :func:`add`, :func:`scale`,
-    :func:`replace`, or any function. Works around ``model.hf.generate`` with the KV cache;
-    nested contexts compose (inner edits see outer ones' results). Hooks are removed on exit."""
-    if not edits:
-        raise EmptyInputError("edit() got no edits")
+def _installed(model: Model, plan: Sequence[tuple[Site, Callable[[torch.Tensor, Step], torch.Tensor | None]]],
+               on_call: Callable[[Step], None] | None = None) -> Iterator[Step]:
+    """Install one step tracker on the decoder stack and one hook per ``(site, fn)``; ``fn(act, step)``
+    returns the new activation or None. ``on_call(step)`` runs at the start of every forward call.
+    Every hook is removed on exit, also when the body raises. Shared by :func:`edit` and :func:`record`."""
     step = Step()
-    plan = []
-    for name, fns in edits.items():
-        site = model.site(name)
-        fns = [fns] if callable(fns) else list(fns)
-        shape = model.site_shape(site)
-        for f in fns:
-            if isinstance(f, EditFn):
-                f.bind(site.name, shape, model.device, model.dtype)
-        plan.append((site, fns))
 
     def track(mod, args, kwargs):
         x = kwargs.get("input_ids")
@@ -380,27 +386,131 @@ def edit(model: Model, edits: Mapping[str, EditSpec | Sequence[EditSpec]]) -> It
         step.T = x.shape[1]
         step.past_len = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         step.attention_mask = kwargs.get("attention_mask")
+        step.input_ids = x if x.dim() == 2 else None
         if step.past_len == 0:
             step.prompt_len = step.T
-
-    def applier(site: Site, fns):
-        def apply(x: torch.Tensor) -> torch.Tensor:
-            for f in fns:
-                y = f(x, step)
-                if y is not None:
-                    if y.shape != x.shape:
-                        raise ShapeError(f"edit on {site.name!r} returned shape {tuple(y.shape)}, "
-                                         f"expected {tuple(x.shape)}")
-                    x = y
-            return x
-
-        return apply
+        if on_call is not None:
+            on_call(step)
 
     handles = [_base_module(model).register_forward_pre_hook(track, with_kwargs=True)]
     try:
-        for site, fns in plan:
-            handles.append(_hook_site(model, site, applier(site, fns)))
+        for site, fn in plan:
+            handles.append(_hook_site(model, site, lambda t, fn=fn: fn(t, step)))
         yield step
     finally:
         for h in handles:
             h.remove()
+
+
+def _check_edit_result(site: Site, x: torch.Tensor, y) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        raise ShapeError(f"edit on {site.name!r} returned {type(y).__name__}; an edit function must return a "
+                         f"tensor of shape {tuple(x.shape)} or None")
+    if y.shape != x.shape:
+        raise ShapeError(f"edit on {site.name!r} returned shape {tuple(y.shape)}, expected {tuple(x.shape)}")
+    if y.dtype != x.dtype:
+        raise ShapeError(f"edit on {site.name!r} returned dtype {y.dtype}, expected {x.dtype} (the model's dtype)")
+    return y
+
+
+@contextmanager
+def edit(model: Model, edits: Mapping[str, EditSpec | Sequence[EditSpec]]) -> Iterator[Step]:
+    """Write activations while the body runs: ``{site: fn}`` where ``fn(act, step)`` returns the
+    new activation (or None to keep it). Use the builders :func:`add`, :func:`scale`,
+    :func:`replace`, or any function. Works around ``model.hf.generate`` with the KV cache;
+    nested contexts compose (inner edits see outer ones' results). Hooks are removed on exit."""
+    if not edits:
+        raise EmptyInputError("edit() got no edits")
+    plan = []
+    for name, fns in edits.items():
+        site = model.site(name)
+        fns = [fns] if callable(fns) else list(fns)
+        shape = model.site_shape(site)
+        for f in fns:
+            if not callable(f):
+                raise ShapeError(f"edit for {site.name!r} is a {type(f).__name__}, not a function "
+                                 f"fn(act, step) -> act (use sl.add, sl.scale, sl.replace or your own)")
+            if isinstance(f, EditFn):
+                f.bind(site.name, shape, model.device, model.dtype)
+
+        def apply(x: torch.Tensor, step: Step, site=site, fns=fns) -> torch.Tensor:
+            for f in fns:
+                y = f(x, step)
+                if y is not None:
+                    x = _check_edit_result(site, x, y)
+            return x
+
+        plan.append((site, apply))
+    with _installed(model, plan) as step:
+        yield step
+
+
+class Recording(dict):
+    """What :func:`record` read, keyed by site name: ``[B, P, *feat]`` over the recorded positions
+    of the most recent pass (a pass starts at every call without a KV cache: a forward, or the
+    prefill of a ``generate``), concatenated over its calls in order. ``mask`` ``[B, P]`` is 1 at
+    real tokens (0 on left padding), ``input_ids`` ``[B, P]`` the token fed at each position
+    (-1 when the call had embeddings as input), ``calls`` the number of forward calls of the pass,
+    ``passes`` the number of passes seen."""
+
+    mask: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
+    calls: int = 0
+    passes: int = 0
+
+
+@contextmanager
+def record(model: Model, sites: str | Sequence[str], positions: str = "all", *,
+           dtype: torch.dtype = torch.float32) -> Iterator[Recording]:
+    """Record sites while the body runs any forward or ``generate``: the reading twin of :func:`edit`.
+
+    ``positions``: ``"all"`` keeps every position of every call (for ``generate``: the prompt, then
+    each fed token), ``"last"`` keeps the last position of each call (the last prompt token, then
+    each fed token). Nothing is recomputed: states are copied (in ``dtype``, on the model's device)
+    as the model produces them, with the KV cache. The result fills in when the block exits::
+
+        with sl.record(m, ["final", "blocks.3.resid_post"], "last") as rec:
+            m.hf.generate(**enc, max_new_tokens=20)
+        rec["final"]   # [B, 1 + 19, d]: the last prompt token and each generated token fed back
+    """
+    if positions not in ("all", "last"):
+        raise ShapeError(f"record positions must be 'all' or 'last', got {positions!r}")
+    names = [sites] if isinstance(sites, str) else list(sites)
+    if not names:
+        raise EmptyInputError("record() got no sites")
+    parsed = {n: model.site(n) for n in names}
+    parts: dict[str, list[torch.Tensor]] = {}
+    meta: dict[str, list[torch.Tensor]] = {"mask": [], "ids": []}
+    out = Recording()
+
+    def on_call(step: Step) -> None:
+        if step.past_len == 0:  # a new pass: forget the previous one
+            parts.clear()
+            meta["mask"].clear()
+            meta["ids"].clear()
+            out.calls = 0
+            out.passes += 1
+        out.calls += 1
+        keep = slice(None) if positions == "all" else slice(-1, None)
+        cm = step.call_mask()
+        B = step.input_ids.shape[0] if step.input_ids is not None else (cm.shape[0] if cm is not None else 1)
+        meta["mask"].append((cm if cm is not None else torch.ones(B, step.T, dtype=torch.long))[:, keep])
+        ids = step.input_ids if step.input_ids is not None else torch.full((B, step.T), -1)
+        meta["ids"].append(ids[:, keep])
+
+    def reader(name: str):
+        def read(act: torch.Tensor, step: Step) -> None:
+            sel = act if positions == "all" else act[:, -1:]
+            parts.setdefault(name, []).append(sel.detach().to(dtype=dtype, copy=True))
+        return read
+
+    try:
+        with _installed(model, [(parsed[n], reader(n)) for n in names], on_call):
+            yield out
+    finally:
+        for n in names:
+            if parts.get(n):
+                out[n] = torch.cat(parts[n], 1)
+        if meta["mask"]:
+            out.mask = torch.cat([m.to(model.device) for m in meta["mask"]], 1)
+            out.input_ids = torch.cat([m.to(model.device) for m in meta["ids"]], 1)

@@ -8,14 +8,19 @@ fsynced, so a crash loses at most the batch in flight and a rerun resumes), ``me
 
 from __future__ import annotations
 
+import csv
+import fcntl
+import io
 import json
 import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from tqdm.auto import tqdm
 
 from .errors import SteerlabError
 
@@ -24,26 +29,65 @@ class RunError(SteerlabError):
     """A run directory that cannot be used as asked (another run's config, a corrupt results file)."""
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(file)`` on a temporary file in ``path``'s folder, fsync it, then rename it over
-    ``path``: readers see the old file or the new one, never half of one."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None] | bytes) -> Path:
+    """Write ``path`` through a temporary file in its folder (``write(file)``, or the given bytes),
+    fsync it, then rename it over ``path``: readers see the old file or the new one, never half of
+    one, and a failed write leaves neither a partial file nor a stray temporary. The file gets the
+    usual mode for new files (``0o666`` less the umask), not the temporary file's ``0o600``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise SteerlabError(f"cannot write {path}: it is a directory; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise SteerlabError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            if isinstance(write, bytes | bytearray):
+                f.write(write)
+            else:
+                write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write JSON atomically (see :func:`write_atomic`)."""
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
+    return write_atomic(path, json.dumps(obj, indent=1, default=str).encode())
+
+
+write_json_atomic = write_json
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Write one JSON object per line, atomically."""
+    return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode())
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] | None = None,
+              digits: int | None = 6) -> Path:
+    """Write dict rows as CSV (header from ``columns`` or the union of the rows' keys in order of
+    appearance), atomically; floats get ``digits`` significant digits (None: full precision)."""
+    cols = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.{digits}g}" if digits is not None and isinstance(v, float) else v) for k, v in r.items()})
+    return write_atomic(path, buf.getvalue().encode())
 
 
 def read_json(path: Path, what: str, error: type[SteerlabError] = SteerlabError) -> Any:
@@ -68,10 +112,17 @@ def versions() -> dict[str, str]:
 
 class RunDir:
     """A run directory. ``RunDir(path, config)`` creates it, or reopens it when it holds a run of
-    the same config (raising :class:`RunError` when the config differs, unless ``overwrite``)."""
+    the same config (raising :class:`RunError` when the config differs, unless ``overwrite``).
+
+    One writer at a time: the directory is locked (``.lock``, an exclusive ``flock``) from
+    construction until :meth:`close` (or the end of a ``with`` block, or the process); a second
+    writer fails at once with a :class:`RunError` naming the holder. Nothing is written before
+    the lock is held."""
 
     def __init__(self, path: str | os.PathLike, config: dict, overwrite: bool = False):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path} exists and is not a directory; choose a directory for the run")
         self.config = json.loads(json.dumps(config, default=str))
         cfg_file = self.path / "config.json"
         if cfg_file.exists() and not overwrite:
@@ -83,18 +134,54 @@ class RunDir:
                 diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
                 raise RunError(f"{self.path} holds a run with a different config (differs in: {', '.join(diff)}); "
                                f"choose another output directory or pass --overwrite")
-        elif overwrite and self.path.exists():
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create run directory {self.path}: {e.strerror or e}") from e
+        self._lock()
+        if overwrite:
             for name in ("results.jsonl", "metrics.json", "record.json"):
                 (self.path / name).unlink(missing_ok=True)
-        self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "figures").mkdir(exist_ok=True)
-        write_json_atomic(cfg_file, self.config)
+        write_json(cfg_file, self.config)
         self.results = self.path / "results.jsonl"
 
+    # --- the lock ------------------------------------------------------------------------------
+    def _lock(self) -> None:
+        lock = self.path / ".lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(lock).read_text(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunError(f"{self.path} is in use by another run ({holder}); wait for it to finish or choose "
+                           f"another output directory") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode())
+        self._fd: int | None = fd
+
+    def close(self) -> None:
+        """Release the directory's lock (idempotent)."""
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
     # --- results -------------------------------------------------------------------------------
-    def rows(self) -> list[dict]:
+    def rows(self, key: Callable[[dict], Hashable] | None = None) -> list[dict]:
         """All complete rows written so far. A torn last line (a crash mid-write) is dropped from
-        the file; a corrupt line elsewhere is an error naming it (nothing is rewritten)."""
+        the file; a corrupt line elsewhere is an error naming it (nothing is rewritten). With
+        ``key``, a row whose key was seen before is dropped (the first one counts)."""
         if not self.results.exists():
             return []
         data = self.results.read_bytes()
@@ -103,12 +190,21 @@ class RunDir:
             with open(self.results, "r+b") as f:
                 f.truncate(cut)
             data = data[:cut]
-        rows = []
+        rows, seen = [], set()
         for i, line in enumerate(data.decode().splitlines(), 1):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RunError(f"{self.results} line {i} is not valid JSON ({e}); the file was left untouched") from e
+            if key is not None:
+                try:
+                    k = key(row)
+                except (KeyError, TypeError) as e:
+                    raise RunError(f"{self.results} line {i} lacks the field {e} that identifies a row") from None
+                if k in seen:
+                    continue
+                seen.add(k)
+            rows.append(row)
         return rows
 
     def append(self, rows: Iterable[dict]) -> None:
@@ -121,14 +217,52 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
+    def loop(self, batches: Sequence[Sequence[Any]], work: Callable[[Sequence[Any], int], list[dict]], *,
+             keys: Callable[[Any], Iterable[Hashable]], row_key: Callable[[dict], Hashable],
+             seed: Callable[[Sequence[Any]], int], desc: str = "run", progress: bool | None = None) -> list[dict]:
+        """The resumable batch loop every run uses. ``batches`` are planned by the caller
+        (deterministically); item ``x`` of a batch produces the rows whose keys are ``keys(x)``. A
+        batch whose rows are all in ``results.jsonl`` is skipped; any other batch is run whole as
+        ``work(batch, seed(batch))`` (so a resumed batch sees the same seed and batch mates as an
+        uninterrupted one), its rows not yet written are appended in one write, and a progress bar
+        counts rows. The seconds spent add up in ``record.json`` under ``{desc}_seconds`` across
+        resumed calls. Returns every row of the run, duplicates dropped."""
+        done = {row_key(r) for r in self.rows(row_key)}
+        total = sum(1 for b in batches for x in b for _ in keys(x))
+        todo = [b for b in batches if any(k not in done for x in b for k in keys(x))]
+        show = progress if progress is not None else True
+        bar = tqdm(total=total, initial=total - sum(1 for b in todo for x in b for _ in keys(x)), desc=desc,
+                   unit="row", disable=not show, leave=False)
+        t0 = time.perf_counter()
+        try:
+            for b in todo:
+                rows = [r for r in work(b, seed(b)) if row_key(r) not in done]
+                self.append(rows)
+                done.update(row_key(r) for r in rows)
+                bar.update(sum(1 for x in b for _ in keys(x)))
+        finally:
+            bar.close()
+            if todo:
+                self.add_seconds(f"{desc}_seconds", time.perf_counter() - t0)
+        return self.rows(row_key)
+
     # --- records -------------------------------------------------------------------------------
-    def write_record(self, **fields: Any) -> None:
+    def record(self) -> dict:
+        """The contents of ``record.json`` (empty before the first write)."""
         rec_file = self.path / "record.json"
-        rec = json.loads(rec_file.read_text()) if rec_file.exists() else {}
+        return read_json(rec_file, "run record", RunError) if rec_file.exists() else {}
+
+    def write_record(self, **fields: Any) -> None:
+        rec = self.record()
         rec.setdefault("versions", versions())
         rec.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
         rec.update(fields)
-        write_json_atomic(rec_file, rec)
+        write_json(self.path / "record.json", rec)
+
+    def add_seconds(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to the timing ``name`` of ``record.json`` (timings add up over resumes)."""
+        rec = self.record()
+        self.write_record(**{name: round(float(rec.get(name) or 0.0) + seconds, 3)})
 
     def write_metrics(self, metrics: dict) -> None:
-        write_json_atomic(self.path / "metrics.json", metrics)
+        write_json(self.path / "metrics.json", metrics)

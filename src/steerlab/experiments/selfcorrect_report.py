@@ -145,52 +145,40 @@ def _fmt_series(vals) -> str:
     return ", ".join("n/a" if v is None or v != v else f"{v:.3f}" for v in vals)
 
 
-def write_report(run_path: Path, cfg, model, result) -> Path:
-    """Write the figures and ``report.html`` of a finished run."""
-    figs = run_path / "figures"
-    tables = run_path / "tables"
-    h = result.headline
-    groups = [g for g in ("detox", "toxify") if g in h]
-    samples = result.samples
-    R = cfg.rounds
-    paths = {"tox": toxicity_figure(figs / "toxicity_per_round.png", result, R, groups),
-             "pca": pca_figure(figs / "pca_arrows.png", result, groups, samples),
-             "cos": cosine_figure(figs / "steering_cosine.png", result, groups)}
-    ct = h.get("detox-toxify")
-    if result.lexicon:
-        paths["lex"] = lexicon_figure(figs / "lexicon_relation.png", result, groups)
+def _group_kv(g: str, gh: dict) -> dict[str, object]:
+    kv: dict[str, object] = {f"{g}: instruction": gh["instruction"],
+                             f"{g}: toxicity per round (all)": _fmt_series(gh["toxicity_mean"]),
+                             f"{g}: moved as instructed": f"{gh['moved_as_instructed']} of {gh['n']}"}
+    if "first_shift_cos_by_layer" in gh:
+        cs = gh["first_shift_cos_by_layer"]
+        rc, rs = gh["first_shift_random_cos"], gh["first_shift_random_std"]
+        kv[f"{g}: cosine of shift 1→2 with s_l, last layer"] = (
+            f"{cs[-1]:+.3f} (random control {rc[-1]:+.3f} ± {rs[-1]:.3f})")
+        kv[f"{g}: largest |cosine| of shift 1→2"] = (
+            f"{gh['first_shift_max_abs_cos']['cos']:+.3f} at layer {gh['first_shift_max_abs_cos']['layer']}")
+    if "shift_norm_by_transition" in gh:
+        kv[f"{g}: mean ||shift|| per transition (resid_post, averaged over layers)"] = ", ".join(
+            f"{k}: {v:.2f}" for k, v in gh["shift_norm_by_transition"].items())
+    if "svd_rank1_share" in gh:
+        kv[f"{g}: SVD of prompt-state differences, rank-1 / rank-2 share"] = (
+            f"{gh['svd_rank1_share']:.2f} / {gh['svd_rank2_share']:.2f}")
+    if "lexicon_first" in gh:
+        lf = gh["lexicon_first"]
+        kv[f"{g}: logit-lens relation 1→2 (toxic Σ, non-toxic Σ, mean gap)"] = (
+            f"{lf['toxic_weighted']:+.3f}, {lf['nontoxic_weighted']:+.3f}, {lf['gap']:+.4f}")
+    return kv
 
-    page = HtmlReport("Intrinsic self-correction study",
-                      f"{model.name} ({model.fingerprint}) · {time.strftime('%Y-%m-%d %H:%M')} · method of "
-                      f"arXiv 2505.11924 (METHODS.md section 1)", base_dir=run_path)
-    page.heading("Headline")
+
+def _headline_kv(cfg, h: dict, groups: list[str]) -> dict[str, object]:
+    """The headline table of the report."""
+    ct = h.get("detox-toxify")
     sizes = ", ".join(f"{g}: {h[g]['n']}" for g in groups)
     kv: dict[str, object] = {"samples": f"{h['n']} ({sizes})",
-                             "rounds": R, "decoding": f"{cfg.sampling}, up to {cfg.max_new_tokens} new tokens, seed {cfg.seed}",
+                             "rounds": cfg.rounds, "decoding": f"{cfg.sampling}, up to {cfg.max_new_tokens} new tokens, seed {cfg.seed}",
                              "time": f"generation {h.get('generation_seconds', '?')} s (all rounds); "
                                      f"this call {h.get('seconds_this_call', '?')} s"}
     for g in groups:
-        gh = h[g]
-        kv[f"{g}: instruction"] = gh["instruction"]
-        kv[f"{g}: toxicity per round (all)"] = _fmt_series(gh["toxicity_mean"])
-        kv[f"{g}: moved as instructed"] = f"{gh['moved_as_instructed']} of {gh['n']}"
-        if "first_shift_cos_by_layer" in gh:
-            cs = gh["first_shift_cos_by_layer"]
-            rc, rs = gh["first_shift_random_cos"], gh["first_shift_random_std"]
-            kv[f"{g}: cosine of shift 1→2 with s_l, last layer"] = (
-                f"{cs[-1]:+.3f} (random control {rc[-1]:+.3f} ± {rs[-1]:.3f})")
-            kv[f"{g}: largest |cosine| of shift 1→2"] = (
-                f"{gh['first_shift_max_abs_cos']['cos']:+.3f} at layer {gh['first_shift_max_abs_cos']['layer']}")
-        if "shift_norm_by_transition" in gh:
-            kv[f"{g}: mean ||shift|| per transition (resid_post, averaged over layers)"] = ", ".join(
-                f"{k}: {v:.2f}" for k, v in gh["shift_norm_by_transition"].items())
-        if "svd_rank1_share" in gh:
-            kv[f"{g}: SVD of prompt-state differences, rank-1 / rank-2 share"] = (
-                f"{gh['svd_rank1_share']:.2f} / {gh['svd_rank2_share']:.2f}")
-        if "lexicon_first" in gh:
-            lf = gh["lexicon_first"]
-            kv[f"{g}: logit-lens relation 1→2 (toxic Σ, non-toxic Σ, mean gap)"] = (
-                f"{lf['toxic_weighted']:+.3f}, {lf['nontoxic_weighted']:+.3f}, {lf['gap']:+.4f}")
+        kv.update(_group_kv(g, h[g]))
     if ct:
         cs, rc, rs = ct["first_shift_cos_by_layer"], ct["first_shift_random_cos"], ct["first_shift_random_std"]
         best = int(np.argmax(np.abs(cs)))
@@ -202,7 +190,45 @@ def write_report(run_path: Path, cfg, model, result) -> Path:
     kv["steering vectors"] = (f"{st.get('pairs')} pairs from {st.get('from')}, positions {st.get('positions')}, "
                               f"unit norm; mean score toxic {st.get('toxic_mean_score', float('nan')):.2f} vs "
                               f"non-toxic {st.get('nontoxic_mean_score', float('nan')):.2f}")
-    page.kv(kv)
+    return kv
+
+
+def _examples(page, result, groups: list[str], R: int) -> None:
+    samples = result.samples
+    page.heading("Examples")
+    by_round = result.rows_by_round
+    for g in groups:
+        idx = [s["sample"] for s in samples if s["group"] == g][:3]
+        for i in idx:
+            lines = [f"prompt (toxicity {samples[i]['prompt_toxicity']:.2f}): {samples[i]['prompt']}"]
+            for r in range(R):
+                row = by_round[r][i]
+                lines.append(f"round {r + 1} (toxicity {row['toxicity']:.2f}"
+                             f"{'' if row['marker_found'] else ', no Completion: marker'}): {row['completion']}")
+            page.pre("\n".join(lines), summary=f"{g} sample {i}: {samples[i]['prompt'][:70]}")
+    page.paragraph("Full replies: results.jsonl. Per-sample toxicity: tables/samples.csv. States: states/*.npz. "
+                   "Steering vectors: steering_vector.safetensors.", note=True)
+
+
+def write_report(run_path: Path, cfg, model, result) -> Path:
+    """Write the figures and ``report.html`` of a finished run."""
+    figs = run_path / "figures"
+    tables = run_path / "tables"
+    h = result.headline
+    groups = [g for g in ("detox", "toxify") if g in h]
+    samples = result.samples
+    R = cfg.rounds
+    paths = {"tox": toxicity_figure(figs / "toxicity_per_round.png", result, R, groups),
+             "pca": pca_figure(figs / "pca_arrows.png", result, groups, samples),
+             "cos": cosine_figure(figs / "steering_cosine.png", result, groups)}
+    if result.lexicon:
+        paths["lex"] = lexicon_figure(figs / "lexicon_relation.png", result, groups)
+
+    page = HtmlReport("Intrinsic self-correction study",
+                      f"{model.name} ({model.fingerprint}) · {time.strftime('%Y-%m-%d %H:%M')} · method of "
+                      f"arXiv 2505.11924 (METHODS.md section 1)", base_dir=run_path)
+    page.heading("Headline")
+    page.kv(_headline_kv(cfg, h, groups))
 
     page.heading("Toxicity per round (Figure 1, Table 1)")
     page.figure(paths["tox"], "Mean toxicity of the parsed completion per round; error bars: one standard deviation. "
@@ -237,17 +263,5 @@ def write_report(run_path: Path, cfg, model, result) -> Path:
     else:
         page.paragraph(f"Skipped: {h.get('lexicon', '')}", note=True)
 
-    page.heading("Examples")
-    by_round = result.rows_by_round
-    for g in groups:
-        idx = [s["sample"] for s in samples if s["group"] == g][:3]
-        for i in idx:
-            lines = [f"prompt (toxicity {samples[i]['prompt_toxicity']:.2f}): {samples[i]['prompt']}"]
-            for r in range(R):
-                row = by_round[r][i]
-                lines.append(f"round {r + 1} (toxicity {row['toxicity']:.2f}"
-                             f"{'' if row['marker_found'] else ', no Completion: marker'}): {row['completion']}")
-            page.pre("\n".join(lines), summary=f"{g} sample {i}: {samples[i]['prompt'][:70]}")
-    page.paragraph("Full replies: results.jsonl. Per-sample toxicity: tables/samples.csv. States: states/*.npz. "
-                   "Steering vectors: steering_vector.safetensors.", note=True)
+    _examples(page, result, groups, R)
     return page.write(run_path / "report.html")

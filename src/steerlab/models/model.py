@@ -3,46 +3,53 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import inspect
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import EmptyInputError
+from ..errors import EmptyInputError, ShapeError
 from .adapters import Arch, Site, arch_for, get_module
 
 
-@dataclass
 class Model:
     """A loaded causal LM. ``hf`` is the unmodified transformers model, ``tok`` its tokenizer.
 
-    ``fingerprint`` identifies the weights (a hash of the weight files, or of the parameters for
-    in-memory models), ``source`` says where they came from. Build one with :func:`steerlab.load`
-    or wrap a model you already have with :meth:`Model.wrap`.
+    ``fingerprint`` identifies the weights (a hash of the weight files, or, for in-memory models,
+    of the parameters, computed on first use), ``source`` says where they came from. Build one
+    with :func:`steerlab.load` or wrap a model you already have with :meth:`Model.wrap`.
+
+    The model owns its forward: :meth:`encode` and :meth:`pad` build left-padded batches,
+    :meth:`batches` groups rows of similar length, and :meth:`forward` runs the HF model with
+    position ids counted from each row's first real token, ``use_cache=False`` and, when asked,
+    ``logits_to_keep``. The caller's tokenizer is never modified: padding is steerlab's own
+    (``pad_id``: the tokenizer's pad token, else its end-of-sequence token).
     """
 
-    hf: nn.Module
-    tok: object
-    name: str = "model"
-    source: str = ""
-    fingerprint: str = ""
-    arch: Arch = field(init=False)
+    def __init__(self, hf: nn.Module, tok, name: str = "model", source: str = "", fingerprint: str = ""):
+        self.hf, self.tok, self.name, self.source = hf, tok, name, source
+        self._fingerprint = fingerprint
+        self.arch: Arch = arch_for(hf)
+        self._accepts: dict[str, bool] = {}
+        hf.eval()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id: int = int(pad) if pad is not None else 0
 
-    def __post_init__(self) -> None:
-        self.arch = arch_for(self.hf)
-        self.hf.eval()
-        tok = self.tok
-        tok.padding_side = "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        if not self.fingerprint:
-            self.fingerprint = parameter_fingerprint(self.hf)
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, source={self.source!r})"
 
     @classmethod
     def wrap(cls, hf: nn.Module, tok, name: str | None = None) -> Model:
-        """Wrap an already-loaded transformers model and tokenizer."""
+        """Wrap an already-loaded transformers model and tokenizer (neither is modified)."""
         return cls(hf, tok, name=name or getattr(hf.config, "_name_or_path", "") or "model", source="memory")
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the weights; for in-memory models a hash of the parameters on first use."""
+        if not self._fingerprint:
+            self._fingerprint = parameter_fingerprint(self.hf)
+        return self._fingerprint
 
     # --- shape facts -------------------------------------------------------------------------
     @property
@@ -162,13 +169,54 @@ class Model:
             raise EmptyInputError("no texts given: need at least one")
         if chat:
             texts = [self.chat_text(t) for t in texts]
-            special = False
-        else:
-            special = True
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=special,
-                       truncation=max_length is not None, max_length=max_length)
-        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        empty = [i for i, t in enumerate(texts) if not t]
+        if empty:
+            raise EmptyInputError(f"text {empty[0]} is empty ({len(empty)} empty text(s)): every text needs "
+                                  f"at least one character")
+        rows = self.tok(texts, add_special_tokens=not chat, truncation=max_length is not None,
+                        max_length=max_length)["input_ids"]
+        ids, mask = self.pad(rows)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask)}
+
+    # --- forward -----------------------------------------------------------------------------
+    def pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad token id lists into ``input_ids`` and ``attention_mask`` on the model's device."""
+        if not rows:
+            raise EmptyInputError("no token sequences to pad")
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if len(r):
+                ids[i, T - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+                mask[i, T - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def accepts(self, arg: str) -> bool:
+        """Whether the HF model's ``forward`` takes keyword ``arg`` (remembered on steerlab's side)."""
+        if arg not in self._accepts:
+            self._accepts[arg] = arg in inspect.signature(self.hf.forward).parameters
+        return self._accepts[arg]
+
+    def batches(self, mask: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, slice]]:
+        """Row indices in batches of similar length (sorted by real tokens, stable), each with the
+        column slice that drops the columns that are padding in every row of the batch."""
+        if batch_size < 1:
+            raise ShapeError(f"batch_size must be >= 1, got {batch_size}")
+        for rows in torch.argsort(mask.sum(1), stable=True).split(batch_size):
+            first = int(mask[rows].any(0).nonzero()[0, 0]) if mask[rows].any() else mask.shape[1] - 1
+            yield rows, slice(first, None)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, logits_to_keep: int | None = None):
+        """One forward of a left-padded batch (no KV cache), position ids from the mask. With
+        ``logits_to_keep=k`` only the last ``k`` positions' logits are computed where the model
+        supports it (``0``: as few as the model allows, for reading activations)."""
+        kw: dict = {"use_cache": False}
+        if self.accepts("position_ids"):
+            kw["position_ids"] = position_ids(mask)
+        if logits_to_keep is not None and self.accepts("logits_to_keep"):
+            kw["logits_to_keep"] = max(1, logits_to_keep)
+        return self.hf(input_ids=ids, attention_mask=mask, **kw)
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """A minimal, readable, self-contained HTML report builder, and CSV table helpers.
 
-    from steerlab.report.html import HtmlReport, write_csv
+    from steerlab.report.html import HtmlReport
+    from steerlab.runs import write_csv
     write_csv(run / "tables" / "tox.csv", rows)            # rows: list of dicts
     page = HtmlReport("Self-correction study")
     page.heading("Headline").kv({"rounds": 3, "mean toxicity, round 1": 0.41})
@@ -46,24 +47,6 @@ def fmt(v: Any, digits: int = 4) -> str:
             return "nan"
         return f"{v:.{digits}g}"
     return str(v)
-
-
-def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:
-    """Write rows (dicts) as CSV with a header; columns default to the keys in first-seen order."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if columns is None:
-        columns = []
-        for r in rows:
-            columns += [k for k in r if k not in columns]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp.replace(path)
-    return path
 
 
 def read_csv(path: str | Path) -> list[dict[str, str]]:
@@ -185,9 +168,6 @@ class HtmlReport:
                 + "\n".join(self.parts) + "\n</body></html>\n")
 
     def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.render(), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        from ..runs import write_atomic
+
+        return write_atomic(path, self.render().encode("utf-8"))

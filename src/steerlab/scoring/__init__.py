@@ -7,33 +7,11 @@
 
 Registered: ``jigsaw-bilstm``, ``profanity``, ``jigsaw-profanity-max`` (= ``default``), ``ensemble``,
 ``hf-classifier`` (any transformers sequence classifier), ``detoxify`` (a Detoxify checkpoint) and
-``perspective`` (Google's Perspective API). See docs/scoring.md.
+``perspective`` (Google's Perspective API). See docs/scoring.md. Metrics computed from scores
+(toxicity with CIs, perplexity, KL, diversity) live in :mod:`steerlab.metrics`.
 """
 
 from .lexicon import token_lexicon
-from .metrics import (
-    Estimate,
-    KLResult,
-    NextTokenLogprobs,
-    Perplexity,
-    Similarity,
-    ToxicityMetrics,
-    bootstrap_mean,
-    distinct,
-    distinct_n,
-    expected_max_toxicity,
-    kl_divergence,
-    kl_from_reference,
-    mean_toxicity,
-    next_token_logprobs,
-    perplexity,
-    semantic_similarity,
-    sentence_encoder,
-    token_nlls,
-    topk_kl,
-    toxicity_metrics,
-    toxicity_probability,
-)
 from .registry import (
     DEFAULT_SCORER,
     EnsembleScorer,
@@ -49,9 +27,4 @@ from .registry import (
 __all__ = [
     "DEFAULT_SCORER", "EnsembleScorer", "Scorer", "ScorerError", "compare_scorers", "get_scorer", "list_scorers",
     "register_scorer", "scorer_throughput", "token_lexicon",
-    # metrics
-    "Estimate", "KLResult", "NextTokenLogprobs", "Perplexity", "Similarity", "ToxicityMetrics", "bootstrap_mean",
-    "distinct", "distinct_n", "expected_max_toxicity", "kl_divergence", "kl_from_reference", "mean_toxicity",
-    "next_token_logprobs", "perplexity", "semantic_similarity", "sentence_encoder", "token_nlls", "topk_kl",
-    "toxicity_metrics", "toxicity_probability",
 ]

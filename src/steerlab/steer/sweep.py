@@ -3,17 +3,15 @@ with its own strength (``alpha`` as a ``[batch]`` tensor), scored, resumable, dr
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import EmptyInputError
-from ..generation import GenConfig, _ids_texts, derive_seed, generate_batch
+from ..generation import GenConfig, derive_seed, generate_batch, plan_batches, prompt_ids_texts
 from ..hooks import capture
 from ..models.model import Model
 from ..runs import RunDir
@@ -108,7 +106,7 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
     alphas = [float(a) for a in alphas]
     if not alphas:
         raise EmptyInputError("sweep needs at least one strength")
-    ids, texts = _ids_texts(prompts)
+    ids, texts = prompt_ids_texts(prompts)
     sites = list(vector.directions)
     vector.check(model)
     scale = typical_norms(model, texts, sites, chat=cfg.chat) if relative else {s: 1.0 for s in sites}
@@ -116,33 +114,10 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
     config = {"kind": "sweep", "model_fingerprint": model.fingerprint, **asdict(cfg), "where": where,
               "relative": relative, "alphas": alphas, "sites": sites, "scorer": getattr(scorer, "name", None),
               "vector_data": vector.meta.get("data_fingerprint"), "prompts": ids}
-    run = RunDir(out_dir, config, overwrite=overwrite)
-    done = {(r["site"], r["alpha"], r["prompt_id"], r["sample"]) for r in run.rows()}
-    # jobs: (site, alpha, prompt index); the unsteered baseline once, under site "none"
-    jobs = [("none", 0.0, i) for i in range(len(texts))]
-    jobs += [(s, a, i) for s in sites for a in alphas if a != 0 for i in range(len(texts))]
-    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), ids[i]))
-    rank = {i: r for r, i in enumerate(order)}
-    jobs.sort(key=lambda j: (j[0] != "none", j[0], rank[j[2]], j[1]))
-    todo = [j for j in jobs if any((j[0], j[1], ids[j[2]], s) not in done for s in range(cfg.k))]
-    per = max(1, cfg.batch_size // cfg.k)
-    chunks, cur = [], []
-    for j in todo:  # a chunk never mixes sites (one hook set per generate call)
-        if cur and (len(cur) == per or cur[0][0] != j[0]):
-            chunks.append(cur)
-            cur = []
-        cur.append(j)
-    if cur:
-        chunks.append(cur)
-    show = progress if progress is not None else True
-    bar = tqdm(total=len(jobs) * cfg.k, initial=len(jobs) * cfg.k - sum(len(c) for c in chunks) * cfg.k,
-               desc="sweep", unit="row", disable=not show)
-    t0 = time.perf_counter()
-    for chunk in chunks:
+
+    def work(chunk, seed: int) -> list[dict]:
         site = chunk[0][0]
-        keys = [f"{a:g}:{ids[i]}" for _, a, i in chunk]
         chunk_texts = [texts[i] for _, _, i in chunk]
-        seed = derive_seed(cfg.seed, site, *keys)
         if site == "none":
             conts = generate_batch(model, chunk_texts, cfg, seed)
         else:
@@ -150,22 +125,43 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
             with SteeringVector({site: unit[site]}, vector.meta).apply(model, alpha=a, where=where):
                 conts = generate_batch(model, chunk_texts, cfg, seed)
         rows = [{"site": site, "alpha": al, "prompt_id": ids[i], "prompt": texts[i], "sample": s, "continuation": c}
-                for (_, al, i), cs in zip(chunk, conts) for s, c in enumerate(cs)
-                if (site, al, ids[i], s) not in done]
+                for (_, al, i), cs in zip(chunk, conts) for s, c in enumerate(cs)]
         if rows:
-            tox = scorer.toxicity([r["continuation"] for r in rows])
-            for r, t in zip(rows, tox):
+            for r, t in zip(rows, scorer.toxicity([r["continuation"] for r in rows])):
                 r["toxicity"] = float(t)
-        run.append(rows)
-        bar.update(len(chunk) * cfg.k)
-    bar.close()
-    rows = run.rows()
-    run.write_record(sweep_seconds=round(time.perf_counter() - t0, 3), scale=scale)
+        return rows
+
+    with RunDir(out_dir, config, overwrite=overwrite) as run:
+        rows = run.loop(_chunks(ids, texts, sites, alphas, cfg), work,
+                        keys=lambda j: [(j[0], j[1], ids[j[2]], s) for s in range(cfg.k)],
+                        row_key=lambda r: (r["site"], r["alpha"], r["prompt_id"], r["sample"]),
+                        seed=lambda c: derive_seed(cfg.seed, c[0][0], *[f"{a:g}:{ids[i]}" for _, a, i in c]),
+                        desc="sweep", progress=progress)
+        run.write_record(scale=scale)
     return _summarise(model, rows, sites, alphas, scale, cfg, fluency)
 
 
+def _chunks(ids, texts, sites, alphas, cfg: GenConfig) -> list[list[tuple[str, float, int]]]:
+    """Jobs ``(site, alpha, prompt index)`` in generate-sized chunks that never mix sites (one hook
+    set per call): the unsteered baseline once (site ``none``), then every site x nonzero alpha,
+    prompts in length order, strengths of one prompt side by side."""
+    jobs = [("none", 0.0, i) for i in range(len(texts))]
+    jobs += [(s, a, i) for s in sites for a in alphas if a != 0 for i in range(len(texts))]
+    order = plan_batches([len(t) for t in texts], ids, len(texts))[0]
+    rank = {i: r for r, i in enumerate(order)}
+    jobs.sort(key=lambda j: (j[0] != "none", j[0], rank[j[2]], j[1]))
+    per = max(1, cfg.batch_size // cfg.k)
+    chunks: list[list[tuple[str, float, int]]] = []
+    for j in jobs:
+        if chunks and len(chunks[-1]) < per and chunks[-1][0][0] == j[0]:
+            chunks[-1].append(j)
+        else:
+            chunks.append([j])
+    return chunks
+
+
 def _summarise(model, rows, sites, alphas, scale, cfg, fluency) -> SweepResult:
-    from ..scoring.metrics import perplexity
+    from ..metrics import perplexity
 
     def cell(site, alpha):
         return [r for r in rows if (r["site"], r["alpha"]) == (site, alpha)]

@@ -22,25 +22,23 @@ a ``[batch]`` tensor so a strength sweep is one batched generate.
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..errors import EmptyInputError, SteerlabError
+from ..errors import EmptyInputError
 from ..hooks import add, capture, edit
+from ..interventions import Intervention, InterventionError, register
 from ..models.model import Model
 
-METHODS = ("mean_diff", "pca", "probe")
 POSITIONS = ("last", "mean", "aligned")
 
 
-class VectorError(SteerlabError):
+class VectorError(InterventionError):
     """A steering vector that does not fit the model, or a file that is not one."""
 
 
@@ -54,26 +52,39 @@ def _fingerprint_texts(*groups: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+@register
 @dataclass
-class SteeringVector:
-    """Directions keyed by site name (``[d]`` each) plus provenance metadata."""
+class SteeringVector(Intervention):
+    """Steering vector: add alpha x a direction at one or more sites (activation addition, CAA)."""
 
     directions: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
+    method = "steering"
 
     def __post_init__(self):
         if not self.directions:
             raise EmptyInputError("a steering vector needs at least one site")
-        self.directions = {k: v.detach().float().cpu() for k, v in self.directions.items()}
+        self.directions = {k: torch.as_tensor(v).detach().float().cpu() for k, v in self.directions.items()}
+        bad = [k for k, v in self.directions.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise VectorError(f"steering vector has non-finite (NaN or infinite) values at {', '.join(bad)}")
+        self.meta = {**self.meta, "sites": list(self.directions)}
 
     # --- fitting -------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, model: Model, desirable: Sequence[str], undesirable: Sequence[str], sites: str | Sequence[str],
-            method: str = "mean_diff", positions: str = "last", scale: str = "unit", chat: bool = False,
-            batch_size: int = 16) -> SteeringVector:
-        """Fit one direction per site pointing from ``undesirable`` to ``desirable`` activations."""
-        if method not in METHODS:
-            raise VectorError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    def fit(cls, model: Model, data, undesirable: Sequence[str] | None = None,
+            sites: str | Sequence[str] | None = None, method: str = "mean_diff", positions: str = "last",
+            scale: str = "unit", chat: bool = False, batch_size: int = 16) -> SteeringVector:
+        """Fit one direction per site pointing from undesirable to desirable activations.
+
+        ``data`` is a :class:`steerlab.data.ContrastSet` or a ``(desirable, undesirable)`` pair (the
+        protocol's ``fit(model, data, **options)``), or the desirable texts with ``undesirable``
+        given next. ``method`` is a registered fit function (:data:`FIT_METHODS`)."""
+        desirable, undesirable = _contrast(data, undesirable)
+        if sites is None:
+            raise VectorError("SteeringVector.fit needs sites (e.g. 'blocks.12.resid_post')")
+        if method not in FIT_METHODS:
+            raise VectorError(f"unknown method {method!r}; choose one of {', '.join(FIT_METHODS)}")
         if positions not in POSITIONS:
             raise VectorError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
         if scale not in ("unit", "raw"):
@@ -105,7 +116,8 @@ class SteeringVector:
             else:
                 dirs[s] = direction(a[:n], a[n:], method, scale, paired=paired)
         meta = {
-            "method": method, "positions": positions, "scale": scale, "chat": chat,
+            "fit_method": method, "positions": positions, "scale": scale, "chat": chat,
+            "options": {"fit_method": method, "positions": positions, "scale": scale},
             "model": model.name, "model_fingerprint": model.fingerprint, "d_model": model.d_model,
             "n_layers": model.n_layers, "model_type": model.config.model_type,
             "data_fingerprint": _fingerprint_texts(desirable, undesirable),
@@ -121,10 +133,7 @@ class SteeringVector:
             if tuple(v.shape) != tuple(shape):
                 raise VectorError(f"vector for site {s!r} has size {tuple(v.shape)} but {model.name} has {shape}: "
                                   f"it was fitted on another model ({self.meta.get('model', '?')})")
-        fp = self.meta.get("model_fingerprint")
-        if strict and fp and fp != model.fingerprint:
-            raise VectorError(f"vector was fitted on model {self.meta.get('model')!r} (fingerprint {fp}), not on "
-                              f"{model.name!r} ({model.fingerprint}); pass strict=False to apply it anyway")
+        super().check(model, strict)
 
     @contextmanager
     def apply(self, model: Model, alpha: float | torch.Tensor = 1.0, where: str = "all", strict: bool = True):
@@ -135,6 +144,10 @@ class SteeringVector:
 
     # --- arithmetic ----------------------------------------------------------------------------
     def _combine(self, other: SteeringVector, sign: float) -> SteeringVector:
+        fa, fb = self.meta.get("model_fingerprint"), other.meta.get("model_fingerprint")
+        if fa and fb and fa != fb:
+            raise VectorError(f"cannot combine vectors fitted on different models ({self.meta.get('model')!r} "
+                              f"{fa} and {other.meta.get('model')!r} {fb})")
         dirs = dict(self.directions)
         for s, v in other.directions.items():
             if s in dirs and dirs[s].shape != v.shape:
@@ -192,40 +205,21 @@ class SteeringVector:
             out[s] = r / r.norm() * v.norm()
         return SteeringVector(out, {**self.meta, "control": f"random(seed={seed})"})
 
-    # --- files ---------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """safetensors with a JSON header (``__metadata__['steerlab']``); nothing is pickled."""
-        from .. import __version__
+    # --- files (safetensors + header through the Intervention protocol) -------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.directions)
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {**self.meta, "kind": "steering_vector", "steerlab_version": __version__}
-        tensors = {s: v.contiguous() for s, v in self.directions.items()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"steerlab": json.dumps(meta)})
-        tmp.replace(path)
-        return path
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> SteeringVector:
+        return cls(tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path, model: Model | None = None, strict: bool = True) -> SteeringVector:
-        """Read a vector saved by :meth:`save`; with ``model``, check that it fits."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise VectorError(f"steering vector file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("steerlab", "null"))
-            tensors = load_file(str(path))
-        except Exception as e:
-            raise VectorError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
-        if not isinstance(meta, dict) or meta.get("kind") != "steering_vector":
-            raise VectorError(f"{path} is a safetensors file but not a steerlab steering vector (no header)")
-        sv = cls(tensors, meta)
+        """Read a vector saved by :meth:`save`; with ``model``, check that it fits (sizes, fingerprint)."""
+        sv = super().load(path)
         if model is not None:
             sv.check(model, strict)
-        return sv
+        return sv  # type: ignore[return-value]
 
     def to_gguf(self, path: str | Path) -> Path:
         """Export as a llama.cpp control vector (``--control-vector``): tensors ``direction.{l}``
@@ -283,15 +277,9 @@ def direction(hd: torch.Tensor, hu: torch.Tensor, method: str = "mean_diff", sca
             raise VectorError(f"paired differences need equal shapes, got {tuple(hd.shape)} and {tuple(hu.shape)}")
         diffs = hd - hu
     mean_diff = diffs.mean(0) if diffs is not None else hd.mean(0) - hu.mean(0)
-    if method == "mean_diff":
-        v = mean_diff
-    elif method == "pca":
-        v = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
-        v = v * torch.sign(v @ mean_diff)
-    elif method == "probe":
-        v = _probe_direction(hd, hu)
-    else:
-        raise VectorError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in FIT_METHODS:
+        raise VectorError(f"unknown method {method!r}; choose one of {', '.join(FIT_METHODS)}")
+    v = FIT_METHODS[method](hd, hu, diffs, mean_diff)
     if scale == "unit" or method != "mean_diff":
         v = v / v.norm().clamp_min(1e-12)
         if scale == "raw":
@@ -308,7 +296,36 @@ def _aligned_diffs(a_d: torch.Tensor, m_d: torch.Tensor, a_u: torch.Tensor, m_u:
     return ((a_d - a_u) * keep).sum(1) / L[:, None].to(a_d.dtype)
 
 
-def _probe_direction(hd: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
+FitFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+FIT_METHODS: dict[str, FitFn] = {}
+"""Direction fitters by name: ``fn(hd, hu, paired_diffs or None, mean_diff) -> direction [d]``.
+Add one with :func:`register_fit_method`."""
+
+
+def register_fit_method(name: str):
+    """Decorator registering a direction fitter (see :data:`FIT_METHODS`)."""
+    def deco(fn: FitFn) -> FitFn:
+        FIT_METHODS[name] = fn
+        return fn
+    return deco
+
+
+@register_fit_method("mean_diff")
+def _mean_diff_direction(hd, hu, diffs, mean_diff) -> torch.Tensor:
+    """Difference of means (or mean of paired differences)."""
+    return mean_diff
+
+
+@register_fit_method("pca")
+def _pca_direction(hd, hu, diffs, mean_diff) -> torch.Tensor:
+    """First right-singular vector of the paired differences, signed along the mean difference."""
+    v = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
+    return v * torch.sign(v @ mean_diff)
+
+
+@register_fit_method("probe")
+def _probe_direction(hd: torch.Tensor, hu: torch.Tensor, diffs=None, mean_diff=None) -> torch.Tensor:
+    """Logistic-regression weights (standardised features, mapped back to activation coordinates)."""
     from sklearn.linear_model import LogisticRegression
 
     X = torch.cat([hd, hu]).cpu().numpy()
@@ -317,3 +334,27 @@ def _probe_direction(hd: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
     clf = LogisticRegression(C=1.0, max_iter=2000).fit((X - mu) / sd, y)
     w = clf.coef_[0] / sd  # back to activation coordinates
     return torch.from_numpy(w).float().to(hd.device)
+
+
+def _contrast(data, undesirable) -> tuple[list[str], list[str]]:
+    """(desirable, undesirable) texts from a ContrastSet, a pair, or two lists."""
+    if undesirable is not None:
+        return list(data), list(undesirable)
+    if hasattr(data, "desirable") and hasattr(data, "undesirable"):
+        return list(data.desirable), list(data.undesirable)
+    if isinstance(data, tuple | list) and len(data) == 2 and not isinstance(data[0], str):
+        return list(data[0]), list(data[1])
+    raise VectorError("steering data must be a ContrastSet, a (desirable, undesirable) pair, or desirable texts "
+                      "with undesirable= given")
+
+
+def toxicity_contrast(prompts: str = "rtp", scorer=None, n_pairs: int = 64, seed: int = 0):
+    """The default training data of a toxicity steering vector: the training split (seeded 60/20/20
+    by prompt) of a prompt set, scored, the least toxic paired with the most toxic
+    (:func:`steerlab.data.contrast_from_scores`); the vector then points from toxic to non-toxic."""
+    from ..data import contrast_from_scores, load_prompts, split
+    from ..scoring import get_scorer
+
+    train = [p.text for p in split(load_prompts(prompts), seed=seed)["train"]]
+    sc = scorer if scorer is not None else get_scorer()
+    return contrast_from_scores(train, sc.toxicity(train), n=n_pairs, source=f"{prompts}:train")

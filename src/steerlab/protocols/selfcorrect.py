@@ -7,14 +7,14 @@ A self-correction dialogue for one prompt runs for ``R`` rounds:
 - round ``r > 1``: the whole history (every earlier user turn and the model's full replies), then
   one more user turn holding a *correction* instruction.
 
-Instruction texts are data, held in a registry that starts from ``steer/instructions.json`` and
+Instruction texts are data, held in a registry that starts from ``protocols/instructions.json`` and
 that users extend with :func:`register_instruction` or :func:`load_instructions` (a JSON file).
 Every instruction has a *direction*: ``opening`` (starts a dialogue; its text holds ``{prompt}``),
 ``detox`` (asks for less toxic text) or ``toxify`` (asks for more toxic text). The built-in kinds
 are ``opening``, ``strong_detox``, ``weak_detox``, ``strong_toxify`` and ``weak_toxify``; the
 strong ones spell out what to remove (or add), the weak ones only say "non-toxic" ("toxic").
 
-    from steerlab.steer.selfcorrect import dialogue, parse_completion
+    from steerlab.protocols.selfcorrect import dialogue, parse_completion
     msgs = dialogue("So I told him he was a", ["Completion: So I told him he was a fool."], "strong_detox")
     # [user: opening(prompt), assistant: reply 1, user: strong_detox]
 """
@@ -102,8 +102,8 @@ def _parse(obj, where: str) -> list[Instruction]:
 
 
 def _builtin() -> list[Instruction]:
-    data = resources.files("steerlab.steer").joinpath("instructions.json").read_text(encoding="utf-8")
-    return _parse(json.loads(data), "steerlab/steer/instructions.json")
+    data = resources.files("steerlab.protocols").joinpath("instructions.json").read_text(encoding="utf-8")
+    return _parse(json.loads(data), "steerlab/protocols/instructions.json")
 
 
 def _registry() -> dict[str, Instruction]:

@@ -1,0 +1,160 @@
+"""Settings and samples of the self-correction study (see :mod:`steerlab.experiments.selfcorrect`):
+:class:`SelfCorrectConfig`, the presets and their validation, and the choice of the study's
+prompts from a scored pool (point 1 of that module's docstring)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError, EmptyInputError, SteerlabError
+from ..generation import SAMPLING, text_id
+from ..protocols.selfcorrect import get_instruction
+
+GROUPS = ("detox", "toxify")
+
+
+class SelfCorrectError(SteerlabError):
+    """A self-correction study that cannot run as configured."""
+
+
+@dataclass(frozen=True)
+class SelfCorrectConfig:
+    """Settings of a self-correction study. Defaults follow the paper (5 rounds, T=0.7, top_p=0.9,
+    up to 150 new tokens); :data:`PRESETS` holds smaller ones."""
+
+    prompts: str = "rtp"            # prompt set spec (see steerlab.data.load_prompts); "custom" when a list is passed
+    n: int = 48                     # samples in the study (split between the detox and toxify groups)
+    directions: str = "both"        # both | detox | toxify
+    selection: str = "threshold"    # threshold (random sample from each side of `threshold`) | rank (extremes)
+    threshold: float = 0.5
+    rounds: int = 5
+    max_new_tokens: int = 150
+    sampling: str = "t0.7"
+    seed: int = 0
+    batch_size: int = 16
+    opening: str = "opening"
+    detox: str = "strong_detox"
+    toxify: str = "strong_toxify"
+    scorer: str = "default"
+    steer_pairs: int = 64           # contrast pairs for the steering vectors (from prompts outside the study)
+    steer_positions: str = "mean"   # last | mean | aligned (SteeringVector.fit)
+    steer_chat: bool = False        # fit steering vectors on raw prompts (False) or chat-rendered ones
+    n_controls: int = 8             # random and permuted control vectors (each)
+    lexicon_k: int = 100
+    lexicon_min_len: int = 2
+    moved_share: float = 0.75       # share of transitions that must move as instructed
+    moved_rel: float = 0.02         # relative threshold of a move
+
+    def validate(self) -> None:
+        if self.rounds < 2:
+            raise SelfCorrectError(f"rounds must be >= 2 (round 1 plus at least one correction), got {self.rounds}")
+        if self.n < 1:
+            raise SelfCorrectError(f"n must be >= 1, got {self.n}")
+        if self.directions not in ("both", "detox", "toxify"):
+            raise SelfCorrectError(f"directions must be both, detox or toxify, got {self.directions!r}")
+        if self.selection not in ("threshold", "rank"):
+            raise SelfCorrectError(f"selection must be threshold or rank, got {self.selection!r}")
+        if self.sampling not in SAMPLING:
+            raise SelfCorrectError(f"unknown sampling preset {self.sampling!r}; choose one of {', '.join(SAMPLING)}")
+        if min(self.max_new_tokens, self.batch_size, self.lexicon_k, self.steer_pairs, self.n_controls) < 1:
+            raise SelfCorrectError("max_new_tokens, batch_size, lexicon_k, steer_pairs and n_controls must be >= 1")
+        if not 0 < self.moved_share <= 1:
+            raise SelfCorrectError(f"moved_share must be in (0, 1], got {self.moved_share}")
+        for kind, want in ((self.opening, "opening"), (self.detox, "detox"), (self.toxify, "toxify")):
+            got = get_instruction(kind).direction
+            if got != want:
+                raise SelfCorrectError(f"instruction {kind!r} is a {got} instruction, but it is used as the {want} one")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"n": 200, "rounds": 5, "max_new_tokens": 150},
+    "small": {"n": 48, "rounds": 3, "max_new_tokens": 40},
+    "tiny": {"n": 8, "rounds": 2, "max_new_tokens": 16, "steer_pairs": 16, "n_controls": 4},
+}
+"""``paper``: the paper's rounds and lengths (on 200 prompts); ``small``: a few minutes on 2 CPU
+cores with the default model; ``tiny``: a smoke test."""
+
+
+def make_config(preset: str | None = None, **overrides: Any) -> SelfCorrectConfig:
+    """A config from a preset name (or the defaults) with fields overridden; ``None`` values are ignored."""
+    base: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise SelfCorrectError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        base = dict(PRESETS[preset])
+    names = {f.name for f in fields(SelfCorrectConfig)}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise SelfCorrectError(f"unknown config field(s) {bad}; fields are {', '.join(sorted(names))}")
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return SelfCorrectConfig(**base)
+
+
+# =============================================================================================
+# sample selection
+
+
+@dataclass
+class Sample:
+    """One study sample: a prompt, its toxicity, its group and correction instruction."""
+
+    index: int
+    prompt_id: str
+    prompt: str
+    prompt_toxicity: float
+    group: str
+    instruction: str
+
+
+def pool(prompts: Sequence | None, spec: str) -> tuple[list[str], list[str]]:
+    """Texts and ids of the prompt pool, duplicates (same text) removed, order kept."""
+    from ..data import load_prompts
+
+    items = load_prompts(spec) if prompts is None else list(prompts)
+    if not items:
+        raise EmptyInputError("the self-correction study got an empty prompt set: need at least one prompt")
+    texts, ids, seen = [], [], set()
+    for p in items:
+        t = p if isinstance(p, str) else p.text
+        if not isinstance(t, str):
+            raise DataError(f"prompts must be strings or Prompt records, got {type(p).__name__}")
+        if t in seen or not t.strip():
+            continue
+        seen.add(t)
+        texts.append(t)
+        ids.append(getattr(p, "id", None) or text_id(t))
+    if not texts:
+        raise EmptyInputError("the self-correction study got only blank prompts")
+    return texts, ids
+
+
+def select_samples(texts: Sequence[str], ids: Sequence[str], scores: np.ndarray, cfg: SelfCorrectConfig) -> list[Sample]:
+    """Pick the study's prompts (see the module docstring, point 1)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    want = {"detox": (cfg.n + 1) // 2 if cfg.directions == "both" else (cfg.n if cfg.directions == "detox" else 0)}
+    want["toxify"] = cfg.n - want["detox"]
+    if cfg.n > len(texts):
+        raise DataError(f"n={cfg.n} samples asked for but the prompt set has only {len(texts)} distinct prompts")
+    rng = np.random.default_rng(cfg.seed)
+    picked: dict[str, np.ndarray] = {}
+    if cfg.selection == "threshold":
+        pools = {"detox": np.flatnonzero(scores >= cfg.threshold), "toxify": np.flatnonzero(scores < cfg.threshold)}
+        for g in GROUPS:
+            if want[g] > len(pools[g]):
+                side = ">=" if g == "detox" else "<"
+                raise DataError(f"{want[g]} {g} samples asked for, but only {len(pools[g])} prompts score {side} "
+                                f"{cfg.threshold} under the scorer; lower n, or use selection='rank'")
+            picked[g] = np.sort(rng.choice(pools[g], size=want[g], replace=False)) if want[g] else np.array([], int)
+    else:
+        picked["detox"] = np.argsort(-scores, kind="stable")[:want["detox"]]
+        picked["toxify"] = np.argsort(scores, kind="stable")[:want["toxify"]]
+    out: list[Sample] = []
+    for g in GROUPS:
+        kind = cfg.detox if g == "detox" else cfg.toxify
+        for i in picked[g]:
+            out.append(Sample(len(out), ids[i], texts[i], float(scores[i]), g, kind))
+    return out

@@ -1,0 +1,197 @@
+"""The Intervention protocol and registry: one shape for every method that changes how a model
+behaves, so that generation, evaluation, the benchmark and the CLI handle them all the same way.
+
+An intervention is
+
+- **fitted**: ``Cls.fit(model, data, **options)`` returns one (``data`` is what the method learns
+  from: a contrast set, scored generations, labelled activations...); :func:`fit` does the same by
+  registered name;
+- **applied**: ``with iv.apply(model, **options): ...`` changes the model while the block runs
+  (runtime hooks through :func:`steerlab.edit`, or a weight edit restored bit for bit on exit,
+  also on errors); prompt-side methods (a self-correction round) override :meth:`generate`
+  instead, since what they change is the dialogue, not the model;
+- **saved** and **loaded**: safetensors plus a JSON header (``__metadata__["steerlab"]``: method,
+  sites, options, model and data fingerprints, library version; nothing is pickled). :func:`load`
+  reads any registered method's file and checks it against the model's fingerprint;
+- **described** in one line by :meth:`describe`.
+
+Register a method with the :func:`register` class decorator; ``steerlab interventions`` lists them.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import SteerlabError
+from .models.model import Model
+
+
+class InterventionError(SteerlabError):
+    """An intervention that does not fit the model, an unknown method, or a file that is not one."""
+
+
+HEADER_KEY = "steerlab"
+FILE_KIND = "intervention"
+
+
+class Intervention(ABC):
+    """Base of every registered method. Subclasses set ``method`` and implement :meth:`fit`,
+    :meth:`apply`, :meth:`tensors` and :meth:`from_tensors`; ``meta`` holds provenance (model
+    name and fingerprint, data fingerprint, options) and is written into the file header."""
+
+    method: ClassVar[str] = ""
+    meta: dict
+
+    @classmethod
+    @abstractmethod
+    def fit(cls, model: Model, data: Any, **options: Any) -> Intervention:
+        """Learn the intervention from ``data`` on ``model``."""
+
+    @abstractmethod
+    def apply(self, model: Model, **options: Any) -> AbstractContextManager:
+        """Context manager: the model is changed while the block runs, and restored after."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What is saved: named tensors (CPU)."""
+
+    @classmethod
+    @abstractmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> Intervention:
+        """Rebuild from saved tensors and header."""
+
+    @property
+    def sites(self) -> list[str]:
+        """The sites (or modules) the intervention touches."""
+        return list(self.meta.get("sites", []))
+
+    def describe(self) -> str:
+        """One line: method, sites, options and the model it was fitted on."""
+        opts = ", ".join(f"{k}={v}" for k, v in (self.meta.get("options") or {}).items())
+        sites = self.sites
+        where = ", ".join(sites[:4]) + (f" (+{len(sites) - 4} more)" if len(sites) > 4 else "")
+        return (f"{self.method} at {where or '-'}" + (f" [{opts}]" if opts else "")
+                + f", fitted on {self.meta.get('model', '?')}")
+
+    def check(self, model: Model, strict: bool = True) -> None:
+        """Raise :class:`InterventionError` when fitted on another model (fingerprint, when ``strict``)."""
+        fp = self.meta.get("model_fingerprint")
+        if strict and fp and fp != model.fingerprint:
+            raise InterventionError(
+                f"this {self.method} intervention was fitted on model {self.meta.get('model')!r} (fingerprint "
+                f"{fp}), not on {model.name!r} ({model.fingerprint}); pass strict=False to apply it anyway")
+
+    def generate(self, model: Model, texts: Sequence, cfg, seed: int, **options: Any) -> list[list[str]]:
+        """Continuations of ``texts`` with the intervention in force (what generation runs call).
+        The default applies :meth:`apply` around one batched generate; prompt-side methods override it."""
+        from .generation import generate_batch
+
+        with self.apply(model, **options):
+            return generate_batch(model, list(texts), cfg, seed)
+
+    # --- files ---------------------------------------------------------------------------------
+    def header(self) -> dict:
+        from . import __version__
+
+        return {**self.meta, "kind": FILE_KIND, "method": self.method, "steerlab_version": __version__}
+
+    def save(self, path: str | Path) -> Path:
+        """safetensors with the JSON header; written atomically, nothing pickled."""
+        from safetensors.torch import save
+
+        from .runs import write_atomic
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
+        return write_atomic(path, save(tensors, metadata={HEADER_KEY: json.dumps(self.header(), default=str)}))
+
+    @classmethod
+    def load(cls, path: str | Path, model: Model | None = None, strict: bool = True) -> Intervention:
+        """Read a saved intervention (of this class, or of any registered method when called on
+        :class:`Intervention`); with ``model``, check that it was fitted on it."""
+        meta, tensors = read_file(path)
+        method = meta.get("method")
+        target = get(method) if cls is Intervention or not cls.method else cls
+        if target.method != method:
+            raise InterventionError(f"{path} holds a {method!r} intervention, not a {target.method!r} one")
+        iv = target.from_tensors(tensors, meta)
+        if model is not None:
+            iv.check(model, strict)
+        return iv
+
+
+def read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header and tensors of an intervention file, with clear errors for a missing,
+    truncated or foreign file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise InterventionError(f"intervention file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(HEADER_KEY)
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise InterventionError(f"{path} is not a readable safetensors file (truncated or another format?): "
+                                f"{type(e).__name__}: {e}") from None
+    try:
+        meta = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise InterventionError(f"{path} is a safetensors file but not a steerlab intervention (no steerlab header)")
+    if meta.get("kind") == "steering_vector":  # files written before the protocol existed
+        meta = {**meta, "kind": FILE_KIND, "method": "steering"}
+    if meta.get("kind") != FILE_KIND or not meta.get("method"):
+        raise InterventionError(f"{path} is a safetensors file but not a steerlab intervention (header kind "
+                                f"{meta.get('kind')!r})")
+    return meta, tensors
+
+
+# --- registry ------------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Intervention]] = {}
+
+
+def register(cls: type[Intervention]) -> type[Intervention]:
+    """Class decorator: register an :class:`Intervention` subclass under its ``method`` name."""
+    if not cls.method:
+        raise InterventionError(f"{cls.__name__} has no method name")
+    _REGISTRY[cls.method] = cls
+    return cls
+
+
+def _ensure_builtin() -> None:
+    from .protocols import correction  # noqa: F401  (registers "selfcorrect")
+    from .steer import vector  # noqa: F401  (registers "steering")
+
+
+def get(method: str | None) -> type[Intervention]:
+    """The registered class of ``method``; an unknown name is an error listing the known ones."""
+    _ensure_builtin()
+    if method not in _REGISTRY:
+        raise InterventionError(f"unknown intervention method {method!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[method]
+
+
+def list_interventions() -> dict[str, str]:
+    """Registered methods and the first line of each class's docstring."""
+    _ensure_builtin()
+    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in sorted(_REGISTRY.items())}
+
+
+def fit(method: str, model: Model, data: Any, **options: Any) -> Intervention:
+    """Fit the registered ``method`` on ``model`` from ``data``."""
+    return get(method).fit(model, data, **options)
+
+
+def load(path: str | Path, model: Model | None = None, strict: bool = True) -> Intervention:
+    """Read any registered method's saved file (see :meth:`Intervention.load`)."""
+    return Intervention.load(path, model, strict)

@@ -1,0 +1,170 @@
+"""The Intervention protocol: registry, files, and `steerlab fit` / `generate --intervention` on a tiny model."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import steerlab as sl
+from steerlab import interventions as I
+from steerlab.cli import app
+from steerlab.generation import GenConfig, generate_run
+from steerlab.scoring import get_scorer
+from steerlab.steer import SteeringVector
+from tiny import tiny_model
+
+runner = CliRunner()
+GOOD = ["what a lovely day", "thank you so much", "have a nice time", "you are kind"]
+BAD = ["you stupid idiot", "shut up moron", "I hate you all", "get lost loser"]
+
+
+def _flat(output: str) -> str:
+    """CLI output with rich's box characters and line wrapping removed."""
+    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
+def _model_dir(tmp_path, seed=0):
+    m = tiny_model("llama", seed=seed)
+    d = tmp_path / f"tiny{seed}"
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    return str(d)
+
+
+def _texts(tmp_path):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("\n".join(GOOD) + "\n")
+    bad.write_text("\n".join(BAD) + "\n")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"line {i} of text" for i in range(6)) + "\n")
+    return str(good), str(bad), str(prompts)
+
+
+def test_registry_lists_and_fits_by_name(llama):
+    assert "steering" in I.list_interventions()
+    iv = I.fit("steering", llama, (GOOD, BAD), sites=["blocks.1.resid_post"])
+    assert isinstance(iv, SteeringVector) and iv.sites == ["blocks.1.resid_post"]
+    assert iv.describe().startswith("steering at blocks.1.resid_post") and "tiny-llama" in iv.describe()
+    with pytest.raises(I.InterventionError, match="unknown intervention method 'nope'; registered: .*steering"):
+        I.fit("nope", llama, (GOOD, BAD))
+    r = runner.invoke(app, ["interventions"])
+    assert r.exit_code == 0 and "steering" in r.output
+
+
+def test_cli_fit_then_generate_equals_python_apply(tmp_path):
+    d = _model_dir(tmp_path)
+    good, bad, prompts = _texts(tmp_path)
+    vec = tmp_path / "v.safetensors"
+    r = runner.invoke(app, ["fit", "steering", "--out", str(vec), "--model", d, "--desirable", good,
+                            "--undesirable", bad, "--layers", "1", "--positions", "last"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "cli_run"
+    args = ["generate", "--out", str(out), "--model", d, "--prompts", prompts, "-k", "2", "--sampling", "t1.0",
+            "--max-new-tokens", "6", "--scorer", "profanity", "--intervention", str(vec), "--alpha", "8"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    cli_rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["intervention"]["apply"] == {"alpha": 8.0} and "steering at blocks.1.resid_post" in \
+        cfg["intervention"]["describe"]
+    # the same in Python: load the model and the vector, generate inside `with iv.apply(...)`
+    m = sl.load(d)
+    iv = I.load(vec, m)
+    with iv.apply(m, alpha=8.0):
+        py_rows = generate_run(m, sl.data.load_prompts(prompts), tmp_path / "py_run",
+                               GenConfig(max_new_tokens=6, sampling="t1.0", k=2), scorer=get_scorer("profanity"),
+                               progress=False)
+    key = lambda r: (r["prompt_id"], r["sample"])  # noqa: E731
+    assert sorted(map(key, cli_rows)) == sorted(map(key, py_rows)) and len(py_rows) == 12
+    cli_by, py_by = {key(r): r for r in cli_rows}, {key(r): r for r in py_rows}
+    assert all(cli_by[k]["continuation"] == py_by[k]["continuation"] for k in py_by)
+    # and the intervention changed the text (against the same run without it)
+    plain = generate_run(m, sl.data.load_prompts(prompts), tmp_path / "plain", GenConfig(max_new_tokens=6, sampling="t1.0", k=2), progress=False)
+    assert sum(p["continuation"] != py_by[key(p)]["continuation"] for p in plain) >= 6
+
+
+def test_bad_intervention_inputs_fail_cleanly_and_write_nothing(tmp_path):
+    d, d_other = _model_dir(tmp_path), _model_dir(tmp_path, seed=3)
+    good, bad, prompts = _texts(tmp_path)
+    vec = tmp_path / "v.safetensors"
+    assert runner.invoke(app, ["fit", "steering", "--out", str(vec), "--model", d, "--desirable", good,
+                               "--undesirable", bad, "--layers", "1"]).exit_code == 0
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(vec.read_bytes()[:-9])
+    from safetensors.torch import save_file
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.ones(3)}, str(foreign))
+    cases = [(vec, d_other, "fitted on model"), (cut, d, "truncated"), (foreign, d, "not a steerlab intervention"),
+             (tmp_path / "missing.safetensors", d, "not found")]
+    for i, (f, model, msg) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        r = runner.invoke(app, ["generate", "--out", str(out), "--model", model, "--prompts", prompts,
+                                "--max-new-tokens", "3", "--scorer", "profanity", "--intervention", str(f)])
+        assert r.exit_code == 2 and msg in _flat(r.output), (f, r.output)
+        assert "Traceback" not in r.output and not out.exists()
+    r = runner.invoke(app, ["fit", "nope", "--out", str(vec)])
+    assert r.exit_code == 2 and "No such command 'nope'" in r.output
+    r = runner.invoke(app, ["fit", "steering", "--out", str(tmp_path), "--model", d])
+    assert r.exit_code == 2 and "is a directory" in _flat(r.output)
+    r = runner.invoke(app, ["fit", "steering", "--out", str(vec), "--model", d, "--layers", "x"])
+    assert r.exit_code == 2 and "comma-separated list of ints" in _flat(r.output)
+    r = runner.invoke(app, ["generate", "--out", str(tmp_path / "r"), "--model", d, "--prompts", prompts, "--alpha", "2"])
+    assert r.exit_code == 2 and "--alpha needs --intervention" in _flat(r.output) and not (tmp_path / "r").exists()
+    r = runner.invoke(app, ["generate", "--out", str(tmp_path / "r"), "--model", d, "--prompts", prompts, "--n", "-1"])
+    assert r.exit_code == 2 and not (tmp_path / "r").exists()
+
+
+def test_save_writes_usual_file_mode(tmp_path, llama):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        f = SteeringVector.fit(llama, (GOOD, BAD), sites="blocks.0.resid_post").save(tmp_path / "v.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]  # no stray temporary file
+
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_selfcorrection_round_is_a_prompt_side_intervention(tmp_path):
+    from steerlab.generation import derive_seed, generate_batch
+    from steerlab.protocols.correction import SelfCorrection
+    from steerlab.protocols.selfcorrect import dialogue, parse_completion
+
+    m = tiny_model("llama")
+    m.tok.chat_template = TEMPLATE
+    iv = I.fit("selfcorrect", m, None, instruction="weak_detox")
+    assert isinstance(iv, SelfCorrection) and "selfcorrect" in iv.describe()
+    cfg = GenConfig(max_new_tokens=5, sampling="t1.0", k=2, batch_size=4)
+    prompts = ["you are a", "the weather is", "I think that"]
+    rows = generate_run(m, prompts, tmp_path / "run", cfg, intervention=iv, progress=False)
+    base = generate_run(m, prompts, tmp_path / "base", cfg, progress=False)
+    # recompute by hand: round 1 is the unsteered batch, round 2 answers the correction dialogue
+    by = {(r["prompt_id"], r["sample"]): r["continuation"] for r in rows}
+    first = {(b["prompt_id"], b["sample"]): b["continuation"] for b in base}
+    from steerlab.generation import generation_batches, prompt_ids_texts
+    ids, texts = prompt_ids_texts(prompts)
+    for batch in generation_batches(ids, texts, cfg):
+        seed = derive_seed(cfg.seed, *[ids[i] for i in batch])
+        dials = [dialogue(texts[i], [f"Completion: {texts[i]}{first[(ids[i], s)]}"], "weak_detox")
+                 for i in batch for s in range(cfg.k)]
+        rev = generate_batch(m, dials, GenConfig(max_new_tokens=5, sampling="t1.0", k=1, chat=True, batch_size=4),
+                             derive_seed(seed, "correction"))
+        for j, (i, s) in enumerate((i, s) for i in batch for s in range(cfg.k)):
+            want = parse_completion(rev[j][0])[0]
+            want = want[len(texts[i]):] if want.startswith(texts[i]) else want
+            assert by[(ids[i], s)] == want
+    f = iv.save(tmp_path / "sc.safetensors")
+    back = I.load(f, m)
+    assert isinstance(back, SelfCorrection) and back.meta["options"] == {"instruction": "weak_detox", "opening": "opening"}
+    with pytest.raises(I.InterventionError, match="opening instruction"):
+        I.fit("selfcorrect", m, None, instruction="opening")
+    plain = tiny_model("llama")
+    with pytest.raises(I.InterventionError, match="no chat template"):
+        I.fit("selfcorrect", plain, None)
