@@ -18,7 +18,7 @@ def main() -> None:
     cfg = GenConfig(max_new_tokens=args.new, batch_size=args.batch_size)
     bs = args.batch_size
     ids, texts = prompt_ids_texts(prompts)
-    same_batches = [[texts[i] for i in b] for b in generation_batches(ids, texts, cfg)]
+    same_batches = [[texts[i] for i in b] for b in generation_batches(m, ids, texts, cfg)]
     in_order = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
 
     @torch.no_grad()

@@ -133,7 +133,7 @@ TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endf
 
 
 def test_selfcorrection_round_is_a_prompt_side_intervention(tmp_path):
-    from steerlab.generation import derive_seed, generate_batch
+    from steerlab.generation import generate_batch
     from steerlab.protocols.correction import SelfCorrection
     from steerlab.protocols.selfcorrect import dialogue, parse_completion
 
@@ -150,12 +150,11 @@ def test_selfcorrection_round_is_a_prompt_side_intervention(tmp_path):
     first = {(b["prompt_id"], b["sample"]): b["continuation"] for b in base}
     from steerlab.generation import generation_batches, prompt_ids_texts
     ids, texts = prompt_ids_texts(prompts)
-    for batch in generation_batches(ids, texts, cfg):
-        seed = derive_seed(cfg.seed, *[ids[i] for i in batch])
+    for batch in generation_batches(m, ids, texts, cfg):
         dials = [dialogue(texts[i], [f"Completion: {texts[i]}{first[(ids[i], s)]}"], "weak_detox")
                  for i in batch for s in range(cfg.k)]
         rev = generate_batch(m, dials, GenConfig(max_new_tokens=5, sampling="t1.0", k=1, chat=True, batch_size=4),
-                             derive_seed(seed, "correction"))
+                             [f"{ids[i]}|correction|{s}" for i in batch for s in range(cfg.k)])
         for j, (i, s) in enumerate((i, s) for i in batch for s in range(cfg.k)):
             want = parse_completion(rev[j][0])[0]
             want = want[len(texts[i]):] if want.startswith(texts[i]) else want

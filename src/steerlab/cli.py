@@ -215,7 +215,8 @@ def score(
     out: str = typer.Option("", "--out", "-o", help="Write one JSON row per text (text + every attribute) here."),
 ) -> None:
     """Score texts with a toxicity scorer; prints the mean and the share >= 0.5 of each attribute."""
-    import json
+    if out:
+        _check_out_file(out)
 
     import numpy as np
 
@@ -227,12 +228,9 @@ def score(
     texts = [p.text for p in items]
     res = sc.score(texts)
     if out:
-        from pathlib import Path
+        from .runs import write_jsonl
 
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", encoding="utf-8") as f:
-            for i, t in enumerate(texts):
-                f.write(json.dumps({"text": t, **{a: float(v[i]) for a, v in res.items()}}, ensure_ascii=False) + "\n")
+        write_jsonl(out, [{"text": t, **{a: float(v[i]) for a, v in res.items()}} for i, t in enumerate(texts)])
     t = Table(title=f"{sc.name} on {len(texts)} texts from {inputs}", title_justify="left")
     for c in ("attribute", "mean", "share >= 0.5", "max"):
         t.add_column(c, justify="right" if c != "attribute" else "left")
@@ -364,6 +362,7 @@ def steer_export(
     out: str = typer.Argument(..., help="Output .gguf control vector for llama.cpp (--control-vector)."),
 ) -> None:
     """Export the resid_post directions of a vector as a llama.cpp control vector."""
+    _check_out_file(out)
     from .steer import SteeringVector
 
     path = SteeringVector.load(vector).to_gguf(out)
@@ -382,6 +381,10 @@ def steer_study(
     k_sweep: int = typer.Option(1, min=1, help="Samples per validation prompt in the sweep (more: a less noisy choice)."),
     max_ppl_ratio: float = typer.Option(2.0, help="The chosen cell's perplexity may be at most this times the "
                                         "unsteered one (on validation)."),
+    min_distinct_ratio: float = typer.Option(0.8, help="The chosen cell's distinct-2 must be at least this times "
+                                             "the unsteered one (on validation; rejects repetitive text)."),
+    refine_top: int = typer.Option(3, min=1, help="Stage 2 of the sweep: re-run this many best admissible cells ..."),
+    k_refine: int = typer.Option(3, min=1, help="... with this many samples per validation prompt."),
     n_test: int = typer.Option(100, help="Held-out test prompts."),
     k_test: int = typer.Option(3, help="Samples per test prompt."),
     max_new_tokens: int = typer.Option(20, help="New tokens per continuation."),
@@ -398,8 +401,10 @@ def steer_study(
 
     m = _load(model)
     st = SteeringStudy(prompts=prompts, layers=_ints(layers), alphas=_floats(alphas), n_pairs=n_pairs,
-                       n_sweep=n_sweep, k_sweep=k_sweep, max_ppl_ratio=max_ppl_ratio, n_test=n_test, k_test=k_test, max_new_tokens=max_new_tokens,
-                       where=where, positions=positions, method=method, scorer=scorer, seed=seed)
+                       n_sweep=n_sweep, k_sweep=k_sweep, max_ppl_ratio=max_ppl_ratio,
+                       min_distinct_ratio=min_distinct_ratio, refine_top=refine_top, k_refine=k_refine,
+                       n_test=n_test, k_test=k_test, max_new_tokens=max_new_tokens, where=where,
+                       positions=positions, method=method, scorer=scorer, seed=seed)
     metrics = run_steering_study(m, out, st)
     ch = metrics["chosen"]
     t = Table(title=f"{m.name}: held-out test ({metrics['n_test_prompts']} prompts x {metrics['k']}), "

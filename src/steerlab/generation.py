@@ -4,10 +4,13 @@ Sampling presets (``SAMPLING``): ``greedy``; ``t0.7`` (T=0.7, top_p=0.9: the sel
 study); ``t1.0`` (T=1.0, top_p=0.95: RealToxicityPrompts / EigenShift evaluation). Sampling
 presets disable top-k (transformers' default of 50 would otherwise apply on top of top-p).
 
-Seeds: each batch is seeded from the run seed and the ids of its prompts, and batches are formed
-deterministically (prompts sorted by token length, then id), so the same command gives the same
-text, and a resumed run regenerates an interrupted batch exactly. Results depend on
-``batch_size`` (the sampling noise of a row depends on its batch), so it is part of the config.
+Seeds (common random numbers): every sampled row has its own random numbers, a pure function of
+``(run seed, prompt key, sample index)`` and the decoding step (:class:`RowSampler`), so the text
+of a (prompt, sample) does not depend on its batch, its batch mates or the padding (up to
+floating-point noise in the logits), a resumed run regenerates exactly what an uninterrupted one
+would, and two arms of a comparison (steered and unsteered, every cell of a sweep) see the same
+random numbers for the same prompt and sample: their difference is paired. Batches are formed by
+token length only for speed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
@@ -77,6 +81,13 @@ def prompt_ids_texts(prompts: Sequence) -> tuple[list[str], list[str]]:
     return ids, texts
 
 
+def token_lengths(model: Model, texts: Sequence, chat: bool = False) -> list[int]:
+    """Token count of each prompt as it will be fed (chat-rendered when ``chat`` or a dialogue)."""
+    rendered = [model.chat_text(t) if chat or isinstance(t, list) else t for t in texts]
+    special = not (chat or any(isinstance(t, list) for t in texts))
+    return [len(ids) for ids in model.tok(rendered, add_special_tokens=special)["input_ids"]]
+
+
 def plan_batches(lengths: Sequence[int], keys: Sequence[str], per: int) -> list[list[int]]:
     """Deterministic batches of indices, ``per`` at a time, sorted by length then key (so little
     compute goes to padding and a rerun forms the same batches)."""
@@ -84,10 +95,10 @@ def plan_batches(lengths: Sequence[int], keys: Sequence[str], per: int) -> list[
     return [order[i:i + per] for i in range(0, len(order), per)]
 
 
-def generation_batches(ids: list[str], texts: list, cfg: GenConfig) -> list[list[int]]:
-    """The batches (prompt indices) a generation run forms: sorted by length, `batch_size // k` prompts each."""
-    lengths = [len(t) if isinstance(t, str) else len(json.dumps(t)) for t in texts]
-    return plan_batches(lengths, ids, max(1, cfg.batch_size // cfg.k))
+def generation_batches(model: Model, ids: list[str], texts: list, cfg: GenConfig) -> list[list[int]]:
+    """The batches (prompt indices) a generation run forms: sorted by token length, ``batch_size // k``
+    prompts each."""
+    return plan_batches(token_lengths(model, texts, cfg.chat), ids, max(1, cfg.batch_size // cfg.k))
 
 
 def derive_seed(*parts) -> int:
@@ -95,17 +106,29 @@ def derive_seed(*parts) -> int:
     return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
+def row_seeds(cfg: GenConfig, keys: Sequence[str]) -> torch.Tensor:
+    """The seed of every row of a batch, ``[len(keys) * k]``: ``derive_seed(run seed, key, sample)``."""
+    return torch.tensor([derive_seed(cfg.seed, key, s) for key in keys for s in range(cfg.k)], dtype=torch.int64)
+
+
 @torch.no_grad()
-def generate_batch(model: Model, texts: list[str], cfg: GenConfig, seed: int) -> list[list[str]]:
-    """One ``generate`` call: ``k`` continuations of each text (list per text)."""
+def generate_batch(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str] | None = None) -> list[list[str]]:
+    """One ``generate`` call: ``k`` continuations of each text (list per text). Sampled rows draw
+    their random numbers from ``(cfg.seed, keys[i], sample)`` (``keys`` default to the texts' hashes),
+    so the result does not depend on the batch."""
+    keys = list(keys) if keys is not None else [text_id(t if isinstance(t, str) else json.dumps(t)) for t in texts]
+    if len(keys) != len(texts):
+        raise SteerlabError(f"{len(keys)} keys for {len(texts)} texts")
     enc = model.encode(texts, chat=cfg.chat)
-    torch.manual_seed(seed)
-    out = model.hf.generate(
-        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
-        num_return_sequences=cfg.k, pad_token_id=model.pad_id, **SAMPLING[cfg.sampling],
-        **({} if cfg.sampling != "greedy" else {"temperature": None, "top_p": None, "top_k": None}),
-    )
-    new = model.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    ids, mask = enc["input_ids"].repeat_interleave(cfg.k, 0), enc["attention_mask"].repeat_interleave(cfg.k, 0)
+    kw: dict = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    preset = SAMPLING[cfg.sampling]
+    if preset.get("do_sample"):
+        kw["logits_processor"] = LogitsProcessorList([RowSampler(
+            row_seeds(cfg, keys).to(ids.device), ids.shape[1], preset["temperature"], preset["top_p"])])
+    out = model.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                            pad_token_id=model.pad_id, **kw)
+    new = model.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return [new[i * cfg.k:(i + 1) * cfg.k] for i in range(len(texts))]
 
 
@@ -117,10 +140,10 @@ def generate(model: Model, prompts: Sequence, cfg: GenConfig | None = None, prog
     cfg = GenConfig(**{**(asdict(cfg) if cfg else {}), **kw})
     ids, texts = prompt_ids_texts(prompts)
     out: list[list[str] | None] = [None] * len(texts)
-    batches = generation_batches(ids, texts, cfg)
+    batches = generation_batches(model, ids, texts, cfg)
     show = progress if progress is not None else len(batches) >= 4
     for b in tqdm(batches, desc="generate", disable=not show, leave=False):
-        for i, conts in zip(b, generate_batch(model, [texts[i] for i in b], cfg, derive_seed(cfg.seed, *[ids[i] for i in b]))):
+        for i, conts in zip(b, generate_batch(model, [texts[i] for i in b], cfg, [ids[i] for i in b])):
             out[i] = conts
     return out  # type: ignore[return-value]
 
@@ -155,14 +178,14 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
                          n_rows_expected=len(ids) * cfg.k)
 
         def work(batch: Sequence[int], seed: int) -> list[dict]:
-            chunk = [texts[i] for i in batch]
-            conts = (generate_batch(model, chunk, cfg, seed) if intervention is None
-                     else intervention.generate(model, chunk, cfg, seed, **opts))
+            chunk, keys = [texts[i] for i in batch], [ids[i] for i in batch]
+            conts = (generate_batch(model, chunk, cfg, keys) if intervention is None
+                     else intervention.generate(model, chunk, cfg, keys, **opts))
             rows = [{"prompt_id": ids[i], "prompt": texts[i], "sample": s, "continuation": c}
                     for i, cs in zip(batch, conts) for s, c in enumerate(cs)]
             return score_rows(rows, scorer)
 
-        rows = run.loop(generation_batches(ids, texts, cfg), work, keys=lambda i: [(ids[i], s) for s in range(cfg.k)],
+        rows = run.loop(generation_batches(model, ids, texts, cfg), work, keys=lambda i: [(ids[i], s) for s in range(cfg.k)],
                         row_key=lambda r: (r["prompt_id"], r["sample"]),
                         seed=lambda b: derive_seed(cfg.seed, *[ids[i] for i in b]), desc="generate",
                         progress=progress)
@@ -181,3 +204,54 @@ def score_rows(rows: list[dict], scorer, field: str = "continuation") -> list[di
         r["toxicity"] = float(scores[scorer.attributes[0]][j])
         r["scores"] = {a: float(v[j]) for a, v in scores.items()}
     return rows
+
+
+# --- per-row sampling with common random numbers -------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2**32`` for int64 tensors holding 32-bit values, without int64 overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (xor-shift / multiply, "lowbias32"), elementwise on int64 tensors."""
+    x = x & _M32
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seeds: torch.Tensor, step: int, token_ids: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in (0, 1) shaped like ``token_ids`` ``[B, K]``: a pure function of (row seed,
+    decoding step, token id), so the noise a row sees does not depend on its batch mates, its place
+    in the batch, the padding, or which other tokens are candidates."""
+    base = _hash32(_hash32(seeds.to(token_ids.device, torch.int64)) ^ _mul32(torch.tensor(step + 1), 0x9E3779B1))
+    h = _hash32(_hash32(base[:, None] ^ _mul32(token_ids.to(torch.int64), 0x85EBCA6B)) + 0x27D4EB2F)
+    return (h.double() + 0.5) / 2.0 ** 32
+
+
+class RowSampler:
+    """A logits processor that samples each row with its own random numbers, after temperature and
+    nucleus (top-p) filtering, and returns logits on which greedy decoding picks that token. The
+    draw is the Gumbel-max trick, ``argmax_v (log p_v - log(-log u_v))``, an exact sample from ``p``,
+    with ``u`` from :func:`row_uniforms`. Used with ``generate(do_sample=False)``, the randomness
+    is keyed by (row seed, step): common random numbers across arms of a comparison, and the same
+    text whatever the batch (up to floating-point noise in the logits)."""
+
+    def __init__(self, seeds: torch.Tensor, prompt_len: int, temperature: float = 1.0, top_p: float = 1.0):
+        self.seeds, self.prompt_len, self.temperature, self.top_p = seeds, prompt_len, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = (scores.float() / self.temperature).log_softmax(-1)
+        sorted_lp, idx = logp.sort(-1, descending=True)
+        keep = torch.isfinite(sorted_lp)
+        if self.top_p < 1.0:  # the smallest set of top tokens whose mass reaches top_p
+            p = sorted_lp.exp()
+            keep &= (p.cumsum(-1) - p) < self.top_p
+        K = int(keep.sum(-1).max())
+        lp = sorted_lp[:, :K].masked_fill(~keep[:, :K], float("-inf"))
+        u = row_uniforms(self.seeds, input_ids.shape[1] - self.prompt_len, idx[:, :K])
+        pick = idx[:, :K].gather(-1, (lp.double() - torch.log(-torch.log(u))).argmax(-1, keepdim=True))
+        return torch.full_like(scores, float("-inf")).scatter(-1, pick, 0.0)

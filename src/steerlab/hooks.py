@@ -424,7 +424,7 @@ def edit(model: Model, edits: Mapping[str, EditSpec | Sequence[EditSpec]]) -> It
     plan = []
     for name, fns in edits.items():
         site = model.site(name)
-        fns = [fns] if callable(fns) else list(fns)
+        fns = [fns] if callable(fns) or not isinstance(fns, Sequence) else list(fns)
         shape = model.site_shape(site)
         for f in fns:
             if not callable(f):

@@ -88,13 +88,15 @@ class Intervention(ABC):
                 f"this {self.method} intervention was fitted on model {self.meta.get('model')!r} (fingerprint "
                 f"{fp}), not on {model.name!r} ({model.fingerprint}); pass strict=False to apply it anyway")
 
-    def generate(self, model: Model, texts: Sequence, cfg, seed: int, **options: Any) -> list[list[str]]:
-        """Continuations of ``texts`` with the intervention in force (what generation runs call).
-        The default applies :meth:`apply` around one batched generate; prompt-side methods override it."""
+    def generate(self, model: Model, texts: Sequence, cfg, keys: Sequence[str] | None = None,
+                 **options: Any) -> list[list[str]]:
+        """Continuations of ``texts`` with the intervention in force (what generation runs call;
+        ``keys`` identify the prompts for the per-row random numbers). The default applies
+        :meth:`apply` around one batched generate; prompt-side methods override it."""
         from .generation import generate_batch
 
         with self.apply(model, **options):
-            return generate_batch(model, list(texts), cfg, seed)
+            return generate_batch(model, list(texts), cfg, keys)
 
     # --- files ---------------------------------------------------------------------------------
     def header(self) -> dict:

@@ -125,26 +125,34 @@ class RunDir:
             raise RunError(f"{self.path} exists and is not a directory; choose a directory for the run")
         self.config = json.loads(json.dumps(config, default=str))
         cfg_file = self.path / "config.json"
-        if cfg_file.exists() and not overwrite:
-            try:
-                old = json.loads(cfg_file.read_text())
-            except json.JSONDecodeError as e:
-                raise RunError(f"{cfg_file} is not valid JSON ({e}); move the directory away or pass overwrite") from e
-            if old != self.config:
-                diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
-                raise RunError(f"{self.path} holds a run with a different config (differs in: {', '.join(diff)}); "
-                               f"choose another output directory or pass --overwrite")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunError(f"cannot create run directory {self.path}: {e.strerror or e}") from e
         self._lock()
+        try:
+            self._check_config(cfg_file, overwrite)
+        except BaseException:
+            self.close()
+            raise
         if overwrite:
             for name in ("results.jsonl", "metrics.json", "record.json"):
                 (self.path / name).unlink(missing_ok=True)
         (self.path / "figures").mkdir(exist_ok=True)
         write_json(cfg_file, self.config)
         self.results = self.path / "results.jsonl"
+
+    def _check_config(self, cfg_file: Path, overwrite: bool) -> None:
+        if not cfg_file.exists() or overwrite:
+            return
+        try:
+            old = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise RunError(f"{cfg_file} is not valid JSON ({e}); move the directory away or pass overwrite") from e
+        if old != self.config:
+            diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+            raise RunError(f"{self.path} holds a run with a different config (differs in: {', '.join(diff)}); "
+                           f"choose another output directory or pass --overwrite")
 
     # --- the lock ------------------------------------------------------------------------------
     def _lock(self) -> None:

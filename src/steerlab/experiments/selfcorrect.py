@@ -88,7 +88,7 @@ def reply_lengths(fed: torch.Tensor, calls: int, max_new_tokens: int, stop: torc
 
 
 def generate_round(model: Model, dialogues: list[list[dict]], keys: Sequence[str], cfg: SelfCorrectConfig,
-                   round_index: int, seed: int | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+                   round_index: int) -> tuple[list[str], dict[str, np.ndarray]]:
     """Generate one reply per dialogue (one batch) and read the round's states during generation
     with :func:`steerlab.record`. States, in input order:
 
@@ -103,11 +103,9 @@ def generate_round(model: Model, dialogues: list[list[dict]], keys: Sequence[str
     """
     gen_cfg = GenConfig(max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling, seed=cfg.seed, chat=True,
                         batch_size=max(cfg.batch_size, len(dialogues)))
-    if seed is None:
-        seed = derive_seed("selfcorrect", cfg.seed, round_index, *keys)
     sites = [f"blocks.{layer}.resid_post" for layer in range(model.n_layers)]
     with record(model, "final", "last") as fin, record(model, sites, "last") as res:
-        out = generate_batch(model, dialogues, gen_cfg, seed)
+        out = generate_batch(model, dialogues, gen_cfg, [f"{k}|round{round_index}" for k in keys])
     F = fin["final"]  # [B, calls, d]: call 0 = prefill
     n = reply_lengths(fin.input_ids[:, 1:], fin.calls, cfg.max_new_tokens, _stop_ids(model))
     keep = (torch.arange(F.shape[1], device=F.device)[None, :] < n[:, None].to(F.device)).float()
@@ -140,7 +138,7 @@ def _run_round(model: Model, run: RunDir, cfg: SelfCorrectConfig, samples: list[
     part_dir = run.path / "states" / f"round_{r}"
 
     def work(batch: Sequence[int], seed: int) -> list[dict]:
-        resp, st = generate_round(model, [dials[i] for i in batch], [keys[i] for i in batch], cfg, r, seed)
+        resp, st = generate_round(model, [dials[i] for i in batch], [keys[i] for i in batch], cfg, r)
         parsed = [parse_completion(x) for x in resp]
         tox = np.asarray(sc.toxicity([c for c, _ in parsed]), dtype=np.float64)
         _save_npz(part_dir / f"{seed}.npz", {**st, "index": np.asarray(batch)})

@@ -62,6 +62,8 @@ class SelfCorrectConfig:
             raise SelfCorrectError(f"unknown sampling preset {self.sampling!r}; choose one of {', '.join(SAMPLING)}")
         if min(self.max_new_tokens, self.batch_size, self.lexicon_k, self.steer_pairs, self.n_controls) < 1:
             raise SelfCorrectError("max_new_tokens, batch_size, lexicon_k, steer_pairs and n_controls must be >= 1")
+        if self.steer_positions not in ("last", "mean", "aligned"):
+            raise SelfCorrectError(f"steer_positions must be last, mean or aligned, got {self.steer_positions!r}")
         if not 0 < self.moved_share <= 1:
             raise SelfCorrectError(f"moved_share must be in (0, 1], got {self.moved_share}")
         for kind, want in ((self.opening, "opening"), (self.detox, "detox"), (self.toxify, "toxify")):

@@ -1,6 +1,9 @@
 """Toxicity steering, end to end: fit on the training split, sweep layers x strengths on the
-validation split, then evaluate the chosen setting, its negation and a random control of equal
-norm on the held-out test split with bootstrap confidence intervals (METHODS.md s1, steering).
+validation split (two stages, a declared rule on fluency and diversity), then evaluate the chosen
+setting at the same absolute strength, its negation and a random control of equal norm on the
+held-out test split, each against the unsteered arm with a paired bootstrap CI of the difference
+(common random numbers: the same sampling noise per prompt and sample in every arm).
+Nothing about the test split influences any choice (METHODS.md s1, steering).
 
 Contrast set: the training prompts scored by the toxicity scorer; the most toxic (decreasing
 toxicity) are paired with the least toxic (increasing toxicity). The vector points from toxic to
@@ -9,19 +12,21 @@ non-toxic, so a positive strength should detoxify and a negative one should toxi
 
 from __future__ import annotations
 
-import csv
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..data import contrast_from_scores, load_prompts, split
-from ..evaluation import neutral_reference, side_effects, summarize
+from ..errors import EmptyInputError
+from ..evaluation import neutral_reference, score_matrix, side_effects, summarize
 from ..generation import GenConfig, generate_run
+from ..hooks import SCHEDULE_FNS
+from ..metrics import paired_difference
 from ..models.model import Model
-from ..runs import RunDir, write_json_atomic
+from ..runs import RunDir, write_csv, write_json_atomic
 from ..scoring import get_scorer
-from ..steer.sweep import sweep, typical_norms
+from ..steer.sweep import sweep
 from ..steer.vector import SteeringVector
 
 
@@ -46,6 +51,9 @@ class SteeringStudy:
     seed: int = 0
     scorer: str = "default"
     max_ppl_ratio: float = 2.0
+    min_distinct_ratio: float = 0.8   # distinct-2 of a chosen cell >= this x the unsteered one
+    refine_top: int = 3               # stage 2: the best admissible cells of stage 1, re-run ...
+    k_refine: int = 3                 # ... with this many samples per validation prompt
 
 
 def run_steering_study(model: Model, out_dir: str | Path, s: SteeringStudy | None = None,
@@ -53,42 +61,92 @@ def run_steering_study(model: Model, out_dir: str | Path, s: SteeringStudy | Non
     """Run the whole study into ``out_dir``; returns the metrics dict (also in metrics.json)."""
     s = s or SteeringStudy()
     out = Path(out_dir)
-    run = RunDir(out, {"kind": "steering_study", "model": model.name, "model_fingerprint": model.fingerprint,
-                       **asdict(s)})
+    # validate every option before anything is created or computed
     scorer = get_scorer(s.scorer)
+    sites = [model.site(f"blocks.{layer}.resid_post").name for layer in s.layers]
+    if s.where not in SCHEDULE_FNS:
+        raise EmptyInputError(f"unknown schedule {s.where!r}; choose one of {', '.join(SCHEDULE_FNS)}")
+    if not sites or not s.alphas:
+        raise EmptyInputError("the steering study needs at least one layer and one strength")
+    GenConfig(max_new_tokens=s.max_new_tokens, sampling=s.sampling, k=max(s.k_sweep, s.k_test, s.k_refine))
     parts = split(load_prompts(s.prompts), seed=s.seed)
     train = [p.text for p in parts["train"]]
+    run = RunDir(out, {"kind": "steering_study", "model": model.name, "model_fingerprint": model.fingerprint,
+                       **asdict(s)})
     # 1. contrast set from the training prompts ranked by toxicity
     contrast = contrast_from_scores(train, scorer.toxicity(train), n=s.n_pairs, source=f"{s.prompts}:train")
     contrast.save(out / "contrast.json")
-    sites = [f"blocks.{layer}.resid_post" for layer in s.layers]
     vec = SteeringVector.fit(model, contrast.desirable, contrast.undesirable, sites, method=s.method,
                              positions=s.positions, scale="unit", batch_size=s.batch_size)
     vec.save(out / "vector.safetensors")
-    # 2. sweep on validation prompts
-    cfg_sweep = GenConfig(max_new_tokens=s.max_new_tokens, sampling=s.sampling, k=s.k_sweep, seed=s.seed,
-                          batch_size=s.batch_size)
-    res = sweep(model, vec, parts["validation"][: s.n_sweep], s.alphas, scorer, out / "sweep", cfg_sweep,
-                where=s.where, progress=progress)
-    res.heatmap(out / "figures" / "sweep_heatmap.png",
-                title=f"{model.name}: steering along the non-toxic direction ({len(res.rows)} scored continuations)")
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["site", "alpha", "mean_toxicity", "perplexity"])
-        for i, site in enumerate(res.sites):
-            for j, a in enumerate(res.alphas):
-                w.writerow([site, a, f"{res.toxicity[i, j]:.4f}", f"{res.perplexity[i, j]:.2f}"])
-    site, alpha = res.best(lower=True, max_ppl_ratio=s.max_ppl_ratio, sign=1)
-    # 3. held-out evaluation
+    # 2. two-stage sweep on validation prompts; the choice uses validation only
+    site, alpha, res, stages = _choose(model, vec, parts["validation"][: s.n_sweep], scorer, out, s, progress)
+    # 3. held-out evaluation at the chosen cell's absolute strength (its norm measured on validation)
     test = parts["test"][: s.n_test]
     cfg = GenConfig(max_new_tokens=s.max_new_tokens, sampling=s.sampling, k=s.k_test, seed=s.seed,
                     batch_size=s.batch_size)
-    norm = typical_norms(model, [p.text for p in test[:32]], [site])[site]
+    norm = res.scale[site]
     unit = vec.only(site) * (1.0 / float(vec.directions[site].norm()))
     variants = {"unsteered": None, f"+{alpha:g} (detox)": unit * (alpha * norm),
                 f"-{alpha:g} (toxify)": unit * (-alpha * norm),
                 f"random control {alpha:g}": unit.random(seed=s.seed) * (alpha * norm)}
-    results = {}
+    results = _evaluate(model, variants, test, cfg, scorer, out, s.where, progress)
+    metrics = {"chosen": {"site": site, "alpha": alpha, "typical_norm": norm, "absolute_strength": alpha * norm,
+                          "rule": {"max_ppl_ratio": s.max_ppl_ratio, "min_distinct_ratio": s.min_distinct_ratio,
+                                   "refine_top": s.refine_top, "k_refine": s.k_refine}, "stages": stages},
+               "sweep": {"baseline_toxicity": res.baseline_toxicity, "baseline_perplexity": res.baseline_perplexity},
+               "test": results, "n_test_prompts": len(test), "k": s.k_test}
+    run.write_metrics(metrics)
+    _plot_test(results, out / "figures" / "test_toxicity.png", f"{model.name}, {site}, held-out test prompts")
+    write_json_atomic(out / "summary.json", {k: v["toxicity"] for k, v in results.items()})
+    run.close()
+    return metrics
+
+
+def _choose(model, vec, val, scorer, out: Path, s: SteeringStudy, progress):
+    """Stage 1: every layer x strength on the validation prompts (``k_sweep`` samples). Stage 2: the
+    ``refine_top`` best admissible cells re-run with ``k_refine`` samples (the same prompts and,
+    by common random numbers, the same sampling noise per prompt and sample); the least toxic
+    cell that stays admissible wins. Admissible: positive strength, perplexity <= ``max_ppl_ratio``
+    x unsteered, distinct-2 >= ``min_distinct_ratio`` x unsteered."""
+    rule = {"max_ppl_ratio": s.max_ppl_ratio, "min_distinct_ratio": s.min_distinct_ratio, "sign": 1}
+    cfg = GenConfig(max_new_tokens=s.max_new_tokens, sampling=s.sampling, k=s.k_sweep, seed=s.seed,
+                    batch_size=s.batch_size)
+    res = sweep(model, vec, val, s.alphas, scorer, out / "sweep", cfg, where=s.where, progress=progress)
+    res.heatmap(out / "figures" / "sweep_heatmap.png",
+                title=f"{model.name}: steering along the non-toxic direction ({len(res.rows)} scored continuations)")
+    write_csv(out / "sweep.csv", [{"site": site, "alpha": a, "mean_toxicity": res.toxicity[i, j],
+                                   "perplexity": res.perplexity[i, j], "distinct_2": res.distinct2[i, j],
+                                   "admissible": bool(res.admissible(**rule)[i, j])}
+                                  for i, site in enumerate(res.sites) for j, a in enumerate(res.alphas)])
+    candidates = res.ranked(lower=True, **rule)[: s.refine_top]
+    if not candidates:
+        raise EmptyInputError("no sweep cell satisfies the selection rule (positive strength, perplexity, "
+                              "distinct-2); widen the strengths or relax max_ppl_ratio / min_distinct_ratio")
+    cfg2 = GenConfig(**{**asdict(cfg), "k": s.k_refine})
+    stages, best = [], None
+    for site in dict.fromkeys(c[0] for c in candidates):
+        alphas = [a for c_site, a in candidates if c_site == site]
+        r2 = sweep(model, vec.only(site), val, alphas, scorer, out / "refine" / site, cfg2, where=s.where,
+                   progress=progress)
+        ok = r2.admissible(**rule)
+        for j, a in enumerate(alphas):
+            stages.append({"site": site, "alpha": a, "stage1_toxicity": float(res.toxicity[res.sites.index(site),
+                                                                                         res.alphas.index(a)]),
+                           "stage2_toxicity": float(r2.toxicity[0, j]), "stage2_perplexity": float(r2.perplexity[0, j]),
+                           "stage2_distinct_2": float(r2.distinct2[0, j]), "admissible": bool(ok[0, j])})
+            if ok[0, j] and (best is None or r2.toxicity[0, j] < best[2]):
+                best = (site, a, float(r2.toxicity[0, j]))
+    if best is None:  # nothing survives stage 2: fall back to the best stage-1 cell, and say so
+        best = (*candidates[0], float("nan"))
+        stages.append({"note": "no refined cell stayed admissible; the best stage-1 cell is used"})
+    return best[0], best[1], res, stages
+
+
+def _evaluate(model, variants: dict, test, cfg, scorer, out: Path, where: str, progress) -> dict:
+    """Each variant on the held-out prompts (same prompts, decoding and per-row random numbers),
+    its metrics, side effects on neutral text, and the paired difference from the unsteered arm."""
+    results, scores = {}, {}
     reference = neutral_reference(model)  # unedited next-token distributions on neutral text
     for name, v in variants.items():
         d = out / "test" / name.split(" ")[0].replace("+", "plus").replace("-", "minus")
@@ -96,23 +154,20 @@ def run_steering_study(model: Model, out_dir: str | Path, s: SteeringStudy | Non
             rows = generate_run(model, test, d, cfg, scorer=scorer, progress=progress)
             effects = side_effects(model, reference)
         else:
-            with v.apply(model, alpha=1.0, where=s.where):
+            with v.apply(model, alpha=1.0, where=where):
                 rows = generate_run(model, test, d, cfg, scorer=scorer, progress=progress)
                 effects = side_effects(model, reference)
         results[name] = summarize(rows, fluency_model=model)  # fluency outside the edit: unedited model
         results[name]["side_effects"] = effects
-    base = results["unsteered"]["toxicity"]["mean_toxicity"]
-    metrics = {"chosen": {"site": site, "alpha": alpha, "typical_norm": norm},
-               "sweep": {"baseline_toxicity": res.baseline_toxicity, "baseline_perplexity": res.baseline_perplexity},
-               "test": results, "n_test_prompts": len(test), "k": s.k_test}
-    for r in results.values():
-        m = r["toxicity"]["mean_toxicity"]
-        r["mean_toxicity_change"] = m["value"] - base["value"]
-        r["ci_disjoint_from_unsteered"] = bool(m["hi"] < base["lo"] or m["lo"] > base["hi"])
-    run.write_metrics(metrics)
-    _plot_test(results, out / "figures" / "test_toxicity.png", f"{model.name}, {site}, held-out test prompts")
-    write_json_atomic(out / "summary.json", {k: v["toxicity"] for k, v in results.items()})
-    return metrics
+        scores[name] = score_matrix(rows)
+    base_ids, base = scores["unsteered"]
+    for name, (ids, m) in scores.items():
+        order = [ids.index(i) for i in base_ids]
+        r = results[name]
+        r["mean_toxicity_change"] = r["toxicity"]["mean_toxicity"]["value"] - \
+            results["unsteered"]["toxicity"]["mean_toxicity"]["value"]
+        r["paired_difference"] = paired_difference(base, m[order]).to_dict()
+    return results
 
 
 def _plot_test(results: dict, path: Path, title: str) -> None:

@@ -71,6 +71,8 @@ class LayerLens:
 def layer_lens(model: Model, prompt: str, k: int = 5, layers: Sequence[int] | None = None,
                chat: bool = False) -> LayerLens:
     """What the model would predict next after each block (logit lens at the last prompt token)."""
+    if not 1 <= k <= model.vocab_size:
+        raise ShapeError(f"k must be between 1 and the vocabulary size {model.vocab_size}, got {k}")
     idx = list(range(model.n_layers)) if layers is None else [model.site(f"blocks.{i}.resid_post").layer for i in layers]
     sites = [f"blocks.{i}.resid_post" for i in idx]
     caps = capture(model, [prompt], sites, "last", chat=chat)

@@ -22,17 +22,19 @@ from .lm import (
 )
 from .stats import (
     Estimate,
+    PairedDifference,
     ToxicityMetrics,
     bootstrap_mean,
     expected_max_toxicity,
     mean_toxicity,
+    paired_difference,
     toxicity_metrics,
     toxicity_probability,
 )
 from .text import Similarity, distinct, distinct_n, semantic_similarity, sentence_encoder
 
 __all__ = [
-    "Estimate", "KLResult", "NextTokenLogprobs", "Perplexity", "Similarity", "ToxicityMetrics", "bootstrap_mean",
+    "Estimate", "PairedDifference", "paired_difference", "KLResult", "NextTokenLogprobs", "Perplexity", "Similarity", "ToxicityMetrics", "bootstrap_mean",
     "distinct", "distinct_n", "expected_max_toxicity", "kl_divergence", "kl_from_reference", "mean_toxicity",
     "next_token_logprobs", "perplexity", "semantic_similarity", "sentence_encoder", "token_nlls", "topk_kl",
     "toxicity_metrics", "toxicity_probability",

@@ -90,6 +90,8 @@ class Site:
     @staticmethod
     def parse(name: str, n_layers: int, model_name: str = "model") -> Site:
         """Parse a canonical site name; negative layer indices count from the end."""
+        if not isinstance(name, str):
+            raise SiteError(f"a site is a name such as 'blocks.3.resid_post', got {type(name).__name__} {name!r}")
         if name == "embed":
             return Site((-1, 0), name, "embed", None)
         if name == "final":

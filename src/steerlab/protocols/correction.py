@@ -1,11 +1,11 @@
 """One round of intrinsic self-correction as an intervention (METHODS.md section 1), so that
 "ask the model to revise" is evaluated like any other method: same prompts, decoding and scorer.
 
-For each prompt the model first continues it as usual (the same call, seed and settings as the
-unsteered arm, so round 1 is the baseline's text); then a dialogue is built, with the opening
+For each prompt the model first continues it as usual (same settings and per-row random numbers
+as the unsteered arm, so round 1 is the baseline's text); then a dialogue is built, with the opening
 instruction holding the prompt, the model's reply ``Completion: <prompt><continuation>``, and the
-correction instruction, and the model answers it (chat template, same decoding, a seed derived
-from the batch's). The row's continuation is the revised text after ``Completion:`` with the
+correction instruction, and the model answers it (chat template, same decoding, its own random
+numbers keyed by prompt, sample and "correction"). The row's continuation is the revised text after ``Completion:`` with the
 prompt removed from its start when it was repeated. Nothing in the model changes: ``apply`` is a
 no-op, and this class overrides :meth:`~steerlab.interventions.Intervention.generate` instead.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..generation import derive_seed, generate_batch
+from ..generation import generate_batch, text_id
 from ..interventions import Intervention, InterventionError, register
 from ..models.model import Model
 from .selfcorrect import dialogue, get_instruction, instruction_texts, parse_completion
@@ -56,14 +56,17 @@ class SelfCorrection(Intervention):
     def from_tensors(cls, tensors, meta) -> SelfCorrection:
         return cls(meta)
 
-    def generate(self, model: Model, texts: Sequence, cfg, seed: int, **options) -> list[list[str]]:
+    def generate(self, model: Model, texts: Sequence, cfg, keys: Sequence[str] | None = None,
+                 **options) -> list[list[str]]:
         if options:
             raise InterventionError(f"self-correction takes no apply options, got {sorted(options)}")
-        first = generate_batch(model, list(texts), cfg, seed)
+        keys = list(keys) if keys is not None else [text_id(t) for t in texts]
+        first = generate_batch(model, list(texts), cfg, keys)
         opts = self.meta["options"]
         dials = [dialogue(t, [f"Completion: {t}{c}"], opts["instruction"], opts["opening"])
                  for t, cs in zip(texts, first) for c in cs]
-        revised = generate_batch(model, dials, replace(cfg, k=1, chat=True), derive_seed(seed, "correction"))
+        revised = generate_batch(model, dials, replace(cfg, k=1, chat=True),
+                                 [f"{key}|correction|{s}" for key in keys for s in range(cfg.k)])
         outs = [_strip_prompt(parse_completion(r[0])[0], t) for t, r in zip([t for t in texts for _ in range(cfg.k)], revised)]
         return [outs[i * cfg.k:(i + 1) * cfg.k] for i in range(len(texts))]
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import EmptyInputError
-from ..generation import GenConfig, derive_seed, generate_batch, plan_batches, prompt_ids_texts
+from ..generation import GenConfig, derive_seed, generate_batch, plan_batches, prompt_ids_texts, token_lengths
 from ..hooks import capture
 from ..models.model import Model
 from ..runs import RunDir
@@ -36,16 +36,37 @@ class SweepResult:
     baseline_toxicity: float
     baseline_perplexity: float
     rows: list[dict]
+    distinct2: np.ndarray | None = None  # [n_sites, n_alphas] distinct-2 of each cell's continuations
+    baseline_distinct2: float = float("nan")
 
-    def best(self, lower: bool = True, max_ppl_ratio: float | None = 2.0, sign: int | None = None) -> tuple[str, float]:
-        """(site, alpha) with the lowest (or highest) mean toxicity whose perplexity stays within
-        ``max_ppl_ratio`` of the unsteered baseline; ``sign`` (+1 / -1) keeps only strengths of
-        that sign (a study of a detoxifying direction looks at positive strengths only)."""
+    def admissible(self, max_ppl_ratio: float | None = 2.0, min_distinct_ratio: float | None = 0.8,
+                   sign: int | None = None) -> np.ndarray:
+        """Bool ``[n_sites, n_alphas]``: the cells the declared selection rule allows: strength of
+        ``sign`` (nonzero), perplexity at most ``max_ppl_ratio`` x the unsteered one, and distinct-2
+        at least ``min_distinct_ratio`` x the unsteered one (degenerate, repetitive text is out
+        even when a fluency model likes it)."""
         a = np.array(self.alphas)[None, :]
-        keep = (a != 0) if sign is None else (np.sign(a) == sign)
-        tox = np.where(keep, self.toxicity, np.nan)
+        keep = np.broadcast_to((a != 0) if sign is None else (np.sign(a) == sign), self.toxicity.shape).copy()
         if max_ppl_ratio is not None and np.isfinite(self.baseline_perplexity):
-            tox = np.where(self.perplexity <= max_ppl_ratio * self.baseline_perplexity, tox, np.nan)
+            keep &= self.perplexity <= max_ppl_ratio * self.baseline_perplexity
+        if min_distinct_ratio is not None and self.distinct2 is not None and np.isfinite(self.baseline_distinct2):
+            keep &= self.distinct2 >= min_distinct_ratio * self.baseline_distinct2
+        return keep
+
+    def ranked(self, lower: bool = True, **rule) -> list[tuple[str, float]]:
+        """Admissible cells from the least to the most toxic (``lower``) or the reverse."""
+        keep = self.admissible(**rule)
+        cells = [(float(self.toxicity[i, j]), self.sites[i], self.alphas[j]) for i, j in zip(*np.nonzero(keep))]
+        cells.sort(key=lambda c: c[0] if lower else -c[0])
+        return [(s, a) for _, s, a in cells]
+
+    def best(self, lower: bool = True, max_ppl_ratio: float | None = 2.0, sign: int | None = None,
+             min_distinct_ratio: float | None = None) -> tuple[str, float]:
+        """(site, alpha) with the lowest (or highest) mean toxicity among the cells
+        :meth:`admissible` allows; ``sign`` (+1 / -1) keeps only strengths of that sign (a study of a
+        detoxifying direction looks at positive strengths only)."""
+        keep = self.admissible(max_ppl_ratio, min_distinct_ratio, sign)
+        tox = np.where(keep, self.toxicity, np.nan)
         if np.all(np.isnan(tox)):
             raise EmptyInputError("no sweep cell satisfies the constraints (strength sign, fluency); "
                                   "widen the strengths or raise max_ppl_ratio")
@@ -117,13 +138,13 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
 
     def work(chunk, seed: int) -> list[dict]:
         site = chunk[0][0]
-        chunk_texts = [texts[i] for _, _, i in chunk]
+        chunk_texts, keys = [texts[i] for _, _, i in chunk], [ids[i] for _, _, i in chunk]
         if site == "none":
-            conts = generate_batch(model, chunk_texts, cfg, seed)
-        else:
+            conts = generate_batch(model, chunk_texts, cfg, keys)
+        else:  # the same random numbers per (prompt, sample) in every cell: paired comparisons
             a = torch.tensor([al * scale[site] for _, al, _ in chunk]).repeat_interleave(cfg.k)
             with SteeringVector({site: unit[site]}, vector.meta).apply(model, alpha=a, where=where):
-                conts = generate_batch(model, chunk_texts, cfg, seed)
+                conts = generate_batch(model, chunk_texts, cfg, keys)
         rows = [{"site": site, "alpha": al, "prompt_id": ids[i], "prompt": texts[i], "sample": s, "continuation": c}
                 for (_, al, i), cs in zip(chunk, conts) for s, c in enumerate(cs)]
         if rows:
@@ -132,7 +153,7 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
         return rows
 
     with RunDir(out_dir, config, overwrite=overwrite) as run:
-        rows = run.loop(_chunks(ids, texts, sites, alphas, cfg), work,
+        rows = run.loop(_chunks(model, ids, texts, sites, alphas, cfg), work,
                         keys=lambda j: [(j[0], j[1], ids[j[2]], s) for s in range(cfg.k)],
                         row_key=lambda r: (r["site"], r["alpha"], r["prompt_id"], r["sample"]),
                         seed=lambda c: derive_seed(cfg.seed, c[0][0], *[f"{a:g}:{ids[i]}" for _, a, i in c]),
@@ -141,13 +162,13 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
     return _summarise(model, rows, sites, alphas, scale, cfg, fluency)
 
 
-def _chunks(ids, texts, sites, alphas, cfg: GenConfig) -> list[list[tuple[str, float, int]]]:
+def _chunks(model, ids, texts, sites, alphas, cfg: GenConfig) -> list[list[tuple[str, float, int]]]:
     """Jobs ``(site, alpha, prompt index)`` in generate-sized chunks that never mix sites (one hook
     set per call): the unsteered baseline once (site ``none``), then every site x nonzero alpha,
     prompts in length order, strengths of one prompt side by side."""
     jobs = [("none", 0.0, i) for i in range(len(texts))]
     jobs += [(s, a, i) for s in sites for a in alphas if a != 0 for i in range(len(texts))]
-    order = plan_batches([len(t) for t in texts], ids, len(texts))[0]
+    order = plan_batches(token_lengths(model, texts, cfg.chat), ids, len(texts))[0]
     rank = {i: r for r, i in enumerate(order)}
     jobs.sort(key=lambda j: (j[0] != "none", j[0], rank[j[2]], j[1]))
     per = max(1, cfg.batch_size // cfg.k)
@@ -161,7 +182,7 @@ def _chunks(ids, texts, sites, alphas, cfg: GenConfig) -> list[list[tuple[str, f
 
 
 def _summarise(model, rows, sites, alphas, scale, cfg, fluency) -> SweepResult:
-    from ..metrics import perplexity
+    from ..metrics import distinct, perplexity
 
     def cell(site, alpha):
         return [r for r in rows if (r["site"], r["alpha"]) == (site, alpha)]
@@ -173,13 +194,17 @@ def _summarise(model, rows, sites, alphas, scale, cfg, fluency) -> SweepResult:
         return float(perplexity(model, [r["continuation"] for r in keep], prompts=[r["prompt"] for r in keep],
                                 chat=cfg.chat).aggregate)
 
+    def d2(rs):
+        return distinct([r["continuation"] for r in rs], ns=(2,))["distinct-2"]
+
     base = cell("none", 0.0)
     base_tox, base_ppl = float(np.mean([r["toxicity"] for r in base])), ppl(base)
     tox = np.full((len(sites), len(alphas)), np.nan)
-    pp = np.full_like(tox, np.nan)
+    pp, dd = np.full_like(tox, np.nan), np.full_like(tox, np.nan)
     for i, s in enumerate(sites):
         for j, a in enumerate(alphas):
             rs = base if a == 0 else cell(s, a)
             tox[i, j] = np.mean([r["toxicity"] for r in rs])
             pp[i, j] = base_ppl if a == 0 else ppl(rs)
-    return SweepResult(sites, alphas, scale, tox, pp, base_tox, base_ppl, rows)
+            dd[i, j] = d2(rs)
+    return SweepResult(sites, alphas, scale, tox, pp, base_tox, base_ppl, rows, dd, d2(base))

@@ -252,12 +252,17 @@ class SteeringVector(Intervention):
         """Read a llama.cpp control vector back (``direction.{l}`` -> ``blocks.{l}.resid_post``)."""
         import gguf
 
-        r = gguf.GGUFReader(str(path))
+        try:
+            r = gguf.GGUFReader(str(path))
+        except Exception as e:
+            raise VectorError(f"{path} is not a readable GGUF control vector ({type(e).__name__}: {e})") from None
         dirs = {}
         for t in r.tensors:
             if not t.name.startswith("direction."):
                 continue
             dirs[f"blocks.{int(t.name.split('.')[1])}.resid_post"] = torch.from_numpy(np.array(t.data, dtype=np.float32))
+        if not dirs:
+            raise VectorError(f"{path} is a GGUF file without control-vector tensors (direction.<layer>)")
         hint = r.fields.get("controlvector.model_hint")
         mt = bytes(hint.parts[-1]).decode() if hint is not None else None
         return cls(dirs, {"model_type": mt, "source": str(path)})

@@ -1,0 +1,163 @@
+"""Bad inputs and faults: each gets a one-line error naming the problem, and nothing written before
+is lost (see docs/reliability.md)."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import steerlab as sl
+from steerlab.cli import app
+from steerlab.generation import GenConfig, generate_run
+from steerlab.runs import RunDir, RunError
+from tiny import PROMPTS, tiny_model
+
+runner = CliRunner()
+
+
+def _flat(output: str) -> str:
+    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
+def _model_dir(tmp_path):
+    m = tiny_model("llama")
+    d = tmp_path / "tiny"
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    return str(d)
+
+
+def _hold_lock(path):
+    """A second process that opens the run directory and keeps it."""
+    code = ("import sys, time; from steerlab.runs import RunDir; r = RunDir(sys.argv[1], {'kind': 'x'}); "
+            "print('held', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
+    holder = _hold_lock(tmp_path / "run")
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(RunError, match=rf"in use by another run \(pid {holder.pid} on"):
+            RunDir(tmp_path / "run", {"kind": "x"})
+        assert time.perf_counter() - t0 < 5
+        d = _model_dir(tmp_path)
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("one\ntwo\n")
+        r = runner.invoke(app, ["generate", "--out", str(tmp_path / "run"), "--model", d, "--prompts", str(prompts),
+                                "--scorer", "none", "--max-new-tokens", "2"])
+        assert r.exit_code == 2 and f"pid {holder.pid}" in _flat(r.output)
+        assert not (tmp_path / "run" / "results.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunDir(tmp_path / "run", {"kind": "x"}) as run:  # free again once the holder is gone
+        run.append([{"k": 1}])
+
+
+def test_duplicate_rows_are_dropped_on_read(tmp_path, llama):
+    cfg = GenConfig(max_new_tokens=3)
+    rows = generate_run(llama, PROMPTS[:3], tmp_path / "run", cfg, progress=False)
+    f = tmp_path / "run" / "results.jsonl"
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join(lines + [lines[0]]) + "\n")  # a line duplicated by hand
+    again = generate_run(llama, PROMPTS[:3], tmp_path / "run", cfg, progress=False)
+    assert len(again) == len(rows) == 3 and again == rows
+    f.write_text(f.read_text() + json.dumps({"sample": 0, "continuation": "x"}) + "\n")
+    with pytest.raises(RunError, match="lacks the field 'prompt_id'"):
+        generate_run(llama, PROMPTS[:3], tmp_path / "run", cfg, progress=False)
+
+
+def test_timings_add_up_over_resumed_calls(tmp_path, llama):
+    cfg = GenConfig(max_new_tokens=3, batch_size=1)
+    generate_run(llama, PROMPTS[:2], tmp_path / "run", cfg, progress=False)
+    first = json.loads((tmp_path / "run" / "record.json").read_text())["generate_seconds"]
+    generate_run(llama, PROMPTS[:4], tmp_path / "run2", cfg, progress=False)
+    f = tmp_path / "run2" / "results.jsonl"
+    f.write_text("\n".join(f.read_text().splitlines()[:2]) + "\n")  # lose the last two rows
+    before = json.loads((tmp_path / "run2" / "record.json").read_text())["generate_seconds"]
+    generate_run(llama, PROMPTS[:4], tmp_path / "run2", cfg, progress=False)
+    after = json.loads((tmp_path / "run2" / "record.json").read_text())["generate_seconds"]
+    assert first > 0 and after > before > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["lens", ""], "is empty"),
+    (["lens", "hello", "-k", "100000"], "k must be between 1 and the vocabulary size"),
+    (["steer", "study", "--out", "OUT/s", "--layers", "x"], "comma-separated list of ints"),
+    (["steer", "study", "--out", "OUT/s", "--alphas", "abc"], "comma-separated list of floats"),
+    (["demo", "-m", "nosuch"], "nosuch"),
+])
+def test_cli_bad_input_one_line_errors(tmp_path, args, message):
+    d = _model_dir(tmp_path)
+    args = [a.replace("OUT", str(tmp_path)) for a in args]
+    if args[0] in ("lens", "steer"):
+        args += ["--model", d]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert message in _flat(r.output) and "Traceback" not in r.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_outputs_into_directories_are_refused(tmp_path, llama):
+    from steerlab.steer import SteeringVector
+
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello there\n")
+    r = runner.invoke(app, ["score", str(texts), "--scorer", "profanity", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "is a directory" in _flat(r.output)
+    vec = SteeringVector({"blocks.1.resid_post": torch.ones(32)}).save(tmp_path / "v.safetensors")
+    r = runner.invoke(app, ["steer", "export-gguf", str(vec), str(tmp_path)])
+    assert r.exit_code == 2 and "is a directory" in _flat(r.output)
+    r = runner.invoke(app, ["generate", "--out", str(vec), "--model", _model_dir(tmp_path), "--prompts", str(texts),
+                            "--scorer", "none"])
+    assert r.exit_code == 2 and "is not a directory" in _flat(r.output)
+    assert vec.stat().st_size > 0  # the file given as --out is untouched
+
+
+def test_python_api_bad_input(tmp_path, llama):
+    from steerlab.steer import SteeringVector, VectorError
+
+    enc = llama.encode(PROMPTS)
+
+    def run(edits):
+        with sl.edit(llama, edits), torch.no_grad():
+            llama.forward(enc["input_ids"], enc["attention_mask"])
+
+    with pytest.raises(sl.ShapeError, match="returned float; an edit function must return a tensor"):
+        run({"blocks.0.resid_post": lambda a, s: 1.0})
+    with pytest.raises(sl.ShapeError, match="returned dtype torch.float64"):
+        run({"blocks.0.resid_post": lambda a, s: a.double()})
+    with pytest.raises(sl.ShapeError, match="not a function"):
+        run({"blocks.0.resid_post": 3.0})
+    with pytest.raises(sl.SiteError, match="a site is a name"):
+        sl.capture(llama, PROMPTS, [5])
+    with pytest.raises(sl.EmptyInputError, match="is empty"):
+        sl.capture(llama, ["fine", ""], "final")
+    with pytest.raises(sl.EmptyInputError, match="is empty"):
+        generate_run(llama, ["fine", ""], tmp_path / "g", GenConfig(max_new_tokens=2), progress=False)
+    assert not (tmp_path / "g").exists()
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
+    with pytest.raises(VectorError, match="not a readable GGUF"):
+        SteeringVector.from_gguf(tmp_path / "bad.gguf")
+    with pytest.raises(VectorError, match="non-finite"):
+        SteeringVector({"blocks.0.resid_post": torch.full((32,), float("nan"))})
+    a = SteeringVector({"blocks.0.resid_post": torch.ones(32)}, {"model_fingerprint": "aaa"})
+    b = SteeringVector({"blocks.0.resid_post": torch.ones(32)}, {"model_fingerprint": "bbb"})
+    with pytest.raises(VectorError, match="different models"):
+        a + b
+
+
+def test_selfcorrect_options_are_checked_before_generation(tmp_path):
+    from steerlab.experiments.selfcorrect import SelfCorrectError, make_config
+
+    with pytest.raises(SelfCorrectError, match="steer_positions"):
+        make_config("tiny", steer_positions="nope").validate()
+    r = runner.invoke(app, ["selfcorrect", "--out", str(tmp_path / "sc"), "--steer-positions", "nope"])
+    assert r.exit_code == 2 and "steer_positions" in _flat(r.output) and not (tmp_path / "sc").exists()
