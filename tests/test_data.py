@@ -1,5 +1,6 @@
 """Prompt sets, loaders (every format and its errors), splits and contrast sets."""
 
+import csv
 import json
 import random
 import sys
@@ -124,6 +125,41 @@ def test_csv_and_tsv(tmp_path):
     t.write_text("prompt\tlabel\nfoo bar\t1\n")
     assert texts(load_prompts(t)) == ["foo bar"]
     assert texts(load_prompts(tmp_path / "p.csv", field="id")) == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_csv_keeps_line_breaks_inside_quoted_fields(tmp_path, newline):
+    rows = [["text", "category"], ["first line\nsecond line", "a"], ['he said "hi",\n\nthen left', "b"],
+            ["plain", "c"]]
+    f = tmp_path / "multi.csv"
+    with open(f, "w", newline="") as out:          # the csv module writes what a spreadsheet would
+        csv.writer(out, lineterminator=newline).writerows(rows)
+    ps = load_prompts(f)
+    assert texts(ps) == [r[0] for r in rows[1:]]
+    assert [p.category for p in ps] == ["a", "b", "c"]
+    with open(f, newline="") as inp:                # independent reading with the csv module
+        assert texts(ps) == [r["text"] for r in csv.DictReader(inp)]
+    # a tab-separated file with a quoted tab and line break
+    t = tmp_path / "multi.tsv"
+    t.write_text('prompt\tid\n"a\tb\nc"\t1\n', newline="")
+    (p,) = load_prompts(t)
+    assert p.text == "a\tb\nc" and p.metadata == {"id": "1"}
+
+
+@pytest.mark.parametrize("content, match", [
+    ('text\n"ok"\n"never closed\nmore text\n', r"line 3: a quoted field is never closed"),
+    ('text,category\na,b\nc,d,e\n', r"line 3: 3 fields where the header has 2 \(text, category\)"),
+    ('text,category\na,b\nc\n', r"line 3: 1 field where the header has 2"),
+    ('text,category\n"a\nb",x\n"c\n\nd",y\ne,f,g\n', r"line 7: 3 fields"),   # counted over multi-line rows
+    ('text\n"abc"def\n', r"line 2: malformed CSV"),
+    ('"text\nx\n', r"line 1: a quoted field is never closed"),
+])
+def test_malformed_csv_is_refused_with_its_line(tmp_path, content, match):
+    f = tmp_path / "bad.csv"
+    f.write_text(content, newline="")
+    with pytest.raises(DataError, match=match) as e:
+        load_prompts(f)
+    assert str(f) in str(e.value)
 
 
 @pytest.mark.parametrize("name, content, match", [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import io
 import json
 import math
 from collections import Counter
@@ -149,10 +150,12 @@ def _check_file(path: Path) -> None:
         raise DataError(f"prompt file {path} is a directory, not a file")
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, newline: str | None = None) -> str:
+    """The file as UTF-8 text (a BOM dropped). ``newline=""`` keeps line endings as they are."""
     _check_file(path)
     try:
-        return path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
+            return f.read()
     except UnicodeDecodeError as e:
         raise DataError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     except OSError as e:
@@ -212,26 +215,48 @@ def _read_jsonl(path: Path, text_field: str | None, source: str, category_field:
     return out
 
 
+def _csv_rows(path: Path, delimiter: str) -> Iterable[tuple[int, list[str]]]:
+    """(first line number, fields) of each record of a CSV file; quoted fields keep their line breaks.
+    A record whose quote is never closed, or any other syntax error, is a DataError with its line."""
+    reader = csv.reader(io.StringIO(_read_text(path, newline=""), newline=""), delimiter=delimiter, strict=True)
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise DataError(f"{path}, line {start}: a quoted field is never closed (unterminated \" "
+                                "runs to the end of the file)") from None
+            raise DataError(f"{path}, line {start}: malformed CSV ({e})") from None
+        yield start, row
+        start = reader.line_num + 1
+
+
 def _read_csv(path: Path, text_field: str | None, source: str, category_field: str | None) -> list[Prompt]:
-    content = _read_text(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    try:
-        reader = csv.DictReader(content.splitlines(), delimiter=delimiter)
-        header = reader.fieldnames or []
-        name = _pick_field(header, text_field)
-        if name is None or name not in header:
-            wanted = repr(name) if name else " or ".join(map(repr, TEXT_FIELDS))
-            raise DataError(f"{path}: no column {wanted}; columns are {list(header)} (choose one with field=...)")
-        cat_col = category_field or "category"
-        out = []
-        for row in reader:
-            text = row.get(name)
-            if text is None or not text.strip():
-                continue
-            meta = {k: v for k, v in row.items() if k not in (name, cat_col) and k is not None}
-            out.append(Prompt(text, source, row.get(cat_col) or None, meta))
-    except csv.Error as e:
-        raise DataError(f"{path}: malformed CSV ({e})") from e
+    rows = _csv_rows(path, delimiter)
+    _, header = next(rows, (1, []))
+    name = _pick_field(header, text_field)
+    if name is None or name not in header:
+        wanted = repr(name) if name else " or ".join(map(repr, TEXT_FIELDS))
+        raise DataError(f"{path}: no column {wanted}; columns are {list(header)} (choose one with field=...)")
+    cat_col = category_field or "category"
+    out = []
+    for line, fields in rows:
+        if not any(f.strip() for f in fields):
+            continue  # a blank line
+        if len(fields) != len(header):
+            n = len(fields)
+            raise DataError(f"{path}, line {line}: {n} field{'s' * (n != 1)} where the header has {len(header)} "
+                            f"({', '.join(header)}); quote a field that holds {delimiter!r}, a quote or a line break")
+        row = dict(zip(header, fields, strict=True))
+        text = row[name]
+        if not text.strip():
+            continue
+        meta = {k: v for k, v in row.items() if k not in (name, cat_col)}
+        out.append(Prompt(text, source, row.get(cat_col) or None, meta))
     return out
 
 
