@@ -20,6 +20,7 @@ from steerlab.data import (
     neutral_texts,
     prompt_id,
     split,
+    take,
     texts,
 )
 from steerlab.errors import DataError, EmptyInputError, ShapeError
@@ -292,6 +293,24 @@ def test_split_groups_identical_texts_and_options():
         split(PROMPTS, (0.5, 0.5), names=("a",))
     with pytest.raises(EmptyInputError):
         split([])
+
+
+def test_take_first_n():
+    assert take(PROMPTS, 3) == PROMPTS[:3]
+    assert take(PROMPTS, 1) == [PROMPTS[0]]
+    assert take(PROMPTS, len(PROMPTS)) == PROMPTS
+    assert take(PROMPTS, 10_000) == PROMPTS                     # more than available: all, no error
+    assert take(("a", "b"), 5) == ["a", "b"]                     # any sequence; always a new list
+    got = take(PROMPTS, 500)
+    assert got is not PROMPTS and got == PROMPTS
+    for bad in (0, -1, -100):
+        with pytest.raises(DataError, match=f"at least 1 .*need at least one.*got {bad}"):
+            take(PROMPTS, bad)
+    for bad in (2.5, "3", True, None):
+        with pytest.raises(DataError, match="must be an integer"):
+            take(PROMPTS, bad)
+    with pytest.raises(EmptyInputError):
+        take([], 3)
 
 
 # --- contrast sets -----------------------------------------------------------------------------

@@ -368,6 +368,19 @@ def load_prompts(
     return prompts[:limit] if limit is not None else prompts
 
 
+def take(prompts: Sequence[Prompt | str], n: int) -> list:
+    """The first ``n`` prompts (all of them when fewer are available; no error). ``n`` must be a
+    positive integer: ``n <= 0`` is a :class:`DataError` ("need at least one"), and so is a bool, a
+    float or anything else that is not an int. No prompts at all is an :class:`EmptyInputError`."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise DataError(f"the number of prompts must be an integer, got {n!r} ({type(n).__name__})")
+    if n < 1:
+        raise DataError(f"the number of prompts must be at least 1 (need at least one prompt), got {n}")
+    if not prompts:
+        raise EmptyInputError("take() got no prompts to take from")
+    return list(prompts[:n])
+
+
 # --- splits ------------------------------------------------------------------------------------
 def _rank_key(seed: int, key: str) -> bytes:
     return hashlib.sha256(f"{seed}\x1f{key}".encode()).digest()
