@@ -202,7 +202,9 @@ class PerspectiveScorer(Scorer):
             if status == 200:
                 return self._parse(raw, where)
             if status is not None and status != 429 and not 500 <= status < 600:
-                raise PerspectiveError(f"Perspective API at {where} refused the request: HTTP {status}: "
+                what = "answered with a redirect, which is not followed (check the endpoint)" \
+                    if 300 <= status < 400 else "refused the request"
+                raise PerspectiveError(f"Perspective API at {where} {what}: HTTP {status}: "
                                        f"{self._redact(self._message(raw))}")
             if status is not None:
                 problem = f"HTTP {status} from {where}: {self._redact(self._message(raw))}"
