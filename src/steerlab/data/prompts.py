@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import io
 import json
 import math
 from collections import Counter
@@ -149,10 +150,12 @@ def _check_file(path: Path) -> None:
         raise DataError(f"prompt file {path} is a directory, not a file")
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, newline: str | None = None) -> str:
+    """The file as UTF-8 text (a BOM dropped). ``newline=""`` keeps line endings as they are."""
     _check_file(path)
     try:
-        return path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
+            return f.read()
     except UnicodeDecodeError as e:
         raise DataError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     except OSError as e:
@@ -212,26 +215,48 @@ def _read_jsonl(path: Path, text_field: str | None, source: str, category_field:
     return out
 
 
+def _csv_rows(path: Path, delimiter: str) -> Iterable[tuple[int, list[str]]]:
+    """(first line number, fields) of each record of a CSV file; quoted fields keep their line breaks.
+    A record whose quote is never closed, or any other syntax error, is a DataError with its line."""
+    reader = csv.reader(io.StringIO(_read_text(path, newline=""), newline=""), delimiter=delimiter, strict=True)
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise DataError(f"{path}, line {start}: a quoted field is never closed (unterminated \" "
+                                "runs to the end of the file)") from None
+            raise DataError(f"{path}, line {start}: malformed CSV ({e})") from None
+        yield start, row
+        start = reader.line_num + 1
+
+
 def _read_csv(path: Path, text_field: str | None, source: str, category_field: str | None) -> list[Prompt]:
-    content = _read_text(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    try:
-        reader = csv.DictReader(content.splitlines(), delimiter=delimiter)
-        header = reader.fieldnames or []
-        name = _pick_field(header, text_field)
-        if name is None or name not in header:
-            wanted = repr(name) if name else " or ".join(map(repr, TEXT_FIELDS))
-            raise DataError(f"{path}: no column {wanted}; columns are {list(header)} (choose one with field=...)")
-        cat_col = category_field or "category"
-        out = []
-        for row in reader:
-            text = row.get(name)
-            if text is None or not text.strip():
-                continue
-            meta = {k: v for k, v in row.items() if k not in (name, cat_col) and k is not None}
-            out.append(Prompt(text, source, row.get(cat_col) or None, meta))
-    except csv.Error as e:
-        raise DataError(f"{path}: malformed CSV ({e})") from e
+    rows = _csv_rows(path, delimiter)
+    _, header = next(rows, (1, []))
+    name = _pick_field(header, text_field)
+    if name is None or name not in header:
+        wanted = repr(name) if name else " or ".join(map(repr, TEXT_FIELDS))
+        raise DataError(f"{path}: no column {wanted}; columns are {list(header)} (choose one with field=...)")
+    cat_col = category_field or "category"
+    out = []
+    for line, fields in rows:
+        if not any(f.strip() for f in fields):
+            continue  # a blank line
+        if len(fields) != len(header):
+            n = len(fields)
+            raise DataError(f"{path}, line {line}: {n} field{'s' * (n != 1)} where the header has {len(header)} "
+                            f"({', '.join(header)}); quote a field that holds {delimiter!r}, a quote or a line break")
+        row = dict(zip(header, fields, strict=True))
+        text = row[name]
+        if not text.strip():
+            continue
+        meta = {k: v for k, v in row.items() if k not in (name, cat_col)}
+        out.append(Prompt(text, source, row.get(cat_col) or None, meta))
     return out
 
 
@@ -343,6 +368,19 @@ def load_prompts(
     return prompts[:limit] if limit is not None else prompts
 
 
+def take(prompts: Sequence[Prompt | str], n: int) -> list:
+    """The first ``n`` prompts (all of them when fewer are available; no error). ``n`` must be a
+    positive integer: ``n <= 0`` is a :class:`DataError` ("need at least one"), and so is a bool, a
+    float or anything else that is not an int. No prompts at all is an :class:`EmptyInputError`."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise DataError(f"the number of prompts must be an integer, got {n!r} ({type(n).__name__})")
+    if n < 1:
+        raise DataError(f"the number of prompts must be at least 1 (need at least one prompt), got {n}")
+    if not prompts:
+        raise EmptyInputError("take() got no prompts to take from")
+    return list(prompts[:n])
+
+
 # --- splits ------------------------------------------------------------------------------------
 def _rank_key(seed: int, key: str) -> bytes:
     return hashlib.sha256(f"{seed}\x1f{key}".encode()).digest()
@@ -358,25 +396,44 @@ def _counts(n: int, fractions: Sequence[float]) -> list[int]:
     return counts
 
 
-def split(
-    prompts: Sequence[Prompt | str],
-    fractions: Sequence[float] = (0.6, 0.2, 0.2),
-    seed: int = 0,
-    names: Sequence[str] | None = None,
-    key: Callable[[Prompt | str], str] | None = None,
-) -> dict[str, list]:
-    """Split prompts into disjoint, covering parts, deterministically for a seed.
+def _dedupe(prompts: Sequence[Prompt | str]) -> list:
+    """The prompts without repeated texts: the first prompt with a text is kept, later ones dropped."""
+    seen: set[str] = set()
+    out = []
+    for p in prompts:
+        t = p.text if isinstance(p, Prompt) else str(p)
+        if t not in seen:
+            seen.add(t)
+            out.append(p)
+    return out
 
-    Prompts are grouped by ``key`` (default: the text, so identical texts, such as the RTP
-    prefixes listed under two categories, always land in the same part and cannot leak between
-    training and evaluation). Groups are ordered by SHA-256 of ``(seed, key)`` and cut into parts
-    of sizes proportional to ``fractions`` (largest-remainder rounding over groups). The
-    assignment depends only on the set of keys and the seed, never on the input order; each part
-    keeps the input order. ``names`` default to train/validation/test (three fractions) or
-    train/test (two).
-    """
-    if not prompts:
-        raise EmptyInputError("split() got no prompts")
+
+def _unit(seed: int, key: str) -> float:
+    """A seeded number in [0, 1) from ``key``."""
+    return int.from_bytes(_rank_key(seed, key)[:8], "big") / 2.0 ** 64
+
+
+def _stratified_order(groups: Sequence[str], stratum: Mapping[str, str | None], seed: int) -> list[str]:
+    """The groups in a seeded order in which the strata are interleaved in proportion to their sizes.
+
+    Within a stratum of ``n`` groups, sorted by SHA-256 of ``(seed, key)``, the ``i``-th gets the
+    position ``(i + u) / n`` in [0, 1), with ``u`` a seeded offset of the stratum; all groups are then
+    sorted by position. Any run of ``L`` consecutive groups is the set of positions in some interval,
+    so it holds each stratum ``c`` (share ``p_c`` of the groups, ``K`` strata) ``L * p_c`` times up to
+    less than ``1 + p_c * (K - 2)`` groups."""
+    members: dict[str | None, list[str]] = {}
+    for g in groups:
+        members.setdefault(stratum[g], []).append(g)
+    placed = []
+    for cat, gs in members.items():
+        gs.sort(key=lambda k: _rank_key(seed, k))
+        u = _unit(seed, f"\x1estratum\x1f{cat}")
+        placed += [((i + u) / len(gs), _rank_key(seed, g), g) for i, g in enumerate(gs)]
+    placed.sort()
+    return [g for _, _, g in placed]
+
+
+def _check_split_args(fractions: Sequence[float], names: Sequence[str] | None) -> tuple[list[float], list[str]]:
     fr = [float(f) for f in fractions]
     if not fr or any(f < 0 or math.isnan(f) for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
         raise DataError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
@@ -387,16 +444,44 @@ def split(
         names = defaults[len(fr)]
     if len(names) != len(fr) or len(set(names)) != len(names):
         raise DataError(f"names {tuple(names)} must be distinct, one per fraction {tuple(fr)}")
+    return fr, list(names)
+
+
+def split(
+    prompts: Sequence[Prompt | str],
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+    key: Callable[[Prompt | str], str] | None = None,
+) -> dict[str, list]:
+    """Split prompts into disjoint parts, deterministically for a seed, stratified by category.
+
+    Repeated texts are dropped first (the first prompt with a text is kept), so no text appears
+    twice in a part or in two parts. Prompts are then grouped by ``key`` (default: the text; a custom
+    key keeps related prompts together in one part), and the groups are put in a seeded stratified
+    order (see :func:`_stratified_order`; the stratum of a group is the ``category`` of its first
+    prompt, ``None`` for strings): shuffled within each category, and categories interleaved in
+    proportion to their sizes. That order is cut into parts of sizes proportional to ``fractions``
+    (largest-remainder rounding over groups), and each part keeps it, so every part **and every
+    prefix of every part** (``parts["test"][:24]``) has nearly the category shares of the pool.
+    The order and the assignment depend on the prompts (texts, categories, keys) and the seed, not on
+    the input order (except which of several prompts with the same text is kept). ``names`` default to
+    train/validation/test (three fractions) or train/test (two).
+    """
+    if not prompts:
+        raise EmptyInputError("split() got no prompts")
+    fr, names = _check_split_args(fractions, names)
     keyf = key or (lambda p: p.text if isinstance(p, Prompt) else str(p))
-    keys = [keyf(p) for p in prompts]
-    groups = sorted(set(keys), key=lambda k: _rank_key(seed, k))
-    part_of: dict[str, int] = {}
+    members: dict[str, list] = {}
+    stratum: dict[str, str | None] = {}
+    for p in _dedupe(prompts):
+        k = keyf(p)
+        members.setdefault(k, []).append(p)
+        stratum.setdefault(k, p.category if isinstance(p, Prompt) else None)
+    order = _stratified_order(list(members), stratum, seed)
+    out: dict[str, list] = {}
     start = 0
-    for i, c in enumerate(_counts(len(groups), fr)):
-        for k in groups[start:start + c]:
-            part_of[k] = i
+    for name, c in zip(names, _counts(len(order), fr), strict=True):
+        out[name] = [p for k in order[start:start + c] for p in members[k]]
         start += c
-    out: dict[str, list] = {n: [] for n in names}
-    for p, k in zip(prompts, keys, strict=True):
-        out[names[part_of[k]]].append(p)
     return out

@@ -8,7 +8,9 @@ One request per text (the API scores one comment per call)::
     -> {"attributeScores": {"TOXICITY": {"summaryScore": {"value": 0.93, ...}, ...}}, ...}
 
 The key comes from ``api_key=`` or the ``PERSPECTIVE_API_KEY`` environment variable and never appears
-in an error message or a repr. Requests are spaced to at most ``qps`` per second (the API's default
+in an error message, a chained cause or a repr. The endpoint must be ``https://``, or ``http://`` to a
+loopback host only (``localhost``, ``127.0.0.0/8``, ``[::1]``: local test servers), so the key is never
+sent in clear over a network nor to a ``file:`` or other URL scheme; redirects are not followed. Requests are spaced to at most ``qps`` per second (the API's default
 quota is 1 QPS). HTTP 429 and 5xx answers and connection failures are retried up to ``max_retries``
 times, waiting ``backoff * 2**attempt`` seconds (or the server's ``Retry-After``, whichever is longer,
 capped at ``max_backoff``); any other 4xx is an error carrying the API's own message, and so is a reply
@@ -21,9 +23,11 @@ cut to the API's 20 KB limit.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import math
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -43,6 +47,56 @@ class PerspectiveError(ScorerError):
     """The Perspective API could not be used: no key, an error answer, or a reply that makes no sense."""
 
 
+def check_endpoint(endpoint: object) -> str:
+    """``endpoint`` if it is a usable Perspective endpoint, else a :class:`PerspectiveError` saying why:
+    an ``https://`` URL with a host, or ``http://`` to a loopback host; no user name or password in
+    it, a numeric port, no spaces or control characters."""
+    if not isinstance(endpoint, str) or not endpoint:
+        got = "an empty string" if endpoint == "" else type(endpoint).__name__
+        raise PerspectiveError(f"the Perspective endpoint must be a non-empty URL string, got {got}")
+    # shown without query, fragment or user:password@ (any of them may hold a key)
+    shown = repr(re.sub(r"//[^/]*@", "//", endpoint.split("?", 1)[0].split("#", 1)[0]))
+    rule = "use https://HOST/PATH (or http:// to localhost, 127.0.0.0/8 or [::1] for a local test server)"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in endpoint):
+        raise PerspectiveError(f"the Perspective endpoint {shown} contains spaces or control characters; {rule}")
+    try:
+        parts = urllib.parse.urlsplit(endpoint)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
+    except ValueError as e:
+        raise PerspectiveError(f"the Perspective endpoint {shown} is not a valid URL ({e}); {rule}") from None
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    if scheme not in ("https", "http") or not host:
+        what = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
+        raise PerspectiveError(f"the Perspective endpoint {shown} has {what}"
+                               f"{'' if host else ' and no host'}; {rule}")
+    if parts.username is not None or parts.password is not None:
+        raise PerspectiveError(f"the Perspective endpoint {shown} carries a user name or "
+                               f"password (before '@'); {rule}")
+    if scheme == "http" and not _is_loopback(host):
+        raise PerspectiveError(f"the Perspective endpoint {shown} is plain http to {host!r}, which would send "
+                               f"the API key unencrypted; {rule}")
+    return endpoint
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Hand a 3xx answer back as it is: the API never redirects, and a redirect is not followed."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _truncate_utf8(text: str, limit: int = MAX_BYTES) -> str:
     raw = text.encode("utf-8")
     return text if len(raw) <= limit else raw[:limit].decode("utf-8", errors="ignore")
@@ -60,6 +114,8 @@ class PerspectiveScorer(Scorer):
                  max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 60.0, timeout: float = 30.0,
                  do_not_store: bool = True) -> None:
         key = api_key if api_key is not None else os.environ.get(KEY_ENV, "")
+        if not isinstance(key, str):
+            raise PerspectiveError(f"the Perspective API key must be a string, got {type(key).__name__}")
         if not key:
             raise PerspectiveError(f"scorer 'perspective' needs an API key: set the environment variable {KEY_ENV} "
                                    "or pass api_key=")
@@ -72,7 +128,13 @@ class PerspectiveScorer(Scorer):
         self.api_attributes = [a.upper() for a in attributes]
         self.attributes = [a.lower() for a in self.api_attributes]
         self.languages = list(languages)
-        self.endpoint = endpoint
+        problem = None
+        try:
+            self.endpoint = check_endpoint(endpoint)
+        except PerspectiveError as e:
+            problem = self._redact(str(e))  # raised outside the handler, so no chained copy keeps the key
+        if problem is not None:
+            raise PerspectiveError(problem)
         self.min_interval = 0.0 if math.isinf(qps) else 1.0 / qps
         self.max_retries, self.backoff, self.max_backoff, self.timeout = max_retries, backoff, max_backoff, timeout
         self.do_not_store = do_not_store
@@ -84,7 +146,10 @@ class PerspectiveScorer(Scorer):
         return f"perspective[{','.join(self.api_attributes)}:{','.join(self.languages)}]"
 
     def _redact(self, s: str) -> str:
-        return s.replace(self._key, "***")
+        """``s`` without the key, also in its URL-encoded forms."""
+        for form in {self._key, urllib.parse.quote_plus(self._key), urllib.parse.quote(self._key, safe="")}:
+            s = s.replace(form, "***")
+        return s
 
     def _throttle(self) -> None:
         now = time.monotonic()
@@ -102,7 +167,7 @@ class PerspectiveScorer(Scorer):
         self._throttle()
         self.requests_sent += 1
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            with _OPENER.open(req, timeout=self.timeout) as r:
                 return r.status, r.read(), r.headers.get("Retry-After")
         except urllib.error.HTTPError as e:
             with e:
@@ -130,13 +195,16 @@ class PerspectiveScorer(Scorer):
         for attempt in range(self.max_retries + 1):
             try:
                 status, raw, retry_after = self._post(body)
-            except (OSError, http.client.HTTPException) as e:  # refused, reset, DNS, timeout, not HTTP
-                problem = f"could not reach {where}: {self._redact(str(getattr(e, 'reason', e)))}"
+            except (OSError, http.client.HTTPException, ValueError) as e:  # refused, reset, DNS, timeout, TLS
+                why = getattr(e, "reason", e)
+                problem = f"could not reach {where}: {type(why).__name__}: {self._redact(str(why))}"
                 status, raw, retry_after = None, b"", None
             if status == 200:
                 return self._parse(raw, where)
             if status is not None and status != 429 and not 500 <= status < 600:
-                raise PerspectiveError(f"Perspective API at {where} refused the request: HTTP {status}: "
+                what = "answered with a redirect, which is not followed (check the endpoint)" \
+                    if 300 <= status < 400 else "refused the request"
+                raise PerspectiveError(f"Perspective API at {where} {what}: HTTP {status}: "
                                        f"{self._redact(self._message(raw))}")
             if status is not None:
                 problem = f"HTTP {status} from {where}: {self._redact(self._message(raw))}"
@@ -161,8 +229,8 @@ class PerspectiveScorer(Scorer):
             data = json.loads(raw)
         except ValueError as e:
             snippet = raw[:120].decode("utf-8", errors="replace")
-            raise PerspectiveError(f"Perspective API at {where} answered with a body that is not JSON: "
-                                   f"{self._redact(snippet)!r}") from e
+            raise PerspectiveError(f"Perspective API at {where} answered with a body that is not JSON "
+                                   f"({e.__class__.__name__}): {self._redact(snippet)!r}") from None
         out = {}
         for api, attr in zip(self.api_attributes, self.attributes, strict=True):
             try:

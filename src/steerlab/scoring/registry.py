@@ -8,6 +8,9 @@ process.
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -17,7 +20,8 @@ from ..errors import SteerlabError
 
 __all__ = [
     "DEFAULT_SCORER", "EnsembleScorer", "Scorer", "ScorerError", "compare_scorers", "get_scorer", "list_scorers",
-    "register_scorer", "scorer_throughput",
+    "register_scorer", "scorer_throughput", "MAIN_ARGUMENTS", "parse_option_value", "scorer_from_spec",
+    "scorer_options",
 ]
 
 DEFAULT_SCORER = "jigsaw-profanity-max"
@@ -176,6 +180,103 @@ def get_scorer(name: str | Scorer = "default", **kwargs) -> Scorer:
     return _CACHE[n]
 
 
+# --- scorers from command-line specs -------------------------------------------------------------
+
+MAIN_ARGUMENTS: dict[str, str] = {"hf-classifier": "model", "detoxify": "checkpoint"}
+"""The keyword that ``NAME:VALUE`` fills in :func:`scorer_from_spec`, per scorer (others have none)."""
+
+# where the options of the built-in scorers are declared: (module, class), or () for "takes none"
+_OPTION_SOURCES: dict[str, tuple[str, ...]] = {
+    "jigsaw-bilstm": (".jigsaw", "JigsawBiLSTM"), "profanity": (".profanity", "ProfanityScorer"),
+    "hf-classifier": (".hf", "HFClassifierScorer"), "detoxify": (".hf", "DetoxifyScorer"),
+    "perspective": (".perspective", "PerspectiveScorer"), DEFAULT_SCORER: (),
+}
+_BUILTIN_FACTORIES: dict[str, Callable[..., Scorer]] = {}
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?|[+-]?inf")
+_KEYWORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def scorer_options(name: str) -> list[str] | None:
+    """The keyword options scorer ``name`` accepts (sorted), or None when its factory takes any
+    keyword (``**kwargs``), so that they cannot be checked before it is called."""
+    n = _canonical(name)
+    if n not in _FACTORIES:
+        raise ScorerError(f"unknown scorer {name!r}; choose one of: {', '.join(list_scorers())}")
+    target: Callable = _FACTORIES[n]
+    if _BUILTIN_FACTORIES.get(n) is target and n in _OPTION_SOURCES:
+        if not _OPTION_SOURCES[n]:
+            return []
+        module, cls = _OPTION_SOURCES[n]
+        target = getattr(importlib.import_module(module, __package__), cls)
+    params = inspect.signature(target).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return sorted(p.name for p in params
+                  if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+
+
+def parse_option_value(text: str) -> bool | int | float | str:
+    """A command-line option value: ``true``/``false`` (any case) -> bool, an integer -> int, a decimal
+    or exponent number (or ``inf``) -> float, anything else -> the string unchanged."""
+    t = text.strip()
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    if _INT.fullmatch(t):
+        return int(t)
+    if _FLOAT.fullmatch(t):
+        return float(t)
+    return text
+
+
+def _split_spec(spec: str) -> tuple[str, str | None, str]:
+    """(canonical name, main value or None, main keyword or '') of ``NAME[:VALUE]``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ScorerError(f"a scorer spec must be a non-empty string NAME or NAME:VALUE, got {spec!r}")
+    name, colon, value = spec.partition(":")
+    n = _canonical(name)
+    if n not in _FACTORIES:
+        raise ScorerError(f"unknown scorer {name!r}; choose one of: {', '.join(list_scorers())}")
+    main = MAIN_ARGUMENTS.get(n, "")
+    if not colon:
+        return n, None, main
+    if not main:
+        with_main = ", ".join(f"{k}:{v.upper()}" for k, v in MAIN_ARGUMENTS.items())
+        raise ScorerError(f"scorer {n!r} takes no main argument, so {spec!r} (NAME:VALUE) is not valid; give "
+                          f"options as KEY=VALUE instead (NAME:VALUE is for {with_main})")
+    if not value:
+        raise ScorerError(f"scorer spec {spec!r} has nothing after ':'; give {n}:{main.upper()} or just {n}")
+    return n, value, main
+
+
+def scorer_from_spec(spec: str, options: Sequence[str] = ()) -> Scorer:
+    """Build a scorer from command-line text: ``spec`` is ``NAME`` or ``NAME:VALUE``, where VALUE goes
+    to the scorer's main argument (:data:`MAIN_ARGUMENTS`: ``hf-classifier:MODEL``,
+    ``detoxify:CHECKPOINT``), and each of ``options`` is ``KEY=VALUE`` (values read by
+    :func:`parse_option_value`; ``-`` in a key is ``_``). A malformed option, a repeated or unknown
+    keyword, or ``:VALUE`` for a scorer without a main argument is a :class:`ScorerError` that names it
+    and lists the accepted keywords. Without options this is ``get_scorer(NAME)`` (cached)."""
+    n, value, main = _split_spec(spec)
+    if isinstance(options, str):
+        options = [options]
+    accepted = scorer_options(n)
+    listing = ", ".join(accepted) if accepted else "(none)"
+    kwargs: dict[str, object] = {} if value is None else {main: value}
+    for opt in options:
+        key, eq, raw = str(opt).partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not _KEYWORD.fullmatch(key):
+            raise ScorerError(f"malformed option {opt!r} for scorer {n!r}: expected KEY=VALUE; "
+                              f"accepted keywords: {listing}")
+        if accepted is not None and key not in accepted:
+            raise ScorerError(f"scorer {n!r} has no option {key!r}; accepted keywords: {listing}")
+        if key in kwargs:
+            twice = f"{key!r} (also given as {n}:VALUE)" if key == main and value is not None else repr(key)
+            raise ScorerError(f"option {twice} given twice for scorer {n!r}")
+        kwargs[key] = parse_option_value(raw)
+    return get_scorer(n, **kwargs)
+
+
 def scorer_throughput(scorer: str | Scorer, texts: Sequence[str], batch_size: int | None = None,
                       warmup: int = 8) -> float:
     """Texts scored per second by ``scorer`` on ``texts`` (after building it and a warm-up call on the
@@ -256,3 +357,4 @@ for _name, _factory in [("jigsaw-bilstm", _jigsaw), ("profanity", _profanity), (
                         ("detoxify", _detoxify), ("perspective", _perspective), ("ensemble", _ensemble),
                         (DEFAULT_SCORER, _default)]:
     register_scorer(_name, _factory)
+    _BUILTIN_FACTORIES[_name] = _factory
