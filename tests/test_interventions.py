@@ -110,7 +110,7 @@ def test_bad_intervention_inputs_fail_cleanly_and_write_nothing(tmp_path):
     r = runner.invoke(app, ["fit", "steering", "--out", str(vec), "--model", d, "--layers", "x"])
     assert r.exit_code == 2 and "comma-separated list of ints" in _flat(r.output)
     r = runner.invoke(app, ["generate", "--out", str(tmp_path / "r"), "--model", d, "--prompts", prompts, "--alpha", "2"])
-    assert r.exit_code == 2 and "--alpha needs --intervention" in _flat(r.output) and not (tmp_path / "r").exists()
+    assert r.exit_code == 2 and "--alpha and --apply-option need --intervention" in _flat(r.output) and not (tmp_path / "r").exists()
     r = runner.invoke(app, ["generate", "--out", str(tmp_path / "r"), "--model", d, "--prompts", prompts, "--n", "-1"])
     assert r.exit_code == 2 and not (tmp_path / "r").exists()
 
@@ -167,3 +167,26 @@ def test_selfcorrection_round_is_a_prompt_side_intervention(tmp_path):
     plain = tiny_model("llama")
     with pytest.raises(I.InterventionError, match="no chat template"):
         I.fit("selfcorrect", plain, None)
+
+
+def test_cli_apply_options_reach_the_intervention(tmp_path):
+    d = _model_dir(tmp_path)
+    good, bad, prompts = _texts(tmp_path)
+    vec = tmp_path / "v.safetensors"
+    assert runner.invoke(app, ["fit", "steering", "--out", str(vec), "--model", d, "--desirable", good,
+                               "--undesirable", bad, "--layers", "1"]).exit_code == 0
+    out = tmp_path / "cli"
+    r = runner.invoke(app, ["generate", "--out", str(out), "--model", d, "--prompts", prompts, "--max-new-tokens", "5",
+                            "--scorer", "none", "--intervention", str(vec), "--alpha", "1",
+                            "--apply-option", "mode=ablate", "--apply-option", "where=generated"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["intervention"]["apply"] == {
+        "mode": "ablate", "where": "generated", "alpha": 1.0}
+    m = sl.load(d)
+    with I.load(vec, m).apply(m, alpha=1.0, mode="ablate", where="generated"):
+        py = generate_run(m, sl.data.load_prompts(prompts), tmp_path / "py", GenConfig(max_new_tokens=5), progress=False)
+    cli = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["continuation"] for r in cli) == sorted(r["continuation"] for r in py)
+    r = runner.invoke(app, ["generate", "--out", str(tmp_path / "x"), "--model", d, "--prompts", prompts,
+                            "--intervention", str(vec), "--apply-option", "mode"])
+    assert r.exit_code == 2 and "is not KEY=VALUE" in _flat(r.output) and not (tmp_path / "x").exists()

@@ -161,3 +161,24 @@ def test_selfcorrect_options_are_checked_before_generation(tmp_path):
         make_config("tiny", steer_positions="nope").validate()
     r = runner.invoke(app, ["selfcorrect", "--out", str(tmp_path / "sc"), "--steer-positions", "nope"])
     assert r.exit_code == 2 and "steer_positions" in _flat(r.output) and not (tmp_path / "sc").exists()
+
+
+def test_scorer_options_from_the_command_line(tmp_path):
+    from steerlab.scoring import get_scorer
+    from test_scoring_hf import _bert_dir
+
+    d = tmp_path / "clf"
+    _bert_dir(d, {0: "neutral", 1: "toxic"})
+    texts = tmp_path / "t.txt"
+    texts.write_text("you are lovely\nyou are awful\n")
+    out = tmp_path / "scores.jsonl"
+    r = runner.invoke(app, ["score", str(texts), "--scorer", "hf-classifier", "--scorer-option", f"model={d}",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    got = [json.loads(x)["toxic"] for x in out.read_text().splitlines()]
+    want = get_scorer("hf-classifier", model=str(d)).score(["you are lovely", "you are awful"])["toxic"]
+    assert got == pytest.approx(want.tolist())
+    r = runner.invoke(app, ["score", str(texts), "--scorer", f"hf-classifier:{d}"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["score", str(texts), "--scorer", "profanity", "--scorer-option", "colour=1"])
+    assert r.exit_code == 2 and "colour" in _flat(r.output)

@@ -152,3 +152,40 @@ def test_fit_errors(llama, kw, err, message):
     args = dict(data=GOOD, undesirable=BAD, sites="blocks.0.resid_post") | kw
     with pytest.raises(err, match=message):
         SteeringVector.fit(llama, **args)
+
+
+@pytest.mark.parametrize("mode", ["ablate", "clamp", "gated"])
+def test_projection_modes_against_hand_computation(llama, mode):
+    site = "blocks.1.resid_post"
+    sv = SteeringVector.fit(llama, GOOD, BAD, site, positions="mean")
+    v = sv.directions[site]
+    u = v / v.norm()
+    proj = sv.meta["projection"][site]
+    # the fitted projection statistics are the means of the fitting activations on u
+    acts = sl.capture(llama, GOOD + BAD, site, "mean")[site]
+    assert proj["desirable"] == pytest.approx(float((acts[:4] @ u).mean()), rel=1e-5)
+    assert proj["undesirable"] == pytest.approx(float((acts[4:] @ u).mean()), rel=1e-5)
+    before = sl.capture(llama, PROMPTS, site, "all")
+    with sv.apply(llama, alpha=2.0, mode=mode):
+        after = sl.capture(llama, PROMPTS, site, "all")
+    real = before.mask.bool()
+    h, g = before[site][real], after[site][real]
+    p = h @ u
+    if mode == "ablate":   # alpha=2 removes twice the component: the projection flips sign
+        want = h - 2.0 * p[:, None] * u
+    elif mode == "clamp":  # the projection is raised to the desirable mean, never lowered
+        want = h + (proj["desirable"] - p).clamp_min(0)[:, None] * u
+        assert ((g @ u) >= proj["desirable"] - 1e-3).all()
+    else:                  # added only where the state projects below the midpoint
+        thr = 0.5 * (proj["desirable"] + proj["undesirable"])
+        want = h + 2.0 * (p < thr).float()[:, None] * v
+    # block 1's output depends on block 1 only through this edit at this site (no earlier edit)
+    torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(VectorError, match="unknown mode"):
+        with sv.apply(llama, mode="nope"):
+            pass
+    bare = SteeringVector({site: v})
+    if mode != "ablate":
+        with pytest.raises(VectorError, match="projection statistics"):
+            with bare.apply(llama, mode=mode):
+                pass

@@ -122,7 +122,7 @@ def info(model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP))
 def select_prompts(spec: str, split_name: str | None, n: int | None, seed: int = 0) -> list:
     """Prompts from a spec (bundled name, file, hf:...), optionally one part of the seeded split
     by prompt (train / validation / test), then the first ``n``."""
-    from .data import load_prompts, split
+    from .data import load_prompts, split, take
 
     prompts = load_prompts(spec)
     if split_name:
@@ -130,7 +130,7 @@ def select_prompts(spec: str, split_name: str | None, n: int | None, seed: int =
         if split_name not in parts:
             raise typer.BadParameter(f"unknown split {split_name!r}; choose one of {', '.join(parts)}")
         prompts = parts[split_name]
-    return prompts[:n] if n else prompts
+    return take(prompts, n) if n else prompts
 
 
 def print_summary(summary: dict, title: str) -> None:
@@ -156,14 +156,18 @@ def generate(
                                 "harmbench, neutral, a .txt/.jsonl/.csv file, or hf:<dataset>[:split][:field]."),
     split_name: str = typer.Option("", "--split", help="Keep one part of the seeded split by prompt: train, "
                                    "validation or test (60/20/20)."),
-    n: int = typer.Option(0, "--n", min=0, help="Keep the first N prompts (0: all)."),
+    n: int = typer.Option(0, "--n", min=0, help="Keep the first N prompts (0: all; the split is already "
+                          "shuffled, stratified by category)."),
     k: int = typer.Option(1, "-k", min=1, help="Samples per prompt (k > 1 needs a sampling preset)."),
     sampling: str = typer.Option("greedy", help="greedy | t0.7 (T=0.7, top_p=0.9) | t1.0 (T=1.0, top_p=0.95)."),
     max_new_tokens: int = typer.Option(20, min=1, help="New tokens per continuation."),
     chat: bool = typer.Option(False, help="Render prompts as user turns with the chat template (default: raw completion)."),
     batch_size: int = typer.Option(16, min=1, help="Rows (prompt x sample) per generate call."),
     seed: int = typer.Option(0, help="Sampling seed (also the split seed)."),
-    scorer: str = typer.Option("default", help="Toxicity scorer for the continuations, or 'none'. See `steerlab scorers`."),
+    scorer: str = typer.Option("default", help="Toxicity scorer for the continuations, or 'none'. See `steerlab scorers`; "
+                               "NAME:VALUE sets its main argument (hf-classifier:MODEL, detoxify:CHECKPOINT)."),
+    scorer_option: list[str] = typer.Option([], "--scorer-option", help="KEY=VALUE passed to the scorer "
+                                            "(repeatable), e.g. model=PATH for hf-classifier; or --scorer NAME:VALUE."),
     fluency: bool = typer.Option(True, help="Also compute the perplexity of the continuations (given their prompts)."),
     fluency_model: str = typer.Option("", help="Reference model for that perplexity (any --model spec; default: "
                                       "the generating model itself, unedited)."),
@@ -171,6 +175,8 @@ def generate(
                                      "`steerlab fit METHOD`) while generating; fluency is still measured unedited."),
     alpha: float | None = typer.Option(None, help="Strength passed to the intervention's apply (steering: the "
                                        "multiple of the saved direction)."),
+    apply_option: list[str] = typer.Option([], "--apply-option", help="KEY=VALUE passed to the intervention's "
+                                           "apply (repeatable), e.g. mode=ablate or where=generated for steering."),
     overwrite: bool = typer.Option(False, help="Start the run directory afresh."),
 ) -> None:
     """Generate continuations of a prompt set into a run directory, score their toxicity and print
@@ -182,20 +188,23 @@ def generate(
     from .generation import GenConfig, generate_run
     from .interventions import load as load_intervention
     from .runs import write_json_atomic
-    from .scoring import get_scorer
+    from .scoring import scorer_from_spec
 
     # everything is validated and loaded before the run directory is created
     cfg = GenConfig(max_new_tokens=max_new_tokens, sampling=sampling, k=k, seed=seed, chat=chat,
                     batch_size=batch_size)
     ps = select_prompts(prompts, split_name or None, n or None, seed)
-    sc = None if scorer == "none" else get_scorer(scorer)
+    sc = None if scorer == "none" else scorer_from_spec(scorer, scorer_option)
     m = _load(model)
     iv = load_intervention(intervention, m) if intervention else None
-    if alpha is not None and iv is None:
-        raise typer.BadParameter("--alpha needs --intervention", param_hint="--alpha")
+    if (alpha is not None or apply_option) and iv is None:
+        raise typer.BadParameter("--alpha and --apply-option need --intervention", param_hint="--alpha")
+    opts = _key_values(apply_option, "--apply-option")
+    if alpha is not None:
+        opts["alpha"] = alpha
     ref = (_load(fluency_model) if fluency_model else m) if fluency and sc is not None else None
     rows = generate_run(m, ps, out, cfg, scorer=sc, intervention=iv,
-                        apply_options={} if alpha is None else {"alpha": alpha}, overwrite=overwrite,
+                        apply_options=opts, overwrite=overwrite,
                         extra_config={"prompts": prompts, "split": split_name, "n": n})
     console.print(f"{len(rows)} continuations in {out}/results.jsonl")
     if sc is not None:
@@ -209,7 +218,9 @@ def generate(
 @command(app)
 def score(
     inputs: str = typer.Argument(..., help="Texts to score: a .txt (one per line), .jsonl or .csv file."),
-    scorer: str = typer.Option("default", help="Scorer name (see `steerlab scorers`)."),
+    scorer: str = typer.Option("default", help="Scorer name (see `steerlab scorers`), or NAME:VALUE."),
+    scorer_option: list[str] = typer.Option([], "--scorer-option", help="KEY=VALUE passed to the scorer "
+                                            "(repeatable), e.g. model=PATH for hf-classifier; or --scorer NAME:VALUE."),
     field: str = typer.Option("", help="Field/column holding the text in .jsonl/.csv (default: text, prompt; "
                               "use 'continuation' for a generate run's results.jsonl)."),
     out: str = typer.Option("", "--out", "-o", help="Write one JSON row per text (text + every attribute) here."),
@@ -221,10 +232,10 @@ def score(
     import numpy as np
 
     from .data import load_prompts
-    from .scoring import get_scorer
+    from .scoring import scorer_from_spec
 
     items = load_prompts(inputs, field=field or None)
-    sc = get_scorer(scorer)
+    sc = scorer_from_spec(scorer, scorer_option)
     texts = [p.text for p in items]
     res = sc.score(texts)
     if out:
@@ -274,6 +285,18 @@ fit_app = typer.Typer(help="Fit an intervention and save it (safetensors + JSON 
 app.add_typer(fit_app, name="fit")
 
 
+def _key_values(items: list[str], option: str) -> dict:
+    from .scoring import parse_option_value
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=option)
+        out[key.strip().replace("-", "_")] = parse_option_value(value)
+    return out
+
+
 def _check_out_file(out: str) -> None:
     from pathlib import Path
 
@@ -294,12 +317,14 @@ def fit_steering(
     method: str = typer.Option("mean_diff", help="Direction fitter: mean_diff | pca | probe."),
     positions: str = typer.Option("mean", help="last | mean | aligned."),
     scale: str = typer.Option("unit", help="unit | raw."),
-    scorer: str = typer.Option("default", help="Scorer that ranks prompts (when building the contrast set)."),
+    scorer: str = typer.Option("default", help="Scorer that ranks prompts (when building the contrast set), or NAME:VALUE."),
+    scorer_option: list[str] = typer.Option([], "--scorer-option", help="KEY=VALUE passed to the scorer "
+                                            "(repeatable), e.g. model=PATH for hf-classifier; or --scorer NAME:VALUE."),
     seed: int = typer.Option(0, help="Seed of the train/validation/test split the contrast set comes from."),
 ) -> None:
     """Fit a steering vector (one direction per layer) from contrast texts and save it."""
     from .data import ContrastSet, load_prompts
-    from .scoring import get_scorer
+    from .scoring import scorer_from_spec
     from .steer import SteeringVector
     from .steer.vector import FIT_METHODS, toxicity_contrast
 
@@ -312,7 +337,7 @@ def fit_steering(
         data = ContrastSet([p.text for p in load_prompts(desirable)] if desirable else [],
                            [p.text for p in load_prompts(undesirable)] if undesirable else [])
     else:
-        data = toxicity_contrast(prompts, get_scorer(scorer), n_pairs, seed)
+        data = toxicity_contrast(prompts, scorer_from_spec(scorer, scorer_option), n_pairs, seed)
     m = _load(model)
     sites = [f"blocks.{i}.resid_post" for i in (idx or range(m.n_layers))]
     sv = SteeringVector.fit(m, data, sites=sites, method=method, positions=positions, scale=scale)

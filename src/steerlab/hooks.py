@@ -272,7 +272,7 @@ class EditFn:
         return torch.where(m.view(*m.shape, *([1] * (act.dim() - 2))), new, act)
 
 
-def _strength(alpha, device, dtype) -> torch.Tensor | float:
+def strength(alpha, device, dtype) -> torch.Tensor | float:
     if isinstance(alpha, torch.Tensor) or isinstance(alpha, Sequence):
         a = torch.as_tensor(alpha, device=device, dtype=dtype)
         if a.dim() > 1:
@@ -281,7 +281,7 @@ def _strength(alpha, device, dtype) -> torch.Tensor | float:
     return float(alpha)
 
 
-def _rows(a, act: torch.Tensor):
+def per_row(a, act: torch.Tensor):
     """Broadcast a per-row strength ``[B]`` over positions and features."""
     if isinstance(a, torch.Tensor) and a.dim() == 1:
         if a.shape[0] != act.shape[0]:
@@ -302,14 +302,14 @@ class Add(EditFn):
         if tuple(v.shape) != tuple(feat_shape) and not (v.dim() == 1 and v.numel() == torch.Size(feat_shape).numel()):
             raise ShapeError(f"vector of shape {tuple(v.shape)} does not fit site {site!r} of shape {tuple(feat_shape)}")
         self._v = v.reshape(feat_shape).to(device=device, dtype=dtype)
-        self._a = _strength(self.alpha, device, dtype)
+        self._a = strength(self.alpha, device, dtype)
         if isinstance(self._a, float):
             self._av = self._a * self._v
 
     def new(self, act):
         if isinstance(self._a, float):
             return act + self._av
-        return act + _rows(self._a, act) * self._v
+        return act + per_row(self._a, act) * self._v
 
 
 class Scale(EditFn):
@@ -322,10 +322,10 @@ class Scale(EditFn):
     def bind(self, site, feat_shape, device, dtype):
         f = self.factor
         self._per_row = not (isinstance(f, torch.Tensor) and tuple(f.shape) == tuple(feat_shape))
-        self._f = _strength(f, device, dtype) if self._per_row else f.to(device=device, dtype=dtype)
+        self._f = strength(f, device, dtype) if self._per_row else f.to(device=device, dtype=dtype)
 
     def new(self, act):
-        return act * (_rows(self._f, act) if self._per_row else self._f)
+        return act * (per_row(self._f, act) if self._per_row else self._f)
 
 
 class Replace(EditFn):

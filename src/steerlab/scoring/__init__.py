@@ -14,17 +14,22 @@ Registered: ``jigsaw-bilstm``, ``profanity``, ``jigsaw-profanity-max`` (= ``defa
 from .lexicon import token_lexicon
 from .registry import (
     DEFAULT_SCORER,
+    MAIN_ARGUMENTS,
     EnsembleScorer,
     Scorer,
     ScorerError,
     compare_scorers,
     get_scorer,
     list_scorers,
+    parse_option_value,
     register_scorer,
+    scorer_from_spec,
+    scorer_options,
     scorer_throughput,
 )
 
 __all__ = [
     "DEFAULT_SCORER", "EnsembleScorer", "Scorer", "ScorerError", "compare_scorers", "get_scorer", "list_scorers",
-    "register_scorer", "scorer_throughput", "token_lexicon",
+    "register_scorer", "scorer_throughput", "token_lexicon", "MAIN_ARGUMENTS", "parse_option_value",
+    "scorer_from_spec", "scorer_options",
 ]

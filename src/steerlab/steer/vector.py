@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import EmptyInputError
-from ..hooks import add, capture, edit
+from ..hooks import EditFn, add, capture, edit, per_row, strength
 from ..interventions import Intervention, InterventionError, register
 from ..models.model import Model
 
@@ -115,7 +115,10 @@ class SteeringVector(Intervention):
                                     diffs=_aligned_diffs(a[:n], caps.mask[:n], a[n:], caps.mask[n:]))
             else:
                 dirs[s] = direction(a[:n], a[n:], method, scale, paired=paired)
+        projection = {s: _projection_means(caps[s] if positions != "aligned" else caps[s][:, -1], n, dirs[s])
+                      for s in canon}
         meta = {
+            "projection": projection,
             "fit_method": method, "positions": positions, "scale": scale, "chat": chat,
             "options": {"fit_method": method, "positions": positions, "scale": scale},
             "model": model.name, "model_fingerprint": model.fingerprint, "d_model": model.d_model,
@@ -136,10 +139,22 @@ class SteeringVector(Intervention):
         super().check(model, strict)
 
     @contextmanager
-    def apply(self, model: Model, alpha: float | torch.Tensor = 1.0, where: str = "all", strict: bool = True):
-        """Context manager: add ``alpha * direction`` at every site while the body runs."""
+    def apply(self, model: Model, alpha: float | torch.Tensor = 1.0, where: str = "all", strict: bool = True,
+              mode: str = "add"):
+        """Context manager: change every site along its direction while the body runs.
+
+        ``mode`` (:data:`APPLY_MODES`): ``add`` adds ``alpha * direction`` (activation addition);
+        ``gated`` adds it only at positions whose projection on the unit direction is below the
+        threshold fitted on the training data (the midpoint of the desirable and undesirable mean
+        projections: the state looks undesirable); ``ablate`` removes ``alpha`` times the component
+        along the direction (directional ablation; ``alpha=1`` removes it all); ``clamp`` raises the
+        projection to at least the desirable texts' mean projection (``alpha`` unused)."""
         self.check(model, strict)
-        with edit(model, {s: add(v, alpha=alpha, where=where) for s, v in self.directions.items()}) as step:
+        if mode not in APPLY_MODES:
+            raise VectorError(f"unknown mode {mode!r}; choose one of {', '.join(APPLY_MODES)}")
+        fns = {s: APPLY_MODES[mode](v, alpha, where, (self.meta.get("projection") or {}).get(s))
+               for s, v in self.directions.items()}
+        with edit(model, fns) as step:
             yield step
 
     # --- arithmetic ----------------------------------------------------------------------------
@@ -339,6 +354,54 @@ def _probe_direction(hd: torch.Tensor, hu: torch.Tensor, diffs=None, mean_diff=N
     clf = LogisticRegression(C=1.0, max_iter=2000).fit((X - mu) / sd, y)
     w = clf.coef_[0] / sd  # back to activation coordinates
     return torch.from_numpy(w).float().to(hd.device)
+
+
+def _projection_means(acts: torch.Tensor, n: int, v: torch.Tensor) -> dict[str, float]:
+    """Mean projection of the desirable (first ``n``) and undesirable activations on the unit direction."""
+    proj = acts.float() @ (v / v.norm().clamp_min(1e-12)).to(acts.device)
+    return {"desirable": float(proj[:n].mean()), "undesirable": float(proj[n:].mean())}
+
+
+class Projected(EditFn):
+    """Edits along a unit direction u: ``ablate`` (act - alpha (act.u) u), ``clamp`` (act + relu(c -
+    act.u) u) and ``gated`` (act + alpha v where act.u < threshold)."""
+
+    def __init__(self, vector: torch.Tensor, kind: str, alpha=1.0, where: str = "all", level: float = 0.0):
+        super().__init__(where)
+        self.vector, self.kind, self.alpha, self.level = torch.as_tensor(vector), kind, alpha, float(level)
+
+    def bind(self, site, feat_shape, device, dtype):
+        if self.vector.numel() != torch.Size(feat_shape).numel():
+            raise VectorError(f"vector of shape {tuple(self.vector.shape)} does not fit site {site!r} of shape "
+                              f"{tuple(feat_shape)}")
+        self._v = self.vector.reshape(feat_shape).to(device=device, dtype=dtype)
+        self._u = self._v / self._v.norm().clamp_min(1e-12)
+        self._a = strength(self.alpha, device, dtype)
+
+    def new(self, act):
+        p = (act * self._u).sum(-1, keepdim=True)
+        a = per_row(self._a, act)
+        if self.kind == "ablate":
+            return act - a * p * self._u
+        if self.kind == "clamp":
+            return act + (self.level - p).clamp_min(0) * self._u
+        return act + (p < self.level).to(act.dtype) * a * self._v
+
+
+def _level(proj: dict | None, key: str) -> float:
+    if not proj:
+        raise VectorError("this vector has no fitted projection statistics (fit it with SteeringVector.fit); "
+                          "gated and clamp modes need them")
+    return proj["desirable"] if key == "desirable" else 0.5 * (proj["desirable"] + proj["undesirable"])
+
+
+APPLY_MODES: dict[str, Callable] = {
+    "add": lambda v, alpha, where, proj: add(v, alpha=alpha, where=where),
+    "gated": lambda v, alpha, where, proj: Projected(v, "gated", alpha, where, _level(proj, "midpoint")),
+    "ablate": lambda v, alpha, where, proj: Projected(v, "ablate", alpha, where),
+    "clamp": lambda v, alpha, where, proj: Projected(v, "clamp", alpha, where, _level(proj, "desirable")),
+}
+"""How :meth:`SteeringVector.apply` changes a site: ``fn(direction, alpha, where, projection stats) -> edit``."""
 
 
 def _contrast(data, undesirable) -> tuple[list[str], list[str]]:
