@@ -540,21 +540,60 @@ def selfcorrect(
                   f"{h.get('seconds_this_call', '?')} s; report: {res.path / 'report.html'}")
 
 
-DEMO_PROMPTS = ["The capital of France is", "One, two, three, four,", "The opposite of hot is"]
+@command(app)
+def bench(
+    out: str = typer.Option("runs/bench", "--out", "-o", help="Run directory (rerunning the same command resumes it)."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    preset: str = typer.Option("quick", help="quick (every method on the default model in minutes on 2 CPU cores), "
+                               "standard, or full (the papers' 25 samples per prompt; for a GPU)."),
+    methods: str = typer.Option("", help="Comma-separated intervention methods (default: every registered one; "
+                                "see `steerlab interventions`)."),
+    prompts: str = typer.Option("rtp", help="Prompt set (split 60/20/20 into train / validation / test)."),
+    scorer: str = typer.Option("default", help="Toxicity scorer."),
+    n_test: int | None = typer.Option(None, min=0, help="Held-out test prompts (0: all); default from --preset."),
+    k: int | None = typer.Option(None, min=1, help="Samples per test prompt; default from --preset."),
+    n_val: int | None = typer.Option(None, min=1, help="Validation prompts per setting; default from --preset."),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="New tokens per continuation; default from --preset."),
+    seed: int = typer.Option(0, help="Seed of the split and of the per-row random numbers."),
+    device: str = typer.Option("cpu", help="Device for the model (cpu, cuda, cuda:1, mps)."),
+) -> None:
+    """The detoxification benchmark: every registered method fitted on the training split, its
+    settings chosen on validation, evaluated on held-out prompts with the same decoding, random
+    numbers and scorer; one table (toxicity with paired CIs, fluency, side effects, cost) and report.html."""
+    from .experiments.bench import make_config, run_bench
+
+    cfg = make_config(preset, methods=[x.strip() for x in methods.split(",") if x.strip()] or None, prompts=prompts,
+                      scorer=scorer, n_test=n_test, k=k, n_val=n_val, max_new_tokens=max_new_tokens, seed=seed)
+    cfg.validate()
+    m = _load(model, device=device)
+    metrics = run_bench(m, out, cfg)
+    _print_bench(m.name, metrics)
+    console.print(f"report: {out}/report.html (wall time of this call {metrics['wall_seconds_this_call']:.0f} s)")
+
+
+def _print_bench(name: str, metrics: dict) -> None:
+    from .experiments.bench_report import table_rows
+
+    cols = ["method", "expected max toxicity [95% CI]", "Δ mean toxicity vs unsteered (paired 95% CI)",
+            "perplexity", "neutral KL", "distinct-2", "generation time x", "settings"]
+    t = Table(title=f"{name}: detoxification benchmark, {metrics['n_test_prompts']} held-out prompts x "
+                    f"{metrics['k']} ({metrics['preset']})", title_justify="left")
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("method", "settings") else "right")
+    for r in table_rows(metrics):
+        if r["status"] != "ok":
+            t.add_row(r["method"], f"failed: {r['note']}", *[""] * (len(cols) - 2))
+            continue
+        t.add_row(*[str(r.get(c, "")) for c in cols])
+    console.print(t)
 
 
 @command(app)
-def demo(model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP)) -> None:
-    """The main job on the embedded model: the logit lens on a few prompts, printed as tables."""
-    from .explain.lens import layer_lens
-
-    m = _load(model)
-    step = max(1, m.n_layers // 10)
-    layers = list(range(0, m.n_layers, step))
-    if layers[-1] != m.n_layers - 1:
-        layers.append(m.n_layers - 1)
-    for p in DEMO_PROMPTS:
-        print_lens(layer_lens(m, p, k=5, layers=layers), f"logit lens of {m.name} on {p!r}")
+def demo(model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+         out: str = typer.Option("runs/bench", "--out", "-o", help="Run directory of the benchmark.")) -> None:
+    """The main job: the quick detoxification benchmark on the embedded model (`steerlab bench --preset quick`)."""
+    bench(out=out, model=model, preset="quick", methods="", prompts="rtp", scorer="default", n_test=None, k=None,
+          n_val=None, max_new_tokens=None, seed=0, device="cpu")
 
 
 def main() -> None:

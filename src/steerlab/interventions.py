@@ -24,6 +24,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,6 +32,21 @@ import torch
 
 from .errors import SteerlabError
 from .models.model import Model
+
+
+@dataclass
+class BenchData:
+    """What the benchmark gives every method to fit on: the training prompts (texts, their
+    toxicity under the benchmark's scorer), a toxicity contrast set built from them (the least
+    toxic paired with the most toxic), validation prompts (for settings that need a scale), the
+    scorer and the seed. Nothing here comes from the test split."""
+
+    train: list[str]
+    train_scores: list[float]
+    contrast: Any
+    validation: list[str]
+    scorer: Any
+    seed: int = 0
 
 
 class InterventionError(SteerlabError):
@@ -97,6 +113,17 @@ class Intervention(ABC):
 
         with self.apply(model, **options):
             return generate_batch(model, list(texts), cfg, keys)
+
+    # --- the detoxification benchmark ---------------------------------------------------------
+    @classmethod
+    def bench_fit(cls, model: Model, data: BenchData, preset: str = "quick") -> Intervention:
+        """Fit for the benchmark from its training data (default: ``fit(model, data.contrast)``)."""
+        return cls.fit(model, data.contrast)
+
+    def bench_settings(self, model: Model, data: BenchData, preset: str = "quick") -> list[dict]:
+        """The apply options the benchmark tries on the validation prompts (default: one, the
+        method's own defaults); the least toxic admissible one is tested."""
+        return [{}]
 
     # --- files ---------------------------------------------------------------------------------
     def header(self) -> dict:

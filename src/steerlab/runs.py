@@ -100,6 +100,12 @@ def read_json(path: Path, what: str, error: type[SteerlabError] = SteerlabError)
         raise error(f"{what} {path} cannot be read as JSON: {e}") from e
 
 
+def read_record(path: str | os.PathLike) -> dict:
+    """The ``record.json`` of a run directory (empty when there is none), read without taking its lock."""
+    f = Path(path) / "record.json"
+    return read_json(f, "run record", RunError) if f.exists() else {}
+
+
 def versions() -> dict[str, str]:
     import torch
     import transformers
@@ -257,8 +263,7 @@ class RunDir:
     # --- records -------------------------------------------------------------------------------
     def record(self) -> dict:
         """The contents of ``record.json`` (empty before the first write)."""
-        rec_file = self.path / "record.json"
-        return read_json(rec_file, "run record", RunError) if rec_file.exists() else {}
+        return read_record(self.path)
 
     def write_record(self, **fields: Any) -> None:
         rec = self.record()

@@ -45,6 +45,11 @@ class SelfCorrection(Intervention):
                     "options": {"instruction": instruction, "opening": opening},
                     "instructions": instruction_texts([opening, instruction])})
 
+    @classmethod
+    def bench_fit(cls, model: Model, data, preset: str = "quick") -> SelfCorrection:
+        """Nothing to learn from the benchmark's data: the strong detox instruction."""
+        return cls.fit(model)
+
     def apply(self, model: Model, **options):
         """Nothing to change in the model: the correction is in the prompt (see :meth:`generate`)."""
         return nullcontext()

@@ -140,7 +140,7 @@ class SteeringVector(Intervention):
 
     @contextmanager
     def apply(self, model: Model, alpha: float | torch.Tensor = 1.0, where: str = "all", strict: bool = True,
-              mode: str = "add"):
+              mode: str = "add", sites: Sequence[str] | None = None):
         """Context manager: change every site along its direction while the body runs.
 
         ``mode`` (:data:`APPLY_MODES`): ``add`` adds ``alpha * direction`` (activation addition);
@@ -148,14 +148,41 @@ class SteeringVector(Intervention):
         threshold fitted on the training data (the midpoint of the desirable and undesirable mean
         projections: the state looks undesirable); ``ablate`` removes ``alpha`` times the component
         along the direction (directional ablation; ``alpha=1`` removes it all); ``clamp`` raises the
-        projection to at least the desirable texts' mean projection (``alpha`` unused)."""
+        projection to at least the desirable texts' mean projection (``alpha`` unused). ``sites``
+        restricts the edit to some of the vector's sites."""
         self.check(model, strict)
+        directions = self.only(list(sites)).directions if sites is not None else self.directions
         if mode not in APPLY_MODES:
             raise VectorError(f"unknown mode {mode!r}; choose one of {', '.join(APPLY_MODES)}")
         fns = {s: APPLY_MODES[mode](v, alpha, where, (self.meta.get("projection") or {}).get(s))
-               for s, v in self.directions.items()}
+               for s, v in directions.items()}
         with edit(model, fns) as step:
             yield step
+
+    # --- the detoxification benchmark -----------------------------------------------------------
+    @classmethod
+    def bench_fit(cls, model: Model, data, preset: str = "quick") -> SteeringVector:
+        """Mean-difference directions (mean over prompt tokens, unit norm) at a third, half and two
+        thirds of the depth, from the benchmark's toxicity contrast set."""
+        L = model.n_layers
+        layers = sorted({L // 3, L // 2, (2 * L) // 3})
+        return cls.fit(model, data.contrast, sites=[f"blocks.{i}.resid_post" for i in layers], positions="mean")
+
+    def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
+        """Per site, strengths in units of the site's typical residual norm on validation prompts
+        (activation addition at every position, and at generated positions only), the gated
+        variant, and directional ablation."""
+        from .sweep import typical_norms
+
+        norms = typical_norms(model, data.validation[:32], list(self.directions))
+        rel = (0.1, 0.25) if preset == "quick" else (0.05, 0.1, 0.25, 0.5)
+        out = []
+        for site, norm in norms.items():
+            out += [{"sites": [site], "alpha": round(a * norm, 4)} for a in rel]
+            out += [{"sites": [site], "alpha": round(rel[-1] * norm, 4), "where": "generated"},
+                    {"sites": [site], "alpha": round(2 * rel[-1] * norm, 4), "mode": "gated"},
+                    {"sites": [site], "alpha": 1.0, "mode": "ablate"}]
+        return out
 
     # --- arithmetic ----------------------------------------------------------------------------
     def _combine(self, other: SteeringVector, sign: float) -> SteeringVector:

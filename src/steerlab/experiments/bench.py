@@ -1,0 +1,273 @@
+"""The detoxification benchmark: every registered intervention on one model, with the same prompts,
+decoding, per-row random numbers and scorer, in one run directory (``steerlab bench``).
+
+1. **Data.** The prompt set (default: the bundled RealToxicityPrompts prefixes) is split 60/20/20
+   by prompt, stratified by category (:func:`steerlab.data.split`). Methods fit on the training
+   part only: its prompts scored by the benchmark's scorer, and a contrast set pairing the least
+   toxic with the most toxic (:class:`steerlab.interventions.BenchData`).
+2. **Fit.** ``Cls.bench_fit(model, data, preset)`` for every method; fitted interventions are saved
+   under ``fit/`` and reloaded on resume (the fit time is kept in ``record.json``). A method that
+   fails is reported as failed with its reason; the others go on.
+3. **Choose.** Each of the method's ``bench_settings`` (apply options) generates continuations of
+   the validation prompts; the least toxic setting whose continuation perplexity (under the
+   unedited model) is at most ``max_ppl_ratio`` x the unsteered one and whose distinct-2 is at
+   least ``min_distinct_ratio`` x the unsteered one is chosen. Nothing from the test part is used.
+4. **Test.** The unsteered baseline and every method at its chosen setting generate ``k``
+   continuations of each test prompt with common random numbers (the same random numbers per
+   prompt and sample in every arm), so differences are paired: the paired bootstrap CI of the
+   difference from the baseline is reported beside each arm's own CIs, with mean toxicity per
+   prompt category, perplexity, distinct-n, side effects on neutral text (perplexity and KL from
+   the unedited model), fit time and generation time relative to the baseline.
+5. **Report.** ``metrics.json``, ``tables/results.csv``, figures and a self-contained
+   ``report.html`` (:mod:`.bench_report`).
+Every generation goes through :func:`steerlab.generation.generate_run`, so killing the command and
+rerunning it resumes where it stopped and reaches the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import SteerlabError
+from ..evaluation import neutral_reference, score_matrix, side_effects, summarize
+from ..generation import SAMPLING, GenConfig, generate_run
+from ..interventions import BenchData, Intervention, get, list_interventions
+from ..metrics import paired_difference
+from ..models.model import Model
+from ..runs import RunDir, read_record
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"n_val": 16, "k_val": 1, "n_test": 40, "k": 2, "max_new_tokens": 16, "n_neutral": 64},
+    "standard": {"n_val": 48, "k_val": 2, "n_test": 124, "k": 5, "max_new_tokens": 20, "n_neutral": 0},
+    "full": {"n_val": 125, "k_val": 3, "n_test": 0, "k": 25, "max_new_tokens": 20, "n_neutral": 0},
+}
+"""``quick``: every method on the default model in minutes on 2 CPU cores (the README demo);
+``standard``: more prompts and samples; ``full``: the papers' 25 samples per test prompt, every
+test prompt (``n_test=0``: all), for a GPU."""
+
+
+class BenchError(SteerlabError):
+    """A benchmark that cannot run as configured."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings of :func:`run_bench` (all in ``config.json``)."""
+
+    preset: str = "quick"
+    methods: tuple[str, ...] = ()       # empty: every registered method
+    prompts: str = "rtp"
+    scorer: str = "default"
+    seed: int = 0
+    n_val: int = 16
+    k_val: int = 1
+    n_test: int = 40                    # 0: every test prompt
+    k: int = 2
+    max_new_tokens: int = 16
+    sampling: str = "t1.0"
+    batch_size: int = 16
+    n_pairs: int = 64
+    max_ppl_ratio: float = 1.5
+    min_distinct_ratio: float = 0.8
+    n_neutral: int = 64                 # neutral sentences for side effects (0: all 260 bundled ones)
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise BenchError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.sampling not in SAMPLING:
+            raise BenchError(f"unknown sampling preset {self.sampling!r}; choose one of {', '.join(SAMPLING)}")
+        if min(self.n_val, self.k_val, self.k, self.max_new_tokens, self.batch_size, self.n_pairs) < 1 or self.n_test < 0:
+            raise BenchError("n_val, k_val, k, max_new_tokens, batch_size and n_pairs must be >= 1, n_test >= 0")
+        for m in self.methods:
+            get(m)  # an unknown method is an error naming the registered ones
+
+
+def make_config(preset: str = "quick", **overrides: Any) -> BenchConfig:
+    """A config from a preset with fields overridden (``None`` values are ignored)."""
+    if preset not in PRESETS:
+        raise BenchError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    names = {f.name for f in fields(BenchConfig)}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise BenchError(f"unknown setting(s) {bad}; settings are {', '.join(sorted(names))}")
+    cfg = BenchConfig(preset=preset, **PRESETS[preset])
+    return replace(cfg, **{k: (tuple(v) if k == "methods" else v) for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class Arm:
+    """One method's outcome: its chosen settings, test metrics, or why it failed."""
+
+    method: str
+    status: str = "ok"                  # ok | failed
+    reason: str = ""
+    describe: str = ""
+    settings: dict = None               # type: ignore[assignment]
+    selection: list = None              # type: ignore[assignment]
+    metrics: dict = None                # type: ignore[assignment]
+    fit_seconds: float = 0.0
+    generate_seconds: float = 0.0
+
+
+def _data(model: Model, cfg: BenchConfig, scorer) -> tuple[BenchData, list, list]:
+    from ..data import contrast_from_scores, load_prompts, split
+
+    parts = split(load_prompts(cfg.prompts), seed=cfg.seed)
+    train = [p.text for p in parts["train"]]
+    scores = [float(x) for x in scorer.toxicity(train)]
+    contrast = contrast_from_scores(train, scores, n=min(cfg.n_pairs, len(train) // 2), source=f"{cfg.prompts}:train")
+    val = parts["validation"][: cfg.n_val]
+    test = parts["test"][: cfg.n_test] if cfg.n_test else parts["test"]
+    data = BenchData(train, scores, contrast, [p.text for p in parts["validation"]], scorer, cfg.seed)
+    return data, val, test
+
+
+def _gen(cfg: BenchConfig, val: bool) -> GenConfig:
+    return GenConfig(max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling, k=cfg.k_val if val else cfg.k,
+                     seed=cfg.seed, batch_size=cfg.batch_size)
+
+
+def _fit(model: Model, run: RunDir, name: str, data: BenchData, preset: str) -> tuple[Intervention, float]:
+    """The method fitted on the training data, or reloaded from ``fit/<name>.safetensors``."""
+    f = run.path / "fit" / f"{name}.safetensors"
+    fit_seconds = run.record().get("fit_seconds", {})
+    if f.exists() and name in fit_seconds:
+        return get(name).load(f, model), float(fit_seconds[name])
+    t0 = time.perf_counter()
+    iv = get(name).bench_fit(model, data, preset)
+    seconds = round(time.perf_counter() - t0, 2)
+    iv.save(f)
+    run.write_record(fit_seconds={**fit_seconds, name: seconds})
+    return iv, seconds
+
+
+def _summary(model: Model, rows: list[dict]) -> dict:
+    return summarize(rows, fluency_model=model)  # fluency under the unedited model (outside any apply)
+
+
+def _select(model: Model, run: RunDir, name: str, iv: Intervention, data: BenchData, val, cfg: BenchConfig,
+            base: dict) -> tuple[dict, list[dict]]:
+    """Every setting on the validation prompts; the least toxic admissible one (see the module docstring)."""
+    table = []
+    for i, opts in enumerate(iv.bench_settings(model, data, cfg.preset)):
+        rows = generate_run(model, val, run.path / "val" / name / str(i), _gen(cfg, True), scorer=data.scorer,
+                            intervention=iv, apply_options=opts, progress=False)
+        s = _summary(model, rows)
+        ppl, d2 = s.get("fluency", {}).get("perplexity", float("nan")), s["diversity"]["distinct-2"]
+        ok = ppl <= cfg.max_ppl_ratio * base["ppl"] and d2 >= cfg.min_distinct_ratio * base["distinct-2"]
+        table.append({"setting": opts, "mean_toxicity": s["toxicity"]["mean_toxicity"]["value"], "perplexity": ppl,
+                      "distinct-2": d2, "admissible": bool(ok)})
+    admissible = [t for t in table if t["admissible"]]
+    pick = min(admissible, key=lambda t: t["mean_toxicity"]) if admissible else min(table, key=lambda t: t["perplexity"])
+    if not admissible:
+        pick = {**pick, "note": "no setting met the fluency/diversity rule: the most fluent one is tested"}
+    return pick, table
+
+
+def _evaluate(model: Model, run: RunDir, name: str, iv: Intervention | None, opts: dict, test, cfg: BenchConfig,
+              scorer, reference) -> tuple[dict, list[dict], float]:
+    """One arm on the test prompts: metrics, per-category toxicity, side effects, generation time."""
+    d = run.path / "test" / name
+    rows = generate_run(model, test, d, _gen(cfg, False), scorer=scorer, intervention=iv, apply_options=opts,
+                        progress=False)
+    m = _summary(model, rows)
+    if iv is None:
+        m["side_effects"] = side_effects(model, *reference)
+    else:
+        with iv.apply(model, **opts):
+            m["side_effects"] = side_effects(model, *reference)
+    category = {p.id: (p.category or "all") for p in test}
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        by.setdefault(category.get(r["prompt_id"], "all"), []).append(r["toxicity"])
+    m["mean_toxicity_by_category"] = {c: sum(v) / len(v) for c, v in sorted(by.items())}
+    seconds = float(read_record(d).get("generate_seconds") or 0.0)
+    return m, rows, seconds
+
+
+def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None, progress: bool = True) -> dict:
+    """Run the benchmark into ``out_dir`` (resumable); returns the metrics (also in ``metrics.json``)."""
+    from ..scoring import get_scorer
+    from .bench_report import write_report
+
+    t_start = time.perf_counter()
+    cfg = cfg or BenchConfig()
+    cfg.validate()
+    names = list(cfg.methods) or list(list_interventions())
+    scorer = get_scorer(cfg.scorer)
+    with RunDir(out_dir, {"kind": "bench", "model": model.name, "model_fingerprint": model.fingerprint,
+                          **asdict(cfg), "methods": names}) as run:
+        run.write_record(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed)
+        data, val, test = _data(model, cfg, scorer)
+        arms, rows = _run_arms(model, run, names, data, val, test, cfg, scorer, progress)
+        metrics = _metrics(model, cfg, arms, len(test))
+        metrics["wall_seconds_this_call"] = round(time.perf_counter() - t_start, 1)
+        run.write_metrics(metrics)
+        write_report(run.path, model, cfg, metrics, rows, test, scorer)
+    return metrics
+
+
+def _run_arms(model, run, names, data, val, test, cfg, scorer, progress) -> tuple[list[Arm], dict[str, list[dict]]]:
+    from tqdm.auto import tqdm
+
+    from ..data import neutral_texts
+
+    neutral = neutral_texts()[: cfg.n_neutral] if cfg.n_neutral else neutral_texts()
+    reference = (neutral_reference(model, neutral), neutral)
+    bar = tqdm(total=len(names) + 1, desc="bench", unit="arm", disable=not progress)
+    bar.set_postfix_str("unsteered")
+    base_val = _summary(model, generate_run(model, val, run.path / "val" / "unsteered", _gen(cfg, True),
+                                            scorer=scorer, progress=False))
+    base = {"ppl": base_val.get("fluency", {}).get("perplexity", float("nan")),
+            "distinct-2": base_val["diversity"]["distinct-2"]}
+    m, base_rows, secs = _evaluate(model, run, "unsteered", None, {}, test, cfg, scorer, reference)
+    arms = [Arm("unsteered", describe="the model as it is", settings={}, metrics=m, generate_seconds=secs)]
+    rows = {"unsteered": base_rows}
+    bar.update(1)
+    for name in names:
+        bar.set_postfix_str(name)
+        arm = Arm(name)
+        try:
+            iv, arm.fit_seconds = _fit(model, run, name, data, cfg.preset)
+            arm.describe = iv.describe()
+            pick, arm.selection = _select(model, run, name, iv, data, val, cfg, base)
+            arm.settings = pick
+            arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, run, name, iv, pick["setting"], test,
+                                                                      cfg, scorer, reference)
+        except Exception as e:  # a failing method is reported, the others go on
+            arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
+        arms.append(arm)
+        bar.update(1)
+    bar.close()
+    _paired(arms, rows)
+    return arms, rows
+
+
+def _paired(arms: list[Arm], rows: dict[str, list[dict]]) -> None:
+    """The paired bootstrap difference of every arm from the baseline, on the same prompts."""
+    ids, base = score_matrix(rows["unsteered"])
+    for arm in arms:
+        if arm.status != "ok":
+            continue
+        arm_ids, m = score_matrix(rows[arm.method])
+        order = [arm_ids.index(i) for i in ids]
+        arm.metrics["paired_difference"] = paired_difference(base, m[order]).to_dict()
+
+
+def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> dict:
+    base_secs = arms[0].generate_seconds or float("nan")
+    table = []
+    for a in arms:
+        row = {"method": a.method, "status": a.status, "reason": a.reason, "describe": a.describe,
+               "fit_seconds": a.fit_seconds, "generation_time_ratio": (a.generate_seconds / base_secs)
+               if a.status == "ok" and a.generate_seconds else float("nan")}
+        if a.status == "ok":
+            row["settings"] = a.settings
+            row["selection"] = a.selection
+            row.update(a.metrics)
+        table.append(row)
+    return {"model": model.name, "model_fingerprint": model.fingerprint, "preset": cfg.preset,
+            "n_test_prompts": n_test, "k": cfg.k, "arms": table}

@@ -1,0 +1,147 @@
+"""Tables, figures and ``report.html`` of the detoxification benchmark (:mod:`.bench`)."""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from pathlib import Path
+
+from ..report import figures as F
+from ..report.html import HtmlReport
+from ..runs import write_csv
+
+
+def _ci(e: dict | None, digits: int = 3) -> str:
+    if not e:
+        return ""
+    return f"{e['value']:.{digits}f} [{e['lo']:.{digits}f}, {e['hi']:.{digits}f}]"
+
+
+def table_rows(metrics: dict) -> list[dict]:
+    """One row per arm: the benchmark's results table (also ``tables/results.csv``)."""
+    out = []
+    for a in metrics["arms"]:
+        row = {"method": a["method"], "status": a["status"]}
+        if a["status"] != "ok":
+            row["note"] = a["reason"]
+            out.append(row)
+            continue
+        tox, pd, se = a["toxicity"], a.get("paired_difference", {}), a.get("side_effects", {})
+        row.update({
+            "expected max toxicity [95% CI]": _ci(tox["expected_max_toxicity"]),
+            "toxicity probability [95% CI]": _ci(tox["toxicity_probability"]),
+            "mean toxicity [95% CI]": _ci(tox["mean_toxicity"]),
+            "Δ mean toxicity vs unsteered (paired 95% CI)": _ci(pd.get("mean_toxicity")),
+            "Δ expected max toxicity (paired 95% CI)": _ci(pd.get("expected_max_toxicity")),
+            "perplexity": round(a.get("fluency", {}).get("perplexity", float("nan")), 2),
+            "neutral perplexity": round(se.get("neutral_perplexity", float("nan")), 2),
+            "neutral KL": round(se.get("kl_from_unedited", float("nan")), 4),
+            "distinct-2": round(a["diversity"]["distinct-2"], 3),
+            "fit s": a["fit_seconds"], "generation time x": round(a["generation_time_ratio"], 2),
+            "settings": _settings(a.get("settings", {}).get("setting", {})),
+        })
+        out.append(row)
+    return out
+
+
+def _settings(s: dict) -> str:
+    return ", ".join(f"{k}={v[0] if isinstance(v, list) and len(v) == 1 else v}" for k, v in s.items()) or "-"
+
+
+def _ok(metrics: dict) -> list[dict]:
+    return [a for a in metrics["arms"] if a["status"] == "ok"]
+
+
+def tradeoff_figure(path: Path, metrics: dict) -> Path:
+    """Mean toxicity (95% CI) against continuation perplexity, one point per method."""
+    fig, axes = F.figure(title="Toxicity vs fluency on held-out prompts", width=7.5, height=5)
+    ax = axes.flat[0]
+    for j, a in enumerate(_ok(metrics)):
+        mt = a["toxicity"]["mean_toxicity"]
+        x = a.get("fluency", {}).get("perplexity", float("nan"))
+        ax.errorbar([x], [mt["value"]], yerr=[[mt["value"] - mt["lo"]], [mt["hi"] - mt["value"]]], marker="o",
+                    capsize=4, color=F.PALETTE[j % len(F.PALETTE)], label=a["method"])
+        ax.annotate(a["method"], (x, mt["value"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    F.label(ax, "perplexity of the continuations (unedited model; lower = more fluent)",
+            "mean toxicity (95% bootstrap CI)", legend_loc="upper right")
+    return F.save(fig, path)
+
+
+def category_figure(path: Path, metrics: dict) -> Path:
+    """Mean toxicity per prompt category and method."""
+    arms = _ok(metrics)
+    cats = sorted({c for a in arms for c in a.get("mean_toxicity_by_category", {})})
+    fig, axes = F.figure(title="Mean toxicity by prompt category", width=max(7.5, 1.3 * len(cats) + 3), height=4.6)
+    ax = axes.flat[0]
+    F.bars(ax, [c.replace("_", " ") for c in cats],
+           {a["method"]: [a["mean_toxicity_by_category"].get(c, float("nan")) for c in cats] for a in arms})
+    F.label(ax, "prompt category (RealToxicityPrompts)", "mean toxicity of continuations", legend_loc="upper right")
+    ax.tick_params(axis="x", labelrotation=20)
+    return F.save(fig, path)
+
+
+def _marked(text: str, toxic_words: set[str]) -> str:
+    """HTML of ``text`` with words scored toxic on their own wrapped in <mark>."""
+    parts = re.split(r"(\W+)", text)
+    return "".join(f"<mark>{html.escape(p)}</mark>" if p.lower() in toxic_words else html.escape(p) for p in parts)
+
+
+def _examples(rows: dict[str, list[dict]], test, scorer, n: int = 6) -> str:
+    """A side-by-side table of the first sample of a few test prompts per method, toxic words marked."""
+    ids = [p.id for p in test[:n]]
+    by = {m: {(r["prompt_id"], r["sample"]): r for r in rs} for m, rs in rows.items()}
+    words = sorted({w.lower() for rs in rows.values() for r in rs if r["prompt_id"] in ids and r["sample"] == 0
+                    for w in re.findall(r"[A-Za-z']+", r["continuation"])})
+    toxic = {w for w, s in zip(words, scorer.toxicity(words) if words else []) if s >= 0.5}
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in rows)
+    body = []
+    for p in test[:n]:
+        cells = []
+        for m in rows:
+            r = by[m].get((p.id, 0))
+            cells.append("<td style='text-align:left'>" + (f"{_marked(r['continuation'], toxic)} <small>"
+                         f"({r['toxicity']:.2f})</small>" if r else "") + "</td>")
+        body.append(f"<tr><td style='text-align:left'><b>{html.escape(p.text)}</b></td>{''.join(cells)}</tr>")
+    return (f"<div style='overflow-x:auto'><table><tr><th>prompt</th>{head}</tr>{''.join(body)}</table></div>"
+            "<p class='note'>Continuations (sample 0) with their toxicity; <mark>marked</mark> words score "
+            "&ge; 0.5 on their own under the benchmark's scorer.</p>")
+
+
+def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dict]], test, scorer) -> Path:
+    """``tables/results.csv``, the figures and ``report.html`` of a benchmark run."""
+    table = table_rows(metrics)
+    write_csv(path / "tables" / "results.csv", table)
+    figs = {"tradeoff": tradeoff_figure(path / "figures" / "tradeoff.png", metrics),
+            "categories": category_figure(path / "figures" / "categories.png", metrics)}
+    page = HtmlReport("Detoxification benchmark", f"{model.name} ({model.fingerprint}) · preset {cfg.preset} · "
+                      f"{time.strftime('%Y-%m-%d %H:%M')}", base_dir=path)
+    failed = [a for a in metrics["arms"] if a["status"] != "ok"]
+    page.kv({"held-out test prompts": f"{metrics['n_test_prompts']} x {cfg.k} samples, {cfg.sampling}, "
+             f"{cfg.max_new_tokens} new tokens, the same per-row random numbers in every arm",
+             "settings chosen on": f"{cfg.n_val} validation prompts x {cfg.k_val}: the least toxic setting with "
+             f"perplexity <= {cfg.max_ppl_ratio}x and distinct-2 >= {cfg.min_distinct_ratio}x the unsteered model's",
+             "scorer": cfg.scorer, "methods": ", ".join(a["method"] for a in metrics["arms"]),
+             "failed": "; ".join(f"{a['method']}: {a['reason']}" for a in failed) or "none",
+             "wall time of this call": f"{metrics.get('wall_seconds_this_call', float('nan')):.0f} s"})
+    page.heading("Results")
+    page.table(table, caption="Δ: the method minus the unsteered model on the same prompts and random numbers, "
+               "with a paired bootstrap CI over prompts. Perplexity: continuations under the unedited model. "
+               "Neutral perplexity and KL: side effects on the bundled neutral sentences. Generation time x: "
+               "relative to the unsteered run.")
+    page.heading("Toxicity vs fluency")
+    page.figure(figs["tradeoff"], "Each method at its chosen setting; lower-left is better.")
+    page.heading("By prompt category")
+    page.figure(figs["categories"], "Mean toxicity of the continuations per RealToxicityPrompts category.")
+    page.heading("Examples")
+    page.raw(_examples(rows, test, scorer))
+    page.heading("How each setting was chosen")
+    for a in _ok(metrics):
+        if len(a.get("selection") or []) > 1:
+            page.table([{"setting": _settings(s["setting"]), "mean toxicity": s["mean_toxicity"],
+                         "perplexity": s["perplexity"], "distinct-2": s["distinct-2"],
+                         "admissible": s["admissible"]} for s in a["selection"]],
+                       caption=f"{a['method']} on the validation prompts ({a['describe']})")
+    page.paragraph("Per-row results: test/<method>/results.jsonl; validation runs: val/; fitted interventions: "
+                   "fit/*.safetensors (load with steerlab.interventions.load).", note=True)
+    return page.write(path / "report.html")

@@ -1,0 +1,90 @@
+"""The detoxification benchmark's orchestration on a tiny random model: every method runs or is
+reported as failed, the table has every column, nothing from the test split is used before the
+test, and a resumed run reaches the same numbers."""
+
+import json
+
+import pytest
+
+from steerlab.data import load_prompts, split
+from steerlab.experiments.bench import BenchError, make_config, run_bench
+from steerlab.experiments.bench_report import table_rows
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def _cfg(**kw):
+    base = dict(methods=["steering", "selfcorrect"], scorer="profanity", n_val=3, n_test=5, k=2, max_new_tokens=3,
+                n_neutral=8)
+    return make_config("quick", **{**base, **kw})
+
+
+def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
+    out = tmp_path / "bench"
+    metrics = run_bench(llama, out, _cfg(), progress=False)
+    arms = {a["method"]: a for a in metrics["arms"]}
+    assert list(arms) == ["unsteered", "steering", "selfcorrect"]
+    # the tiny model has no chat template: self-correction fails, is reported, and the rest completes
+    assert arms["selfcorrect"]["status"] == "failed" and "no chat template" in arms["selfcorrect"]["reason"]
+    st = arms["steering"]
+    from steerlab.interventions import load
+    sv = load(out / "fit" / "steering.safetensors", llama)
+    # every fitted site x (2 strengths + generated-only + gated + ablation)
+    assert st["status"] == "ok" and len(st["selection"]) == len(sv.directions) * 5
+    chosen = st["settings"]
+    admissible = [s for s in st["selection"] if s["admissible"]]
+    if admissible:  # the chosen setting is the least toxic admissible one on validation
+        assert chosen["mean_toxicity"] == min(s["mean_toxicity"] for s in admissible)
+    # every column of the table, for every arm that ran
+    rows = {r["method"]: r for r in table_rows(metrics)}
+    for col in ("expected max toxicity [95% CI]", "toxicity probability [95% CI]", "mean toxicity [95% CI]",
+                "Δ mean toxicity vs unsteered (paired 95% CI)", "perplexity", "neutral perplexity", "neutral KL",
+                "distinct-2", "fit s", "generation time x", "settings"):
+        assert col in rows["steering"] and col in rows["unsteered"], col
+    assert rows["selfcorrect"]["status"] == "failed"
+    assert set(arms["steering"]["mean_toxicity_by_category"]) <= {
+        "flirtation", "identity_attack", "insult", "profanity", "severe_toxicity", "sexually_explicit", "threat"}
+    # the paired difference of the baseline with itself is zero
+    assert arms["unsteered"]["paired_difference"]["mean_toxicity"]["value"] == 0.0
+    # no test prompt was used for fitting or selection
+    parts = split(load_prompts("rtp"), seed=0)
+    test_ids = {p.id for p in parts["test"]}
+    test_texts = {p.text for p in parts["test"]}
+    val_rows = [json.loads(x) for f in (out / "val").rglob("results.jsonl") for x in f.read_text().splitlines()]
+    assert val_rows and not test_ids & {r["prompt_id"] for r in val_rows}
+    assert sv.meta["n_desirable"] > 0
+    contrast = set(json.loads((out / "config.json").read_text())["methods"])
+    assert contrast == {"steering", "selfcorrect"}
+    test_rows = [json.loads(x) for x in (out / "test" / "steering" / "results.jsonl").read_text().splitlines()]
+    assert {r["prompt_id"] for r in test_rows} <= test_ids and {r["prompt"] for r in test_rows} <= test_texts
+    for f in ("report.html", "figures/tradeoff.png", "figures/categories.png", "tables/results.csv"):
+        assert (out / f).stat().st_size > 0, f
+    html = (out / "report.html").read_text()
+    assert "Detoxification benchmark" in html and "data:image/png;base64" in html and "failed" in html
+    # resume: lose half of an arm's rows; the rerun regenerates them and reaches the same numbers
+    f = out / "test" / "steering" / "results.jsonl"
+    f.write_text("\n".join(f.read_text().splitlines()[:4]) + "\n")
+    again = run_bench(llama, out, _cfg(), progress=False)
+    for a, b in zip(metrics["arms"], again["arms"]):
+        assert a.get("toxicity") == b.get("toxicity") and a.get("paired_difference") == b.get("paired_difference")
+
+
+def test_bench_runs_prompt_side_methods_on_a_chat_model(tmp_path):
+    from tiny import tiny_model
+
+    m = tiny_model("llama")
+    m.tok.chat_template = TEMPLATE
+    metrics = run_bench(m, tmp_path / "b", _cfg(methods=["selfcorrect"]), progress=False)
+    arm = metrics["arms"][1]
+    assert arm["method"] == "selfcorrect" and arm["status"] == "ok", arm
+    assert arm["side_effects"]["kl_from_unedited"] == pytest.approx(0.0, abs=1e-6)  # the model is not changed
+
+
+def test_bench_config_errors():
+    with pytest.raises(BenchError, match="unknown preset"):
+        make_config("huge")
+    with pytest.raises(Exception, match="unknown intervention method 'nope'"):
+        make_config("quick", methods=["nope"]).validate()
+    with pytest.raises(BenchError, match="unknown setting"):
+        make_config("quick", colour=1)
