@@ -93,3 +93,26 @@ def test_bad_inputs():
     bad = AurA({"blocks.0.mlp.act": torch.ones(7) * 0.5}, meta=dict(iv.meta))
     with pytest.raises(AuraError, match=r"factors for 'blocks.0.mlp.act' have size \(7,\) but tiny-llama has \(48,\)"):
         bad.check(m)
+
+
+def test_cli_fit_aura_bad_variant_and_too_few_texts(tmp_path):
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    runner = CliRunner()
+    flat = lambda out: " ".join(out.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())  # noqa: E731
+    r = runner.invoke(app, ["fit", "aura", "--out", str(tmp_path / "a.safetensors"), "--variant", "zero"])
+    assert r.exit_code == 2 and "unknown variant 'zero'; choose one of aura, damp, det0" in flat(r.output)
+    m = tiny_model("llama")
+    d = tmp_path / "tiny"
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"line {i} of text" for i in range(4)) + "\n")
+    r = runner.invoke(app, ["fit", "aura", "--out", str(tmp_path / "a.safetensors"), "--model", str(d), "--prompts",
+                            str(prompts), "--n-prompts", "0", "--max-new-tokens", "3", "--scorer", "profanity"])
+    assert r.exit_code == 2 and "AurA needs at least 8 of each" in flat(r.output), r.output
+    with pytest.raises(AuraError, match="AurA takes no apply options"):
+        with AurA.fit(m, (GOOD, BAD)).apply(m, alpha=2.0):
+            pass

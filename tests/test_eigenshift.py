@@ -188,3 +188,38 @@ def test_salient_words_and_first_token():
     assert first_word_token(pieces, {"stupid"}, str.split) == 3
     assert first_word_token(pieces, {"idiot"}, str.split) == 5
     assert first_word_token(pieces, {"cake"}, str.split) == -1
+
+
+def test_cli_fit_too_few_states_and_generate_with_an_edit_file(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    m = tiny_model("llama")
+    d = tmp_path / "tiny"
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"line {i} of text" for i in range(4)) + "\n")
+    runner = CliRunner()
+    r = runner.invoke(app, ["fit", "eigenshift", "--out", str(tmp_path / "es.safetensors"), "--model", str(d),
+                            "--prompts", str(prompts), "--n-prompts", "0", "--samples", "2", "--max-new-tokens", "3",
+                            "--scorer", "profanity"])
+    assert r.exit_code == 2 and "found 0 toxic and" in r.output and "use more prompts" in r.output, r.output
+    loaded = sl.load(str(d))
+    es = _fit(loaded, k=6, alpha=0.0)
+    es.save(tmp_path / "es.safetensors")
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["generate", "--out", str(out), "--model", str(d), "--prompts", str(prompts),
+                            "--max-new-tokens", "5", "--scorer", "none", "--intervention",
+                            str(tmp_path / "es.safetensors")])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    with es.apply(loaded):
+        py = sl.generation.generate(loaded, [p.text for p in sl.data.load_prompts(str(prompts))], max_new_tokens=5)
+    plain = sl.generation.generate(loaded, [p.text for p in sl.data.load_prompts(str(prompts))], max_new_tokens=5)
+    by_prompt = {r["prompt"]: r["continuation"] for r in rows}
+    texts = [p.text for p in sl.data.load_prompts(str(prompts))]
+    assert [by_prompt[t] for t in texts] == [c[0] for c in py] and py != plain

@@ -163,8 +163,10 @@ class AurA(Intervention):
         super().check(model, strict)
 
     @contextmanager
-    def apply(self, model: Model, strict: bool = True):
+    def apply(self, model: Model, strict: bool = True, **options):
         """Context manager: each unit's activation times its factor, at every position."""
+        if options:
+            raise AuraError(f"AurA takes no apply options (its factors are fixed by the fit), got {sorted(options)}")
         self.check(model, strict)
         edits = {s: scale(f) for s, f in self.factors.items() if (f != 1).any()}
         if not edits:
