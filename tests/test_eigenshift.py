@@ -223,3 +223,21 @@ def test_cli_fit_too_few_states_and_generate_with_an_edit_file(tmp_path):
     by_prompt = {r["prompt"]: r["continuation"] for r in rows}
     texts = [p.text for p in sl.data.load_prompts(str(prompts))]
     assert [by_prompt[t] for t in texts] == [c[0] for c in py] and py != plain
+
+
+def test_report_marks_dampened_directions(tmp_path):
+    import csv
+
+    from steerlab.explain.lens import token_str
+    from steerlab.steer.eigenshift_report import report
+
+    m = tiny_model("llama")
+    iv = _fit(m, k=3)
+    png, table = report(m, iv, tmp_path, k=4)
+    rows = list(csv.DictReader(open(table)))
+    assert png.stat().st_size > 0 and [int(r["direction"]) for r in rows] == iv.indices.tolist()
+    U = m.W_U.detach().double().numpy()
+    Vt = svd(m.W_U).Vt.double().numpy()
+    for r in rows:  # the tokens a direction raises most are the top entries of U b_i
+        top = np.argsort(-(U @ Vt[int(r["direction"])]))[:4]
+        assert r["raises"] == " ".join(token_str(m, int(i)) for i in top)

@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import SteerlabError
@@ -389,7 +390,7 @@ def fit_eigenshift(
     st = iv.meta["stats"]
     console.print(f"{st['continuations']} continuations ({st['toxic_continuations']} toxic): {st['toxic_states']} "
                   f"toxic and {st['nontoxic_states']} non-toxic states ({st['saliency']} saliency)")
-    console.print(f"saved {iv.describe()}: directions {iv.indices.tolist()[:12]} to {out}")
+    console.print(escape(f"saved {iv.describe()}: directions {iv.indices.tolist()[:12]} to {out}"))
     if figures:
         from .steer.eigenshift_report import report
 
@@ -428,7 +429,7 @@ def fit_aura(
     iv.save(out)
     console.print(f"{len(data[1])} toxic and {len(data[0])} non-toxic texts; {iv.meta['units_dampened']} units "
                   f"dampened over {len(iv.sites)} layers")
-    console.print(f"saved {iv.describe()} to {out}")
+    console.print(escape(f"saved {iv.describe()} to {out}"))
 
 
 @command(app)

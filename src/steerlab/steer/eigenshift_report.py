@@ -31,7 +31,8 @@ def report(model: Model, iv: EigenShift, out_dir: str | Path, k: int = 8) -> lis
     """Write the delta figure and the token table of ``iv`` under ``out_dir``; returns the paths."""
     out = Path(out_dir)
     delta = iv.delta.numpy()
-    fig, ax = F.figure(title="EigenShift: toxic - non-toxic projection per singular direction", width=9)
+    fig, axes = F.figure(title="EigenShift: toxic - non-toxic projection per singular direction", width=9)
+    ax = np.ravel(axes)[0]
     x = np.arange(len(delta))
     ax.bar(x, delta, width=1.0, color=F.PALETTE[5], label="delta_i")
     idx = iv.indices.numpy()
