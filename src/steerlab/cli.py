@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import SteerlabError
@@ -366,6 +367,92 @@ def fit_selfcorrect(
     iv = fit("selfcorrect", _load(model), None, instruction=instruction, opening=opening)
     iv.save(out)
     console.print(f"saved {iv.describe()} to {out}")
+
+
+def _training_prompts(prompts: str, n_prompts: int, seed: int) -> list:
+    """The first ``n_prompts`` of the training part of the seeded split (what detox fits learn from)."""
+    from .data import load_prompts, split
+
+    train = split(load_prompts(prompts), seed=seed)["train"]
+    return train[:n_prompts] if n_prompts else train
+
+
+@command(fit_app, "eigenshift")
+def fit_eigenshift(
+    out: str = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    prompts: str = typer.Option("rtp", help="Prompt set whose training split (seeded 60/20/20) is generated from."),
+    n_prompts: int = typer.Option(200, min=0, help="Training prompts to generate from (0: all)."),
+    samples: int = typer.Option(4, min=1, help="Continuations per prompt."),
+    sampling: str = typer.Option("t1.0", help="Decoding of the collection: greedy | t0.7 | t1.0."),
+    max_new_tokens: int = typer.Option(20, min=1, help="New tokens per continuation."),
+    percentile: float = typer.Option(0.999, help="k = ceil(d (1 - percentile)) directions are dampened."),
+    k: int = typer.Option(0, min=0, help="Dampen exactly k directions (overrides --percentile; 0: use it)."),
+    alpha: float = typer.Option(0.1, help="Dampened singular values become alpha x s_i (0: removed)."),
+    rank: str = typer.Option("abs", help="abs: largest |delta| (sign-free) | signed: largest delta (the paper)."),
+    scorer: str = typer.Option("default", help="Scorer labelling the continuations."),
+    threshold: float = typer.Option(0.5, help="Toxic when the scorer gives >= threshold."),
+    saliency: str = typer.Option("auto", help="auto | bilstm | lexicon: how toxic words are found."),
+    min_states: int = typer.Option(8, min=1, help="Fewest toxic (and non-toxic) states accepted."),
+    batch_size: int = typer.Option(16, min=1, help="Rows per generate call."),
+    seed: int = typer.Option(0, help="Split and sampling seed."),
+    figures: str = typer.Option("", help="Also write the delta figure and the dampened directions' tokens here."),
+) -> None:
+    """EigenShift: generate from training prompts, collect toxic / non-toxic final states, dampen the
+    unembedding's singular directions that separate them, save the edit."""
+    from .generation import GenConfig
+    from .steer.eigenshift import EigenShift
+
+    _check_out_file(out)
+    cfg = GenConfig(max_new_tokens=max_new_tokens, sampling=sampling, k=samples, seed=seed, batch_size=batch_size)
+    m = _load(model)
+    iv = EigenShift.fit(m, _training_prompts(prompts, n_prompts, seed), percentile=percentile, alpha=alpha,
+                        k=k or None, rank=rank, min_states=min_states, cfg=cfg, scorer=scorer,
+                        threshold=threshold, saliency=saliency)
+    iv.save(out)
+    st = iv.meta["stats"]
+    console.print(f"{st['continuations']} continuations ({st['toxic_continuations']} toxic): {st['toxic_states']} "
+                  f"toxic and {st['nontoxic_states']} non-toxic states ({st['saliency']} saliency)")
+    console.print(escape(f"saved {iv.describe()}: directions {iv.indices.tolist()[:12]} to {out}"))
+    if figures:
+        from .steer.eigenshift_report import report
+
+        for p in report(m, iv, figures):
+            console.print(f"wrote {p}")
+
+
+@command(fit_app, "aura")
+def fit_aura(
+    out: str = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    variant: str = typer.Option("aura", help="aura (factor 1 - 2 (AUROC - 0.5)) | damp (0.5) | det0 (0) for the top N."),
+    top_n: int = typer.Option(0, min=0, help="Units dampened by damp / det0 (0: 1% of all MLP units)."),
+    prompts: str = typer.Option("rtp", help="Prompt set whose training split (seeded 60/20/20) is generated from."),
+    n_prompts: int = typer.Option(200, min=0, help="Training prompts to generate from (0: all)."),
+    samples: int = typer.Option(2, min=1, help="Continuations per prompt."),
+    max_new_tokens: int = typer.Option(20, min=1, help="New tokens per continuation."),
+    scorer: str = typer.Option("default", help="Scorer labelling prompt + continuation."),
+    threshold: float = typer.Option(0.5, help="Toxic when the scorer gives >= threshold."),
+    min_texts: int = typer.Option(8, min=1, help="Fewest toxic (and non-toxic) texts accepted."),
+    seed: int = typer.Option(0, help="Split and sampling seed."),
+) -> None:
+    """AurA: generate from training prompts, score prompt + continuation, rank every MLP unit by its
+    AUROC as a toxicity detector and save the per-unit factors."""
+    from .generation import GenConfig
+    from .steer.aura import VARIANTS, AurA, texts_from_generations
+
+    _check_out_file(out)
+    if variant not in VARIANTS:
+        raise typer.BadParameter(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}",
+                                 param_hint="--variant")
+    m = _load(model)
+    cfg = GenConfig(max_new_tokens=max_new_tokens, sampling="t1.0", k=samples, seed=seed)
+    data = texts_from_generations(m, _training_prompts(prompts, n_prompts, seed), cfg, scorer, threshold)
+    iv = AurA.fit(m, data, variant=variant, top_n=top_n or None, min_texts=min_texts)
+    iv.save(out)
+    console.print(f"{len(data[1])} toxic and {len(data[0])} non-toxic texts; {iv.meta['units_dampened']} units "
+                  f"dampened over {len(iv.sites)} layers")
+    console.print(escape(f"saved {iv.describe()} to {out}"))
 
 
 @command(app)

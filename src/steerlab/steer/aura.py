@@ -1,0 +1,187 @@
+"""AurA: dampen MLP units in proportion to how well they detect toxicity (Suau et al. 2024,
+apple/ml-aura; the baseline of EigenShift, METHODS.md section 3).
+
+Every unit of every MLP's hidden layer (site ``blocks.{l}.mlp.act``, the input of the down
+projection) is an "expert". Its response to a text is its maximum over the text's real tokens
+(``capture(..., positions="max")``); its AUROC as a detector of toxic texts against non-toxic ones
+is computed for all units at once (:func:`auroc`: the Mann-Whitney rank formula with tied values
+given their average rank, vectorised over units). Factors (:func:`aura_factors`):
+
+- ``aura``: ``alpha_j = 1 - 2 (AUROC_j - 0.5)`` where ``AUROC_j > 0.5``, else 1;
+- ``damp``: 0.5 for the ``top_n`` units with the highest AUROC (over all layers), 1 elsewhere;
+- ``det0``: 0 for those units.
+
+Applying multiplies each unit's activation by its factor at every position (prompt and generated
+tokens) through :func:`steerlab.edit` with :func:`steerlab.scale`, at the layers with any factor
+below 1; the hooks are removed on exit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..hooks import capture, edit, scale
+from ..interventions import Intervention, InterventionError, register
+from ..models.model import Model
+
+VARIANTS = ("aura", "damp", "det0")
+
+
+class AuraError(InterventionError):
+    """Bad AurA settings (variant, top_n), too few toxic or non-toxic texts, or a file that does not fit."""
+
+
+def auroc(responses: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """AUROC of every column of ``responses [N, U]`` as a score for ``labels [N]`` (True: positive),
+    with ties counted half (average ranks): ``(R_pos - n_pos (n_pos + 1) / 2) / (n_pos n_neg)``.
+    Vectorised over columns, ``chunk`` columns at a time; float64 result on ``responses``' device."""
+    y = torch.as_tensor(labels, device=responses.device).bool()
+    if responses.dim() != 2 or y.shape != (responses.shape[0],):
+        raise AuraError(f"responses must be [N, units] with one label per row; got {tuple(responses.shape)} "
+                        f"and {tuple(y.shape)} labels")
+    N = responses.shape[0]
+    n1 = int(y.sum())
+    n0 = N - n1
+    if n1 == 0 or n0 == 0:
+        raise AuraError(f"AUROC needs positive and negative examples; got {n1} positive and {n0} negative")
+    idx = torch.arange(N, device=responses.device)[:, None]
+    out = []
+    for c in range(0, responses.shape[1], chunk):
+        v, order = responses[:, c:c + chunk].float().sort(0)
+        same = v[1:] == v[:-1]
+        starts = torch.cat([torch.ones_like(v[:1], dtype=torch.bool), ~same])
+        ends = torch.cat([~same, torch.ones_like(v[:1], dtype=torch.bool)])
+        first = torch.where(starts, idx, 0).cummax(0).values
+        last = torch.where(ends, idx, N - 1).flip(0).cummin(0).values.flip(0)
+        ranks = (first + last).double() / 2 + 1
+        r_pos = (ranks * y[order]).sum(0)
+        out.append((r_pos - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return torch.cat(out)
+
+
+def aura_factors(auc: torch.Tensor, variant: str = "aura", top_n: int | None = None) -> torch.Tensor:
+    """Per-unit factors from AUROCs (see the module docstring)."""
+    if variant not in VARIANTS:
+        raise AuraError(f"unknown AurA variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant == "aura":
+        return torch.where(auc > 0.5, 1.0 - 2.0 * (auc - 0.5), torch.ones_like(auc))
+    if top_n is None or not 1 <= top_n <= auc.numel():
+        raise AuraError(f"variant {variant!r} needs top_n between 1 and the number of units ({auc.numel()}), "
+                        f"got {top_n}")
+    f = torch.ones_like(auc)
+    f[auc.topk(top_n).indices] = 0.5 if variant == "damp" else 0.0
+    return f
+
+
+def _texts(data) -> tuple[list[str], list[str]]:
+    """(non-toxic, toxic) texts from a ContrastSet (desirable = non-toxic) or a pair."""
+    if hasattr(data, "desirable") and hasattr(data, "undesirable"):
+        return list(data.desirable), list(data.undesirable)
+    if isinstance(data, tuple | list) and len(data) == 2 and not isinstance(data[0], str):
+        return list(data[0]), list(data[1])
+    raise AuraError("AurA data must be (non_toxic_texts, toxic_texts), a ContrastSet (desirable = non-toxic), "
+                    "or prompts with texts_from_generations()")
+
+
+def texts_from_generations(model: Model, prompts: Sequence, cfg=None, scorer="default",
+                           threshold: float = 0.5) -> tuple[list[str], list[str]]:
+    """The model's own scored generations as AurA data: each prompt plus one of its continuations,
+    labelled toxic when the scorer gives the whole text >= ``threshold``. Returns (non-toxic, toxic)."""
+    from ..generation import GenConfig, generate, prompt_ids_texts
+    from ..scoring import get_scorer
+
+    cfg = cfg or GenConfig(sampling="t1.0", k=2)
+    _, texts = prompt_ids_texts(prompts)
+    full = [t + c for t, cs in zip(texts, generate(model, prompts, cfg)) for c in cs]
+    tox = get_scorer(scorer).toxicity(full) >= threshold
+    return [t for t, x in zip(full, tox) if not x], [t for t, x in zip(full, tox) if x]
+
+
+def _fingerprint(*groups: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for g in groups:
+        for t in g:
+            h.update(t.encode() + b"\0")
+        h.update(b"\1")
+    return h.hexdigest()[:16]
+
+
+@register
+@dataclass
+class AurA(Intervention):
+    """AurA: scale each MLP unit by a factor that falls with its AUROC as a toxicity detector."""
+
+    factors: dict[str, torch.Tensor]
+    aurocs: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    method = "aura"
+
+    def __post_init__(self):
+        self.factors = {s: torch.as_tensor(f).float().cpu() for s, f in self.factors.items()}
+        self.aurocs = {s: torch.as_tensor(a).float().cpu() for s, a in self.aurocs.items()}
+        self.meta = {**self.meta, "sites": [s for s, f in self.factors.items() if (f != 1).any()]}
+
+    @classmethod
+    def fit(cls, model: Model, data, variant: str = "aura", top_n: int | None = None,
+            layers: Sequence[int] | None = None, min_texts: int = 8, batch_size: int = 16) -> AurA:
+        """Fit from ``(non_toxic_texts, toxic_texts)`` (or a ContrastSet, desirable = non-toxic):
+        max-pooled responses of every unit of ``blocks.{l}.mlp.act`` (all layers by default), their
+        AUROCs, and the factors of ``variant`` (``damp``/``det0``: ``top_n`` units, default 1% of them)."""
+        non, tox = _texts(data)
+        if len(tox) < min_texts or len(non) < min_texts:
+            raise AuraError(f"found {len(tox)} toxic and {len(non)} non-toxic texts; AurA needs at least {min_texts} "
+                            f"of each: use more prompts (--n-prompts), more samples per prompt (--samples), a "
+                            f"toxicity-prone prompt set (rtp) or a lower --threshold")
+        if variant not in VARIANTS:
+            raise AuraError(f"unknown AurA variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        sites = [model.site(f"blocks.{i}.mlp.act").name for i in (range(model.n_layers) if layers is None else layers)]
+        caps = capture(model, non + tox, sites, "max", batch_size=batch_size)
+        labels = torch.arange(len(non) + len(tox), device=model.device) >= len(non)
+        auc = auroc(torch.cat([caps[s] for s in sites], 1), labels)
+        n = top_n if top_n is not None or variant == "aura" else max(1, math.ceil(0.01 * auc.numel()))
+        f = aura_factors(auc, variant, n)
+        sizes = [caps[s].shape[1] for s in sites]
+        meta = {"model": model.name, "model_fingerprint": model.fingerprint, "d_mlp": model.d_mlp,
+                "data_fingerprint": _fingerprint(non, tox), "n_toxic": len(tox), "n_nontoxic": len(non),
+                "options": {"variant": variant, **({"top_n": n} if variant != "aura" else {})},
+                "units_dampened": int((f < 1).sum())}
+        return cls(dict(zip(sites, f.split(sizes))), dict(zip(sites, auc.split(sizes))), meta)
+
+    def check(self, model: Model, strict: bool = True) -> None:
+        """Sites and sizes always; the model fingerprint when ``strict``."""
+        for s, f in self.factors.items():
+            shape = model.site_shape(s)
+            if tuple(f.shape) != tuple(shape):
+                raise AuraError(f"AurA factors for {s!r} have size {tuple(f.shape)} but {model.name} has {shape}: "
+                                f"fitted on another model ({self.meta.get('model', '?')})")
+        super().check(model, strict)
+
+    @contextmanager
+    def apply(self, model: Model, strict: bool = True, **options):
+        """Context manager: each unit's activation times its factor, at every position."""
+        if options:
+            raise AuraError(f"AurA takes no apply options (its factors are fixed by the fit), got {sorted(options)}")
+        self.check(model, strict)
+        edits = {s: scale(f) for s, f in self.factors.items() if (f != 1).any()}
+        if not edits:
+            yield None
+            return
+        with edit(model, edits) as step:
+            yield step
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"factor.{s}": f for s, f in self.factors.items()},
+                **{f"auroc.{s}": a for s, a in self.aurocs.items()}}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> AurA:
+        factors = {k[len("factor."):]: v for k, v in tensors.items() if k.startswith("factor.")}
+        if not factors:
+            raise AuraError(f"AurA file has no factor tensors (has {sorted(tensors)[:4]})")
+        return cls(factors, {k[len("auroc."):]: v for k, v in tensors.items() if k.startswith("auroc.")}, meta)

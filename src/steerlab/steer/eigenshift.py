@@ -1,0 +1,233 @@
+"""EigenShift: dampen the singular directions of the unembedding most aligned with toxic
+generations (arXiv 2509.16660; METHODS.md section 3, with the public code's defects fixed).
+
+With the thin SVD of the unembedding ``U = A diag(s) B^T`` (``U`` is ``[vocab, d]``; ``B^T`` is
+``Vt``, ``[d, d]``), the coordinates of a ``final`` state ``h`` along the singular directions are
+``p = Vt @ h`` (what ``s_i`` scales; the public code multiplies by ``Vt.T`` instead). From toxic and
+non-toxic states (:mod:`steerlab.steer.toxic_states`), ``delta_i = mean_toxic(p_i) -
+mean_nontoxic(p_i)``; the ``k`` directions with the largest ``|delta|`` are dampened (the paper ranks by
+``delta`` itself, whose sign depends on the arbitrary sign of each singular pair: ``rank="signed"``
+does that under a fixed sign convention), ``s_i <- alpha
+s_i``, and ``U' = A diag(s') Vt``, computed as ``U + A_k diag(s'_k - s_k) Vt_k`` so that the other
+directions keep their exact weights. ``k = ceil(d (1 - percentile))`` or given; ``d`` is the model's.
+
+Applying is a weight edit: ``lm_head`` gets a new parameter holding ``U'`` (so a tied input
+embedding, which keeps the original parameter, never changes) and gets its original parameter
+back on exit, also on errors: restored bit for bit. The file holds the dampened indices, their
+original and new singular values and ``delta`` (not the matrix) plus fingerprints of the model and
+of ``U``; loading recomputes the SVD of the model's ``U`` and checks both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..interventions import Intervention, InterventionError, register
+from ..models.model import Model
+from .toxic_states import ToxicStates, check_counts, collect_states
+
+
+class EigenShiftError(InterventionError):
+    """Bad EigenShift settings (k, percentile, alpha), states of the wrong size, or an edit file that
+    does not match the model's unembedding."""
+
+
+@dataclass
+class SVD:
+    """Thin SVD ``U = A diag(s) Vt``: ``A [vocab, d]``, ``s [d]`` (descending), ``Vt [d, d]``."""
+
+    A: torch.Tensor
+    s: torch.Tensor
+    Vt: torch.Tensor
+
+
+def svd(U: torch.Tensor) -> SVD:
+    """Thin SVD of ``U`` in float32 (float64 stays float64), on ``U``'s device, with a fixed sign
+    convention: the largest-magnitude entry of each row of ``Vt`` is positive (the sign of a
+    singular pair is otherwise arbitrary, and so would be the sign of ``delta``)."""
+    x = U.detach()
+    A, s, Vt = torch.linalg.svd(x if x.dtype == torch.float64 else x.float(), full_matrices=False)
+    sign = torch.sign(Vt.gather(1, Vt.abs().argmax(1, keepdim=True))).squeeze(1)
+    return SVD(A * sign, s, Vt * sign[:, None])
+
+
+def projections(Vt: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Coordinates of states ``h [n, d]`` (or one ``[d]``) along the singular directions: ``Vt @ h``."""
+    return h.to(Vt.dtype) @ Vt.T
+
+
+def choose_k(d: int, percentile: float | None = None, k: int | None = None) -> int:
+    """Directions to dampen: ``k`` when given, else ``ceil(d (1 - percentile))`` (at least 1)."""
+    if k is not None:
+        if not 1 <= int(k) <= d:
+            raise EigenShiftError(f"k={k} directions is out of range: the hidden size is d={d}, so 1 <= k <= {d}")
+        return int(k)
+    if percentile is None or not 0.0 <= percentile < 1.0:
+        raise EigenShiftError(f"percentile must be in [0, 1) (k = ceil(d (1 - percentile))), got {percentile}")
+    return max(1, math.ceil(round(d * (1.0 - percentile), 9)))
+
+
+@dataclass
+class Dampening:
+    """What a fit computes: ``delta [d]`` per direction, the dampened ``indices [k]`` (largest delta
+    first), their singular values before (``sigma``) and after (``sigma_new``)."""
+
+    delta: torch.Tensor
+    indices: torch.Tensor
+    sigma: torch.Tensor
+    sigma_new: torch.Tensor
+
+
+def dampen(dec: SVD, toxic: torch.Tensor, nontoxic: torch.Tensor, k: int, alpha: float,
+           rank: str = "abs") -> Dampening:
+    """delta_i = mean_toxic(p_i) - mean_nontoxic(p_i) with ``p = Vt @ h``; the ``k`` directions with
+    the largest ``|delta|`` (``rank="abs"``) or largest ``delta`` (``"signed"``, the paper's rule,
+    under :func:`svd`'s sign convention) are dampened to ``alpha * s_i``."""
+    if rank not in ("abs", "signed"):
+        raise EigenShiftError(f"unknown rank {rank!r}; choose 'abs' (|delta|) or 'signed' (delta)")
+    d = dec.Vt.shape[0]
+    for name, h in (("toxic", toxic), ("non-toxic", nontoxic)):
+        if h.dim() != 2 or h.shape[1] != d:
+            raise EigenShiftError(f"{name} states have shape {tuple(h.shape)}; expected [n, {d}] (final states)")
+        if h.shape[0] == 0:
+            raise EigenShiftError(f"no {name} states: EigenShift needs at least one of each")
+    k = choose_k(d, k=k)
+    delta = projections(dec.Vt, toxic).mean(0) - projections(dec.Vt, nontoxic).mean(0)
+    idx = (delta.abs() if rank == "abs" else delta).topk(k).indices
+    return Dampening(delta, idx, dec.s[idx], float(alpha) * dec.s[idx])
+
+
+def edited_weight(U: torch.Tensor, dec: SVD, indices: torch.Tensor, sigma_new: torch.Tensor) -> torch.Tensor:
+    """``A diag(s') Vt`` where ``s'`` is ``s`` with ``sigma_new`` at ``indices``, as ``U`` plus the
+    rank-k change (in ``U``'s dtype and device)."""
+    idx = indices.to(dec.s.device)
+    change = (dec.A[:, idx] * (sigma_new.to(dec.s) - dec.s[idx])) @ dec.Vt[idx]
+    return (U.detach().to(change.dtype) + change).to(U.dtype)
+
+
+def matrix_fingerprint(W: torch.Tensor) -> str:
+    """A hash of a matrix's bytes (identifies the unembedding an edit was fitted on)."""
+    return hashlib.sha256(W.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+@contextmanager
+def swapped_unembedding(model: Model, weight: torch.Tensor):
+    """While the block runs, the unembedding uses ``weight`` as its own parameter (untied from the
+    input embedding, which is not touched); the original parameter and tie flags come back on exit,
+    also on errors."""
+    head = model.unembed_module
+    original = head.weight
+    cfgs = [model.hf.config]
+    if hasattr(model.hf.config, "get_text_config") and model.hf.config.get_text_config() is not model.hf.config:
+        cfgs.append(model.hf.config.get_text_config())
+    flags = [getattr(c, "tie_word_embeddings", None) for c in cfgs]
+    try:
+        head.weight = nn.Parameter(weight.to(device=original.device, dtype=original.dtype), requires_grad=False)
+        for c in cfgs:
+            c.tie_word_embeddings = False
+        yield head.weight
+    finally:
+        head.weight = original
+        for c, f in zip(cfgs, flags):
+            c.tie_word_embeddings = f
+
+
+@register
+@dataclass
+class EigenShift(Intervention):
+    """EigenShift: dampen the unembedding's singular directions most aligned with toxic generations."""
+
+    indices: torch.Tensor
+    sigma: torch.Tensor
+    delta: torch.Tensor
+    alpha: float = 0.1
+    meta: dict = field(default_factory=dict)
+    method = "eigenshift"
+
+    def __post_init__(self):
+        self.indices = torch.as_tensor(self.indices).long().cpu()
+        self.sigma = torch.as_tensor(self.sigma).float().cpu()
+        self.delta = torch.as_tensor(self.delta).float().cpu()
+        self.meta = {**self.meta, "sites": ["unembed"]}
+        self._cache: dict = {}
+
+    @classmethod
+    def fit(cls, model: Model, data: ToxicStates | tuple | Sequence, percentile: float = 0.999, alpha: float = 0.1,
+            k: int | None = None, rank: str = "abs", min_states: int = 8, **collect) -> EigenShift:
+        """Fit from ``data``: a :class:`~steerlab.steer.toxic_states.ToxicStates`, a ``(toxic, nontoxic)``
+        pair of ``final`` states ``[n, d]``, or prompts (their states are collected with
+        :func:`~steerlab.steer.toxic_states.collect_states` and ``collect``: cfg, scorer, threshold,
+        saliency). ``k`` overrides ``percentile``; ``alpha`` scales the dampened singular values;
+        ``rank``: ``abs`` (largest |delta|, sign-free) or ``signed`` (largest delta)."""
+        kk = choose_k(model.d_model, percentile, k)
+        if not 0.0 <= alpha < 1.0:
+            raise EigenShiftError(f"alpha must be in [0, 1) (the dampened s_i become alpha * s_i), got {alpha}")
+        if isinstance(data, ToxicStates):
+            states = data
+        elif isinstance(data, tuple) and len(data) == 2 and all(isinstance(x, torch.Tensor) for x in data):
+            states = ToxicStates(data[0], data[1], {"toxic_states": len(data[0]), "nontoxic_states": len(data[1])})
+        else:
+            states = collect_states(model, data, min_states=min_states, **collect)
+        check_counts(states, min_states)
+        U = model.W_U
+        damp = dampen(svd(U), states.toxic.to(U.device), states.nontoxic.to(U.device), kk, alpha, rank)
+        meta = {"model": model.name, "model_fingerprint": model.fingerprint, "d_model": model.d_model,
+                "vocab_size": model.vocab_size, "unembed_fingerprint": matrix_fingerprint(U),
+                "tied": model.tied(), "data_fingerprint": states.data_fingerprint,
+                "options": {"k": kk, "alpha": alpha, "rank": rank, **({"percentile": percentile} if k is None else {})},
+                "stats": states.stats}
+        return cls(damp.indices, damp.sigma, damp.delta, alpha, meta)
+
+    def check(self, model: Model, strict: bool = True) -> None:
+        """Sizes always; the model and unembedding fingerprints when ``strict``."""
+        d, v = self.meta.get("d_model"), self.meta.get("vocab_size")
+        if (d, v) != (model.d_model, model.vocab_size):
+            raise EigenShiftError(f"this EigenShift edit was fitted on {self.meta.get('model')!r} with an unembedding "
+                                  f"of [{v}, {d}]; {model.name} has [{model.vocab_size}, {model.d_model}]")
+        super().check(model, strict)
+        fp = self.meta.get("unembed_fingerprint")
+        if strict and fp and fp != matrix_fingerprint(model.W_U):
+            raise EigenShiftError(f"the unembedding of {model.name} is not the one this edit was fitted on "
+                                  f"(fingerprint {fp}); was it edited or retrained?")
+
+    def weight(self, model: Model, alpha: float | None = None) -> torch.Tensor:
+        """The edited unembedding ``U'`` for ``model`` (SVD recomputed once per model and cached)."""
+        a = self.alpha if alpha is None else float(alpha)
+        key = (model.fingerprint, a)
+        if key not in self._cache:
+            U = model.W_U
+            dec = svd(U)
+            found = dec.s[self.indices.to(dec.s.device)].float().cpu()
+            if not torch.allclose(found, self.sigma, rtol=1e-3, atol=1e-5):
+                raise EigenShiftError(f"the singular values of {model.name}'s unembedding at the saved directions "
+                                      f"are {found[:4].tolist()}..., not {self.sigma[:4].tolist()}...: "
+                                      f"this edit was fitted on another matrix")
+            self._cache = {key: edited_weight(U, dec, self.indices, a * self.sigma)}
+        return self._cache[key]
+
+    @contextmanager
+    def apply(self, model: Model, alpha: float | None = None, strict: bool = True):
+        """Context manager: the unembedding is ``U'`` (singular values at the saved directions times
+        ``alpha``, default the fitted one) while the body runs; restored bit for bit on exit."""
+        self.check(model, strict)
+        with swapped_unembedding(model, self.weight(model, alpha)) as w:
+            yield w
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"indices": self.indices, "sigma": self.sigma, "sigma_new": self.alpha * self.sigma,
+                "delta": self.delta}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> EigenShift:
+        for name in ("indices", "sigma", "delta"):
+            if name not in tensors:
+                raise EigenShiftError(f"EigenShift file lacks the tensor {name!r} (has {sorted(tensors)})")
+        return cls(tensors["indices"], tensors["sigma"], tensors["delta"],
+                   float((meta.get("options") or {}).get("alpha", 0.1)), meta)

@@ -1,0 +1,118 @@
+"""AurA: vectorised AUROC against sklearn (with ties), the factor rules, the runtime edit against a
+hand-written hook, files and bad inputs."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+import steerlab as sl
+from steerlab import interventions as I
+from steerlab.steer.aura import AurA, AuraError, aura_factors, auroc
+from tiny import tiny_model
+
+GOOD = ["what a lovely day", "thank you so much", "have a nice time", "you are kind", "the sun is out",
+        "tea is ready", "I like this book", "good morning all", "nice to meet you"]
+BAD = ["you stupid idiot", "shut up moron", "I hate you all", "get lost loser", "you dumb fool",
+       "what a jerk", "go away creep", "you are trash", "idiots everywhere"]
+
+
+def test_auroc_equals_sklearn_on_every_unit_with_ties():
+    g = torch.Generator().manual_seed(0)
+    R = torch.randint(0, 4, (40, 70), generator=g).float()  # many ties
+    R[:, 0] = 1.0  # all tied: 0.5
+    y = torch.arange(40) % 3 == 0
+    got = auroc(R, y, chunk=16).numpy()
+    ref = np.array([roc_auc_score(y.numpy(), R[:, j].numpy()) for j in range(R.shape[1])])
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+    R2 = torch.randn(25, 9, generator=g)
+    y2 = torch.rand(25, generator=g) > 0.5
+    np.testing.assert_allclose(auroc(R2, y2).numpy(),
+                               [roc_auc_score(y2.numpy(), R2[:, j].numpy()) for j in range(9)], atol=1e-12)
+
+
+def test_factors_follow_the_formulas():
+    auc = torch.tensor([0.2, 0.5, 0.6, 0.9, 1.0, 0.75])
+    f = aura_factors(auc, "aura")
+    ref = [1.0 if a <= 0.5 else 1 - 2 * (a - 0.5) for a in auc.tolist()]
+    np.testing.assert_allclose(f.numpy(), ref, atol=1e-7)
+    assert aura_factors(auc, "damp", 2).tolist() == [1, 1, 1, 0.5, 0.5, 1]
+    assert aura_factors(auc, "det0", 3).tolist() == [1, 1, 1, 0, 0, 0]
+    with pytest.raises(AuraError, match="needs top_n between 1 and the number of units \\(6\\), got 7"):
+        aura_factors(auc, "det0", 7)
+    with pytest.raises(AuraError, match="unknown AurA variant 'zero'; choose one of aura, damp, det0"):
+        aura_factors(auc, "zero")
+
+
+def test_fit_aurocs_match_sklearn_on_captured_responses():
+    m = tiny_model("llama")
+    iv = AurA.fit(m, (GOOD, BAD), layers=[0, 2])
+    caps = sl.capture(m, GOOD + BAD, ["blocks.0.mlp.act", "blocks.2.mlp.act"], "max")
+    y = np.r_[np.zeros(len(GOOD)), np.ones(len(BAD))]
+    for s in ("blocks.0.mlp.act", "blocks.2.mlp.act"):
+        ref = [roc_auc_score(y, caps[s][:, j].numpy()) for j in range(m.d_mlp)]
+        np.testing.assert_allclose(iv.aurocs[s].numpy(), ref, atol=1e-6)
+        np.testing.assert_allclose(iv.factors[s].numpy(), aura_factors(torch.tensor(ref), "aura").numpy(), atol=1e-6)
+    assert iv.sites == [s for s in iv.factors if (iv.factors[s] < 1).any()]
+
+
+def test_apply_equals_hand_hook_and_files_roundtrip(tmp_path):
+    m = tiny_model("llama")
+    iv = AurA.fit(m, (GOOD, BAD), variant="det0", top_n=10)
+    assert sum(int((f == 0).sum()) for f in iv.factors.values()) == 10
+    enc = m.encode(["hello there"])
+    kw = {k: enc[k] for k in ("input_ids", "attention_mask")}
+    handles = []
+    for s, f in iv.factors.items():  # by hand: scale the input of each down projection
+        down = m.layer(m.site(s).layer).mlp.down_proj
+        handles.append(down.register_forward_pre_hook(lambda mod, args, f=f: (args[0] * f,)))
+    with torch.no_grad():
+        ref = m.hf(**kw).logits
+        for h in handles:
+            h.remove()
+        base = m.hf(**kw).logits
+        with iv.apply(m):
+            got = m.hf(**kw).logits
+        after = m.hf(**kw).logits
+    assert torch.allclose(got, ref, atol=1e-5) and not torch.allclose(got, base) and torch.equal(after, base)
+    back = I.load(iv.save(tmp_path / "aura.safetensors"), m)
+    assert isinstance(back, AurA) and back.meta["options"] == {"variant": "det0", "top_n": 10}
+    assert all(torch.equal(back.factors[s], iv.factors[s]) for s in iv.factors)
+    with pytest.raises(I.InterventionError, match="fitted on model 'tiny-llama'"):
+        I.load(tmp_path / "aura.safetensors", tiny_model("llama", seed=1))
+
+
+def test_bad_inputs():
+    m = tiny_model("llama")
+    with pytest.raises(AuraError, match=r"found 2 toxic and 9 non-toxic texts; AurA needs at least 8 of each: "
+                       r"use more prompts \(--n-prompts\)"):
+        AurA.fit(m, (GOOD, BAD[:2]))
+    with pytest.raises(AuraError, match="AUROC needs positive and negative examples; got 0 positive"):
+        auroc(torch.randn(5, 3), torch.zeros(5, dtype=torch.bool))
+    iv = AurA.fit(m, (GOOD, BAD))
+    bad = AurA({"blocks.0.mlp.act": torch.ones(7) * 0.5}, meta=dict(iv.meta))
+    with pytest.raises(AuraError, match=r"factors for 'blocks.0.mlp.act' have size \(7,\) but tiny-llama has \(48,\)"):
+        bad.check(m)
+
+
+def test_cli_fit_aura_bad_variant_and_too_few_texts(tmp_path):
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    runner = CliRunner()
+    flat = lambda out: " ".join(out.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())  # noqa: E731
+    r = runner.invoke(app, ["fit", "aura", "--out", str(tmp_path / "a.safetensors"), "--variant", "zero"])
+    assert r.exit_code == 2 and "unknown variant 'zero'; choose one of aura, damp, det0" in flat(r.output)
+    m = tiny_model("llama")
+    d = tmp_path / "tiny"
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"line {i} of text" for i in range(4)) + "\n")
+    r = runner.invoke(app, ["fit", "aura", "--out", str(tmp_path / "a.safetensors"), "--model", str(d), "--prompts",
+                            str(prompts), "--n-prompts", "0", "--max-new-tokens", "3", "--scorer", "profanity"])
+    assert r.exit_code == 2 and "AurA needs at least 8 of each" in flat(r.output), r.output
+    with pytest.raises(AuraError, match="AurA takes no apply options"):
+        with AurA.fit(m, (GOOD, BAD)).apply(m, alpha=2.0):
+            pass

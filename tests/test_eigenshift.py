@@ -1,0 +1,243 @@
+"""EigenShift: the SVD / delta / dampening against independent numpy computations, the weight edit
+(tied embeddings untouched, bit-for-bit restore, also on errors), files, state collection, bad inputs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import steerlab as sl
+from steerlab import interventions as I
+from steerlab.generation import GenConfig
+from steerlab.steer.eigenshift import (
+    EigenShift,
+    EigenShiftError,
+    choose_k,
+    dampen,
+    edited_weight,
+    projections,
+    svd,
+)
+from steerlab.steer.toxic_states import (
+    StateCollectionError,
+    ToxicStates,
+    collect_states,
+    first_word_token,
+    salient_words,
+)
+from tiny import tiny_model
+
+
+def _states(d, n=24, seed=0, shift=None):
+    g = torch.Generator().manual_seed(seed)
+    tox, non = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    if shift is not None:
+        tox = tox + shift
+    return tox, non
+
+
+def test_dampened_reconstruction_equals_independent_svd():
+    rng = np.random.default_rng(0)
+    U = rng.normal(size=(40, 8))
+    tox, non = _states(8, shift=torch.from_numpy(rng.normal(size=8) * 2))
+    dec = svd(torch.from_numpy(U))
+    damp = dampen(dec, tox, non, k=3, alpha=0.2)
+    # independent: numpy SVD, the same sign convention, delta from explicit dot products b_i . h
+    A, s, Vt = np.linalg.svd(U, full_matrices=False)
+    sign = np.sign(Vt[np.arange(8), np.abs(Vt).argmax(1)])
+    A, Vt = A * sign, Vt * sign[:, None]
+    delta = np.array([np.mean([Vt[i] @ h for h in tox.numpy()]) - np.mean([Vt[i] @ h for h in non.numpy()])
+                      for i in range(8)])
+    np.testing.assert_allclose(damp.delta.numpy(), delta, atol=1e-10)
+    idx = np.argsort(-np.abs(delta))[:3]
+    assert damp.indices.tolist() == idx.tolist()
+    s2 = s.copy()
+    s2[idx] *= 0.2
+    W = edited_weight(torch.from_numpy(U), dec, damp.indices, damp.sigma_new)
+    np.testing.assert_allclose(W.numpy(), A @ np.diag(s2) @ Vt, atol=1e-10)
+    np.testing.assert_allclose(np.linalg.svd(W.numpy(), compute_uv=False), np.sort(s2)[::-1], atol=1e-10)
+    signed = dampen(dec, tox, non, k=3, alpha=0.2, rank="signed")
+    assert signed.indices.tolist() == np.argsort(-delta)[:3].tolist()
+
+
+def test_projections_are_vt_times_h_not_vt_transposed():
+    rng = np.random.default_rng(1)
+    U = torch.from_numpy(rng.normal(size=(30, 6)))
+    dec = svd(U)
+    h = torch.from_numpy(rng.normal(size=6))
+    p = projections(dec.Vt, h[None])[0]
+    np.testing.assert_allclose(p.numpy(), dec.Vt.numpy() @ h.numpy(), atol=1e-12)
+    assert not np.allclose(p.numpy(), dec.Vt.numpy().T @ h.numpy())  # the public code's defect
+    # p are the coordinates that s scales: U h == A diag(s) p
+    np.testing.assert_allclose(((dec.A * dec.s) @ p).numpy(), U.numpy() @ h.numpy(), atol=1e-10)
+
+
+def test_choose_k():
+    assert choose_k(576, percentile=0.75) == 144 and choose_k(576, percentile=0.999) == math.ceil(0.576)
+    assert choose_k(4096, percentile=0.999) == 5 and choose_k(32, k=7) == 7
+    with pytest.raises(EigenShiftError, match=r"k=33 directions is out of range: the hidden size is d=32"):
+        choose_k(32, k=33)
+    with pytest.raises(EigenShiftError, match="percentile must be in"):
+        choose_k(32, percentile=1.5)
+
+
+def _fit(m, k=4, alpha=0.0, seed=0):
+    tox, non = _states(m.d_model, seed=seed)
+    return EigenShift.fit(m, (tox.float(), non.float()), k=k, alpha=alpha)
+
+
+def test_apply_edits_lm_head_only_and_restores_bit_for_bit():
+    m = tiny_model("llama")  # tied embeddings
+    assert m.tied()
+    emb, U0, param = m.hf.get_input_embeddings().weight, m.W_U.detach().clone(), m.W_U
+    iv = _fit(m)
+    enc = m.encode(["hello world"])
+    with torch.no_grad():
+        with sl.record(m, ["final"], "all") as rec:
+            base = m.hf(**{k: enc[k] for k in ("input_ids", "attention_mask")}).logits
+        with iv.apply(m):
+            assert not m.tied() and m.hf.get_input_embeddings().weight is emb
+            assert torch.equal(emb, U0)  # the input embedding never changes
+            edited = m.hf(**{k: enc[k] for k in ("input_ids", "attention_mask")}).logits
+    # independent: logits = final states @ (A diag(s') Vt)^T
+    A, s, Vt = np.linalg.svd(U0.double().numpy(), full_matrices=False)
+    s2 = s.copy()
+    s2[np.isclose(s[:, None], iv.sigma.double().numpy()[None], rtol=1e-5).any(1)] = 0.0  # alpha 0
+    assert (s2 == 0).sum() == 4
+    ref = rec["final"].double().numpy() @ (A @ np.diag(s2) @ Vt).T
+    np.testing.assert_allclose(edited.double().numpy(), ref, atol=1e-4)
+    assert not torch.allclose(base, edited)
+    assert m.tied() and m.W_U is param and torch.equal(m.W_U, U0) and m.hf.config.tie_word_embeddings
+
+
+def test_restore_after_exception_inside_apply():
+    m = tiny_model("qwen2")  # untied
+    U0, param = m.W_U.detach().clone(), m.W_U
+    iv = _fit(m)
+    with pytest.raises(RuntimeError, match="boom"):
+        with iv.apply(m):
+            assert not torch.equal(m.W_U, U0)
+            raise RuntimeError("boom")
+    assert m.W_U is param and torch.equal(m.W_U, U0)
+
+
+def test_save_load_recomputes_svd_and_checks_fingerprints(tmp_path):
+    m = tiny_model("llama")
+    iv = _fit(m, alpha=0.3)
+    with iv.apply(m) as W:
+        W_fit = W.detach().clone()
+    path = iv.save(tmp_path / "es.safetensors")
+    back = I.load(path, m)
+    assert isinstance(back, EigenShift) and back.indices.tolist() == iv.indices.tolist()
+    with back.apply(m) as W:
+        assert torch.allclose(W, W_fit, atol=1e-6)
+    with back.apply(m, alpha=1.0) as W:  # alpha 1: no change
+        assert torch.allclose(W, m.hf.get_input_embeddings().weight, atol=1e-5)
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(I.InterventionError, match="fitted on model 'tiny-llama'.*not on"):
+        I.load(path, other)
+    with pytest.raises(EigenShiftError, match="singular values .* this edit was fitted on another matrix"):
+        with I.load(path, other, strict=False).apply(other, strict=False):
+            pass
+    wide = EigenShift(iv.indices, iv.sigma, iv.delta, meta={**iv.meta, "d_model": 64})
+    with pytest.raises(EigenShiftError, match=r"unembedding of \[98, 64\]; tiny-llama has \[98, 32\]"):
+        wide.check(m, strict=False)
+
+
+def test_fit_bad_inputs():
+    m = tiny_model("llama")
+    tox, non = _states(m.d_model)
+    with pytest.raises(EigenShiftError, match="k=40 directions is out of range: the hidden size is d=32"):
+        EigenShift.fit(m, (tox.float(), non.float()), k=40)
+    with pytest.raises(StateCollectionError, match=r"found 3 toxic and 24 non-toxic states; EigenShift needs at "
+                       r"least 8 of each: use more prompts \(--n-prompts\)"):
+        EigenShift.fit(m, (tox[:3].float(), non.float()))
+    with pytest.raises(EigenShiftError, match=r"toxic states have shape \(24, 5\)"):
+        EigenShift.fit(m, (tox[:, :5].float(), non[:, :5].float()), k=2)
+    with pytest.raises(EigenShiftError, match="alpha must be in"):
+        EigenShift.fit(m, (tox.float(), non.float()), alpha=2.0)
+
+
+def test_collect_states_greedy_first_tokens_and_too_few_toxic():
+    m = tiny_model("llama")
+    prompts = ["hello world", "steer me", "a b c", "the fox"]
+    cfg = GenConfig(max_new_tokens=4, sampling="greedy")
+    with pytest.raises(StateCollectionError, match=r"found 0 toxic and 4 non-toxic states from 4 continuations "
+                       r"\(0 toxic\) of 4 prompts; EigenShift needs at least 8 of each: use more prompts"):
+        collect_states(m, prompts, cfg, scorer="profanity", progress=False)
+    st = collect_states(m, prompts, cfg, scorer="profanity", min_states=0, progress=False)
+    # greedy: every non-toxic continuation keeps the state of its first token = final at the last prompt token
+    ref = sl.capture(m, sorted(prompts, key=lambda t: (len(t), t)), "final", "last")["final"]
+    assert len(st.toxic) == 0 and st.stats["saliency"] == "lexicon"
+    got = st.nontoxic[torch.argsort(st.nontoxic[:, 0])]
+    assert torch.allclose(got, ref[torch.argsort(ref[:, 0])], atol=1e-4)
+
+
+def test_toxic_states_from_given_positions():
+    m = tiny_model("llama")
+    st = ToxicStates(torch.randn(9, 32), torch.randn(9, 32))
+    iv = EigenShift.fit(m, st, k=2)
+    assert iv.meta["options"] == {"k": 2, "alpha": 0.1, "rank": "abs"} and len(iv.delta) == 32
+
+
+def test_salient_words_and_first_token():
+    words = salient_words(["you are a stupid idiot and I like cake", "shut up you moron"])
+    assert {"stupid", "idiot"} <= words[0] and "cake" not in words[0] and "moron" in words[1]
+    pieces = ["you", " are", " a", " stup", "id", " idiot"]
+    assert first_word_token(pieces, {"stupid"}, str.split) == 3
+    assert first_word_token(pieces, {"idiot"}, str.split) == 5
+    assert first_word_token(pieces, {"cake"}, str.split) == -1
+
+
+def test_cli_fit_too_few_states_and_generate_with_an_edit_file(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    m = tiny_model("llama")
+    d = tmp_path / "tiny"
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"line {i} of text" for i in range(4)) + "\n")
+    runner = CliRunner()
+    r = runner.invoke(app, ["fit", "eigenshift", "--out", str(tmp_path / "es.safetensors"), "--model", str(d),
+                            "--prompts", str(prompts), "--n-prompts", "0", "--samples", "2", "--max-new-tokens", "3",
+                            "--scorer", "profanity"])
+    assert r.exit_code == 2 and "found 0 toxic and" in r.output and "use more prompts" in r.output, r.output
+    loaded = sl.load(str(d))
+    es = _fit(loaded, k=6, alpha=0.0)
+    es.save(tmp_path / "es.safetensors")
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["generate", "--out", str(out), "--model", str(d), "--prompts", str(prompts),
+                            "--max-new-tokens", "5", "--scorer", "none", "--intervention",
+                            str(tmp_path / "es.safetensors")])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    with es.apply(loaded):
+        py = sl.generation.generate(loaded, [p.text for p in sl.data.load_prompts(str(prompts))], max_new_tokens=5)
+    plain = sl.generation.generate(loaded, [p.text for p in sl.data.load_prompts(str(prompts))], max_new_tokens=5)
+    by_prompt = {r["prompt"]: r["continuation"] for r in rows}
+    texts = [p.text for p in sl.data.load_prompts(str(prompts))]
+    assert [by_prompt[t] for t in texts] == [c[0] for c in py] and py != plain
+
+
+def test_report_marks_dampened_directions(tmp_path):
+    import csv
+
+    from steerlab.explain.lens import token_str
+    from steerlab.steer.eigenshift_report import report
+
+    m = tiny_model("llama")
+    iv = _fit(m, k=3)
+    png, table = report(m, iv, tmp_path, k=4)
+    rows = list(csv.DictReader(open(table)))
+    assert png.stat().st_size > 0 and [int(r["direction"]) for r in rows] == iv.indices.tolist()
+    U = m.W_U.detach().double().numpy()
+    Vt = svd(m.W_U).Vt.double().numpy()
+    for r in rows:  # the tokens a direction raises most are the top entries of U b_i
+        top = np.argsort(-(U @ Vt[int(r["direction"])]))[:4]
+        assert r["raises"] == " ".join(token_str(m, int(i)) for i in top)
