@@ -91,7 +91,7 @@ def test_bad_inputs():
         auroc(torch.randn(5, 3), torch.zeros(5, dtype=torch.bool))
     iv = AurA.fit(m, (GOOD, BAD))
     bad = AurA({"blocks.0.mlp.act": torch.ones(7) * 0.5}, meta=dict(iv.meta))
-    with pytest.raises(AuraError, match=r"factors for 'blocks.0.mlp.act' have size \(7,\) but tiny-llama has \(48,\)"):
+    with pytest.raises(AuraError, match=r"factors for 'blocks.0.mlp.act' has size \(7,\) but tiny-llama has \(48,\)"):
         bad.check(m)
 
 

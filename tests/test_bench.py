@@ -54,8 +54,7 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
     val_rows = [json.loads(x) for f in (out / "val").rglob("results.jsonl") for x in f.read_text().splitlines()]
     assert val_rows and not test_ids & {r["prompt_id"] for r in val_rows}
     assert sv.meta["n_desirable"] > 0
-    contrast = set(json.loads((out / "config.json").read_text())["methods"])
-    assert contrast == {"steering", "selfcorrect"}
+    assert json.loads((out / "record.json").read_text())["methods"] == ["steering", "selfcorrect"]
     test_rows = [json.loads(x) for x in (out / "test" / "steering" / "results.jsonl").read_text().splitlines()]
     assert {r["prompt_id"] for r in test_rows} <= test_ids and {r["prompt"] for r in test_rows} <= test_texts
     for f in ("report.html", "figures/tradeoff.png", "figures/categories.png", "tables/results.csv"):

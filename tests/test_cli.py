@@ -3,21 +3,13 @@
 from typer.testing import CliRunner
 
 from steerlab.cli import app
-from tiny import tiny_model
+from tiny import model_dir, tiny_model
 
 runner = CliRunner()
 
 
-def _model_dir(tmp_path):
-    m = tiny_model("llama")
-    d = tmp_path / "tiny"
-    m.hf.save_pretrained(d)
-    m.tok.save_pretrained(d)
-    return str(d)
-
-
 def test_lens_cli(tmp_path):
-    d = _model_dir(tmp_path)
+    d = model_dir(tmp_path)
     r = runner.invoke(app, ["lens", "hello", "--model", d, "-k", "2", "--layers", "0,-1"])
     assert r.exit_code == 0, r.output
     assert "logit lens" in r.output and "top 2" in r.output
@@ -26,7 +18,7 @@ def test_lens_cli(tmp_path):
 
 
 def test_lens_cli_errors(tmp_path):
-    d = _model_dir(tmp_path)
+    d = model_dir(tmp_path)
     r = runner.invoke(app, ["lens", "hello", "--model", d, "--layers", "9"])
     assert r.exit_code == 2 and "out of range" in r.output
     r = runner.invoke(app, ["lens", "hello", "--model", str(tmp_path / "nope.gguf")])
@@ -34,7 +26,7 @@ def test_lens_cli_errors(tmp_path):
 
 
 def test_info_and_help(tmp_path):
-    d = _model_dir(tmp_path)
+    d = model_dir(tmp_path)
     r = runner.invoke(app, ["info", "--model", d])
     assert r.exit_code == 0 and "fingerprint" in r.output and "llama" in r.output
     r = runner.invoke(app, ["--help"])
@@ -44,7 +36,7 @@ def test_info_and_help(tmp_path):
 def test_generate_and_score_cli(tmp_path):
     import json
 
-    d = _model_dir(tmp_path)
+    d = model_dir(tmp_path)
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"line {i} of text" for i in range(6)) + "\n")
     out = tmp_path / "run"
@@ -108,7 +100,7 @@ def test_steer_cli(tmp_path):
 
     import gguf
 
-    d = _model_dir(tmp_path)
+    d = model_dir(tmp_path)
     good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
     good.write_text("what a lovely day\nthank you\n")
     bad.write_text("you idiot\nshut up\n")

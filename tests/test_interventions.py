@@ -12,7 +12,7 @@ from steerlab.cli import app
 from steerlab.generation import GenConfig, generate_run
 from steerlab.scoring import get_scorer
 from steerlab.steer import SteeringVector
-from tiny import tiny_model
+from tiny import model_dir, tiny_model
 
 runner = CliRunner()
 GOOD = ["what a lovely day", "thank you so much", "have a nice time", "you are kind"]
@@ -22,14 +22,6 @@ BAD = ["you stupid idiot", "shut up moron", "I hate you all", "get lost loser"]
 def _flat(output: str) -> str:
     """CLI output with rich's box characters and line wrapping removed."""
     return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
-
-
-def _model_dir(tmp_path, seed=0):
-    m = tiny_model("llama", seed=seed)
-    d = tmp_path / f"tiny{seed}"
-    m.hf.save_pretrained(d)
-    m.tok.save_pretrained(d)
-    return str(d)
 
 
 def _texts(tmp_path):
@@ -53,7 +45,7 @@ def test_registry_lists_and_fits_by_name(llama):
 
 
 def test_cli_fit_then_generate_equals_python_apply(tmp_path):
-    d = _model_dir(tmp_path)
+    d = model_dir(tmp_path)
     good, bad, prompts = _texts(tmp_path)
     vec = tmp_path / "v.safetensors"
     r = runner.invoke(app, ["fit", "steering", "--out", str(vec), "--model", d, "--desirable", good,
@@ -85,7 +77,7 @@ def test_cli_fit_then_generate_equals_python_apply(tmp_path):
 
 
 def test_bad_intervention_inputs_fail_cleanly_and_write_nothing(tmp_path):
-    d, d_other = _model_dir(tmp_path), _model_dir(tmp_path, seed=3)
+    d, d_other = model_dir(tmp_path), model_dir(tmp_path, seed=3)
     good, bad, prompts = _texts(tmp_path)
     vec = tmp_path / "v.safetensors"
     assert runner.invoke(app, ["fit", "steering", "--out", str(vec), "--model", d, "--desirable", good,
@@ -170,7 +162,7 @@ def test_selfcorrection_round_is_a_prompt_side_intervention(tmp_path):
 
 
 def test_cli_apply_options_reach_the_intervention(tmp_path):
-    d = _model_dir(tmp_path)
+    d = model_dir(tmp_path)
     good, bad, prompts = _texts(tmp_path)
     vec = tmp_path / "v.safetensors"
     assert runner.invoke(app, ["fit", "steering", "--out", str(vec), "--model", d, "--desirable", good,

@@ -14,21 +14,13 @@ import steerlab as sl
 from steerlab.cli import app
 from steerlab.generation import GenConfig, generate_run
 from steerlab.runs import RunDir, RunError
-from tiny import PROMPTS, tiny_model
+from tiny import PROMPTS, model_dir
 
 runner = CliRunner()
 
 
 def _flat(output: str) -> str:
     return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
-
-
-def _model_dir(tmp_path):
-    m = tiny_model("llama")
-    d = tmp_path / "tiny"
-    m.hf.save_pretrained(d)
-    m.tok.save_pretrained(d)
-    return str(d)
 
 
 def _hold_lock(path):
@@ -47,7 +39,7 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
         with pytest.raises(RunError, match=rf"in use by another run \(pid {holder.pid} on"):
             RunDir(tmp_path / "run", {"kind": "x"})
         assert time.perf_counter() - t0 < 5
-        d = _model_dir(tmp_path)
+        d = model_dir(tmp_path)
         prompts = tmp_path / "p.txt"
         prompts.write_text("one\ntwo\n")
         r = runner.invoke(app, ["generate", "--out", str(tmp_path / "run"), "--model", d, "--prompts", str(prompts),
@@ -95,7 +87,7 @@ def test_timings_add_up_over_resumed_calls(tmp_path, llama):
     (["demo", "-m", "nosuch"], "nosuch"),
 ])
 def test_cli_bad_input_one_line_errors(tmp_path, args, message):
-    d = _model_dir(tmp_path)
+    d = model_dir(tmp_path)
     args = [a.replace("OUT", str(tmp_path)) for a in args]
     if args[0] in ("lens", "steer"):
         args += ["--model", d]
@@ -115,7 +107,7 @@ def test_cli_outputs_into_directories_are_refused(tmp_path, llama):
     vec = SteeringVector({"blocks.1.resid_post": torch.ones(32)}).save(tmp_path / "v.safetensors")
     r = runner.invoke(app, ["steer", "export-gguf", str(vec), str(tmp_path)])
     assert r.exit_code == 2 and "is a directory" in _flat(r.output)
-    r = runner.invoke(app, ["generate", "--out", str(vec), "--model", _model_dir(tmp_path), "--prompts", str(texts),
+    r = runner.invoke(app, ["generate", "--out", str(vec), "--model", model_dir(tmp_path), "--prompts", str(texts),
                             "--scorer", "none"])
     assert r.exit_code == 2 and "is not a directory" in _flat(r.output)
     assert vec.stat().st_size > 0  # the file given as --out is untouched

@@ -88,3 +88,13 @@ def tiny_model(arch: str = "llama", seed: int = 0) -> Model:
 
 
 PROMPTS = ["hello world", "a", "The quick brown fox!", "steer me"]
+
+
+def model_dir(tmp_path, arch: str = "llama", seed: int = 0) -> str:
+    """A tiny model and its tokenizer saved to ``tmp_path / "tiny"`` (``tiny<seed>`` for other seeds), for the
+    command line."""
+    m = tiny_model(arch, seed=seed)
+    d = tmp_path / ("tiny" if seed == 0 else f"tiny{seed}")
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    return str(d)

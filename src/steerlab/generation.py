@@ -245,7 +245,7 @@ class RowSampler:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logp = (scores.float() / self.temperature).log_softmax(-1)
-        sorted_lp, idx = logp.sort(-1, descending=True)
+        sorted_lp, idx = self._ranked(logp)
         keep = torch.isfinite(sorted_lp)
         if self.top_p < 1.0:  # the smallest set of top tokens whose mass reaches top_p
             p = sorted_lp.exp()
@@ -255,3 +255,13 @@ class RowSampler:
         u = row_uniforms(self.seeds, input_ids.shape[1] - self.prompt_len, idx[:, :K])
         pick = idx[:, :K].gather(-1, (lp.double() - torch.log(-torch.log(u))).argmax(-1, keepdim=True))
         return torch.full_like(scores, float("-inf")).scatter(-1, pick, 0.0)
+
+    def _ranked(self, logp: torch.Tensor, first: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities in decreasing order with their token ids: only the top ``first`` when
+        they already hold the nucleus of every row (a partial selection is much cheaper than sorting
+        the whole vocabulary), else all of them."""
+        if self.top_p < 1.0 and logp.shape[-1] > first:
+            top = logp.topk(first, dim=-1)
+            if bool((top.values.exp().sum(-1) >= self.top_p).all()):
+                return top.values, top.indices
+        return logp.sort(-1, descending=True)

@@ -20,6 +20,7 @@ Register a method with the :func:`register` class decorator; ``steerlab interven
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -104,6 +105,16 @@ class Intervention(ABC):
                 f"this {self.method} intervention was fitted on model {self.meta.get('model')!r} (fingerprint "
                 f"{fp}), not on {model.name!r} ({model.fingerprint}); pass strict=False to apply it anyway")
 
+    def check_sizes(self, model: Model, per_site: dict[str, torch.Tensor], what: str,
+                    error: type[InterventionError] | None = None) -> None:
+        """Raise when a per-site tensor does not have the site's feature shape on ``model``."""
+        for site, t in per_site.items():
+            shape = model.site_shape(site)
+            if tuple(t.shape) != tuple(shape):
+                raise (error or InterventionError)(
+                    f"{what} for {site!r} has size {tuple(t.shape)} but {model.name} has {shape}: it was "
+                    f"fitted on another model ({self.meta.get('model', '?')})")
+
     def generate(self, model: Model, texts: Sequence, cfg, keys: Sequence[str] | None = None,
                  **options: Any) -> list[list[str]]:
         """Continuations of ``texts`` with the intervention in force (what generation runs call;
@@ -183,6 +194,16 @@ def read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise InterventionError(f"{path} is a safetensors file but not a steerlab intervention (header kind "
                                 f"{meta.get('kind')!r})")
     return meta, tensors
+
+
+def fingerprint_texts(*groups: Sequence[str]) -> str:
+    """A short hash of groups of texts (order and grouping count): an intervention's data fingerprint."""
+    h = hashlib.sha256()
+    for g in groups:
+        for t in g:
+            h.update(t.encode() + b"\0")
+        h.update(b"\1")
+    return h.hexdigest()[:16]
 
 
 # --- registry ------------------------------------------------------------------------------------

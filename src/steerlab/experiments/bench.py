@@ -198,9 +198,12 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     cfg.validate()
     names = list(cfg.methods) or list(list_interventions())
     scorer = get_scorer(cfg.scorer)
+    # the methods are not part of the run's identity: rerunning with more methods adds their arms
+    # to the same directory and reuses the baseline and every arm already done
+    settings = {k: v for k, v in asdict(cfg).items() if k != "methods"}
     with RunDir(out_dir, {"kind": "bench", "model": model.name, "model_fingerprint": model.fingerprint,
-                          **asdict(cfg), "methods": names}) as run:
-        run.write_record(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed)
+                          **settings}) as run:
+        run.write_record(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed, methods=names)
         data, val, test = _data(model, cfg, scorer)
         arms, rows = _run_arms(model, run, names, data, val, test, cfg, scorer, progress)
         metrics = _metrics(model, cfg, arms, len(test))

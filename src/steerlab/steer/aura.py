@@ -18,7 +18,6 @@ below 1; the hooks are removed on exit.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..hooks import capture, edit, scale
-from ..interventions import Intervention, InterventionError, register
+from ..interventions import Intervention, InterventionError, fingerprint_texts, register
 from ..models.model import Model
 
 VARIANTS = ("aura", "damp", "det0")
@@ -103,15 +102,6 @@ def texts_from_generations(model: Model, prompts: Sequence, cfg=None, scorer="de
     return [t for t, x in zip(full, tox) if not x], [t for t, x in zip(full, tox) if x]
 
 
-def _fingerprint(*groups: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for g in groups:
-        for t in g:
-            h.update(t.encode() + b"\0")
-        h.update(b"\1")
-    return h.hexdigest()[:16]
-
-
 @register
 @dataclass
 class AurA(Intervention):
@@ -148,19 +138,21 @@ class AurA(Intervention):
         f = aura_factors(auc, variant, n)
         sizes = [caps[s].shape[1] for s in sites]
         meta = {"model": model.name, "model_fingerprint": model.fingerprint, "d_mlp": model.d_mlp,
-                "data_fingerprint": _fingerprint(non, tox), "n_toxic": len(tox), "n_nontoxic": len(non),
+                "data_fingerprint": fingerprint_texts(non, tox), "n_toxic": len(tox), "n_nontoxic": len(non),
                 "options": {"variant": variant, **({"top_n": n} if variant != "aura" else {})},
                 "units_dampened": int((f < 1).sum())}
         return cls(dict(zip(sites, f.split(sizes))), dict(zip(sites, auc.split(sizes))), meta)
 
     def check(self, model: Model, strict: bool = True) -> None:
         """Sites and sizes always; the model fingerprint when ``strict``."""
-        for s, f in self.factors.items():
-            shape = model.site_shape(s)
-            if tuple(f.shape) != tuple(shape):
-                raise AuraError(f"AurA factors for {s!r} have size {tuple(f.shape)} but {model.name} has {shape}: "
-                                f"fitted on another model ({self.meta.get('model', '?')})")
+        self.check_sizes(model, self.factors, "AurA factors", AuraError)
         super().check(model, strict)
+
+    @classmethod
+    def bench_fit(cls, model: Model, data, preset: str = "quick") -> AurA:
+        """Units ranked by how well they tell the benchmark's toxic training prompts from its
+        non-toxic ones (its contrast set), AurA's proportional dampening."""
+        return cls.fit(model, data.contrast)
 
     @contextmanager
     def apply(self, model: Model, strict: bool = True, **options):

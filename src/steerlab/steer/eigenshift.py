@@ -197,6 +197,22 @@ class EigenShift(Intervention):
             raise EigenShiftError(f"the unembedding of {model.name} is not the one this edit was fitted on "
                                   f"(fingerprint {fp}); was it edited or retrained?")
 
+    @classmethod
+    def bench_fit(cls, model: Model, data, preset: str = "quick") -> EigenShift:
+        """States from the model's own continuations of the benchmark's training prompts (quick: 64
+        prompts x 4 samples of 12 tokens; otherwise every training prompt x 4 of 20 tokens), scored by
+        the benchmark's scorer; the top 1% of directions by |delta| (k = 6 for d = 576)."""
+        from ..generation import GenConfig
+
+        quick = preset == "quick"
+        prompts = data.train[:64] if quick else data.train
+        cfg = GenConfig(max_new_tokens=12 if quick else 20, sampling="t1.0", k=4, seed=data.seed)
+        return cls.fit(model, prompts, percentile=0.99, alpha=0.1, cfg=cfg, scorer=data.scorer, progress=False)
+
+    def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
+        """The dampened directions scaled by 0.1 (the code's default) or removed (the paper's run)."""
+        return [{"alpha": 0.1}, {"alpha": 0.0}]
+
     def weight(self, model: Model, alpha: float | None = None) -> torch.Tensor:
         """The edited unembedding ``U'`` for ``model`` (SVD recomputed once per model and cached)."""
         a = self.alpha if alpha is None else float(alpha)

@@ -21,7 +21,6 @@ a ``[batch]`` tensor so a strength sweep is one batched generate.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import torch
 
 from ..errors import EmptyInputError
 from ..hooks import EditFn, add, capture, edit, per_row, strength
-from ..interventions import Intervention, InterventionError, register
+from ..interventions import Intervention, InterventionError, fingerprint_texts, register
 from ..models.model import Model
 
 POSITIONS = ("last", "mean", "aligned")
@@ -40,16 +39,6 @@ POSITIONS = ("last", "mean", "aligned")
 
 class VectorError(InterventionError):
     """A steering vector that does not fit the model, or a file that is not one."""
-
-
-def _fingerprint_texts(*groups: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for g in groups:
-        for t in g:
-            h.update(t.encode())
-            h.update(b"\0")
-        h.update(b"\1")
-    return h.hexdigest()[:16]
 
 
 @register
@@ -123,7 +112,7 @@ class SteeringVector(Intervention):
             "options": {"fit_method": method, "positions": positions, "scale": scale},
             "model": model.name, "model_fingerprint": model.fingerprint, "d_model": model.d_model,
             "n_layers": model.n_layers, "model_type": model.config.model_type,
-            "data_fingerprint": _fingerprint_texts(desirable, undesirable),
+            "data_fingerprint": fingerprint_texts(desirable, undesirable),
             "n_desirable": len(desirable), "n_undesirable": len(undesirable),
         }
         return cls(dirs, meta)
@@ -131,11 +120,7 @@ class SteeringVector(Intervention):
     # --- applying ------------------------------------------------------------------------------
     def check(self, model: Model, strict: bool = True) -> None:
         """Raise when the vector does not fit ``model``: size always; fingerprint when ``strict``."""
-        for s, v in self.directions.items():
-            shape = model.site_shape(s)
-            if tuple(v.shape) != tuple(shape):
-                raise VectorError(f"vector for site {s!r} has size {tuple(v.shape)} but {model.name} has {shape}: "
-                                  f"it was fitted on another model ({self.meta.get('model', '?')})")
+        self.check_sizes(model, self.directions, "vector", VectorError)
         super().check(model, strict)
 
     @contextmanager
