@@ -172,7 +172,7 @@ def register(cls: type[Intervention]) -> type[Intervention]:
 
 def _ensure_builtin() -> None:
     from .protocols import correction  # noqa: F401  (registers "selfcorrect")
-    from .steer import iti, vector  # noqa: F401  (registers "iti", "steering")
+    from .steer import iti, slim, vector  # noqa: F401  (registers "iti", "slim", "steering")
 
 
 def get(method: str | None) -> type[Intervention]:
