@@ -104,3 +104,45 @@ def test_files_and_other_models(tmp_path, llama):
         far.check(tiny_model("gpt2"), strict=False)
     with pytest.raises(pr.ProbeError, match="both classes"):
         I.fit("iti", llama, pr.Labelled((["a", "b"], [0, 0]), (["c", "d"], [0, 1])))
+
+
+def test_cli_fit_iti_slim_probes_then_generate(tmp_path):
+    """`steerlab probes`, `fit iti`, `fit slim` on a tiny model saved to disk, then `generate
+    --intervention` with each; the CLI's ITI equals the one fitted in Python on the same data."""
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    class Len:
+        name = "len"
+
+        def toxicity(self, texts):
+            return np.array([len(t) % 13 for t in texts], float)
+
+    m = tiny_model("llama")
+    d = tmp_path / "tiny"
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"{WORDS[i % 8]} line {i}" for i in range(40)) + "\n")
+    sl.scoring.register_scorer("len13", lambda **kw: Len(), overwrite=True)
+    r = CliRunner()
+    common = ["--model", str(d), "--prompts", str(prompts), "--n-train", "8", "--n-val", "4", "--scorer", "len13"]
+    res = r.invoke(app, ["probes", "--out", str(tmp_path / "pr"), *common])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "pr" / "figures" / "probe_accuracy.png").is_file()
+    res = r.invoke(app, ["fit", "iti", "--out", str(tmp_path / "iti.safetensors"), "--k", "2", *common])
+    assert res.exit_code == 0, res.output
+    lab = pr.toxicity_labels(str(prompts), Len(), 8, 4)
+    py = I.fit("iti", sl.load(str(d)), lab, k=2)
+    cli = I.load(tmp_path / "iti.safetensors")
+    assert cli.heads == py.heads and all(torch.equal(cli.deltas[s], py.deltas[s]) for s in py.deltas)
+    res = r.invoke(app, ["fit", "slim", "--out", str(tmp_path / "slim.safetensors"), "--epochs", "30", *common])
+    assert res.exit_code == 0, res.output
+    for f, extra in (("iti", ["--alpha", "2"]), ("slim", ["--apply-option", "kappa=0.5"])):
+        res = r.invoke(app, ["generate", "--out", str(tmp_path / f"run_{f}"), "--model", str(d), "--prompts",
+                             str(prompts), "--n", "3", "--max-new-tokens", "3", "--scorer", "profanity",
+                             "--no-fluency", "--intervention", str(tmp_path / f"{f}.safetensors"), *extra])
+        assert res.exit_code == 0, res.output
+    res = r.invoke(app, ["fit", "iti", "--out", str(tmp_path), *common])
+    assert res.exit_code == 2 and "directory" in res.output

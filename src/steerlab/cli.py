@@ -557,6 +557,9 @@ def demo(model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP))
         print_lens(layer_lens(m, p, k=5, layers=layers), f"logit lens of {m.name} on {p!r}")
 
 
+from . import cli_heads  # noqa: E402, F401  (registers `probes`, `fit iti`, `fit slim`)
+
+
 def main() -> None:
     app()
 
