@@ -683,6 +683,9 @@ def demo(model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
           n_val=None, max_new_tokens=None, seed=0, device="cpu")
 
 
+from . import cli_heads  # noqa: E402, F401  (registers `probes`, `fit iti`, `fit slim`)
+
+
 def main() -> None:
     app()
 

@@ -220,7 +220,7 @@ def register(cls: type[Intervention]) -> type[Intervention]:
 
 def _ensure_builtin() -> None:
     from .protocols import correction  # noqa: F401  (registers "selfcorrect")
-    from .steer import aura, eigenshift, vector  # noqa: F401  (registers "aura", "eigenshift", "steering")
+    from .steer import aura, eigenshift, iti, slim, vector  # noqa: F401  (registers each method)
 
 
 def get(method: str | None) -> type[Intervention]:

@@ -1,0 +1,180 @@
+"""Inference-time intervention (ITI; Li et al. 2023, METHODS.md section 5): shift a few attention
+heads along the direction that separates desirable from undesirable activations.
+
+Fitting: logistic probes at every (layer, head) on the last-token head activations of labelled
+texts (:mod:`steerlab.explain.probes`, split by prompt), the top ``k`` heads by validation accuracy,
+and for each of them the centre-of-mass direction ``theta = mean(desirable) - mean(undesirable)``
+(unit norm) and ``sigma``, the standard deviation of the training activations projected on it.
+
+Applying: ``a_{l,h} <- a_{l,h} + alpha * sigma * theta`` on the chosen heads of ``blocks.{l}.attn.heads``
+(the input of the attention output projection) at the last position of every forward call (the
+``last`` schedule: the last prompt token, then every generated token); the other heads are untouched.
+``bake=True`` writes the same shift, at every position, into the output projection's bias:
+``bias += W_o @ delta`` (the bias is created when the layer has none, and restored exactly on exit).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..explain.probes import Labelled, ProbeData, probe_data, probe_heads
+from ..hooks import add, edit
+from ..interventions import Intervention, InterventionError, register
+from ..models.model import Model
+
+
+class ITIError(InterventionError):
+    """An ITI intervention that cannot be fitted or does not fit the model."""
+
+
+def heads_site(layer: int) -> str:
+    return f"blocks.{layer}.attn.heads"
+
+
+def check_head_sites(method: str, tensors: dict[str, torch.Tensor], model: Model, meta: dict) -> None:
+    """Raise when per-head tensors ``{site: [H, ...d_head]}`` do not match ``model``'s layers and heads."""
+    shape = (model.n_heads, model.d_head)
+    for s, t in tensors.items():
+        layer = int(s.split(".")[1])
+        if layer >= model.n_layers or tuple(t.shape[:2]) != shape:
+            raise InterventionError(
+                f"this {method} file was fitted on {meta.get('model', '?')!r} ({s}: heads x d_head "
+                f"{tuple(t.shape[:2])}); {model.name!r} has {model.n_layers} layers of {shape[0]} heads x "
+                f"{shape[1]}")
+
+
+def centre_of_mass(acts: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per problem ``acts [K, N, d]`` with labels ``y [N]`` (1 = undesirable): the unit direction
+    ``mean(y=0) - mean(y=1)`` ``[K, d]`` and the std of all training projections on it ``[K]``."""
+    d = acts[:, y < 0.5].mean(1) - acts[:, y > 0.5].mean(1)
+    norm = d.norm(dim=-1, keepdim=True)
+    if (norm < 1e-12).any():
+        raise ITIError("a head's desirable and undesirable activations have the same mean: no direction")
+    theta = d / norm
+    sigma = torch.einsum("knd,kd->kn", acts, theta).std(1)
+    return theta, sigma
+
+
+@register
+@dataclass
+class ITI(Intervention):
+    """Inference-time intervention: shift the top-K heads by alpha x sigma along the centre of mass."""
+
+    deltas: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+    method = "iti"
+
+    def __post_init__(self):
+        if not self.deltas:
+            raise ITIError("an ITI intervention needs at least one head")
+        self.deltas = {k: torch.as_tensor(v).detach().float().cpu() for k, v in self.deltas.items()}
+        self.meta = {**self.meta, "sites": list(self.deltas)}
+
+    @classmethod
+    def fit(cls, model: Model, data: Labelled | ProbeData, k: int = 16, l2: float = 1e-2,
+            layers=None, batch_size: int = 16, chat: bool = False) -> ITI:
+        """Probe every head on ``data`` (labelled texts, or activations from :func:`probe_data`), keep
+        the ``k`` most accurate on validation, and store ``sigma * theta`` for each."""
+        pd = data if isinstance(data, ProbeData) else probe_data(model, data, layers, resid=False,
+                                                                 batch_size=batch_size, chat=chat)
+        res = probe_heads(pd, l2)
+        top = res.top_heads(k)
+        li = torch.tensor([pd.layers.index(layer) for layer, _ in top], device=res.w.device)
+        hi = torch.tensor([h for _, h in top], device=res.w.device)
+        acts = pd.heads["train"][li, :, hi]  # [K, N, d_head]
+        theta, sigma = centre_of_mass(acts, pd.labels["train"])
+        deltas: dict[str, torch.Tensor] = {}
+        for j, (layer, h) in enumerate(top):
+            d = deltas.setdefault(heads_site(layer), torch.zeros(model.n_heads, model.d_head))
+            d[h] = (sigma[j] * theta[j]).cpu()
+        heads = [{"layer": layer, "head": h, "accuracy": round(float(res.head_acc[pd.layers.index(layer), h]), 4),
+                  "sigma": round(float(sigma[j]), 5)} for j, (layer, h) in enumerate(top)]
+        meta = {"model": model.name, "model_fingerprint": model.fingerprint, "model_type": model.config.model_type,
+                "data_fingerprint": pd.meta.get("data_fingerprint"), "source": pd.meta.get("source"),
+                "counts": pd.meta.get("counts"), "heads": heads, "options": {"k": k, "l2": l2}}
+        return cls(deltas, meta)
+
+    def check(self, model: Model, strict: bool = True) -> None:
+        check_head_sites(self.method, self.deltas, model, self.meta)
+        super().check(model, strict)
+
+    @property
+    def heads(self) -> list[tuple[int, int]]:
+        """The chosen (layer, head) pairs."""
+        return [(int(s.split(".")[1]), int(h)) for s, d in self.deltas.items()
+                for h in torch.nonzero(d.abs().sum(-1)).flatten().tolist()]
+
+    @classmethod
+    def bench_fit(cls, model: Model, data, preset: str = "quick") -> ITI:
+        """Probes on the benchmark's contrast set (its most toxic training prompts labelled 1, the
+        least toxic 0), split 70/30 by prompt inside the training part."""
+        from ..explain.probes import labelled_from_texts
+
+        texts = list(data.contrast.undesirable) + list(data.contrast.desirable)
+        labels = [1] * len(data.contrast.undesirable) + [0] * len(data.contrast.desirable)
+        return cls.fit(model, labelled_from_texts(texts, labels, seed=data.seed, source="bench contrast set"))
+
+    def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
+        """alpha 5 or the paper's 15."""
+        return [{"alpha": 5.0}, {"alpha": 15.0}]
+
+    @contextmanager
+    def apply(self, model: Model, alpha: float | torch.Tensor = 15.0, where: str | None = None, bake: bool = False,
+              strict: bool = True):
+        """Shift the chosen heads by ``alpha * sigma * theta``: at runtime at the ``where`` positions
+        (default ``last``: the last position of every call; ``alpha`` may be a ``[batch]`` tensor), or
+        with ``bake=True`` through the output projections' biases at every position."""
+        self.check(model, strict)
+        if not bake:
+            with edit(model, {s: add(d, alpha, where or "last") for s, d in self.deltas.items()}) as step:
+                yield step
+            return
+        if where not in (None, "all"):
+            raise ITIError(f"a baked shift acts at every position; where={where!r} needs the runtime edit (bake=False)")
+        if isinstance(alpha, torch.Tensor) and alpha.dim() > 0:
+            raise ITIError("a baked shift takes one scalar alpha, not one per row")
+        with bake_shifts(model, {s: float(alpha) * d for s, d in self.deltas.items()}):
+            yield None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"delta.{s}": d for s, d in self.deltas.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> ITI:
+        return cls({k.removeprefix("delta."): v for k, v in tensors.items() if k.startswith("delta.")}, meta)
+
+
+@contextmanager
+def bake_shifts(model: Model, shifts: dict[str, torch.Tensor]):
+    """Add ``W_o @ delta`` to the bias of each ``attn.heads`` site's output projection (``delta``:
+    ``[H, d_head]``) while the block runs; a missing bias is created and removed again, an existing one
+    is restored bit for bit, also on errors."""
+    saved = []
+    try:
+        for s, d in shifts.items():
+            site = model.site(s)
+            mod, where = site.hook_point(model.hf, model.arch)
+            if site.kind != "attn.heads" or where != "in":
+                raise ITIError(f"cannot bake a shift at {s!r}: only attn.heads sites feed an output projection")
+            w = mod.weight
+            flat = d.reshape(-1).to(device=w.device, dtype=torch.float64)
+            # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out]
+            shift = (w.double() @ flat) if isinstance(mod, torch.nn.Linear) else (flat @ w.double())
+            old = None if mod.bias is None else mod.bias.detach().clone()
+            saved.append((mod, old))
+            with torch.no_grad():
+                if old is None:
+                    mod.bias = torch.nn.Parameter(shift.to(w.dtype), requires_grad=False)
+                else:
+                    mod.bias.add_(shift.to(old.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for mod, old in reversed(saved):
+                if old is None:
+                    mod.bias = None
+                else:
+                    mod.bias.copy_(old)

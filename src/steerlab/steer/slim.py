@@ -1,0 +1,269 @@
+"""SLIM (METHODS.md section 5): probe-gated Gaussian optimal transport of attention heads into
+the region their risk-aware probes call safe.
+
+Stage 1 (:func:`steerlab.explain.probes.risk_probes`): a risk-aware logistic probe per (layer, head)
+(the smooth surrogate of FPR + b FNR, full-batch Adam, best validation epoch), a layer classifier
+"at least tau heads fire" with ``tau`` chosen on validation, and the layer with the lowest
+validation risk.
+
+Stage 2 (:func:`gaussian_ot_map`), per head of that layer: ``mu_hat``, ``Sigma_hat`` of the training
+activations the head's probe flags (``Sigma_hat`` shrunk towards a scaled identity so that it is
+invertible when there are fewer samples than dimensions), then the chance-constrained program
+
+    min |mu - mu_hat|^2 + |S - Sigma_hat^(1/2)|_F^2
+    s.t. theta0 + theta^T mu + Phi^-1(1 - gamma) t <= 0,  |S theta| <= t,  S PSD
+
+(``|S theta| <= t`` is the second-order-cone form of the LMI [[t I, S theta], [theta^T S, t]] PSD:
+the same set by the Schur complement), solved with Clarabel through cvxpy: a Gaussian
+``N(mu, S^2)`` then lies on the safe side of the probe with probability at least ``1 - gamma``.
+With ``Sigma* = S*^2``: ``A = Sigma_hat^(-1/2) (Sigma_hat^(1/2) Sigma* Sigma_hat^(1/2))^(1/2)
+Sigma_hat^(-1/2)`` and ``b = mu* - A mu_hat``, the optimal-transport map ``a -> A a + b`` from
+``N(mu_hat, Sigma_hat)`` to ``N(mu*, Sigma*)``. A head whose program fails is left unedited (its name
+and the reason are recorded and warned about); the others are kept.
+
+Stage 3 (:meth:`SLIM.apply`): at the chosen layer, at the last position of every forward call,
+``p_h = sigmoid(theta0_h + theta_h . a_h)``; when at least ``tau`` heads have ``p_h > 0.5``, each
+firing head moves ``a_h <- a_h + kappa p_h (A_h a_h + b_h - a_h)``. ``SLIM.fired`` / ``SLIM.calls``
+count the rows (batch rows x forward calls) where the layer classifier fired.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import SteerlabError
+from ..explain.probes import Labelled, ProbeData, probe_data, risk_probes
+from ..hooks import EditFn, edit
+from ..interventions import Intervention, InterventionError, register
+from ..models.model import Model
+from .iti import check_head_sites, heads_site
+
+
+class SLIMError(InterventionError):
+    """A SLIM intervention that cannot be fitted (solver failure, too few samples) or does not fit the model."""
+
+
+def sqrtm_psd(S: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """Symmetric square root (or inverse square root) of a positive semi-definite matrix."""
+    vals, vecs = np.linalg.eigh((S + S.T) / 2)
+    vals = np.clip(vals, 0, None)
+    if inverse:
+        if vals.min() <= 1e-12 * max(vals.max(), 1e-300):
+            raise SLIMError("covariance is singular: cannot take its inverse square root")
+        vals = 1 / vals
+    return (vecs * np.sqrt(vals)) @ vecs.T
+
+
+def head_gaussian(X: np.ndarray, shrink: float = 0.1, what: str = "head") -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of ``X [n, d]``, the covariance shrunk by ``shrink`` towards
+    ``trace / d * I``; fewer than 2 samples is an error naming ``what``."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or len(X) < 2:
+        raise SLIMError(f"{what}: {0 if X.ndim != 2 else len(X)} flagged activations are too few for a "
+                        f"covariance (need at least 2)")
+    mu = X.mean(0)
+    C = np.cov(X, rowvar=False).reshape(X.shape[1], X.shape[1])
+    d = C.shape[0]
+    C = (1 - shrink) * C + shrink * max(np.trace(C) / d, 1e-8) * np.eye(d)
+    return mu, C
+
+
+def gaussian_ot_map(mu_hat: np.ndarray, sigma_hat: np.ndarray, theta0: float, theta: np.ndarray,
+                    gamma: float = 0.1, what: str = "head") -> dict[str, np.ndarray]:
+    """Solve the chance-constrained program (module docstring) and return ``A``, ``b``, ``mu``
+    (``mu*``) and ``sigma`` (``Sigma*``) as float64 arrays; raises :class:`SLIMError` naming ``what``
+    when the solver fails."""
+    import cvxpy as cp
+    from scipy.stats import norm
+
+    if not 0 < gamma < 0.5:
+        raise SLIMError(f"gamma must be in (0, 0.5), got {gamma}")
+    d = len(mu_hat)
+    R = sqrtm_psd(sigma_hat)
+    mu, S, t = cp.Variable(d), cp.Variable((d, d), PSD=True), cp.Variable(nonneg=True)
+    cons = [theta0 + theta @ mu + norm.ppf(1 - gamma) * t <= 0, cp.SOC(t, S @ theta)]
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(mu - mu_hat) + cp.sum_squares(S - R)), cons)
+    try:
+        prob.solve(solver=cp.CLARABEL)
+    except Exception as e:  # cvxpy.SolverError and numerical failures inside the solver
+        raise SLIMError(f"{what}: the conic solver failed ({type(e).__name__}: {e})") from None
+    if prob.status not in ("optimal", "optimal_inaccurate") or mu.value is None:
+        raise SLIMError(f"{what}: the conic solver ended with status {prob.status!r}")
+    S_star = (S.value + S.value.T) / 2
+    sigma_star = S_star @ S_star
+    R_inv = sqrtm_psd(sigma_hat, inverse=True)
+    A = R_inv @ sqrtm_psd(R @ sigma_star @ R) @ R_inv
+    return {"A": A, "b": mu.value - A @ mu_hat, "mu": mu.value, "sigma": sigma_star}
+
+
+def fit_head_maps(acts: np.ndarray, flags: np.ndarray, w: np.ndarray, b0: np.ndarray, layer: int,
+                  gamma: float, shrink: float) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Per head of one layer (``acts [N, H, d]``, probe flags ``[N, H]``): the map ``A [H, d, d]``,
+    ``b [H, d]`` (identity and zero where it failed) and ``{head: why}`` for the failures."""
+    N, H, d = acts.shape
+    A, b = np.tile(np.eye(d), (H, 1, 1)), np.zeros((H, d))
+    failed: dict[int, str] = {}
+    for h in range(H):  # one convex program per head
+        what = f"layer {layer} head {h}"
+        try:
+            mu_hat, sig_hat = head_gaussian(acts[flags[:, h], h], shrink, what)
+            m = gaussian_ot_map(mu_hat, sig_hat, float(b0[h]), w[h], gamma, what)
+        except SteerlabError as e:
+            failed[h] = str(e)
+            warnings.warn(f"SLIM: {e}; this head is left unedited", stacklevel=2)
+            continue
+        A[h], b[h] = m["A"], m["b"]
+    if len(failed) == H:
+        raise SLIMError(f"SLIM could not fit any head of layer {layer}: " + "; ".join(failed.values()))
+    return A, b, failed
+
+
+class SLIMEdit(EditFn):
+    """The stage-3 edit of one layer's heads ``[B, T, H, d]`` at the last position of each call."""
+
+    def __init__(self, iv: SLIM, kappa):
+        super().__init__("last")
+        self.iv, self.kappa = iv, kappa
+
+    def bind(self, site, feat_shape, device, dtype):
+        t = self.iv.params
+        self._p = {k: t[k].to(device=device, dtype=dtype) for k in ("w", "b0", "A", "b")}
+        self._active = t["active"].to(device=device)
+        self._kappa = torch.as_tensor(self.kappa, device=device, dtype=dtype)
+
+    def __call__(self, act: torch.Tensor, step) -> torch.Tensor:
+        P = self._p
+        a = act[:, -1]  # [B, H, d]
+        prob = torch.sigmoid(torch.einsum("bhd,hd->bh", a, P["w"]) + P["b0"])
+        fire = prob > 0.5
+        gate = fire.sum(-1) >= self.iv.tau  # [B]
+        move = (fire & gate[:, None] & self._active).to(act.dtype) * prob
+        k = self._kappa.view(-1, 1) if self._kappa.dim() == 1 else self._kappa
+        target = torch.einsum("hde,bhe->bhd", P["A"], a) + P["b"]
+        new = a + (k * move)[..., None] * (target - a)
+        self.iv.fired = self.iv.fired + gate.sum()
+        self.iv.calls = self.iv.calls + gate.numel()
+        return torch.cat([act[:, :-1], new[:, None]], 1)
+
+
+@register
+@dataclass
+class SLIM(Intervention):
+    """SLIM: probe-gated Gaussian optimal transport of one layer's heads into the probe-safe region."""
+
+    params: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+    method = "slim"
+
+    def __post_init__(self):
+        need = {"w", "b0", "A", "b", "active"}
+        if need - set(self.params):
+            raise SLIMError(f"a SLIM intervention needs tensors {sorted(need)}, missing {sorted(need - set(self.params))}")
+        self.params = {k: torch.as_tensor(v).detach().cpu() for k, v in self.params.items()}
+        self.params["active"] = self.params["active"].bool()
+        self.meta = {**self.meta, "sites": [heads_site(self.layer)]}
+        self.reset_counts()
+
+    @property
+    def layer(self) -> int:
+        return int(self.meta["layer"])
+
+    @property
+    def tau(self) -> int:
+        return int(self.meta["tau"])
+
+    def reset_counts(self) -> None:
+        self.fired: torch.Tensor | int = 0
+        self.calls: torch.Tensor | int = 0
+
+    @property
+    def fire_rate(self) -> float:
+        """Share of (batch row, forward call) steps in which the layer classifier fired."""
+        return float(self.fired) / float(self.calls) if float(self.calls) else 0.0
+
+    @classmethod
+    def fit(cls, model: Model, data: Labelled | ProbeData, gamma: float = 0.1, b: float = 1.0, lr: float = 2e-3,
+            epochs: int = 500, shrink: float = 0.1, layer: int | None = None, layers=None, batch_size: int = 16,
+            chat: bool = False) -> SLIM:
+        """Stages 1 and 2 on ``data`` (labelled texts, or activations from :func:`probe_data`); ``layer``
+        overrides the layer chosen by validation risk."""
+        pd = data if isinstance(data, ProbeData) else probe_data(model, data, layers, resid=False,
+                                                                 batch_size=batch_size, chat=chat)
+        rp = risk_probes(pd, b, lr, epochs)
+        layer = rp.layer if layer is None else model.site(heads_site(layer)).layer
+        if layer not in pd.layers:
+            raise SLIMError(f"layer {layer} was not probed (probed layers: {pd.layers})")
+        li = pd.layers.index(layer)
+        acts = pd.heads["train"][li]  # [N, H, d]
+        w, b0 = rp.w[li], rp.b[li]
+        flags = (torch.einsum("nhd,hd->nh", acts, w) + b0) > 0
+        A, bb, failed = fit_head_maps(acts.double().cpu().numpy(), flags.cpu().numpy(), w.double().cpu().numpy(),
+                                      b0.double().cpu().numpy(), layer, gamma, shrink)
+        active = torch.ones(model.n_heads, dtype=torch.bool)
+        active[list(failed)] = False
+        params = {"w": w.cpu(), "b0": b0.cpu(), "A": torch.from_numpy(A).float(), "b": torch.from_numpy(bb).float(),
+                  "active": active}
+        meta = {"model": model.name, "model_fingerprint": model.fingerprint, "model_type": model.config.model_type,
+                "data_fingerprint": pd.meta.get("data_fingerprint"), "source": pd.meta.get("source"),
+                "counts": pd.meta.get("counts"), "layer": layer, "tau": int(rp.tau[li]),
+                "layer_risk": [round(float(r), 4) for r in rp.layer_risk], "failed_heads": failed,
+                "flagged": flags.sum(0).tolist(), "options": {"gamma": gamma, "b": b, "shrink": shrink, "layer": layer}}
+        return cls(params, meta)
+
+    def check(self, model: Model, strict: bool = True) -> None:
+        check_head_sites(self.method, {heads_site(self.layer): self.params["b"]}, model, self.meta)
+        super().check(model, strict)
+
+    @classmethod
+    def bench_fit(cls, model: Model, data, preset: str = "quick") -> SLIM:
+        """Probes on the benchmark's contrast set (its most toxic training prompts labelled 1, the
+        least toxic 0), split 70/30 by prompt inside the training part."""
+        from ..explain.probes import labelled_from_texts
+
+        texts = list(data.contrast.undesirable) + list(data.contrast.desirable)
+        labels = [1] * len(data.contrast.undesirable) + [0] * len(data.contrast.desirable)
+        return cls.fit(model, labelled_from_texts(texts, labels, seed=data.seed, source="bench contrast set"))
+
+    def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
+        """kappa 1 (a fully flagged head lands on its transported value) or 3."""
+        return [{"kappa": 1.0}, {"kappa": 3.0}]
+
+    @contextmanager
+    def apply(self, model: Model, alpha: float | torch.Tensor | None = None, kappa: float | torch.Tensor = 1.0,
+              strict: bool = True):
+        """Run the probe-gated transport at the chosen layer, last position of every call. ``kappa``
+        (or its alias ``alpha``, for ``generate --alpha``; a scalar or ``[batch]``) scales the step:
+        1 moves a head with p = 1 exactly onto its transported value (the paper swept 20-60)."""
+        self.check(model, strict)
+        with edit(model, {heads_site(self.layer): SLIMEdit(self, kappa if alpha is None else alpha)}) as step:
+            yield step
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: (v.to(torch.uint8) if k == "active" else v) for k, v in self.params.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> SLIM:
+        return cls(dict(tensors), meta)
+
+
+def semantic_shift(model: Model, iv: SLIM, prompts, cfg=None, **apply_options) -> dict:
+    """Continuations of ``prompts`` with and without ``iv`` (common random numbers: the same seeds),
+    their semantic similarity (bundled MiniLM sentence model) and the share of steps where SLIM
+    fired. On prompts with nothing to correct (neutral text) every firing is a false detection, and
+    the similarity measures what it costs."""
+    from ..generation import GenConfig, generate
+    from ..metrics.text import semantic_similarity
+
+    cfg = cfg or GenConfig(max_new_tokens=20)
+    base = [c for row in generate(model, prompts, cfg, progress=False) for c in row]
+    iv.reset_counts()
+    with iv.apply(model, **apply_options):
+        edited = [c for row in generate(model, prompts, cfg, progress=False) for c in row]
+    sim = semantic_similarity(base, edited)
+    return {"similarity": sim.mean, "identical": float(np.mean([a == b for a, b in zip(base, edited)])),
+            "fire_rate": iv.fire_rate, "n": len(base), "per_pair": sim.per_pair.tolist()}

@@ -1,0 +1,143 @@
+"""SLIM (steerlab.steer.slim): the Gaussian optimal-transport map and its chance constraint, the
+probe-gated runtime edit against an independent computation, solver failures, files."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+import steerlab as sl
+from steerlab import interventions as I
+from steerlab.explain import probes as pr
+from steerlab.steer import slim as S
+from tiny import tiny_model
+
+
+def _gaussian(d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    L = rng.normal(size=(d, d)) * 0.5
+    return rng, rng.normal(size=d), L @ L.T + 0.2 * np.eye(d)
+
+
+def test_ot_map_reaches_target_and_satisfies_the_chance_constraint():
+    rng, mu_hat, sig_hat = _gaussian()
+    theta = rng.normal(size=5)
+    theta0 = 1.5 - theta @ mu_hat  # the source mean is on the unsafe side (theta0 + theta.mu > 0)
+    gamma = 0.3
+    m = S.gaussian_ot_map(mu_hat, sig_hat, theta0, theta, gamma)
+    X = rng.multivariate_normal(mu_hat, sig_hat, size=400_000)
+    Y = X @ m["A"].T + m["b"]
+    np.testing.assert_allclose(Y.mean(0), m["mu"], atol=0.02)
+    np.testing.assert_allclose(np.cov(Y, rowvar=False), m["sigma"], atol=0.03)
+    # chance constraint, analytically and empirically: P(theta0 + theta.y <= 0) >= 1 - gamma
+    sd = np.sqrt(theta @ m["sigma"] @ theta)
+    assert theta0 + theta @ m["mu"] + norm.ppf(1 - gamma) * sd <= 1e-4
+    assert np.mean(theta0 + Y @ theta <= 0) >= 1 - gamma - 0.005
+    assert np.sqrt(theta @ m["sigma"] @ theta) > 0.05  # z = Phi^-1(0.7) < 1: the spread along theta is kept
+    # A is symmetric positive definite (a Brenier map) and pushes N(mu_hat, Sigma_hat) to N(mu*, Sigma*)
+    np.testing.assert_allclose(m["A"], m["A"].T, atol=1e-6)
+    np.testing.assert_allclose(m["A"] @ sig_hat @ m["A"].T, m["sigma"], atol=1e-5)
+
+
+def test_ot_map_with_gamma_01_collapses_the_spread_along_the_probe():
+    """With z = Phi^-1(1 - gamma) > 1 the program prefers removing the variance along theta (cost
+    ~ theta_hat' Sigma theta_hat) to moving the mean z standard deviations (cost ~ z^2 times that): the
+    target sits on the probe's boundary with (numerically) no spread across it."""
+    rng, mu_hat, sig_hat = _gaussian()
+    theta = rng.normal(size=5)
+    theta0 = 1.5 - theta @ mu_hat
+    m = S.gaussian_ot_map(mu_hat, sig_hat, theta0, theta, 0.1)
+    assert theta @ m["sigma"] @ theta < 1e-6 and abs(theta0 + theta @ m["mu"]) < 1e-5
+    Y = rng.multivariate_normal(mu_hat, sig_hat, size=100_000) @ m["A"].T + m["b"]
+    assert np.mean(theta0 + Y @ theta <= 1e-5) >= 0.9
+
+
+def test_ot_map_is_identity_when_already_safe():
+    rng, mu_hat, sig_hat = _gaussian(seed=1)
+    theta = rng.normal(size=5)
+    theta0 = -10.0 - theta @ mu_hat
+    m = S.gaussian_ot_map(mu_hat, sig_hat, theta0, theta, 0.1)
+    np.testing.assert_allclose(m["A"], np.eye(5), atol=1e-4)
+    np.testing.assert_allclose(m["b"], 0, atol=1e-4)
+
+
+def test_too_few_samples_and_bad_gamma():
+    with pytest.raises(S.SLIMError, match="layer 3 head 1: 1 flagged activations are too few for a covariance"):
+        S.head_gaussian(np.ones((1, 4)), what="layer 3 head 1")
+    _, mu, sig = _gaussian()
+    with pytest.raises(S.SLIMError, match="gamma must be in"):
+        S.gaussian_ot_map(mu, sig, 0.0, np.ones(5), gamma=0.7)
+
+
+def _made_up(m, layer=1, tau=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    H, d = m.n_heads, m.d_head
+    params = {"w": torch.randn(H, d, generator=g), "b0": torch.tensor([0.5, 0.5, -0.2, 3.0]),
+              "A": torch.eye(d) + 0.2 * torch.randn(H, d, d, generator=g), "b": torch.randn(H, d, generator=g),
+              "active": torch.tensor([True, True, True, False])}
+    return S.SLIM(params, {"model": m.name, "layer": layer, "tau": tau})
+
+
+def test_runtime_edit_matches_an_independent_computation(llama):
+    iv = _made_up(llama)
+    site = "blocks.1.attn.heads"
+    enc = llama.encode(["hello world", "a b", "The quick brown fox!"])
+    ids = {k: enc[k] for k in ("input_ids", "attention_mask")}
+    sites = [f"blocks.{i}.attn.heads" for i in range(3)]
+    with sl.record(llama, sites, "all") as base:
+        llama.hf(**ids)
+    with iv.apply(llama, kappa=0.7), sl.record(llama, sites, "all") as new:
+        llama.hf(**ids)
+    torch.testing.assert_close(new["blocks.0.attn.heads"], base["blocks.0.attn.heads"], rtol=0, atol=0)
+    torch.testing.assert_close(new[site][:, :-1], base[site][:, :-1], rtol=0, atol=0)
+    a = base[site][:, -1].double().numpy()  # [B, H, d]
+    P = {k: v.double().numpy() for k, v in iv.params.items() if k != "active"}
+    want, fired = a.copy(), 0
+    for r in range(a.shape[0]):
+        p = 1 / (1 + np.exp(-((a[r] * P["w"]).sum(-1) + P["b0"])))
+        if (p > 0.5).sum() >= 2:
+            fired += 1
+            for h in range(4):
+                if p[h] > 0.5 and h != 3:
+                    want[r, h] = a[r, h] + 0.7 * p[h] * (P["A"][h] @ a[r, h] + P["b"][h] - a[r, h])
+    np.testing.assert_allclose(new[site][:, -1].double().numpy(), want, rtol=1e-4, atol=1e-5)
+    assert 0 < fired and iv.fire_rate == pytest.approx(fired / 3)
+    assert int(iv.calls) == 3
+
+
+def test_fit_on_a_tiny_model_keeps_heads_whose_program_fails(llama, monkeypatch):
+    words = ["calm", "kind", "warm", "nice", "rude", "vile", "mean", "nasty"]
+    texts = [f"{words[i % 8]} {i} {words[(i * 3) % 8]}" for i in range(60)]
+    lab = pr.labelled_from_texts(texts, [int(t.split()[0] in words[4:]) for t in texts], validation=0.3)
+    data = pr.probe_data(llama, lab)
+    real = S.gaussian_ot_map
+
+    def flaky(mu, sig, t0, th, gamma, what):
+        if what.endswith("head 1"):
+            raise S.SLIMError(f"{what}: the conic solver failed (simulated)")
+        return real(mu, sig, t0, th, gamma, what)
+
+    monkeypatch.setattr(S, "gaussian_ot_map", flaky)
+    with pytest.warns(UserWarning, match="head 1: the conic solver failed"):
+        iv = S.SLIM.fit(llama, data, layer=2, epochs=100, shrink=0.2)
+    assert iv.layer == 2 and "1" in {str(k) for k in iv.meta["failed_heads"]}
+    assert not bool(iv.params["active"][1]) and torch.equal(iv.params["A"][1], torch.eye(8))
+    rp = pr.risk_probes(data, epochs=100)
+    torch.testing.assert_close(iv.params["w"], rp.w[2].cpu())
+    assert iv.tau == int(rp.tau[2])
+
+
+def test_files_and_other_models(tmp_path, llama):
+    iv = _made_up(llama)
+    path = iv.save(tmp_path / "slim.safetensors")
+    back = I.load(path, llama, strict=False)
+    assert isinstance(back, S.SLIM) and back.layer == 1 and back.tau == 2
+    for k, v in iv.params.items():
+        assert torch.equal(back.params[k], v)
+    with pytest.raises(I.InterventionError, match="'tiny-gpt2' has 2 layers of 4 heads x 8"):
+        _made_up(llama, layer=2).check(tiny_model("gpt2"), strict=False)
+    iv.meta["model_fingerprint"] = llama.fingerprint
+    with pytest.raises(I.InterventionError, match="fitted on model 'tiny-llama'"):
+        iv.check(tiny_model("llama", seed=1))
+    with pytest.raises(S.SLIMError, match="missing"):
+        S.SLIM({"w": torch.zeros(4, 8)}, {"layer": 1, "tau": 1})
