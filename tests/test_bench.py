@@ -87,3 +87,15 @@ def test_bench_config_errors():
         make_config("quick", methods=["nope"]).validate()
     with pytest.raises(BenchError, match="unknown setting"):
         make_config("quick", colour=1)
+
+
+def test_bench_every_weight_and_head_method_runs_or_fails_cleanly(tmp_path, llama):
+    metrics = run_bench(llama, tmp_path / "b", _cfg(methods=["aura", "iti", "slim", "eigenshift"]), progress=False)
+    arms = {a["method"]: a for a in metrics["arms"]}
+    for name in ("aura", "iti", "slim"):
+        assert arms[name]["status"] == "ok", arms[name]
+        assert arms[name]["paired_difference"]["mean_toxicity"]["lo"] <= arms[name]["paired_difference"][
+            "mean_toxicity"]["hi"]
+    assert len(arms["iti"]["selection"]) == 2 and len(arms["slim"]["selection"]) == 2
+    # a random tiny model writes no toxic text: EigenShift cannot collect toxic states and says so
+    assert arms["eigenshift"]["status"] == "failed" and "toxic" in arms["eigenshift"]["reason"]

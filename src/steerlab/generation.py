@@ -112,10 +112,11 @@ def row_seeds(cfg: GenConfig, keys: Sequence[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_batch(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str] | None = None) -> list[list[str]]:
-    """One ``generate`` call: ``k`` continuations of each text (list per text). Sampled rows draw
-    their random numbers from ``(cfg.seed, keys[i], sample)`` (``keys`` default to the texts' hashes),
-    so the result does not depend on the batch."""
+def generate_ids(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str] | None = None) -> torch.Tensor:
+    """One ``generate`` call: the new token ids ``[len(texts) * k, T]`` (rows: text 0's k samples,
+    then text 1's...). Sampled rows draw their random numbers from ``(cfg.seed, keys[i], sample)``
+    (``keys`` default to the texts' hashes), so the result does not depend on the batch. Any active
+    :func:`steerlab.edit` or :func:`steerlab.record` sees the call."""
     keys = list(keys) if keys is not None else [text_id(t if isinstance(t, str) else json.dumps(t)) for t in texts]
     if len(keys) != len(texts):
         raise SteerlabError(f"{len(keys)} keys for {len(texts)} texts")
@@ -128,7 +129,12 @@ def generate_batch(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str
             row_seeds(cfg, keys).to(ids.device), ids.shape[1], preset["temperature"], preset["top_p"])])
     out = model.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
                             pad_token_id=model.pad_id, **kw)
-    new = model.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return out[:, ids.shape[1]:]
+
+
+def generate_batch(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str] | None = None) -> list[list[str]]:
+    """One ``generate`` call (:func:`generate_ids`): ``k`` continuations of each text (list per text)."""
+    new = model.tok.batch_decode(generate_ids(model, texts, cfg, keys), skip_special_tokens=True)
     return [new[i * cfg.k:(i + 1) * cfg.k] for i in range(len(texts))]
 
 

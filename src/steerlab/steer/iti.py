@@ -110,12 +110,14 @@ class ITI(Intervention):
     @classmethod
     def bench_fit(cls, model: Model, data, preset: str = "quick") -> ITI:
         """Probes on the benchmark's contrast set (its most toxic training prompts labelled 1, the
-        least toxic 0), split 70/30 by prompt inside the training part."""
+        least toxic 0), split 70/30 by prompt inside the training part; the top 5% of heads (the
+        paper's 48 of 1024)."""
         from ..explain.probes import labelled_from_texts
 
         texts = list(data.contrast.undesirable) + list(data.contrast.desirable)
         labels = [1] * len(data.contrast.undesirable) + [0] * len(data.contrast.desirable)
-        return cls.fit(model, labelled_from_texts(texts, labels, seed=data.seed, source="bench contrast set"))
+        k = max(1, round(0.05 * model.n_layers * model.n_heads))
+        return cls.fit(model, labelled_from_texts(texts, labels, seed=data.seed, source="bench contrast set"), k=k)
 
     def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
         """alpha 5 or the paper's 15."""

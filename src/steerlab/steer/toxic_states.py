@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import SteerlabError
-from ..generation import SAMPLING, GenConfig, derive_seed, generation_batches, prompt_ids_texts
+from ..generation import GenConfig, derive_seed, generate_ids, generation_batches, prompt_ids_texts
 from ..hooks import record
 from ..models.model import Model
 
@@ -138,17 +138,12 @@ def _toxic_positions(model: Model, new: torch.Tensor, conts: list[str], saliency
 
 
 @torch.no_grad()
-def generate_with_states(model: Model, texts: list[str], cfg: GenConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One seeded ``generate`` call (``cfg.k`` samples per text) recording ``final``: the generated
-    ids ``[B*k, T]`` and the states that produced them ``[B*k, T, d]``."""
-    enc = model.encode(texts, chat=cfg.chat)
-    torch.manual_seed(seed)
-    greedy = {} if cfg.sampling != "greedy" else {"temperature": None, "top_p": None, "top_k": None}
+def generate_with_states(model: Model, texts: list[str], cfg: GenConfig,
+                         keys: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``generate`` call (``cfg.k`` samples per text, per-row random numbers keyed by ``keys``)
+    recording ``final``: the generated ids ``[B*k, T]`` and the states that produced them ``[B*k, T, d]``."""
     with record(model, ["final"], "last") as rec:
-        out = model.hf.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.k,
-                                pad_token_id=model.pad_id, **SAMPLING[cfg.sampling], **greedy)
-    new = out[:, enc["input_ids"].shape[1]:]
+        new = generate_ids(model, texts, cfg, keys)
     return new, rec["final"][:, :new.shape[1]]
 
 
@@ -184,10 +179,10 @@ def collect_states(model: Model, prompts: Sequence, cfg: GenConfig | None = None
     ids, texts = prompt_ids_texts(prompts)
     tox, non, lexicon = [], [], {}
     stats = {"continuations": 0, "toxic_continuations": 0}
-    batches = generation_batches(ids, texts, cfg)
+    batches = generation_batches(model, ids, texts, cfg)
     for b in tqdm(batches, desc="collect states", disable=not (progress if progress is not None else len(batches) >= 4),
                   leave=False):
-        new, states = generate_with_states(model, [texts[i] for i in b], cfg, derive_seed(cfg.seed, *[ids[i] for i in b]))
+        new, states = generate_with_states(model, [texts[i] for i in b], cfg, [ids[i] for i in b])
         conts = model.tok.batch_decode(new, skip_special_tokens=True)
         is_tox = torch.as_tensor(sc.toxicity(conts) >= threshold, device=new.device)
         stats["continuations"] += len(conts)
