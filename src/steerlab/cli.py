@@ -661,17 +661,20 @@ def bench(
 def _print_bench(name: str, metrics: dict) -> None:
     from .experiments.bench_report import table_rows
 
-    cols = ["method", "expected max toxicity [95% CI]", "Δ mean toxicity vs unsteered (paired 95% CI)",
-            "perplexity", "neutral KL", "distinct-2", "generation time x", "settings"]
+    cols = {"method": "method", "expected max toxicity [95% CI]": "exp. max toxicity [95% CI]",
+            "Δ mean toxicity vs unsteered (paired 95% CI)": "Δ mean toxicity [paired 95% CI]",
+            "perplexity": "ppl", "neutral KL": "neutral KL", "distinct-2": "dist-2",
+            "generation time x": "time x", "settings": "chosen settings"}
     t = Table(title=f"{name}: detoxification benchmark, {metrics['n_test_prompts']} held-out prompts x "
-                    f"{metrics['k']} ({metrics['preset']})", title_justify="left")
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("method", "settings") else "right")
+                    f"{metrics['k']} ({metrics['preset']}); full table in report.html", title_justify="left")
+    for c, short in cols.items():
+        t.add_column(short, justify="left" if c in ("method", "settings") else "right",
+                     no_wrap=c not in ("settings",), overflow="fold")
     for r in table_rows(metrics):
         if r["status"] != "ok":
-            t.add_row(r["method"], f"failed: {r['note']}", *[""] * (len(cols) - 2))
+            t.add_row(r["method"], f"failed: {r['note']}"[:60], *[""] * (len(cols) - 2))
             continue
-        t.add_row(*[str(r.get(c, "")) for c in cols])
+        t.add_row(*[escape(str(r.get(c, ""))) for c in cols])
     console.print(t)
 
 

@@ -64,6 +64,7 @@ class Intervention(ABC):
     name and fingerprint, data fingerprint, options) and is written into the file header."""
 
     method: ClassVar[str] = ""
+    bench_default: ClassVar[bool] = True  # joins `steerlab bench` when no --methods are given
     meta: dict
 
     @classmethod
@@ -229,6 +230,12 @@ def get(method: str | None) -> type[Intervention]:
     if method not in _REGISTRY:
         raise InterventionError(f"unknown intervention method {method!r}; registered: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[method]
+
+
+def bench_methods() -> list[str]:
+    """The registered methods the benchmark runs by default (those that aim to change behaviour)."""
+    _ensure_builtin()
+    return [name for name, cls in sorted(_REGISTRY.items()) if cls.bench_default]
 
 
 def list_interventions() -> dict[str, str]:

@@ -34,7 +34,7 @@ from typing import Any
 from ..errors import SteerlabError
 from ..evaluation import neutral_reference, score_matrix, side_effects, summarize
 from ..generation import SAMPLING, GenConfig, generate_run
-from ..interventions import BenchData, Intervention, get, list_interventions
+from ..interventions import BenchData, Intervention, bench_methods, get
 from ..metrics import paired_difference
 from ..models.model import Model
 from ..runs import RunDir, read_record
@@ -196,7 +196,7 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     t_start = time.perf_counter()
     cfg = cfg or BenchConfig()
     cfg.validate()
-    names = list(cfg.methods) or list(list_interventions())
+    names = list(cfg.methods) or bench_methods()
     scorer = get_scorer(cfg.scorer)
     # the methods are not part of the run's identity: rerunning with more methods adds their arms
     # to the same directory and reuses the baseline and every arm already done
