@@ -1,0 +1,199 @@
+"""SelfIE: interpretation prompts, injection at the placeholders, relevancy, vectors, control.
+Every check compares with an independent computation (plain torch hooks, output_hidden_states,
+hand-rolled greedy decoding and softmax)."""
+
+import pytest
+import torch
+
+from steerlab.errors import SteerlabError
+from steerlab.explain.selfie import (
+    SelfieError,
+    decode_injected,
+    interpret,
+    interpret_states,
+    interpret_vectors,
+    interpretation_prompt,
+    read_states,
+    typical_norm,
+)
+from tiny import tiny_model
+
+torch.set_num_threads(1)
+PARTS = ["ab", 3, " cd ", 2, "!"]
+
+
+def _hidden_states(m, ids):
+    with torch.no_grad():
+        return m.hf(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+
+
+def _block_input_recorder(m, k, calls):
+    """A plain forward hook on block k that sees the block's input after any pre-hook (the edit)."""
+    def hook(mod, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        calls.append(x.detach().clone())
+    return m.layer(k).register_forward_hook(hook, with_kwargs=True)
+
+
+def test_interpretation_prompt_positions_are_exact():
+    m = tiny_model("llama")
+    ip = interpretation_prompt(m, PARTS, chat=False)
+    expected = m.tok("ab___ cd __!")["input_ids"]  # one token per character, <bos> first
+    assert list(ip.ids) == expected
+    assert list(ip.positions) == [i for i, t in enumerate(expected) if t == m.tok.convert_tokens_to_ids("_")]
+    assert ip.text(m).count("[X]") == 5
+
+
+def test_interpretation_prompt_through_a_chat_template():
+    m = tiny_model("llama")
+    m.tok.chat_template = "{% for x in messages %}<{{ x['content'] }}>{% endfor %}{% if add_generation_prompt %}=>{% endif %}"
+    ip = interpretation_prompt(m, [2, "ok"])
+    assert ip.chat and list(ip.ids) == m.tok("<__ok>=>", add_special_tokens=False)["input_ids"]
+    assert list(ip.positions) == [1, 2]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3_text", "qwen3", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("mode", ["replace", "add"])
+def test_injected_state_sits_at_the_placeholders_of_block_k_input_during_prefill_only(arch, mode):
+    m = tiny_model(arch)
+    ip = interpretation_prompt(m, PARTS, chat=False)
+    states = torch.randn(3, m.d_model) * 2
+    for k in sorted({0, 1, m.n_layers - 1}):
+        calls: list[torch.Tensor] = []
+        h = _block_input_recorder(m, k, calls)
+        try:
+            new = decode_injected(m, ip, states, k=k, mode=mode, strength=0.5, max_new_tokens=4)
+        finally:
+            h.remove()
+        P, n = len(ip), new.shape[1]
+        assert [c.shape[1] for c in calls] == [P] + [1] * (n - 1)  # one prefill, then one token per call
+        seen = torch.cat(calls, 1)
+        full = torch.cat([torch.tensor([ip.ids]).expand(3, -1), new], 1)
+        expected = _hidden_states(m, full)[k][:, :P + n - 1].clone()  # no injection anywhere
+        pos = list(ip.positions)
+        want = states[:, None, :] if mode == "replace" else expected[:, pos] + 0.5 * states[:, None, :]
+        expected[:, pos] = want.expand(-1, len(pos), -1)
+        torch.testing.assert_close(seen, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_no_injection_equals_plain_generation():
+    m = tiny_model("qwen2")
+    ip = interpretation_prompt(m, PARTS, chat=False)
+    ids = torch.tensor([ip.ids])
+    with torch.no_grad():
+        plain = m.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                              do_sample=False, pad_token_id=m.pad_id)[:, len(ip):]
+    states = torch.randn(2, m.d_model)
+    for mode, s in [("none", 1.0), ("add", 0.0)]:
+        new = decode_injected(m, ip, states, mode=mode, strength=s, max_new_tokens=6)
+        assert torch.equal(new, plain.expand(2, -1))
+    res = interpret_states(m, states, ip, mode="none", max_new_tokens=6)
+    assert res[0][0] == m.tok.decode(plain[0], skip_special_tokens=True)
+    assert res[0][2] == [0.0] * len(res[0][1])  # nothing injected: nothing is relevant
+
+
+def test_batched_interpretation_equals_one_at_a_time():
+    m = tiny_model("llama")
+    pairs = [(L, t) for L in range(m.n_layers + 1) for t in (0, 3, -1)]
+    batched = interpret(m, "hello world", pairs, PARTS, max_new_tokens=8, batch_size=16)
+    single = interpret(m, "hello world", pairs, PARTS, max_new_tokens=8, batch_size=1)
+    assert [r.text for r in batched.rows] == [r.text for r in single.rows]
+    for a, b in zip(batched.rows, single.rows):
+        assert a.tokens == b.tokens
+        assert a.token_relevancy == pytest.approx(b.token_relevancy, abs=1e-5)
+    assert len({r.text for r in batched.rows}) > 1  # different states give different texts
+
+
+def test_states_are_the_hf_hidden_states():
+    for arch in ("llama", "gemma"):
+        m = tiny_model(arch)
+        prompt = "The quick brown fox!"
+        ids = m.tok([prompt], return_tensors="pt")["input_ids"]
+        hs = _hidden_states(m, ids)
+        n = m.n_layers
+        st = read_states(m, prompt, [(0, 0), (1, -1), (n - 1, 4), (-1, 2)])
+        torch.testing.assert_close(st.vectors[0], hs[0][0, 0])  # gemma: the scaled embeddings
+        torch.testing.assert_close(st.vectors[1], hs[1][0, -1])
+        torch.testing.assert_close(st.vectors[2], hs[n - 1][0, 4])
+        outs = []
+        h = m.layer(n - 1).register_forward_hook(lambda mod, a, o, outs=outs: outs.append(o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            m.hf(input_ids=ids)
+        h.remove()
+        torch.testing.assert_close(st.vectors[3], outs[0][0, 2])  # layer n: the last block's raw output
+        assert st.pairs[3] == (n, 2) and st.token_texts[1] == "!" and st.n_tokens == ids.shape[1]
+
+
+def _hand_interpretation(m, ip, state, k, steps):
+    """Greedy decoding and relevancy by hand: full forwards, a plain pre-hook writing the state."""
+    pos = list(ip.positions)
+
+    def pre(mod, args, kwargs):
+        x = (args[0] if args else kwargs["hidden_states"]).clone()
+        x[:, pos] = state.to(x.dtype)
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    ids = list(ip.ids)
+    h = m.layer(k).register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        for _ in range(steps):
+            with torch.no_grad():
+                ids.append(int(m.hf(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        with torch.no_grad():
+            p_with = m.hf(input_ids=torch.tensor([ids])).logits[0].softmax(-1)
+    finally:
+        h.remove()
+    with torch.no_grad():
+        p_without = m.hf(input_ids=torch.tensor([ids])).logits[0].softmax(-1)
+    new = ids[len(ip):]
+    rows = torch.arange(len(ip) - 1, len(ids) - 1)
+    return new, (p_with[rows, new] - p_without[rows, new]).abs()
+
+
+def test_relevancy_and_text_equal_a_hand_computation():
+    m = tiny_model("llama")
+    ip = interpretation_prompt(m, PARTS, chat=False)
+    res = interpret(m, "steer me", [(2, -1), (1, 0)], ip, max_new_tokens=6)
+    ids = m.tok(["steer me"], return_tensors="pt")["input_ids"]
+    hs = _hidden_states(m, ids)
+    for row, (L, t) in zip(res.rows, [(2, -1), (1, 0)]):
+        new, rel = _hand_interpretation(m, ip, hs[L][0, t], 1, 6)
+        n = new.index(m.tok.eos_token_id) if m.tok.eos_token_id in new else len(new)  # the text ends at <eos>
+        new, rel = new[:n], rel[:n]
+        assert n >= 2
+        assert row.tokens == [m.tok.convert_tokens_to_string([m.tok.convert_ids_to_tokens(i)]) for i in new]
+        assert row.token_relevancy == pytest.approx(rel.tolist(), abs=1e-5)
+        assert row.relevancy == pytest.approx(float(rel.mean()), abs=1e-6)
+
+
+def test_interpret_vectors_scaled_to_a_typical_norm():
+    m = tiny_model("gemma2")
+    v = torch.randn(3, m.d_model)
+    norm = typical_norm(m, 1)
+    res = interpret_vectors(m, v, PARTS, norm="typical", max_new_tokens=4, labels=["a", "b", "c"])
+    direct = interpret_states(m, v / v.norm(dim=-1, keepdim=True) * norm, PARTS, max_new_tokens=4)
+    assert [r.text for r in res.rows] == [d[0].strip() for d in direct]
+    assert [r.token_text for r in res.rows] == ["a", "b", "c"] and res.rows[0].layer is None
+    one = interpret_vectors(m, v[0], PARTS, norm=5.0, max_new_tokens=4)
+    assert len(one.rows) == 1
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda m: interpretation_prompt(m, ["no placeholder here"], chat=False), "no placeholder"),
+    (lambda m: interpret(m, "hi", [(1, 0)], "a plain string"), "not a single string"),
+    (lambda m: interpret(m, "hi", [(1, 7)], PARTS), "token index 7 is beyond the prompt"),
+    (lambda m: interpret(m, "hi", [(9, 0)], PARTS), "layer 9 is out of range"),
+    (lambda m: interpret(m, "hi", [(1, 0)], PARTS, k=5), "injection block k=5"),
+    (lambda m: interpret(m, "hi", [(1, 0)], PARTS, mode="swap"), "unknown injection mode"),
+    (lambda m: interpret(m, "hi", [], PARTS), "no (layer, token) pairs"),
+    (lambda m: interpret_vectors(m, torch.zeros(2, 7), PARTS), "d_model=32"),
+    (lambda m: interpret_vectors(m, torch.zeros(2, 32), PARTS, norm="big"), "norm must be"),
+    (lambda m: interpretation_prompt(m, [2, "x"], chat=False, placeholder="ab"), "exactly one token"),
+    (lambda m: interpretation_prompt(m, [0, "x"], chat=False), "placeholder count must be >= 1"),
+    (lambda m: interpretation_prompt(m, [2, "x"], chat=True), "no chat template"),
+])
+def test_bad_input_is_a_clear_error(call, words):
+    m = tiny_model("llama")
+    with pytest.raises(SteerlabError, match=words.replace("(", r"\(").replace(")", r"\)")) as e:
+        call(m)
+    assert isinstance(e.value, SelfieError)
