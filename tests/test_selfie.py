@@ -16,6 +16,7 @@ from steerlab.explain.selfie import (
     read_states,
     typical_norm,
 )
+from steerlab.explain.selfie_control import SelfieControl
 from tiny import tiny_model
 
 torch.set_num_threads(1)
@@ -197,3 +198,71 @@ def test_bad_input_is_a_clear_error(call, words):
     with pytest.raises(SteerlabError, match=words.replace("(", r"\(").replace(")", r"\)")) as e:
         call(m)
     assert isinstance(e.value, SelfieError)
+
+
+# --- supervised control ------------------------------------------------------------------------------
+def _state(m, text, L, t):
+    return _hidden_states(m, m.tok([text], return_tensors="pt")["input_ids"])[L][0, t]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gpt2"])
+def test_control_moves_the_state_toward_the_target_and_restores_the_weights(arch, tmp_path):
+    from steerlab.interventions import fit, load
+
+    m = tiny_model(arch)
+    L, src = 1, "hello world"  # below n_layers: hidden_states[n_layers] is after the final norm
+    target = _state(m, "The quick brown fox!", L, -1)
+    before = {k: v.clone() for k, v in m.hf.state_dict().items()}
+    iv = fit("selfie-control", m, src, layer=L, token=-1, target=target, steps=20)
+    assert all(torch.equal(v, before[k]) for k, v in m.hf.state_dict().items())  # fitting edits nothing
+    d0 = float((_state(m, src, L, -1) - target).norm())
+    with iv.apply(m):
+        d1 = float((_state(m, src, L, -1) - target).norm())
+        changed = [k for k, v in m.hf.state_dict().items() if not torch.equal(v, before[k])]
+    assert d1 < d0 - 1e-3, (d0, d1)
+    assert d1 == pytest.approx(iv.meta["distance_after"], rel=1e-4) and d0 == pytest.approx(iv.meta["distance_before"])
+    assert changed == [iv.meta["module"]] and ("layers.0." in changed[0] or ".h.0." in changed[0])
+    assert all(torch.equal(v, before[k]) for k, v in m.hf.state_dict().items())  # restored bit for bit
+    with pytest.raises(RuntimeError), iv.apply(m):
+        raise RuntimeError("boom")
+    assert all(torch.equal(v, before[k]) for k, v in m.hf.state_dict().items())  # also after an error
+    path = iv.save(tmp_path / "c.safetensors")
+    back = load(path, m)
+    assert list(back.tensors()) == ["delta"] and torch.equal(back.delta, iv.delta)
+    with back.apply(m):
+        assert float((_state(m, src, L, -1) - target).norm()) == pytest.approx(d1, rel=1e-5)
+
+
+def test_control_preservation_term_keeps_reference_states_closer():
+    m = tiny_model("llama")
+    L, refs = 1, ["a", "steer me", "The quick brown fox!"]
+    target = torch.randn(m.d_model) * 3
+    kw = dict(layer=L, token=-1, target=target, steps=15, lr=1e-2)
+    free = SelfieControl.fit(m, "hello world", **kw)
+    kept = SelfieControl.fit(m, "hello world", **kw, preserve=refs, preserve_weight=50.0)
+
+    def ref_change(iv):
+        base = [_state(m, r, L, slice(None)) for r in refs]
+        with iv.apply(m):
+            return sum(float(((_state(m, r, L, slice(None)) - b) ** 2).mean()) for r, b in zip(refs, base))
+
+    assert ref_change(kept) < ref_change(free)
+    assert kept.meta["n_preserve"] == 3 and kept.meta["distance_after"] < kept.meta["distance_before"]
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda m: SelfieControl.fit(m, "hi", layer=0, target=torch.zeros(32)), "layer 0 is the embeddings"),
+    (lambda m: SelfieControl.fit(m, "hi", layer=1, target=torch.zeros(5)), "d_model=32"),
+    (lambda m: SelfieControl.fit(m, "hi", layer=1, token=9, target=torch.zeros(32)), "beyond the prompt"),
+    (lambda m: SelfieControl.fit(m, "hi", layer=7, target=torch.zeros(32)), "layer 7 is out of range"),
+    (lambda m: SelfieControl(torch.zeros(3, 3), {"layer": 1}).check(m), "fitted on another model"),
+])
+def test_control_bad_input(call, words):
+    with pytest.raises(SelfieError, match=words):
+        call(tiny_model("llama"))
+
+
+def test_control_is_registered():
+    from steerlab.interventions import list_interventions
+
+    assert "selfie-control" in list_interventions()
