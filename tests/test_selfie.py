@@ -266,3 +266,44 @@ def test_control_is_registered():
     from steerlab.interventions import list_interventions
 
     assert "selfie-control" in list_interventions()
+
+
+# --- text forms, report, command line ----------------------------------------------------------------
+def test_parse_parts():
+    from steerlab.explain.selfie import parse_parts
+
+    assert parse_parts("[X][X][X] Sum up") == [3, " Sum up"]
+    assert parse_parts("a[X]b[X][X]") == ["a", 1, "b", 2]
+    assert parse_parts("no marker") == ["no marker"]
+
+
+def test_interpret_cli_prints_the_table_and_writes_the_grid(tmp_path):
+    import html
+    import re
+
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    m = tiny_model("llama")
+    d = tmp_path / "tiny"
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    out = tmp_path / "grid.html"
+    args = ["interpret", "hello world", "--model", str(d), "--layers", "1,3", "--tokens", "-1,0",
+            "--template", "[X][X] means:", "--max-new-tokens", "4", "--html", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "interpretation" in r.output and "relevancy" in r.output
+    rows = [line for line in r.output.splitlines() if re.match(r"^│\s+[13] │", line)]
+    assert len(rows) == 4
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<table>") == 3
+    grid = page.split("<h2>")[1]
+    assert grid.count("<tr>") == 3 and html.escape("0: '<bos>'") in grid and html.escape("11: 'd'") in grid
+    expected = interpret(m, "hello world", [(1, -1)], ["", 2, " means:"], max_new_tokens=4)  # not chat: no template
+    assert html.escape(expected.rows[0].text) in grid
+    bad = CliRunner().invoke(app, ["interpret", "hello", "--model", str(d), "--tokens", "40"])
+    assert bad.exit_code == 2 and "beyond the prompt" in bad.output
+    bad = CliRunner().invoke(app, ["interpret", "hello", "--model", str(d), "--template", "no marker"])
+    assert bad.exit_code == 2 and "no placeholder" in bad.output

@@ -446,3 +446,50 @@ def injection_site_layer(model: Model, k: int) -> int:
     """The hidden-state layer that "before block ``k``" holds (= ``k``)."""
     injection_site(model, k)
     return k
+
+
+# --- text forms and reports ------------------------------------------------------------------------
+def parse_parts(text: str, marker: str = "[X]") -> list:
+    """Interpretation-prompt parts from text where each run of ``marker`` is a placeholder group:
+    ``"[X][X][X] Sum up"`` -> ``[3, " Sum up"]``."""
+    if not marker:
+        raise SelfieError("the placeholder marker must not be empty")
+    parts: list = []
+    for i, piece in enumerate(text.split(marker)):
+        if i and (not parts or not isinstance(parts[-1], int)):
+            parts.append(1)
+        elif i:
+            parts[-1] += 1
+        if piece:
+            parts.append(piece)
+    return parts
+
+
+def spread_layers(model: Model, n: int = 6) -> list[int]:
+    """About ``n`` hidden-state layers evenly spread over 1..n_layers."""
+    L = model.n_layers
+    return sorted({max(1, round(L * (i + 1) / n)) for i in range(n)})
+
+
+def grid_report(result: SelfieResult, title: str = "SelfIE interpretations"):
+    """An :class:`~steerlab.report.html.HtmlReport`: a (layer x token) grid of the interpretations,
+    then every interpretation with its relevancy and the per-token relevancy."""
+    from ..report.html import HtmlReport
+
+    page = HtmlReport(title, f"original prompt: {result.prompt!r}" if result.prompt else None)
+    page.kv({"interpretation prompt": result.interpretation_prompt,
+             **{k: v for k, v in result.settings.items()}})
+    cols: dict[int, str] = {}
+    for r in result.rows:
+        cols.setdefault(r.token, f"{r.token}: {r.token_text!r}")
+    cols = dict(sorted(cols.items()))
+    grid: dict = {}
+    for r in result.rows:
+        grid.setdefault(r.layer, {"layer": "vectors" if r.layer is None else r.layer})[cols[r.token]] = \
+            f"{r.text} (relevancy {r.relevancy:.2f})"
+    page.heading("Grid: rows are layers (0 = embeddings), columns are tokens of the prompt")
+    page.table(list(grid.values()), ["layer", *cols.values()], max_rows=None)
+    page.heading("Every interpretation")
+    page.table([{**r.row(), "token_relevancy": " ".join(f"{t!r}:{x:.2f}" for t, x in zip(r.tokens, r.token_relevancy))}
+                for r in result.rows], max_rows=None)
+    return page
