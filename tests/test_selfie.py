@@ -7,13 +7,16 @@ import torch
 
 from steerlab.errors import SteerlabError
 from steerlab.explain.selfie import (
+    InterpretationPrompt,
     SelfieError,
     decode_injected,
     interpret,
     interpret_states,
     interpret_vectors,
     interpretation_prompt,
+    prefix_cache,
     read_states,
+    token_probs,
     typical_norm,
 )
 from steerlab.explain.selfie_control import SelfieControl
@@ -66,9 +69,10 @@ def test_injected_state_sits_at_the_placeholders_of_block_k_input_during_prefill
             new = decode_injected(m, ip, states, k=k, mode=mode, strength=0.5, max_new_tokens=4)
         finally:
             h.remove()
-        P, n = len(ip), new.shape[1]
-        assert [c.shape[1] for c in calls] == [P] + [1] * (n - 1)  # one prefill, then one token per call
-        seen = torch.cat(calls, 1)
+        P, n, pre = len(ip), new.shape[1], ip.positions[0]
+        # the shared prefix once (one row), the rest of the prompt (the prefill), then one token per call
+        assert [tuple(c.shape[:2]) for c in calls] == [(1, pre), (3, P - pre)] + [(3, 1)] * (n - 1)
+        seen = torch.cat([calls[0].expand(3, -1, -1), *calls[1:]], 1)
         full = torch.cat([torch.tensor([ip.ids]).expand(3, -1), new], 1)
         expected = _hidden_states(m, full)[k][:, :P + n - 1].clone()  # no injection anywhere
         pos = list(ip.positions)
@@ -88,6 +92,13 @@ def test_no_injection_equals_plain_generation():
     for mode, s in [("none", 1.0), ("add", 0.0)]:
         new = decode_injected(m, ip, states, mode=mode, strength=s, max_new_tokens=6)
         assert torch.equal(new, plain.expand(2, -1))
+    cut = ip.positions[0]
+    no_prefix = InterpretationPrompt(ip.ids[cut:], tuple(p - cut for p in ip.positions))  # placeholders first
+    ids = torch.tensor([no_prefix.ids])
+    with torch.no_grad():
+        plain2 = m.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                               do_sample=False, pad_token_id=m.pad_id)[:, len(no_prefix):]
+    assert torch.equal(decode_injected(m, no_prefix, states, mode="none", max_new_tokens=6), plain2.expand(2, -1))
     res = interpret_states(m, states, ip, mode="none", max_new_tokens=6)
     assert res[0][0] == m.tok.decode(plain[0], skip_special_tokens=True)
     assert res[0][2] == [0.0] * len(res[0][1])  # nothing injected: nothing is relevant
@@ -165,6 +176,12 @@ def test_relevancy_and_text_equal_a_hand_computation():
         assert row.tokens == [m.tok.convert_tokens_to_string([m.tok.convert_ids_to_tokens(i)]) for i in new]
         assert row.token_relevancy == pytest.approx(rel.tolist(), abs=1e-5)
         assert row.relevancy == pytest.approx(float(rel.mean()), abs=1e-6)
+        cut = ip.positions[0]  # the same without a shared prefix (placeholders first)
+        no_prefix = InterpretationPrompt(ip.ids[cut:], tuple(p - cut for p in ip.positions))
+        new_t, state = torch.tensor([new]), hs[L][0, t][None]
+        assert token_probs(m, no_prefix, new_t, state).shape == (1, n)
+        p_with = token_probs(m, ip, new_t, state, prefix=None)
+        torch.testing.assert_close(p_with, token_probs(m, ip, new_t, state, prefix=prefix_cache(m, ip)))
 
 
 def test_interpret_vectors_scaled_to_a_typical_norm():

@@ -30,6 +30,7 @@ forward each). Many states are decoded together: every row runs the same interpr
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -244,8 +245,10 @@ _NORM_TEXTS = ("The weather was mild for most of the week, with a little rain on
 
 # --- injection ---------------------------------------------------------------------------------------
 class Inject(EditFn):
-    """Write one state per batch row at the placeholder positions, during the prefill only
-    (``step.past_len == 0``): ``replace`` overwrites, ``add`` adds ``strength * state``."""
+    """Write one state per batch row at the placeholder positions, in the forward call that feeds
+    them (the prefill; decoding steps come after every placeholder and are left alone):
+    ``replace`` overwrites, ``add`` adds ``strength * state``. Positions count from the start of
+    the sequence, so a call after a cached prefix (``step.past_len > 0``) is handled."""
 
     def __init__(self, states: torch.Tensor, positions: Sequence[int], mode: str = "replace",
                  strength: float = 1.0):
@@ -265,18 +268,23 @@ class Inject(EditFn):
         self._pos = torch.tensor(self.positions, device=device)
 
     def __call__(self, act: torch.Tensor, step) -> torch.Tensor | None:
-        if self.mode == "none" or step.past_len != 0:
+        if self.mode == "none":
             return None
+        local = self._pos - step.past_len  # placeholder positions within this call
+        inside = (local >= 0) & (local < act.shape[1])
+        if not bool(inside.any()):
+            return None  # a decoding step (or a cached prefix): nothing to write
+        if not bool(inside.all()):
+            raise SelfieError(f"this forward call covers only part of the placeholders (positions {self.positions}, "
+                              f"call of {act.shape[1]} tokens after {step.past_len} cached)")
         if act.shape[0] != self._v.shape[0]:
             raise SelfieError(f"{self._v.shape[0]} states for a batch of {act.shape[0]} rows")
-        if self.positions[-1] >= act.shape[1]:
-            raise SelfieError(f"placeholder position {self.positions[-1]} is beyond the call's {act.shape[1]} tokens")
         out = act.clone()
         n = len(self.positions)
         if self.mode == "replace":
-            out[:, self._pos] = self._v.expand(-1, n, -1)
+            out[:, local] = self._v.expand(-1, n, -1)
         else:
-            out[:, self._pos] = act[:, self._pos] + self.strength * self._v
+            out[:, local] = act[:, local] + self.strength * self._v
         return out
 
 
@@ -287,32 +295,64 @@ def _eos_ids(model: Model) -> list[int]:
 
 
 @torch.no_grad()
+def prefix_cache(model: Model, ip: InterpretationPrompt):
+    """The KV cache of the tokens before the first placeholder (one row; None when there are none):
+    the same for every row and untouched by the injection, so it is computed once."""
+    n = ip.positions[0]
+    if n == 0:
+        return None
+    return model.hf(input_ids=torch.tensor([ip.ids[:n]], device=model.device), use_cache=True).past_key_values
+
+
+def _rows_of(cache, B: int):
+    c = copy.deepcopy(cache)
+    c.batch_repeat_interleave(B)
+    return c
+
+
+@torch.no_grad()
 def decode_injected(model: Model, ip: InterpretationPrompt, states: torch.Tensor, k: int = 1,
-                    mode: str = "replace", strength: float = 1.0, max_new_tokens: int = 30) -> torch.Tensor:
+                    mode: str = "replace", strength: float = 1.0, max_new_tokens: int = 30,
+                    prefix=None) -> torch.Tensor:
     """Greedy continuations ``[rows, <= max_new_tokens]`` of the interpretation prompt, one row per
-    state, each row's state injected before block ``k`` at the placeholders during the prefill."""
+    state, each row's state injected before block ``k`` at the placeholders during the prefill.
+    ``prefix``: :func:`prefix_cache` of ``ip`` (computed here when not given)."""
     site = injection_site(model, k)
     ids = torch.tensor([ip.ids], device=model.device).expand(states.shape[0], -1).contiguous()
+    prefix = prefix_cache(model, ip) if prefix is None else prefix
+    kw = {} if prefix is None else {"cache": _rows_of(prefix, ids.shape[0])}
     with edit(model, {site: Inject(states, ip.positions, mode, strength)}):
         out = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, temperature=None, top_p=None, top_k=None,
-                                pad_token_id=model.pad_id)
+                                pad_token_id=model.pad_id, **kw)
     return out[:, ids.shape[1]:]
+
+
+def _logits_after_prefix(model: Model, ids: torch.Tensor, keep: int, prefix) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of ``ids`` (no padding), reusing the prefix cache."""
+    if prefix is None:
+        return model.forward(ids, torch.ones_like(ids), logits_to_keep=keep).logits
+    n0, (B, T) = prefix.get_seq_length(), ids.shape
+    kw: dict = {"cache": _rows_of(prefix, B), "use_cache": True}
+    if model.accepts("position_ids"):
+        kw["position_ids"] = torch.arange(n0, T, device=ids.device)[None].expand(B, -1)
+    if model.accepts("logits_to_keep"):
+        kw["logits_to_keep"] = keep
+    return model.hf(input_ids=ids[:, n0:], attention_mask=torch.ones_like(ids), **kw).logits
 
 
 @torch.no_grad()
 def token_probs(model: Model, ip: InterpretationPrompt, new: torch.Tensor, states: torch.Tensor | None = None,
-                k: int = 1, mode: str = "replace", strength: float = 1.0) -> torch.Tensor:
+                k: int = 1, mode: str = "replace", strength: float = 1.0, prefix=None) -> torch.Tensor:
     """Teacher-forced probability ``[rows, n]`` of each decoded token, with the injection (``states``
-    given) or without (None), in one batched forward."""
+    given) or without (None), in one batched forward (after the shared ``prefix`` cache, if given)."""
     B, n = new.shape
     ids = torch.cat([torch.tensor([ip.ids], device=new.device).expand(B, -1), new], 1)
-    mask = torch.ones_like(ids)
     if states is None or mode == "none":
-        logits = model.forward(ids, mask, logits_to_keep=n + 1).logits
+        logits = _logits_after_prefix(model, ids, n + 1, prefix)
     else:
         with edit(model, {injection_site(model, k): Inject(states, ip.positions, mode, strength)}):
-            logits = model.forward(ids, mask, logits_to_keep=n + 1).logits
+            logits = _logits_after_prefix(model, ids, n + 1, prefix)
     logp = logits[:, -(n + 1):-1].float().log_softmax(-1)
     return logp.gather(-1, new[..., None]).squeeze(-1).exp()
 
@@ -370,12 +410,14 @@ def interpret_states(model: Model, states: torch.Tensor, interpretation=None, *,
     if not torch.isfinite(states).all():
         raise SelfieError("states hold NaN or infinite values")
     eos = torch.tensor(_eos_ids(model) or [-1], device=model.device)
+    prefix = prefix_cache(model, ip)
     out = []
     for chunk in states.to(model.device).split(batch_size):
-        new = decode_injected(model, ip, chunk, k, mode, strength, max_new_tokens)
+        new = decode_injected(model, ip, chunk, k, mode, strength, max_new_tokens, prefix)
         keep = (torch.isin(new, eos).cumsum(1) == 0)
         if relevancy:
-            rel = (token_probs(model, ip, new, chunk, k, mode, strength) - token_probs(model, ip, new)).abs()
+            rel = (token_probs(model, ip, new, chunk, k, mode, strength, prefix)
+                   - token_probs(model, ip, new, prefix=prefix)).abs()
         else:
             rel = torch.full(new.shape, float("nan"), device=new.device)
         lengths = keep.sum(1).tolist()
