@@ -10,11 +10,13 @@ from steerlab.explain.selfie import (
     InterpretationPrompt,
     SelfieError,
     decode_injected,
+    generate_injected,
     interpret,
     interpret_states,
     interpret_vectors,
     interpretation_prompt,
     prefix_cache,
+    probs_without,
     read_states,
     token_probs,
     typical_norm,
@@ -182,6 +184,10 @@ def test_relevancy_and_text_equal_a_hand_computation():
         assert token_probs(m, no_prefix, new_t, state).shape == (1, n)
         p_with = token_probs(m, ip, new_t, state, prefix=None)
         torch.testing.assert_close(p_with, token_probs(m, ip, new_t, state, prefix=prefix_cache(m, ip)))
+        gen_new, gen_p = generate_injected(m, ip, state, max_new_tokens=6)  # the decoding pass's own probabilities
+        assert gen_new[0, :n].tolist() == new
+        torch.testing.assert_close(gen_p[:, :n], p_with, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(probs_without(m, ip, new_t), token_probs(m, ip, new_t), atol=1e-5, rtol=1e-4)
 
 
 def test_interpret_vectors_scaled_to_a_typical_norm():

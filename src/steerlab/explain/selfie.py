@@ -23,9 +23,14 @@ Placeholder positions are exact for any tokenizer: the text parts are tokenized 
 the placeholder token id is inserted between them, so no string search is involved.
 
 Relevancy of interpretation token ``y_t`` is ``|p_with(y_t) - p_without(y_t)|``, teacher-forced
-on the interpretation prompt plus the decoded tokens, with and without the injection (one batched
-forward each). Many states are decoded together: every row runs the same interpretation prompt
-(no padding) and one edit writes each row's own state.
+on the interpretation prompt plus the decoded tokens, with and without the injection. ``p_with``
+comes from the decoding pass itself (the tokens decoded are the tokens fed: that pass *is* the
+teacher-forced forward with the injection); ``p_without`` from one batched forward over the
+decoded tokens after the un-injected prompt, whose cache is computed once.
+
+Many states are decoded together: every row runs the same interpretation prompt (no padding) and
+one edit writes each row's own state. The tokens before the first placeholder are the same in
+every row and untouched by the injection: their KV cache is computed once and shared.
 """
 
 from __future__ import annotations
@@ -311,11 +316,14 @@ def _rows_of(cache, B: int):
 
 
 @torch.no_grad()
-def decode_injected(model: Model, ip: InterpretationPrompt, states: torch.Tensor, k: int = 1,
-                    mode: str = "replace", strength: float = 1.0, max_new_tokens: int = 30,
-                    prefix=None) -> torch.Tensor:
-    """Greedy continuations ``[rows, <= max_new_tokens]`` of the interpretation prompt, one row per
-    state, each row's state injected before block ``k`` at the placeholders during the prefill.
+def generate_injected(model: Model, ip: InterpretationPrompt, states: torch.Tensor, k: int = 1,
+                      mode: str = "replace", strength: float = 1.0, max_new_tokens: int = 30,
+                      prefix=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy continuations ``new [rows, <= max_new_tokens]`` of the interpretation prompt, one row
+    per state, each row's state injected before block ``k`` at the placeholders during the prefill,
+    and ``p_with [rows, n]``: the probability of each decoded token in that pass. The tokens
+    decoded are the tokens fed, so this is the teacher-forced probability with the injection
+    (:func:`token_probs` computes it with a separate forward; the tests check they agree).
     ``prefix``: :func:`prefix_cache` of ``ip`` (computed here when not given)."""
     site = injection_site(model, k)
     ids = torch.tensor([ip.ids], device=model.device).expand(states.shape[0], -1).contiguous()
@@ -324,8 +332,43 @@ def decode_injected(model: Model, ip: InterpretationPrompt, states: torch.Tensor
     with edit(model, {site: Inject(states, ip.positions, mode, strength)}):
         out = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, temperature=None, top_p=None, top_k=None,
-                                pad_token_id=model.pad_id, **kw)
-    return out[:, ids.shape[1]:]
+                                pad_token_id=model.pad_id, output_logits=True, return_dict_in_generate=True, **kw)
+    new = out.sequences[:, ids.shape[1]:]
+    logp = torch.stack(out.logits, 1).float().log_softmax(-1)
+    return new, logp.gather(-1, new[..., None]).squeeze(-1).exp()
+
+
+def decode_injected(model: Model, ip: InterpretationPrompt, states: torch.Tensor, k: int = 1,
+                    mode: str = "replace", strength: float = 1.0, max_new_tokens: int = 30,
+                    prefix=None) -> torch.Tensor:
+    """The greedy continuations of :func:`generate_injected` alone."""
+    return generate_injected(model, ip, states, k, mode, strength, max_new_tokens, prefix)[0]
+
+
+@torch.no_grad()
+def prompt_cache(model: Model, ip: InterpretationPrompt):
+    """``(cache, last_logits [1, vocab])`` of the whole interpretation prompt without injection (one
+    row): what every row shares when nothing is injected."""
+    out = model.hf(input_ids=torch.tensor([ip.ids], device=model.device), use_cache=True)
+    return out.past_key_values, out.logits[:, -1:]
+
+
+@torch.no_grad()
+def probs_without(model: Model, ip: InterpretationPrompt, new: torch.Tensor, cached=None) -> torch.Tensor:
+    """Teacher-forced probability ``[rows, n]`` of each decoded token without any injection: the
+    prompt's cache (:func:`prompt_cache`, computed once) and one forward over the new tokens."""
+    cache, last = cached if cached is not None else prompt_cache(model, ip)
+    (B, n), P = new.shape, len(ip)
+    logits = last.expand(B, -1, -1)
+    if n > 1:
+        kw: dict = {"cache": _rows_of(cache, B), "use_cache": True}
+        if model.accepts("position_ids"):
+            kw["position_ids"] = torch.arange(P, P + n - 1, device=new.device)[None].expand(B, -1)
+        more = model.hf(input_ids=new[:, :-1], attention_mask=torch.ones(B, P + n - 1, dtype=torch.long,
+                                                                          device=new.device), **kw).logits
+        logits = torch.cat([logits, more], 1)
+    logp = logits.float().log_softmax(-1)
+    return logp.gather(-1, new[..., None]).squeeze(-1).exp()
 
 
 def _logits_after_prefix(model: Model, ids: torch.Tensor, keep: int, prefix) -> torch.Tensor:
@@ -410,14 +453,13 @@ def interpret_states(model: Model, states: torch.Tensor, interpretation=None, *,
     if not torch.isfinite(states).all():
         raise SelfieError("states hold NaN or infinite values")
     eos = torch.tensor(_eos_ids(model) or [-1], device=model.device)
-    prefix = prefix_cache(model, ip)
+    prefix, cached = prefix_cache(model, ip), (prompt_cache(model, ip) if relevancy else None)
     out = []
     for chunk in states.to(model.device).split(batch_size):
-        new = decode_injected(model, ip, chunk, k, mode, strength, max_new_tokens, prefix)
+        new, p_with = generate_injected(model, ip, chunk, k, mode, strength, max_new_tokens, prefix)
         keep = (torch.isin(new, eos).cumsum(1) == 0)
-        if relevancy:
-            rel = (token_probs(model, ip, new, chunk, k, mode, strength, prefix)
-                   - token_probs(model, ip, new, prefix=prefix)).abs()
+        if relevancy:  # nothing injected (mode none): nothing is relevant, by definition
+            rel = torch.zeros_like(p_with) if mode == "none" else (p_with - probs_without(model, ip, new, cached)).abs()
         else:
             rel = torch.full(new.shape, float("nan"), device=new.device)
         lengths = keep.sum(1).tolist()
