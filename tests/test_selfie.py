@@ -330,3 +330,14 @@ def test_interpret_cli_prints_the_table_and_writes_the_grid(tmp_path):
     assert bad.exit_code == 2 and "beyond the prompt" in bad.output
     bad = CliRunner().invoke(app, ["interpret", "hello", "--model", str(d), "--template", "no marker"])
     assert bad.exit_code == 2 and "no placeholder" in bad.output
+
+
+@pytest.mark.integration
+def test_selfie_on_the_default_model(real_model):
+    """SmolLM2-135M-Instruct reads 'Paris' back from its own state; without the injection it does not."""
+    pairs = [(5, -1), (10, -1)]
+    res = interpret(real_model, "The capital of France is Paris", pairs, max_new_tokens=12)
+    assert all("Paris" in r.text for r in res.rows), res.table()
+    assert all(r.relevancy > 0.05 for r in res.rows)
+    control = interpret(real_model, "The capital of France is Paris", pairs[:1], mode="none", max_new_tokens=12)
+    assert "Paris" not in control.rows[0].text and control.rows[0].relevancy == 0.0

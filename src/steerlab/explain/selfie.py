@@ -306,7 +306,12 @@ def prefix_cache(model: Model, ip: InterpretationPrompt):
     n = ip.positions[0]
     if n == 0:
         return None
-    return model.hf(input_ids=torch.tensor([ip.ids[:n]], device=model.device), use_cache=True).past_key_values
+    return _cache_of(model.hf(input_ids=torch.tensor([ip.ids[:n]], device=model.device), use_cache=True))
+
+
+def _cache_of(out):
+    """The KV cache of a forward's output (``cache`` in recent transformers, ``past_key_values`` before)."""
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 def _rows_of(cache, B: int):
@@ -350,7 +355,7 @@ def prompt_cache(model: Model, ip: InterpretationPrompt):
     """``(cache, last_logits [1, vocab])`` of the whole interpretation prompt without injection (one
     row): what every row shares when nothing is injected."""
     out = model.hf(input_ids=torch.tensor([ip.ids], device=model.device), use_cache=True)
-    return out.past_key_values, out.logits[:, -1:]
+    return _cache_of(out), out.logits[:, -1:]
 
 
 @torch.no_grad()
