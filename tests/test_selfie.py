@@ -341,3 +341,26 @@ def test_selfie_on_the_default_model(real_model):
     assert all(r.relevancy > 0.05 for r in res.rows)
     control = interpret(real_model, "The capital of France is Paris", pairs[:1], mode="none", max_new_tokens=12)
     assert "Paris" not in control.rows[0].text and control.rows[0].relevancy == 0.0
+
+
+def test_interpret_vector_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+    from steerlab.steer.vector import SteeringVector
+
+    m = tiny_model("llama")
+    d = tmp_path / "tiny"
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    sv = SteeringVector.fit(m, (["nice day", "good"], ["bad day", "awful"]), sites=["blocks.0.resid_post",
+                                                                                   "blocks.1.resid_post"])
+    path = sv.save(tmp_path / "v.safetensors")
+    args = ["interpret-vector", str(path), "--model", str(d), "--template", "[X][X]:", "--max-new-tokens", "4",
+            "--sites", "blocks.1.resid_post", "--norm", "3.5"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    direct = interpret_vectors(m, sv.directions["blocks.1.resid_post"], [2, ":"], norm=3.5, max_new_tokens=4)
+    assert "blocks.1.resid_post" in r.output and direct.rows[0].text in r.output
+    bad = CliRunner().invoke(app, args[:-4] + ["--sites", "blocks.2.resid_post"])
+    assert bad.exit_code == 2 and "not in" in bad.output
