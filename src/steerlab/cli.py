@@ -93,6 +93,92 @@ def lens(
 
 
 @command(app)
+def interpret(
+    prompt: str = typer.Argument(..., help="Original prompt whose hidden states the model describes."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    layers: str = typer.Option("", help="Comma-separated hidden-state layers (0 = embeddings, L = output of block "
+                               "L-1, negative from the end); default: 6 layers spread over the model."),
+    tokens: str = typer.Option("-1", help="Comma-separated token indices of the prompt (negative from the end)."),
+    k: int = typer.Option(1, "-k", help="Inject before decoder block k (the input of block k)."),
+    mode: str = typer.Option("replace", help="replace | add (strength x state) | none (no injection: a control)."),
+    strength: float = typer.Option(1.0, help="Multiple of the state added in --mode add."),
+    max_new_tokens: int = typer.Option(30, min=1, help="Greedy tokens per interpretation."),
+    template: str = typer.Option("", help="Interpretation prompt, each [X] one placeholder token, e.g. "
+                                 "'[X][X][X][X][X] Sum up what this means in a few words.' (default: that, as a "
+                                 "user turn when the model has a chat template)."),
+    plain: bool = typer.Option(False, help="Do not wrap the interpretation prompt in the chat template."),
+    chat: bool = typer.Option(False, help="Render the original prompt as a user turn with the chat template."),
+    batch_size: int = typer.Option(32, min=1, help="Interpretations decoded per generate call."),
+    html: str = typer.Option("", "--html", help="Also write a (layer x token) grid of the interpretations to this HTML file."),
+) -> None:
+    """SelfIE: the model describes its own hidden states. Each state (layer, token) of the prompt is
+    written at the placeholders of an interpretation prompt before block k and decoded greedily; the
+    relevancy is the mean |p(token | injected) - p(token | not injected)| over the interpretation."""
+    from .explain.selfie import grid_report, interpret, interpretation_prompt, parse_parts, spread_layers
+
+    m = _load(model)
+    ls = _ints(layers, "--layers") or spread_layers(m)
+    ts = _ints(tokens, "--tokens") or [-1]
+    parts = parse_parts(template) if template else None
+    ip = interpretation_prompt(m, parts, chat=False if plain else None)
+    res = interpret(m, prompt, [(L, t) for L in ls for t in ts], ip, k=k, mode=mode, strength=strength,
+                    max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat)
+    t = Table(title=f"SelfIE on {m.name}: {prompt!r} (k={k}, {mode})", title_justify="left")
+    for col, just in [("layer", "right"), ("token", "right"), ("token text", "left"), ("interpretation", "left"),
+                      ("relevancy", "right")]:
+        t.add_column(col, justify=just)
+    for r in res.rows:
+        t.add_row(str(r.layer), str(r.token), repr(r.token_text), r.text, f"{r.relevancy:.3f}")
+    console.print(t)
+    if html:
+        path = grid_report(res, f"SelfIE on {m.name}").write(html)
+        console.print(f"wrote {path}")
+
+
+@command(app, "interpret-vector")
+def interpret_vector(
+    path: str = typer.Argument(..., help="A saved steering vector (.safetensors from `steerlab fit steering`)."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    sites: str = typer.Option("", help="Comma-separated sites of the vector to interpret (default: all)."),
+    norm: str = typer.Option("typical", help="Rescale each direction to this norm first: a number, 'typical' (the "
+                             "median state norm where it is injected) or 'none'."),
+    k: int = typer.Option(1, "-k", help="Inject before decoder block k (the input of block k)."),
+    max_new_tokens: int = typer.Option(30, min=1, help="Greedy tokens per interpretation."),
+    template: str = typer.Option("", help="Interpretation prompt, each [X] one placeholder token."),
+    plain: bool = typer.Option(False, help="Do not wrap the interpretation prompt in the chat template."),
+    html: str = typer.Option("", "--html", help="Also write the interpretations to this HTML file."),
+) -> None:
+    """SelfIE on a steering vector: the model describes each site's direction, written at the
+    placeholders of the interpretation prompt like a hidden state."""
+    import torch
+
+    from .explain import selfie as sf
+    from .interventions import load as load_intervention
+
+    m = _load(model)
+    iv = load_intervention(path, m, strict=False)
+    dirs = getattr(iv, "directions", None)
+    if not dirs:
+        raise sf.SelfieError(f"{path} holds a {iv.method!r} intervention, not a steering vector with directions")
+    names = [x.strip() for x in sites.split(",") if x.strip()] or list(dirs)
+    missing = [x for x in names if x not in dirs]
+    if missing:
+        raise sf.SelfieError(f"site {missing[0]!r} is not in {path}; it has {', '.join(dirs)}")
+    scale = None if norm == "none" else (norm if norm == "typical" else _floats(norm, "--norm")[0])
+    ip = sf.interpretation_prompt(m, sf.parse_parts(template) if template else None, chat=False if plain else None)
+    res = sf.interpret_vectors(m, torch.stack([dirs[x] for x in names]), ip, k=k, norm=scale,
+                            max_new_tokens=max_new_tokens, labels=names)
+    t = Table(title=f"SelfIE on {path} ({m.name}, k={k}, norm {norm})", title_justify="left")
+    for col in ("site", "interpretation", "relevancy"):
+        t.add_column(col, justify="right" if col == "relevancy" else "left")
+    for r in res.rows:
+        t.add_row(r.token_text, r.text, f"{r.relevancy:.3f}")
+    console.print(t)
+    if html:
+        console.print(f"wrote {sf.grid_report(res, f'SelfIE on {path}').write(html)}")
+
+
+@command(app)
 def models() -> None:
     """List the embedded models and supported architectures."""
     from .models import ARCHS, EMBEDDED
