@@ -157,3 +157,25 @@ def test_real_model_batched_equals_loop(real_model):
     slow = attribute_loop(real_model, "Answer in one word: what colour is snow?", "White, mostly.")
     np.testing.assert_allclose(fast.scores, slow.scores, atol=1e-5 * max(1.0, np.abs(slow.scores).max()))
     assert fast.instruction_score("Answer in one word") > 0
+
+
+def test_attribute_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    m = tiny_model("llama")
+    d = tmp_path / "tiny"
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    page = tmp_path / "att.html"
+    r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "ok", "--model", str(d),
+                                 "--span", "Write", "--html", str(page)])
+    assert r.exit_code == 0, r.output
+    ref = attribute(m, "Write a poem.", "ok").instruction_score("Write")
+    assert f"{ref:.4f}" in r.output and "importance density" in r.output
+    assert "data:image/png;base64" in page.read_text() and (tmp_path / "att.png").is_file()
+    r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "ok", "--model", str(d), "--span", "song"])
+    assert r.exit_code == 2 and "not in the prompt" in r.output
+    r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "", "--model", str(d)])
+    assert r.exit_code == 2 and "response is empty" in r.output

@@ -97,3 +97,28 @@ def test_bad_input():
 def test_english_words():
     ws = english_words(50)
     assert len(ws) == 50 and ws[0] == "the" and all(w.isalpha() for w in ws)
+
+
+def test_heads_cli(tmp_path):
+    import csv
+
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    m = tiny_model("llama")
+    d = tmp_path / "tiny"
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    out = tmp_path / "pairs.csv"
+    r = CliRunner().invoke(app, ["heads", "--model", str(d), "--layers", "0", "--words", "60", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "head word pairs" in r.output
+    ref = explain_heads(m, layers=[0], n_words=60)
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == sum(len(p) for p in ref[0].pairs)
+    if rows:
+        k, q, _, _ = ref[0].pairs[int(rows[0]["head"])][0]
+        assert rows[0]["pair"] == f"{k}={q}"
+    r = CliRunner().invoke(app, ["heads", "--model", str(d), "--similarity", "glove", "--words", "10"])
+    assert r.exit_code == 2 and "unknown similarity" in r.output

@@ -163,14 +163,16 @@ def _collect(mask, idx, S, words, max_pairs: int) -> list[list[tuple[str, str, f
     qt, kt = idx[0][ht, rt, at], idx[1][ht, rt, bt]
     sims = S[qt, kt].cpu().numpy()
     h, r, qi, ki = (t.cpu().numpy() for t in (ht, rt, qt, kt))
+    order = np.lexsort((r, -sims, h))  # by head, then similarity (descending), then dimension rank
+    n = len(words)
+    keys = (h[order].astype(np.int64) * n + ki[order]) * n + qi[order]
+    _, first = np.unique(keys, return_index=True)
+    sel = order[np.sort(first)]  # first occurrence of each (head, key, query), still in order
+    hs = h[sel]
+    starts = np.searchsorted(hs, hs, side="left")
+    sel = sel[np.arange(sel.size) - starts < max_pairs]
     out: list[list[tuple[str, str, float, int]]] = [[] for _ in range(mask.shape[0])]
-    order = np.lexsort((r, -sims, h))
-    seen = set()
-    for j in order:
-        key = (h[j], ki[j], qi[j])
-        if key in seen or len(out[h[j]]) >= max_pairs:
-            continue
-        seen.add(key)
+    for j in sel:
         out[h[j]].append((words[ki[j]], words[qi[j]], float(sims[j]), int(r[j])))
     return out
 
