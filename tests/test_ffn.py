@@ -197,3 +197,20 @@ def test_instruction_shift_end_to_end(tmp_path):
     rows = list(csv.DictReader(open(out / "tables" / "instruction_scores.csv")))
     got = [float(r["score"]) for r in rows if r["model"] == "base" and r["id"] == item["id"]][0]
     assert got == pytest.approx(ref, rel=1e-6)
+
+
+def test_word_vocab_prefers_word_initial_tokens():
+    from types import SimpleNamespace
+
+    toks = ["\u0120the", "ing", "\u2581cat", "\u0120a", "\u0120x1", "dog", "\u0120the"]
+
+    class Tok:
+        def __len__(self):
+            return len(toks)
+
+        def convert_ids_to_tokens(self, ids):
+            return [toks[i] for i in ids]
+
+    m = SimpleNamespace(tok=Tok(), vocab_size=len(toks))
+    ids, words = word_vocab(m)
+    assert ids.tolist() == [0, 2] and words == ["the", "cat"]

@@ -50,15 +50,18 @@ _VOCAB_CACHE: dict[tuple[int, int], tuple[torch.Tensor, list[str]]] = {}
 
 
 def word_vocab(model: Model) -> tuple[torch.Tensor, list[str]]:
-    """Ids and words of the word-like tokens (letters only, at least two, after stripping the
-    tokenizer's leading-space marker); the first token of each word wins."""
+    """Ids and words of the word-like tokens: tokens that start a word (BPE ``Ġ`` / SentencePiece ``▁``
+    marker) followed by at least two letters; for a vocabulary without such markers, tokens that
+    decode to at least two letters. The first token of each word wins."""
     key = (id(model.tok), model.vocab_size)
     if key not in _VOCAB_CACHE:
         n = min(model.vocab_size, len(model.tok))
-        texts = model.tok.batch_decode([[i] for i in range(n)])
+        raw = model.tok.convert_ids_to_tokens(list(range(n)))
+        marked = [(i, t[1:]) for i, t in enumerate(raw) if isinstance(t, str) and t[:1] in ("\u0120", "\u2581")]
+        if not marked:
+            marked = list(enumerate(t.strip() for t in model.tok.batch_decode([[i] for i in range(n)])))
         ids, words, seen = [], [], set()
-        for i, t in enumerate(texts):
-            w = t.strip()
+        for i, w in marked:
             if WORD_RE.match(w) and w not in seen:
                 seen.add(w)
                 ids.append(i)
