@@ -2,7 +2,7 @@
 loop for a 64-token response (one run each), then the full head and FFN explanations (all layers,
 all heads).
 
-    python benchmarks/bench_attribution.py [--model default] [--new 64] [--chunk 16] [--repeats 1]
+    python benchmarks/bench_attribution.py [--model default] [--new 64] [--chunk 16] [--threads 2]
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 from common import setup
 
 from steerlab.explain.attribution import attribute, attribute_loop
@@ -29,14 +30,15 @@ def timed(fn):
 
 
 def main() -> None:
-    args, m = setup(__doc__, n=1, repeats=1, new_tokens=64, chunk=(int, 16))
+    args, m = setup(__doc__, n=1, repeats=1, new_tokens=64, chunk=(int, 16), threads=(int, 2))
+    torch.set_num_threads(args.threads)
     ids = m.tok(TEXT, add_special_tokens=False)["input_ids"][: args.new]
     response = m.tok.decode(ids)
     fast, t_fast = timed(lambda: attribute(m, PROMPT, response, chunk=args.chunk))
     slow, t_slow = timed(lambda: attribute_loop(m, PROMPT, response))
     diff = float(np.abs(fast.scores - slow.scores).max())
     print(f"attribution of {len(fast.response_tokens)} response tokens on {len(fast.prompt_tokens)} prompt tokens "
-          f"({m.name}, 2 threads)")
+          f"({m.name}, {args.threads} thread(s))")
     print(f"  batched (chunks of {args.chunk}): {t_fast:7.2f} s")
     print(f"  per-token loop (one forward, one backward per token): {t_slow:7.2f} s")
     print(f"  speed-up {t_slow / t_fast:.2f}x; max |difference| {diff:.2e} (max |a| {np.abs(slow.scores).max():.3f})")
