@@ -179,3 +179,14 @@ def test_attribute_cli(tmp_path):
     assert r.exit_code == 2 and "not in the prompt" in r.output
     r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "", "--model", str(d)])
     assert r.exit_code == 2 and "response is empty" in r.output
+
+
+def test_span_when_the_template_changes_the_prompt():
+    m = tiny_model("llama")
+    m.tok.chat_template = "{% for x in messages %}<{{ x['content'] | upper }}>{% endfor %}"
+    att = attribute(m, "Write a poem.", "ok")
+    assert att.text.startswith("<WRITE") and att.user_start == -1
+    with pytest.raises(SpanError, match="chat template changed"):
+        att.span_tokens("Write")
+    plain = attribute(m, "Write a poem.", "ok", chat=False)
+    assert plain.span_tokens("Write") == [1, 2, 3, 4, 5]

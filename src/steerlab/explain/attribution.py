@@ -74,7 +74,7 @@ class Attribution:
 
     ``scores`` is ``[n_in, n_out]`` (``a_ij``); ``text`` is the prompt as fed to the model (the chat
     rendering when ``chat``), ``user`` the prompt as given and ``user_start`` where it starts in
-    ``text``; ``offsets`` are the character spans of the prompt tokens in ``text``."""
+    ``text`` (-1 when the chat template changed it); ``offsets`` are the character spans of the prompt tokens in ``text``."""
 
     text: str
     user: str
@@ -101,6 +101,9 @@ class Attribution:
             start, end = (int(x) for x in span)
             if not 0 <= start < end <= len(self.user):
                 raise SpanError(f"instruction span {span} is outside the prompt (0..{len(self.user)})")
+        if self.user_start < 0:
+            raise SpanError("the chat template changed the prompt's text, so spans cannot be located in it; "
+                            "attribute with chat=False")
         s, e = start + self.user_start, end + self.user_start
         toks = [i for i, (a, z) in enumerate(self.offsets) if z > a and a < e and z > s]
         if not toks:
@@ -126,7 +129,7 @@ def _prepare(model: Model, prompt: str, response: str | None, chat: bool | None,
     if not r_ids:
         raise EmptyInputError("the response is empty: attribution needs at least one response token "
                               "(give a non-empty --response, or let the model generate one)")
-    return text, max(text.find(prompt), 0), p_ids, offsets, r_ids
+    return text, text.find(prompt), p_ids, offsets, r_ids
 
 
 def greedy_response(model: Model, prompt_ids: Sequence[int], max_new_tokens: int = 32) -> list[int]:
