@@ -137,6 +137,13 @@ def test_annotated_file_and_tests(tmp_path):
     rows = [{"score": s, "followed": f} for s, f in [(3, True), (4, True), (1, False), (1.5, False)]]
     assert followed_vs_unfollowed(rows)["mean_a"] == 3.5
     assert base_vs_tuned(rows[2:], rows[:2])["group_a"] == "tuned"
+    m = tiny_model("llama")
+    from steerlab.explain.attribution_study import score_items
+
+    (row,) = score_items(m, [{"id": "x", "prompt": "Say hi now", "instruction": "Say hi", "response": "hello"}])
+    ref = attribute(m, "Say hi now", "hello").instruction_score("Say hi")
+    assert row["score"] == pytest.approx(ref) and row["n_response"] == 5
+    assert row["score_length_normalised"] == pytest.approx(ref / 5 ** 0.75)
     with pytest.raises(EmptyInputError, match="at least 2"):
         welch([1.0], [2.0, 3.0], "a", "b")
 

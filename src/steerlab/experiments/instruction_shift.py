@@ -169,10 +169,12 @@ def run_instruction_shift(base: Model, tuned: Model, out: str | Path, cfg: Shift
     write_csv(tables / ("ffn_concepts.csv" if concepts else "ffn_overlap.csv"), concepts or overlap)
     scores = res["base"]["scores"] + res["tuned"]["scores"]
     write_csv(tables / "instruction_scores.csv", scores)
-    tests = {"verbs": verb_test, "base_vs_tuned": base_vs_tuned(res["base"]["scores"], res["tuned"]["scores"])}
-    for role in ("base", "tuned"):
-        if any(r.get("followed") is not None for r in res[role]["scores"]):
-            tests[f"followed_vs_unfollowed_{role}"] = followed_vs_unfollowed(res[role]["scores"])
+    tests = {"verbs": verb_test}
+    for key, suffix in (("score", ""), ("score_length_normalised", " (length-normalised)")):
+        tests["base_vs_tuned" + suffix] = base_vs_tuned(res["base"]["scores"], res["tuned"]["scores"], key)
+        for role in ("base", "tuned"):
+            if any(r.get("followed") is not None for r in res[role]["scores"]):
+                tests[f"followed_vs_unfollowed_{role}{suffix}"] = followed_vs_unfollowed(res[role]["scores"], key)
     summary = {"config": asdict(cfg), "base": base.name, "tuned": tuned.name, "tests": tests,
                "seconds": {role: res[role]["seconds"] for role in res},
                "same_family": base.arch.name == tuned.arch.name and base.vocab_size == tuned.vocab_size}

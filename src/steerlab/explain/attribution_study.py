@@ -52,16 +52,19 @@ def load_annotated(spec: str | Path) -> list[dict]:
 
 def score_items(model: Model, items: Sequence[dict], generate: bool = False, b: int = B_DEFAULT,
                 max_new_tokens: int = 32, chunk: int = 16) -> list[dict]:
-    """One row per item: id, followed, the response used, its length and the instruction score.
+    """One row per item: id, followed, the response used, its length, the instruction score and the
+    score divided by ``n_response ** 0.75`` (the largest density a token can reach with ``n_response``
+    output tokens: ``||q||_1 / ||q||_4 <= n^(3/4)``), which removes the score's growth with length.
     ``generate=True`` ignores the given responses and lets the model answer greedily."""
     rows = []
     for it in items:
         resp = None if generate else it.get("response")
         att = attribute(model, it["prompt"], resp, max_new_tokens=max_new_tokens, chunk=chunk)
+        score = att.instruction_score(it["instruction"], b)
         rows.append({"id": it["id"], "followed": it.get("followed"), "model": model.name,
                      "response": att.response, "n_prompt": len(att.prompt_tokens),
                      "n_response": len(att.response_tokens),
-                     "score": att.instruction_score(it["instruction"], b)})
+                     "score": score, "score_length_normalised": score / len(att.response_tokens) ** 0.75})
     return rows
 
 
@@ -78,16 +81,16 @@ def welch(a: Sequence[float], b: Sequence[float], label_a: str, label_b: str) ->
             "mean_a": float(a.mean()), "mean_b": float(b.mean()), "t": float(t), "p_one_sided": float(p)}
 
 
-def followed_vs_unfollowed(rows: Sequence[dict]) -> dict:
-    """Table 1: is the instruction score higher when the response follows the instruction?"""
+def followed_vs_unfollowed(rows: Sequence[dict], key: str = "score") -> dict:
+    """Table 1: is the instruction score (``key``) higher when the response follows the instruction?"""
     rows = [r for r in rows if r.get("followed") is not None]
-    return welch([r["score"] for r in rows if r["followed"]], [r["score"] for r in rows if not r["followed"]],
+    return welch([r[key] for r in rows if r["followed"]], [r[key] for r in rows if not r["followed"]],
                  "followed", "unfollowed")
 
 
-def base_vs_tuned(base_rows: Sequence[dict], tuned_rows: Sequence[dict]) -> dict:
-    """Table 2: is the instruction score higher under the tuned model than under the base model?"""
-    return welch([r["score"] for r in tuned_rows], [r["score"] for r in base_rows], "tuned", "base")
+def base_vs_tuned(base_rows: Sequence[dict], tuned_rows: Sequence[dict], key: str = "score") -> dict:
+    """Table 2: is the instruction score (``key``) higher under the tuned model than under the base?"""
+    return welch([r[key] for r in tuned_rows], [r[key] for r in base_rows], "tuned", "base")
 
 
 # --- views -------------------------------------------------------------------------------------
