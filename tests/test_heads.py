@@ -122,3 +122,14 @@ def test_heads_cli(tmp_path):
         assert rows[0]["pair"] == f"{k}={q}"
     r = CliRunner().invoke(app, ["heads", "--model", str(d), "--similarity", "glove", "--words", "10"])
     assert r.exit_code == 2 and "unknown similarity" in r.output
+
+
+def test_minilm_similarity():
+    from steerlab.explain.heads import similarity_matrix
+    from steerlab.metrics.text import sentence_encoder
+
+    m = tiny_model("llama")
+    words = ["cat", "dog", "car"]
+    S = similarity_matrix(m, words, word_embeddings(m, words), "minilm").numpy()
+    X = sentence_encoder().encode(words, convert_to_numpy=True, normalize_embeddings=True)
+    np.testing.assert_allclose(S, X @ X.T, atol=1e-5)
