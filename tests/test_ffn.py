@@ -176,11 +176,12 @@ def test_instruction_shift_end_to_end(tmp_path):
     a, b = word_model(0, tmp_path / "a"), word_model(1, tmp_path / "b")
     out = tmp_path / "cmp"
     r = CliRunner().invoke(app, ["instruction-shift", "--base", a, "--tuned", b, "--out", str(out), "--words", "200",
-                                 "--pcs", "3"])
+                                 "--pcs", "3", "--raw"])
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["tests"]) >= {"verbs", "base_vs_tuned", "followed_vs_unfollowed_base"}
-    assert summary["tests"]["base_vs_tuned"]["n_a"] == 20
+    assert summary["tests"]["base_vs_tuned"]["n_a"] == 20 and summary["config"]["raw"] is True
+    assert "followed_vs_unfollowed_tuned (length-normalised)" in summary["tests"]
     for f in ("head_verbs.csv", "head_pairs.csv", "ffn_components.csv", "ffn_overlap.csv", "instruction_scores.csv"):
         assert (out / "tables" / f).is_file(), f
     html = (out / "report.html").read_text()

@@ -687,6 +687,8 @@ def instruction_shift(
     words: int = typer.Option(3000, "--words", min=2, help="English words for the head analysis."),
     pcs: int = typer.Option(10, "--pcs", min=1, help="FFN components per layer."),
     generate: bool = typer.Option(False, help="Score each model's own greedy replies instead of the given ones."),
+    raw: bool = typer.Option(False, help="Feed the raw prompt to both models (no chat template), for a like-for-"
+                             "like attribution; default: the chat template where a model has one."),
     labeller_url: str = typer.Option("", "--labeller-url", help=LABELLER_URL_HELP),
     labeller_model: str = typer.Option("", "--labeller-model", help="Model name sent to the endpoint."),
     labeller_local: str = typer.Option("", "--labeller-local", help="A steerlab model that labels the lists."),
@@ -694,7 +696,7 @@ def instruction_shift(
     """Compare a base and an instruction-tuned model: attribution, head word pairs, FFN concepts."""
     from .experiments.instruction_shift import ShiftConfig, run_instruction_shift
 
-    cfg = ShiftConfig(data=data, layers=_ints(layers) or None, n_words=words, n_pcs=pcs, generate=generate,
+    cfg = ShiftConfig(data=data, layers=_ints(layers) or None, n_words=words, n_pcs=pcs, generate=generate, raw=raw,
                       labeller=labeller_url or labeller_local)
     lab = make_labeller(labeller_url, labeller_model, labeller_local)
     summary = run_instruction_shift(_load(base), _load(tuned), out, cfg, lab)

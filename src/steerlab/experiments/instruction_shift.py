@@ -38,6 +38,7 @@ class ShiftConfig:
     n_pcs: int = 10
     ffn_k: int = 50
     generate: bool = False
+    raw: bool = False
     max_new_tokens: int = 32
     labeller: str = ""
     extra: dict = field(default_factory=dict)
@@ -138,7 +139,8 @@ def analyse_model(model: Model, role: str, items, cfg: ShiftConfig, labeller=Non
     if labeller is not None:
         label_layers(ffn, labeller, cfg.n_pcs)
     t2 = time.perf_counter()
-    scores = score_items(model, items, generate=cfg.generate, max_new_tokens=cfg.max_new_tokens)
+    scores = score_items(model, items, generate=cfg.generate, max_new_tokens=cfg.max_new_tokens,
+                         chat=False if cfg.raw else None)
     for r in scores:
         r["model"] = role
     t3 = time.perf_counter()

@@ -51,15 +51,16 @@ def load_annotated(spec: str | Path) -> list[dict]:
 
 
 def score_items(model: Model, items: Sequence[dict], generate: bool = False, b: int = B_DEFAULT,
-                max_new_tokens: int = 32, chunk: int = 16) -> list[dict]:
+                max_new_tokens: int = 32, chunk: int = 16, chat: bool | None = None) -> list[dict]:
     """One row per item: id, followed, the response used, its length, the instruction score and the
     score divided by ``n_response ** 0.75`` (the largest density a token can reach with ``n_response``
     output tokens: ``||q||_1 / ||q||_4 <= n^(3/4)``), which removes the score's growth with length.
-    ``generate=True`` ignores the given responses and lets the model answer greedily."""
+    ``generate=True`` ignores the given responses and lets the model answer greedily; ``chat`` as in
+    :func:`~steerlab.explain.attribution.attribute` (``None``: the chat template when there is one)."""
     rows = []
     for it in items:
         resp = None if generate else it.get("response")
-        att = attribute(model, it["prompt"], resp, max_new_tokens=max_new_tokens, chunk=chunk)
+        att = attribute(model, it["prompt"], resp, chat=chat, max_new_tokens=max_new_tokens, chunk=chunk)
         score = att.instruction_score(it["instruction"], b)
         rows.append({"id": it["id"], "followed": it.get("followed"), "model": model.name,
                      "response": att.response, "n_prompt": len(att.prompt_tokens),
