@@ -1,0 +1,199 @@
+"""Input-output attribution: the batched path against independent autograd, the density maths by
+hand, spans, the analyses and the views."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from steerlab.errors import DataError, EmptyInputError
+from steerlab.explain.attribution import (
+    SpanError,
+    attribute,
+    attribute_loop,
+    importance_density,
+    instruction_score,
+    quantise,
+)
+from steerlab.explain.attribution_study import (
+    base_vs_tuned,
+    followed_vs_unfollowed,
+    heatmap,
+    load_annotated,
+    prompt_html,
+    welch,
+)
+from tiny import ARCHS, tiny_model
+
+
+def independent_scores(m, prompt: str, response: str) -> np.ndarray:
+    """Gradient x input by plain autograd: a fresh forward from token ids per output token, the
+    gradient read at the embedding module's output through a hook."""
+    p_ids = m.tok(prompt)["input_ids"]
+    r_ids = m.tok(response, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + r_ids])
+    cols = []
+    for j, y in enumerate(r_ids):
+        store = {}
+
+        def hook(mod, inp, out, store=store):
+            out.retain_grad()
+            store["e"] = out
+
+        h = m.hf.get_input_embeddings().register_forward_hook(hook)
+        try:
+            logits = m.hf(input_ids=ids, use_cache=False).logits[0]
+        finally:
+            h.remove()
+        o = logits[len(p_ids) - 1 + j].softmax(-1)[y]
+        o.backward()
+        e = store["e"]
+        cols.append((e.grad[0, : len(p_ids)] * e[0, : len(p_ids)].detach()).sum(-1))
+    return torch.stack(cols).T.double().numpy()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_attribution_equals_independent_autograd(arch):
+    m = tiny_model(arch)
+    att = attribute(m, "Write a poem.", "roses", chunk=2)
+    ref = independent_scores(m, "Write a poem.", "roses")
+    assert att.scores.shape == ref.shape == (14, 5)
+    np.testing.assert_allclose(att.scores, ref, atol=1e-5, rtol=0)
+    assert np.abs(ref).max() > 1e-4  # not trivially zero
+
+
+def test_gemma_embedding_scale_is_included():
+    """For Gemma the embedding module scales by sqrt(d): the attribution uses its output."""
+    m = tiny_model("gemma3_text")
+    ids = torch.tensor([[2, 5, 6]])
+    scaled = m.hf.get_input_embeddings()(ids)
+    raw = m.hf.get_input_embeddings().weight[ids]
+    np.testing.assert_allclose(scaled.detach().numpy(), (raw * math.sqrt(m.d_model)).detach().numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_equals_per_token_loop(arch):
+    m = tiny_model(arch)
+    fast = attribute(m, "Say hi.", "hello there", chunk=3)
+    slow = attribute_loop(m, "Say hi.", "hello there")
+    np.testing.assert_allclose(fast.scores, slow.scores, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(fast.probs, slow.probs, atol=1e-6)
+
+
+def test_density_and_score_hand_worked():
+    a = np.array([[1.0, 0.2], [0.9, 1.0], [-0.5, 0.75], [0.0, 0.0]])
+    # columns normalised: [1, .9, 0, 0] and [.2, 1, .75, 0]; ceil(10x): [10, 9, 0, 0], [2, 10, 8, 0]; <= 7 -> 0
+    np.testing.assert_array_equal(quantise(a), [[10, 0], [9, 10], [0, 8], [0, 0]])
+    d = importance_density(a)
+    np.testing.assert_allclose(d, [1.0, 19 / 16561 ** 0.25, 1.0, 0.0])
+    assert instruction_score(d, [1, 2]) == pytest.approx((19 / 16561 ** 0.25 + 1.0) / 2.0)
+    assert instruction_score(d, [0]) == pytest.approx(1.0 / math.log2(3))
+    # b = 1 keeps the 2
+    np.testing.assert_array_equal(quantise(a, b=1)[0], [10, 2])
+
+
+def test_span_tokens_and_errors():
+    m = tiny_model("llama")
+    att = attribute(m, "Write a poem.", "ok")
+    assert att.span_tokens("a poem") == list(range(7, 13))  # <bos> then one token per character
+    assert att.span_tokens((0, 5)) == [1, 2, 3, 4, 5]
+    d = att.density()
+    assert att.instruction_score("Write") == pytest.approx(d[1:6].sum() / math.log2(7))
+    with pytest.raises(SpanError, match="not in the prompt"):
+        att.span_tokens("a song")
+    with pytest.raises(SpanError, match="outside the prompt"):
+        att.span_tokens((3, 99))
+    with pytest.raises(EmptyInputError, match="response is empty"):
+        attribute(m, "Write a poem.", "")
+    with pytest.raises(EmptyInputError, match="prompt is empty"):
+        attribute(m, "", "x")
+
+
+def test_greedy_response_when_none_given():
+    m = tiny_model("llama")
+    att = attribute(m, "Write", None, max_new_tokens=4)
+    ref = m.hf.generate(input_ids=torch.tensor([m.tok("Write")["input_ids"]]), do_sample=False, max_new_tokens=4,
+                        pad_token_id=0)[0, 6:].tolist()
+    ref = ref[: ref.index(1)] if 1 in ref else ref
+    assert att.response_tokens == m.tok.convert_ids_to_tokens(ref)
+    assert att.scores.shape == (6, len(ref))
+
+
+def test_annotated_file_and_tests(tmp_path):
+    items = load_annotated("example")
+    assert len(items) == 20 and sum(it["followed"] for it in items) == 10
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Say hi", "instruction": "Say bye"}) + "\n")
+    with pytest.raises(DataError, match="not a substring"):
+        load_annotated(bad)
+    with pytest.raises(DataError, match="not found"):
+        load_annotated(tmp_path / "none.jsonl")
+    a, b = [3.0, 4.0, 5.0, 6.5], [1.0, 2.5, 2.0]
+    r = welch(a, b, "a", "b")
+    t = (np.mean(a) - np.mean(b)) / math.sqrt(np.var(a, ddof=1) / 4 + np.var(b, ddof=1) / 3)
+    assert r["t"] == pytest.approx(t) and 0 < r["p_one_sided"] < 0.05
+    rows = [{"score": s, "followed": f} for s, f in [(3, True), (4, True), (1, False), (1.5, False)]]
+    assert followed_vs_unfollowed(rows)["mean_a"] == 3.5
+    assert base_vs_tuned(rows[2:], rows[:2])["group_a"] == "tuned"
+    m = tiny_model("llama")
+    from steerlab.explain.attribution_study import score_items
+
+    (row,) = score_items(m, [{"id": "x", "prompt": "Say hi now", "instruction": "Say hi", "response": "hello"}])
+    ref = attribute(m, "Say hi now", "hello").instruction_score("Say hi")
+    assert row["score"] == pytest.approx(ref) and row["n_response"] == 5
+    assert row["score_length_normalised"] == pytest.approx(ref / 5 ** 0.75)
+    with pytest.raises(EmptyInputError, match="at least 2"):
+        welch([1.0], [2.0, 3.0], "a", "b")
+
+
+def test_views(tmp_path):
+    m = tiny_model("llama")
+    att = attribute(m, "Write <b>", "ok")
+    page = prompt_html(att, span="Write")
+    assert "&lt;" in page and "&gt;" in page and page.count("<span") == len(att.prompt_tokens)
+    assert "underline" in page
+    png = heatmap(att, tmp_path / "h.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.integration
+def test_real_model_batched_equals_loop(real_model):
+    fast = attribute(real_model, "Answer in one word: what colour is snow?", "White, mostly.", chunk=4)
+    slow = attribute_loop(real_model, "Answer in one word: what colour is snow?", "White, mostly.")
+    np.testing.assert_allclose(fast.scores, slow.scores, atol=1e-5 * max(1.0, np.abs(slow.scores).max()))
+    assert fast.instruction_score("Answer in one word") > 0
+
+
+def test_attribute_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    m = tiny_model("llama")
+    d = tmp_path / "tiny"
+    m.hf.save_pretrained(d)
+    m.tok.save_pretrained(d)
+    page = tmp_path / "att.html"
+    r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "ok", "--model", str(d),
+                                 "--span", "Write", "--html", str(page)])
+    assert r.exit_code == 0, r.output
+    ref = attribute(m, "Write a poem.", "ok").instruction_score("Write")
+    assert f"{ref:.4f}" in r.output and "importance density" in r.output
+    assert "data:image/png;base64" in page.read_text() and (tmp_path / "att.png").is_file()
+    r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "ok", "--model", str(d), "--span", "song"])
+    assert r.exit_code == 2 and "not in the prompt" in r.output
+    r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "", "--model", str(d)])
+    assert r.exit_code == 2 and "response is empty" in r.output
+
+
+def test_span_when_the_template_changes_the_prompt():
+    m = tiny_model("llama")
+    m.tok.chat_template = "{% for x in messages %}<{{ x['content'] | upper }}>{% endfor %}"
+    att = attribute(m, "Write a poem.", "ok")
+    assert att.text.startswith("<WRITE") and att.user_start == -1
+    with pytest.raises(SpanError, match="chat template changed"):
+        att.span_tokens("Write")
+    plain = attribute(m, "Write a poem.", "ok", chat=False)
+    assert plain.span_tokens("Write") == [1, 2, 3, 4, 5]
