@@ -772,10 +772,6 @@ def demo(model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
           n_val=None, max_new_tokens=None, seed=0, device="cpu")
 
 
-from . import cli_heads  # noqa: E402, F401  (registers `probes`, `fit iti`, `fit slim`)
-
-
-
 # --- instruction-tuning explanations (docs/instruction_shift.md) ----------------------------------
 LABELLER_URL_HELP = ("OpenAI-compatible endpoint (base URL, e.g. http://localhost:8000/v1) that labels each "
                      "component's word list; key from $STEERLAB_LABELLER_KEY if set.")
@@ -925,6 +921,9 @@ def instruction_shift(
             console.print(f"{name}: mean {test['mean_a']:.3f} ({test['group_a']}) vs {test['mean_b']:.3f} "
                           f"({test['group_b']}), t = {test['t']:.2f}, one-sided p = {test['p_one_sided']:.3g}")
     console.print(f"report: {out}/report.html")
+
+from . import cli_heads  # noqa: E402, F401  (registers `probes`, `fit iti`, `fit slim`)
+
 
 def main() -> None:
     app()

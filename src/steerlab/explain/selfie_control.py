@@ -96,6 +96,7 @@ class SelfieControl(Intervention):
     delta: torch.Tensor
     meta: dict = field(default_factory=dict)
     method = "selfie-control"
+    bench_default = False  # edits one state toward a target: not a detoxification method
 
     def __post_init__(self):
         self.delta = torch.as_tensor(self.delta).detach().float().cpu()
