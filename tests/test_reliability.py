@@ -174,3 +174,15 @@ def test_scorer_options_from_the_command_line(tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["score", str(texts), "--scorer", "profanity", "--scorer-option", "colour=1"])
     assert r.exit_code == 2 and "colour" in _flat(r.output)
+
+
+def test_unwritable_output_path_is_an_error_and_leaves_nothing(tmp_path):
+    from steerlab.errors import SteerlabError
+    from steerlab.steer import SteeringVector
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file, not a directory")
+    sv = SteeringVector({"blocks.0.resid_post": torch.ones(32)})
+    with pytest.raises(SteerlabError, match="cannot write"):
+        sv.save(blocker / "v.safetensors")  # root ignores permission bits; a path under a file is unwritable
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
