@@ -197,3 +197,10 @@ def test_span_when_the_template_changes_the_prompt():
         att.span_tokens("Write")
     plain = attribute(m, "Write a poem.", "ok", chat=False)
     assert plain.span_tokens("Write") == [1, 2, 3, 4, 5]
+
+
+def test_token_pieces():
+    m = tiny_model("llama")
+    att = attribute(m, "Hi you", "ok!")
+    assert att.prompt_pieces() == ["<bos>", "H", "i", " ", "y", "o", "u"]
+    assert att.response_pieces == ["o", "k", "!"]

@@ -812,8 +812,9 @@ def attribute(
     t.add_column("position", justify="right")
     t.add_column("token")
     t.add_column("density", justify="right")
+    pieces = att.prompt_pieces()
     for i in d.argsort()[::-1][:15]:
-        t.add_row(str(i), repr(att.prompt_tokens[i]), f"{d[i]:.3f}")
+        t.add_row(str(i), repr(pieces[i]), f"{d[i]:.3f}")
     console.print(t)
     if span:
         console.print(f"instruction score S({span!r}) = {att.instruction_score(span, b):.4f}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -85,6 +85,11 @@ class Attribution:
     offsets: list[tuple[int, int]]
     scores: np.ndarray
     probs: np.ndarray
+    response_pieces: list[str] = field(default_factory=list)
+
+    def prompt_pieces(self) -> list[str]:
+        """The text of each prompt token (its token string when it has no characters, e.g. <bos>)."""
+        return [self.text[a:z] if z > a else t for (a, z), t in zip(self.offsets, self.prompt_tokens)]
 
     def density(self, b: int = B_DEFAULT) -> np.ndarray:
         return importance_density(self.scores, b)
@@ -179,7 +184,7 @@ def _setup(model: Model, prompt, response, chat, max_new_tokens):
 def _result(model, prompt, text, start, p_ids, offsets, r_ids, scores, probs) -> Attribution:
     conv = model.tok.convert_ids_to_tokens
     return Attribution(text, prompt, start, model.tok.decode(r_ids), list(conv(p_ids)), list(conv(r_ids)),
-                       offsets, scores, probs)
+                       offsets, scores, probs, model.tok.batch_decode([[i] for i in r_ids]))
 
 
 def _head_grads(model: Model, H: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,8 +102,7 @@ def prompt_html(att: Attribution, b: int = B_DEFAULT, span: str | None = None) -
     top = d.max() if d.size and d.max() > 0 else 1.0
     marked = set(att.span_tokens(span)) if span else set()
     parts = []
-    for i, (s, e) in enumerate(att.offsets):
-        piece = att.text[s:e] if e > s else att.prompt_tokens[i]
+    for i, piece in enumerate(att.prompt_pieces()):
         style = f"background:rgba(214,39,40,{d[i] / top:.3f})"
         if i in marked:
             style += ";text-decoration:underline"
@@ -122,9 +121,9 @@ def heatmap(att: Attribution, path: str | Path, max_labels: int = 80) -> Path:
     ax = np.atleast_1d(axes).ravel()[0]
     im = ax.imshow(a, aspect="auto", cmap="Reds", vmin=0, vmax=1)
     if n_in <= max_labels:
-        ax.set_xticks(range(n_in), [t.replace("\n", "\\n") for t in att.prompt_tokens], rotation=90, fontsize=7)
+        ax.set_xticks(range(n_in), [repr(t)[1:-1] for t in att.prompt_pieces()], rotation=90, fontsize=7)
     if n_out <= max_labels:
-        ax.set_yticks(range(n_out), [t.replace("\n", "\\n") for t in att.response_tokens], fontsize=7)
+        ax.set_yticks(range(n_out), [repr(t)[1:-1] for t in att.response_pieces or att.response_tokens], fontsize=7)
     fig.colorbar(im, ax=ax, label="normalised attribution max(0,a)/max")
     F.label(ax, "prompt token", "response token", legend=False)
     return F.save(fig, path)
