@@ -28,7 +28,9 @@ PALETTE = ("#1b7837", "#b2182b", "#2166ac", "#e08214", "#762a83", "#4d4d4d", "#3
 
 def figure(nrows: int = 1, ncols: int = 1, title: str | None = None, width: float | None = None,
            height: float | None = None, sharey: bool = False) -> tuple[Figure, np.ndarray | Axes]:
-    """A figure with a grid of axes (one ``Axes`` when 1x1, else an array) and an optional title."""
+    """A figure with a grid of axes and an optional title. The axes come as matplotlib's ``subplots``
+    gives them for a grid of more than one cell (squeezed), and as a ``[1, 1]`` array for a single
+    plot (use ``axes.flat[0]``)."""
     w = width or 5.2 * ncols + 0.6
     h = height or 3.9 * nrows + (0.5 if title else 0)
     fig, axes = plt.subplots(nrows, ncols, figsize=(w, h), squeeze=nrows * ncols > 1, sharey=sharey)
