@@ -1,7 +1,7 @@
 """SelfIE: a (layer x token) grid of interpretations decoded in batches against one at a time, in
 the same run (both read the states with one capture and compute the relevancy).
 
-    python benchmarks/bench_selfie.py [--layers 30] [--tokens 10] [--new 10] [--batch-size 64] [--repeats 1]
+    python benchmarks/bench_selfie.py [--layers 30] [--tokens 10] [--new 10] [--batch-size 100] [--repeats 1]
                                       [--threads 1]
 
 ``--layers 30 --tokens 10`` is the full grid of the default model (hidden-state layers 1..30, the
@@ -26,7 +26,7 @@ PROMPT = "The old lighthouse keeper climbed the stairs every night to light the 
 def main() -> None:
     args, m = setup(__doc__, n=0, repeats=1, new_tokens=10, layers=(int, 30), tokens=(int, 10), threads=(int, 1))
     torch.set_num_threads(args.threads)
-    args.batch_size = 64 if args.batch_size == 16 else args.batch_size  # the shared default is 16
+    args.batch_size = 100 if args.batch_size == 16 else args.batch_size  # the shared default is 16
     ip = interpretation_prompt(m)
     pairs = [(L, -t) for L in range(1, args.layers + 1) for t in range(1, args.tokens + 1)]
     results = {}
