@@ -141,7 +141,8 @@ def _fit(model: Model, run: RunDir, name: str, data: BenchData, preset: str) -> 
     seconds = round(time.perf_counter() - t0, 2)
     iv.save(f)
     run.write_record(fit_seconds={**fit_seconds, name: seconds})
-    return iv, seconds
+    # continue with the saved file, as a resumed run will: the same object either way
+    return get(name).load(f, model), seconds
 
 
 def _summary(model: Model, rows: list[dict]) -> dict:
@@ -203,6 +204,8 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     settings = {k: v for k, v in asdict(cfg).items() if k != "methods"}
     with RunDir(out_dir, {"kind": "bench", "model": model.name, "model_fingerprint": model.fingerprint,
                           **settings}) as run:
+        before = run.record().get("methods") or []
+        names = before + [n for n in names if n not in before]  # arms accumulate over calls
         run.write_record(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed, methods=names)
         data, val, test = _data(model, cfg, scorer)
         arms, rows = _run_arms(model, run, names, data, val, test, cfg, scorer, progress)
