@@ -58,8 +58,8 @@ def test_cli_fit_then_generate_equals_python_apply(tmp_path):
     assert r.exit_code == 0, r.output
     cli_rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["intervention"]["apply"] == {"alpha": 8.0} and "steering at blocks.1.resid_post" in \
-        cfg["intervention"]["describe"]
+    assert cfg["intervention"]["apply"] == {"alpha": 8.0} and cfg["intervention"]["method"] == "steering"
+    assert "steering at blocks.1.resid_post" in json.loads((out / "record.json").read_text())["intervention"]
     # the same in Python: load the model and the vector, generate inside `with iv.apply(...)`
     m = sl.load(d)
     iv = I.load(vec, m)
@@ -182,3 +182,17 @@ def test_cli_apply_options_reach_the_intervention(tmp_path):
     r = runner.invoke(app, ["generate", "--out", str(tmp_path / "x"), "--model", d, "--prompts", prompts,
                             "--intervention", str(vec), "--apply-option", "mode"])
     assert r.exit_code == 2 and "is not KEY=VALUE" in _flat(r.output) and not (tmp_path / "x").exists()
+
+
+def test_a_run_started_with_a_fitted_intervention_resumes_with_its_saved_file(tmp_path, llama):
+    iv = I.fit("steering", llama, (GOOD, BAD), sites=["blocks.1.resid_post"])
+    cfg = GenConfig(max_new_tokens=4, sampling="t1.0", k=2)
+    rows = generate_run(llama, GOOD + BAD, tmp_path / "run", cfg, intervention=iv, apply_options={"alpha": 3.0},
+                        progress=False)
+    f = tmp_path / "run" / "results.jsonl"
+    f.write_text("\n".join(f.read_text().splitlines()[:5]) + "\n")  # interrupted
+    back = I.load(iv.save(tmp_path / "v.safetensors"), llama)
+    assert back.fingerprint() == iv.fingerprint()
+    again = generate_run(llama, GOOD + BAD, tmp_path / "run", cfg, intervention=back, apply_options={"alpha": 3.0},
+                         progress=False)
+    assert again == rows

@@ -758,7 +758,7 @@ def _print_bench(name: str, metrics: dict) -> None:
                      no_wrap=c not in ("settings",), overflow="fold")
     for r in table_rows(metrics):
         if r["status"] != "ok":
-            t.add_row(r["method"], f"failed: {r['note']}"[:60], *[""] * (len(cols) - 2))
+            t.add_row(r["method"], "failed", *[""] * (len(cols) - 3), escape(r["note"][:90]))
             continue
         t.add_row(*[escape(str(r.get(c, ""))) for c in cols])
     console.print(t)

@@ -175,13 +175,15 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
     config = {"kind": "generate", "model": model.name, "model_fingerprint": model.fingerprint, **asdict(cfg),
               "scorer": getattr(scorer, "name", None), "prompts_fingerprint": text_id("\n".join(ids)),
               "n_prompts": len(ids), **(extra_config or {})}
+    extra_record: dict = {}
     if intervention is not None:
         intervention.check(model)
-        config["intervention"] = {"describe": intervention.describe(), "apply": opts,
-                                  **{k: intervention.meta.get(k) for k in ("data_fingerprint", "model_fingerprint")}}
+        config["intervention"] = {"method": intervention.method, "fingerprint": intervention.fingerprint(),
+                                  "apply": opts}
+        extra_record = {"intervention": intervention.describe()}
     with RunDir(out_dir, config, overwrite=overwrite) as run:
         run.write_record(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed,
-                         n_rows_expected=len(ids) * cfg.k)
+                         n_rows_expected=len(ids) * cfg.k, **extra_record)
 
         def work(batch: Sequence[int], seed: int) -> list[dict]:
             chunk, keys = [texts[i] for i in batch], [ids[i] for i in batch]

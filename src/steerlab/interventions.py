@@ -106,6 +106,16 @@ class Intervention(ABC):
                 f"this {self.method} intervention was fitted on model {self.meta.get('model')!r} (fingerprint "
                 f"{fp}), not on {model.name!r} ({model.fingerprint}); pass strict=False to apply it anyway")
 
+    def fingerprint(self) -> str:
+        """A hash of what :meth:`save` writes (header and tensors): the same for a fitted
+        intervention and its saved-and-loaded copy, so a run resumed with the file continues."""
+        header = {k: v for k, v in self.header().items() if k != "steerlab_version"}
+        h = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
+        for name, t in sorted(self.tensors().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def check_sizes(self, model: Model, per_site: dict[str, torch.Tensor], what: str,
                     error: type[InterventionError] | None = None) -> None:
         """Raise when a per-site tensor does not have the site's feature shape on ``model``."""
