@@ -207,6 +207,16 @@ def read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
+def contrast_texts(data: Any, what: str = "the data") -> tuple[list[str], list[str]]:
+    """(desirable, undesirable) texts from a :class:`steerlab.data.ContrastSet` or a pair of lists;
+    anything else is an :class:`InterventionError` saying what ``what`` must be."""
+    if hasattr(data, "desirable") and hasattr(data, "undesirable"):
+        return list(data.desirable), list(data.undesirable)
+    if isinstance(data, tuple | list) and len(data) == 2 and not isinstance(data[0], str):
+        return list(data[0]), list(data[1])
+    raise InterventionError(f"{what} must be a ContrastSet or a (desirable, undesirable) pair of text lists")
+
+
 def fingerprint_texts(*groups: Sequence[str]) -> str:
     """A short hash of groups of texts (order and grouping count): an intervention's data fingerprint."""
     h = hashlib.sha256()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..hooks import capture, edit, scale
-from ..interventions import Intervention, InterventionError, fingerprint_texts, register
+from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
 from ..models.model import Model
 
 VARIANTS = ("aura", "damp", "det0")
@@ -80,12 +80,10 @@ def aura_factors(auc: torch.Tensor, variant: str = "aura", top_n: int | None = N
 
 def _texts(data) -> tuple[list[str], list[str]]:
     """(non-toxic, toxic) texts from a ContrastSet (desirable = non-toxic) or a pair."""
-    if hasattr(data, "desirable") and hasattr(data, "undesirable"):
-        return list(data.desirable), list(data.undesirable)
-    if isinstance(data, tuple | list) and len(data) == 2 and not isinstance(data[0], str):
-        return list(data[0]), list(data[1])
-    raise AuraError("AurA data must be (non_toxic_texts, toxic_texts), a ContrastSet (desirable = non-toxic), "
-                    "or prompts with texts_from_generations()")
+    try:
+        return contrast_texts(data, "AurA data (non-toxic texts, toxic texts; or texts_from_generations())")
+    except InterventionError as e:
+        raise AuraError(str(e)) from None
 
 
 def texts_from_generations(model: Model, prompts: Sequence, cfg=None, scorer="default",

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import EmptyInputError
 from ..hooks import EditFn, add, capture, edit, per_row, strength
-from ..interventions import Intervention, InterventionError, fingerprint_texts, register
+from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
 from ..models.model import Model
 
 POSITIONS = ("last", "mean", "aligned")
@@ -420,12 +420,10 @@ def _contrast(data, undesirable) -> tuple[list[str], list[str]]:
     """(desirable, undesirable) texts from a ContrastSet, a pair, or two lists."""
     if undesirable is not None:
         return list(data), list(undesirable)
-    if hasattr(data, "desirable") and hasattr(data, "undesirable"):
-        return list(data.desirable), list(data.undesirable)
-    if isinstance(data, tuple | list) and len(data) == 2 and not isinstance(data[0], str):
-        return list(data[0]), list(data[1])
-    raise VectorError("steering data must be a ContrastSet, a (desirable, undesirable) pair, or desirable texts "
-                      "with undesirable= given")
+    try:
+        return contrast_texts(data, "steering data (or desirable texts with undesirable= given)")
+    except InterventionError as e:
+        raise VectorError(str(e)) from None
 
 
 def toxicity_contrast(prompts: str = "rtp", scorer=None, n_pairs: int = 64, seed: int = 0):
