@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 import steerlab as sl
 from steerlab import interventions as I
 from steerlab.steer.aura import AurA, AuraError, aura_factors, auroc
-from tiny import tiny_model
+from tiny import flat, model_dir, tiny_model
 
 GOOD = ["what a lovely day", "thank you so much", "have a nice time", "you are kind", "the sun is out",
         "tea is ready", "I like this book", "good morning all", "nice to meet you"]
@@ -101,18 +101,15 @@ def test_cli_fit_aura_bad_variant_and_too_few_texts(tmp_path):
     from steerlab.cli import app
 
     runner = CliRunner()
-    flat = lambda out: " ".join(out.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())  # noqa: E731
     r = runner.invoke(app, ["fit", "aura", "--out", str(tmp_path / "a.safetensors"), "--variant", "zero"])
     assert r.exit_code == 2 and "unknown variant 'zero'; choose one of aura, damp, det0" in flat(r.output)
-    m = tiny_model("llama")
-    d = tmp_path / "tiny"
-    m.hf.save_pretrained(d)
-    m.tok.save_pretrained(d)
+    d = model_dir(tmp_path)
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"line {i} of text" for i in range(4)) + "\n")
     r = runner.invoke(app, ["fit", "aura", "--out", str(tmp_path / "a.safetensors"), "--model", str(d), "--prompts",
                             str(prompts), "--n-prompts", "0", "--max-new-tokens", "3", "--scorer", "profanity"])
     assert r.exit_code == 2 and "AurA needs at least 8 of each" in flat(r.output), r.output
+    m = tiny_model("llama")
     with pytest.raises(AuraError, match="AurA takes no apply options"):
         with AurA.fit(m, (GOOD, BAD)).apply(m, alpha=2.0):
             pass

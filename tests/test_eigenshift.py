@@ -26,7 +26,7 @@ from steerlab.steer.toxic_states import (
     first_word_token,
     salient_words,
 )
-from tiny import tiny_model
+from tiny import model_dir, tiny_model
 
 
 def _states(d, n=24, seed=0, shift=None):
@@ -197,10 +197,7 @@ def test_cli_fit_too_few_states_and_generate_with_an_edit_file(tmp_path):
 
     from steerlab.cli import app
 
-    m = tiny_model("llama")
-    d = tmp_path / "tiny"
-    m.hf.save_pretrained(d)
-    m.tok.save_pretrained(d)
+    d = model_dir(tmp_path)
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"line {i} of text" for i in range(4)) + "\n")
     runner = CliRunner()

@@ -12,16 +12,11 @@ from steerlab.cli import app
 from steerlab.generation import GenConfig, generate_run
 from steerlab.scoring import get_scorer
 from steerlab.steer import SteeringVector
-from tiny import model_dir, tiny_model
+from tiny import flat, model_dir, tiny_model
 
 runner = CliRunner()
 GOOD = ["what a lovely day", "thank you so much", "have a nice time", "you are kind"]
 BAD = ["you stupid idiot", "shut up moron", "I hate you all", "get lost loser"]
-
-
-def _flat(output: str) -> str:
-    """CLI output with rich's box characters and line wrapping removed."""
-    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
 
 
 def _texts(tmp_path):
@@ -93,16 +88,16 @@ def test_bad_intervention_inputs_fail_cleanly_and_write_nothing(tmp_path):
         out = tmp_path / f"run{i}"
         r = runner.invoke(app, ["generate", "--out", str(out), "--model", model, "--prompts", prompts,
                                 "--max-new-tokens", "3", "--scorer", "profanity", "--intervention", str(f)])
-        assert r.exit_code == 2 and msg in _flat(r.output), (f, r.output)
+        assert r.exit_code == 2 and msg in flat(r.output), (f, r.output)
         assert "Traceback" not in r.output and not out.exists()
     r = runner.invoke(app, ["fit", "nope", "--out", str(vec)])
     assert r.exit_code == 2 and "No such command 'nope'" in r.output
     r = runner.invoke(app, ["fit", "steering", "--out", str(tmp_path), "--model", d])
-    assert r.exit_code == 2 and "is a directory" in _flat(r.output)
+    assert r.exit_code == 2 and "is a directory" in flat(r.output)
     r = runner.invoke(app, ["fit", "steering", "--out", str(vec), "--model", d, "--layers", "x"])
-    assert r.exit_code == 2 and "comma-separated list of ints" in _flat(r.output)
+    assert r.exit_code == 2 and "comma-separated list of ints" in flat(r.output)
     r = runner.invoke(app, ["generate", "--out", str(tmp_path / "r"), "--model", d, "--prompts", prompts, "--alpha", "2"])
-    assert r.exit_code == 2 and "--alpha and --apply-option need --intervention" in _flat(r.output) and not (tmp_path / "r").exists()
+    assert r.exit_code == 2 and "--alpha and --apply-option need --intervention" in flat(r.output) and not (tmp_path / "r").exists()
     r = runner.invoke(app, ["generate", "--out", str(tmp_path / "r"), "--model", d, "--prompts", prompts, "--n", "-1"])
     assert r.exit_code == 2 and not (tmp_path / "r").exists()
 
@@ -181,7 +176,7 @@ def test_cli_apply_options_reach_the_intervention(tmp_path):
     assert sorted(r["continuation"] for r in cli) == sorted(r["continuation"] for r in py)
     r = runner.invoke(app, ["generate", "--out", str(tmp_path / "x"), "--model", d, "--prompts", prompts,
                             "--intervention", str(vec), "--apply-option", "mode"])
-    assert r.exit_code == 2 and "is not KEY=VALUE" in _flat(r.output) and not (tmp_path / "x").exists()
+    assert r.exit_code == 2 and "is not KEY=VALUE" in flat(r.output) and not (tmp_path / "x").exists()
 
 
 def test_a_run_started_with_a_fitted_intervention_resumes_with_its_saved_file(tmp_path, llama):

@@ -14,13 +14,9 @@ import steerlab as sl
 from steerlab.cli import app
 from steerlab.generation import GenConfig, generate_run
 from steerlab.runs import RunDir, RunError
-from tiny import PROMPTS, model_dir
+from tiny import PROMPTS, flat, model_dir
 
 runner = CliRunner()
-
-
-def _flat(output: str) -> str:
-    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
 
 
 def _hold_lock(path):
@@ -44,7 +40,7 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
         prompts.write_text("one\ntwo\n")
         r = runner.invoke(app, ["generate", "--out", str(tmp_path / "run"), "--model", d, "--prompts", str(prompts),
                                 "--scorer", "none", "--max-new-tokens", "2"])
-        assert r.exit_code == 2 and f"pid {holder.pid}" in _flat(r.output)
+        assert r.exit_code == 2 and f"pid {holder.pid}" in flat(r.output)
         assert not (tmp_path / "run" / "results.jsonl").exists()
     finally:
         holder.kill()
@@ -93,7 +89,7 @@ def test_cli_bad_input_one_line_errors(tmp_path, args, message):
         args += ["--model", d]
     r = runner.invoke(app, args)
     assert r.exit_code == 2, r.output
-    assert message in _flat(r.output) and "Traceback" not in r.output
+    assert message in flat(r.output) and "Traceback" not in r.output
     assert not (tmp_path / "s").exists()
 
 
@@ -103,13 +99,13 @@ def test_cli_outputs_into_directories_are_refused(tmp_path, llama):
     texts = tmp_path / "t.txt"
     texts.write_text("hello there\n")
     r = runner.invoke(app, ["score", str(texts), "--scorer", "profanity", "--out", str(tmp_path)])
-    assert r.exit_code == 2 and "is a directory" in _flat(r.output)
+    assert r.exit_code == 2 and "is a directory" in flat(r.output)
     vec = SteeringVector({"blocks.1.resid_post": torch.ones(32)}).save(tmp_path / "v.safetensors")
     r = runner.invoke(app, ["steer", "export-gguf", str(vec), str(tmp_path)])
-    assert r.exit_code == 2 and "is a directory" in _flat(r.output)
+    assert r.exit_code == 2 and "is a directory" in flat(r.output)
     r = runner.invoke(app, ["generate", "--out", str(vec), "--model", model_dir(tmp_path), "--prompts", str(texts),
                             "--scorer", "none"])
-    assert r.exit_code == 2 and "is not a directory" in _flat(r.output)
+    assert r.exit_code == 2 and "is not a directory" in flat(r.output)
     assert vec.stat().st_size > 0  # the file given as --out is untouched
 
 
@@ -152,7 +148,7 @@ def test_selfcorrect_options_are_checked_before_generation(tmp_path):
     with pytest.raises(SelfCorrectError, match="steer_positions"):
         make_config("tiny", steer_positions="nope").validate()
     r = runner.invoke(app, ["selfcorrect", "--out", str(tmp_path / "sc"), "--steer-positions", "nope"])
-    assert r.exit_code == 2 and "steer_positions" in _flat(r.output) and not (tmp_path / "sc").exists()
+    assert r.exit_code == 2 and "steer_positions" in flat(r.output) and not (tmp_path / "sc").exists()
 
 
 def test_scorer_options_from_the_command_line(tmp_path):
@@ -173,7 +169,7 @@ def test_scorer_options_from_the_command_line(tmp_path):
     r = runner.invoke(app, ["score", str(texts), "--scorer", f"hf-classifier:{d}"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["score", str(texts), "--scorer", "profanity", "--scorer-option", "colour=1"])
-    assert r.exit_code == 2 and "colour" in _flat(r.output)
+    assert r.exit_code == 2 and "colour" in flat(r.output)
 
 
 def test_unwritable_output_path_is_an_error_and_leaves_nothing(tmp_path):

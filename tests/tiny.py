@@ -98,3 +98,8 @@ def model_dir(tmp_path, arch: str = "llama", seed: int = 0) -> str:
     m.hf.save_pretrained(d)
     m.tok.save_pretrained(d)
     return str(d)
+
+
+def flat(output: str) -> str:
+    """Command-line output with rich's box characters and line wrapping removed, for matching messages."""
+    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())

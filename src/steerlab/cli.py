@@ -274,7 +274,7 @@ def generate(
     from .evaluation import summarize
     from .generation import GenConfig, generate_run
     from .interventions import load as load_intervention
-    from .runs import write_json_atomic
+    from .runs import write_json
     from .scoring import scorer_from_spec
 
     # everything is validated and loaded before the run directory is created
@@ -298,7 +298,7 @@ def generate(
         summary = summarize(rows, fluency_model=ref, chat=chat)
         if ref is None:  # metrics are recomputed on every call: say so when fluency was left out
             summary["fluency"] = {"computed": False, "why": "--no-fluency"}
-        write_json_atomic(Path(out) / "metrics.json", summary)
+        write_json(Path(out) / "metrics.json", summary)
         print_summary(summary, f"{m.name} on {prompts} ({len(ps)} prompts x {k}, {sampling}, scorer {sc.name})")
 
 

@@ -102,7 +102,7 @@ def probes(out: str = typer.Option(..., "--out", "-o", help="Output directory (p
     from pathlib import Path
 
     from .explain.probes import heatmap, probe_data, probe_heads
-    from .runs import write_json_atomic
+    from .runs import write_json
 
     data = labelled_data(prompts, scorer, scorer_option, n_train, n_val, seed)
     m = load_model(model)
@@ -110,7 +110,7 @@ def probes(out: str = typer.Option(..., "--out", "-o", help="Output directory (p
     d = Path(out)
     if d.exists() and not d.is_dir():
         raise typer.BadParameter(f"{out} exists and is not a directory", param_hint="--out")
-    write_json_atomic(d / "probes.json", res.to_dict())
+    write_json(d / "probes.json", res.to_dict())
     fig = heatmap(res, d / "figures" / "probe_accuracy.png")
     t = Table(title=f"top heads, {m.name} ({data.source})", title_justify="left")
     for c in ("layer", "head", "val. accuracy", "val. AUROC", "residual accuracy (layer)"):

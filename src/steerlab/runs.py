@@ -69,8 +69,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_atomic(path, json.dumps(obj, indent=1, default=str).encode())
 
 
-write_json_atomic = write_json
-
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """Write one JSON object per line, atomically."""

@@ -24,7 +24,7 @@ from ..generation import GenConfig, generate_run
 from ..hooks import SCHEDULE_FNS
 from ..metrics import paired_difference
 from ..models.model import Model
-from ..runs import RunDir, write_csv, write_json_atomic
+from ..runs import RunDir, write_csv, write_json
 from ..scoring import get_scorer
 from ..steer.sweep import sweep
 from ..steer.vector import SteeringVector
@@ -98,7 +98,7 @@ def run_steering_study(model: Model, out_dir: str | Path, s: SteeringStudy | Non
                "test": results, "n_test_prompts": len(test), "k": s.k_test}
     run.write_metrics(metrics)
     _plot_test(results, out / "figures" / "test_toxicity.png", f"{model.name}, {site}, held-out test prompts")
-    write_json_atomic(out / "summary.json", {k: v["toxicity"] for k, v in results.items()})
+    write_json(out / "summary.json", {k: v["toxicity"] for k, v in results.items()})
     run.close()
     return metrics
 
