@@ -27,7 +27,7 @@ rerunning it resumes where it stopped and reaches the same numbers.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from ..interventions import BenchData, Intervention, bench_methods, get
 from ..metrics import paired_difference
 from ..models.model import Model
 from ..runs import RunDir, read_record
+from .presets import from_preset
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"n_val": 16, "k_val": 1, "n_test": 40, "k": 2, "max_new_tokens": 16, "n_neutral": 64},
@@ -87,14 +88,9 @@ class BenchConfig:
 
 def make_config(preset: str = "quick", **overrides: Any) -> BenchConfig:
     """A config from a preset with fields overridden (``None`` values are ignored)."""
-    if preset not in PRESETS:
-        raise BenchError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    names = {f.name for f in fields(BenchConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise BenchError(f"unknown setting(s) {bad}; settings are {', '.join(sorted(names))}")
-    cfg = BenchConfig(preset=preset, **PRESETS[preset])
-    return replace(cfg, **{k: (tuple(v) if k == "methods" else v) for k, v in overrides.items() if v is not None})
+    if overrides.get("methods") is not None:
+        overrides = {**overrides, "methods": tuple(overrides["methods"])}
+    return from_preset(BenchConfig, PRESETS, preset, overrides, BenchError, preset=preset)
 
 
 @dataclass

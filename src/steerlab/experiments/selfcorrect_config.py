@@ -5,7 +5,7 @@ prompts from a scored pool (point 1 of that module's docstring)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import DataError, EmptyInputError, SteerlabError
 from ..generation import SAMPLING, text_id
 from ..protocols.selfcorrect import get_instruction
+from .presets import from_preset
 
 GROUPS = ("detox", "toxify")
 
@@ -83,17 +84,7 @@ cores with the default model; ``tiny``: a smoke test."""
 
 def make_config(preset: str | None = None, **overrides: Any) -> SelfCorrectConfig:
     """A config from a preset name (or the defaults) with fields overridden; ``None`` values are ignored."""
-    base: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise SelfCorrectError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        base = dict(PRESETS[preset])
-    names = {f.name for f in fields(SelfCorrectConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise SelfCorrectError(f"unknown config field(s) {bad}; fields are {', '.join(sorted(names))}")
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return SelfCorrectConfig(**base)
+    return from_preset(SelfCorrectConfig, PRESETS, preset, overrides, SelfCorrectError)
 
 
 # =============================================================================================
