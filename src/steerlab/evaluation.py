@@ -17,6 +17,7 @@ from .metrics import (
     distinct,
     kl_from_reference,
     next_token_logprobs,
+    paired_difference,
     perplexity,
     toxicity_metrics,
 )
@@ -80,3 +81,30 @@ def side_effects(model: Model, reference: NextTokenLogprobs, texts: Sequence[str
     kl = kl_from_reference(model, reference, texts)
     return {"neutral_perplexity": float(perplexity(model, texts).aggregate), "kl_from_unedited": float(kl.mean),
             "kl_coverage": float(kl.coverage), "n_neutral_texts": len(texts)}
+
+
+def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, reference: NextTokenLogprobs,
+                 neutral: Sequence[str] | None = None, intervention=None, apply_options: dict | None = None,
+                 progress: bool | None = None) -> tuple[dict, list[dict]]:
+    """One arm of a comparison: generate into ``out_dir`` (resumable) with ``intervention`` in force
+    (or none), then :func:`summarize` (fluency under the unedited model) and :func:`side_effects`
+    on neutral text with the intervention applied. Returns the metrics and the rows."""
+    from contextlib import nullcontext
+
+    from .generation import generate_run
+
+    opts = dict(apply_options or {})
+    rows = generate_run(model, prompts, out_dir, cfg, scorer=scorer, intervention=intervention, apply_options=opts,
+                        progress=progress)
+    metrics = summarize(rows, fluency_model=model)
+    with intervention.apply(model, **opts) if intervention is not None else nullcontext():
+        metrics["side_effects"] = side_effects(model, reference, neutral)
+    return metrics, rows
+
+
+def paired_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
+    """The paired bootstrap difference ``rows - reference_rows`` of the toxicity metrics, prompts aligned
+    by id (:func:`steerlab.metrics.paired_difference`)."""
+    ids, base = score_matrix(reference_rows)
+    arm_ids, m = score_matrix(rows)
+    return paired_difference(base, m[[arm_ids.index(i) for i in ids]]).to_dict()

@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SteerlabError
-from ..evaluation import neutral_reference, score_matrix, side_effects, summarize
+from ..evaluation import evaluate_arm, neutral_reference, paired_to, summarize
 from ..generation import SAMPLING, GenConfig, generate_run
 from ..interventions import BenchData, Intervention, bench_methods, get
-from ..metrics import paired_difference
 from ..models.model import Model
 from ..runs import RunDir, read_record
 from .presets import from_preset
@@ -168,14 +167,8 @@ def _evaluate(model: Model, run: RunDir, name: str, iv: Intervention | None, opt
               scorer, reference) -> tuple[dict, list[dict], float]:
     """One arm on the test prompts: metrics, per-category toxicity, side effects, generation time."""
     d = run.path / "test" / name
-    rows = generate_run(model, test, d, _gen(cfg, False), scorer=scorer, intervention=iv, apply_options=opts,
-                        progress=False)
-    m = _summary(model, rows)
-    if iv is None:
-        m["side_effects"] = side_effects(model, *reference)
-    else:
-        with iv.apply(model, **opts):
-            m["side_effects"] = side_effects(model, *reference)
+    m, rows = evaluate_arm(model, test, d, _gen(cfg, False), scorer, *reference, intervention=iv, apply_options=opts,
+                           progress=False)
     category = {p.id: (p.category or "all") for p in test}
     by: dict[str, list[float]] = {}
     for r in rows:
@@ -250,13 +243,9 @@ def _run_arms(model, run, names, data, val, test, cfg, scorer, progress) -> tupl
 
 def _paired(arms: list[Arm], rows: dict[str, list[dict]]) -> None:
     """The paired bootstrap difference of every arm from the baseline, on the same prompts."""
-    ids, base = score_matrix(rows["unsteered"])
     for arm in arms:
-        if arm.status != "ok":
-            continue
-        arm_ids, m = score_matrix(rows[arm.method])
-        order = [arm_ids.index(i) for i in ids]
-        arm.metrics["paired_difference"] = paired_difference(base, m[order]).to_dict()
+        if arm.status == "ok":
+            arm.metrics["paired_difference"] = paired_to(rows["unsteered"], rows[arm.method])
 
 
 def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> dict:

@@ -19,10 +19,9 @@ import numpy as np
 
 from ..data import contrast_from_scores, load_prompts, split
 from ..errors import EmptyInputError
-from ..evaluation import neutral_reference, score_matrix, side_effects, summarize
-from ..generation import GenConfig, generate_run
+from ..evaluation import evaluate_arm, neutral_reference, paired_to
+from ..generation import GenConfig
 from ..hooks import SCHEDULE_FNS
-from ..metrics import paired_difference
 from ..models.model import Model
 from ..runs import RunDir, write_csv, write_json
 from ..scoring import get_scorer
@@ -146,27 +145,17 @@ def _choose(model, vec, val, scorer, out: Path, s: SteeringStudy, progress):
 def _evaluate(model, variants: dict, test, cfg, scorer, out: Path, where: str, progress) -> dict:
     """Each variant on the held-out prompts (same prompts, decoding and per-row random numbers),
     its metrics, side effects on neutral text, and the paired difference from the unsteered arm."""
-    results, scores = {}, {}
+    results, rows = {}, {}
     reference = neutral_reference(model)  # unedited next-token distributions on neutral text
     for name, v in variants.items():
         d = out / "test" / name.split(" ")[0].replace("+", "plus").replace("-", "minus")
-        if v is None:
-            rows = generate_run(model, test, d, cfg, scorer=scorer, progress=progress)
-            effects = side_effects(model, reference)
-        else:
-            with v.apply(model, alpha=1.0, where=where):
-                rows = generate_run(model, test, d, cfg, scorer=scorer, progress=progress)
-                effects = side_effects(model, reference)
-        results[name] = summarize(rows, fluency_model=model)  # fluency outside the edit: unedited model
-        results[name]["side_effects"] = effects
-        scores[name] = score_matrix(rows)
-    base_ids, base = scores["unsteered"]
-    for name, (ids, m) in scores.items():
-        order = [ids.index(i) for i in base_ids]
-        r = results[name]
-        r["mean_toxicity_change"] = r["toxicity"]["mean_toxicity"]["value"] - \
-            results["unsteered"]["toxicity"]["mean_toxicity"]["value"]
-        r["paired_difference"] = paired_difference(base, m[order]).to_dict()
+        results[name], rows[name] = evaluate_arm(model, test, d, cfg, scorer, reference, intervention=v,
+                                                 apply_options=None if v is None else {"alpha": 1.0, "where": where},
+                                                 progress=progress)
+    base = results["unsteered"]["toxicity"]["mean_toxicity"]["value"]
+    for name, r in results.items():
+        r["mean_toxicity_change"] = r["toxicity"]["mean_toxicity"]["value"] - base
+        r["paired_difference"] = paired_to(rows["unsteered"], rows[name])
     return results
 
 
