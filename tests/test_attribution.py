@@ -130,6 +130,12 @@ def test_annotated_file_and_tests(tmp_path):
         load_annotated(bad)
     with pytest.raises(DataError, match="not found"):
         load_annotated(tmp_path / "none.jsonl")
+    for text, msg in [('{"prompt": "Say hi", "instruction": "hi"}\n{oops}\n', r"bad.jsonl, line 2: not valid JSON"),
+                      ('\n["a list"]\n', r"bad.jsonl, line 2: expected a JSON object"),
+                      ('{"prompt": "Say hi"}\n', r"line 1: each line needs non-empty 'prompt' and 'instruction'")]:
+        bad.write_text(text)
+        with pytest.raises(DataError, match=msg):
+            load_annotated(bad)
     a, b = [3.0, 4.0, 5.0, 6.5], [1.0, 2.5, 2.0]
     r = welch(a, b, "a", "b")
     t = (np.mean(a) - np.mean(b)) / math.sqrt(np.var(a, ddof=1) / 4 + np.var(b, ddof=1) / 3)

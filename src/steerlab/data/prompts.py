@@ -16,7 +16,7 @@ import io
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,9 +184,10 @@ def _pick_field(keys: Iterable[str], given: str | None) -> str | None:
     return next((f for f in TEXT_FIELDS if f in keys), None)
 
 
-def _read_jsonl(path: Path, text_field: str | None, source: str, category_field: str | None) -> list[Prompt]:
-    out = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a UTF-8 JSONL file; a line that is not
+    valid JSON or not a JSON object is a :class:`DataError` naming the file and line."""
+    for n, line in enumerate(_read_text(Path(path)).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -195,6 +196,12 @@ def _read_jsonl(path: Path, text_field: str | None, source: str, category_field:
             raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from e
         if not isinstance(row, dict):
             raise DataError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+        yield n, row
+
+
+def _read_jsonl(path: Path, text_field: str | None, source: str, category_field: str | None) -> list[Prompt]:
+    out = []
+    for n, row in jsonl_rows(path):
         name = _pick_field(row, text_field)
         try:
             if name is None:

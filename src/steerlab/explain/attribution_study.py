@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..data.prompts import jsonl_rows
 from ..errors import DataError, EmptyInputError
 from ..models.model import Model
 from .attribution import B_DEFAULT, Attribution, attribute, normalise
@@ -31,19 +31,13 @@ def load_annotated(spec: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"annotated file {str(path)!r} not found (give a JSONL path or 'example')")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict) or not row.get("prompt") or not row.get("instruction"):
-            raise DataError(f"{path}:{n}: each line needs non-empty 'prompt' and 'instruction' fields")
+    for n, row in jsonl_rows(path):
+        if not row.get("prompt") or not row.get("instruction"):
+            raise DataError(f"{path}, line {n}: each line needs non-empty 'prompt' and 'instruction' fields")
         if row["instruction"] not in row["prompt"]:
-            raise DataError(f"{path}:{n}: instruction {row['instruction']!r} is not a substring of the prompt")
+            raise DataError(f"{path}, line {n}: instruction {row['instruction']!r} is not a substring of the prompt")
         if "followed" in row and not isinstance(row["followed"], bool):
-            raise DataError(f"{path}:{n}: 'followed' must be true or false, got {row['followed']!r}")
+            raise DataError(f"{path}, line {n}: 'followed' must be true or false, got {row['followed']!r}")
         items.append({"id": str(row.get("id", n)), **row})
     if not items:
         raise EmptyInputError(f"annotated file {path} has no items")
