@@ -204,8 +204,8 @@ class Model:
         if batch_size < 1:
             raise ShapeError(f"batch_size must be >= 1, got {batch_size}")
         for rows in torch.argsort(mask.sum(1), stable=True).split(batch_size):
-            first = int(mask[rows].any(0).nonzero()[0, 0]) if mask[rows].any() else mask.shape[1] - 1
-            yield rows, slice(first, None)
+            real = mask[rows].any(0).nonzero()
+            yield rows, slice(int(real[0, 0]) if len(real) else mask.shape[1] - 1, None)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, logits_to_keep: int | None = None):
         """One forward of a left-padded batch (no KV cache), position ids from the mask. With
