@@ -108,3 +108,24 @@ def paired_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
     ids, base = score_matrix(reference_rows)
     arm_ids, m = score_matrix(rows)
     return paired_difference(base, m[[arm_ids.index(i) for i in ids]]).to_dict()
+
+
+def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
+    """Semantic shift of an arm: the MiniLM cosine similarity of each continuation to the reference
+    arm's continuation of the same prompt and sample (common random numbers make them comparable),
+    its mean with a 95% bootstrap CI over prompts, and the share of identical continuations."""
+    from .metrics import bootstrap_mean
+    from .metrics.text import semantic_similarity
+
+    ref = {(r["prompt_id"], r["sample"]): r["continuation"] for r in reference_rows}
+    pairs = [(r["prompt_id"], ref[(r["prompt_id"], r["sample"])], r["continuation"]) for r in rows
+             if (r["prompt_id"], r["sample"]) in ref]
+    if not pairs:
+        raise EmptyInputError("no (prompt, sample) pair in common with the reference rows")
+    sim = semantic_similarity([p[1] for p in pairs], [p[2] for p in pairs]).per_pair
+    by: dict[str, list[float]] = {}
+    for (pid, _, _), v in zip(pairs, sim):
+        by.setdefault(pid, []).append(float(v))
+    ci = bootstrap_mean([np.mean(v) for v in by.values()], seed=0)
+    return {"similarity": ci.to_dict(),
+            "identical": float(np.mean([a == b for _, a, b in pairs])), "n_pairs": len(pairs)}

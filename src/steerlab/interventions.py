@@ -147,6 +147,12 @@ class Intervention(ABC):
         method's own defaults); the least toxic admissible one is tested."""
         return [{}]
 
+    def bench_metrics(self, model: Model, data: BenchData, prompts, neutral, options: dict, cfg) -> dict:
+        """Method-specific measurements the benchmark adds to the arm's metrics at its chosen setting
+        ``options`` on the test ``prompts`` (``neutral``: the side-effect sentences, ``cfg``: the test
+        GenConfig); default none (SLIM reports where its detector fires)."""
+        return {}
+
     # --- files ---------------------------------------------------------------------------------
     def header(self) -> dict:
         from . import __version__
