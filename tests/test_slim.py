@@ -202,3 +202,25 @@ def test_probe_activations_of_another_model_are_refused(llama):
         S.SLIM.fit(other, data, epochs=5)
     with pytest.raises(pr.ProbeError, match="heads x d_head \\(4, 8\\)"):
         I.fit("iti", tiny_model("gpt2"), data, k=1)
+
+
+def test_every_position_edit_equals_token_by_token_last_position_edits(llama):
+    """``where="all"`` on one teacher-forced pass gives the logits that feeding the same tokens one
+    call at a time (KV cache, the method's ``last`` schedule) gives: what generation sees."""
+    iv = _made_up(llama, tau=1)
+    ids = llama.encode(["The quick brown fox jumps"])["input_ids"]
+    with torch.no_grad(), iv.apply(llama, kappa=0.8, where="all"):
+        full = llama.hf(input_ids=ids).logits[0]
+    fired_all = int(iv.fired)
+    iv.reset_counts()
+    steps, past = [], None
+    with torch.no_grad(), iv.apply(llama, kappa=0.8):
+        for t in range(ids.shape[1]):
+            out = llama.hf(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits[0, -1])
+    torch.testing.assert_close(full, torch.stack(steps), rtol=1e-4, atol=1e-5)
+    assert int(iv.calls) == ids.shape[1] and int(iv.fired) == fired_all > 0
+    with torch.no_grad():
+        plain = llama.hf(input_ids=ids).logits[0]
+    assert not torch.allclose(plain, full)

@@ -88,7 +88,9 @@ def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, referenc
                  progress: bool | None = None) -> tuple[dict, list[dict]]:
     """One arm of a comparison: generate into ``out_dir`` (resumable) with ``intervention`` in force
     (or none), then :func:`summarize` (fluency under the unedited model) and :func:`side_effects`
-    on neutral text with the intervention applied. Returns the metrics and the rows."""
+    on neutral text with the intervention applied (with its ``fixed_text_options``: a method that edits
+    the last position of each call edits every position of the teacher-forced pass, as generation
+    would). Returns the metrics and the rows."""
     from contextlib import nullcontext
 
     from .generation import generate_run
@@ -97,7 +99,8 @@ def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, referenc
     rows = generate_run(model, prompts, out_dir, cfg, scorer=scorer, intervention=intervention, apply_options=opts,
                         progress=progress)
     metrics = summarize(rows, fluency_model=model)
-    with intervention.apply(model, **opts) if intervention is not None else nullcontext():
+    fixed = intervention.fixed_text_options(opts) if intervention is not None else {}
+    with intervention.apply(model, **fixed) if intervention is not None else nullcontext():
         metrics["side_effects"] = side_effects(model, reference, neutral)
     return metrics, rows
 

@@ -124,6 +124,12 @@ class ITI(Intervention):
         """alpha 2 to 25 around the paper's 15 (the selection rule drops those that break fluency)."""
         return [{"alpha": a} for a in (2.0, 5.0, 10.0, 15.0, 25.0)]
 
+    def fixed_text_options(self, options: dict) -> dict:
+        """Every position: one teacher-forced pass then equals generating the text token by token with
+        the last-position edit (tested); at the last position only, a pass over fixed text would show
+        almost no side effect by construction."""
+        return {**options, "where": "all"}
+
     @contextmanager
     def apply(self, model: Model, alpha: float | torch.Tensor = 15.0, where: str | None = None, bake: bool = False,
               strict: bool = True):

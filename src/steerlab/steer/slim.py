@@ -205,10 +205,12 @@ def vote(a: torch.Tensor, w: torch.Tensor, b0: torch.Tensor, tau: int) -> tuple[
 
 
 class SLIMEdit(EditFn):
-    """The stage-3 edit of one layer's heads ``[B, T, H, d]`` at the last position of each call."""
+    """The stage-3 edit of one layer's heads ``[B, T, H, d]``: at the last position of each call
+    (``where="last"``, the method), or at every position a schedule selects (``"all"``: what a
+    teacher-forced pass sees when each token is edited as it is during generation)."""
 
-    def __init__(self, iv: SLIM, kappa):
-        super().__init__("last")
+    def __init__(self, iv: SLIM, kappa, where: str = "last"):
+        super().__init__(where)
         self.iv, self.kappa = iv, kappa
 
     def bind(self, site, feat_shape, device, dtype):
@@ -217,17 +219,27 @@ class SLIMEdit(EditFn):
         self._active = t["active"].to(device=device)
         self._kappa = torch.as_tensor(self.kappa, device=device, dtype=dtype)
 
-    def __call__(self, act: torch.Tensor, step) -> torch.Tensor:
+    def move(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a [B, T, H, d]`` -> the edited activations and the layer gate ``[B, T]``."""
         P = self._p
-        a = act[:, -1]  # [B, H, d]
         prob, fire, gate = vote(a, P["w"], P["b0"], self.iv.tau)
-        move = (fire & gate[:, None] & self._active).to(act.dtype) * prob
-        k = self._kappa.view(-1, 1) if self._kappa.dim() == 1 else self._kappa
-        target = torch.einsum("hde,bhe->bhd", P["A"], a) + P["b"]
-        new = a + (k * move)[..., None] * (target - a)
-        self.iv.fired = self.iv.fired + gate.sum()
-        self.iv.calls = self.iv.calls + gate.numel()
-        return torch.cat([act[:, :-1], new[:, None]], 1)
+        move = (fire & gate[..., None] & self._active).to(a.dtype) * prob
+        k = self._kappa.view(-1, 1, 1) if self._kappa.dim() == 1 else self._kappa
+        target = torch.einsum("hde,bthe->bthd", P["A"], a) + P["b"]
+        return a + (k * move)[..., None] * (target - a), gate
+
+    def __call__(self, act: torch.Tensor, step) -> torch.Tensor:
+        if self.where == "last":
+            new, gate = self.move(act[:, -1:])
+            self.iv.fired = self.iv.fired + gate.sum()
+            self.iv.calls = self.iv.calls + gate.numel()
+            return torch.cat([act[:, :-1], new], 1)
+        new, gate = self.move(act)
+        m = step.where(self.where, act.device)
+        m = torch.ones_like(gate) if m is None else m.expand_as(gate)
+        self.iv.fired = self.iv.fired + (gate & m).sum()
+        self.iv.calls = self.iv.calls + m.sum()
+        return torch.where(m[..., None, None], new, act)
 
 
 @register
@@ -344,14 +356,23 @@ class SLIM(Intervention):
                               "neutral_texts": rate(self.firing(model, neutral)), "generation_steps": self.fire_rate,
                               "layer": self.layer, "tau": self.tau}}
 
+    def fixed_text_options(self, options: dict) -> dict:
+        """Every position: one teacher-forced pass then equals generating the text token by token with
+        the last-position edit (tested); at the last position only, a pass over fixed text would show
+        almost no side effect by construction."""
+        return {**options, "where": "all"}
+
     @contextmanager
     def apply(self, model: Model, alpha: float | torch.Tensor | None = None, kappa: float | torch.Tensor = 1.0,
-              strict: bool = True):
+              where: str = "last", strict: bool = True):
         """Run the probe-gated transport at the chosen layer, last position of every call. ``kappa``
         (or its alias ``alpha``, for ``generate --alpha``; a scalar or ``[batch]``) scales the step:
-        1 moves a head with p = 1 exactly onto its transported value (the paper swept 20-60)."""
+        1 moves a head with p = 1 exactly onto its transported value (the paper swept 20-60).
+        ``where="all"`` edits every position of a pass (a teacher-forced pass then sees what generation
+        does token by token; used to measure side effects on fixed text)."""
         self.check(model, strict)
-        with edit(model, {heads_site(self.layer): SLIMEdit(self, kappa if alpha is None else alpha)}) as step:
+        fn = SLIMEdit(self, kappa if alpha is None else alpha, where)
+        with edit(model, {heads_site(self.layer): fn}) as step:
             yield step
 
     def tensors(self) -> dict[str, torch.Tensor]:
