@@ -146,6 +146,9 @@ def test_cli_fit_iti_slim_probes_then_generate(tmp_path):
         assert res.exit_code == 0, res.output
     res = r.invoke(app, ["fit", "iti", "--out", str(tmp_path), *common])
     assert res.exit_code == 2 and "directory" in res.output
+    res = r.invoke(app, ["fit", "slim", "--out", str(tmp_path / "s2.safetensors"), "--solver", "mosek", *common])
+    assert res.exit_code == 2 and "unknown SLIM solver 'mosek'" in res.output
+    assert not (tmp_path / "s2.safetensors").exists()
 
 
 def test_fixed_text_pass_equals_token_by_token_generation(llama):

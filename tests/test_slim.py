@@ -200,6 +200,8 @@ def test_probe_activations_of_another_model_are_refused(llama):
     other = tiny_model("llama", seed=1)
     with pytest.raises(pr.ProbeError, match="captured on 'tiny-llama' .* capture them on this model"):
         S.SLIM.fit(other, data, epochs=5)
+    with pytest.raises(S.SLIMError, match="unknown SLIM solver 'mosek'; choose one of closed, cvxpy"):
+        S.SLIM.fit(llama, data, solver="mosek")
     with pytest.raises(pr.ProbeError, match="heads x d_head \\(4, 8\\)"):
         I.fit("iti", tiny_model("gpt2"), data, k=1)
 

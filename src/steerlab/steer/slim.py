@@ -14,7 +14,9 @@ invertible when there are fewer samples than dimensions), then the chance-constr
     s.t. theta0 + theta^T mu + Phi^-1(1 - gamma) t <= 0,  |S theta| <= t,  S PSD
 
 (``|S theta| <= t`` is the second-order-cone form of the LMI [[t I, S theta], [theta^T S, t]] PSD:
-the same set by the Schur complement), solved with Clarabel through cvxpy: a Gaussian
+the same set by the Schur complement), solved exactly by a one-dimensional reduction
+(:func:`program_closed_form`; the conic program through cvxpy + Clarabel, :func:`program_cvxpy`, is
+the reference and ``solver="cvxpy"`` selects it): a Gaussian
 ``N(mu, S^2)`` then lies on the safe side of the probe with probability at least ``1 - gamma``.
 With ``Sigma* = S*^2``: ``A = Sigma_hat^(-1/2) (Sigma_hat^(1/2) Sigma* Sigma_hat^(1/2))^(1/2)
 Sigma_hat^(-1/2)`` and ``b = mu* - A mu_hat``, the optimal-transport map ``a -> A a + b`` from
@@ -283,6 +285,8 @@ class SLIM(Intervention):
             chat: bool = False, solver: str = "closed") -> SLIM:
         """Stages 1 and 2 on ``data`` (labelled texts, or activations from :func:`probe_data`); ``layer``
         overrides the layer chosen by validation risk."""
+        if solver not in SOLVERS:
+            raise SLIMError(f"unknown SLIM solver {solver!r}; choose one of {', '.join(SOLVERS)}")
         pd = data if isinstance(data, ProbeData) else probe_data(model, data, layers, resid=False,
                                                                  batch_size=batch_size, chat=chat)
         pd.check(model)
