@@ -4,8 +4,12 @@ test, and a resumed run reaches the same numbers."""
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
+import steerlab as sl
+from steerlab import interventions as I
 from steerlab.data import load_prompts, split
 from steerlab.experiments.bench import BenchError, make_config, run_bench
 from steerlab.experiments.bench_report import table_rows
@@ -96,6 +100,30 @@ def test_bench_every_weight_and_head_method_runs_or_fails_cleanly(tmp_path, llam
         assert arms[name]["status"] == "ok", arms[name]
         assert arms[name]["paired_difference"]["mean_toxicity"]["lo"] <= arms[name]["paired_difference"][
             "mean_toxicity"]["hi"]
-    assert len(arms["iti"]["selection"]) == 2 and len(arms["slim"]["selection"]) == 2
+    assert len(arms["iti"]["selection"]) == 5 and len(arms["slim"]["selection"]) == 6
+    # semantic shift: similarity of each continuation to the unsteered one, recomputed here
+    from steerlab.metrics.text import semantic_similarity
+
+    def read_jsonl(path):
+        return [json.loads(line) for line in open(path) if line.strip()]
+
+    base = {(r["prompt_id"], r["sample"]): r["continuation"] for r in read_jsonl(tmp_path / "b/test/unsteered/results.jsonl")}
+    iti = read_jsonl(tmp_path / "b/test/iti/results.jsonl")
+    per = semantic_similarity([base[(r["prompt_id"], r["sample"])] for r in iti], [r["continuation"] for r in iti])
+    sim = arms["iti"]["similarity_to_unsteered"]
+    assert sim["n_pairs"] == len(iti) and sim["similarity"]["lo"] <= sim["similarity"]["value"] <= sim["similarity"]["hi"]
+    by = {}
+    for r, v in zip(iti, per.per_pair):
+        by.setdefault(r["prompt_id"], []).append(v)
+    assert sim["similarity"]["value"] == pytest.approx(np.mean([np.mean(v) for v in by.values()]), abs=1e-6)
+    # SLIM's firing rates: the detector recomputed from captured activations at the last prompt token
+    fr = arms["slim"]["fire_rate"]
+    iv = I.load(tmp_path / "b/fit/slim.safetensors", llama)
+    site = f"blocks.{iv.layer}.attn.heads"
+    test_texts = [r["prompt"] for r in read_jsonl(tmp_path / "b/test/unsteered/results.jsonl") if r["sample"] == 0]
+    a = sl.capture(llama, test_texts, site, "last")[site]
+    votes = ((torch.einsum("nhd,hd->nh", a, iv.params["w"]) + iv.params["b0"]) > 0).sum(-1) >= iv.tau
+    assert fr["test_prompts"] == pytest.approx(float(votes.float().mean()))
+    assert 0 <= fr["neutral_texts"] <= 1 and 0 <= fr["generation_steps"] <= 1 and fr["layer"] == iv.layer
     # a random tiny model writes no toxic text: EigenShift cannot collect toxic states and says so
     assert arms["eigenshift"]["status"] == "failed" and "toxic" in arms["eigenshift"]["reason"]

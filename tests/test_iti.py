@@ -146,3 +146,24 @@ def test_cli_fit_iti_slim_probes_then_generate(tmp_path):
         assert res.exit_code == 0, res.output
     res = r.invoke(app, ["fit", "iti", "--out", str(tmp_path), *common])
     assert res.exit_code == 2 and "directory" in res.output
+    res = r.invoke(app, ["fit", "slim", "--out", str(tmp_path / "s2.safetensors"), "--solver", "mosek", *common])
+    assert res.exit_code == 2 and "unknown SLIM solver 'mosek'" in res.output
+    assert not (tmp_path / "s2.safetensors").exists()
+
+
+def test_fixed_text_pass_equals_token_by_token_generation(llama):
+    """The side-effect pass (``fixed_text_options``: every position) gives the logits of feeding the
+    tokens one call at a time with the method's last-position edit (KV cache), as generation does."""
+    iv = I.fit("iti", llama, _labelled(), k=3)
+    ids = llama.encode(["The quick brown fox jumps"])["input_ids"]
+    with torch.no_grad(), iv.apply(llama, **iv.fixed_text_options({"alpha": 4.0})):
+        full = llama.hf(input_ids=ids).logits[0]
+    steps, past = [], None
+    with torch.no_grad(), iv.apply(llama, alpha=4.0):
+        for t in range(ids.shape[1]):
+            out = llama.hf(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits[0, -1])
+    torch.testing.assert_close(full, torch.stack(steps), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(llama.hf(input_ids=ids).logits[0], full)

@@ -61,6 +61,57 @@ def test_ot_map_is_identity_when_already_safe():
     np.testing.assert_allclose(m["b"], 0, atol=1e-4)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_closed_form_equals_the_conic_program(seed):
+    """The one-dimensional reduction against cvxpy + Clarabel on random instances: source means a
+    little, moderately and very far on the unsafe side (the last one ends with no spread along theta),
+    both gamma levels; the same optimum and objective, and the constraint holds."""
+    rng = np.random.default_rng(seed)
+    d = 3 + seed
+    L = rng.normal(size=(d, d)) * rng.uniform(0.2, 2)
+    sig, mu, theta = L @ L.T + 0.1 * np.eye(d), 3 * rng.normal(size=d), rng.normal(size=d) * rng.uniform(0.1, 5)
+    R = S.sqrtm_psd(sig)
+    for off, gamma in [(0.3, 0.1), (0.3, 0.3), (2.0, 0.3), (30.0, 0.1)]:
+        theta0 = off * np.sqrt(theta @ sig @ theta) - theta @ mu
+        z = norm.ppf(1 - gamma)
+        mc, Sc = S.program_closed_form(mu, R, theta0, theta, z)
+        mr, Sr = S.program_cvxpy(mu, R, theta0, theta, z)
+        obj_c = np.sum((mc - mu) ** 2) + np.sum((Sc - R) ** 2)
+        obj_r = np.sum((mr - mu) ** 2) + np.sum((Sr - R) ** 2)
+        assert obj_c <= obj_r + 1e-5 * max(1.0, obj_r)
+        np.testing.assert_allclose(mc, mr, atol=1e-4 * max(1.0, np.abs(mr).max()))
+        np.testing.assert_allclose(Sc, Sr, atol=2e-4 * max(1.0, np.abs(Sr).max()))
+        assert theta0 + theta @ mc + z * np.linalg.norm(Sc @ theta) <= 1e-8 * max(1.0, abs(theta0))
+        assert np.linalg.eigvalsh(Sc).min() >= -1e-10  # the PSD constraint holds without being imposed
+    m1 = S.gaussian_ot_map(mu, sig, theta0, theta, 0.1)
+    m2 = S.gaussian_ot_map(mu, sig, theta0, theta, 0.1, solver="cvxpy")
+    np.testing.assert_allclose(m1["sigma"], m2["sigma"], atol=1e-3 * np.abs(m2["sigma"]).max())
+    with pytest.raises(S.SLIMError, match="unknown SLIM solver 'mosek'"):
+        S.gaussian_ot_map(mu, sig, theta0, theta, 0.1, solver="mosek")
+
+
+def test_a_head_whose_program_fails_is_named_and_the_rest_kept():
+    """A real failure: head 1's probe has zero weights and a positive intercept (unsafe everywhere, the
+    program is infeasible), head 2's activations contain NaN; head 0 is fitted."""
+    rng = np.random.default_rng(0)
+    acts = rng.normal(size=(40, 3, 4))
+    acts[5, 2, 1] = np.nan
+    w = rng.normal(size=(3, 4))
+    w[1] = 0
+    b0 = np.array([1.0, 1.0, 1.0])
+    flags = np.ones((40, 3), dtype=bool)
+    with pytest.warns(UserWarning, match="layer 7 head 1: the program is infeasible"):
+        A, b, failed = S.fit_head_maps(acts, flags, w, b0, 7, 0.1, 0.1)
+    assert sorted(failed) == [1, 2] and "layer 7 head 2: the flagged activations contain NaN" in failed[2]
+    np.testing.assert_array_equal(A[1], np.eye(4))
+    mu, sig = S.head_gaussian(acts[:, 0], 0.1)
+    want = S.gaussian_ot_map(mu, sig, 1.0, w[0], 0.1)
+    np.testing.assert_allclose(A[0], want["A"]) and np.testing.assert_allclose(b[0], want["b"])
+    w[:] = 0
+    with pytest.raises(S.SLIMError, match="could not fit any head of layer 7"), pytest.warns(UserWarning):
+        S.fit_head_maps(acts, flags, w, b0, 7, 0.1, 0.1)
+
+
 def test_too_few_samples_and_bad_gamma():
     with pytest.raises(S.SLIMError, match="layer 3 head 1: 1 flagged activations are too few for a covariance"):
         S.head_gaussian(np.ones((1, 4)), what="layer 3 head 1")
@@ -112,10 +163,10 @@ def test_fit_on_a_tiny_model_keeps_heads_whose_program_fails(llama, monkeypatch)
     data = pr.probe_data(llama, lab)
     real = S.gaussian_ot_map
 
-    def flaky(mu, sig, t0, th, gamma, what):
+    def flaky(mu, sig, t0, th, gamma, what, solver):
         if what.endswith("head 1"):
             raise S.SLIMError(f"{what}: the conic solver failed (simulated)")
-        return real(mu, sig, t0, th, gamma, what)
+        return real(mu, sig, t0, th, gamma, what, solver)
 
     monkeypatch.setattr(S, "gaussian_ot_map", flaky)
     with pytest.warns(UserWarning, match="head 1: the conic solver failed"):
@@ -141,3 +192,37 @@ def test_files_and_other_models(tmp_path, llama):
         iv.check(tiny_model("llama", seed=1))
     with pytest.raises(S.SLIMError, match="missing"):
         S.SLIM({"w": torch.zeros(4, 8)}, {"layer": 1, "tau": 1})
+
+
+def test_probe_activations_of_another_model_are_refused(llama):
+    lab = pr.labelled_from_texts([f"word {i}" for i in range(12)], [i % 2 for i in range(12)], validation=0.3)
+    data = pr.probe_data(llama, lab)
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(pr.ProbeError, match="captured on 'tiny-llama' .* capture them on this model"):
+        S.SLIM.fit(other, data, epochs=5)
+    with pytest.raises(S.SLIMError, match="unknown SLIM solver 'mosek'; choose one of closed, cvxpy"):
+        S.SLIM.fit(llama, data, solver="mosek")
+    with pytest.raises(pr.ProbeError, match="heads x d_head \\(4, 8\\)"):
+        I.fit("iti", tiny_model("gpt2"), data, k=1)
+
+
+def test_every_position_edit_equals_token_by_token_last_position_edits(llama):
+    """``where="all"`` on one teacher-forced pass gives the logits that feeding the same tokens one
+    call at a time (KV cache, the method's ``last`` schedule) gives: what generation sees."""
+    iv = _made_up(llama, tau=1)
+    ids = llama.encode(["The quick brown fox jumps"])["input_ids"]
+    with torch.no_grad(), iv.apply(llama, kappa=0.8, where="all"):
+        full = llama.hf(input_ids=ids).logits[0]
+    fired_all = int(iv.fired)
+    iv.reset_counts()
+    steps, past = [], None
+    with torch.no_grad(), iv.apply(llama, kappa=0.8):
+        for t in range(ids.shape[1]):
+            out = llama.hf(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits[0, -1])
+    torch.testing.assert_close(full, torch.stack(steps), rtol=1e-4, atol=1e-5)
+    assert int(iv.calls) == ids.shape[1] and int(iv.fired) == fired_all > 0
+    with torch.no_grad():
+        plain = llama.hf(input_ids=ids).logits[0]
+    assert not torch.allclose(plain, full)

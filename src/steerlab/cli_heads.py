@@ -76,6 +76,8 @@ def fit_slim(out: str = OUT, model: str = MODEL, prompts: str = PROMPTS, n_train
              layer: int | None = typer.Option(None, help="Layer to edit (default: the lowest validation risk)."),
              epochs: int = typer.Option(500, min=1, help="Adam epochs of the risk-aware probes."),
              shrink: float = typer.Option(0.1, min=0.0, max=1.0, help="Covariance shrinkage towards a scaled identity."),
+             solver: str = typer.Option("closed", help="Transport program solver: closed (exact closed form, ms per "
+                                        "head) or cvxpy (the conic program with Clarabel, seconds per head)."),
              scorer: str = SCORER, scorer_option: list[str] = SCORER_OPTION, seed: int = SEED,
              layers: str = LAYERS) -> None:
     """SLIM: risk-aware head probes, a head-vote layer classifier and a Gaussian optimal-transport map
@@ -85,7 +87,7 @@ def fit_slim(out: str = OUT, model: str = MODEL, prompts: str = PROMPTS, n_train
     check_out_file(out)
     data = labelled_data(prompts, scorer, scorer_option, n_train, n_val, seed)
     iv = fit("slim", load_model(model), data, gamma=gamma, layer=layer, epochs=epochs, shrink=shrink,
-             layers=layer_list(layers))
+             layers=layer_list(layers), solver=solver)
     iv.save(out)
     failed = iv.meta["failed_heads"]
     console.print(f"saved {iv.describe()} to {out}: layer {iv.layer}, tau {iv.tau}, validation risk "

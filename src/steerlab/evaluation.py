@@ -88,7 +88,9 @@ def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, referenc
                  progress: bool | None = None) -> tuple[dict, list[dict]]:
     """One arm of a comparison: generate into ``out_dir`` (resumable) with ``intervention`` in force
     (or none), then :func:`summarize` (fluency under the unedited model) and :func:`side_effects`
-    on neutral text with the intervention applied. Returns the metrics and the rows."""
+    on neutral text with the intervention applied (with its ``fixed_text_options``: a method that edits
+    the last position of each call edits every position of the teacher-forced pass, as generation
+    would). Returns the metrics and the rows."""
     from contextlib import nullcontext
 
     from .generation import generate_run
@@ -97,7 +99,8 @@ def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, referenc
     rows = generate_run(model, prompts, out_dir, cfg, scorer=scorer, intervention=intervention, apply_options=opts,
                         progress=progress)
     metrics = summarize(rows, fluency_model=model)
-    with intervention.apply(model, **opts) if intervention is not None else nullcontext():
+    fixed = intervention.fixed_text_options(opts) if intervention is not None else {}
+    with intervention.apply(model, **fixed) if intervention is not None else nullcontext():
         metrics["side_effects"] = side_effects(model, reference, neutral)
     return metrics, rows
 
@@ -108,3 +111,24 @@ def paired_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
     ids, base = score_matrix(reference_rows)
     arm_ids, m = score_matrix(rows)
     return paired_difference(base, m[[arm_ids.index(i) for i in ids]]).to_dict()
+
+
+def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
+    """Semantic shift of an arm: the MiniLM cosine similarity of each continuation to the reference
+    arm's continuation of the same prompt and sample (common random numbers make them comparable),
+    its mean with a 95% bootstrap CI over prompts, and the share of identical continuations."""
+    from .metrics import bootstrap_mean
+    from .metrics.text import semantic_similarity
+
+    ref = {(r["prompt_id"], r["sample"]): r["continuation"] for r in reference_rows}
+    pairs = [(r["prompt_id"], ref[(r["prompt_id"], r["sample"])], r["continuation"]) for r in rows
+             if (r["prompt_id"], r["sample"]) in ref]
+    if not pairs:
+        raise EmptyInputError("no (prompt, sample) pair in common with the reference rows")
+    sim = semantic_similarity([p[1] for p in pairs], [p[2] for p in pairs]).per_pair
+    by: dict[str, list[float]] = {}
+    for (pid, _, _), v in zip(pairs, sim):
+        by.setdefault(pid, []).append(float(v))
+    ci = bootstrap_mean([np.mean(v) for v in by.values()], seed=0)
+    return {"similarity": ci.to_dict(),
+            "identical": float(np.mean([a == b for _, a, b in pairs])), "n_pairs": len(pairs)}

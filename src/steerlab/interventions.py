@@ -147,6 +147,18 @@ class Intervention(ABC):
         method's own defaults); the least toxic admissible one is tested."""
         return [{}]
 
+    def fixed_text_options(self, options: dict) -> dict:
+        """The apply options under which a teacher-forced pass over fixed text (side effects on neutral
+        text) sees what generation with ``options`` does token by token; default ``options`` unchanged
+        (ITI and SLIM, which edit the last position of each call, edit every position instead)."""
+        return dict(options)
+
+    def bench_metrics(self, model: Model, data: BenchData, prompts, neutral, options: dict, cfg) -> dict:
+        """Method-specific measurements the benchmark adds to the arm's metrics at its chosen setting
+        ``options`` on the test ``prompts`` (``neutral``: the side-effect sentences, ``cfg``: the test
+        GenConfig); default none (SLIM reports where its detector fires)."""
+        return {}
+
     # --- files ---------------------------------------------------------------------------------
     def header(self) -> dict:
         from . import __version__

@@ -17,7 +17,9 @@ decoding, per-row random numbers and scorer, in one run directory (``steerlab be
    prompt and sample in every arm), so differences are paired: the paired bootstrap CI of the
    difference from the baseline is reported beside each arm's own CIs, with mean toxicity per
    prompt category, perplexity, distinct-n, side effects on neutral text (perplexity and KL from
-   the unedited model), fit time and generation time relative to the baseline.
+   the unedited model), the semantic similarity of each continuation to the baseline's (MiniLM; same
+   prompt and sample), method-specific measurements (``bench_metrics``: SLIM's firing rates), fit
+   time and generation time relative to the baseline.
 5. **Report.** ``metrics.json``, ``tables/results.csv``, figures and a self-contained
    ``report.html`` (:mod:`.bench_report`).
 Every generation goes through :func:`steerlab.generation.generate_run`, so killing the command and
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SteerlabError
-from ..evaluation import evaluate_arm, neutral_reference, paired_to, summarize
+from ..evaluation import evaluate_arm, neutral_reference, paired_to, similarity_to, summarize
 from ..generation import SAMPLING, GenConfig, generate_run
 from ..interventions import BenchData, Intervention, bench_methods, get
 from ..models.model import Model
@@ -232,6 +234,7 @@ def _run_arms(model, run, names, data, val, test, cfg, scorer, progress) -> tupl
             arm.settings = pick
             arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, run, name, iv, pick["setting"], test,
                                                                       cfg, scorer, reference)
+            arm.metrics.update(iv.bench_metrics(model, data, test, reference[1], pick["setting"], _gen(cfg, False)))
         except Exception as e:  # a failing method is reported, the others go on
             arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
         arms.append(arm)
@@ -242,10 +245,13 @@ def _run_arms(model, run, names, data, val, test, cfg, scorer, progress) -> tupl
 
 
 def _paired(arms: list[Arm], rows: dict[str, list[dict]]) -> None:
-    """The paired bootstrap difference of every arm from the baseline, on the same prompts."""
+    """The paired bootstrap difference of every arm from the baseline, on the same prompts, and the
+    semantic similarity of each continuation to the baseline's (same prompt and sample)."""
     for arm in arms:
         if arm.status == "ok":
             arm.metrics["paired_difference"] = paired_to(rows["unsteered"], rows[arm.method])
+            if arm.method != "unsteered":
+                arm.metrics["similarity_to_unsteered"] = similarity_to(rows["unsteered"], rows[arm.method])
 
 
 def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> dict:

@@ -38,11 +38,17 @@ def table_rows(metrics: dict) -> list[dict]:
             "neutral perplexity": round(se.get("neutral_perplexity", float("nan")), 2),
             "neutral KL": round(se.get("kl_from_unedited", float("nan")), 4),
             "distinct-2": round(a["diversity"]["distinct-2"], 3),
+            "similarity to unsteered [95% CI]": _ci(a.get("similarity_to_unsteered", {}).get("similarity")),
+            "fire rate (test prompts / neutral / steps)": _fire(a.get("fire_rate")),
             "fit s": a["fit_seconds"], "generation time x": round(a["generation_time_ratio"], 2),
             "settings": _settings(a.get("settings", {}).get("setting", {})),
         })
         out.append(row)
     return out
+
+
+def _fire(f: dict | None) -> str:
+    return "" if not f else (f"{f['test_prompts']:.2f} / {f['neutral_texts']:.2f} / {f['generation_steps']:.2f}")
 
 
 def _settings(s: dict) -> str:
@@ -128,7 +134,9 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
     page.table(table, caption="Δ: the method minus the unsteered model on the same prompts and random numbers, "
                "with a paired bootstrap CI over prompts. Perplexity: continuations under the unedited model. "
                "Neutral perplexity and KL: side effects on the bundled neutral sentences. Generation time x: "
-               "relative to the unsteered run.")
+               "relative to the unsteered run. Similarity: MiniLM cosine of each continuation to the unsteered one "
+               "(same prompt and sample). Fire rate (SLIM): share of test prompts, neutral sentences and generation "
+               "steps where its detector fired.")
     page.heading("Toxicity vs fluency")
     page.figure(figs["tradeoff"], "Each method at its chosen setting; lower-left is better.")
     page.heading("By prompt category")

@@ -131,6 +131,16 @@ class ProbeData:
     labels: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
 
+    def check(self, model: Model) -> None:
+        """Raise when these activations were captured on another model than ``model`` (fingerprint,
+        or heads x d_head when no fingerprint was recorded): probes fitted on them would not fit it."""
+        fp = self.meta.get("model_fingerprint")
+        shape = tuple(self.heads["train"].shape[2:])
+        if (fp is not None and fp != model.fingerprint) or shape != (model.n_heads, model.d_head):
+            raise ProbeError(f"these probe activations were captured on {self.meta.get('model', '?')!r} "
+                             f"(fingerprint {fp}, heads x d_head {shape}), not on {model.name!r} (fingerprint "
+                             f"{model.fingerprint}, {model.n_heads} x {model.d_head}): capture them on this model")
+
 
 def probe_data(model: Model, data: Labelled, layers: Sequence[int] | None = None, resid: bool = True,
                batch_size: int = 16, chat: bool = False) -> ProbeData:

@@ -14,7 +14,9 @@ invertible when there are fewer samples than dimensions), then the chance-constr
     s.t. theta0 + theta^T mu + Phi^-1(1 - gamma) t <= 0,  |S theta| <= t,  S PSD
 
 (``|S theta| <= t`` is the second-order-cone form of the LMI [[t I, S theta], [theta^T S, t]] PSD:
-the same set by the Schur complement), solved with Clarabel through cvxpy: a Gaussian
+the same set by the Schur complement), solved exactly by a one-dimensional reduction
+(:func:`program_closed_form`; the conic program through cvxpy + Clarabel, :func:`program_cvxpy`, is
+the reference and ``solver="cvxpy"`` selects it): a Gaussian
 ``N(mu, S^2)`` then lies on the safe side of the probe with probability at least ``1 - gamma``.
 With ``Sigma* = S*^2``: ``A = Sigma_hat^(-1/2) (Sigma_hat^(1/2) Sigma* Sigma_hat^(1/2))^(1/2)
 Sigma_hat^(-1/2)`` and ``b = mu* - A mu_hat``, the optimal-transport map ``a -> A a + b`` from
@@ -66,6 +68,8 @@ def head_gaussian(X: np.ndarray, shrink: float = 0.1, what: str = "head") -> tup
     if X.ndim != 2 or len(X) < 2:
         raise SLIMError(f"{what}: {0 if X.ndim != 2 else len(X)} flagged activations are too few for a "
                         f"covariance (need at least 2)")
+    if not np.isfinite(X).all():
+        raise SLIMError(f"{what}: the flagged activations contain NaN or inf")
     mu = X.mean(0)
     C = np.cov(X, rowvar=False).reshape(X.shape[1], X.shape[1])
     d = C.shape[0]
@@ -73,20 +77,74 @@ def head_gaussian(X: np.ndarray, shrink: float = 0.1, what: str = "head") -> tup
     return mu, C
 
 
-def gaussian_ot_map(mu_hat: np.ndarray, sigma_hat: np.ndarray, theta0: float, theta: np.ndarray,
-                    gamma: float = 0.1, what: str = "head") -> dict[str, np.ndarray]:
-    """Solve the chance-constrained program (module docstring) and return ``A``, ``b``, ``mu``
-    (``mu*``) and ``sigma`` (``Sigma*``) as float64 arrays; raises :class:`SLIMError` naming ``what``
-    when the solver fails."""
-    import cvxpy as cp
-    from scipy.stats import norm
+def ot_map(mu_hat: np.ndarray, R: np.ndarray, mu_star: np.ndarray, S_star: np.ndarray) -> dict[str, np.ndarray]:
+    """The Gaussian optimal-transport map ``a -> A a + b`` from ``N(mu_hat, R^2)`` to ``N(mu*, S*^2)``."""
+    S_star = (S_star + S_star.T) / 2
+    sigma_star = S_star @ S_star
+    R_inv = sqrtm_psd(R @ R, inverse=True)
+    A = R_inv @ sqrtm_psd(R @ sigma_star @ R) @ R_inv
+    return {"A": A, "b": mu_star - A @ mu_hat, "mu": mu_star, "sigma": sigma_star}
 
-    if not 0 < gamma < 0.5:
-        raise SLIMError(f"gamma must be in (0, 0.5), got {gamma}")
+
+def program_closed_form(mu_hat: np.ndarray, R: np.ndarray, theta0: float, theta: np.ndarray, z: float,
+                        what: str = "head") -> tuple[np.ndarray, np.ndarray]:
+    """The optimum ``(mu*, S*)`` of the program of the module docstring (``R = Sigma_hat^(1/2)``,
+    ``z = Phi^-1(1 - gamma) > 0``) without a conic solver.
+
+    With ``u = theta / |theta|``, ``c = theta0 / |theta|`` the constraint is ``c + u.mu + z |S u| <= 0``
+    (``t = |S u|`` at the optimum). In an orthonormal basis ``[u, U]`` write ``S = [[a, b'], [b, C]]``:
+    ``|S - R|_F^2 = (a - r_a)^2 + 2 |b - r_b|^2 + |C - R_C|_F^2`` and ``|S u|^2 = a^2 + |b|^2``, so
+    ``C = R_C``, ``b`` stays parallel to ``r_b`` and ``mu`` moves along ``u`` only. Stationarity with
+    the ball multiplier ``lam`` gives ``a = r_a / (1 + lam)``, ``|b| = rho / (1 + lam / 2)``
+    (``rho = |r_b|``) and ``u.mu = u.mu_hat - s lam / z`` with ``s = |S u|``; ``lam`` is the root of
+    ``c + u.mu_hat + s(lam) (z - lam / z) = 0`` (one-dimensional, bracketed, Brent). When
+    ``c + u.mu_hat >= sqrt(r_a^2 + 4 rho^2) / z`` the optimum is ``S u = 0`` and ``u.mu = -c``. The
+    PSD constraint is inactive: ``a / (1 + lam) >= b' R_C^-1 b / (1 + lam/2)^2`` follows from ``R``
+    being PSD. ``tests/test_slim.py`` checks the result against the conic program (cvxpy)."""
+    from scipy.optimize import brentq
+
+    nt = float(np.linalg.norm(theta))
+    if not (np.isfinite(nt) and np.isfinite(theta0) and np.isfinite(mu_hat).all() and np.isfinite(R).all()):
+        raise SLIMError(f"{what}: the program has non-finite inputs (probe or activations contain NaN/inf)")
+    if nt < 1e-12:
+        if theta0 <= 0:
+            return mu_hat.copy(), R.copy()
+        raise SLIMError(f"{what}: the program is infeasible (the probe has zero weights and says unsafe everywhere)")
+    u, c = theta / nt, theta0 / nt
+    Ru = R @ u
+    m_hat, ra = float(u @ mu_hat), float(u @ Ru)
+    w = Ru - ra * u
+    rho = float(np.linalg.norm(w))
+    if c + m_hat + z * float(np.linalg.norm(Ru)) <= 0:
+        return mu_hat.copy(), R.copy()  # already safe with probability >= 1 - gamma
+
+    def s_of(lam: float) -> float:
+        return float(np.hypot(ra / (1 + lam), rho / (1 + lam / 2)))
+
+    if c + m_hat >= np.hypot(ra, 2 * rho) / z:
+        a, beta, m = 0.0, 0.0, -c
+    else:
+        g = lambda lam: c + m_hat + s_of(lam) * (z - lam / z)  # noqa: E731
+        hi = max(1.0, z * z)
+        while g(hi) > 0:
+            hi *= 4
+        lam = brentq(g, 0.0, hi, xtol=1e-14, rtol=1e-14, maxiter=500)
+        a, beta, m = ra / (1 + lam), rho / (1 + lam / 2), m_hat - s_of(lam) * lam / z
+    S = R + (a - ra) * np.outer(u, u)
+    if rho > 1e-300:
+        S = S + (beta / rho - 1) * (np.outer(w, u) + np.outer(u, w))
+    return mu_hat + (m - m_hat) * u, S
+
+
+def program_cvxpy(mu_hat: np.ndarray, R: np.ndarray, theta0: float, theta: np.ndarray, z: float,
+                  what: str = "head") -> tuple[np.ndarray, np.ndarray]:
+    """The same optimum from the conic program (cvxpy + Clarabel): the reference for
+    :func:`program_closed_form` (seconds per 64-dimensional head instead of microseconds)."""
+    import cvxpy as cp
+
     d = len(mu_hat)
-    R = sqrtm_psd(sigma_hat)
     mu, S, t = cp.Variable(d), cp.Variable((d, d), PSD=True), cp.Variable(nonneg=True)
-    cons = [theta0 + theta @ mu + norm.ppf(1 - gamma) * t <= 0, cp.SOC(t, S @ theta)]
+    cons = [theta0 + theta @ mu + z * t <= 0, cp.SOC(t, S @ theta)]
     prob = cp.Problem(cp.Minimize(cp.sum_squares(mu - mu_hat) + cp.sum_squares(S - R)), cons)
     try:
         prob.solve(solver=cp.CLARABEL)
@@ -94,15 +152,32 @@ def gaussian_ot_map(mu_hat: np.ndarray, sigma_hat: np.ndarray, theta0: float, th
         raise SLIMError(f"{what}: the conic solver failed ({type(e).__name__}: {e})") from None
     if prob.status not in ("optimal", "optimal_inaccurate") or mu.value is None:
         raise SLIMError(f"{what}: the conic solver ended with status {prob.status!r}")
-    S_star = (S.value + S.value.T) / 2
-    sigma_star = S_star @ S_star
-    R_inv = sqrtm_psd(sigma_hat, inverse=True)
-    A = R_inv @ sqrtm_psd(R @ sigma_star @ R) @ R_inv
-    return {"A": A, "b": mu.value - A @ mu_hat, "mu": mu.value, "sigma": sigma_star}
+    return mu.value, S.value
+
+
+SOLVERS = {"closed": program_closed_form, "cvxpy": program_cvxpy}
+
+
+def gaussian_ot_map(mu_hat: np.ndarray, sigma_hat: np.ndarray, theta0: float, theta: np.ndarray,
+                    gamma: float = 0.1, what: str = "head", solver: str = "closed") -> dict[str, np.ndarray]:
+    """Solve the chance-constrained program (module docstring) with ``solver`` (``closed``: the exact
+    one-dimensional reduction, default; ``cvxpy``: the conic program) and return ``A``, ``b``, ``mu``
+    (``mu*``) and ``sigma`` (``Sigma*``) as float64 arrays; raises :class:`SLIMError` naming ``what``
+    when the program cannot be solved."""
+    from scipy.stats import norm
+
+    if not 0 < gamma < 0.5:
+        raise SLIMError(f"gamma must be in (0, 0.5), got {gamma}")
+    if solver not in SOLVERS:
+        raise SLIMError(f"unknown SLIM solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    R = sqrtm_psd(sigma_hat)
+    mu_star, S_star = SOLVERS[solver](np.asarray(mu_hat, dtype=np.float64), R, float(theta0),
+                                      np.asarray(theta, dtype=np.float64), float(norm.ppf(1 - gamma)), what)
+    return ot_map(mu_hat, R, mu_star, S_star)
 
 
 def fit_head_maps(acts: np.ndarray, flags: np.ndarray, w: np.ndarray, b0: np.ndarray, layer: int,
-                  gamma: float, shrink: float) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+                  gamma: float, shrink: float, solver: str = "closed") -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """Per head of one layer (``acts [N, H, d]``, probe flags ``[N, H]``): the map ``A [H, d, d]``,
     ``b [H, d]`` (identity and zero where it failed) and ``{head: why}`` for the failures."""
     N, H, d = acts.shape
@@ -112,7 +187,7 @@ def fit_head_maps(acts: np.ndarray, flags: np.ndarray, w: np.ndarray, b0: np.nda
         what = f"layer {layer} head {h}"
         try:
             mu_hat, sig_hat = head_gaussian(acts[flags[:, h], h], shrink, what)
-            m = gaussian_ot_map(mu_hat, sig_hat, float(b0[h]), w[h], gamma, what)
+            m = gaussian_ot_map(mu_hat, sig_hat, float(b0[h]), w[h], gamma, what, solver)
         except SteerlabError as e:
             failed[h] = str(e)
             warnings.warn(f"SLIM: {e}; this head is left unedited", stacklevel=2)
@@ -123,11 +198,21 @@ def fit_head_maps(acts: np.ndarray, flags: np.ndarray, w: np.ndarray, b0: np.nda
     return A, b, failed
 
 
-class SLIMEdit(EditFn):
-    """The stage-3 edit of one layer's heads ``[B, T, H, d]`` at the last position of each call."""
+def vote(a: torch.Tensor, w: torch.Tensor, b0: torch.Tensor, tau: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stage-3 classifier on head activations ``a [..., H, d]``: each head's probability ``p``,
+    its decision ``p > 0.5`` and the layer's "at least ``tau`` heads fire" ``[...]``."""
+    prob = torch.sigmoid(torch.einsum("...hd,hd->...h", a, w) + b0)
+    fire = prob > 0.5
+    return prob, fire, fire.sum(-1) >= tau
 
-    def __init__(self, iv: SLIM, kappa):
-        super().__init__("last")
+
+class SLIMEdit(EditFn):
+    """The stage-3 edit of one layer's heads ``[B, T, H, d]``: at the last position of each call
+    (``where="last"``, the method), or at every position a schedule selects (``"all"``: what a
+    teacher-forced pass sees when each token is edited as it is during generation)."""
+
+    def __init__(self, iv: SLIM, kappa, where: str = "last"):
+        super().__init__(where)
         self.iv, self.kappa = iv, kappa
 
     def bind(self, site, feat_shape, device, dtype):
@@ -136,19 +221,27 @@ class SLIMEdit(EditFn):
         self._active = t["active"].to(device=device)
         self._kappa = torch.as_tensor(self.kappa, device=device, dtype=dtype)
 
-    def __call__(self, act: torch.Tensor, step) -> torch.Tensor:
+    def move(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a [B, T, H, d]`` -> the edited activations and the layer gate ``[B, T]``."""
         P = self._p
-        a = act[:, -1]  # [B, H, d]
-        prob = torch.sigmoid(torch.einsum("bhd,hd->bh", a, P["w"]) + P["b0"])
-        fire = prob > 0.5
-        gate = fire.sum(-1) >= self.iv.tau  # [B]
-        move = (fire & gate[:, None] & self._active).to(act.dtype) * prob
-        k = self._kappa.view(-1, 1) if self._kappa.dim() == 1 else self._kappa
-        target = torch.einsum("hde,bhe->bhd", P["A"], a) + P["b"]
-        new = a + (k * move)[..., None] * (target - a)
-        self.iv.fired = self.iv.fired + gate.sum()
-        self.iv.calls = self.iv.calls + gate.numel()
-        return torch.cat([act[:, :-1], new[:, None]], 1)
+        prob, fire, gate = vote(a, P["w"], P["b0"], self.iv.tau)
+        move = (fire & gate[..., None] & self._active).to(a.dtype) * prob
+        k = self._kappa.view(-1, 1, 1) if self._kappa.dim() == 1 else self._kappa
+        target = torch.einsum("hde,bthe->bthd", P["A"], a) + P["b"]
+        return a + (k * move)[..., None] * (target - a), gate
+
+    def __call__(self, act: torch.Tensor, step) -> torch.Tensor:
+        if self.where == "last":
+            new, gate = self.move(act[:, -1:])
+            self.iv.fired = self.iv.fired + gate.sum()
+            self.iv.calls = self.iv.calls + gate.numel()
+            return torch.cat([act[:, :-1], new], 1)
+        new, gate = self.move(act)
+        m = step.where(self.where, act.device)
+        m = torch.ones_like(gate) if m is None else m.expand_as(gate)
+        self.iv.fired = self.iv.fired + (gate & m).sum()
+        self.iv.calls = self.iv.calls + m.sum()
+        return torch.where(m[..., None, None], new, act)
 
 
 @register
@@ -189,11 +282,14 @@ class SLIM(Intervention):
     @classmethod
     def fit(cls, model: Model, data: Labelled | ProbeData, gamma: float = 0.1, b: float = 1.0, lr: float = 2e-3,
             epochs: int = 500, shrink: float = 0.1, layer: int | None = None, layers=None, batch_size: int = 16,
-            chat: bool = False) -> SLIM:
+            chat: bool = False, solver: str = "closed") -> SLIM:
         """Stages 1 and 2 on ``data`` (labelled texts, or activations from :func:`probe_data`); ``layer``
         overrides the layer chosen by validation risk."""
+        if solver not in SOLVERS:
+            raise SLIMError(f"unknown SLIM solver {solver!r}; choose one of {', '.join(SOLVERS)}")
         pd = data if isinstance(data, ProbeData) else probe_data(model, data, layers, resid=False,
                                                                  batch_size=batch_size, chat=chat)
+        pd.check(model)
         rp = risk_probes(pd, b, lr, epochs)
         layer = rp.layer if layer is None else model.site(heads_site(layer)).layer
         if layer not in pd.layers:
@@ -203,7 +299,7 @@ class SLIM(Intervention):
         w, b0 = rp.w[li], rp.b[li]
         flags = (torch.einsum("nhd,hd->nh", acts, w) + b0) > 0
         A, bb, failed = fit_head_maps(acts.double().cpu().numpy(), flags.cpu().numpy(), w.double().cpu().numpy(),
-                                      b0.double().cpu().numpy(), layer, gamma, shrink)
+                                      b0.double().cpu().numpy(), layer, gamma, shrink, solver)
         active = torch.ones(model.n_heads, dtype=torch.bool)
         active[list(failed)] = False
         params = {"w": w.cpu(), "b0": b0.cpu(), "A": torch.from_numpy(A).float(), "b": torch.from_numpy(bb).float(),
@@ -212,7 +308,7 @@ class SLIM(Intervention):
                 "data_fingerprint": pd.meta.get("data_fingerprint"), "source": pd.meta.get("source"),
                 "counts": pd.meta.get("counts"), "layer": layer, "tau": int(rp.tau[li]),
                 "layer_risk": [round(float(r), 4) for r in rp.layer_risk], "failed_heads": failed,
-                "flagged": flags.sum(0).tolist(), "options": {"gamma": gamma, "b": b, "shrink": shrink, "layer": layer}}
+                "flagged": flags.sum(0).tolist(), "options": {"gamma": gamma, "b": b, "shrink": shrink, "layer": layer, "solver": solver}}
         return cls(params, meta)
 
     def check(self, model: Model, strict: bool = True) -> None:
@@ -230,17 +326,57 @@ class SLIM(Intervention):
         return cls.fit(model, labelled_from_texts(texts, labels, seed=data.seed, source="bench contrast set"))
 
     def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
-        """kappa 1 (a fully flagged head lands on its transported value) or 3."""
-        return [{"kappa": 1.0}, {"kappa": 3.0}]
+        """kappa 1 (a fully flagged head lands on its transported value) to 60 (the paper swept 20-60). On
+        SmolLM2-135M the transported value is about 10% of a head's norm away (0.05-0.18 against norms
+        0.8-1.5 at the chosen layer), so kappa 1 barely changes anything and 10-60 are the real candidates."""
+        return [{"kappa": k} for k in (1.0, 5.0, 10.0, 20.0, 40.0, 60.0)]
+
+    def firing(self, model: Model, texts, batch_size: int = 16) -> torch.Tensor:
+        """Whether the layer classifier fires at the last token of each text ``[N]`` (bool), read from
+        the unedited activations (the edit of this layer does not change what its probes see)."""
+        from ..hooks import capture
+
+        site = heads_site(self.layer)
+        a = capture(model, list(texts), site, "last", batch_size=batch_size)[site]
+        p = self.params
+        return vote(a, p["w"].to(a), p["b0"].to(a), self.tau)[2].cpu()
+
+    def bench_metrics(self, model: Model, data, prompts, neutral, options: dict, cfg) -> dict:
+        """Where the layer classifier fires: at the last token of the test prompts (split by the prompt's
+        own toxicity under the benchmark's scorer, >= 0.5 or not), of the neutral sentences (every firing
+        a false detection), and at every step of one generated sample per test prompt."""
+        from ..generation import generate
+
+        texts = [getattr(p, "text", p) for p in prompts]
+        fires = self.firing(model, texts)
+        tox = np.asarray(data.scorer.toxicity(texts), dtype=float) >= 0.5
+        rate = lambda f: float(f.float().mean()) if len(f) else float("nan")  # noqa: E731
+        self.reset_counts()
+        with self.apply(model, **options):
+            generate(model, prompts, cfg, progress=False, k=1)
+        return {"fire_rate": {"test_prompts": rate(fires), "toxic_test_prompts": rate(fires[torch.from_numpy(tox)]),
+                              "nontoxic_test_prompts": rate(fires[torch.from_numpy(~tox)]),
+                              "n_toxic_test_prompts": int(tox.sum()),
+                              "neutral_texts": rate(self.firing(model, neutral)), "generation_steps": self.fire_rate,
+                              "layer": self.layer, "tau": self.tau}}
+
+    def fixed_text_options(self, options: dict) -> dict:
+        """Every position: one teacher-forced pass then equals generating the text token by token with
+        the last-position edit (tested); at the last position only, a pass over fixed text would show
+        almost no side effect by construction."""
+        return {**options, "where": "all"}
 
     @contextmanager
     def apply(self, model: Model, alpha: float | torch.Tensor | None = None, kappa: float | torch.Tensor = 1.0,
-              strict: bool = True):
+              where: str = "last", strict: bool = True):
         """Run the probe-gated transport at the chosen layer, last position of every call. ``kappa``
         (or its alias ``alpha``, for ``generate --alpha``; a scalar or ``[batch]``) scales the step:
-        1 moves a head with p = 1 exactly onto its transported value (the paper swept 20-60)."""
+        1 moves a head with p = 1 exactly onto its transported value (the paper swept 20-60).
+        ``where="all"`` edits every position of a pass (a teacher-forced pass then sees what generation
+        does token by token; used to measure side effects on fixed text)."""
         self.check(model, strict)
-        with edit(model, {heads_site(self.layer): SLIMEdit(self, kappa if alpha is None else alpha)}) as step:
+        fn = SLIMEdit(self, kappa if alpha is None else alpha, where)
+        with edit(model, {heads_site(self.layer): fn}) as step:
             yield step
 
     def tensors(self) -> dict[str, torch.Tensor]:
