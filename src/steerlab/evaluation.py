@@ -85,10 +85,12 @@ def side_effects(model: Model, reference: NextTokenLogprobs, texts: Sequence[str
 
 def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, reference: NextTokenLogprobs,
                  neutral: Sequence[str] | None = None, intervention=None, apply_options: dict | None = None,
-                 progress: bool | None = None) -> tuple[dict, list[dict]]:
+                 progress: bool | None = None, side_options: dict | None = None) -> tuple[dict, list[dict]]:
     """One arm of a comparison: generate into ``out_dir`` (resumable) with ``intervention`` in force
     (or none), then :func:`summarize` (fluency under the unedited model) and :func:`side_effects`
-    on neutral text with the intervention applied. Returns the metrics and the rows."""
+    on neutral text with the intervention applied (with ``side_options`` instead of
+    ``apply_options`` when given: a plain forward has no generated positions, so a ``generated``
+    schedule edits nothing there). Returns the metrics and the rows."""
     from contextlib import nullcontext
 
     from .generation import generate_run
@@ -97,7 +99,8 @@ def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, referenc
     rows = generate_run(model, prompts, out_dir, cfg, scorer=scorer, intervention=intervention, apply_options=opts,
                         progress=progress)
     metrics = summarize(rows, fluency_model=model)
-    with intervention.apply(model, **opts) if intervention is not None else nullcontext():
+    side = dict(side_options) if side_options is not None else opts
+    with intervention.apply(model, **side) if intervention is not None else nullcontext():
         metrics["side_effects"] = side_effects(model, reference, neutral)
     return metrics, rows
 
