@@ -82,7 +82,7 @@ def plot_pareto(points: list[dict], base: dict, target: dict, path: str | Path, 
     markers = "osD^vP*X"
     variants = list(dict.fromkeys(p["variant"] for p in points))
     for ax, xkey, xlim, xlabel in ((axes[0], "ppl_ratio", target["max_ppl_ratio"],
-                                    "continuation perplexity / unsteered (unedited model as judge)"),
+                                    "continuation perplexity / unsteered (unedited model as judge; log)"),
                                    (axes[1], "neutral_kl", target["max_kl"],
                                     "KL(unedited || edited) on neutral text, nats (symlog)")):
         x0 = 1.0 if xkey == "ppl_ratio" else 0.0
@@ -99,18 +99,20 @@ def plot_pareto(points: list[dict], base: dict, target: dict, path: str | Path, 
             ax.errorbar(x, y, yerr=err, color=c, marker=markers[n % len(markers)], ms=6, lw=1.2, capsize=2,
                         label=f"{v} @ {ps[0]['site'].replace('.resid_post', '')}")
             for p in ps:
-                ax.annotate(f"{p['alpha']:g}", (p[xkey], p["mean_toxicity"]["value"]), textcoords="offset points",
+                ax.annotate(f"{p['alpha']:.3g}", (p[xkey], p["mean_toxicity"]["value"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7, color=c)
         front = sorted([p for p in points if p["front_ppl" if xkey == "ppl_ratio" else "front_kl"]],
                        key=lambda p: p[xkey])
         if front:
-            ax.step([x0] + [p[xkey] for p in front], [base_tox] + [p["mean_toxicity"]["value"] for p in front],
-                    where="post", color="black", ls="--", lw=1, label="Pareto front")
+            ax.step([p[xkey] for p in front], [p["mean_toxicity"]["value"] for p in front], where="post",
+                    color="black", ls="--", lw=1.2, alpha=0.8, label="Pareto front (this panel's two objectives)")
         ax.plot([x0], [base_tox], "k*", ms=14, label="unsteered")
         ax.axhline(0.5 * base_tox, color="#1b7837", lw=0.8, ls=":")
         if xkey == "neutral_kl":
             ax.set_xscale("symlog", linthresh=0.01)
             ax.set_xlim(left=0)
+        else:
+            ax.set_xscale("log")
         ax.set_ylim(0, ymax)
         F.label(ax, xlabel, "held-out mean toxicity (95% bootstrap CI)", legend=xkey == "ppl_ratio")
     return F.save(fig, path)
