@@ -119,9 +119,9 @@ def test_steer_cli(tmp_path):
     r = runner.invoke(app, ["steer", "study", "--out", str(out), "--model", d, "--layers", "0,1", "--alphas", "-1,0,1",
                             "--n-pairs", "4", "--n-sweep", "3", "--k-sweep", "2", "--n-test", "4", "--k-test", "2",
                             "--max-new-tokens", "3", "--scorer", "profanity", "--max-ppl-ratio", "100",
-                            "--min-distinct-ratio", "0", "--k-refine", "2"])
+                            "--min-distinct-ratio", "0", "--k-refine", "2", "--n-neutral", "4"])
     assert r.exit_code == 0, r.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["chosen"]["alpha"] == 1.0 and "unsteered" in r.output
-    rows = (out / "sweep" / "results.jsonl").read_text().splitlines()
+    rows = (out / "sweep" / "add_all" / "results.jsonl").read_text().splitlines()
     assert len(rows) == 2 * (3 + 2 * 2 * 3)  # k_sweep x (baseline + 2 layers x 2 strengths) x 3 prompts

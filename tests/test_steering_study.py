@@ -18,10 +18,10 @@ def _rows(path):
 def test_steering_study_tiny(tmp_path, llama):
     st = SteeringStudy(layers=[0, 1], alphas=[-1.0, 0.0, 0.5, 1.0, 2.0], n_pairs=8, n_sweep=4, n_test=6, k_test=2,
                        max_new_tokens=4, batch_size=8, scorer="profanity", max_ppl_ratio=50.0,
-                       min_distinct_ratio=0.0, refine_top=3, k_refine=2)
+                       min_distinct_ratio=0.0, refine_top=3, k_refine=2, n_neutral=8)
     metrics = run_steering_study(llama, tmp_path, st, progress=False)
     for f in ("config.json", "metrics.json", "contrast.json", "vector.safetensors", "sweep.csv",
-              "figures/sweep_heatmap.png", "figures/test_toxicity.png"):
+              "figures/sweep_add_all.png", "figures/test_toxicity.png", "figures/pareto.png", "pareto.csv"):
         assert (tmp_path / f).exists(), f
     cs = ContrastSet.load(tmp_path / "contrast.json")
     scorer = get_scorer("profanity")
@@ -32,7 +32,7 @@ def test_steering_study_tiny(tmp_path, llama):
     ch = metrics["chosen"]
     # the chosen cell is the least toxic admissible refined cell, recomputed from the stage-2 rows
     stage2 = {}
-    for d in (tmp_path / "refine").iterdir():
+    for d in (tmp_path / "refine" / "add_all").iterdir():
         for r in _rows(d / "results.jsonl"):
             if r["site"] != "none":
                 stage2.setdefault((r["site"], r["alpha"]), []).append(r["toxicity"])
@@ -40,7 +40,7 @@ def test_steering_study_tiny(tmp_path, llama):
     want = min(stage2, key=lambda c: np.mean(stage2[c]))
     assert (ch["site"], ch["alpha"]) == want
     # the strength tested is the strength chosen: alpha x the typical norm measured on validation
-    scale = json.loads((tmp_path / "sweep" / "record.json").read_text())["scale"][ch["site"]]
+    scale = json.loads((tmp_path / "sweep" / "add_all" / "record.json").read_text())["scale"][ch["site"]]
     assert ch["typical_norm"] == scale and ch["absolute_strength"] == pytest.approx(ch["alpha"] * scale)
     test = metrics["test"]
     assert list(test)[0] == "unsteered" and len(test) == 4

@@ -173,9 +173,10 @@ def test_projection_modes_against_hand_computation(llama, mode):
     p = h @ u
     if mode == "ablate":   # alpha=2 removes twice the component: the projection flips sign
         want = h - 2.0 * p[:, None] * u
-    elif mode == "clamp":  # the projection is raised to the desirable mean, never lowered
-        want = h + (proj["desirable"] - p).clamp_min(0)[:, None] * u
-        assert ((g @ u) >= proj["desirable"] - 1e-3).all()
+    elif mode == "clamp":  # raised to undesirable + 2 x (desirable - undesirable) mean, never lowered
+        level = proj["undesirable"] + 2.0 * (proj["desirable"] - proj["undesirable"])
+        want = h + (level - p).clamp_min(0)[:, None] * u
+        assert ((g @ u) >= level - 1e-3).all()
     else:                  # added only where the state projects below the midpoint
         thr = 0.5 * (proj["desirable"] + proj["undesirable"])
         want = h + 2.0 * (p < thr).float()[:, None] * v

@@ -591,10 +591,21 @@ def steer_study(
     method: str = typer.Option("mean_diff", help="mean_diff | pca | probe."),
     scorer: str = typer.Option("default", help="Toxicity scorer."),
     seed: int = typer.Option(0, help="Seed of the split and of sampling."),
+    variants: str = typer.Option("add", help="Comma-separated steering variants, each MODE[:WHERE][:multi]: mode "
+                                 "add | gated | ablate | clamp, schedule (default --where), multi = every layer at "
+                                 "once at alpha / n_layers each. E.g. add,add:generated,gated,ablate,clamp,add:multi."),
+    fractions: str = typer.Option("0.5,1,2", help="Strengths of ablate (share of the component removed) and clamp "
+                                  "(level between the toxic and non-toxic mean projections)."),
+    max_kl: float = typer.Option(None, help="Rule: neutral-text KL from the unedited model at most this (nats, on "
+                                 "neutral validation texts); e.g. 0.05 with --max-ppl-ratio 1.1 for issue 15's target."),
+    n_neutral: int = typer.Option(52, min=1, help="Neutral texts per part (validation: the rule; test: the report)."),
+    pareto: bool = typer.Option(True, help="Also evaluate every variant x positive strength on the test prompts "
+                                "for the trade-off figure (figures/pareto.png; never used for choosing)."),
 ) -> None:
-    """Fit a toxicity steering vector on the training split, sweep layers x strengths on validation
-    prompts (heat map), then test the best setting, its negation and a random control on held-out
-    prompts with bootstrap CIs, fluency, and side effects on neutral text (perplexity, KL)."""
+    """Fit a toxicity steering vector on the training split, sweep variants x layers x strengths on
+    validation prompts (heat maps), then test the chosen setting, its negation and a random control
+    on held-out prompts with bootstrap CIs, fluency, and side effects on neutral text (perplexity,
+    KL); with --pareto, the toxicity / fluency trade-off of every variant on the test prompts."""
     from .experiments.steering import SteeringStudy, run_steering_study
 
     m = _load(model)
@@ -602,11 +613,18 @@ def steer_study(
                        n_sweep=n_sweep, k_sweep=k_sweep, max_ppl_ratio=max_ppl_ratio,
                        min_distinct_ratio=min_distinct_ratio, refine_top=refine_top, k_refine=k_refine,
                        n_test=n_test, k_test=k_test, max_new_tokens=max_new_tokens, where=where,
-                       positions=positions, method=method, scorer=scorer, seed=seed)
+                       positions=positions, method=method, scorer=scorer, seed=seed,
+                       variants=[v.strip() for v in variants.split(",") if v.strip()], fractions=_floats(fractions, "--fractions"),
+                       max_kl=max_kl, n_neutral=n_neutral, pareto=pareto)
     metrics = run_steering_study(m, out, st)
     ch = metrics["chosen"]
-    t = Table(title=f"{m.name}: held-out test ({metrics['n_test_prompts']} prompts x {metrics['k']}), "
-                    f"vector at {ch['site']}, alpha {ch['alpha']:g} x {ch['typical_norm']:.0f}", title_justify="left")
+    if ch["site"] is None:
+        console.print("no validation cell satisfies the selection rule; only the unsteered arm and the trade-off "
+                      f"points were evaluated (see {out}/figures/pareto.png)")
+    head = "no setting chosen" if ch["site"] is None else (f"{ch['variant']} at {ch['site']}, alpha {ch['alpha']:g} "
+                                                          f"x {ch['typical_norm']:.0f}")
+    t = Table(title=f"{m.name}: held-out test ({metrics['n_test_prompts']} prompts x {metrics['k']}), {head}",
+              title_justify="left")
     for c in ("intervention", "mean toxicity [95% CI]", "expected max tox.", "tox. probability", "perplexity",
               "distinct-2", "neutral ppl", "neutral KL"):
         t.add_column(c)
@@ -619,7 +637,10 @@ def steer_study(
                   f"{r.get('fluency', {}).get('perplexity', float('nan')):.1f}", f"{r['diversity']['distinct-2']:.3f}",
                   f"{se.get('neutral_perplexity', float('nan')):.1f}", f"{se.get('kl_from_unedited', float('nan')):.3f}")
     console.print(t)
-    console.print(f"figures: {out}/figures/sweep_heatmap.png, {out}/figures/test_toxicity.png")
+    if "pareto" in metrics:
+        met = [p["arm"] for p in metrics["pareto"]["points"] if p["target"]["met"]]
+        console.print(f"trade-off points meeting the target on test: {', '.join(met) if met else 'none'}")
+    console.print(f"figures: {out}/figures/sweep_*.png, {out}/figures/test_toxicity.png, {out}/figures/pareto.png")
 
 
 def _print_selfcorrect(name: str, h: dict, rounds: int) -> None:

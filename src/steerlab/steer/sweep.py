@@ -1,5 +1,8 @@
 """Layer x strength sweeps of a steering vector: one batched generate per chunk of rows, each row
-with its own strength (``alpha`` as a ``[batch]`` tensor), scored, resumable, drawn as a heat map."""
+with its own strength (``alpha`` as a ``[batch]`` tensor), scored, resumable, drawn as a heat map.
+Any apply mode (``add``, ``gated``, ``ablate``, ``clamp``) and schedule can be swept, one site or a
+group of sites edited together per row of the table, with optional side effects on neutral text
+(perplexity and KL from the unedited model) per cell."""
 
 from __future__ import annotations
 
@@ -15,7 +18,28 @@ from ..generation import GenConfig, derive_seed, generate_batch, plan_batches, p
 from ..hooks import capture
 from ..models.model import Model
 from ..runs import RunDir
-from .vector import SteeringVector
+from .vector import APPLY_MODES, SteeringVector, VectorError
+
+RELATIVE_MODES = ("add", "gated")
+"""Modes whose strength is in units of the site's typical norm (with ``relative=True``); the others
+(``ablate``: share of the component removed, ``clamp``: level between the fitted projection means)
+take ``alpha`` as it is."""
+
+
+def cell_intervention(vector: SteeringVector, sites: Sequence[str], scale: dict[str, float], alpha,
+                      mode: str = "add", where: str = "all", normalise: bool = True) -> tuple[SteeringVector, dict]:
+    """The intervention and apply options of one sweep cell: ``vector``'s unit directions (as they
+    are with ``normalise=False``) at ``sites``, each times ``scale[site] / scale[sites[0]]`` (so
+    several sites share one ``alpha``), and the options ``{"alpha": alpha * scale[sites[0]],
+    "where", "mode"}``. A single site gives ``unit`` applied at ``alpha * scale`` exactly."""
+    if mode not in APPLY_MODES:
+        raise VectorError(f"unknown mode {mode!r}; choose one of {', '.join(APPLY_MODES)}")
+    first = scale[sites[0]]
+    dirs = {s: vector.directions[s] / vector.directions[s].norm().clamp_min(1e-12) if normalise
+            else vector.directions[s] for s in sites}
+    if len(sites) > 1:
+        dirs = {s: d * (scale[s] / first) for s, d in dirs.items()}
+    return SteeringVector(dirs, dict(vector.meta)), {"alpha": alpha * first, "where": where, "mode": mode}
 
 
 def typical_norms(model: Model, texts: Sequence[str], sites: Sequence[str], chat: bool = False) -> dict[str, float]:
@@ -38,19 +62,28 @@ class SweepResult:
     rows: list[dict]
     distinct2: np.ndarray | None = None  # [n_sites, n_alphas] distinct-2 of each cell's continuations
     baseline_distinct2: float = float("nan")
+    mode: str = "add"
+    where: str = "all"
+    groups: dict[str, list[str]] | None = None  # row label -> the sites edited together
+    kl: np.ndarray | None = None  # [n_sites, n_alphas] KL(unedited || edited) on neutral text (nats)
+    neutral_perplexity: np.ndarray | None = None  # [n_sites, n_alphas] neutral text under the edit
 
     def admissible(self, max_ppl_ratio: float | None = 2.0, min_distinct_ratio: float | None = 0.8,
-                   sign: int | None = None) -> np.ndarray:
+                   sign: int | None = None, max_kl: float | None = None) -> np.ndarray:
         """Bool ``[n_sites, n_alphas]``: the cells the declared selection rule allows: strength of
-        ``sign`` (nonzero), perplexity at most ``max_ppl_ratio`` x the unsteered one, and distinct-2
+        ``sign`` (nonzero), perplexity at most ``max_ppl_ratio`` x the unsteered one, distinct-2
         at least ``min_distinct_ratio`` x the unsteered one (degenerate, repetitive text is out
-        even when a fluency model likes it)."""
+        even when a fluency model likes it) and neutral-text KL at most ``max_kl`` nats."""
         a = np.array(self.alphas)[None, :]
         keep = np.broadcast_to((a != 0) if sign is None else (np.sign(a) == sign), self.toxicity.shape).copy()
         if max_ppl_ratio is not None and np.isfinite(self.baseline_perplexity):
             keep &= self.perplexity <= max_ppl_ratio * self.baseline_perplexity
         if min_distinct_ratio is not None and self.distinct2 is not None and np.isfinite(self.baseline_distinct2):
             keep &= self.distinct2 >= min_distinct_ratio * self.baseline_distinct2
+        if max_kl is not None:
+            if self.kl is None:
+                raise EmptyInputError("a KL limit needs side effects: run the sweep with neutral=(reference, texts)")
+            keep &= self.kl <= max_kl
         return keep
 
     def ranked(self, lower: bool = True, **rule) -> list[tuple[str, float]]:
@@ -61,11 +94,11 @@ class SweepResult:
         return [(s, a) for _, s, a in cells]
 
     def best(self, lower: bool = True, max_ppl_ratio: float | None = 2.0, sign: int | None = None,
-             min_distinct_ratio: float | None = None) -> tuple[str, float]:
+             min_distinct_ratio: float | None = None, max_kl: float | None = None) -> tuple[str, float]:
         """(site, alpha) with the lowest (or highest) mean toxicity among the cells
         :meth:`admissible` allows; ``sign`` (+1 / -1) keeps only strengths of that sign (a study of a
         detoxifying direction looks at positive strengths only)."""
-        keep = self.admissible(max_ppl_ratio, min_distinct_ratio, sign)
+        keep = self.admissible(max_ppl_ratio, min_distinct_ratio, sign, max_kl)
         tox = np.where(keep, self.toxicity, np.nan)
         if np.all(np.isnan(tox)):
             raise EmptyInputError("no sweep cell satisfies the constraints (strength sign, fluency); "
@@ -114,38 +147,54 @@ class SweepResult:
 
 def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Sequence[float], scorer,
           out_dir: str | Path, cfg: GenConfig | None = None, where: str = "all", relative: bool = True,
-          fluency: bool = True, overwrite: bool = False, progress: bool | None = None) -> SweepResult:
-    """Generate with ``alpha * direction`` added at each site of ``vector`` in turn (one site at a
-    time), for every alpha, score the continuations and summarise.
+          fluency: bool = True, overwrite: bool = False, progress: bool | None = None, mode: str = "add",
+          groups: dict[str, Sequence[str]] | None = None, neutral: tuple | None = None) -> SweepResult:
+    """Generate with each site of ``vector`` edited in turn (or each group of ``groups``, label ->
+    sites edited together), for every alpha, score the continuations and summarise.
 
-    With ``relative=True`` the added vector is ``alpha * typical_norm(site) * unit direction``, so
-    strengths are comparable across layers whose residual norms differ by 10x or more. Rows of
-    all strengths share batched generate calls (per-row strength); alpha 0 (the unsteered
-    baseline) is generated once. Rows are appended to ``out_dir/results.jsonl`` and a rerun resumes.
+    ``mode`` is the apply mode (:data:`steerlab.steer.vector.APPLY_MODES`). With ``relative=True``
+    the strength of ``add`` and ``gated`` is in units of the site's typical norm:
+    ``alpha * typical_norm(site) * unit direction`` (comparable across layers whose residual norms
+    differ by 10x or more; a group gives each site its own norm); ``ablate`` and ``clamp`` take
+    ``alpha`` as it is. Rows of all strengths share batched generate calls (per-row strength);
+    alpha 0 (the unsteered baseline) is generated once. Rows are appended to
+    ``out_dir/results.jsonl`` and a rerun resumes. ``neutral=(reference, texts)``
+    (:func:`steerlab.evaluation.neutral_reference`) adds each cell's side effects on neutral text,
+    measured under the cell's :meth:`~steerlab.steer.vector.SteeringVector.fixed_text_options` (every
+    position: a plain forward has no generated positions, so a ``generated`` schedule would show
+    none) and cached in record.json.
     """
     cfg = cfg or GenConfig()
     alphas = [float(a) for a in alphas]
     if not alphas:
         raise EmptyInputError("sweep needs at least one strength")
+    if mode not in APPLY_MODES:
+        raise VectorError(f"unknown mode {mode!r}; choose one of {', '.join(APPLY_MODES)}")
     ids, texts = prompt_ids_texts(prompts)
-    sites = list(vector.directions)
+    groups = {k: list(v) for k, v in (groups or {s: [s] for s in vector.directions}).items()}
+    vector.only(sorted({s for g in groups.values() for s in g}))  # every grouped site is in the vector
     vector.check(model)
-    scale = typical_norms(model, texts, sites, chat=cfg.chat) if relative else {s: 1.0 for s in sites}
+    sites = sorted({s for g in groups.values() for s in g}, key=list(vector.directions).index)
+    rel = relative and mode in RELATIVE_MODES
+    scale = typical_norms(model, texts, sites, chat=cfg.chat) if rel else {s: 1.0 for s in sites}
     unit = {s: v / v.norm().clamp_min(1e-12) if relative else v for s, v in vector.directions.items()}
+    unit_vec = SteeringVector(unit, vector.meta)
     config = {"kind": "sweep", "model_fingerprint": model.fingerprint, **asdict(cfg), "where": where,
-              "relative": relative, "alphas": alphas, "sites": sites, "scorer": getattr(scorer, "name", None),
-              "vector_data": vector.meta.get("data_fingerprint"), "prompts": ids}
+              "relative": relative, "alphas": alphas, "sites": list(groups), "scorer": getattr(scorer, "name", None),
+              "vector_data": vector.meta.get("data_fingerprint"), "prompts": ids,
+              **({"mode": mode, "groups": groups} if mode != "add" or any(len(g) > 1 for g in groups.values()) else {})}
 
     def work(chunk, seed: int) -> list[dict]:
-        site = chunk[0][0]
+        label = chunk[0][0]
         chunk_texts, keys = [texts[i] for _, _, i in chunk], [ids[i] for _, _, i in chunk]
-        if site == "none":
+        if label == "none":
             conts = generate_batch(model, chunk_texts, cfg, keys)
         else:  # the same random numbers per (prompt, sample) in every cell: paired comparisons
-            a = torch.tensor([al * scale[site] for _, al, _ in chunk]).repeat_interleave(cfg.k)
-            with SteeringVector({site: unit[site]}, vector.meta).apply(model, alpha=a, where=where):
+            a = torch.tensor([al for _, al, _ in chunk], dtype=torch.float64).repeat_interleave(cfg.k)
+            iv, opts = cell_intervention(unit_vec, groups[label], scale, a, mode, where, normalise=False)
+            with iv.apply(model, **opts):
                 conts = generate_batch(model, chunk_texts, cfg, keys)
-        rows = [{"site": site, "alpha": al, "prompt_id": ids[i], "prompt": texts[i], "sample": s, "continuation": c}
+        rows = [{"site": label, "alpha": al, "prompt_id": ids[i], "prompt": texts[i], "sample": s, "continuation": c}
                 for (_, al, i), cs in zip(chunk, conts) for s, c in enumerate(cs)]
         if rows:
             for r, t in zip(rows, scorer.toxicity([r["continuation"] for r in rows])):
@@ -153,13 +202,44 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
         return rows
 
     with RunDir(out_dir, config, overwrite=overwrite) as run:
-        rows = run.loop(_chunks(model, ids, texts, sites, alphas, cfg), work,
+        rows = run.loop(_chunks(model, ids, texts, list(groups), alphas, cfg), work,
                         keys=lambda j: [(j[0], j[1], ids[j[2]], s) for s in range(cfg.k)],
                         row_key=lambda r: (r["site"], r["alpha"], r["prompt_id"], r["sample"]),
                         seed=lambda c: derive_seed(cfg.seed, c[0][0], *[f"{a:g}:{ids[i]}" for _, a, i in c]),
                         desc="sweep", progress=progress)
         run.write_record(scale=scale)
-    return _summarise(model, rows, sites, alphas, scale, cfg, fluency)
+        side = None if neutral is None else _side_effects(model, run, unit_vec, groups, alphas, scale, mode,
+                                                          where, neutral, progress)
+    res = _summarise(model, rows, list(groups), alphas, scale, cfg, fluency)
+    res.mode, res.where, res.groups = mode, where, groups
+    if side is not None:
+        res.kl, res.neutral_perplexity = side
+    return res
+
+
+def _side_effects(model, run: RunDir, unit_vec, groups, alphas, scale, mode, where, neutral, progress):
+    """``(kl, neutral perplexity)`` arrays ``[n_groups, n_alphas]``, each cell computed once (record.json)."""
+    from tqdm.auto import tqdm
+
+    from ..evaluation import side_effects
+
+    reference, texts = neutral
+    done = dict(run.record().get("side_effects", {}))
+    cells = [(g, a) for g in groups for a in alphas]
+    for g, a in tqdm(cells, desc="side effects", disable=progress is False, leave=False):
+        key = f"{g}|{a:g}"
+        if key in done:
+            continue
+        if a == 0:
+            done[key] = side_effects(model, reference, texts)
+        else:
+            iv, opts = cell_intervention(unit_vec, groups[g], scale, a, mode, where, normalise=False)
+            with iv.apply(model, **iv.fixed_text_options(opts)):
+                done[key] = side_effects(model, reference, texts)
+        run.write_record(side_effects=done)
+    kl = np.array([[done[f"{g}|{a:g}"]["kl_from_unedited"] for a in alphas] for g in groups])
+    ppl = np.array([[done[f"{g}|{a:g}"]["neutral_perplexity"] for a in alphas] for g in groups])
+    return kl, ppl
 
 
 def _chunks(model, ids, texts, sites, alphas, cfg: GenConfig) -> list[list[tuple[str, float, int]]]:

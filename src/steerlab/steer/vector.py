@@ -123,6 +123,12 @@ class SteeringVector(Intervention):
         self.check_sizes(model, self.directions, "vector", VectorError)
         super().check(model, strict)
 
+    def fixed_text_options(self, options: dict) -> dict:
+        """Side effects on fixed text are measured with the edit at every position: a teacher-forced
+        pass has no generated positions, so a ``generated`` (or ``last``) schedule would edit nothing
+        there, while in generation it edits every new token."""
+        return {**options, "where": "all"}
+
     @contextmanager
     def apply(self, model: Model, alpha: float | torch.Tensor = 1.0, where: str = "all", strict: bool = True,
               mode: str = "add", sites: Sequence[str] | None = None):
@@ -133,7 +139,8 @@ class SteeringVector(Intervention):
         threshold fitted on the training data (the midpoint of the desirable and undesirable mean
         projections: the state looks undesirable); ``ablate`` removes ``alpha`` times the component
         along the direction (directional ablation; ``alpha=1`` removes it all); ``clamp`` raises the
-        projection to at least the desirable texts' mean projection (``alpha`` unused). ``sites``
+        projection to at least ``undesirable mean + alpha x (desirable mean - undesirable mean)`` of
+        the fitted projections (``alpha=1``: the desirable texts' mean; ``0.5``: the midpoint). ``sites``
         restricts the edit to some of the vector's sites."""
         self.check(model, strict)
         directions = self.only(list(sites)).directions if sites is not None else self.directions
@@ -376,11 +383,13 @@ def _projection_means(acts: torch.Tensor, n: int, v: torch.Tensor) -> dict[str, 
 
 class Projected(EditFn):
     """Edits along a unit direction u: ``ablate`` (act - alpha (act.u) u), ``clamp`` (act + relu(c -
-    act.u) u) and ``gated`` (act + alpha v where act.u < threshold)."""
+    act.u) u with c = low + alpha (level - low)) and ``gated`` (act + alpha v where act.u < level)."""
 
-    def __init__(self, vector: torch.Tensor, kind: str, alpha=1.0, where: str = "all", level: float = 0.0):
+    def __init__(self, vector: torch.Tensor, kind: str, alpha=1.0, where: str = "all", level: float = 0.0,
+                 low: float | None = None):
         super().__init__(where)
         self.vector, self.kind, self.alpha, self.level = torch.as_tensor(vector), kind, alpha, float(level)
+        self.low = self.level if low is None else float(low)
 
     def bind(self, site, feat_shape, device, dtype):
         if self.vector.numel() != torch.Size(feat_shape).numel():
@@ -396,7 +405,7 @@ class Projected(EditFn):
         if self.kind == "ablate":
             return act - a * p * self._u
         if self.kind == "clamp":
-            return act + (self.level - p).clamp_min(0) * self._u
+            return act + (self.low + a * (self.level - self.low) - p).clamp_min(0) * self._u
         return act + (p < self.level).to(act.dtype) * a * self._v
 
 
@@ -404,14 +413,15 @@ def _level(proj: dict | None, key: str) -> float:
     if not proj:
         raise VectorError("this vector has no fitted projection statistics (fit it with SteeringVector.fit); "
                           "gated and clamp modes need them")
-    return proj["desirable"] if key == "desirable" else 0.5 * (proj["desirable"] + proj["undesirable"])
+    return proj[key] if key in ("desirable", "undesirable") else 0.5 * (proj["desirable"] + proj["undesirable"])
 
 
 APPLY_MODES: dict[str, Callable] = {
     "add": lambda v, alpha, where, proj: add(v, alpha=alpha, where=where),
     "gated": lambda v, alpha, where, proj: Projected(v, "gated", alpha, where, _level(proj, "midpoint")),
     "ablate": lambda v, alpha, where, proj: Projected(v, "ablate", alpha, where),
-    "clamp": lambda v, alpha, where, proj: Projected(v, "clamp", alpha, where, _level(proj, "desirable")),
+    "clamp": lambda v, alpha, where, proj: Projected(v, "clamp", alpha, where, _level(proj, "desirable"),
+                                                     _level(proj, "undesirable")),
 }
 """How :meth:`SteeringVector.apply` changes a site: ``fn(direction, alpha, where, projection stats) -> edit``."""
 
