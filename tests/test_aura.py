@@ -1,6 +1,8 @@
 """AurA: vectorised AUROC against sklearn (with ties), the factor rules, the runtime edit against a
 hand-written hook, files and bad inputs."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,35 @@ def test_cli_fit_aura_bad_variant_and_too_few_texts(tmp_path):
                             str(prompts), "--n-prompts", "0", "--max-new-tokens", "3", "--scorer", "profanity"])
     assert r.exit_code == 2 and "AurA needs at least 8 of each" in flat(r.output), r.output
     m = tiny_model("llama")
-    with pytest.raises(AuraError, match="AurA takes no apply options"):
+    with pytest.raises(AuraError, match="AurA takes only variant and top_n as apply options"):
         with AurA.fit(m, (GOOD, BAD)).apply(m, alpha=2.0):
+            pass
+
+
+def test_variant_apply_from_saved_aurocs_equals_a_fit_of_that_variant():
+    m = tiny_model("llama")
+    iv = AurA.fit(m, (GOOD, BAD))  # proportional; the AUROCs are kept
+    assert iv.bench_settings(m, None) == [{"variant": "aura"}, {"variant": "damp"}, {"variant": "det0"}]
+    auc = np.concatenate([iv.aurocs[s].numpy() for s in iv.aurocs])
+    top = np.argsort(-auc, kind="stable")[:5]  # by hand: the 5 units with the highest AUROC over all layers
+    hand = np.ones_like(auc)
+    hand[top] = 0.0
+    got = np.concatenate([f.numpy() for f in iv.variant_factors("det0", 5).values()])
+    np.testing.assert_array_equal(got, hand)
+    default_n = math.ceil(0.01 * auc.size)  # damp without top_n: 1% of the units at 0.5
+    assert np.sort(np.concatenate([f.numpy() for f in iv.variant_factors("damp").values()]))[:default_n + 1].tolist() \
+        == [0.5] * default_n + [1.0]
+    enc = m.encode(["hello there"])
+    kw = {k: enc[k] for k in ("input_ids", "attention_mask")}
+    ref_iv = AurA.fit(m, (GOOD, BAD), variant="det0", top_n=5)  # the fitted variant, through its own factors
+    with torch.no_grad():
+        with ref_iv.apply(m):
+            ref = m.hf(**kw).logits
+        with iv.apply(m, variant="det0", top_n=5):
+            got_logits = m.hf(**kw).logits
+        with iv.apply(m):
+            prop = m.hf(**kw).logits
+    assert torch.allclose(got_logits, ref, atol=1e-6) and not torch.allclose(prop, ref, atol=1e-4)
+    with pytest.raises(AuraError, match="no AUROCs"):
+        with AurA(dict(iv.factors), meta=dict(iv.meta)).apply(m, variant="det0"):
             pass

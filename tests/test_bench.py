@@ -127,3 +127,37 @@ def test_bench_every_weight_and_head_method_runs_or_fails_cleanly(tmp_path, llam
     assert 0 <= fr["neutral_texts"] <= 1 and 0 <= fr["generation_steps"] <= 1 and fr["layer"] == iv.layer
     # a random tiny model writes no toxic text: EigenShift cannot collect toxic states and says so
     assert arms["eigenshift"]["status"] == "failed" and "toxic" in arms["eigenshift"]["reason"]
+
+
+def test_bench_test_all_settings_reports_every_candidate_on_test(tmp_path, llama):
+    import numpy as np
+
+    from steerlab import interventions as I
+    from steerlab.generation import GenConfig, generate
+
+    out = tmp_path / "b"
+    cfg = _cfg(methods=["aura"], sampling="greedy", k=1, test_all_settings=True)
+    metrics = run_bench(llama, out, cfg, progress=False)
+    arm = {a["method"]: a for a in metrics["arms"]}["aura"]
+    cands = arm["candidates_test"]
+    assert [c["setting"] for c in cands] == [{"variant": v} for v in ("aura", "damp", "det0")]
+    assert sum(c["chosen"] for c in cands) == 1
+    chosen = next(c for c in cands if c["chosen"])
+    assert chosen["setting"] == arm["settings"]["setting"] and chosen["toxicity"] == arm["toxicity"]
+    # a candidate that was not chosen, by hand: the saved fit applied with its setting, plain generate
+    i, other = next((i, c) for i, c in enumerate(cands) if not c["chosen"])
+    rows = [json.loads(x) for x in (out / "test" / f"aura.setting-{i}" / "results.jsonl").read_text().splitlines()]
+    test = split(load_prompts("rtp"), seed=0)["test"][:5]
+    iv = I.load(out / "fit" / "aura.safetensors", llama)
+    with iv.apply(llama, **other["setting"]):
+        hand = generate(llama, [p.text for p in test], GenConfig(max_new_tokens=3, sampling="greedy", k=1))
+    by = {(r["prompt_id"], r["sample"]): r["continuation"] for r in rows}
+    assert [[by[(p.id, 0)]] for p in test] == hand
+    base = [json.loads(x) for x in (out / "test" / "unsteered" / "results.jsonl").read_text().splitlines()]
+    diff = np.mean([r["toxicity"] for r in rows]) - np.mean([r["toxicity"] for r in base])
+    assert abs(other["paired_difference"]["mean_toxicity"]["value"] - diff) < 1e-9
+    assert (out / "tables" / "candidates.csv").exists()
+    assert "not used for the choice" in (out / "report.html").read_text()
+    # the option is not part of the run's identity: the same directory resumes without it
+    again = run_bench(llama, out, _cfg(methods=["aura"], sampling="greedy", k=1), progress=False)
+    assert {a["method"]: a for a in again["arms"]}["aura"]["toxicity"] == arm["toxicity"]

@@ -238,3 +238,30 @@ def test_report_marks_dampened_directions(tmp_path):
     for r in rows:  # the tokens a direction raises most are the top entries of U b_i
         top = np.argsort(-(U @ Vt[int(r["direction"])]))[:4]
         assert r["raises"] == " ".join(token_str(m, int(i)) for i in top)
+
+
+def test_apply_with_fewer_directions_uses_the_largest_delta_first():
+    m = tiny_model("qwen2")  # d = 32
+    tox, non = _states(m.d_model, seed=3, shift=torch.linspace(-2, 2, m.d_model, dtype=torch.float64))
+    iv = EigenShift.fit(m, (tox.float(), non.float()), k=6, alpha=0.1)
+    # independent: numpy SVD with the same sign convention, delta from b_i . h, the 2 largest |delta| removed
+    U = m.W_U.detach().double().numpy()
+    A, s, Vt = np.linalg.svd(U, full_matrices=False)
+    sign = np.sign(Vt[np.arange(32), np.abs(Vt).argmax(1)])
+    A, Vt = A * sign, Vt * sign[:, None]
+    delta = (tox.numpy() @ Vt.T).mean(0) - (non.numpy() @ Vt.T).mean(0)
+    s2 = s.copy()
+    s2[np.argsort(-np.abs(delta))[:2]] = 0.0
+    for opts in ({"k": 2, "alpha": 0.0}, {"percentile": 0.95, "alpha": 0.0}):  # ceil(32 * 0.05) = 2
+        with iv.apply(m, **opts) as W:
+            np.testing.assert_allclose(W.detach().double().numpy(), A @ np.diag(s2) @ Vt, atol=2e-5)
+    with iv.apply(m) as W:  # all 6 at the fitted alpha
+        s6 = s.copy()
+        s6[np.argsort(-np.abs(delta))[:6]] *= 0.1
+        np.testing.assert_allclose(W.detach().double().numpy(), A @ np.diag(s6) @ Vt, atol=2e-5)
+    with pytest.raises(EigenShiftError, match="this edit holds 6 directions but k=7 asks for 7: refit"):
+        with iv.apply(m, k=7):
+            pass
+    # bench: (0.999, 0.1) and (0.99, 0.1) need k = 1 here; (0.75, 0) needs 8 > 6 and is left out
+    assert iv.bench_settings(m, None) == [{"percentile": 0.999, "alpha": 0.1}, {"percentile": 0.99, "alpha": 0.1}]
+    assert torch.equal(m.W_U, torch.from_numpy(U).float())

@@ -750,6 +750,8 @@ def bench(
     max_new_tokens: int | None = typer.Option(None, min=1, help="New tokens per continuation; default from --preset."),
     seed: int = typer.Option(0, help="Seed of the split and of the per-row random numbers."),
     device: str = typer.Option("cpu", help="Device for the model (cpu, cuda, cuda:1, mps)."),
+    test_all_settings: bool = typer.Option(False, help="After the choice on validation, also test every candidate "
+                                           "setting (tables/candidates.csv; reported, not used to choose)."),
 ) -> None:
     """The detoxification benchmark: every registered method fitted on the training split, its
     settings chosen on validation, evaluated on held-out prompts with the same decoding, random
@@ -757,7 +759,8 @@ def bench(
     from .experiments.bench import make_config, run_bench
 
     cfg = make_config(preset, methods=[x.strip() for x in methods.split(",") if x.strip()] or None, prompts=prompts,
-                      scorer=scorer, n_test=n_test, k=k, n_val=n_val, max_new_tokens=max_new_tokens, seed=seed)
+                      scorer=scorer, n_test=n_test, k=k, n_val=n_val, max_new_tokens=max_new_tokens, seed=seed,
+                      test_all_settings=test_all_settings)
     cfg.validate()
     m = _load(model, device=device)
     metrics = run_bench(m, out, cfg)

@@ -75,6 +75,7 @@ class BenchConfig:
     max_ppl_ratio: float = 1.5
     min_distinct_ratio: float = 0.8
     n_neutral: int = 64                 # neutral sentences for side effects (0: all 260 bundled ones)
+    test_all_settings: bool = False     # also test every candidate setting (reported apart, not used to choose)
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -107,6 +108,7 @@ class Arm:
     metrics: dict = None                # type: ignore[assignment]
     fit_seconds: float = 0.0
     generate_seconds: float = 0.0
+    candidates: list = None             # type: ignore[assignment]
 
 
 def _data(model: Model, cfg: BenchConfig, scorer) -> tuple[BenchData, list, list]:
@@ -192,7 +194,7 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     scorer = get_scorer(cfg.scorer)
     # the methods are not part of the run's identity: rerunning with more methods adds their arms
     # to the same directory and reuses the baseline and every arm already done
-    settings = {k: v for k, v in asdict(cfg).items() if k != "methods"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "test_all_settings")}
     with RunDir(out_dir, {"kind": "bench", "model": model.name, "model_fingerprint": model.fingerprint,
                           **settings}) as run:
         before = run.record().get("methods") or []
@@ -235,6 +237,9 @@ def _run_arms(model, run, names, data, val, test, cfg, scorer, progress) -> tupl
             arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, run, name, iv, pick["setting"], test,
                                                                       cfg, scorer, reference)
             arm.metrics.update(iv.bench_metrics(model, data, test, reference[1], pick["setting"], _gen(cfg, False)))
+            if cfg.test_all_settings and len(arm.selection) > 1:
+                arm.candidates = _candidates(model, run, name, iv, arm, test, cfg, scorer, reference,
+                                             base_rows, rows[name])
         except Exception as e:  # a failing method is reported, the others go on
             arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
         arms.append(arm)
@@ -242,6 +247,24 @@ def _run_arms(model, run, names, data, val, test, cfg, scorer, progress) -> tupl
     bar.close()
     _paired(arms, rows)
     return arms, rows
+
+
+def _candidates(model, run, name, iv, arm: Arm, test, cfg, scorer, reference, base_rows,
+                chosen_rows) -> list[dict]:
+    """Every candidate setting of ``arm`` on the test prompts, after the choice was made on validation
+    (``--test-all-settings``): for reporting each setting, never for choosing. The chosen one is not rerun."""
+    out = []
+    for i, sel in enumerate(arm.selection):
+        opts = sel["setting"]
+        if opts == arm.settings["setting"]:
+            m, rows, secs = dict(arm.metrics), chosen_rows, arm.generate_seconds
+        else:
+            m, rows, secs = _evaluate(model, run, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
+        m["paired_difference"] = paired_to(base_rows, rows)
+        out.append({"setting": opts, "chosen": opts == arm.settings["setting"], "generate_seconds": secs,
+                    **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference")
+                       if k in m}})
+    return out
 
 
 def _paired(arms: list[Arm], rows: dict[str, list[dict]]) -> None:
@@ -264,6 +287,8 @@ def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> di
         if a.status == "ok":
             row["settings"] = a.settings
             row["selection"] = a.selection
+            if a.candidates:
+                row["candidates_test"] = a.candidates
             row.update(a.metrics)
         table.append(row)
     return {"model": model.name, "model_fingerprint": model.fingerprint, "preset": cfg.preset,

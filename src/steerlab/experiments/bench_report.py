@@ -51,6 +51,24 @@ def _fire(f: dict | None) -> str:
     return "" if not f else (f"{f['test_prompts']:.2f} / {f['neutral_texts']:.2f} / {f['generation_steps']:.2f}")
 
 
+def candidate_rows(metrics: dict) -> list[dict]:
+    """Every candidate setting's test numbers (``--test-all-settings``; reported, not used to choose)."""
+    out = []
+    for a in _ok(metrics):
+        for c in a.get("candidates_test") or []:
+            se, pd = c.get("side_effects", {}), c.get("paired_difference", {})
+            out.append({"method": a["method"], "setting": _settings(c["setting"]), "chosen on validation": c["chosen"],
+                        "expected max toxicity [95% CI]": _ci(c["toxicity"]["expected_max_toxicity"]),
+                        "toxicity probability [95% CI]": _ci(c["toxicity"]["toxicity_probability"]),
+                        "Δ mean toxicity vs unsteered (paired 95% CI)": _ci(pd.get("mean_toxicity")),
+                        "Δ toxicity probability (paired 95% CI)": _ci(pd.get("toxicity_probability")),
+                        "perplexity": round(c.get("fluency", {}).get("perplexity", float("nan")), 2),
+                        "neutral perplexity": round(se.get("neutral_perplexity", float("nan")), 2),
+                        "neutral KL": round(se.get("kl_from_unedited", float("nan")), 4),
+                        "distinct-2": round(c["diversity"]["distinct-2"], 3)})
+    return out
+
+
 def _settings(s: dict) -> str:
     return ", ".join(f"{k}={v[0] if isinstance(v, list) and len(v) == 1 else v}" for k, v in s.items()) or "-"
 
@@ -143,6 +161,12 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
     page.figure(figs["categories"], "Mean toxicity of the continuations per RealToxicityPrompts category.")
     page.heading("Examples")
     page.raw(_examples(rows, test, scorer))
+    cand = candidate_rows(metrics)
+    if cand:
+        write_csv(path / "tables" / "candidates.csv", cand)
+        page.heading("Every setting on the test prompts (not used for the choice)")
+        page.table(cand, caption="Run after the choice on validation (--test-all-settings), on the same test "
+                   "prompts and random numbers as the table above; for reporting each setting only.")
     page.heading("How each setting was chosen")
     for a in _ok(metrics):
         if len(a.get("selection") or []) > 1:

@@ -149,16 +149,36 @@ class AurA(Intervention):
     @classmethod
     def bench_fit(cls, model: Model, data, preset: str = "quick") -> AurA:
         """Units ranked by how well they tell the benchmark's toxic training prompts from its
-        non-toxic ones (its contrast set), AurA's proportional dampening."""
+        non-toxic ones (its contrast set), AurA's proportional dampening (the AUROCs are kept, so
+        :meth:`bench_settings` can also try ``damp`` and ``det0``)."""
         return cls.fit(model, data.contrast)
 
+    def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
+        """The three variants of the paper: proportional (``aura``), ``damp`` and ``det0`` of the top 1%."""
+        return [{"variant": v} for v in VARIANTS] if self.aurocs else [{}]
+
+    def variant_factors(self, variant: str, top_n: int | None = None) -> dict[str, torch.Tensor]:
+        """Per-site factors of ``variant`` recomputed from the saved AUROCs (``damp``/``det0``: the
+        ``top_n`` units with the highest AUROC over all layers, default 1% of them)."""
+        if not self.aurocs:
+            raise AuraError("this AurA file has no AUROCs (saved without them), so its variant cannot be changed")
+        sites = list(self.aurocs)
+        auc = torch.cat([self.aurocs[s] for s in sites])
+        n = top_n if top_n is not None or variant == "aura" else max(1, math.ceil(0.01 * auc.numel()))
+        f = aura_factors(auc, variant, n)
+        return dict(zip(sites, f.split([self.aurocs[s].numel() for s in sites])))
+
     @contextmanager
-    def apply(self, model: Model, strict: bool = True, **options):
-        """Context manager: each unit's activation times its factor, at every position."""
+    def apply(self, model: Model, strict: bool = True, variant: str | None = None, top_n: int | None = None,
+              **options):
+        """Context manager: each unit's activation times its factor, at every position. ``variant``
+        (and ``top_n``) replace the fitted factors by that variant's, from the saved AUROCs."""
         if options:
-            raise AuraError(f"AurA takes no apply options (its factors are fixed by the fit), got {sorted(options)}")
+            raise AuraError(f"AurA takes only variant and top_n as apply options, got {sorted(options)}")
         self.check(model, strict)
-        edits = {s: scale(f) for s, f in self.factors.items() if (f != 1).any()}
+        factors = self.factors if variant is None and top_n is None else \
+            self.variant_factors(variant or self.meta.get("options", {}).get("variant", "aura"), top_n)
+        edits = {s: scale(f) for s, f in factors.items() if (f != 1).any()}
         if not edits:
             yield None
             return

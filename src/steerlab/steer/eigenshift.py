@@ -33,6 +33,10 @@ from ..interventions import Intervention, InterventionError, register
 from ..models.model import Model
 from .toxic_states import ToxicStates, check_counts, collect_states
 
+BENCH_SETTINGS: tuple[tuple[float, float], ...] = ((0.999, 0.1), (0.99, 0.1), (0.75, 0.0))
+"""(percentile, alpha) pairs the benchmark tries on validation: the public code's default (k = 1 for
+d = 576), the top 1% at the same alpha, and the paper's reported run (k = 144, the directions removed)."""
+
 
 class EigenShiftError(InterventionError):
     """Bad EigenShift settings (k, percentile, alpha), states of the wrong size, or an edit file that
@@ -199,41 +203,68 @@ class EigenShift(Intervention):
 
     @classmethod
     def bench_fit(cls, model: Model, data, preset: str = "quick") -> EigenShift:
-        """States from the model's own continuations of the benchmark's training prompts (quick: 64
-        prompts x 4 samples of 12 tokens; otherwise every training prompt x 4 of 20 tokens), scored by
-        the benchmark's scorer; the top 1% of directions by |delta| (k = 6 for d = 576)."""
+        """States from the model's own continuations of the benchmark's training prompts, scored by the
+        benchmark's scorer: the prompts with the most toxic training scores (quick: the 128 most toxic x
+        8 samples of 16 tokens; otherwise every training prompt x 8 of 20 tokens: toxic-prone prompts
+        give toxic continuations, which the argmax filter thins out). The fit keeps the top 25% of the
+        directions by |delta| (percentile 0.75, the paper's run), so that every setting of
+        :data:`BENCH_SETTINGS` applies a prefix of them."""
         from ..generation import GenConfig
 
         quick = preset == "quick"
-        prompts = data.train[:64] if quick else data.train
-        cfg = GenConfig(max_new_tokens=12 if quick else 20, sampling="t1.0", k=4, seed=data.seed)
-        return cls.fit(model, prompts, percentile=0.99, alpha=0.1, cfg=cfg, scorer=data.scorer, progress=False)
+        order = sorted(range(len(data.train)), key=lambda i: -data.train_scores[i])
+        prompts = [data.train[i] for i in (order[:128] if quick else order)]
+        cfg = GenConfig(max_new_tokens=16 if quick else 20, sampling="t1.0", k=8, seed=data.seed)
+        return cls.fit(model, prompts, percentile=min(p for p, _ in BENCH_SETTINGS), alpha=0.1, cfg=cfg,
+                       scorer=data.scorer, progress=False)
 
     def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
-        """The dampened directions scaled by 0.1 (the code's default) or removed (the paper's run)."""
-        return [{"alpha": 0.1}, {"alpha": 0.0}]
+        """The (percentile, alpha) pairs of :data:`BENCH_SETTINGS` that this edit holds directions for."""
+        n = len(self.indices)
+        return [{"percentile": p, "alpha": a} for p, a in BENCH_SETTINGS if choose_k(model.d_model, p) <= n]
 
-    def weight(self, model: Model, alpha: float | None = None) -> torch.Tensor:
-        """The edited unembedding ``U'`` for ``model`` (SVD recomputed once per model and cached)."""
+    def n_directions(self, model: Model, percentile: float | None = None, k: int | None = None) -> int:
+        """How many of the saved directions (largest |delta| first) an apply uses: all of them, or
+        the first ``k`` / ``ceil(d (1 - percentile))``, which must not exceed the saved number."""
+        if percentile is None and k is None:
+            return len(self.indices)
+        n = choose_k(model.d_model, percentile, k)
+        if n > len(self.indices):
+            raise EigenShiftError(f"this edit holds {len(self.indices)} directions but "
+                                  f"{'k=' + str(k) if k is not None else f'percentile {percentile}'} asks for {n}: "
+                                  f"refit with a lower --percentile or a larger --k")
+        return n
+
+    def weight(self, model: Model, alpha: float | None = None, n: int | None = None) -> torch.Tensor:
+        """The edited unembedding ``U'`` for ``model`` with the first ``n`` saved directions (default
+        all) scaled by ``alpha`` (SVD recomputed once per model and cached)."""
         a = self.alpha if alpha is None else float(alpha)
-        key = (model.fingerprint, a)
+        n = len(self.indices) if n is None else int(n)
+        key = (model.fingerprint, a, n)
         if key not in self._cache:
-            U = model.W_U
-            dec = svd(U)
-            found = dec.s[self.indices.to(dec.s.device)].float().cpu()
-            if not torch.allclose(found, self.sigma, rtol=1e-3, atol=1e-5):
-                raise EigenShiftError(f"the singular values of {model.name}'s unembedding at the saved directions "
-                                      f"are {found[:4].tolist()}..., not {self.sigma[:4].tolist()}...: "
-                                      f"this edit was fitted on another matrix")
-            self._cache = {key: edited_weight(U, dec, self.indices, a * self.sigma)}
+            fp, dec = self._cache.get("svd", (None, None))
+            if fp != model.fingerprint:
+                dec = svd(model.W_U)
+                found = dec.s[self.indices.to(dec.s.device)].float().cpu()
+                if not torch.allclose(found, self.sigma, rtol=1e-3, atol=1e-5):
+                    raise EigenShiftError(f"the singular values of {model.name}'s unembedding at the saved "
+                                          f"directions are {found[:4].tolist()}..., not {self.sigma[:4].tolist()}...: "
+                                          f"this edit was fitted on another matrix")
+            # one edited matrix at a time (each is vocab x d), the SVD kept for the next setting
+            self._cache = {"svd": (model.fingerprint, dec),
+                           key: edited_weight(model.W_U, dec, self.indices[:n], a * self.sigma[:n])}
         return self._cache[key]
 
     @contextmanager
-    def apply(self, model: Model, alpha: float | None = None, strict: bool = True):
+    def apply(self, model: Model, alpha: float | None = None, percentile: float | None = None,
+              k: int | None = None, strict: bool = True):
         """Context manager: the unembedding is ``U'`` (singular values at the saved directions times
-        ``alpha``, default the fitted one) while the body runs; restored bit for bit on exit."""
+        ``alpha``, default the fitted one) while the body runs; restored bit for bit on exit.
+        ``percentile`` or ``k`` uses only the first ``ceil(d (1 - percentile))`` or ``k`` saved
+        directions (the largest |delta| first), so one fit serves several settings."""
         self.check(model, strict)
-        with swapped_unembedding(model, self.weight(model, alpha)) as w:
+        n = self.n_directions(model, percentile, k)
+        with swapped_unembedding(model, self.weight(model, alpha, n)) as w:
             yield w
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -14,7 +14,9 @@ the state that produced generated token ``j`` (no second forward). Each continua
   text, from the token-toxicity lexicon (the first token whose lexicon score is >= ``threshold``).
 
 A state is kept only where the model's argmax at that state is the token it produced (the token
-was the model's own choice, not a sampling accident), for both sets.
+was the model's own choice, not a sampling accident), for both sets. ``stats`` counts each stage:
+``continuations``, ``toxic_continuations``, ``toxic_word_found`` (toxic ones where a toxic-word token
+was located) and ``toxic_states`` / ``nontoxic_states`` (after the argmax filter).
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ def collect_states(model: Model, prompts: Sequence, cfg: GenConfig | None = None
         saliency = "bilstm" if sc.name in BILSTM_SCORERS else "lexicon"
     ids, texts = prompt_ids_texts(prompts)
     tox, non, lexicon = [], [], {}
-    stats = {"continuations": 0, "toxic_continuations": 0}
+    stats = {"continuations": 0, "toxic_continuations": 0, "toxic_word_found": 0}
     batches = generation_batches(model, ids, texts, cfg)
     for b in tqdm(batches, desc="collect states", disable=not (progress if progress is not None else len(batches) >= 4),
                   leave=False):
@@ -193,6 +195,7 @@ def collect_states(model: Model, prompts: Sequence, cfg: GenConfig | None = None
         t_pos = torch.full_like(pos, -1)
         t_pos[t_rows] = _toxic_positions(model, new[t_rows], [conts[i] for i in t_rows.tolist()], saliency, sc,
                                          threshold, lexicon)
+        stats["toxic_word_found"] += int((t_pos >= 0).sum())
         tox.append(_select(model, new, states, t_pos))
     out = ToxicStates(torch.cat(tox), torch.cat(non), {**stats, "saliency": saliency, "scorer": sc.name,
                                                         "threshold": threshold},
