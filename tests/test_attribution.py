@@ -206,6 +206,8 @@ def test_real_model_batched_equals_loop(real_model):
     slow = attribute_loop(real_model, "Answer in one word: what colour is snow?", "White, mostly.")
     np.testing.assert_allclose(fast.scores, slow.scores, atol=1e-5 * max(1.0, np.abs(slow.scores).max()))
     assert fast.instruction_score("Answer in one word") > 0
+    fwd = attribute(real_model, "Answer in one word: what colour is snow?", "White, mostly.", chunk=32, mode="forward")
+    np.testing.assert_allclose(fwd.scores, slow.scores, atol=1e-5 * max(1.0, np.abs(slow.scores).max()))
 
 
 def test_attribute_cli(tmp_path):
@@ -228,6 +230,11 @@ def test_attribute_cli(tmp_path):
     assert r.exit_code == 2 and "not in the prompt" in r.output
     r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "", "--model", str(d)])
     assert r.exit_code == 2 and "response is empty" in r.output
+    r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "ok", "--model", str(d), "--span", "Write",
+                                 "--mode", "forward"])
+    assert r.exit_code == 0 and f"{ref:.4f}" in r.output, r.output
+    r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "ok", "--model", str(d), "--mode", "x"])
+    assert r.exit_code == 2 and "unknown attribution mode" in r.output
 
 
 def test_span_when_the_template_changes_the_prompt():

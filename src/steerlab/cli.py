@@ -819,13 +819,16 @@ def attribute(
     html_out: str = typer.Option("", "--html", help="Write the shaded prompt and the heat map to this HTML file."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     b: int = typer.Option(7, "--b", min=0, max=10, help="Quantised scores <= b are zeroed."),
-    chunk: int = typer.Option(16, "--chunk", min=1, help="Output tokens per batched backward."),
+    chunk: int = typer.Option(16, "--chunk", min=1, help="Output tokens per batched backward (reverse mode) or "
+                              "prompt tokens per batched forward-mode product (forward mode)."),
+    mode: str = typer.Option("auto", "--mode", help="reverse (one VJP per response token) | forward (one JVP per "
+                             "prompt token) | auto (forward when the prompt is under half the response's length)."),
 ) -> None:
     """Gradient x input attribution of the response on the prompt: importance density per prompt token."""
     from .explain.attribution import attribute as run_attribution
 
     m = _load(model)
-    att = run_attribution(m, prompt, response, max_new_tokens=max_new_tokens, chunk=chunk)
+    att = run_attribution(m, prompt, response, max_new_tokens=max_new_tokens, chunk=chunk, mode=mode)
     d = att.density(b)
     console.print(f"response: {att.response!r} ({len(att.response_tokens)} tokens)", soft_wrap=True)
     t = Table(title="most important prompt tokens (importance density)", title_justify="left")
