@@ -18,4 +18,4 @@ lint: setup
 	$(PY) -m ruff check src tests benchmarks
 
 bench: setup
-	for b in bench_capture bench_generate bench_steer bench_selfie bench_iti_slim; do $(PY) benchmarks/$$b.py || exit 1; done
+	for b in bench_capture bench_generate bench_steer bench_selfie bench_iti_slim bench_attribution; do $(PY) benchmarks/$$b.py || exit 1; done

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from steerlab.errors import DataError, EmptyInputError
+from steerlab.errors import DataError, EmptyInputError, ShapeError
 from steerlab.explain.attribution import (
     SpanError,
     attribute,
     attribute_loop,
+    choose_mode,
     importance_density,
     instruction_score,
     quantise,
@@ -80,6 +81,47 @@ def test_batched_equals_per_token_loop(arch):
     slow = attribute_loop(m, "Say hi.", "hello there")
     np.testing.assert_allclose(fast.scores, slow.scores, atol=1e-6, rtol=0)
     np.testing.assert_allclose(fast.probs, slow.probs, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_forward_mode_equals_independent_autograd(arch):
+    """The JVP formulation (one tangent per prompt token) against plain reverse-mode autograd."""
+    m = tiny_model(arch)
+    att = attribute(m, "Write a poem.", "roses", chunk=4, mode="forward")
+    ref = independent_scores(m, "Write a poem.", "roses")
+    np.testing.assert_allclose(att.scores, ref, atol=1e-5, rtol=0)
+    assert np.abs(ref).max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_mode_equals_per_token_loop(arch):
+    m = tiny_model(arch)
+    impl = m.hf.config._attn_implementation
+    fwd = attribute(m, "Say hi.", "hello there", chunk=3, mode="forward")  # 8 prompt tokens: 3 chunks
+    slow = attribute_loop(m, "Say hi.", "hello there")
+    np.testing.assert_allclose(fwd.scores, slow.scores, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(fwd.probs, slow.probs, atol=1e-6)
+    assert m.hf.config._attn_implementation == impl  # the model's attention comes back
+
+
+def test_forward_mode_on_a_gemma_model_with_its_embedding_scale():
+    """Gemma's embedding module scales by sqrt(d): the tangents are its output, as in the reference."""
+    m = tiny_model("gemma")
+    assert float(m.hf.get_input_embeddings().embed_scale) == pytest.approx(math.sqrt(m.d_model))
+    fwd = attribute(m, "Write a poem.", "ab", mode="forward")
+    np.testing.assert_allclose(fwd.scores, independent_scores(m, "Write a poem.", "ab"), atol=1e-5, rtol=0)
+
+
+def test_mode_choice_and_errors():
+    assert choose_mode(10, 64) == "forward" and choose_mode(48, 64) == "reverse" and choose_mode(32, 64) == "reverse"
+    m = tiny_model("llama")
+    auto = attribute(m, "Hi", "a long reply here")  # 3 prompt tokens, 17 response tokens: forward
+    np.testing.assert_allclose(auto.scores, attribute(m, "Hi", "a long reply here", mode="reverse").scores,
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ShapeError, match="unknown attribution mode 'sideways'"):
+        attribute(m, "Hi", "ok", mode="sideways")
+    with pytest.raises(ShapeError, match="chunk must be >= 1"):
+        attribute(m, "Hi", "ok", chunk=0, mode="forward")
 
 
 def test_density_and_score_hand_worked():
@@ -170,6 +212,8 @@ def test_real_model_batched_equals_loop(real_model):
     slow = attribute_loop(real_model, "Answer in one word: what colour is snow?", "White, mostly.")
     np.testing.assert_allclose(fast.scores, slow.scores, atol=1e-5 * max(1.0, np.abs(slow.scores).max()))
     assert fast.instruction_score("Answer in one word") > 0
+    fwd = attribute(real_model, "Answer in one word: what colour is snow?", "White, mostly.", chunk=32, mode="forward")
+    np.testing.assert_allclose(fwd.scores, slow.scores, atol=1e-5 * max(1.0, np.abs(slow.scores).max()))
 
 
 def test_attribute_cli(tmp_path):
@@ -192,6 +236,11 @@ def test_attribute_cli(tmp_path):
     assert r.exit_code == 2 and "not in the prompt" in r.output
     r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "", "--model", str(d)])
     assert r.exit_code == 2 and "response is empty" in r.output
+    r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "ok", "--model", str(d), "--span", "Write",
+                                 "--mode", "forward"])
+    assert r.exit_code == 0 and f"{ref:.4f}" in r.output, r.output
+    r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "ok", "--model", str(d), "--mode", "x"])
+    assert r.exit_code == 2 and "unknown attribution mode" in r.output
 
 
 def test_span_when_the_template_changes_the_prompt():

@@ -364,3 +364,91 @@ def test_interpret_vector_cli(tmp_path):
     assert "blocks.1.resid_post" in r.output and direct.rows[0].text in r.output
     bad = CliRunner().invoke(app, args[:-4] + ["--sites", "blocks.2.resid_post"])
     assert bad.exit_code == 2 and "not in" in bad.output
+
+
+# --- supervised control on the command line ------------------------------------------------------------
+def _edited_weight(m, iv):
+    """The down projection of block L-1 with the file's delta added by hand (not through apply)."""
+    name = iv.meta["module"]
+    w = dict(m.hf.named_parameters())[name]
+    return w, w.detach().clone() + iv.delta
+
+
+def test_fit_selfie_control_cli_saves_an_edit_that_generate_and_interpret_apply(tmp_path):
+    import json
+    import re
+
+    from typer.testing import CliRunner
+
+    import steerlab as sl
+    from steerlab.cli import app
+    from steerlab.interventions import load
+    from tiny import flat, model_dir
+
+    d = model_dir(tmp_path)
+    out, runner = tmp_path / "c.safetensors", CliRunner()
+    r = runner.invoke(app, ["fit", "selfie-control", "--out", str(out), "--model", d, "--prompt", "hello world",
+                            "--layer", "2", "--target", "The quick brown fox!", "--steps", "12", "--lr", "1e-2",
+                            "--preserve", "steer me"])
+    assert r.exit_code == 0, r.output
+    m = sl.load(d)
+    iv = load(out, m)  # the saved file loads, checked against the model's fingerprint
+    assert iv.method == "selfie-control" and iv.meta["layer"] == 2 and iv.meta["n_preserve"] == 1
+    # the distance, recomputed with plain output_hidden_states and the delta added by hand
+    target = _state(m, "The quick brown fox!", 2, -1)
+    d0 = float((_state(m, "hello world", 2, -1) - target).norm())
+    w, edited = _edited_weight(m, iv)
+    original = w.detach().clone()
+    with torch.no_grad():
+        w.copy_(edited)
+    d1 = float((_state(m, "hello world", 2, -1) - target).norm())
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello world\nline of text\n")
+    by_hand = sl.generation.generate(m, ["hello world", "line of text"], max_new_tokens=4)
+    st = read_states(m, "hello world", [(2, -1)]).vectors
+    with torch.no_grad():
+        w.copy_(original)
+    assert d1 < 0.9 * d0, (d0, d1)
+    printed = [float(x) for x in re.search(r"token \d+: ([\d.e+-]+) -> ([\d.e+-]+)", flat(r.output)).groups()]
+    assert printed == pytest.approx([d0, d1], rel=1e-3)
+    # generate --intervention: the same continuations as the model with the delta added by hand
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["generate", "--out", str(run), "--model", d, "--prompts", str(prompts),
+                            "--max-new-tokens", "4", "--scorer", "none", "--intervention", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = {x["prompt"]: x["continuation"] for x in map(json.loads, (run / "results.jsonl").read_text().splitlines())}
+    assert [rows["hello world"], rows["line of text"]] == [c[0] for c in by_hand]
+    # interpret --intervention: the unedited and the edited state's interpretations side by side
+    r = runner.invoke(app, ["interpret", "hello world", "--model", d, "--layers", "2", "--template", "[X][X] means:",
+                            "--max-new-tokens", "4", "--intervention", str(out)])
+    assert r.exit_code == 0, r.output
+    plain = interpret(m, "hello world", [(2, -1)], ["", 2, " means:"], max_new_tokens=4).rows[0]
+    (edited_text, _, _), = interpret_states(m, st, ["", 2, " means:"], max_new_tokens=4)
+    assert "with c.safetensors" in flat(r.output)
+    assert plain.text in flat(r.output) and edited_text.strip() in flat(r.output)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--layer", "9"], "layer 9 is out of range"),
+    (["--layer", "0"], "layer 0 is the embeddings"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--target", ""], "--target is empty"),
+    (["--token", "40"], "beyond the prompt"),
+    (["--out", "DIR"], "is a directory"),
+])
+def test_fit_selfie_control_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, words):
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+    from tiny import model_dir
+
+    d = model_dir(tmp_path)
+    (tmp_path / "DIR").mkdir()
+    opts = {"--out": str(tmp_path / "c.safetensors"), "--prompt": "hello", "--layer": "1", "--target": "abc"}
+    for k, v in zip(args[::2], args[1::2]):
+        opts[k] = str(tmp_path / v) if v == "DIR" else v
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    r = CliRunner().invoke(app, ["fit", "selfie-control", "--model", d, *[x for kv in opts.items() for x in kv]])
+    assert r.exit_code == 2 and words in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

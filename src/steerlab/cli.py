@@ -110,29 +110,49 @@ def interpret(
     chat: bool = typer.Option(False, help="Render the original prompt as a user turn with the chat template."),
     batch_size: int = typer.Option(32, min=1, help="Interpretations decoded per generate call."),
     html: str = typer.Option("", "--html", help="Also write a (layer x token) grid of the interpretations to this HTML file."),
+    intervention: str = typer.Option("", "--intervention", "-i", help="Read the prompt's states with this saved "
+                                     "intervention applied (e.g. from `steerlab fit selfie-control`) and show "
+                                     "their interpretations next to the unedited ones; the interpretation prompt "
+                                     "runs unedited."),
+    alpha: float | None = typer.Option(None, help="Strength passed to the intervention's apply."),
 ) -> None:
     """SelfIE: the model describes its own hidden states. Each state (layer, token) of the prompt is
     written at the placeholders of an interpretation prompt before block k and decoded greedily; the
     relevancy is the mean |p(token | injected) - p(token | not injected)| over the interpretation."""
     from .explain.selfie import grid_report, interpret, interpretation_prompt, parse_parts, spread_layers
+    from .interventions import load as load_intervention
 
     m = _load(model)
+    iv = load_intervention(intervention, m) if intervention else None
+    if alpha is not None and iv is None:
+        raise typer.BadParameter("--alpha needs --intervention", param_hint="--alpha")
     ls = _ints(layers, "--layers") or spread_layers(m)
     ts = _ints(tokens, "--tokens") or [-1]
     parts = parse_parts(template) if template else None
     ip = interpretation_prompt(m, parts, chat=False if plain else None)
-    res = interpret(m, prompt, [(L, t) for L in ls for t in ts], ip, k=k, mode=mode, strength=strength,
-                    max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat)
-    t = Table(title=f"SelfIE on {m.name}: {prompt!r} (k={k}, {mode})", title_justify="left")
-    for col, just in [("layer", "right"), ("token", "right"), ("token text", "left"), ("interpretation", "left"),
-                      ("relevancy", "right")]:
-        t.add_column(col, justify=just)
-    for r in res.rows:
-        t.add_row(str(r.layer), str(r.token), repr(r.token_text), r.text, f"{r.relevancy:.3f}")
-    console.print(t)
+    kw = dict(k=k, mode=mode, strength=strength, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat)
+    pairs = [(L, t) for L in ls for t in ts]
+    res = interpret(m, prompt, pairs, ip, **kw)
+    edited = None if iv is None else interpret(m, prompt, pairs, ip, **kw, intervention=iv,
+                                               apply_options={} if alpha is None else {"alpha": alpha})
+    _print_interpretations(res, edited, f"SelfIE on {m.name}: {prompt!r} (k={k}, {mode})", intervention)
     if html:
-        path = grid_report(res, f"SelfIE on {m.name}").write(html)
+        path = grid_report(edited or res, f"SelfIE on {m.name}" + (f" with {intervention}" if iv else "")).write(html)
         console.print(f"wrote {path}")
+
+
+def _print_interpretations(res, edited, title: str, label: str) -> None:
+    t = Table(title=title, title_justify="left")
+    cols = [("layer", "right"), ("token", "right"), ("token text", "left"), ("interpretation", "left"),
+            ("relevancy", "right")]
+    if edited is not None:
+        cols += [(f"with {label.rsplit('/', 1)[-1]}", "left"), ("relevancy ", "right")]
+    for col, just in cols:
+        t.add_column(col, justify=just)
+    for i, r in enumerate(res.rows):
+        more = [] if edited is None else [edited.rows[i].text, f"{edited.rows[i].relevancy:.3f}"]
+        t.add_row(str(r.layer), str(r.token), repr(r.token_text), r.text, f"{r.relevancy:.3f}", *more)
+    console.print(t)
 
 
 @command(app, "interpret-vector")
@@ -823,13 +843,16 @@ def attribute(
     html_out: str = typer.Option("", "--html", help="Write the shaded prompt and the heat map to this HTML file."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     b: int = typer.Option(7, "--b", min=0, max=10, help="Quantised scores <= b are zeroed."),
-    chunk: int = typer.Option(16, "--chunk", min=1, help="Output tokens per batched backward."),
+    chunk: int = typer.Option(16, "--chunk", min=1, help="Output tokens per batched backward (reverse mode) or "
+                              "prompt tokens per batched forward-mode product (forward mode)."),
+    mode: str = typer.Option("auto", "--mode", help="reverse (one VJP per response token) | forward (one JVP per "
+                             "prompt token) | auto (forward when the prompt is under half the response's length)."),
 ) -> None:
     """Gradient x input attribution of the response on the prompt: importance density per prompt token."""
     from .explain.attribution import attribute as run_attribution
 
     m = _load(model)
-    att = run_attribution(m, prompt, response, max_new_tokens=max_new_tokens, chunk=chunk)
+    att = run_attribution(m, prompt, response, max_new_tokens=max_new_tokens, chunk=chunk, mode=mode)
     d = att.density(b)
     console.print(f"response: {att.response!r} ({len(att.response_tokens)} tokens)", soft_wrap=True)
     t = Table(title="most important prompt tokens (importance density)", title_justify="left")
@@ -947,7 +970,7 @@ def instruction_shift(
                           f"({test['group_b']}), t = {test['t']:.2f}, one-sided p = {test['p_one_sided']:.3g}")
     console.print(f"report: {out}/report.html")
 
-from . import cli_heads  # noqa: E402, F401  (registers `probes`, `fit iti`, `fit slim`)
+from . import cli_heads, cli_selfie  # noqa: E402, F401  (register `probes`, `fit iti`, `fit slim`, `fit selfie-control`)
 
 
 def main() -> None:

@@ -11,8 +11,12 @@ Then ``a~_ij = max(0, a_ij) / max_i' max(0, a_i'j)``, ``q_ij = ceil(10 a~_ij)`` 
 ``q <= b`` set to zero (``b = 7``), the importance density ``d_i = ||q_i||_1 / ||q_i||_4`` and the
 instruction score ``S = sum_{i in instruction} d_i / log2(2 + |instruction|)``.
 
-The fast path runs one forward and then the vector-Jacobian products of all output tokens at
-once (``torch.autograd.grad(..., is_grads_batched=True)``) in chunks of ``chunk`` output tokens;
+The reverse path runs one forward and then the vector-Jacobian products of all output tokens at
+once (``torch.autograd.grad(..., is_grads_batched=True)``) in chunks of ``chunk`` output tokens.
+The forward path uses that ``a_ij`` is the directional derivative of ``o_j`` along the tangent equal
+to ``E_i`` at position ``i`` and 0 elsewhere: one Jacobian-vector product per *prompt* token
+(``torch.func.jvp`` under ``vmap``, ``chunk`` tangents at a time, eager attention since the CPU
+flash-attention kernel has no forward-mode formula) gives all output tokens at once.
 :func:`attribute_loop` (one backward per output token) is kept as the reference.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -218,26 +223,94 @@ def _chunk_scores(model: Model, E: torch.Tensor, n_in: int, s: int, targets: tor
     return (gE[:, 0, :n_in].float() * E[0, :n_in].detach().float()).sum(-1), o
 
 
+@contextmanager
+def eager_attention(model: Model):
+    """Run the model with eager attention (forward-mode AD has no formula for the fused kernels);
+    the model's own implementation comes back on exit, also on errors."""
+    old = model.hf.config._attn_implementation
+    if old != "eager":
+        model.hf.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if old != "eager":
+            model.hf.set_attn_implementation(old)
+
+
+def _forward_scores(model: Model, E: torch.Tensor, n_in: int, targets: torch.Tensor, chunk: int):
+    """Scores ``[n_in, n_out]`` and probabilities by forward mode: the head's gradients at the final
+    hidden rows, then one JVP per prompt token (``chunk`` tangents per ``vmap``) through the stack
+    over the positions the outputs need (the last token predicts nothing)."""
+    from torch.func import jvp, vmap
+
+    T = E.shape[1] - 1
+    e = E[:, :T].detach()
+    kw: dict = {"use_cache": False, "attention_mask": torch.ones((1, T), dtype=torch.long, device=E.device)}
+    if model.accepts("position_ids"):
+        kw["position_ids"] = torch.arange(T, device=E.device)[None]
+    rows = torch.arange(n_in - 1, T, device=E.device)
+
+    def stack(x):
+        return model.hf.base_model(inputs_embeds=x, **kw).last_hidden_state[0]
+
+    with eager_attention(model):
+        with torch.no_grad():
+            H = stack(e)
+        with torch.enable_grad():
+            o, g = _head_grads(model, H[rows], targets)
+        g = g.to(H.dtype)
+
+        def one(t):
+            return (jvp(stack, (e,), (t,))[1][rows] * g).sum(-1)
+
+        cols = []
+        with torch.no_grad():
+            for s in range(0, n_in, chunk):
+                idx = torch.arange(s, min(n_in, s + chunk), device=E.device)
+                tangents = torch.zeros((len(idx), 1, T, E.shape[-1]), dtype=E.dtype, device=E.device)
+                tangents[torch.arange(len(idx), device=E.device), 0, idx] = e[0, idx]
+                cols.append(vmap(one)(tangents).float())
+    return torch.cat(cols), o
+
+
+MODES = ("auto", "reverse", "forward")
+
+
+def choose_mode(n_in: int, n_out: int) -> str:
+    """``forward`` when the prompt has fewer than half as many tokens as the response, else
+    ``reverse``: per product the two cost about the same on a CPU (one JVP over the whole sequence
+    vs one VJP over the positions before its token; benchmarks/bench_attribution.py)."""
+    return "forward" if 2 * n_in < n_out else "reverse"
+
+
 def attribute(model: Model, prompt: str, response: str | None = None, chat: bool | None = None,
-              max_new_tokens: int = 32, chunk: int = 16) -> Attribution:
+              max_new_tokens: int = 32, chunk: int = 16, mode: str = "auto") -> Attribution:
     """Gradient x input attribution of every response token on every prompt token (batched).
 
     ``response=None`` generates one greedily (at most ``max_new_tokens``). ``chat=None`` renders the
-    prompt as a user turn when the model has a chat template. Output tokens are taken ``chunk`` at
-    a time: one forward of the decoder stack over the positions the chunk depends on, then one
-    batched vector-Jacobian product for all its tokens (memory grows with ``chunk``)."""
+    prompt as a user turn when the model has a chat template. ``mode="reverse"``: output tokens are
+    taken ``chunk`` at a time, one forward of the decoder stack over the positions the chunk depends
+    on, then one batched vector-Jacobian product for all its tokens; ``mode="forward"``: ``chunk``
+    prompt-token tangents per batched Jacobian-vector product; ``"auto"``: :func:`choose_mode`.
+    Memory grows with ``chunk`` in both."""
     if chunk < 1:
         raise ShapeError(f"chunk must be >= 1, got {chunk}")
+    if mode not in MODES:
+        raise ShapeError(f"unknown attribution mode {mode!r}; choose one of {', '.join(MODES)}")
     text, start, p_ids, offsets, r_ids, E, targets = _setup(model, prompt, response, chat, max_new_tokens)
     n_in, n_out = len(p_ids), len(r_ids)
-    cols, probs = [], []
-    with torch.enable_grad():
-        for s in range(0, n_out, chunk):
-            a, o = _chunk_scores(model, E, n_in, s, targets[s: s + chunk])
-            cols.append(a)
-            probs.append(o)
-    scores = torch.cat(cols).T.double().cpu().numpy()
-    return _result(model, prompt, text, start, p_ids, offsets, r_ids, scores, torch.cat(probs).cpu().numpy())
+    if (choose_mode(n_in, n_out) if mode == "auto" else mode) == "forward":
+        a, o = _forward_scores(model, E, n_in, targets, chunk)
+        scores, probs = a.double().cpu().numpy(), o.cpu().numpy()
+    else:
+        cols, os_ = [], []
+        with torch.enable_grad():
+            for s in range(0, n_out, chunk):
+                a, o = _chunk_scores(model, E, n_in, s, targets[s: s + chunk])
+                cols.append(a)
+                os_.append(o)
+        scores, probs = torch.cat(cols).T.double().cpu().numpy(), torch.cat(os_).cpu().numpy()
+    return _result(model, prompt, text, start, p_ids, offsets, r_ids, scores, probs)
 
 
 def attribute_loop(model: Model, prompt: str, response: str | None = None, chat: bool | None = None,

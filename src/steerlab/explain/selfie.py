@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -484,21 +485,26 @@ def _rows(decoded, layers, tokens, token_texts) -> list[Interpretation]:
 
 def interpret(model: Model, prompt: str, pairs: Sequence[tuple[int, int]], interpretation=None, *, k: int = 1,
               mode: str = "replace", strength: float = 1.0, max_new_tokens: int = 30, batch_size: int = 32,
-              chat: bool = False, relevancy: bool = True) -> SelfieResult:
+              chat: bool = False, relevancy: bool = True, intervention=None,
+              apply_options: dict | None = None) -> SelfieResult:
     """Interpret the hidden states at ``(layer, token)`` pairs of ``prompt`` (HF layers: 0 =
     embeddings; negative tokens count from the end), read in one capture and decoded in batches.
 
     ``interpretation``: an :class:`InterpretationPrompt`, or parts (strings and placeholder counts),
-    default :func:`interpretation_prompt`'s. ``chat`` renders the *original* prompt as a user turn."""
+    default :func:`interpretation_prompt`'s. ``chat`` renders the *original* prompt as a user turn.
+    ``intervention``: applied (with ``apply_options``) while the states are *read*, e.g. a
+    ``selfie-control`` edit; the interpretation prompt always runs on the unedited model."""
     _check_common(mode, max_new_tokens, batch_size)
     ip = as_interpretation_prompt(model, interpretation)
     injection_site(model, k)
-    st = read_states(model, prompt, pairs, chat=chat)
+    with intervention.apply(model, **(apply_options or {})) if intervention is not None else nullcontext():
+        st = read_states(model, prompt, pairs, chat=chat)
     decoded = interpret_states(model, st.vectors, ip, k=k, mode=mode, strength=strength,
                                max_new_tokens=max_new_tokens, batch_size=batch_size, relevancy=relevancy)
     rows = _rows(decoded, [L for L, _ in st.pairs], [t for _, t in st.pairs], st.token_texts)
     return SelfieResult(rows, prompt, ip.text(model), {"k": k, "mode": mode, "strength": strength,
-                                                       "max_new_tokens": max_new_tokens, "chat": chat})
+                                                       "max_new_tokens": max_new_tokens, "chat": chat,
+                                                       "intervention": getattr(intervention, "method", None)})
 
 
 def interpret_vectors(model: Model, vectors: torch.Tensor, interpretation=None, *, k: int = 1,
