@@ -88,18 +88,25 @@ def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, referenc
                  progress: bool | None = None) -> tuple[dict, list[dict]]:
     """One arm of a comparison: generate into ``out_dir`` (resumable) with ``intervention`` in force
     (or none), then :func:`summarize` (fluency under the unedited model) and :func:`side_effects`
-    on neutral text with the intervention applied. Returns the metrics and the rows."""
+    on neutral text with the intervention applied. Returns the metrics and the rows. In a
+    data-parallel launch the processes share the generation and rank 0 measures (``reference`` is
+    only needed there)."""
     from contextlib import nullcontext
 
     from .generation import generate_run
+    from .parallel import group
 
     opts = dict(apply_options or {})
     rows = generate_run(model, prompts, out_dir, cfg, scorer=scorer, intervention=intervention, apply_options=opts,
                         progress=progress)
-    metrics = summarize(rows, fluency_model=model)
-    with intervention.apply(model, **opts) if intervention is not None else nullcontext():
-        metrics["side_effects"] = side_effects(model, reference, neutral)
-    return metrics, rows
+
+    def measure() -> dict:
+        metrics = summarize(rows, fluency_model=model)
+        with intervention.apply(model, **opts) if intervention is not None else nullcontext():
+            metrics["side_effects"] = side_effects(model, reference, neutral)
+        return metrics
+
+    return group().on_main(measure), rows  # in a data-parallel launch: measured on rank 0, sent to all
 
 
 def paired_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
