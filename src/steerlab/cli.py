@@ -36,11 +36,18 @@ def _global(
         torch.set_num_threads(threads)
 
 
-def _load(spec: str, dtype: str = "float32", device: str = "cpu"):
+DEVICE_HELP = ("Device for the model (cpu, cuda, cuda:1, mps); in a data-parallel launch (accelerate launch) "
+               "cuda means each process's own GPU.")
+DEVICE_MAP_HELP = ("Spread the model over the available devices with this transformers device_map (e.g. auto, "
+                   "needs accelerate), for a model larger than one device; replaces --device.")
+
+
+def _load(spec: str, dtype: str = "float32", device: str = "cpu", device_map: str = ""):
     from .models import load
+    from .parallel import group
 
     with console.status(f"loading {spec} ..."):
-        return load(spec, dtype=dtype, device=device)
+        return load(spec, dtype=dtype, device=group().device(device), device_map=device_map or None)
 
 
 def _fail(e: Exception) -> None:
@@ -285,15 +292,19 @@ def generate(
     apply_option: list[str] = typer.Option([], "--apply-option", help="KEY=VALUE passed to the intervention's "
                                            "apply (repeatable), e.g. mode=ablate or where=generated for steering."),
     overwrite: bool = typer.Option(False, help="Start the run directory afresh."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    device_map: str = typer.Option("", "--device-map", help=DEVICE_MAP_HELP),
 ) -> None:
     """Generate continuations of a prompt set into a run directory, score their toxicity and print
     expected maximum toxicity, toxicity probability and mean toxicity with bootstrap CIs. With
-    --intervention, the same prompts, decoding, scorer and metrics evaluate any saved intervention."""
+    --intervention, the same prompts, decoding, scorer and metrics evaluate any saved intervention.
+    Under `accelerate launch --num_processes N` the processes share the prompts (one run directory)."""
     from pathlib import Path
 
     from .evaluation import summarize
     from .generation import GenConfig, generate_run
     from .interventions import load as load_intervention
+    from .parallel import group
     from .runs import write_json
     from .scoring import scorer_from_spec
 
@@ -302,7 +313,7 @@ def generate(
                     batch_size=batch_size)
     ps = select_prompts(prompts, split_name or None, n or None, seed)
     sc = None if scorer == "none" else scorer_from_spec(scorer, scorer_option)
-    m = _load(model)
+    m = _load(model, device=device, device_map=device_map)
     iv = load_intervention(intervention, m) if intervention else None
     if (alpha is not None or apply_option) and iv is None:
         raise typer.BadParameter("--alpha and --apply-option need --intervention", param_hint="--alpha")
@@ -313,6 +324,8 @@ def generate(
     rows = generate_run(m, ps, out, cfg, scorer=sc, intervention=iv,
                         apply_options=opts, overwrite=overwrite,
                         extra_config={"prompts": prompts, "split": split_name, "n": n})
+    if not group().main:  # a data-parallel launch: rank 0 reports
+        return
     console.print(f"{len(rows)} continuations in {out}/results.jsonl")
     if sc is not None:
         summary = summarize(rows, fluency_model=ref, chat=chat)
@@ -769,21 +782,28 @@ def bench(
     n_val: int | None = typer.Option(None, min=1, help="Validation prompts per setting; default from --preset."),
     max_new_tokens: int | None = typer.Option(None, min=1, help="New tokens per continuation; default from --preset."),
     seed: int = typer.Option(0, help="Seed of the split and of the per-row random numbers."),
-    device: str = typer.Option("cpu", help="Device for the model (cpu, cuda, cuda:1, mps)."),
     test_all_settings: bool = typer.Option(False, help="After the choice on validation, also test every candidate "
                                            "setting (tables/candidates.csv; reported, not used to choose)."),
+    batch_size: int | None = typer.Option(None, min=1, help="Rows (prompt x sample) per generate call; default "
+                                          "from --preset."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    device_map: str = typer.Option("", "--device-map", help=DEVICE_MAP_HELP),
 ) -> None:
     """The detoxification benchmark: every registered method fitted on the training split, its
     settings chosen on validation, evaluated on held-out prompts with the same decoding, random
-    numbers and scorer; one table (toxicity with paired CIs, fluency, side effects, cost) and report.html."""
+    numbers and scorer; one table (toxicity with paired CIs, fluency, side effects, cost) and report.html.
+    Under `accelerate launch --num_processes N` the processes share every generation (docs/bench.md)."""
     from .experiments.bench import make_config, run_bench
+    from .parallel import group
 
     cfg = make_config(preset, methods=[x.strip() for x in methods.split(",") if x.strip()] or None, prompts=prompts,
                       scorer=scorer, n_test=n_test, k=k, n_val=n_val, max_new_tokens=max_new_tokens, seed=seed,
-                      test_all_settings=test_all_settings)
+                      batch_size=batch_size, test_all_settings=test_all_settings)
     cfg.validate()
-    m = _load(model, device=device)
-    metrics = run_bench(m, out, cfg)
+    m = _load(model, device=device, device_map=device_map)
+    metrics = run_bench(m, out, cfg, progress=group().main)
+    if not group().main:  # a data-parallel launch: rank 0 reports
+        return
     _print_bench(m.name, metrics)
     console.print(f"report: {out}/report.html (wall time of this call {metrics['wall_seconds_this_call']:.0f} s)")
 
@@ -813,7 +833,7 @@ def demo(model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
          out: str = typer.Option("runs/bench", "--out", "-o", help="Run directory of the benchmark.")) -> None:
     """The main job: the quick detoxification benchmark on the embedded model (`steerlab bench --preset quick`)."""
     bench(out=out, model=model, preset="quick", methods="", prompts="rtp", scorer="default", n_test=None, k=None,
-          n_val=None, max_new_tokens=None, seed=0, device="cpu")
+          n_val=None, max_new_tokens=None, seed=0, batch_size=None, device="cpu", device_map="")
 
 
 # --- instruction-tuning explanations (docs/instruction_shift.md) ----------------------------------

@@ -90,19 +90,25 @@ def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, referenc
     (or none), then :func:`summarize` (fluency under the unedited model) and :func:`side_effects`
     on neutral text with the intervention applied (with its ``fixed_text_options``: a method that edits
     the last position of each call edits every position of the teacher-forced pass, as generation
-    would). Returns the metrics and the rows."""
+    would). Returns the metrics and the rows. In a data-parallel launch the processes share the
+    generation and rank 0 measures (``reference`` is only needed there)."""
     from contextlib import nullcontext
 
     from .generation import generate_run
+    from .parallel import group
 
     opts = dict(apply_options or {})
     rows = generate_run(model, prompts, out_dir, cfg, scorer=scorer, intervention=intervention, apply_options=opts,
                         progress=progress)
-    metrics = summarize(rows, fluency_model=model)
-    fixed = intervention.fixed_text_options(opts) if intervention is not None else {}
-    with intervention.apply(model, **fixed) if intervention is not None else nullcontext():
-        metrics["side_effects"] = side_effects(model, reference, neutral)
-    return metrics, rows
+
+    def measure() -> dict:
+        metrics = summarize(rows, fluency_model=model)
+        fixed = intervention.fixed_text_options(opts) if intervention is not None else {}
+        with intervention.apply(model, **fixed) if intervention is not None else nullcontext():
+            metrics["side_effects"] = side_effects(model, reference, neutral)
+        return metrics
+
+    return group().on_main(measure), rows  # in a data-parallel launch: measured on rank 0, sent to all
 
 
 def paired_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:

@@ -27,7 +27,7 @@ from transformers import LogitsProcessorList
 
 from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
-from .runs import RunDir
+from .parallel import run_loop
 
 SAMPLING: dict[str, dict] = {
     "greedy": {"do_sample": False},
@@ -160,6 +160,10 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
                  progress: bool | None = None) -> list[dict]:
     """Generate into a run directory, append-only and resumable (:meth:`RunDir.loop`).
 
+    Launched as several processes (``accelerate launch``), each generates a share of the batches
+    and the rows are merged into ``out_dir`` (:func:`steerlab.parallel.run_loop`); every process
+    returns every row.
+
     Each row: ``prompt_id, prompt, sample, continuation`` (+ ``toxicity`` and the scorer's
     attributes when a scorer is given, scored per batch as rows are produced). Killing the process
     and rerunning the same call continues where it stopped; the final rows equal an uninterrupted
@@ -181,23 +185,22 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
         config["intervention"] = {"method": intervention.method, "fingerprint": intervention.fingerprint(),
                                   "apply": opts}
         extra_record = {"intervention": intervention.describe()}
-    with RunDir(out_dir, config, overwrite=overwrite) as run:
-        run.write_record(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed,
-                         n_rows_expected=len(ids) * cfg.k, **extra_record)
+    record = dict(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed,
+                  n_rows_expected=len(ids) * cfg.k, **extra_record)
 
-        def work(batch: Sequence[int], seed: int) -> list[dict]:
-            chunk, keys = [texts[i] for i in batch], [ids[i] for i in batch]
-            conts = (generate_batch(model, chunk, cfg, keys) if intervention is None
-                     else intervention.generate(model, chunk, cfg, keys, **opts))
-            rows = [{"prompt_id": ids[i], "prompt": texts[i], "sample": s, "continuation": c}
-                    for i, cs in zip(batch, conts) for s, c in enumerate(cs)]
-            return score_rows(rows, scorer)
+    def work(batch: Sequence[int], seed: int) -> list[dict]:
+        chunk, keys = [texts[i] for i in batch], [ids[i] for i in batch]
+        conts = (generate_batch(model, chunk, cfg, keys) if intervention is None
+                 else intervention.generate(model, chunk, cfg, keys, **opts))
+        rows = [{"prompt_id": ids[i], "prompt": texts[i], "sample": s, "continuation": c}
+                for i, cs in zip(batch, conts) for s, c in enumerate(cs)]
+        return score_rows(rows, scorer)
 
-        rows = run.loop(generation_batches(model, ids, texts, cfg), work, keys=lambda i: [(ids[i], s) for s in range(cfg.k)],
-                        row_key=lambda r: (r["prompt_id"], r["sample"]),
-                        seed=lambda b: derive_seed(cfg.seed, *[ids[i] for i in b]), desc="generate",
-                        progress=progress)
-        run.write_record(n_rows=len(rows))
+    # one process: RunDir(out_dir).loop; several (accelerate launch): a share of the batches each
+    rows = run_loop(out_dir, config, generation_batches(model, ids, texts, cfg), work,
+                    keys=lambda i: [(ids[i], s) for s in range(cfg.k)], row_key=lambda r: (r["prompt_id"], r["sample"]),
+                    seed=lambda b: derive_seed(cfg.seed, *[ids[i] for i in b]), desc="generate", progress=progress,
+                    overwrite=overwrite, record=record)
     pos = {pid: i for i, pid in enumerate(ids)}
     return sorted(rows, key=lambda r: (pos.get(r["prompt_id"], len(pos)), r["sample"]))
 

@@ -38,6 +38,7 @@ from ..evaluation import evaluate_arm, neutral_reference, paired_to, similarity_
 from ..generation import SAMPLING, GenConfig, generate_run
 from ..interventions import BenchData, Intervention, bench_methods, get
 from ..models.model import Model
+from ..parallel import group
 from ..runs import RunDir, read_record
 from .presets import from_preset
 
@@ -129,37 +130,42 @@ def _gen(cfg: BenchConfig, val: bool) -> GenConfig:
                      seed=cfg.seed, batch_size=cfg.batch_size)
 
 
-def _fit(model: Model, run: RunDir, name: str, data: BenchData, preset: str) -> tuple[Intervention, float]:
-    """The method fitted on the training data, or reloaded from ``fit/<name>.safetensors``."""
-    f = run.path / "fit" / f"{name}.safetensors"
+def _fit(model: Model, run: RunDir | None, path: Path, name: str, data: BenchData,
+         preset: str) -> tuple[Intervention, float]:
+    """The method fitted on the training data (by rank 0 of a data-parallel launch), or reloaded
+    from ``fit/<name>.safetensors``."""
+    f = path / "fit" / f"{name}.safetensors"
+    seconds = group().on_main(lambda: _fit_main(model, run, f, name, data, preset))
+    # continue with the saved file, as a resumed run (and every other process) will: the same object
+    return get(name).load(f, model), seconds
+
+
+def _fit_main(model: Model, run: RunDir, f: Path, name: str, data: BenchData, preset: str) -> float:
     fit_seconds = run.record().get("fit_seconds", {})
     if f.exists() and name in fit_seconds:
-        return get(name).load(f, model), float(fit_seconds[name])
+        return float(fit_seconds[name])
     t0 = time.perf_counter()
     iv = get(name).bench_fit(model, data, preset)
     seconds = round(time.perf_counter() - t0, 2)
     iv.save(f)
     run.write_record(fit_seconds={**fit_seconds, name: seconds})
-    # continue with the saved file, as a resumed run will: the same object either way
-    return get(name).load(f, model), seconds
+    return seconds
 
 
 def _summary(model: Model, rows: list[dict]) -> dict:
     return summarize(rows, fluency_model=model)  # fluency under the unedited model (outside any apply)
 
 
-def _select(model: Model, run: RunDir, name: str, iv: Intervention, data: BenchData, val, cfg: BenchConfig,
+def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchData, val, cfg: BenchConfig,
             base: dict) -> tuple[dict, list[dict]]:
-    """Every setting on the validation prompts; the least toxic admissible one (see the module docstring)."""
+    """Every setting on the validation prompts; the least toxic admissible one (see the module docstring).
+    In a data-parallel launch, rank 0 lists the settings and measures each; every rank chooses from that."""
+    g = group()
     table = []
-    for i, opts in enumerate(iv.bench_settings(model, data, cfg.preset)):
-        rows = generate_run(model, val, run.path / "val" / name / str(i), _gen(cfg, True), scorer=data.scorer,
+    for i, opts in enumerate(g.on_main(lambda: iv.bench_settings(model, data, cfg.preset))):
+        rows = generate_run(model, val, path / "val" / name / str(i), _gen(cfg, True), scorer=data.scorer,
                             intervention=iv, apply_options=opts, progress=False)
-        s = _summary(model, rows)
-        ppl, d2 = s.get("fluency", {}).get("perplexity", float("nan")), s["diversity"]["distinct-2"]
-        ok = ppl <= cfg.max_ppl_ratio * base["ppl"] and d2 >= cfg.min_distinct_ratio * base["distinct-2"]
-        table.append({"setting": opts, "mean_toxicity": s["toxicity"]["mean_toxicity"]["value"], "perplexity": ppl,
-                      "distinct-2": d2, "admissible": bool(ok)})
+        table.append(g.on_main(lambda opts=opts, rows=rows: _setting_row(model, opts, rows, cfg, base)))
     admissible = [t for t in table if t["admissible"]]
     pick = min(admissible, key=lambda t: t["mean_toxicity"]) if admissible else min(table, key=lambda t: t["perplexity"])
     if not admissible:
@@ -167,10 +173,18 @@ def _select(model: Model, run: RunDir, name: str, iv: Intervention, data: BenchD
     return pick, table
 
 
-def _evaluate(model: Model, run: RunDir, name: str, iv: Intervention | None, opts: dict, test, cfg: BenchConfig,
+def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, base: dict) -> dict:
+    s = _summary(model, rows)
+    ppl, d2 = s.get("fluency", {}).get("perplexity", float("nan")), s["diversity"]["distinct-2"]
+    ok = ppl <= cfg.max_ppl_ratio * base["ppl"] and d2 >= cfg.min_distinct_ratio * base["distinct-2"]
+    return {"setting": opts, "mean_toxicity": s["toxicity"]["mean_toxicity"]["value"], "perplexity": ppl,
+            "distinct-2": d2, "admissible": bool(ok)}
+
+
+def _evaluate(model: Model, path: Path, name: str, iv: Intervention | None, opts: dict, test, cfg: BenchConfig,
               scorer, reference) -> tuple[dict, list[dict], float]:
     """One arm on the test prompts: metrics, per-category toxicity, side effects, generation time."""
-    d = run.path / "test" / name
+    d = path / "test" / name
     m, rows = evaluate_arm(model, test, d, _gen(cfg, False), scorer, *reference, intervention=iv, apply_options=opts,
                            progress=False)
     category = {p.id: (p.category or "all") for p in test}
@@ -183,7 +197,11 @@ def _evaluate(model: Model, run: RunDir, name: str, iv: Intervention | None, opt
 
 
 def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None, progress: bool = True) -> dict:
-    """Run the benchmark into ``out_dir`` (resumable); returns the metrics (also in ``metrics.json``)."""
+    """Run the benchmark into ``out_dir`` (resumable); returns the metrics (also in ``metrics.json``).
+
+    Launched as several processes (``accelerate launch``), every generation is shared among them
+    (:func:`steerlab.parallel.run_loop`) and rank 0 alone fits, measures, chooses and writes the
+    metrics and the report; every process returns the same metrics."""
     from ..scoring import get_scorer
     from .bench_report import write_report
 
@@ -192,37 +210,55 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     cfg.validate()
     names = list(cfg.methods) or bench_methods()
     scorer = get_scorer(cfg.scorer)
+    g, path = group(), Path(out_dir)
     # the methods are not part of the run's identity: rerunning with more methods adds their arms
     # to the same directory and reuses the baseline and every arm already done
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "test_all_settings")}
-    with RunDir(out_dir, {"kind": "bench", "model": model.name, "model_fingerprint": model.fingerprint,
-                          **settings}) as run:
-        before = run.record().get("methods") or []
-        names = before + [n for n in names if n not in before]  # arms accumulate over calls
-        run.write_record(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed, methods=names)
+    run: RunDir | None = g.on_main(lambda: RunDir(out_dir, {"kind": "bench", "model": model.name,
+                                                            "model_fingerprint": model.fingerprint, **settings}),
+                                   share=False)
+    try:
+        names = g.on_main(lambda: _arm_names(run, model, cfg, names))
         data, val, test = _data(model, cfg, scorer)
-        arms, rows = _run_arms(model, run, names, data, val, test, cfg, scorer, progress)
-        metrics = _metrics(model, cfg, arms, len(test))
-        metrics["wall_seconds_this_call"] = round(time.perf_counter() - t_start, 1)
-        run.write_metrics(metrics)
-        write_report(run.path, model, cfg, metrics, rows, test, scorer)
-    return metrics
+        arms, rows = _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress and g.main)
+
+        def finish() -> dict:
+            _paired(arms, rows)
+            metrics = _metrics(model, cfg, arms, len(test))
+            metrics["wall_seconds_this_call"] = round(time.perf_counter() - t_start, 1)
+            run.write_metrics(metrics)
+            write_report(run.path, model, cfg, metrics, rows, test, scorer)
+            return metrics
+
+        return g.on_main(finish)
+    finally:
+        if run is not None:
+            run.close()
 
 
-def _run_arms(model, run, names, data, val, test, cfg, scorer, progress) -> tuple[list[Arm], dict[str, list[dict]]]:
+def _arm_names(run: RunDir, model: Model, cfg: BenchConfig, names: list[str]) -> list[str]:
+    before = run.record().get("methods") or []
+    names = before + [n for n in names if n not in before]  # arms accumulate over calls
+    run.write_record(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed, methods=names)
+    return names
+
+
+def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -> tuple[list[Arm], dict[str, list[dict]]]:
     from tqdm.auto import tqdm
 
     from ..data import neutral_texts
 
+    g = group()
     neutral = neutral_texts()[: cfg.n_neutral] if cfg.n_neutral else neutral_texts()
-    reference = (neutral_reference(model, neutral), neutral)
+    # side effects are measured on rank 0 (evaluation.evaluate_arm): the reference is needed there only
+    reference = (g.on_main(lambda: neutral_reference(model, neutral), share=False), neutral)
     bar = tqdm(total=len(names) + 1, desc="bench", unit="arm", disable=not progress)
     bar.set_postfix_str("unsteered")
-    base_val = _summary(model, generate_run(model, val, run.path / "val" / "unsteered", _gen(cfg, True),
-                                            scorer=scorer, progress=False))
+    val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer, progress=False)
+    base_val = g.on_main(lambda: _summary(model, val_rows))
     base = {"ppl": base_val.get("fluency", {}).get("perplexity", float("nan")),
             "distinct-2": base_val["diversity"]["distinct-2"]}
-    m, base_rows, secs = _evaluate(model, run, "unsteered", None, {}, test, cfg, scorer, reference)
+    m, base_rows, secs = _evaluate(model, path, "unsteered", None, {}, test, cfg, scorer, reference)
     arms = [Arm("unsteered", describe="the model as it is", settings={}, metrics=m, generate_seconds=secs)]
     rows = {"unsteered": base_rows}
     bar.update(1)
@@ -230,26 +266,26 @@ def _run_arms(model, run, names, data, val, test, cfg, scorer, progress) -> tupl
         bar.set_postfix_str(name)
         arm = Arm(name)
         try:
-            iv, arm.fit_seconds = _fit(model, run, name, data, cfg.preset)
+            iv, arm.fit_seconds = _fit(model, run, path, name, data, cfg.preset)
             arm.describe = iv.describe()
-            pick, arm.selection = _select(model, run, name, iv, data, val, cfg, base)
+            pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base)
             arm.settings = pick
-            arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, run, name, iv, pick["setting"], test,
+            arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, path, name, iv, pick["setting"], test,
                                                                       cfg, scorer, reference)
-            arm.metrics.update(iv.bench_metrics(model, data, test, reference[1], pick["setting"], _gen(cfg, False)))
+            arm.metrics.update(g.on_main(lambda iv=iv, opts=pick["setting"]: iv.bench_metrics(
+                model, data, test, reference[1], opts, _gen(cfg, False))))
             if cfg.test_all_settings and len(arm.selection) > 1:
-                arm.candidates = _candidates(model, run, name, iv, arm, test, cfg, scorer, reference,
+                arm.candidates = _candidates(model, path, name, iv, arm, test, cfg, scorer, reference,
                                              base_rows, rows[name])
-        except Exception as e:  # a failing method is reported, the others go on
+        except Exception as e:  # a failing method is reported, the others go on (on every rank alike)
             arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
         arms.append(arm)
         bar.update(1)
     bar.close()
-    _paired(arms, rows)
     return arms, rows
 
 
-def _candidates(model, run, name, iv, arm: Arm, test, cfg, scorer, reference, base_rows,
+def _candidates(model, path, name, iv, arm: Arm, test, cfg, scorer, reference, base_rows,
                 chosen_rows) -> list[dict]:
     """Every candidate setting of ``arm`` on the test prompts, after the choice was made on validation
     (``--test-all-settings``): for reporting each setting, never for choosing. The chosen one is not rerun."""
@@ -259,8 +295,8 @@ def _candidates(model, run, name, iv, arm: Arm, test, cfg, scorer, reference, ba
         if opts == arm.settings["setting"]:
             m, rows, secs = dict(arm.metrics), chosen_rows, arm.generate_seconds
         else:
-            m, rows, secs = _evaluate(model, run, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
-        m["paired_difference"] = paired_to(base_rows, rows)
+            m, rows, secs = _evaluate(model, path, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
+        m["paired_difference"] = group().on_main(lambda b=base_rows, r=rows: paired_to(b, r))
         out.append({"setting": opts, "chosen": opts == arm.settings["setting"], "generate_seconds": secs,
                     **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference")
                        if k in m}})
