@@ -678,7 +678,7 @@ def steer_study(
 
 def _print_selfcorrect(name: str, h: dict, rounds: int) -> None:
     """The toxicity-per-round and first-shift cosine tables of a self-correction run."""
-    groups = [g for g in ("detox", "toxify") if g in h]
+    groups = h.get("groups") or [g for g in ("detox", "toxify") if g in h]
     t = Table(title=f"{name}: toxicity per round, mean ± std ("
                     + ", ".join(f"{g}: {h[g]['instruction']}" for g in groups) + ")", title_justify="left")
     t.add_column("group")
@@ -696,9 +696,9 @@ def _print_selfcorrect(name: str, h: dict, rounds: int) -> None:
                     "token; + = towards non-toxic); controls for the detox shift (others: tables/steering_cosine.csv)",
               title_justify="left")
     t.add_column("layer", justify="right")
-    cols = [*groups, *(["detox-toxify"] if "detox-toxify" in h else [])]
+    cols = [*groups, *h.get("contrasts", [])]
     for g in cols:
-        t.add_column("detox − toxify" if g == "detox-toxify" else g, justify="right")
+        t.add_column(g.replace("-", " − ") if g in h.get("contrasts", []) else g, justify="right")
     t.add_column("random ± std", justify="right")
     t.add_column("permuted", justify="right")
     ref = h[groups[0]]
@@ -707,6 +707,17 @@ def _print_selfcorrect(name: str, h: dict, rounds: int) -> None:
                   f"{ref['first_shift_random_cos'][layer]:+.3f} ± {ref['first_shift_random_std'][layer]:.3f}",
                   f"{ref['first_shift_permuted_cos'][layer]:+.3f}")
     console.print(t)
+    paper = [g for g in cols if "first_shift_paper_stat_by_layer" in h[g]]
+    if paper:
+        t = Table(title="the paper's statistic: mean per-sample cosine of the round 1→2 shift of the final-norm "
+                        "response mean with s_l (best layers and max-over-layers p-values: "
+                        "tables/steering_best_layer.csv)", title_justify="left")
+        t.add_column("layer", justify="right")
+        for g in paper:
+            t.add_column(g, justify="right")
+        for layer in shown:
+            t.add_row(str(layer), *[f"{h[g]['first_shift_paper_stat_by_layer'][layer]:+.3f}" for g in paper])
+        console.print(t)
 
 
 @command(app)
@@ -715,7 +726,8 @@ def selfcorrect(
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     prompts: str = typer.Option("rtp", help="Prompt pool: rtp, rtp:<category>, a .txt/.jsonl/.csv file or hf:<id>."),
     preset: str = typer.Option("small", help="small (48 prompts, 3 rounds, 40 tokens: minutes on 2 CPU cores), "
-                               "paper (200 prompts, 5 rounds, 150 tokens) or tiny (smoke test)."),
+                               "paper (200 prompts, 5 rounds, 150 tokens), tiny (smoke test), crossed or "
+                               "robustness (24 prompts, every prompt gets every instruction of --arms)."),
     n: int | None = typer.Option(None, help="Samples (split between detox and toxify groups); default from --preset."),
     rounds: int | None = typer.Option(None, min=2, help="Dialogue rounds (1 completion + corrections); default from --preset."),
     max_new_tokens: int | None = typer.Option(None, min=1, help="New tokens per reply; default from --preset."),
@@ -732,8 +744,13 @@ def selfcorrect(
     seed: int = typer.Option(0, help="Seed of prompt selection and sampling."),
     batch_size: int = typer.Option(16, min=1, help="Dialogues per generate call."),
     scorer: str = typer.Option("default", help="Toxicity scorer (see `steerlab scorers`)."),
-    steer_pairs: int = typer.Option(64, min=1, help="Contrast pairs for the per-layer steering vectors."),
+    steer_pairs: int | None = typer.Option(None, min=1, help="Contrast pairs for the per-layer steering vectors "
+                                           "(default from --preset: 64, tiny 16)."),
     steer_positions: str = typer.Option("mean", help="Steering-vector positions: last | mean | aligned."),
+    arms: str | None = typer.Option(None, help="Crossed design: every prompt gets every instruction of this set: "
+                                    "crossed (strong detox, strong toxify, neutral rewrite), robustness (strong and "
+                                    "weak of both, neutral) or comma-separated kinds; default from --preset."),
+    n_null: int | None = typer.Option(None, min=1, help="Label-shuffled steering vectors for the null (default 100)."),
     overwrite: bool = typer.Option(False, help="Start the run directory afresh instead of resuming."),
 ) -> None:
     """Intrinsic self-correction study (arXiv 2505.11924): multi-round detox/toxify dialogues,
@@ -757,7 +774,7 @@ def selfcorrect(
     cfg = make_config(preset, prompts=prompts, n=n, rounds=rounds, max_new_tokens=max_new_tokens,
                       directions=directions, selection=selection, detox=detox, toxify=toxify, opening=opening,
                       sampling=sampling, seed=seed, batch_size=batch_size, scorer=scorer,
-                      steer_pairs=steer_pairs, steer_positions=steer_positions)
+                      steer_pairs=steer_pairs, steer_positions=steer_positions, arms=arms, n_null=n_null)
     cfg.validate()
     m = _load(model)
     res = run_selfcorrect(m, out, cfg, overwrite=overwrite)

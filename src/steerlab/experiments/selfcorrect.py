@@ -49,7 +49,6 @@ from ..protocols.selfcorrect import dialogue, instruction_texts, parse_completio
 from ..runs import RunDir, read_json, write_atomic
 from .selfcorrect_analysis import PAPER, SelfCorrectResult, analyse, json_safe
 from .selfcorrect_config import (
-    GROUPS,
     PRESETS,
     Sample,
     SelfCorrectConfig,
@@ -62,7 +61,7 @@ from .selfcorrect_config import (
 __all__ = ["PRESETS", "SelfCorrectConfig", "SelfCorrectError", "SelfCorrectResult", "generate_round", "make_config",
            "run_selfcorrect", "select_samples"]
 
-STATE_KEYS = ("prompt", "response", "resid", "response_tokens")
+STATE_KEYS = ("prompt", "response", "resid", "resid_response", "response_tokens")
 
 
 # =============================================================================================
@@ -99,6 +98,7 @@ def generate_round(model: Model, dialogues: list[list[dict]], keys: Sequence[str
       token and padding excluded), ``[N, d]``. ``generate`` never runs the model on the last
       sampled token, so this is the one-position-shifted "mean over the response" that needs no
       extra forward pass;
+    - ``resid_response``: the same response mean of ``blocks.{l}.resid_post``, every layer, ``[N, L, d]``;
     - ``response_tokens``: ``n`` per reply.
     """
     gen_cfg = GenConfig(max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling, seed=cfg.seed, chat=True,
@@ -110,8 +110,9 @@ def generate_round(model: Model, dialogues: list[list[dict]], keys: Sequence[str
     n = reply_lengths(fin.input_ids[:, 1:], fin.calls, cfg.max_new_tokens, _stop_ids(model))
     keep = (torch.arange(F.shape[1], device=F.device)[None, :] < n[:, None].to(F.device)).float()
     resp = (F * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
-    states = {"prompt": F[:, 0], "resid": torch.stack([res[s][:, 0] for s in sites], 1), "response": resp,
-              "response_tokens": n}
+    Rs = torch.stack([res[s] for s in sites], 2)  # [B, calls, L, d]
+    states = {"prompt": F[:, 0], "resid": Rs[:, 0], "response": resp, "response_tokens": n,
+              "resid_response": (Rs * keep[..., None, None]).sum(1) / keep.sum(1)[:, None, None]}
     return [o[0] for o in out], {k: v.cpu().numpy() for k, v in states.items()}
 
 
@@ -205,7 +206,12 @@ def run_selfcorrect(model: Model, out_dir: str | Path, config: SelfCorrectConfig
     texts, ids = pool(prompts, cfg.prompts)
     pool_tox = np.asarray(sc.toxicity(texts), dtype=np.float64)
     samples = select_samples(texts, ids, pool_tox, cfg)
-    groups = [g for g in GROUPS if any(s.group == g for s in samples)]
+    outside = len(texts) - len({s.prompt for s in samples})
+    if outside < 2:  # checked before anything is written
+        raise SelfCorrectError(f"only {outside} prompt(s) of the pool are outside the study: the steering vectors "
+                               "need at least 2 (one pair) disjoint from the study prompts; give a larger pool or "
+                               "lower n")
+    groups = list(dict.fromkeys(s.group for s in samples))
     run_config = {"kind": "selfcorrect", "paper": PAPER, **asdict(cfg), "scorer_key": getattr(sc, "key", str(sc)),
                   "model": model.name, "model_fingerprint": model.fingerprint,
                   "pool_fingerprint": text_id("\n".join(ids)), "n_pool": len(texts),
@@ -239,13 +245,13 @@ def _study(model, run: RunDir, cfg, samples, groups, texts, ids, pool_tox, sc, l
     rec = run.record()
     round_seconds = {str(r): rec[f"round {r}_seconds"] for r in range(1, R + 1) if f"round {r}_seconds" in rec}
     tox = np.array([[rows_by_round[r][i]["toxicity"] for r in range(R)] for i in range(len(samples))])  # [N, R]
-    S = {k: np.stack(v) for k, v in st.items()}  # prompt/response [R, N, d], resid [R, N, L, d]
-    sv, steer_info = _steering_vectors(model, texts, ids, pool_tox, samples, cfg)
+    S = {k: np.stack(v) for k, v in st.items()}  # prompt/response [R, N, d], resid(_response) [R, N, L, d]
+    sv, steer_info, null = _steering_vectors(model, texts, ids, pool_tox, samples, cfg)
     sv.save(run.path / "steering_vector.safetensors")
     lex_note = "given by the caller"
     if lexicon is None:
         lexicon, lex_note = _lexicon(model, sc, cfg)
-    result = analyse(model, run.path, cfg, samples, groups, tox, S, sv, lexicon, rows_by_round)
+    result = analyse(model, run.path, cfg, samples, groups, tox, S, sv, lexicon, rows_by_round, null)
     result.headline.update({"lexicon": lex_note, "steering": steer_info, "round_seconds": round_seconds,
                             "rounds_generated_this_call": sorted(int(r) for r in set(round_seconds) - before),
                             "generation_seconds": round(sum(round_seconds.values()), 1),
@@ -260,27 +266,33 @@ def _study(model, run: RunDir, cfg, samples, groups, texts, ids, pool_tox, sc, l
 
 def _steering_vectors(model: Model, texts: list[str], ids: list[str], scores: np.ndarray, samples: list[Sample],
                       cfg: SelfCorrectConfig):
-    """Per-layer toxicity steering vectors (non-toxic minus toxic) from prompts outside the study."""
+    """Per-layer toxicity steering vectors (non-toxic minus toxic) from prompts outside the study, and
+    ``n_null`` label-shuffled ones from the same prompts (:func:`steerlab.explain.shifts.shuffled_directions`)."""
     from ..data import contrast_from_scores
+    from ..explain.shifts import shuffled_directions
+    from ..hooks import capture
     from ..steer.vector import SteeringVector
 
     used = {s.prompt for s in samples}
     rest = [i for i, t in enumerate(texts) if t not in used]
     note = "prompts outside the study"
-    if len(rest) < 2:
-        rest = list(range(len(texts)))
-        note = "all prompts (too few outside the study: overlaps the study prompts)"
     n = min(cfg.steer_pairs, len(rest) // 2)
     cs = contrast_from_scores([texts[i] for i in rest], scores[rest], n=n, source="selfcorrect pool")
     sites = [f"blocks.{layer}.resid_post" for layer in range(model.n_layers)]
     sv = SteeringVector.fit(model, cs.desirable, cs.undesirable, sites, method="mean_diff",
                             positions=cfg.steer_positions, scale="unit", chat=cfg.steer_chat,
                             batch_size=cfg.batch_size)
+    pos = "last" if cfg.steer_positions == "last" else "mean"
+    caps = capture(model, list(cs.desirable) + list(cs.undesirable), sites, pos, chat=cfg.steer_chat,
+                   batch_size=cfg.batch_size)
+    acts = torch.stack([caps[s] for s in sites], 1).numpy()  # [2n, L, d]
+    null = shuffled_directions(acts, len(cs.desirable), cfg.n_null, seed=derive_seed("null", cfg.seed))
     info = {"pairs": n, "from": note, "positions": cfg.steer_positions, "chat": cfg.steer_chat,
+            "null": f"{cfg.n_null} label-shuffled mean-difference vectors ({pos} positions)",
             "toxic_mean_score": float(np.mean(cs.undesirable_scores)),
             "nontoxic_mean_score": float(np.mean(cs.desirable_scores)), "contrast_fingerprint": cs.fingerprint}
     sv.meta.update({"purpose": "selfcorrect toxicity direction (non-toxic minus toxic)", **info})
-    return sv, info
+    return sv, info, null
 
 
 def _lexicon(model: Model, scorer, cfg: SelfCorrectConfig):

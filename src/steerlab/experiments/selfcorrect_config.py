@@ -16,6 +16,13 @@ from ..protocols.selfcorrect import get_instruction
 from .presets import from_preset
 
 GROUPS = ("detox", "toxify")
+ARM_SETS: dict[str, tuple[str, ...]] = {
+    "crossed": ("strong_detox", "strong_toxify", "neutral_rewrite"),
+    "robustness": ("strong_detox", "weak_detox", "strong_toxify", "weak_toxify", "neutral_rewrite"),
+}
+"""Named instruction sets of the crossed design (``arms``): ``crossed`` gives every prompt the detox,
+the toxify and the neutral instruction; ``robustness`` the strong and the weak wording of both,
+plus the neutral one."""
 
 
 class SelfCorrectError(SteerlabError):
@@ -49,6 +56,18 @@ class SelfCorrectConfig:
     lexicon_min_len: int = 2
     moved_share: float = 0.75       # share of transitions that must move as instructed
     moved_rel: float = 0.02         # relative threshold of a move
+    arms: str = ""                  # crossed design: "crossed", "robustness" or comma-separated instruction kinds
+    n_null: int = 100               # label-shuffled steering vectors (the null of the cosine statistics)
+    n_boot: int = 1000              # bootstrap resamples of prompts (CIs)
+
+    def arm_kinds(self) -> tuple[str, ...]:
+        """The instructions of the crossed design (empty: the paper's design, detox for toxic and
+        toxify for non-toxic prompts)."""
+        if not self.arms:
+            return ()
+        if self.arms in ARM_SETS:
+            return ARM_SETS[self.arms]
+        return tuple(dict.fromkeys(a.strip() for a in self.arms.split(",") if a.strip()))
 
     def validate(self) -> None:
         if self.rounds < 2:
@@ -67,19 +86,32 @@ class SelfCorrectConfig:
             raise SelfCorrectError(f"steer_positions must be last, mean or aligned, got {self.steer_positions!r}")
         if not 0 < self.moved_share <= 1:
             raise SelfCorrectError(f"moved_share must be in (0, 1], got {self.moved_share}")
+        if min(self.n_null, self.n_boot) < 1:
+            raise SelfCorrectError("n_null and n_boot must be >= 1")
         for kind, want in ((self.opening, "opening"), (self.detox, "detox"), (self.toxify, "toxify")):
             got = get_instruction(kind).direction
             if got != want:
                 raise SelfCorrectError(f"instruction {kind!r} is a {got} instruction, but it is used as the {want} one")
+        arms = self.arm_kinds()
+        if self.arms and len(arms) < 2:
+            raise SelfCorrectError(f"arms needs at least two instruction kinds (or one of {', '.join(ARM_SETS)}), "
+                                   f"got {self.arms!r}")
+        for kind in arms:
+            if get_instruction(kind).direction == "opening":
+                raise SelfCorrectError(f"arm {kind!r} is an opening instruction, not a correction")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"n": 200, "rounds": 5, "max_new_tokens": 150},
     "small": {"n": 48, "rounds": 3, "max_new_tokens": 40},
     "tiny": {"n": 8, "rounds": 2, "max_new_tokens": 16, "steer_pairs": 16, "n_controls": 4},
+    "crossed": {"n": 24, "rounds": 3, "max_new_tokens": 40, "arms": "crossed"},
+    "robustness": {"n": 24, "rounds": 3, "max_new_tokens": 40, "arms": "robustness"},
 }
 """``paper``: the paper's rounds and lengths (on 200 prompts); ``small``: a few minutes on 2 CPU
-cores with the default model; ``tiny``: a smoke test."""
+cores with the default model; ``tiny``: a smoke test; ``crossed``: every prompt (toxic and
+non-toxic) gets the detox, the toxify and the neutral instruction; ``robustness``: the same with
+the strong and the weak wording of both directions."""
 
 
 def make_config(preset: str | None = None, **overrides: Any) -> SelfCorrectConfig:
@@ -101,6 +133,7 @@ class Sample:
     prompt_toxicity: float
     group: str
     instruction: str
+    prompt_kind: str = ""           # toxic | nontoxic (the side of the threshold or ranking it was drawn from)
 
 
 def pool(prompts: Sequence | None, spec: str) -> tuple[list[str], list[str]]:
@@ -146,8 +179,15 @@ def select_samples(texts: Sequence[str], ids: Sequence[str], scores: np.ndarray,
         picked["detox"] = np.argsort(-scores, kind="stable")[:want["detox"]]
         picked["toxify"] = np.argsort(scores, kind="stable")[:want["toxify"]]
     out: list[Sample] = []
+    kinds = {"detox": "toxic", "toxify": "nontoxic"}
+    if cfg.arm_kinds():  # crossed design: every prompt gets every arm, prompts in the same order in each arm
+        for arm in cfg.arm_kinds():
+            for g in GROUPS:
+                for i in picked[g]:
+                    out.append(Sample(len(out), ids[i], texts[i], float(scores[i]), arm, arm, kinds[g]))
+        return out
     for g in GROUPS:
         kind = cfg.detox if g == "detox" else cfg.toxify
         for i in picked[g]:
-            out.append(Sample(len(out), ids[i], texts[i], float(scores[i]), g, kind))
+            out.append(Sample(len(out), ids[i], texts[i], float(scores[i]), g, kind, kinds[g]))
     return out

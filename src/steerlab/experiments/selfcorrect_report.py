@@ -9,6 +9,7 @@ import numpy as np
 
 from ..report import figures as F
 from ..report.html import HtmlReport
+from .selfcorrect_analysis import tox_rows_key
 
 GROUP_COLORS = {"detox": ("#1b7837", "#5aae61", "#a6dba0", "#d9f0d3"),
                 "toxify": ("#b2182b", "#d6604d", "#f4a582", "#fddbc7"),
@@ -29,8 +30,9 @@ def toxicity_figure(path: Path, result, rounds: int, groups: list[str]) -> Path:
     x = np.arange(1, rounds + 1)
     for ax, g in zip(axes, groups):
         series = {}
+        key = tox_rows_key(result.toxicity, g)
         for subset, name in (("all", "all samples"), ("moved", "moved as instructed")):
-            rows = [r for r in result.toxicity if r["group"] == g and r["subset"] == subset]
+            rows = [r for r in result.toxicity if r["group"] == g and r["subset"] == subset and r["prompts"] == key]
             n = rows[0]["n"] if rows else 0
             if n:
                 series[f"{name} (n={n})"] = ([r["mean"] for r in rows], [r["std"] for r in rows])
@@ -83,12 +85,13 @@ def cosine_figure(path: Path, result, groups: list[str]) -> Path:
     """Cosine (top) and lambda (bottom) of each round's mean resid_post shift with the per-layer
     steering vector (non-toxic minus toxic), against random and permuted controls; one column per
     group, plus the detox-minus-toxify contrast when both groups ran."""
-    groups = list(dict.fromkeys(r["group"] for r in result.cosine))
+    cos_rows = [r for r in result.cosine if r["state"] == "prompt"]
+    groups = list(dict.fromkeys(r["group"] for r in cos_rows))
     fig, axes = F.figure(2, len(groups), title="Round shift vs toxicity steering vector, per layer",
                          height=8.4)
     axes = np.asarray(axes).reshape(2, len(groups))
     for j, g in enumerate(groups):
-        rows = [r for r in result.cosine if r["group"] == g]
+        rows = [r for r in cos_rows if r["group"] == g]
         trans = list(dict.fromkeys(r["transition"] for r in rows))
         ax = axes[0, j]
         first = [r for r in rows if r["transition"] == trans[0]]
@@ -113,6 +116,93 @@ def _per_transition(ax, rows: list[dict], trans: list[str], group: str, key: str
         rr = [r for r in rows if r["transition"] == tr]
         ax.plot([r["layer"] for r in rr], [r[key] for r in rr], marker="o", markersize=3,
                 color=_shade(group, t), linewidth=2.0 if t == 0 else 1.2, label=f"{label} {tr}")
+
+
+def paper_stat_figure(path: Path, result) -> Path:
+    """The paper's statistic per layer: mean over samples of cos(sample's round 1→2 shift, s_l), for the
+    final-norm response mean (the paper's state) and the layer's own resid_post response mean, with the
+    bootstrap CI over prompts and the label-shuffled null (mean ± 2 std)."""
+    rows = [r for r in result.cosine if r["transition"] == "1->2" and r["n"] and r["state"] != "prompt"]
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    fig, axes = F.figure(1, max(1, len(groups)), title="Mean per-sample cosine of the round 1→2 shift with s_l "
+                         "(the paper's statistic), 95% CI over prompts", sharey=True)
+    axes = np.atleast_1d(axes).ravel()
+    for ax, g in zip(axes, groups):
+        for state, color, what in (("final_response", "#2166ac", "final-norm response mean (paper)"),
+                                   ("response", "#e08214", "resid_post response mean, same layer")):
+            rr = [r for r in rows if r["group"] == g and r["state"] == state]
+            x = [r["layer"] for r in rr]
+            ax.plot(x, [r["mean_sample_cos"] for r in rr], marker="o", markersize=3, color=color, label=what)
+            ax.fill_between(x, [r["msc_lo"] for r in rr], [r["msc_hi"] for r in rr], color=color, alpha=0.2)
+            if "null_msc_mean" in rr[0]:
+                F.band(ax, x, [r["null_msc_mean"] for r in rr], [2 * r["null_msc_std"] for r in rr],
+                       label=f"label-shuffled null, {state} (mean ± 2 std)", color="#888888", alpha=0.15)
+        ax.axhline(0, color="black", linewidth=0.6)
+        F.label(ax, "layer l of the steering vector", "mean_i cos(D_i, s_l)", title=f"{g}: {GROUP_TEXT.get(g, g)}")
+    return F.save(fig, path)
+
+
+def pca3d_figure(path: Path, result, groups: list[str], samples: list[dict], state: str = "response") -> Path:
+    """3-D view of Figure 2: the states of all rounds in PC1-PC3 (dots), each sample's moves as arrows."""
+    Z = result.pca[state]
+    ev = result.pca_explained[state]
+    fig = F.plt.figure(figsize=(7.6, 6.6))
+    fig.suptitle(f"Round-to-round moves in 3-D PCA ({state} state)", fontsize=13, fontweight="bold")
+    ax = fig.add_subplot(projection="3d")
+    if Z.shape[2] < 3:
+        ax.text2D(0.5, 0.5, "fewer than 3 components", ha="center", transform=ax.transAxes)
+        return F.save(fig, path)
+    for gi, g in enumerate(groups):
+        idx = np.array([s["sample"] for s in samples if s["group"] == g])
+        col = _shade(g, 0) if g in GROUP_COLORS else F.PALETTE[gi % len(F.PALETTE)]
+        ax.scatter(*Z[0, idx].T, s=10, color=col, alpha=0.6, label=f"{g}: round 1")
+        for t in range(Z.shape[0] - 1):
+            d = Z[t + 1, idx] - Z[t, idx]
+            ax.quiver(*Z[t, idx].T, *d.T, color=col, alpha=0.5, arrow_length_ratio=0.15, linewidth=0.8,
+                      label=f"{g}: moves" if t == 0 else None)
+    ax.set_xlabel(f"PC1 ({ev[0]:.0%})")
+    ax.set_ylabel(f"PC2 ({ev[1]:.0%})")
+    ax.set_zlabel(f"PC3 ({ev[2]:.0%})")
+    ax.legend(fontsize=7, loc="upper left")
+    return F.save(fig, path)
+
+
+def vector_lexicon_figure(path: Path, result) -> Path:
+    """Heat map: each layer's steering vector read through the unembedding (U s_l), mean logit change of
+    the most toxic and the least toxic lexicon tokens relative to the vocabulary mean."""
+    rows = result.vector_lexicon
+    M = np.array([[r["toxic_vs_vocab"], r["nontoxic_vs_vocab"]] for r in rows]).T  # [2, L]
+    fig, axes = F.figure(1, 1, title="Steering vectors under the logit lens: effect on the toxicity lexicon",
+                         width=min(16, 2 + 0.45 * len(rows)), height=3.4)
+    ax = axes.flat[0]
+    lim = float(np.nanmax(np.abs(M))) or 1.0
+    im = ax.imshow(M, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_yticks([0, 1], [f"{rows[0]['k']} most toxic tokens", f"{rows[0]['k']} least toxic tokens"])
+    ax.set_xticks(range(len(rows)), [str(r["layer"]) for r in rows], fontsize=7)
+    fig.colorbar(im, ax=ax, label="mean logit change − vocabulary mean")
+    F.label(ax, "layer l (unit s_l, U·s_l without the final norm)", "token set", legend=False,
+            title="red: promoted, blue: demoted")
+    return F.save(fig, path)
+
+
+def arms_figure(path: Path, result, groups: list[str]) -> Path:
+    """Crossed design: mean toxicity per round of every arm on the same prompts (95% CI over prompts),
+    one panel per prompt kind."""
+    kinds = [k for k in ("toxic", "nontoxic") if any(r["prompts"] == k for r in result.toxicity)]
+    fig, axes = F.figure(1, len(kinds), title="Toxicity per round, every instruction on the same prompts "
+                         "(mean, 95% CI)", sharey=True)
+    axes = np.atleast_1d(axes).ravel()
+    for ax, k in zip(axes, kinds):
+        for gi, g in enumerate(groups):
+            rr = [r for r in result.toxicity if r["group"] == g and r["prompts"] == k and r["subset"] == "all"]
+            x = np.array([r["round"] for r in rr]) + (gi - len(groups) / 2) * 0.04
+            m = np.array([r["mean"] for r in rr])
+            err = np.array([[mu - r["lo"], r["hi"] - mu] for mu, r in zip(m, rr)]).T
+            ax.errorbar(x, m, yerr=np.nan_to_num(err), marker="o", capsize=3, label=g,
+                        color=F.PALETTE[gi % len(F.PALETTE)])
+        ax.set_xticks(sorted({r["round"] for r in result.toxicity}))
+        F.label(ax, "round", "toxicity (scorer probability)", title=f"{k} prompts (n={rr[0]['n'] if rr else 0})")
+    return F.save(fig, path)
 
 
 def lexicon_figure(path: Path, result, groups: list[str]) -> Path:
@@ -171,25 +261,29 @@ def _group_kv(g: str, gh: dict) -> dict[str, object]:
 
 def _headline_kv(cfg, h: dict, groups: list[str]) -> dict[str, object]:
     """The headline table of the report."""
-    ct = h.get("detox-toxify")
     sizes = ", ".join(f"{g}: {h[g]['n']}" for g in groups)
-    kv: dict[str, object] = {"samples": f"{h['n']} ({sizes})",
+    kv: dict[str, object] = {"samples": f"{h['n']} ({sizes}; design: {h.get('design', 'paper')})",
                              "rounds": cfg.rounds, "decoding": f"{cfg.sampling}, up to {cfg.max_new_tokens} new tokens, seed {cfg.seed}",
                              "time": f"generation {h.get('generation_seconds', '?')} s (all rounds); "
                                      f"this call {h.get('seconds_this_call', '?')} s"}
     for g in groups:
         kv.update(_group_kv(g, h[g]))
-    if ct:
+    for name in h.get("contrasts", []):
+        ct = h[name]
         cs, rc, rs = ct["first_shift_cos_by_layer"], ct["first_shift_random_cos"], ct["first_shift_random_std"]
         best = int(np.argmax(np.abs(cs)))
-        kv["contrast (detox shift − toxify shift) 1→2: cosine with s_l, last layer"] = (
+        kv[f"contrast {name} 1→2: cosine with s_l, last layer"] = (
             f"{cs[-1]:+.3f} (random control {rc[-1]:+.3f} ± {rs[-1]:.3f}); largest |cosine| {cs[best]:+.3f} "
             f"at layer {best}")
+    for name in [*groups, *h.get("contrasts", [])]:
+        for key, b in h[name].get("best_layer", {}).items():
+            kv[f"{name}: best layer 1→2, {key}"] = (f"layer {b['best_layer']}: {b['value']:+.3f}, "
+                                                   f"max-over-layers p = {b['p_max_over_layers']:.3f}")
     kv["lexicon"] = h.get("lexicon", "")
     st = h.get("steering", {})
     kv["steering vectors"] = (f"{st.get('pairs')} pairs from {st.get('from')}, positions {st.get('positions')}, "
                               f"unit norm; mean score toxic {st.get('toxic_mean_score', float('nan')):.2f} vs "
-                              f"non-toxic {st.get('nontoxic_mean_score', float('nan')):.2f}")
+                              f"non-toxic {st.get('nontoxic_mean_score', float('nan')):.2f}; null: {st.get('null')}")
     return kv
 
 
@@ -210,19 +304,47 @@ def _examples(page, result, groups: list[str], R: int) -> None:
                    "Steering vectors: steering_vector.safetensors.", note=True)
 
 
+def _steering_section(page, cfg, paths, tables) -> None:
+    """The steering-vector section of the report."""
+    page.heading("Steering vectors and the round shift")
+    page.paragraph("At each layer l: P = mean over samples of (resid_post at the last prompt token in round r+1 "
+                   "minus round r); s_l = unit steering vector (mean non-toxic minus toxic prompt activation at "
+                   "layer l). Positive cosine: the shift points towards non-toxic. Controls: the cosine of P with "
+                   f"{cfg.n_controls} random Gaussian and {cfg.n_controls} coordinate-permuted versions of s_l.")
+    page.figure(paths["cos"], "Top: cosine of the mean shift with s_l per layer, one line per transition; shaded: "
+                "controls for the first transition. Bottom: λ = <P, s_l>/<s_l, s_l>. The last column (when both "
+                "groups ran) is the detox group's mean shift minus the toxify group's: what is specific to "
+                "the instruction's direction.")
+    page.figure(paths["paper"], "The paper's statistic (its public code: mean over samples of the cosine of each "
+                "sample's shift of the final-norm response mean with the layer's vector), and the same with the "
+                "layer's own resid_post response mean; shaded: 95% bootstrap CI over prompts; grey: "
+                f"{cfg.n_null} label-shuffled steering vectors (mean ± 2 std).")
+    if (tables / "steering_best_layer.csv").is_file():
+        page.table_csv(tables / "steering_best_layer.csv", caption="Best layer = largest |statistic|; "
+                       "p_max_over_layers compares that maximum with the maximum over layers under each "
+                       "label-shuffled vector (corrects for picking the best of all layers).")
+    page.table_csv(tables / "steering_cosine.csv", max_rows=80)
+
+
 def write_report(run_path: Path, cfg, model, result) -> Path:
     """Write the figures and ``report.html`` of a finished run."""
     figs = run_path / "figures"
     tables = run_path / "tables"
     h = result.headline
-    groups = [g for g in ("detox", "toxify") if g in h]
+    groups = h.get("groups") or [g for g in ("detox", "toxify") if g in h]
     samples = result.samples
     R = cfg.rounds
     paths = {"tox": toxicity_figure(figs / "toxicity_per_round.png", result, R, groups),
              "pca": pca_figure(figs / "pca_arrows.png", result, groups, samples),
-             "cos": cosine_figure(figs / "steering_cosine.png", result, groups)}
+             "pca3d": pca3d_figure(figs / "pca_3d.png", result, groups, samples),
+             "cos": cosine_figure(figs / "steering_cosine.png", result, groups),
+             "paper": paper_stat_figure(figs / "steering_paper_stat.png", result)}
+    if result.arm_differences:
+        paths["arms"] = arms_figure(figs / "arms_toxicity.png", result, groups)
     if result.lexicon:
         paths["lex"] = lexicon_figure(figs / "lexicon_relation.png", result, groups)
+    if result.vector_lexicon:
+        paths["veclex"] = vector_lexicon_figure(figs / "vector_lexicon.png", result)
 
     page = HtmlReport("Intrinsic self-correction study",
                       f"{model.name} ({model.fingerprint}) · {time.strftime('%Y-%m-%d %H:%M')} · method of "
@@ -234,24 +356,24 @@ def write_report(run_path: Path, cfg, model, result) -> Path:
     page.figure(paths["tox"], "Mean toxicity of the parsed completion per round; error bars: one standard deviation. "
                 "'Moved as instructed': toxicity moved in the instructed direction in at least "
                 f"ceil({cfg.moved_share}·(R−1)) transitions (relative threshold {cfg.moved_rel}·(|t_r|+|t_r+1|)).")
-    page.table_csv(tables / "toxicity_per_round.csv")
+    page.table_csv(tables / "toxicity_per_round.csv", caption="lo, hi: 95% bootstrap CI of the mean over prompts.")
+    if result.arm_differences:
+        page.heading("Instructions compared on the same prompts (crossed design)")
+        page.figure(paths["arms"], "Every prompt got every instruction (arms); round 1 is the same dialogue in "
+                    "every arm, so the arms differ from round 2 on.")
+        page.table_csv(tables / "arm_differences.csv", caption="diff = mean toxicity of arm minus that of 'minus' on "
+                       "the same prompts; lo, hi: paired bootstrap 95% CI over prompts; p_not_lower: share of "
+                       "resamples with diff >= 0.")
 
     page.heading("Hidden-state moves (Figure 2)")
     page.figure(paths["pca"], "PCA (3 components, fitted on the states of all rounds and both groups) of the "
                 "final-norm state; each arrow is one sample's move from round r to r+1; dots are round 1.")
+    page.figure(paths["pca3d"], "The same PCA in three components (response state): dots are round 1, arrows "
+                "each sample's round-to-round moves.")
     page.table_csv(tables / "svd.csv", caption="Share of the differences' squared norm in the top 1 / top 2 "
                    "singular directions; v1_mean_cos = |cos| of the first direction with the mean difference.")
 
-    page.heading("Steering vectors and the round shift")
-    page.paragraph("At each layer l: P = mean over samples of (resid_post at the last prompt token in round r+1 "
-                   "minus round r); s_l = unit steering vector (mean non-toxic minus toxic prompt activation at "
-                   "layer l). Positive cosine: the shift points towards non-toxic. Controls: the cosine of P with "
-                   f"{cfg.n_controls} random Gaussian and {cfg.n_controls} coordinate-permuted versions of s_l.")
-    page.figure(paths["cos"], "Top: cosine of the mean shift with s_l per layer, one line per transition; shaded: "
-                "controls for the first transition. Bottom: λ = <P, s_l>/<s_l, s_l>. The last column (when both "
-                "groups ran) is the detox group's mean shift minus the toxify group's: what is specific to "
-                "the instruction's direction.")
-    page.table_csv(tables / "steering_cosine.csv", max_rows=80)
+    _steering_section(page, cfg, paths, tables)
 
     page.heading("Logit-lens relation (Table 2)")
     if result.lexicon:
@@ -260,6 +382,9 @@ def write_report(run_path: Path, cfg, model, result) -> Path:
                     "Table 2). Bottom: each set's mean shift minus the vocabulary's mean shift; positive = the "
                     "set is promoted relative to the average token.")
         page.table_csv(tables / "lexicon_relation.csv")
+        if result.vector_lexicon:
+            page.figure(paths["veclex"], "Each layer's unit steering vector through the unembedding (U s_l): does it "
+                        "demote the most toxic tokens and promote the least toxic ones?")
     else:
         page.paragraph(f"Skipped: {h.get('lexicon', '')}", note=True)
 

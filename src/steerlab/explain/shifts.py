@@ -125,3 +125,104 @@ def svd_shares(diffs: np.ndarray) -> dict[str, float]:
     mn = np.linalg.norm(mean)
     return {"rank1_share": float(S[0] ** 2 / tot), "rank2_share": float((S[:2] ** 2).sum() / tot),
             "v1_mean_cos": float(abs(Vt[0] @ mean) / mn) if mn > 0 else float("nan")}
+
+
+def per_sample_cos(diffs: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Cosine of each sample's shift with ``v``: ``diffs`` ``[n, ..., d]`` against ``v`` ``[..., d]``
+    (one vector per leading position, e.g. per layer); a zero shift counts 0. Returns ``[n, ...]``."""
+    D = np.asarray(diffs, dtype=np.float64)
+    V = np.asarray(v, dtype=np.float64)
+    if D.shape[1:] != V.shape:
+        raise ShapeError(f"per-sample shifts {D.shape} do not match the vectors {V.shape} (want [n, *v.shape])")
+    norms = np.linalg.norm(D, axis=-1) * np.linalg.norm(V, axis=-1)
+    dots = (D * V).sum(-1)
+    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+
+
+def bootstrap_shift_stats(diffs: np.ndarray, v: np.ndarray, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
+                          chunk: int = 100) -> dict[str, np.ndarray]:
+    """Percentile-bootstrap CIs over samples (prompts) of how shifts line up with vectors.
+
+    ``diffs`` ``[n, L, d]`` (one shift per sample and layer), ``v`` ``[L, d]``. Each resample draws
+    ``n`` samples with replacement (the same draw for every layer and statistic) and recomputes,
+    per layer, ``cos`` (cosine of the mean shift with ``v``), ``mean_sample_cos`` (mean over the
+    drawn samples of the per-sample cosine) and ``lambda`` (``<mean shift, v> / <v, v>``).
+    Returns ``{stat: [L]}`` point values and ``{stat}_lo`` / ``{stat}_hi`` ``[L]``."""
+    D = np.asarray(diffs, dtype=np.float64)
+    V = np.asarray(v, dtype=np.float64)
+    if D.ndim != 3 or D.shape[1:] != V.shape or len(D) == 0:
+        raise ShapeError(f"diffs must be [n >= 1, L, d] matching v [L, d], got {D.shape} and {V.shape}")
+    if n_boot < 1 or not 0 < ci < 1:
+        raise ShapeError(f"n_boot must be >= 1 and ci in (0, 1), got {n_boot}, {ci}")
+    n, L, d = D.shape
+    vn = np.linalg.norm(V, axis=-1)
+    if (vn == 0).any():
+        raise ShapeError("a steering vector is zero")
+    psc = per_sample_cos(D, V)                           # [n, L]
+    proj = (D * V).sum(-1)                                # [n, L]  <D_i, v>
+    rng = np.random.default_rng(seed)
+    out = {k: np.empty((n_boot, L)) for k in ("cos", "mean_sample_cos", "lambda")}
+    flat = D.reshape(n, L * d)
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        idx = rng.integers(0, n, size=(b, n))
+        W = np.zeros((b, n))
+        np.add.at(W, (np.arange(b)[:, None], idx), 1.0 / n)
+        M = (W @ flat).reshape(b, L, d)                   # resampled mean shifts
+        mp = W @ proj                                     # <mean shift, v>
+        mn = np.linalg.norm(M, axis=-1)
+        out["cos"][start:start + b] = np.where(mn > 0, mp / np.where(mn > 0, mn, 1) / vn, 0.0)
+        out["mean_sample_cos"][start:start + b] = W @ psc
+        out["lambda"][start:start + b] = mp / vn ** 2
+    mean = D.mean(0)
+    mnorm = np.linalg.norm(mean, axis=-1)
+    point = {"cos": np.where(mnorm > 0, proj.mean(0) / np.where(mnorm > 0, mnorm, 1) / vn, 0.0),
+             "mean_sample_cos": psc.mean(0), "lambda": proj.mean(0) / vn ** 2}
+    a = (1 - ci) / 2
+    res: dict[str, np.ndarray] = {}
+    for k, vals in out.items():
+        lo, hi = np.quantile(vals, [a, 1 - a], axis=0)
+        res[k], res[f"{k}_lo"], res[f"{k}_hi"] = point[k], lo, hi
+    return res
+
+
+def shuffled_directions(acts: np.ndarray, n_desirable: int, n_null: int, seed: int = 0) -> np.ndarray:
+    """Label-shuffled null of unit mean-difference steering vectors.
+
+    ``acts`` ``[m, L, d]`` are the contrast set's activations (the first ``n_desirable`` rows
+    desirable, the rest undesirable). Each null draw permutes the ``m`` rows at random, calls the
+    first ``n_desirable`` desirable, and takes ``unit(mean(desirable) - mean(undesirable))`` per
+    layer: the same texts, so the same anisotropy of the activations, with the labels carrying no
+    information. Returns ``[n_null, L, d]``."""
+    A = np.asarray(acts, dtype=np.float64)
+    m = A.shape[0]
+    if A.ndim != 3 or not 0 < n_desirable < m:
+        raise ShapeError(f"acts must be [m, L, d] with 0 < n_desirable < m, got {A.shape} and {n_desirable}")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_null, *A.shape[1:]))
+    for j in range(n_null):
+        p = rng.permutation(m)
+        diff = A[p[:n_desirable]].mean(0) - A[p[n_desirable:]].mean(0)
+        out[j] = diff / np.maximum(np.linalg.norm(diff, axis=-1, keepdims=True), 1e-12)
+    return out
+
+
+def max_stat_pvalues(observed: np.ndarray, null: np.ndarray) -> dict:
+    """Permutation p-values of a statistic over layers, two-sided (on ``abs``).
+
+    ``observed`` ``[L]``, ``null`` ``[J, L]`` (the statistic under ``J`` null draws). Per layer,
+    ``p_layer = (1 + #{j: |null_jl| >= |obs_l|}) / (J + 1)`` (uncorrected). The best layer is the
+    one with the largest ``|obs|``; because it was picked among ``L``, its p-value compares
+    ``max_l |obs_l|`` with the null distribution of ``max_l |null_jl|`` (max-statistic
+    correction, which controls the family-wise error over layers):
+    ``p_max = (1 + #{j: max_l |null_jl| >= max_l |obs_l|}) / (J + 1)``."""
+    obs = np.abs(np.asarray(observed, dtype=np.float64))
+    nul = np.abs(np.asarray(null, dtype=np.float64))
+    if nul.ndim != 2 or nul.shape[1] != obs.shape[0] or len(nul) == 0:
+        raise ShapeError(f"null must be [J >= 1, L] with L = {obs.shape[0]}, got {nul.shape}")
+    J = len(nul)
+    p_layer = (1 + (nul >= obs[None, :]).sum(0)) / (J + 1)
+    best = int(np.argmax(obs))
+    p_max = (1 + int((nul.max(1) >= obs[best]).sum())) / (J + 1)
+    return {"p_layer": p_layer, "best_layer": best, "best_abs": float(obs[best]), "p_max": float(p_max),
+            "null_max_q95": float(np.quantile(nul.max(1), 0.95))}

@@ -10,9 +10,11 @@ A self-correction dialogue for one prompt runs for ``R`` rounds:
 Instruction texts are data, held in a registry that starts from ``protocols/instructions.json`` and
 that users extend with :func:`register_instruction` or :func:`load_instructions` (a JSON file).
 Every instruction has a *direction*: ``opening`` (starts a dialogue; its text holds ``{prompt}``),
-``detox`` (asks for less toxic text) or ``toxify`` (asks for more toxic text). The built-in kinds
-are ``opening``, ``strong_detox``, ``weak_detox``, ``strong_toxify`` and ``weak_toxify``; the
-strong ones spell out what to remove (or add), the weak ones only say "non-toxic" ("toxic").
+``detox`` (asks for less toxic text), ``toxify`` (asks for more toxic text) or ``neutral`` (asks
+for a rewrite without saying which way: the control arm that separates an instruction's effect
+from that of one more turn). The built-in kinds are ``opening``, ``strong_detox``, ``weak_detox``,
+``strong_toxify``, ``weak_toxify`` and ``neutral_rewrite``; the strong ones spell out what to
+remove (or add), the weak ones only say "non-toxic" ("toxic").
 
     from steerlab.protocols.selfcorrect import dialogue, parse_completion
     msgs = dialogue("So I told him he was a", ["Completion: So I told him he was a fool."], "strong_detox")
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from ..errors import SteerlabError
 
-DIRECTIONS = ("opening", "detox", "toxify")
+DIRECTIONS = ("opening", "detox", "toxify", "neutral")
 FORMAT = "steerlab.instructions"
 
 
@@ -60,7 +62,7 @@ _REGISTRY: dict[str, Instruction] = {}
 
 def _infer_direction(kind: str) -> str:
     k = kind.lower()
-    for d in ("detox", "toxify", "opening"):
+    for d in ("detox", "toxify", "opening", "neutral"):
         if d in k:
             return d
     raise InstructionError(f"cannot tell the direction of instruction {kind!r} from its name; pass "
