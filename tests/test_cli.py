@@ -125,3 +125,18 @@ def test_steer_cli(tmp_path):
     assert metrics["chosen"]["alpha"] == 1.0 and "unsteered" in r.output
     rows = (out / "sweep" / "add_all" / "results.jsonl").read_text().splitlines()
     assert len(rows) == 2 * (3 + 2 * 2 * 3)  # k_sweep x (baseline + 2 layers x 2 strengths) x 3 prompts
+
+
+def test_demo_passes_every_bench_option_explicitly(monkeypatch):
+    """`steerlab demo` calls the `bench` command function directly, so any bench option it leaves out
+    would arrive as typer's OptionInfo default (a truthy object), not as the option's value."""
+    import inspect
+
+    import steerlab.cli as cli
+
+    params = set(inspect.signature(inspect.unwrap(cli.bench)).parameters)
+    seen = {}
+    monkeypatch.setattr(cli, "bench", lambda **kw: seen.update(kw))
+    cli.demo(model="default", out="runs/x")
+    assert set(seen) == params
+    assert seen["preset"] == "quick" and seen["test_all_settings"] is False

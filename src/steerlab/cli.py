@@ -850,7 +850,7 @@ def demo(model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
          out: str = typer.Option("runs/bench", "--out", "-o", help="Run directory of the benchmark.")) -> None:
     """The main job: the quick detoxification benchmark on the embedded model (`steerlab bench --preset quick`)."""
     bench(out=out, model=model, preset="quick", methods="", prompts="rtp", scorer="default", n_test=None, k=None,
-          n_val=None, max_new_tokens=None, seed=0, batch_size=None, device="cpu", device_map="")
+          n_val=None, max_new_tokens=None, seed=0, batch_size=None, device="cpu", device_map="", test_all_settings=False)
 
 
 # --- instruction-tuning explanations (docs/instruction_shift.md) ----------------------------------
