@@ -9,7 +9,7 @@ import steerlab as sl
 from steerlab import interventions as I
 from steerlab.explain import probes as pr
 from steerlab.steer.iti import ITI
-from tiny import tiny_model
+from tiny import tiny_model, token_by_token_logits
 
 WORDS = ["calm", "kind", "warm", "nice", "rude", "vile", "mean", "nasty"]
 
@@ -158,12 +158,8 @@ def test_fixed_text_pass_equals_token_by_token_generation(llama):
     ids = llama.encode(["The quick brown fox jumps"])["input_ids"]
     with torch.no_grad(), iv.apply(llama, **iv.fixed_text_options({"alpha": 4.0})):
         full = llama.hf(input_ids=ids).logits[0]
-    steps, past = [], None
-    with torch.no_grad(), iv.apply(llama, alpha=4.0):
-        for t in range(ids.shape[1]):
-            out = llama.hf(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            steps.append(out.logits[0, -1])
-    torch.testing.assert_close(full, torch.stack(steps), rtol=1e-4, atol=1e-5)
+    with iv.apply(llama, alpha=4.0):
+        steps = token_by_token_logits(llama, ids)
+    torch.testing.assert_close(full, steps, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(llama.hf(input_ids=ids).logits[0], full)

@@ -10,7 +10,7 @@ import steerlab as sl
 from steerlab import interventions as I
 from steerlab.explain import probes as pr
 from steerlab.steer import slim as S
-from tiny import tiny_model
+from tiny import tiny_model, token_by_token_logits
 
 
 def _gaussian(d=5, seed=0):
@@ -215,13 +215,9 @@ def test_every_position_edit_equals_token_by_token_last_position_edits(llama):
         full = llama.hf(input_ids=ids).logits[0]
     fired_all = int(iv.fired)
     iv.reset_counts()
-    steps, past = [], None
-    with torch.no_grad(), iv.apply(llama, kappa=0.8):
-        for t in range(ids.shape[1]):
-            out = llama.hf(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            steps.append(out.logits[0, -1])
-    torch.testing.assert_close(full, torch.stack(steps), rtol=1e-4, atol=1e-5)
+    with iv.apply(llama, kappa=0.8):
+        steps = token_by_token_logits(llama, ids)
+    torch.testing.assert_close(full, steps, rtol=1e-4, atol=1e-5)
     assert int(iv.calls) == ids.shape[1] and int(iv.fired) == fired_all > 0
     with torch.no_grad():
         plain = llama.hf(input_ids=ids).logits[0]

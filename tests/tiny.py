@@ -103,3 +103,15 @@ def model_dir(tmp_path, arch: str = "llama", seed: int = 0) -> str:
 def flat(output: str) -> str:
     """Command-line output with rich's box characters and line wrapping removed, for matching messages."""
     return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
+def token_by_token_logits(model: Model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``[T, V]`` of feeding ``ids`` (one row) one token per call with the KV cache, as
+    generation does: what a last-position edit sees at every step."""
+    steps, past = [], None
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            out = model.hf(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits[0, -1])
+    return torch.stack(steps)
