@@ -347,7 +347,7 @@ def score(
 ) -> None:
     """Score texts with a toxicity scorer; prints the mean and the share >= 0.5 of each attribute."""
     if out:
-        _check_out_file(out)
+        check_out_file(out)
 
     import numpy as np
 
@@ -417,7 +417,7 @@ def _key_values(items: list[str], option: str) -> dict:
     return out
 
 
-def _check_out_file(out: str) -> None:
+def check_out_file(out: str) -> None:
     from pathlib import Path
 
     if Path(out).is_dir():
@@ -448,7 +448,7 @@ def fit_steering(
     from .steer import SteeringVector
     from .steer.vector import FIT_METHODS, toxicity_contrast
 
-    _check_out_file(out)
+    check_out_file(out)
     idx = _ints(layers)
     if method not in FIT_METHODS:
         raise typer.BadParameter(f"unknown method {method!r}; choose one of {', '.join(FIT_METHODS)}",
@@ -482,7 +482,7 @@ def fit_selfcorrect(
     the file records the instruction texts and the model)."""
     from .interventions import fit
 
-    _check_out_file(out)
+    check_out_file(out)
     iv = fit("selfcorrect", _load(model), None, instruction=instruction, opening=opening)
     iv.save(out)
     console.print(f"saved {iv.describe()} to {out}")
@@ -522,7 +522,7 @@ def fit_eigenshift(
     from .generation import GenConfig
     from .steer.eigenshift import EigenShift
 
-    _check_out_file(out)
+    check_out_file(out)
     cfg = GenConfig(max_new_tokens=max_new_tokens, sampling=sampling, k=samples, seed=seed, batch_size=batch_size)
     m = _load(model)
     iv = EigenShift.fit(m, _training_prompts(prompts, n_prompts, seed), percentile=percentile, alpha=alpha,
@@ -560,7 +560,7 @@ def fit_aura(
     from .generation import GenConfig
     from .steer.aura import VARIANTS, AurA, texts_from_generations
 
-    _check_out_file(out)
+    check_out_file(out)
     if variant not in VARIANTS:
         raise typer.BadParameter(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}",
                                  param_hint="--variant")
@@ -593,7 +593,7 @@ def steer_export(
     out: str = typer.Argument(..., help="Output .gguf control vector for llama.cpp (--control-vector)."),
 ) -> None:
     """Export the resid_post directions of a vector as a llama.cpp control vector."""
-    _check_out_file(out)
+    check_out_file(out)
     from .steer import SteeringVector
 
     path = SteeringVector.load(vector).to_gguf(out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from .cli import MODEL_HELP, app, command, console, fit_app
+from .cli import MODEL_HELP, app, check_out_file, command, console, fit_app
 
 PROMPTS_HELP = ("Prompt set whose training and validation parts (seeded 60/20/20 split by prompt) are scored: "
                 "in each part the most toxic prompts are labelled toxic and the least toxic non-toxic.")
@@ -24,14 +24,6 @@ def load_model(spec: str):
 
     with console.status(f"loading {spec} ..."):
         return load(spec)
-
-
-def check_out_file(out: str) -> None:
-    from pathlib import Path
-
-    if Path(out).is_dir():
-        raise typer.BadParameter(f"{out} is a directory; give a file path such as {out.rstrip('/')}/x.safetensors",
-                                 param_hint="--out")
 
 
 def layer_list(text: str) -> list[int] | None:
