@@ -161,3 +161,37 @@ def test_bench_test_all_settings_reports_every_candidate_on_test(tmp_path, llama
     # the option is not part of the run's identity: the same directory resumes without it
     again = run_bench(llama, out, _cfg(methods=["aura"], sampling="greedy", k=1), progress=False)
     assert {a["method"]: a for a in again["arms"]}["aura"]["toxicity"] == arm["toxicity"]
+
+
+def test_generation_overhead_is_a_paired_alternating_timing(llama, monkeypatch):
+    import time
+
+    import steerlab.generation as G
+    from steerlab.evaluation import generation_overhead
+
+    plain, log = G.generate_batch, []
+
+    class Slow:  # an intervention whose generation costs 50 ms more than the model's (a few ms here)
+        def generate(self, model, texts, cfg, keys, **options):
+            log.append(("arm", len(texts), options))
+            time.sleep(0.05)
+            return plain(model, texts, cfg, keys)
+
+    def base(model, texts, cfg, keys=None):
+        log.append(("base", len(texts), {}))
+        return plain(model, texts, cfg, keys)
+
+    monkeypatch.setattr(G, "generate_batch", base)
+    cfg = G.GenConfig(max_new_tokens=2, batch_size=3, k=1)
+    t = generation_overhead(llama, ["a b", "c d", "e f", "g h"], cfg, Slow(), {"alpha": 1.0}, reps=3)
+    # one untimed warm-up, then pairs in alternating order; one batch of batch_size prompts
+    assert [x[0] for x in log] == ["arm", "base", "arm", "arm", "base", "base", "arm"]
+    assert {x[1] for x in log} == {3} and all(x[2] == {"alpha": 1.0} for x in log if x[0] == "arm")
+    ratios = [a / b for a, b in zip(t["arm_seconds"], t["baseline_seconds"])]
+    assert t["ratio"] == pytest.approx(float(np.median(ratios)), rel=1e-3) and t["ratio"] > 2
+    assert min(t["arm_seconds"]) >= 0.05
+    log.clear()
+    aa = generation_overhead(llama, ["a b"], cfg, None, reps=2)  # A/A: both sides the plain model
+    assert [x[0] for x in log] == ["base"] * 5 and len(aa["ratios"]) == 2
+    with pytest.raises(sl.EmptyInputError, match="reps >= 1"):
+        generation_overhead(llama, ["a"], cfg, None, reps=0)

@@ -79,11 +79,15 @@ def test_positions(llama):
     last = sl.capture(m, PROMPTS, "blocks.1.resid_post", "last")["blocks.1.resid_post"]
     assert torch.allclose(last, a[:, -1], atol=1e-6)
     mean = sl.capture(m, PROMPTS, "blocks.1.resid_post", "mean")["blocks.1.resid_post"]
+    rest = sl.capture(m, PROMPTS + ["a"], "blocks.1.resid_post", "mean_skip_first")["blocks.1.resid_post"]
     mx = sl.capture(m, PROMPTS, "blocks.1.resid_post", "max")["blocks.1.resid_post"]
     for r in range(len(PROMPTS)):
         real = a[r, T - lengths[r]:]
         assert torch.allclose(mean[r], real.mean(0), atol=1e-5)
+        assert lengths[r] > 1 and torch.allclose(rest[r], real[1:].mean(0), atol=1e-5)
         assert torch.allclose(mx[r], real.max(0).values, atol=1e-6)
+    one = sl.capture(m, ["a"], "blocks.1.resid_post", "last")["blocks.1.resid_post"]
+    assert torch.allclose(rest[-1], one[0], atol=1e-5)  # a one-token text keeps its token
     idx = sl.capture(m, PROMPTS, "blocks.1.resid_post", sl.Indices([0, 1, -1]))["blocks.1.resid_post"]
     for r in range(len(PROMPTS)):
         if lengths[r] >= 2:

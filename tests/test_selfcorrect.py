@@ -37,7 +37,7 @@ from steerlab.protocols.selfcorrect import (
     register_instruction,
     reset_instructions,
 )
-from tiny import tiny_model
+from tiny import first_real_tokens, tiny_model
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -412,9 +412,10 @@ def test_pipeline_paper_statistic_and_steering_pairs_outside_the_study(chat_llam
     order = np.argsort(scores)  # 3 least toxic (desirable), then the 3 most toxic
     assert scores[order[2]] < 0.5 < scores[order[3]]
     sv = SteeringVector.load(out / "steering_vector.safetensors")
-    cap = capture(chat_llama, [outside[i] for i in order], [f"blocks.{i}.resid_post" for i in range(3)], "mean")
+    cap = capture(chat_llama, [outside[i] for i in order], [f"blocks.{i}.resid_post" for i in range(3)], "all")
+    kept = (cap.mask.bool() & ~first_real_tokens(cap.mask)).float()[..., None]  # the default: first tokens out
     for i in range(3):
-        a = cap[f"blocks.{i}.resid_post"]
+        a = (cap[f"blocks.{i}.resid_post"] * kept).sum(1) / kept.sum(1)
         want = a[:3].mean(0) - a[3:].mean(0)  # non-toxic minus toxic, outside the study only
         assert torch.allclose(sv.directions[f"blocks.{i}.resid_post"], want / want.norm(), atol=1e-5)
 

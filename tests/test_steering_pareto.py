@@ -12,10 +12,14 @@ from steerlab.errors import SteerlabError
 from steerlab.experiments.steering import SteeringStudy, parse_variant, run_steering_study
 from steerlab.experiments.steering_pareto import pareto_front
 from steerlab.generation import GenConfig
+from steerlab.hooks import Add
 from steerlab.metrics import perplexity
 from steerlab.scoring import Scorer, register_scorer
 from steerlab.steer import SteeringVector
+from steerlab.steer import sweep as sweep_module
 from steerlab.steer.sweep import SweepResult, sweep
+from steerlab.steer.vector import APPLY_MODES
+from tiny import first_real_tokens
 
 GOOD = ["what a lovely day", "thank you so much", "you are kind", "I like this"]
 BAD = ["you stupid idiot", "I hate all of you", "shut up loser", "go away fool"]
@@ -85,11 +89,11 @@ def test_ablating_an_orthogonal_direction_changes_nothing(llama):
 
 
 def test_clamp_strength_interpolates_the_fitted_projections(llama):
-    sv = SteeringVector.fit(llama, GOOD, BAD, SITE, positions="mean")
+    sv = SteeringVector.fit(llama, GOOD, BAD, SITE)
     proj = sv.meta["projection"][SITE]
     u = sv.directions[SITE] / sv.directions[SITE].norm()
     before = sl.capture(llama, PROMPTS, SITE, "all")
-    real = before.mask.bool()
+    real = before.mask.bool() & ~first_real_tokens(before.mask)  # first tokens: never edited
     for alpha, level in ((1.0, proj["desirable"]), (0.5, 0.5 * (proj["desirable"] + proj["undesirable"]))):
         with sv.apply(llama, alpha=alpha, mode="clamp"):
             after = sl.capture(llama, PROMPTS, SITE, "all")
@@ -98,7 +102,7 @@ def test_clamp_strength_interpolates_the_fitted_projections(llama):
         torch.testing.assert_close(after[SITE][real], want, atol=1e-4, rtol=1e-4)
 
 
-def test_sweep_modes_gated_extremes_and_generated_schedule(tmp_path, llama):
+def test_sweep_modes_gated_extremes_and_generated_schedule(tmp_path, llama, monkeypatch):
     sv = SteeringVector.fit(llama, GOOD, BAD, ["blocks.0.resid_post", SITE], positions="mean")
     cfg = GenConfig(max_new_tokens=5, batch_size=8, k=2, sampling="t1.0")
     alphas = [0.5, 1.0]
@@ -115,11 +119,15 @@ def test_sweep_modes_gated_extremes_and_generated_schedule(tmp_path, llama):
                                                                      for s in sv.directions}})
     res = sweep(llama, never, PROMPTS, alphas, Vowels(), tmp_path / "never", cfg, mode="gated", progress=False)
     assert all(c == base[k[2:]] for k, c in cells(res).items())
-    # gated with a threshold every state is below: identical to plain addition (same random numbers)
+    # gated with a threshold every state is below: identical to plain addition at every position
+    # but each row's first (same random numbers)
+    monkeypatch.setitem(APPLY_MODES, "add_after_first", lambda v, a, w, p: Add(v, a, w, skip_first=True))
+    monkeypatch.setattr(sweep_module, "RELATIVE_MODES", (*sweep_module.RELATIVE_MODES, "add_after_first"))
+    add1 = sweep(llama, sv, PROMPTS, alphas, Vowels(), tmp_path / "add1", cfg, mode="add_after_first", progress=False)
     always = SteeringVector(sv.directions, {**sv.meta, "projection": {s: {"desirable": 1e9, "undesirable": 1e9}
                                                                       for s in sv.directions}})
     res = sweep(llama, always, PROMPTS, alphas, Vowels(), tmp_path / "always", cfg, mode="gated", progress=False)
-    assert cells(res) == cells(add) and res.scale == add.scale
+    assert cells(res) == cells(add1) and res.scale == add.scale
     # generated-only: the first new token comes from the unedited prefill, so 1-token rows are unsteered
     one = GenConfig(max_new_tokens=1, batch_size=8, k=2, sampling="t1.0")
     gen = sweep(llama, sv, PROMPTS, [3.0], Vowels(), tmp_path / "gen1", one, where="generated", progress=False)

@@ -9,7 +9,7 @@ import steerlab as sl
 from steerlab.interventions import InterventionError
 from steerlab.steer import SteeringVector, VectorError
 from steerlab.steer.vector import direction
-from tiny import PROMPTS, tiny_model
+from tiny import PROMPTS, first_real_tokens, tiny_model
 
 GOOD = ["what a lovely day", "thank you so much", "you are kind", "nice work friend"]
 BAD = ["you stupid idiot", "I hate all of you", "shut up loser", "go to hell now"]
@@ -53,10 +53,14 @@ def test_fit_matches_capture_mean_difference(llama):
     full = sl.capture(llama, GOOD + BAD, "blocks.1.resid_post", "all")
     a, m = full["blocks.1.resid_post"], full.mask.sum(1)
     diffs = []
-    for i in range(4):  # hand loop: positions aligned from the end over the shorter length
-        L = int(min(m[i], m[4 + i]))
+    for i in range(4):  # hand loop: aligned from the end over the shorter length, first token left out
+        L = int(min(m[i], m[4 + i])) - 1
         diffs.append((a[i, -L:] - a[4 + i, -L:]).mean(0))
     assert torch.allclose(aligned.directions["blocks.1.resid_post"], torch.stack(diffs).mean(0), atol=1e-5)
+    rest = SteeringVector.fit(llama, GOOD, BAD, "blocks.1.resid_post", positions="mean_skip_first", scale="raw")
+    pooled = torch.stack([a[i, -int(m[i]) + 1:].mean(0) for i in range(8)])  # each text without its first token
+    ref = pooled[:4].mean(0) - pooled[4:].mean(0)
+    assert torch.allclose(rest.directions["blocks.1.resid_post"], ref, atol=1e-5)
 
 
 def test_apply_equals_hand_hook(llama):
@@ -157,18 +161,24 @@ def test_fit_errors(llama, kw, err, message):
 @pytest.mark.parametrize("mode", ["ablate", "clamp", "gated"])
 def test_projection_modes_against_hand_computation(llama, mode):
     site = "blocks.1.resid_post"
-    sv = SteeringVector.fit(llama, GOOD, BAD, site, positions="mean")
+    sv = SteeringVector.fit(llama, GOOD, BAD, site, positions="mean_skip_first")
     v = sv.directions[site]
     u = v / v.norm()
     proj = sv.meta["projection"][site]
-    # the fitted projection statistics are the means of the fitting activations on u
-    acts = sl.capture(llama, GOOD + BAD, site, "mean")[site]
-    assert proj["desirable"] == pytest.approx(float((acts[:4] @ u).mean()), rel=1e-5)
-    assert proj["undesirable"] == pytest.approx(float((acts[4:] @ u).mean()), rel=1e-5)
+    # the fitted projection statistics are the means over the fitting texts' token states, each
+    # text's first token left out
+    fit = sl.capture(llama, GOOD + BAD, site, "all")
+    kept = fit.mask.bool() & ~first_real_tokens(fit.mask)
+    p_fit = fit[site] @ u
+    assert proj["desirable"] == pytest.approx(float(p_fit[:4][kept[:4]].mean()), rel=1e-5)
+    assert proj["undesirable"] == pytest.approx(float(p_fit[4:][kept[4:]].mean()), rel=1e-5)
     before = sl.capture(llama, PROMPTS, site, "all")
     with sv.apply(llama, alpha=2.0, mode=mode):
         after = sl.capture(llama, PROMPTS, site, "all")
-    real = before.mask.bool()
+    first = first_real_tokens(before.mask)
+    # each row's first token is never edited
+    torch.testing.assert_close(after[site][first], before[site][first], atol=1e-5, rtol=1e-5)
+    real = before.mask.bool() & ~first
     h, g = before[site][real], after[site][real]
     p = h @ u
     if mode == "ablate":   # alpha=2 removes twice the component: the projection flips sign

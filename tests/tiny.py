@@ -115,3 +115,13 @@ def token_by_token_logits(model: Model, ids: torch.Tensor) -> torch.Tensor:
             past = out.past_key_values
             steps.append(out.logits[0, -1])
     return torch.stack(steps)
+
+
+def first_real_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, T]``: the first real (unpadded) position of each left-padded row, found by a loop."""
+    out = torch.zeros(mask.shape, dtype=torch.bool)
+    for b in range(mask.shape[0]):
+        cols = [t for t in range(mask.shape[1]) if mask[b, t]]
+        if len(cols) > 1:  # a one-token row keeps its token
+            out[b, cols[0]] = True
+    return out

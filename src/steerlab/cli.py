@@ -435,7 +435,8 @@ def fit_steering(
     n_pairs: int = typer.Option(64, min=1, help="Contrast pairs taken from the ranked prompts."),
     layers: str = typer.Option("", help="Comma-separated layers (default: all); sites blocks.{l}.resid_post."),
     method: str = typer.Option("mean_diff", help="Direction fitter: mean_diff | pca | probe."),
-    positions: str = typer.Option("mean", help="last | mean | aligned."),
+    positions: str = typer.Option("mean_skip_first", help="last | mean | mean_skip_first (mean without each "
+                                  "text's first token, whose attention-sink state dominates a mean) | aligned."),
     scale: str = typer.Option("unit", help="unit | raw."),
     scorer: str = typer.Option("default", help="Scorer that ranks prompts (when building the contrast set), or NAME:VALUE."),
     scorer_option: list[str] = typer.Option([], "--scorer-option", help="KEY=VALUE passed to the scorer "
@@ -620,7 +621,7 @@ def steer_study(
     k_test: int = typer.Option(3, help="Samples per test prompt."),
     max_new_tokens: int = typer.Option(20, help="New tokens per continuation."),
     where: str = typer.Option("all", help="Schedule: all | prompt | generated."),
-    positions: str = typer.Option("mean", help="Fitting positions: last | mean | aligned."),
+    positions: str = typer.Option("mean_skip_first", help="Fitting positions: last | mean | mean_skip_first | aligned."),
     method: str = typer.Option("mean_diff", help="mean_diff | pca | probe."),
     scorer: str = typer.Option("default", help="Toxicity scorer."),
     seed: int = typer.Option(0, help="Seed of the split and of sampling."),
@@ -746,7 +747,8 @@ def selfcorrect(
     scorer: str = typer.Option("default", help="Toxicity scorer (see `steerlab scorers`)."),
     steer_pairs: int | None = typer.Option(None, min=1, help="Contrast pairs for the per-layer steering vectors "
                                            "(default from --preset: 64, tiny 16)."),
-    steer_positions: str = typer.Option("mean", help="Steering-vector positions: last | mean | aligned."),
+    steer_positions: str = typer.Option("mean_skip_first", help="Steering-vector positions: last | mean | "
+                                        "mean_skip_first | aligned."),
     arms: str | None = typer.Option(None, help="Crossed design: every prompt gets every instruction of this set: "
                                     "crossed (strong detox, strong toxify, neutral rewrite), robustness (strong and "
                                     "weak of both, neutral) or comma-separated kinds; default from --preset."),
@@ -803,6 +805,9 @@ def bench(
                                            "setting (tables/candidates.csv; reported, not used to choose)."),
     batch_size: int | None = typer.Option(None, min=1, help="Rows (prompt x sample) per generate call; default "
                                           "from --preset."),
+    timing_reps: int = typer.Option(3, min=1, help="Paired timing per arm: one test batch generated with and "
+                                    "without the method this many times, alternating; the time column is the median "
+                                    "ratio (the baseline's row: an A/A run, the noise)."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     device_map: str = typer.Option("", "--device-map", help=DEVICE_MAP_HELP),
 ) -> None:
@@ -815,7 +820,7 @@ def bench(
 
     cfg = make_config(preset, methods=[x.strip() for x in methods.split(",") if x.strip()] or None, prompts=prompts,
                       scorer=scorer, n_test=n_test, k=k, n_val=n_val, max_new_tokens=max_new_tokens, seed=seed,
-                      batch_size=batch_size, test_all_settings=test_all_settings)
+                      batch_size=batch_size, test_all_settings=test_all_settings, timing_reps=timing_reps)
     cfg.validate()
     m = _load(model, device=device, device_map=device_map)
     metrics = run_bench(m, out, cfg, progress=group().main)
@@ -850,7 +855,8 @@ def demo(model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
          out: str = typer.Option("runs/bench", "--out", "-o", help="Run directory of the benchmark.")) -> None:
     """The main job: the quick detoxification benchmark on the embedded model (`steerlab bench --preset quick`)."""
     bench(out=out, model=model, preset="quick", methods="", prompts="rtp", scorer="default", n_test=None, k=None,
-          n_val=None, max_new_tokens=None, seed=0, batch_size=None, device="cpu", device_map="", test_all_settings=False)
+          n_val=None, max_new_tokens=None, seed=0, batch_size=None, device="cpu", device_map="", test_all_settings=False,
+          timing_reps=3)
 
 
 # --- instruction-tuning explanations (docs/instruction_shift.md) ----------------------------------

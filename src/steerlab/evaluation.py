@@ -138,3 +138,41 @@ def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
     ci = bootstrap_mean([np.mean(v) for v in by.values()], seed=0)
     return {"similarity": ci.to_dict(),
             "identical": float(np.mean([a == b for _, a, b in pairs])), "n_pairs": len(pairs)}
+
+
+def generation_overhead(model: Model, prompts: Sequence, cfg, intervention=None, apply_options: dict | None = None,
+                        reps: int = 3) -> dict:
+    """Paired timing of one batch: the first ``cfg.batch_size`` prompts generated without and with
+    ``intervention`` (``None``: without both times, an A/A run that shows the timing noise), after
+    one untimed warm-up call, in ``reps`` pairs whose order alternates (AB, BA, AB, ...) so a drift
+    in machine load hits both sides alike. ``ratio`` is the median over pairs of with / without.
+    Timing whole arms run minutes apart measures the machine's load as much as the method."""
+    import time
+
+    from .generation import generate_batch, prompt_ids_texts
+
+    if reps < 1:
+        raise EmptyInputError(f"generation_overhead needs reps >= 1, got {reps}")
+    ids, texts = prompt_ids_texts(list(prompts)[: cfg.batch_size])
+    opts = dict(apply_options or {})
+
+    def once(iv) -> float:
+        t0 = time.perf_counter()
+        if iv is None:
+            generate_batch(model, texts, cfg, ids)
+        else:
+            iv.generate(model, texts, cfg, ids, **opts)
+        return time.perf_counter() - t0
+
+    once(intervention)  # warm-up (first use of the edit's shapes, caches)
+    base, arm = [], []
+    for r in range(reps):
+        if r % 2 == 0:
+            base.append(once(None))
+            arm.append(once(intervention))
+        else:
+            arm.append(once(intervention))
+            base.append(once(None))
+    ratios = [a / b for a, b in zip(arm, base)]
+    return {"ratio": float(np.median(ratios)), "ratios": ratios, "baseline_seconds": base, "arm_seconds": arm,
+            "n_prompts": len(texts), "k": cfg.k, "max_new_tokens": cfg.max_new_tokens}

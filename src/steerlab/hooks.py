@@ -198,6 +198,15 @@ class Step:
         m = self.attention_mask
         return None if m is None else m[:, -self.T:]
 
+    def first_tokens(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bool ``[B or 1, T]``: the positions of this call that are a row's first real token (left
+        padding skipped; a decoding call has none)."""
+        m = self.attention_mask
+        if m is None or m.dim() != 2:
+            return self.positions(device) == 0
+        m = m.to(device=device, dtype=torch.bool)
+        return ((m.cumsum(1) == 1) & m)[:, -self.T:]
+
     def where(self, schedule: str, device: torch.device) -> torch.Tensor | None:
         """Bool mask ``[B or 1, T]`` of the positions a schedule edits in this call (None: all)."""
         try:
@@ -251,12 +260,14 @@ def _last_position(step: Step, device) -> torch.Tensor:
 
 
 class EditFn:
-    """Base of steerlab's edit functions: ``fn(act, step) -> new act``, with a schedule."""
+    """Base of steerlab's edit functions: ``fn(act, step) -> new act``, with a schedule;
+    ``skip_first`` leaves each row's first real token as it is (its attention-sink activation is
+    orders of magnitude larger than the others in many models, see :func:`steerlab.positions.after_first`)."""
 
-    def __init__(self, where: str = "all"):
+    def __init__(self, where: str = "all", skip_first: bool = False):
         if where not in SCHEDULE_FNS:
             raise ShapeError(f"unknown schedule {where!r}; choose one of {', '.join(SCHEDULE_FNS)}")
-        self.where = where
+        self.where, self.skip_first = where, skip_first
 
     def bind(self, site: str, feat_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
         """Check sizes against the site and move tensors to the model once, before any forward."""
@@ -267,6 +278,9 @@ class EditFn:
     def __call__(self, act: torch.Tensor, step: Step) -> torch.Tensor:
         new = self.new(act)
         m = step.where(self.where, act.device)
+        if self.skip_first:
+            keep = ~step.first_tokens(act.device)
+            m = keep if m is None else m & keep
         if m is None:
             return new
         return torch.where(m.view(*m.shape, *([1] * (act.dim() - 2))), new, act)
@@ -293,8 +307,8 @@ def per_row(a, act: torch.Tensor):
 class Add(EditFn):
     """``act + alpha * vector``; ``alpha`` a scalar or one strength per batch row."""
 
-    def __init__(self, vector: torch.Tensor, alpha=1.0, where: str = "all"):
-        super().__init__(where)
+    def __init__(self, vector: torch.Tensor, alpha=1.0, where: str = "all", skip_first: bool = False):
+        super().__init__(where, skip_first)
         self.vector, self.alpha = torch.as_tensor(vector), alpha
 
     def bind(self, site, feat_shape, device, dtype):

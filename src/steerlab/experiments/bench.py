@@ -19,7 +19,9 @@ decoding, per-row random numbers and scorer, in one run directory (``steerlab be
    prompt category, perplexity, distinct-n, side effects on neutral text (perplexity and KL from
    the unedited model), the semantic similarity of each continuation to the baseline's (MiniLM; same
    prompt and sample), method-specific measurements (``bench_metrics``: SLIM's firing rates), fit
-   time and generation time relative to the baseline.
+   time and generation time relative to the baseline: a paired timing of one test batch with and
+   without the method, alternating (:func:`steerlab.evaluation.generation_overhead`; the
+   baseline's own row is an A/A run, the timing noise).
 5. **Report.** ``metrics.json``, ``tables/results.csv``, figures and a self-contained
    ``report.html`` (:mod:`.bench_report`).
 Every generation goes through :func:`steerlab.generation.generate_run`, so killing the command and
@@ -28,18 +30,26 @@ rerunning it resumes where it stopped and reaches the same numbers.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import SteerlabError
-from ..evaluation import evaluate_arm, neutral_reference, paired_to, similarity_to, summarize
+from ..evaluation import (
+    evaluate_arm,
+    generation_overhead,
+    neutral_reference,
+    paired_to,
+    similarity_to,
+    summarize,
+)
 from ..generation import SAMPLING, GenConfig, generate_run
 from ..interventions import BenchData, Intervention, bench_methods, get
 from ..models.model import Model
 from ..parallel import group
-from ..runs import RunDir, read_record
+from ..runs import RunDir, read_record, write_json
 from .presets import from_preset
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -77,14 +87,17 @@ class BenchConfig:
     min_distinct_ratio: float = 0.8
     n_neutral: int = 64                 # neutral sentences for side effects (0: all 260 bundled ones)
     test_all_settings: bool = False     # also test every candidate setting (reported apart, not used to choose)
+    timing_reps: int = 3                # paired timing of one test batch per arm (evaluation.generation_overhead)
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise BenchError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.sampling not in SAMPLING:
             raise BenchError(f"unknown sampling preset {self.sampling!r}; choose one of {', '.join(SAMPLING)}")
-        if min(self.n_val, self.k_val, self.k, self.max_new_tokens, self.batch_size, self.n_pairs) < 1 or self.n_test < 0:
-            raise BenchError("n_val, k_val, k, max_new_tokens, batch_size and n_pairs must be >= 1, n_test >= 0")
+        if min(self.n_val, self.k_val, self.k, self.max_new_tokens, self.batch_size, self.n_pairs,
+               self.timing_reps) < 1 or self.n_test < 0:
+            raise BenchError("n_val, k_val, k, max_new_tokens, batch_size, n_pairs and timing_reps must be >= 1, "
+                             "n_test >= 0")
         for m in self.methods:
             get(m)  # an unknown method is an error naming the registered ones
 
@@ -108,7 +121,8 @@ class Arm:
     selection: list = None              # type: ignore[assignment]
     metrics: dict = None                # type: ignore[assignment]
     fit_seconds: float = 0.0
-    generate_seconds: float = 0.0
+    generate_seconds: float = 0.0       # wall time of the whole test generation (load-dependent)
+    timing: dict = None                 # type: ignore[assignment]  # paired timing against the baseline
     candidates: list = None             # type: ignore[assignment]
 
 
@@ -196,6 +210,20 @@ def _evaluate(model: Model, path: Path, name: str, iv: Intervention | None, opts
     return m, rows, seconds
 
 
+def _timing(model: Model, path: Path, name: str, iv: Intervention | None, opts: dict, test, cfg: BenchConfig) -> dict:
+    """The arm's paired timing against the baseline on one test batch (rank 0; kept in
+    ``test/<arm>/timing.json`` and reused on resume)."""
+    def measure() -> dict:
+        f = path / "test" / name / "timing.json"
+        if f.exists():
+            return json.loads(f.read_text())
+        t = generation_overhead(model, test, _gen(cfg, False), iv, opts, reps=cfg.timing_reps)
+        write_json(f, t)
+        return t
+
+    return group().on_main(measure)
+
+
 def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None, progress: bool = True) -> dict:
     """Run the benchmark into ``out_dir`` (resumable); returns the metrics (also in ``metrics.json``).
 
@@ -213,7 +241,7 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     g, path = group(), Path(out_dir)
     # the methods are not part of the run's identity: rerunning with more methods adds their arms
     # to the same directory and reuses the baseline and every arm already done
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "test_all_settings")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "test_all_settings", "timing_reps")}
     run: RunDir | None = g.on_main(lambda: RunDir(out_dir, {"kind": "bench", "model": model.name,
                                                             "model_fingerprint": model.fingerprint, **settings}),
                                    share=False)
@@ -259,7 +287,8 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
     base = {"ppl": base_val.get("fluency", {}).get("perplexity", float("nan")),
             "distinct-2": base_val["diversity"]["distinct-2"]}
     m, base_rows, secs = _evaluate(model, path, "unsteered", None, {}, test, cfg, scorer, reference)
-    arms = [Arm("unsteered", describe="the model as it is", settings={}, metrics=m, generate_seconds=secs)]
+    arms = [Arm("unsteered", describe="the model as it is", settings={}, metrics=m, generate_seconds=secs,
+                timing=_timing(model, path, "unsteered", None, {}, test, cfg))]
     rows = {"unsteered": base_rows}
     bar.update(1)
     for name in names:
@@ -272,6 +301,7 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
             arm.settings = pick
             arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, path, name, iv, pick["setting"], test,
                                                                       cfg, scorer, reference)
+            arm.timing = _timing(model, path, name, iv, pick["setting"], test, cfg)
             arm.metrics.update(g.on_main(lambda iv=iv, opts=pick["setting"]: iv.bench_metrics(
                 model, data, test, reference[1], opts, _gen(cfg, False))))
             if cfg.test_all_settings and len(arm.selection) > 1:
@@ -314,12 +344,12 @@ def _paired(arms: list[Arm], rows: dict[str, list[dict]]) -> None:
 
 
 def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> dict:
-    base_secs = arms[0].generate_seconds or float("nan")
     table = []
     for a in arms:
+        ok = a.status == "ok" and a.timing
         row = {"method": a.method, "status": a.status, "reason": a.reason, "describe": a.describe,
-               "fit_seconds": a.fit_seconds, "generation_time_ratio": (a.generate_seconds / base_secs)
-               if a.status == "ok" and a.generate_seconds else float("nan")}
+               "fit_seconds": a.fit_seconds, "generation_time_ratio": a.timing["ratio"] if ok else float("nan"),
+               "generation_timing": a.timing if ok else None, "test_generate_seconds": a.generate_seconds}
         if a.status == "ok":
             row["settings"] = a.settings
             row["selection"] = a.selection

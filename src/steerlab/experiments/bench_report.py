@@ -152,7 +152,8 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
     page.table(table, caption="Δ: the method minus the unsteered model on the same prompts and random numbers, "
                "with a paired bootstrap CI over prompts. Perplexity: continuations under the unedited model. "
                "Neutral perplexity and KL: side effects on the bundled neutral sentences. Generation time x: "
-               "relative to the unsteered run. Similarity: MiniLM cosine of each continuation to the unsteered one "
+               "median ratio to the unsteered model over paired, alternating timings of one test batch (the "
+               "unsteered row is an A/A timing: how far 1 the noise alone goes). Similarity: MiniLM cosine of each continuation to the unsteered one "
                "(same prompt and sample). Fire rate (SLIM): share of test prompts, neutral sentences and generation "
                "steps where its detector fired.")
     page.heading("Toxicity vs fluency")

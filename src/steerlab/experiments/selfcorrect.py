@@ -282,7 +282,7 @@ def _steering_vectors(model: Model, texts: list[str], ids: list[str], scores: np
     sv = SteeringVector.fit(model, cs.desirable, cs.undesirable, sites, method="mean_diff",
                             positions=cfg.steer_positions, scale="unit", chat=cfg.steer_chat,
                             batch_size=cfg.batch_size)
-    pos = "last" if cfg.steer_positions == "last" else "mean"
+    pos = cfg.steer_positions if cfg.steer_positions in ("last", "mean") else "mean_skip_first"
     caps = capture(model, list(cs.desirable) + list(cs.undesirable), sites, pos, chat=cfg.steer_chat,
                    batch_size=cfg.batch_size)
     acts = torch.stack([caps[s] for s in sites], 1).numpy()  # [2n, L, d]

@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import DataError, EmptyInputError, SteerlabError
 from ..generation import SAMPLING, text_id
 from ..protocols.selfcorrect import get_instruction
+from ..steer.vector import POSITIONS
 from .presets import from_preset
 
 GROUPS = ("detox", "toxify")
@@ -49,7 +50,7 @@ class SelfCorrectConfig:
     toxify: str = "strong_toxify"
     scorer: str = "default"
     steer_pairs: int = 64           # contrast pairs for the steering vectors (from prompts outside the study)
-    steer_positions: str = "mean"   # last | mean | aligned (SteeringVector.fit)
+    steer_positions: str = "mean_skip_first"  # last | mean | mean_skip_first | aligned (SteeringVector.fit)
     steer_chat: bool = False        # fit steering vectors on raw prompts (False) or chat-rendered ones
     n_controls: int = 8             # random and permuted control vectors (each)
     lexicon_k: int = 100
@@ -82,8 +83,8 @@ class SelfCorrectConfig:
             raise SelfCorrectError(f"unknown sampling preset {self.sampling!r}; choose one of {', '.join(SAMPLING)}")
         if min(self.max_new_tokens, self.batch_size, self.lexicon_k, self.steer_pairs, self.n_controls) < 1:
             raise SelfCorrectError("max_new_tokens, batch_size, lexicon_k, steer_pairs and n_controls must be >= 1")
-        if self.steer_positions not in ("last", "mean", "aligned"):
-            raise SelfCorrectError(f"steer_positions must be last, mean or aligned, got {self.steer_positions!r}")
+        if self.steer_positions not in POSITIONS:
+            raise SelfCorrectError(f"steer_positions must be one of {', '.join(POSITIONS)}, got {self.steer_positions!r}")
         if not 0 < self.moved_share <= 1:
             raise SelfCorrectError(f"moved_share must be in (0, 1], got {self.moved_share}")
         if min(self.n_null, self.n_boot) < 1:

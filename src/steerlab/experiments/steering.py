@@ -56,7 +56,7 @@ class SteeringStudy:
     n_sweep: int = 24
     n_test: int = 100
     method: str = "mean_diff"
-    positions: str = "mean"
+    positions: str = "mean_skip_first"
     where: str = "all"
     max_new_tokens: int = 20
     sampling: str = "t1.0"

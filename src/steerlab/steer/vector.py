@@ -4,8 +4,15 @@ model runs (Turner et al. 2023, "activation addition"; Rimsky et al. 2024, CAA; 
 Fitting (``SteeringVector.fit``), per site, from desirable texts D and undesirable texts U:
 
 - ``mean_diff``: s = mean_i h(D_i) - mean_i h(U_i) at the chosen positions: the last token,
-  the mean over prompt tokens, or ``aligned`` (paired texts, differences taken position by
-  position from the end over the shorter text's length, then averaged).
+  the mean over prompt tokens (``mean``), the mean without each text's first token
+  (``mean_skip_first``), or ``aligned`` (paired texts, differences taken position by position
+  from the end over the shorter text's length less its first token, then averaged).
+
+  Leave the first token out of pools: in many models it carries an attention-sink activation
+  orders of magnitude larger than the others. On SmolLM2-135M (middle layers) its norm is about
+  23,000 against 150-450, so with ``mean`` the pooled difference mostly measures the two sets'
+  different lengths along that one direction (cosine -0.93 with the mean first-token state at
+  layer 12; ``mean_skip_first``: 0.12). See ``docs/steering.md``.
 - ``pca``: the first right-singular vector of the paired differences h(D_i) - h(U_i)
   (uncentred, so the mean shift counts), signed to point from U to D.
 - ``probe``: the weight vector of a logistic-regression probe separating D from U (sklearn).
@@ -33,8 +40,9 @@ from ..errors import EmptyInputError
 from ..hooks import EditFn, add, capture, edit, per_row, strength
 from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
 from ..models.model import Model
+from ..positions import after_first, as_position
 
-POSITIONS = ("last", "mean", "aligned")
+POSITIONS = ("last", "mean", "mean_skip_first", "aligned")
 
 
 class VectorError(InterventionError):
@@ -92,20 +100,19 @@ class SteeringVector(Intervention):
             if len(model.site_shape(s)) != 1:
                 raise VectorError(f"steering vectors live on d-dimensional sites; {s!r} has shape "
                                   f"{model.site_shape(s)} (use resid/attn.out/mlp.out/final/embed or mlp.act)")
-        pos = "all" if positions == "aligned" else positions
-        texts = desirable + undesirable
-        caps = capture(model, texts, canon, pos, batch_size=batch_size, chat=chat)
+        caps = capture(model, desirable + undesirable, canon, "all", batch_size=batch_size, chat=chat)
+        keep = after_first(caps.mask)
         n = len(desirable)
-        dirs = {}
+        dirs, projection = {}, {}
         for s in canon:
             a = caps[s]
             if positions == "aligned":
                 dirs[s] = direction(a[:n, -1], a[n:, -1], method, scale,
-                                    diffs=_aligned_diffs(a[:n], caps.mask[:n], a[n:], caps.mask[n:]))
+                                    diffs=_aligned_diffs(a[:n], keep[:n], a[n:], keep[n:]))
             else:
-                dirs[s] = direction(a[:n], a[n:], method, scale, paired=paired)
-        projection = {s: _projection_means(caps[s] if positions != "aligned" else caps[s][:, -1], n, dirs[s])
-                      for s in canon}
+                x = a[:, -1] if positions == "last" else as_position(positions).select(a, caps.mask)
+                dirs[s] = direction(x[:n], x[n:], method, scale, paired=paired)
+            projection[s] = _projection_means(a, keep, n, dirs[s])
         meta = {
             "projection": projection,
             "fit_method": method, "positions": positions, "scale": scale, "chat": chat,
@@ -137,11 +144,13 @@ class SteeringVector(Intervention):
         ``mode`` (:data:`APPLY_MODES`): ``add`` adds ``alpha * direction`` (activation addition);
         ``gated`` adds it only at positions whose projection on the unit direction is below the
         threshold fitted on the training data (the midpoint of the desirable and undesirable mean
-        projections: the state looks undesirable); ``ablate`` removes ``alpha`` times the component
+        projections of token states, first tokens left out: the state looks undesirable); ``ablate`` removes ``alpha`` times the component
         along the direction (directional ablation; ``alpha=1`` removes it all); ``clamp`` raises the
         projection to at least ``undesirable mean + alpha x (desirable mean - undesirable mean)`` of
-        the fitted projections (``alpha=1``: the desirable texts' mean; ``0.5``: the midpoint). ``sites``
-        restricts the edit to some of the vector's sites."""
+        the fitted projections (``alpha=1``: the desirable texts' mean; ``0.5``: the midpoint). The gated, ablate and clamp modes
+        leave each row's first token alone (its attention-sink state is what the model expects
+        there; removing or clamping a component of it breaks the model). ``sites`` restricts the
+        edit to some of the vector's sites."""
         self.check(model, strict)
         directions = self.only(list(sites)).directions if sites is not None else self.directions
         if mode not in APPLY_MODES:
@@ -154,11 +163,12 @@ class SteeringVector(Intervention):
     # --- the detoxification benchmark -----------------------------------------------------------
     @classmethod
     def bench_fit(cls, model: Model, data, preset: str = "quick") -> SteeringVector:
-        """Mean-difference directions (mean over prompt tokens, unit norm) at a third, half and two
+        """Mean-difference directions (mean over prompt tokens after the first, unit norm) at a third, half and two
         thirds of the depth, from the benchmark's toxicity contrast set."""
         L = model.n_layers
         layers = sorted({L // 3, L // 2, (2 * L) // 3})
-        return cls.fit(model, data.contrast, sites=[f"blocks.{i}.resid_post" for i in layers], positions="mean")
+        return cls.fit(model, data.contrast, sites=[f"blocks.{i}.resid_post" for i in layers],
+                       positions="mean_skip_first")
 
     def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
         """Per site, strengths in units of the site's typical residual norm on validation prompts
@@ -327,7 +337,8 @@ def direction(hd: torch.Tensor, hu: torch.Tensor, method: str = "mean_diff", sca
 
 
 def _aligned_diffs(a_d: torch.Tensor, m_d: torch.Tensor, a_u: torch.Tensor, m_u: torch.Tensor) -> torch.Tensor:
-    """Per pair: mean over positions (aligned from the end, over the shorter length) of h_d - h_u."""
+    """Per pair: mean over positions (aligned from the end, over the shorter of the two kept
+    lengths; masks ``[N, T]`` mark the kept tokens, e.g. :func:`after_first`) of h_d - h_u."""
     L = torch.minimum(m_d.sum(1), m_u.sum(1))  # [N]
     T = a_d.shape[1]
     cols = torch.arange(T, device=a_d.device)[None, :]
@@ -375,10 +386,15 @@ def _probe_direction(hd: torch.Tensor, hu: torch.Tensor, diffs=None, mean_diff=N
     return torch.from_numpy(w).float().to(hd.device)
 
 
-def _projection_means(acts: torch.Tensor, n: int, v: torch.Tensor) -> dict[str, float]:
-    """Mean projection of the desirable (first ``n``) and undesirable activations on the unit direction."""
-    proj = acts.float() @ (v / v.norm().clamp_min(1e-12)).to(acts.device)
-    return {"desirable": float(proj[:n].mean()), "undesirable": float(proj[n:].mean())}
+def _projection_means(acts: torch.Tensor, keep: torch.Tensor, n: int, v: torch.Tensor) -> dict[str, float]:
+    """Mean projection on the unit direction of the desirable (first ``n`` texts) and undesirable
+    texts' token states ``acts [N, T, d]``, over the tokens ``keep [N, T]`` marks (every real token
+    but the first): the level the gated and clamp edits compare each position's state with."""
+    proj = acts.float() @ (v / v.norm().clamp_min(1e-12)).to(acts.device)  # [N, T]
+    k = keep.to(proj.device)
+    return {"desirable": float(proj[:n][k[:n]].mean()), "undesirable": float(proj[n:][k[n:]].mean()),
+            "desirable_std": float(proj[:n][k[:n]].std()), "undesirable_std": float(proj[n:][k[n:]].std()),
+            "states": "tokens after the first"}
 
 
 class Projected(EditFn):
@@ -387,7 +403,7 @@ class Projected(EditFn):
 
     def __init__(self, vector: torch.Tensor, kind: str, alpha=1.0, where: str = "all", level: float = 0.0,
                  low: float | None = None):
-        super().__init__(where)
+        super().__init__(where, skip_first=True)
         self.vector, self.kind, self.alpha, self.level = torch.as_tensor(vector), kind, alpha, float(level)
         self.low = self.level if low is None else float(low)
 
