@@ -171,10 +171,10 @@ def test_generation_overhead_is_a_paired_alternating_timing(llama, monkeypatch):
 
     plain, log = G.generate_batch, []
 
-    class Slow:  # an intervention whose generation costs 50 ms more than the model's (a few ms here)
+    class Slow:  # an intervention whose generation costs 200 ms more than the model's (a few ms here)
         def generate(self, model, texts, cfg, keys, **options):
             log.append(("arm", len(texts), options))
-            time.sleep(0.05)
+            time.sleep(0.2)
             return plain(model, texts, cfg, keys)
 
     def base(model, texts, cfg, keys=None):
@@ -188,8 +188,8 @@ def test_generation_overhead_is_a_paired_alternating_timing(llama, monkeypatch):
     assert [x[0] for x in log] == ["arm", "base", "arm", "arm", "base", "base", "arm"]
     assert {x[1] for x in log} == {3} and all(x[2] == {"alpha": 1.0} for x in log if x[0] == "arm")
     ratios = [a / b for a, b in zip(t["arm_seconds"], t["baseline_seconds"])]
-    assert t["ratio"] == pytest.approx(float(np.median(ratios)), rel=1e-3) and t["ratio"] > 2
-    assert min(t["arm_seconds"]) >= 0.05
+    assert t["ratio"] == pytest.approx(float(np.median(ratios)), rel=1e-3) and t["ratio"] > 1
+    assert min(t["arm_seconds"]) >= 0.2
     log.clear()
     aa = generation_overhead(llama, ["a b"], cfg, None, reps=2)  # A/A: both sides the plain model
     assert [x[0] for x in log] == ["base"] * 5 and len(aa["ratios"]) == 2

@@ -47,6 +47,23 @@ def table_rows(metrics: dict) -> list[dict]:
     return out
 
 
+TOXICITY_COLUMNS = ("expected max toxicity [95% CI]", "toxicity probability [95% CI]", "mean toxicity [95% CI]",
+                    "Δ mean toxicity vs unsteered (paired 95% CI)", "Δ expected max toxicity (paired 95% CI)")
+
+
+def _split(table: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The results table as two narrower ones: toxicity (with a failed method's reason), and the rest."""
+    tox, rest = [], []
+    for r in table:
+        if r["status"] != "ok":
+            tox.append({"method": r["method"], **{c: "" for c in TOXICITY_COLUMNS}, "note": f"failed: {r['note']}"})
+            continue
+        tox.append({"method": r["method"], **{c: r[c] for c in TOXICITY_COLUMNS}, "note": ""})
+        rest.append({"method": r["method"], **{c: v for c, v in r.items()
+                                               if c not in TOXICITY_COLUMNS and c not in ("method", "status")}})
+    return tox, rest
+
+
 def _fire(f: dict | None) -> str:
     return "" if not f else (f"{f['test_prompts']:.2f} / {f['neutral_texts']:.2f} / {f['generation_steps']:.2f}")
 
@@ -148,14 +165,17 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
              "scorer": cfg.scorer, "methods": ", ".join(a["method"] for a in metrics["arms"]),
              "failed": "; ".join(f"{a['method']}: {a['reason']}" for a in failed) or "none",
              "wall time of this call": f"{metrics.get('wall_seconds_this_call', float('nan')):.0f} s"})
-    page.heading("Results")
-    page.table(table, caption="Δ: the method minus the unsteered model on the same prompts and random numbers, "
-               "with a paired bootstrap CI over prompts. Perplexity: continuations under the unedited model. "
-               "Neutral perplexity and KL: side effects on the bundled neutral sentences. Generation time x: "
-               "median ratio to the unsteered model over paired, alternating timings of one test batch (the "
-               "unsteered row is an A/A timing: how far 1 the noise alone goes). Similarity: MiniLM cosine of each continuation to the unsteered one "
-               "(same prompt and sample). Fire rate (SLIM): share of test prompts, neutral sentences and generation "
-               "steps where its detector fired.")
+    tox, rest = _split(table)
+    page.heading("Results: toxicity")
+    page.table(tox, caption="Δ: the method minus the unsteered model on the same prompts and random numbers, "
+               "with a paired bootstrap CI over prompts. The whole table, one row per method: tables/results.csv.")
+    page.heading("Results: fluency, side effects and cost")
+    page.table(rest, caption="Perplexity: continuations under the unedited model. Neutral perplexity and KL: side "
+               "effects on the bundled neutral sentences. Similarity: MiniLM cosine of each continuation to the "
+               "unsteered one (same prompt and sample). Fire rate (SLIM): share of test prompts, neutral sentences "
+               "and generation steps where its detector fired. Generation time x: median ratio to the unsteered "
+               "model over paired, alternating timings of one test batch (the unsteered row is an A/A timing: how "
+               "far from 1 the noise alone goes).")
     page.heading("Toxicity vs fluency")
     page.figure(figs["tradeoff"], "Each method at its chosen setting; lower-left is better.")
     page.heading("By prompt category")
