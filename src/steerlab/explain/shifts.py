@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import ShapeError
+from ..metrics.stats import resample_indices
 
 
 def moved_as_instructed(tox: np.ndarray, sign: np.ndarray | float, share: float = 0.75,
@@ -160,12 +161,10 @@ def bootstrap_shift_stats(diffs: np.ndarray, v: np.ndarray, n_boot: int = 1000, 
         raise ShapeError("a steering vector is zero")
     psc = per_sample_cos(D, V)                           # [n, L]
     proj = (D * V).sum(-1)                                # [n, L]  <D_i, v>
-    rng = np.random.default_rng(seed)
     out = {k: np.empty((n_boot, L)) for k in ("cos", "mean_sample_cos", "lambda")}
     flat = D.reshape(n, L * d)
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        idx = rng.integers(0, n, size=(b, n))
+    for start, idx in resample_indices(n, n_boot, seed, chunk=chunk):
+        b = len(idx)
         W = np.zeros((b, n))
         np.add.at(W, (np.arange(b)[:, None], idx), 1.0 / n)
         M = (W @ flat).reshape(b, L, d)                   # resampled mean shifts

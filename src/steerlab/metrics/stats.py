@@ -81,6 +81,19 @@ def mean_toxicity(scores) -> float:
     return float(np.nanmean(_score_matrix(scores)))
 
 
+def resample_indices(n: int, n_boot: int, seed: int = 0, max_elems: int = 1_000_000, chunk: int | None = None):
+    """Bootstrap resamples of ``n`` units (drawn with replacement), a chunk at a time: yields
+    ``(start, idx)`` with ``idx`` ``[b, n]`` the units of resamples ``start .. start + b``. One seeded
+    generator draws them, so every statistic computed on the same seed sees the same resamples;
+    ``chunk`` (default: ``max_elems // n`` resamples) bounds the memory of a reduction over ``idx``."""
+    if n_boot < 1:
+        raise ShapeError(f"n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    chunk = chunk or max(1, min(n_boot, max_elems // max(n, 1)))
+    for start in range(0, n_boot, chunk):
+        yield start, rng.integers(0, n, size=(min(chunk, n_boot - start), n))
+
+
 def _bootstrap_ratios(num: np.ndarray, den: np.ndarray, n_boot: int, ci: float, seed: int,
                       max_elems: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
     """Percentile-bootstrap CIs of ``m`` ratio statistics ``sum(num[j]) / sum(den[j])`` over
@@ -93,13 +106,9 @@ def _bootstrap_ratios(num: np.ndarray, den: np.ndarray, n_boot: int, ci: float, 
     if not 0 < ci < 1:
         raise ShapeError(f"ci must be in (0, 1), got {ci}")
     m, n = num.shape
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, max_elems // max(n, 1)))
     stats = np.empty((m, n_boot))
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        idx = rng.integers(0, n, size=(b, n))
-        stats[:, start:start + b] = num[:, idx].sum(-1) / den[:, idx].sum(-1)
+    for start, idx in resample_indices(n, n_boot, seed, max_elems):
+        stats[:, start:start + len(idx)] = num[:, idx].sum(-1) / den[:, idx].sum(-1)
     alpha = (1.0 - ci) / 2
     lo, hi = np.quantile(stats, [alpha, 1.0 - alpha], axis=1)
     return lo, hi
@@ -177,13 +186,10 @@ def paired_difference(reference, treated, threshold: float = 0.5, n_boot: int = 
         raise ShapeError(f"n_boot must be >= 1 and ci in (0, 1), got {n_boot}, {ci}")
     (na, da), (nb, db) = _unit_stats(a, threshold), _unit_stats(b, threshold)
     n = a.shape[0]
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, max_elems // max(n, 1)))
     diffs = np.empty((3, n_boot))
-    for start in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - start)
-        idx = rng.integers(0, n, size=(m, n))
-        diffs[:, start:start + m] = nb[:, idx].sum(-1) / db[:, idx].sum(-1) - na[:, idx].sum(-1) / da[:, idx].sum(-1)
+    for start, idx in resample_indices(n, n_boot, seed, max_elems):
+        diffs[:, start:start + len(idx)] = (nb[:, idx].sum(-1) / db[:, idx].sum(-1)
+                                            - na[:, idx].sum(-1) / da[:, idx].sum(-1))
     point = nb.sum(1) / db.sum(1) - na.sum(1) / da.sum(1)
     lo, hi = np.quantile(diffs, [(1 - ci) / 2, 1 - (1 - ci) / 2], axis=1)
     est = [Estimate(float(v), float(x), float(y)) for v, x, y in zip(point, lo, hi, strict=True)]
