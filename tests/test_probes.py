@@ -76,6 +76,17 @@ def test_vote_threshold_brute_force():
         assert int(tau[layer]) == 1 + int(np.argmin(risks)) and float(rk[layer]) == pytest.approx(min(risks))
 
 
+def test_choose_layer_breaks_ties_by_mean_head_risk():
+    layer_risk = torch.tensor([0.3, 0.105, 0.2, 0.105, 0.105])
+    head_risk = torch.tensor([[0.1, 0.1], [0.5, 0.4], [0.0, 0.0], [0.3, 0.4], [0.45, 0.45]])
+    # layers 1, 3 and 4 tie at 0.105; their mean head risks are 0.45, 0.35, 0.45: layer 3 (layer 2's
+    # lower head risk does not count, its vote risk is higher)
+    assert pr.choose_layer(layer_risk, head_risk) == 3
+    # no tie: the lowest vote risk whatever the heads; a full tie on both: the first
+    assert pr.choose_layer(torch.tensor([0.2, 0.1]), torch.tensor([[0.0], [0.9]])) == 1
+    assert pr.choose_layer(torch.tensor([0.1, 0.1]), torch.tensor([[0.2], [0.2]])) == 0
+
+
 def test_labelled_bad_inputs():
     with pytest.raises(pr.ProbeError, match="train: a probe needs both classes.*only label 1"):
         pr.Labelled((["a", "b"], [1, 1]), (["c", "d"], [0, 1]))

@@ -353,7 +353,7 @@ class RiskProbes:
     """SLIM stage 1: risk-aware probes per (layer, head) (``w [L, H, d_head]``, ``b [L, H]``), the
     head-vote classifier per layer (flag when at least ``tau[l]`` heads say p > 0.5; ``tau`` chosen
     to minimise validation FPR + b FNR, whose value is ``layer_risk[l]``) and ``layer``, the layer
-    with the lowest validation risk (the one to edit)."""
+    with the lowest validation risk (the one to edit; ties: :func:`choose_layer`)."""
 
     layers: list[int]
     w: torch.Tensor
@@ -376,6 +376,14 @@ def vote_threshold(fires: torch.Tensor, y: torch.Tensor, b: float = 1.0) -> tupl
     return taus[best], r.gather(1, best[:, None])[:, 0]
 
 
+def choose_layer(layer_risk: torch.Tensor, head_risk: torch.Tensor) -> int:
+    """Index of the layer to edit: the lowest validation vote risk ``layer_risk [L]``; layers tied at
+    it (on a small validation set several often are) are told apart by the lowest mean validation
+    risk of their single-head probes ``head_risk [L, H]``, then by depth (the first)."""
+    tied = torch.nonzero(layer_risk <= layer_risk.min() + 1e-9).flatten()
+    return int(tied[torch.argmin(head_risk[tied].mean(1))])
+
+
 def risk_probes(data: ProbeData, b: float = 1.0, lr: float = 2e-3, epochs: int = 500) -> RiskProbes:
     """SLIM stage 1 on captured head activations: risk probes for every head of every layer in one
     batched run, the vote threshold per layer and the layer to edit."""
@@ -386,8 +394,9 @@ def risk_probes(data: ProbeData, b: float = 1.0, lr: float = 2e-3, epochs: int =
     probes, epoch, head_risk = fit_risk_probe(flat(tr), data.labels["train"], flat(va), yv, b, lr, epochs)
     fires = (probes.logits(flat(va)) > 0).view(L, H, -1)
     tau, layer_risk = vote_threshold(fires, yv, b)
-    best = int(torch.argmin(layer_risk))
-    meta = {**data.meta, "b": b, "lr": lr, "epochs": epochs, "best_epoch": epoch.view(L, H).tolist()}
+    best = choose_layer(layer_risk, head_risk.view(L, H))
+    meta = {**data.meta, "b": b, "lr": lr, "epochs": epochs, "best_epoch": epoch.view(L, H).tolist(),
+            "layer_choice": "lowest validation vote risk; ties: lowest mean head risk, then the first"}
     return RiskProbes(data.layers, probes.w.view(L, H, dh), probes.b.view(L, H), head_risk.view(L, H), tau,
                       layer_risk, data.layers[best], meta)
 
