@@ -34,7 +34,7 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
     st = arms["steering"]
     from steerlab.interventions import load
     sv = load(out / "fit" / "steering.safetensors", llama)
-    # every fitted site x (2 strengths + generated-only + gated + ablation)
+    # every fitted site x (2 strengths + generated-only + gated + clamp)
     assert st["status"] == "ok" and len(st["selection"]) == len(sv.directions) * 5
     chosen = st["settings"]
     admissible = [s for s in st["selection"] if s["admissible"]]

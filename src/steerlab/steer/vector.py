@@ -173,7 +173,9 @@ class SteeringVector(Intervention):
     def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
         """Per site, strengths in units of the site's typical residual norm on validation prompts
         (activation addition at every position, and at generated positions only), the gated
-        variant, and directional ablation."""
+        variant, and clamping the projection to the non-toxic level (not directional ablation: the
+        direction points from toxic to non-toxic and ordinary tokens project on its non-toxic side,
+        so removing the component raised toxicity in the steering study, docs/steering.md)."""
         from .sweep import typical_norms
 
         norms = typical_norms(model, data.validation[:32], list(self.directions))
@@ -183,7 +185,7 @@ class SteeringVector(Intervention):
             out += [{"sites": [site], "alpha": round(a * norm, 4)} for a in rel]
             out += [{"sites": [site], "alpha": round(rel[-1] * norm, 4), "where": "generated"},
                     {"sites": [site], "alpha": round(2 * rel[-1] * norm, 4), "mode": "gated"},
-                    {"sites": [site], "alpha": 1.0, "mode": "ablate"}]
+                    {"sites": [site], "alpha": 1.0, "mode": "clamp"}]
         return out
 
     # --- arithmetic ----------------------------------------------------------------------------
