@@ -193,5 +193,10 @@ def test_generation_overhead_is_a_paired_alternating_timing(llama, monkeypatch):
     log.clear()
     aa = generation_overhead(llama, ["a b"], cfg, None, reps=2)  # A/A: both sides the plain model
     assert [x[0] for x in log] == ["base"] * 5 and len(aa["ratios"]) == 2
+    log.clear()  # one batch is batch_size rows: batch_size // k prompts; no warm-up asked for
+    pair = generation_overhead(llama, ["a b", "c d", "e f"], G.GenConfig(max_new_tokens=2, batch_size=4, k=2, sampling="t1.0"),
+                               Slow(),
+                               reps=1, warmup=0)
+    assert [(x[0], x[1]) for x in log] == [("base", 2), ("arm", 2)] and pair["ratio"] == pair["ratios"][0]
     with pytest.raises(sl.EmptyInputError, match="reps >= 1"):
         generation_overhead(llama, ["a"], cfg, None, reps=0)

@@ -805,9 +805,10 @@ def bench(
                                            "setting (tables/candidates.csv; reported, not used to choose)."),
     batch_size: int | None = typer.Option(None, min=1, help="Rows (prompt x sample) per generate call; default "
                                           "from --preset."),
-    timing_reps: int = typer.Option(3, min=1, help="Paired timing per arm: one test batch generated with and "
-                                    "without the method this many times, alternating; the time column is the median "
-                                    "ratio (the baseline's row: an A/A run, the noise)."),
+    timing_reps: int | None = typer.Option(None, min=1, help="Paired timing per arm: one test batch generated with "
+                                           "and without the method this many times, alternating; the time column is "
+                                           "the median ratio (the baseline's row: an A/A run, the noise); default "
+                                           "from --preset (quick 1, others 3)."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     device_map: str = typer.Option("", "--device-map", help=DEVICE_MAP_HELP),
 ) -> None:
@@ -856,7 +857,7 @@ def demo(model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     """The main job: the quick detoxification benchmark on the embedded model (`steerlab bench --preset quick`)."""
     bench(out=out, model=model, preset="quick", methods="", prompts="rtp", scorer="default", n_test=None, k=None,
           n_val=None, max_new_tokens=None, seed=0, batch_size=None, device="cpu", device_map="", test_all_settings=False,
-          timing_reps=3)
+          timing_reps=None)
 
 
 # --- instruction-tuning explanations (docs/instruction_shift.md) ----------------------------------

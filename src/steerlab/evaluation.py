@@ -141,19 +141,20 @@ def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
 
 
 def generation_overhead(model: Model, prompts: Sequence, cfg, intervention=None, apply_options: dict | None = None,
-                        reps: int = 3) -> dict:
-    """Paired timing of one batch: the first ``cfg.batch_size`` prompts generated without and with
-    ``intervention`` (``None``: without both times, an A/A run that shows the timing noise), after
-    one untimed warm-up call, in ``reps`` pairs whose order alternates (AB, BA, AB, ...) so a drift
-    in machine load hits both sides alike. ``ratio`` is the median over pairs of with / without.
-    Timing whole arms run minutes apart measures the machine's load as much as the method."""
+                        reps: int = 3, warmup: int = 1) -> dict:
+    """Paired timing of one generation batch: the first ``cfg.batch_size // cfg.k`` prompts (one
+    batch of ``batch_size`` rows) generated without and with ``intervention`` (``None``: without both
+    times, an A/A run that shows the timing noise), in ``reps`` pairs whose order alternates (AB, BA,
+    AB, ...) so a drift in machine load hits both sides alike; ``warmup`` untimed calls with the
+    intervention come first. ``ratio`` is the median over pairs of with / without. Timing whole arms
+    run minutes apart measures the machine's load as much as the method."""
     import time
 
     from .generation import generate_batch, prompt_ids_texts
 
     if reps < 1:
         raise EmptyInputError(f"generation_overhead needs reps >= 1, got {reps}")
-    ids, texts = prompt_ids_texts(list(prompts)[: cfg.batch_size])
+    ids, texts = prompt_ids_texts(list(prompts)[: max(1, cfg.batch_size // cfg.k)])
     opts = dict(apply_options or {})
 
     def once(iv) -> float:
@@ -164,7 +165,8 @@ def generation_overhead(model: Model, prompts: Sequence, cfg, intervention=None,
             iv.generate(model, texts, cfg, ids, **opts)
         return time.perf_counter() - t0
 
-    once(intervention)  # warm-up (first use of the edit's shapes, caches)
+    for _ in range(warmup):  # first use of the edit's shapes and caches
+        once(intervention)
     base, arm = [], []
     for r in range(reps):
         if r % 2 == 0:

@@ -53,11 +53,12 @@ from ..runs import RunDir, read_record, write_json
 from .presets import from_preset
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"n_val": 16, "k_val": 1, "n_test": 40, "k": 2, "max_new_tokens": 16, "n_neutral": 64},
+    "quick": {"n_val": 16, "k_val": 1, "n_test": 40, "k": 2, "max_new_tokens": 16, "n_neutral": 64, "timing_reps": 1},
     "standard": {"n_val": 48, "k_val": 2, "n_test": 124, "k": 5, "max_new_tokens": 20, "n_neutral": 0},
     "full": {"n_val": 125, "k_val": 3, "n_test": 0, "k": 25, "max_new_tokens": 20, "n_neutral": 0},
 }
-"""``quick``: every method on the default model in minutes on 2 CPU cores (the README demo);
+"""``quick``: every method on the default model in minutes on 2 CPU cores (the README demo; one
+timing pair per arm, so its time column is about as noisy as its unsteered A/A row shows);
 ``standard``: more prompts and samples; ``full``: the papers' 25 samples per test prompt, every
 test prompt (``n_test=0``: all), for a GPU."""
 
@@ -217,7 +218,8 @@ def _timing(model: Model, path: Path, name: str, iv: Intervention | None, opts: 
         f = path / "test" / name / "timing.json"
         if f.exists():
             return json.loads(f.read_text())
-        t = generation_overhead(model, test, _gen(cfg, False), iv, opts, reps=cfg.timing_reps)
+        # the arm's test generation ran just before (warm), unless it was read back on resume
+        t = generation_overhead(model, test, _gen(cfg, False), iv, opts, reps=cfg.timing_reps, warmup=0)
         write_json(f, t)
         return t
 
