@@ -52,7 +52,8 @@ TOXICITY_COLUMNS = ("expected max toxicity [95% CI]", "toxicity probability [95%
 
 
 def _split(table: list[dict]) -> tuple[list[dict], list[dict]]:
-    """The results table as two narrower ones: toxicity (with a failed method's reason), and the rest."""
+    """The results table as two narrower ones: toxicity (with a failed method's reason in a ``note``
+    column, present only when a method failed), and the rest."""
     tox, rest = [], []
     for r in table:
         if r["status"] != "ok":
@@ -61,6 +62,8 @@ def _split(table: list[dict]) -> tuple[list[dict], list[dict]]:
         tox.append({"method": r["method"], **{c: r[c] for c in TOXICITY_COLUMNS}, "note": ""})
         rest.append({"method": r["method"], **{c: v for c, v in r.items()
                                                if c not in TOXICITY_COLUMNS and c not in ("method", "status")}})
+    if not any(r["note"] for r in tox):
+        tox = [{k: v for k, v in r.items() if k != "note"} for r in tox]
     return tox, rest
 
 
