@@ -21,6 +21,7 @@ whatever the model's device.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -154,10 +155,25 @@ def _group():
             raise ParallelError("this torch has no torch.distributed gloo backend: data-parallel runs need it")
         if dist.is_initialized():  # e.g. by accelerate in the caller's script: a gloo group of our own
             _PG.append(dist.new_group(backend="gloo", timeout=TIMEOUT))
+            atexit.register(_destroy, _PG[0])
         else:
             dist.init_process_group("gloo", timeout=TIMEOUT)
             _PG.append(dist.group.WORLD)
+            atexit.register(_destroy, None)
     return _PG[0]
+
+
+def _destroy(pg) -> None:
+    """Tear down the group this module created before the interpreter exits: a gloo group left to
+    the interpreter's own teardown can abort the process ("terminate called without an active
+    exception") after its work is done, and the launcher then reports the run as failed."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group(pg)
+    except Exception:  # best effort at exit
+        pass
 
 
 def _portable(err: BaseException | None) -> tuple[type, str] | None:
