@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .errors import EmptyInputError, ShapeError
 from .models.adapters import Site, get_module
 from .models.model import Model
-from .positions import Position, as_position
+from .positions import Position, as_position, first_real
 
 
 class _Stop(Exception):
@@ -204,8 +204,7 @@ class Step:
         m = self.attention_mask
         if m is None or m.dim() != 2:
             return self.positions(device) == 0
-        m = m.to(device=device, dtype=torch.bool)
-        return ((m.cumsum(1) == 1) & m)[:, -self.T:]
+        return first_real(m.to(device))[:, -self.T:]
 
     def where(self, schedule: str, device: torch.device) -> torch.Tensor | None:
         """Bool mask ``[B or 1, T]`` of the positions a schedule edits in this call (None: all)."""

@@ -71,6 +71,12 @@ class Indices(Position):
         return act[rows, cols]
 
 
+def first_real(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, T]``: each left-padded row's first real (unpadded) token."""
+    m = mask.to(torch.bool)
+    return (m.cumsum(1) == 1) & m
+
+
 def after_first(mask: torch.Tensor) -> torch.Tensor:
     """Bool ``[B, T]``: each row's real tokens except its first one (a row of one token keeps it).
 
@@ -78,8 +84,7 @@ def after_first(mask: torch.Tensor) -> torch.Tensor:
     23,000 in norm against 150-450 elsewhere in SmolLM2's middle layers), so a pool or a statistic
     that includes it is dominated by it."""
     m = mask.to(torch.bool)
-    first = (m.cumsum(1) == 1) & m
-    return m & ~(first & (m.sum(1, keepdim=True) > 1))
+    return m & ~(first_real(m) & (m.sum(1, keepdim=True) > 1))
 
 
 @dataclass(frozen=True)

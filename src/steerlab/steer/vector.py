@@ -110,7 +110,7 @@ class SteeringVector(Intervention):
                 dirs[s] = direction(a[:n, -1], a[n:, -1], method, scale,
                                     diffs=_aligned_diffs(a[:n], keep[:n], a[n:], keep[n:]))
             else:
-                x = a[:, -1] if positions == "last" else as_position(positions).select(a, caps.mask)
+                x = as_position(positions).select(a, caps.mask)  # last, mean or mean_skip_first
                 dirs[s] = direction(x[:n], x[n:], method, scale, paired=paired)
             projection[s] = _projection_means(a, keep, n, dirs[s])
         meta = {
