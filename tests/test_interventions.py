@@ -33,7 +33,7 @@ def test_registry_lists_and_fits_by_name(llama):
     iv = I.fit("steering", llama, (GOOD, BAD), sites=["blocks.1.resid_post"])
     assert isinstance(iv, SteeringVector) and iv.sites == ["blocks.1.resid_post"]
     assert iv.describe().startswith("steering at blocks.1.resid_post") and "tiny-llama" in iv.describe()
-    with pytest.raises(I.InterventionError, match="unknown intervention method 'nope'; registered: .*steering"):
+    with pytest.raises(I.InterventionError, match="unknown intervention method 'nope'; choose one of .*steering"):
         I.fit("nope", llama, (GOOD, BAD))
     r = runner.invoke(app, ["interventions"])
     assert r.exit_code == 0 and "steering" in r.output

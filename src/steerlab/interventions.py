@@ -33,6 +33,7 @@ import torch
 
 from .errors import SteerlabError
 from .models.model import Model
+from .registry import Registry
 
 
 @dataclass
@@ -240,41 +241,30 @@ def fingerprint_texts(*groups: Sequence[str]) -> str:
 
 
 # --- registry ------------------------------------------------------------------------------------
-_REGISTRY: dict[str, type[Intervention]] = {}
+METHODS: Registry = Registry("intervention method", InterventionError, discover="steerlab.methods")
+"""Registered methods by name; the built-in ones are listed in :mod:`steerlab.methods` (imported on first use)."""
 
 
 def register(cls: type[Intervention]) -> type[Intervention]:
     """Class decorator: register an :class:`Intervention` subclass under its ``method`` name."""
     if not cls.method:
         raise InterventionError(f"{cls.__name__} has no method name")
-    _REGISTRY[cls.method] = cls
-    return cls
-
-
-def _ensure_builtin() -> None:
-    from .explain import selfie_control  # noqa: F401  (registers "selfie-control")
-    from .protocols import correction  # noqa: F401  (registers "selfcorrect")
-    from .steer import aura, eigenshift, iti, slim, vector  # noqa: F401  (registers each method)
+    return METHODS.register(cls.method, cls)
 
 
 def get(method: str | None) -> type[Intervention]:
     """The registered class of ``method``; an unknown name is an error listing the known ones."""
-    _ensure_builtin()
-    if method not in _REGISTRY:
-        raise InterventionError(f"unknown intervention method {method!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[method]
+    return METHODS[method]
 
 
 def bench_methods() -> list[str]:
     """The registered methods the benchmark runs by default (those that aim to change behaviour)."""
-    _ensure_builtin()
-    return [name for name, cls in sorted(_REGISTRY.items()) if cls.bench_default]
+    return [name for name, cls in sorted(METHODS.items()) if cls.bench_default]
 
 
 def list_interventions() -> dict[str, str]:
     """Registered methods and the first line of each class's docstring."""
-    _ensure_builtin()
-    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in sorted(_REGISTRY.items())}
+    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in sorted(METHODS.items())}
 
 
 def fit(method: str, model: Model, data: Any, **options: Any) -> Intervention:

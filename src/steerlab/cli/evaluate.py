@@ -26,12 +26,13 @@ def select_prompts(spec: str, split_name: str | None, n: int | None, seed: int =
     """Prompts from a spec (bundled name, file, hf:...), optionally one part of the seeded split
     by prompt (train / validation / test), then the first ``n``."""
     from ..data import load_prompts, split, take
+    from ..registry import unknown
 
     prompts = load_prompts(spec)
     if split_name:
         parts = split(prompts, seed=seed)
         if split_name not in parts:
-            raise typer.BadParameter(f"unknown split {split_name!r}; choose one of {', '.join(parts)}")
+            raise typer.BadParameter(unknown("split", split_name, parts))
         prompts = parts[split_name]
     return take(prompts, n) if n else prompts
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, EmptyInputError
+from ..registry import unknown
 
 FILES = Path(__file__).resolve().parent / "files"
 
@@ -109,7 +110,7 @@ def _category(name: str, sub: str | None, allowed: Sequence[str]) -> list[str]:
         return list(allowed)
     key = sub.strip().lower().replace("-", "_").replace(" ", "_")
     if key not in allowed:
-        raise DataError(f"unknown {name} category {sub!r}; choose one of: {', '.join(allowed)}")
+        raise DataError(unknown(f"{name} category", sub, allowed))
     return [key]
 
 

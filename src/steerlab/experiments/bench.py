@@ -49,6 +49,7 @@ from ..generation import SAMPLING, GenConfig, generate_run
 from ..interventions import BenchData, Intervention, bench_methods, get
 from ..models.model import Model
 from ..parallel import group
+from ..registry import choose
 from ..runs import RunDir, read_record, write_json
 from .presets import from_preset
 
@@ -91,10 +92,8 @@ class BenchConfig:
     timing_reps: int = 3                # paired timing of one test batch per arm (evaluation.generation_overhead)
 
     def validate(self) -> None:
-        if self.preset not in PRESETS:
-            raise BenchError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if self.sampling not in SAMPLING:
-            raise BenchError(f"unknown sampling preset {self.sampling!r}; choose one of {', '.join(SAMPLING)}")
+        choose("preset", self.preset, PRESETS, BenchError)
+        choose("sampling preset", self.sampling, SAMPLING, BenchError)
         if min(self.n_val, self.k_val, self.k, self.max_new_tokens, self.batch_size, self.n_pairs,
                self.timing_reps) < 1 or self.n_test < 0:
             raise BenchError("n_val, k_val, k, max_new_tokens, batch_size, n_pairs and timing_reps must be >= 1, "

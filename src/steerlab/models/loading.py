@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from ..registry import choose
 from .model import Model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -237,8 +238,7 @@ def load(spec: str | os.PathLike | None = None, *, device: str | None = "cpu", d
     ``float16``; ``device_map`` is passed to transformers (e.g. ``"auto"`` for multi-GPU).
     """
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        choose("dtype", dtype, DTYPES, ModelLoadError)
         dtype = DTYPES[dtype]
     spec = DEFAULT if spec in (None, "default") else str(spec)
     if spec in EMBEDDED:

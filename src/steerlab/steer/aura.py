@@ -28,6 +28,7 @@ import torch
 from ..hooks import capture, edit, scale
 from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
 from ..models.model import Model
+from ..registry import choose
 
 VARIANTS = ("aura", "damp", "det0")
 
@@ -66,8 +67,7 @@ def auroc(responses: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> t
 
 def aura_factors(auc: torch.Tensor, variant: str = "aura", top_n: int | None = None) -> torch.Tensor:
     """Per-unit factors from AUROCs (see the module docstring)."""
-    if variant not in VARIANTS:
-        raise AuraError(f"unknown AurA variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    choose("AurA variant", variant, VARIANTS, AuraError)
     if variant == "aura":
         return torch.where(auc > 0.5, 1.0 - 2.0 * (auc - 0.5), torch.ones_like(auc))
     if top_n is None or not 1 <= top_n <= auc.numel():
@@ -126,8 +126,7 @@ class AurA(Intervention):
             raise AuraError(f"found {len(tox)} toxic and {len(non)} non-toxic texts; AurA needs at least {min_texts} "
                             f"of each: use more prompts (--n-prompts), more samples per prompt (--samples), a "
                             f"toxicity-prone prompt set (rtp) or a lower --threshold")
-        if variant not in VARIANTS:
-            raise AuraError(f"unknown AurA variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        choose("AurA variant", variant, VARIANTS, AuraError)
         sites = [model.site(f"blocks.{i}.mlp.act").name for i in (range(model.n_layers) if layers is None else layers)]
         caps = capture(model, non + tox, sites, "max", batch_size=batch_size)
         labels = torch.arange(len(non) + len(tox), device=model.device) >= len(non)

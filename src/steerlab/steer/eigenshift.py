@@ -31,6 +31,7 @@ from torch import nn
 
 from ..interventions import Intervention, InterventionError, register
 from ..models.model import Model
+from ..registry import choose
 from .toxic_states import ToxicStates, check_counts, collect_states
 
 BENCH_SETTINGS: tuple[tuple[float, float], ...] = ((0.999, 0.1), (0.99, 0.1), (0.75, 0.0))
@@ -94,8 +95,7 @@ def dampen(dec: SVD, toxic: torch.Tensor, nontoxic: torch.Tensor, k: int, alpha:
     """delta_i = mean_toxic(p_i) - mean_nontoxic(p_i) with ``p = Vt @ h``; the ``k`` directions with
     the largest ``|delta|`` (``rank="abs"``) or largest ``delta`` (``"signed"``, the paper's rule,
     under :func:`svd`'s sign convention) are dampened to ``alpha * s_i``."""
-    if rank not in ("abs", "signed"):
-        raise EigenShiftError(f"unknown rank {rank!r}; choose 'abs' (|delta|) or 'signed' (delta)")
+    choose("rank (abs: |delta|, signed: delta)", rank, ("abs", "signed"), EigenShiftError)
     d = dec.Vt.shape[0]
     for name, h in (("toxic", toxic), ("non-toxic", nontoxic)):
         if h.dim() != 2 or h.shape[1] != d:

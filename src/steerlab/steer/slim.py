@@ -43,6 +43,7 @@ from ..explain.probes import Labelled, ProbeData, probe_data, risk_probes
 from ..hooks import EditFn, edit
 from ..interventions import Intervention, InterventionError, register
 from ..models.model import Model
+from ..registry import choose
 from .iti import check_head_sites, heads_site
 
 
@@ -168,8 +169,7 @@ def gaussian_ot_map(mu_hat: np.ndarray, sigma_hat: np.ndarray, theta0: float, th
 
     if not 0 < gamma < 0.5:
         raise SLIMError(f"gamma must be in (0, 0.5), got {gamma}")
-    if solver not in SOLVERS:
-        raise SLIMError(f"unknown SLIM solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    choose("SLIM solver", solver, SOLVERS, SLIMError)
     R = sqrtm_psd(sigma_hat)
     mu_star, S_star = SOLVERS[solver](np.asarray(mu_hat, dtype=np.float64), R, float(theta0),
                                       np.asarray(theta, dtype=np.float64), float(norm.ppf(1 - gamma)), what)
@@ -285,8 +285,7 @@ class SLIM(Intervention):
             chat: bool = False, solver: str = "closed") -> SLIM:
         """Stages 1 and 2 on ``data`` (labelled texts, or activations from :func:`probe_data`); ``layer``
         overrides the layer chosen by validation risk."""
-        if solver not in SOLVERS:
-            raise SLIMError(f"unknown SLIM solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        choose("SLIM solver", solver, SOLVERS, SLIMError)
         pd = data if isinstance(data, ProbeData) else probe_data(model, data, layers, resid=False,
                                                                  batch_size=batch_size, chat=chat)
         pd.check(model)

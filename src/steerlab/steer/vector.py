@@ -41,6 +41,7 @@ from ..hooks import EditFn, add, capture, edit, per_row, strength
 from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
 from ..models.model import Model
 from ..positions import after_first, as_position
+from ..registry import Registry, choose
 
 POSITIONS = ("last", "mean", "mean_skip_first", "aligned")
 
@@ -80,12 +81,9 @@ class SteeringVector(Intervention):
         desirable, undesirable = _contrast(data, undesirable)
         if sites is None:
             raise VectorError("SteeringVector.fit needs sites (e.g. 'blocks.12.resid_post')")
-        if method not in FIT_METHODS:
-            raise VectorError(f"unknown method {method!r}; choose one of {', '.join(FIT_METHODS)}")
-        if positions not in POSITIONS:
-            raise VectorError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
-        if scale not in ("unit", "raw"):
-            raise VectorError(f"unknown scale {scale!r}; choose 'unit' or 'raw'")
+        FIT_METHODS.check(method)
+        choose("positions", positions, POSITIONS, VectorError)
+        choose("scale", scale, ("unit", "raw"), VectorError)
         desirable, undesirable = list(desirable), list(undesirable)
         if not desirable or not undesirable:
             raise EmptyInputError(f"empty contrast set: {len(desirable)} desirable and {len(undesirable)} "
@@ -153,8 +151,6 @@ class SteeringVector(Intervention):
         edit to some of the vector's sites."""
         self.check(model, strict)
         directions = self.only(list(sites)).directions if sites is not None else self.directions
-        if mode not in APPLY_MODES:
-            raise VectorError(f"unknown mode {mode!r}; choose one of {', '.join(APPLY_MODES)}")
         fns = {s: APPLY_MODES[mode](v, alpha, where, (self.meta.get("projection") or {}).get(s))
                for s, v in directions.items()}
         with edit(model, fns) as step:
@@ -355,8 +351,6 @@ def direction(hd: torch.Tensor, hu: torch.Tensor, method: str = "mean_diff", sca
             raise VectorError(f"paired differences need equal shapes, got {tuple(hd.shape)} and {tuple(hu.shape)}")
         diffs = hd - hu
     mean_diff = diffs.mean(0) if diffs is not None else hd.mean(0) - hu.mean(0)
-    if method not in FIT_METHODS:
-        raise VectorError(f"unknown method {method!r}; choose one of {', '.join(FIT_METHODS)}")
     v = FIT_METHODS[method](hd, hu, diffs, mean_diff)
     if scale == "unit" or method != "mean_diff":
         v = v / v.norm().clamp_min(1e-12)
@@ -376,17 +370,14 @@ def _aligned_diffs(a_d: torch.Tensor, m_d: torch.Tensor, a_u: torch.Tensor, m_u:
 
 
 FitFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
-FIT_METHODS: dict[str, FitFn] = {}
+FIT_METHODS: Registry = Registry("method", VectorError)
 """Direction fitters by name: ``fn(hd, hu, paired_diffs or None, mean_diff) -> direction [d]``.
 Add one with :func:`register_fit_method`."""
 
 
 def register_fit_method(name: str):
     """Decorator registering a direction fitter (see :data:`FIT_METHODS`)."""
-    def deco(fn: FitFn) -> FitFn:
-        FIT_METHODS[name] = fn
-        return fn
-    return deco
+    return FIT_METHODS.register(name)
 
 
 @register_fit_method("mean_diff")
@@ -468,13 +459,14 @@ def _level(proj: dict | None, key: str) -> float:
     return proj[key] if key in ("desirable", "undesirable") else 0.5 * (proj["desirable"] + proj["undesirable"])
 
 
-APPLY_MODES: dict[str, Callable] = {
+APPLY_MODES: Registry = Registry("mode", VectorError)
+APPLY_MODES.update({
     "add": lambda v, alpha, where, proj: add(v, alpha=alpha, where=where),
     "gated": lambda v, alpha, where, proj: Projected(v, "gated", alpha, where, _level(proj, "midpoint")),
     "ablate": lambda v, alpha, where, proj: Projected(v, "ablate", alpha, where),
     "clamp": lambda v, alpha, where, proj: Projected(v, "clamp", alpha, where, _level(proj, "desirable"),
                                                      _level(proj, "undesirable")),
-}
+})
 """How :meth:`SteeringVector.apply` changes a site: ``fn(direction, alpha, where, projection stats) -> edit``."""
 
 
