@@ -493,3 +493,10 @@ def split(
         out[name] = [p for k in order[start:start + c] for p in members[k]]
         start += c
     return out
+
+
+def training_prompts(spec: str = "rtp", n: int = 0, seed: int = 0) -> list[Prompt]:
+    """The first ``n`` (0: all) prompts of the training part of the seeded split of prompt set ``spec``
+    (what the detoxification fits learn from)."""
+    train = split(load_prompts(spec), seed=seed)["train"]
+    return train[:n] if n else train

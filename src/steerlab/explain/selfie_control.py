@@ -25,6 +25,7 @@ from ..hooks import capture
 from ..interventions import Intervention, InterventionError, register
 from ..models.adapters import get_module
 from ..models.model import Model, position_ids
+from ..options import option
 from .selfie import SelfieError, layer_index, layer_site, read_states
 
 
@@ -88,6 +89,44 @@ def _target(model: Model, target, layer: int, chat: bool) -> torch.Tensor:
     return t.to(model.device)
 
 
+@dataclass
+class SelfieControlFitOptions:
+    prompt: str = option("", "source prompt whose hidden state is moved (required)")
+    layer: int = option(None, "hidden-state layer (1..n_layers = output of block L-1, negative from the end); the "
+                        "MLP down projection of block L-1 is edited (required)", type=int)
+    target: str = option("", "target text: its last-token state at the same layer is where the source state is "
+                         "moved (required)")
+    token: int = option(-1, "token of the source prompt whose state is moved (negative from the end)")
+    preserve: list = option([], "reference text whose states at the layer should stay (repeatable)", type=list,
+                            repeated=True)
+    preserve_file: list = option([], "file of reference texts (.txt/.jsonl/.csv; repeatable)", type=list,
+                                 repeated=True)
+    preserve_weight: float = option(1.0, "weight of the preservation term (mean squared change of the reference "
+                                    "states)", low=0.0)
+    steps: int = option(15, "Adam steps", low=1)
+    lr: float = option(3e-4, "Adam learning rate", low=0.0)
+    chat: bool = option(False, "render the prompt, target and references as user turns with the chat template")
+
+    def references(self) -> list[str]:
+        """Each ``preserve`` text, then every text of each ``preserve_file``; raises on empty input."""
+        from ..data import load_prompts
+
+        refs = list(self.preserve) + [p.text for f in self.preserve_file for p in load_prompts(f)]
+        for what, v in (("prompt", self.prompt), ("target", self.target)):
+            if not v:
+                raise ControlError(f"--{what} is empty: selfie-control needs a source prompt and a target text")
+        if self.layer is None:
+            raise ControlError("--layer is required: the hidden-state layer whose state is moved")
+        if any(not t for t in refs):
+            raise ControlError("a --preserve text is empty")
+        return refs
+
+
+@dataclass
+class SelfieControlApplyOptions:
+    alpha: float = option(1.0, "multiple of the learned weight delta swapped in", unit="x delta")
+
+
 @register
 @dataclass
 class SelfieControl(Intervention):
@@ -97,6 +136,23 @@ class SelfieControl(Intervention):
     meta: dict = field(default_factory=dict)
     method = "selfie-control"
     bench_default = False  # edits one state toward a target: not a detoxification method
+    FitOptions = SelfieControlFitOptions
+    ApplyOptions = SelfieControlApplyOptions
+    strength_option = "alpha"
+
+    @classmethod
+    def from_options(cls, model: Model, o: SelfieControlFitOptions) -> SelfieControl:
+        refs = o.references()
+        iv = cls.fit(model, o.prompt, layer=o.layer, token=o.token, target=o.target, steps=o.steps, lr=o.lr,
+                     preserve=refs or None, preserve_weight=o.preserve_weight, chat=o.chat)
+        iv.meta["n_references"] = len(refs)
+        return iv
+
+    def fit_summary(self) -> list[str]:
+        d0, d1, n = self.meta["distance_before"], self.meta["distance_after"], self.meta.get("n_references", 0)
+        return [f"distance to the target at layer {self.meta['layer']}, token {self.meta['token']}: {d0:.4g} -> "
+                f"{d1:.4g} ({100 * (d1 - d0) / max(d0, 1e-12):+.1f} %)"
+                + (f", {n} reference text(s) preserved" if n else "")]
 
     def __post_init__(self):
         self.delta = torch.as_tensor(self.delta).detach().float().cpu()
@@ -160,7 +216,7 @@ class SelfieControl(Intervention):
         super().check(model, strict)
 
     @contextmanager
-    def apply(self, model: Model, alpha: float = 1.0, strict: bool = True):
+    def apply(self, model: Model, *, alpha, strict: bool = True):
         """Swap ``W + alpha * delta`` in while the block runs; the original weights come back bit for bit."""
         self.check(model, strict)
         _, w = down_projection(model, int(self.meta["layer"]))

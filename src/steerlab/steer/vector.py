@@ -40,6 +40,7 @@ from ..errors import EmptyInputError
 from ..hooks import EditFn, add, capture, edit, per_row, strength
 from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
 from ..models.model import Model
+from ..options import option
 from ..positions import after_first, as_position
 from ..registry import Registry, choose
 
@@ -50,6 +51,43 @@ class VectorError(InterventionError):
     """A steering vector that does not fit the model, or a file that is not one."""
 
 
+@dataclass
+class SteeringFitOptions:
+    """What ``steerlab fit steering`` takes."""
+
+    desirable: str = option("", "file of desirable texts (.txt/.jsonl/.csv); with undesirable, replaces the ranked prompts")
+    undesirable: str = option("", "file of undesirable texts")
+    prompts: str = option("rtp", "without desirable/undesirable: rank the training split of this prompt set by "
+                          "toxicity and pair the least toxic with the most toxic")
+    n_pairs: int = option(64, "contrast pairs taken from the ranked prompts", low=1, unit="pairs")
+    layers: list = option(None, "layers whose blocks.{l}.resid_post get a direction (default: all)", type=list,
+                          item=int)
+    method: str = option("mean_diff", "direction fitter: mean_diff | pca | probe (FIT_METHODS)")
+    positions: str = option("mean_skip_first", "token states pooled per text: last, mean, mean without the "
+                            "first token (its attention-sink state dominates a mean), or aligned pairs",
+                            choices=POSITIONS)
+    scale: str = option("unit", "unit: norm-1 directions; raw: the mean difference's scale", choices=("unit", "raw"))
+    scorer: str = option("default", "scorer that ranks the prompts (NAME or NAME:VALUE)")
+    scorer_option: list = option([], "KEY=VALUE passed to the scorer (repeatable)", type=list, repeated=True)
+    seed: int = option(0, "seed of the train/validation/test split the contrast set comes from")
+
+
+@dataclass
+class SteeringApplyOptions:
+    """What ``SteeringVector.apply`` takes."""
+
+    alpha: float = option(1.0, "add/gated: multiple of the saved direction added; ablate: share of the component "
+                          "removed; clamp: level between the undesirable (0) and desirable (1) mean projections",
+                          unit="x direction (activation units for a unit vector)")
+    strength: float = option(None, "add/gated, instead of alpha: the added vector's norm as a multiple of the "
+                             "site's typical token-state norm (median over the fitting texts; repeng-like "
+                             "coefficients, 0.1-0.5 is strong)", type=float, unit="x typical norm")
+    where: str = option("all", "schedule: positions edited", choices=("all", "prompt", "generated", "last"))
+    mode: str = option("add", "add | gated (only where the state projects below the fitted midpoint) | ablate | "
+                       "clamp (APPLY_MODES)")
+    sites: list = option(None, "edit only these sites of the vector (default: all)", type=list)
+
+
 @register
 @dataclass
 class SteeringVector(Intervention):
@@ -58,6 +96,9 @@ class SteeringVector(Intervention):
     directions: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
     method = "steering"
+    FitOptions = SteeringFitOptions
+    ApplyOptions = SteeringApplyOptions
+    strength_option = "alpha"
 
     def __post_init__(self):
         if not self.directions:
@@ -101,7 +142,7 @@ class SteeringVector(Intervention):
         caps = capture(model, desirable + undesirable, canon, "all", batch_size=batch_size, chat=chat)
         keep = after_first(caps.mask)
         n = len(desirable)
-        dirs, projection = {}, {}
+        dirs, projection, typical = {}, {}, {}
         for s in canon:
             a = caps[s]
             if positions == "aligned":
@@ -111,8 +152,9 @@ class SteeringVector(Intervention):
                 x = as_position(positions).select(a, caps.mask)  # last, mean or mean_skip_first
                 dirs[s] = direction(x[:n], x[n:], method, scale, paired=paired)
             projection[s] = _projection_means(a, keep, n, dirs[s])
+            typical[s] = float(a[keep.to(a.device)].norm(dim=-1).median())
         meta = {
-            "projection": projection,
+            "projection": projection, "typical_norm": typical,
             "fit_method": method, "positions": positions, "scale": scale, "chat": chat,
             "options": {"fit_method": method, "positions": positions, "scale": scale},
             "model": model.name, "model_fingerprint": model.fingerprint, "d_model": model.d_model,
@@ -121,6 +163,26 @@ class SteeringVector(Intervention):
             "n_desirable": len(desirable), "n_undesirable": len(undesirable),
         }
         return cls(dirs, meta)
+
+    @classmethod
+    def from_options(cls, model: Model, o: SteeringFitOptions) -> SteeringVector:
+        """``steerlab fit steering``: contrast texts from files, or ranked training prompts."""
+        from ..data import ContrastSet, load_prompts
+        from ..scoring import scorer_from_spec
+
+        FIT_METHODS.check(o.method)
+        if o.desirable or o.undesirable:
+            data = ContrastSet([p.text for p in load_prompts(o.desirable)] if o.desirable else [],
+                               [p.text for p in load_prompts(o.undesirable)] if o.undesirable else [])
+        else:
+            data = toxicity_contrast(o.prompts, scorer_from_spec(o.scorer, o.scorer_option), o.n_pairs, o.seed)
+        sites = [f"blocks.{i}.resid_post" for i in (o.layers or range(model.n_layers))]
+        return cls.fit(model, data, sites=sites, method=o.method, positions=o.positions, scale=o.scale)
+
+    def fit_summary(self) -> list[str]:
+        m = self.meta
+        return [f"{len(self.directions)} directions ({m.get('fit_method')}, {m.get('positions')}, {m.get('scale')}) "
+                f"from {m.get('n_desirable')} desirable / {m.get('n_undesirable')} undesirable texts"]
 
     # --- applying ------------------------------------------------------------------------------
     def check(self, model: Model, strict: bool = True) -> None:
@@ -135,8 +197,7 @@ class SteeringVector(Intervention):
         return {**options, "where": "all"}
 
     @contextmanager
-    def apply(self, model: Model, alpha: float | torch.Tensor = 1.0, where: str = "all", strict: bool = True,
-              mode: str = "add", sites: Sequence[str] | None = None):
+    def apply(self, model: Model, *, alpha, strength, where, mode, sites, strict: bool = True):
         """Context manager: change every site along its direction while the body runs.
 
         ``mode`` (:data:`APPLY_MODES`): ``add`` adds ``alpha * direction`` (activation addition);
@@ -148,13 +209,26 @@ class SteeringVector(Intervention):
         the fitted projections (``alpha=1``: the desirable texts' mean; ``0.5``: the midpoint). The gated, ablate and clamp modes
         leave each row's first token alone (its attention-sink state is what the model expects
         there; removing or clamping a component of it breaks the model). ``sites`` restricts the
-        edit to some of the vector's sites."""
+        edit to some of the vector's sites. ``strength`` (add, gated) replaces ``alpha`` by the
+        added vector's norm in units of the site's typical token-state norm (:data:`SteeringApplyOptions`)."""
         self.check(model, strict)
         directions = self.only(list(sites)).directions if sites is not None else self.directions
-        fns = {s: APPLY_MODES[mode](v, alpha, where, (self.meta.get("projection") or {}).get(s))
+        alphas = {s: alpha for s in directions} if strength is None else self.relative(strength, mode, directions)
+        fns = {s: APPLY_MODES[mode](v, alphas[s], where, (self.meta.get("projection") or {}).get(s))
                for s, v in directions.items()}
         with edit(model, fns) as step:
             yield step
+
+    def relative(self, strength, mode: str, directions: dict[str, torch.Tensor]) -> dict:
+        """Per site, the alpha whose added vector has norm ``strength`` x the site's typical norm."""
+        typical = self.meta.get("typical_norm") or {}
+        if mode not in ("add", "gated"):
+            raise VectorError(f"strength is a size of the added vector (modes add and gated); mode {mode!r} takes alpha")
+        missing = [s for s in directions if s not in typical]
+        if missing:
+            raise VectorError(f"this vector has no typical norm for {missing[0]!r} (fitted before steerlab stored "
+                              "them, or derived); refit it or give alpha")
+        return {s: strength * typical[s] / float(v.norm().clamp_min(1e-12)) for s, v in directions.items()}
 
     # --- the detoxification benchmark -----------------------------------------------------------
     @classmethod
