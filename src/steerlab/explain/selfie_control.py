@@ -22,7 +22,7 @@ import torch
 from torch.func import functional_call
 
 from ..hooks import capture
-from ..interventions import Intervention, InterventionError, register
+from ..interventions import Intervention, InterventionError, provenance, register
 from ..models.adapters import get_module
 from ..models.model import Model, position_ids
 from ..options import option
@@ -135,7 +135,6 @@ class SelfieControl(Intervention):
     delta: torch.Tensor
     meta: dict = field(default_factory=dict)
     method = "selfie-control"
-    bench_default = False  # edits one state toward a target: not a detoxification method
     FitOptions = SelfieControlFitOptions
     ApplyOptions = SelfieControlApplyOptions
     strength_option = "alpha"
@@ -200,11 +199,9 @@ class SelfieControl(Intervention):
                 opt.step()
         with torch.no_grad():
             history.append(float(loss_fn()[1]))
-        meta = {"layer": L, "token": t, "module": name, "steps": steps, "lr": lr, "source": data, "chat": chat,
-                "n_preserve": len(preserve or []), "preserve_weight": preserve_weight,
-                "distance_before": history[0], "distance_after": history[-1],
-                "options": {"layer": L, "token": t, "steps": steps, "lr": lr},
-                "model": model.name, "model_fingerprint": model.fingerprint}
+        meta = provenance(model, None, {"layer": L, "token": t, "steps": steps, "lr": lr}, layer=L, token=t,
+                          module=name, steps=steps, lr=lr, source=data, chat=chat, n_preserve=len(preserve or []),
+                          preserve_weight=preserve_weight, distance_before=history[0], distance_after=history[-1])
         return cls(delta.detach(), meta)
 
     def check(self, model: Model, strict: bool = True) -> None:
