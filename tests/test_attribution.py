@@ -128,10 +128,17 @@ def test_density_and_score_hand_worked():
     a = np.array([[1.0, 0.2], [0.9, 1.0], [-0.5, 0.75], [0.0, 0.0]])
     # columns normalised: [1, .9, 0, 0] and [.2, 1, .75, 0]; ceil(10x): [10, 9, 0, 0], [2, 10, 8, 0]; <= 7 -> 0
     np.testing.assert_array_equal(quantise(a), [[10, 0], [9, 10], [0, 8], [0, 0]])
-    d = importance_density(a)
-    np.testing.assert_allclose(d, [1.0, 19 / 16561 ** 0.25, 1.0, 0.0])
-    assert instruction_score(d, [1, 2]) == pytest.approx((19 / 16561 ** 0.25 + 1.0) / 2.0)
-    assert instruction_score(d, [0]) == pytest.approx(1.0 / math.log2(3))
+    raw = importance_density(a, prompt_max=False)
+    np.testing.assert_allclose(raw, [1.0, 19 / 16561 ** 0.25, 1.0, 0.0])
+    d = importance_density(a)  # the paper's: divided by the prompt's largest density
+    top = 19 / 16561 ** 0.25
+    np.testing.assert_allclose(d, [1.0 / top, 1.0, 1.0 / top, 0.0])
+    assert instruction_score(d, [1, 2]) == pytest.approx((1.0 + 1.0 / top) / 2.0)
+    assert instruction_score(d, [0]) == pytest.approx(1.0 / top / math.log2(3))
+    # already quantised input: only the threshold applies (a column whose max is 9 stays as it is)
+    q = np.array([[10.0, 9.0], [8.0, 0.0]])
+    np.testing.assert_allclose(importance_density(q, quantised=True, prompt_max=False), [19 / 16561 ** 0.25, 1.0])
+    np.testing.assert_allclose(importance_density(np.zeros((2, 3))), [0.0, 0.0])
     # b = 1 keeps the 2
     np.testing.assert_array_equal(quantise(a, b=1)[0], [10, 2])
 
@@ -191,7 +198,8 @@ def test_annotated_file_and_tests(tmp_path):
     (row,) = score_items(m, [{"id": "x", "prompt": "Say hi now", "instruction": "Say hi", "response": "hello"}])
     ref = attribute(m, "Say hi now", "hello").instruction_score("Say hi")
     assert row["score"] == pytest.approx(ref) and row["n_response"] == 5
-    assert row["score_length_normalised"] == pytest.approx(ref / 5 ** 0.75)
+    raw = attribute(m, "Say hi now", "hello").instruction_score("Say hi", prompt_max=False)
+    assert row["score_without_prompt_max"] == pytest.approx(raw) and "score_length_normalised" not in row
     with pytest.raises(EmptyInputError, match="at least 2"):
         welch([1.0], [2.0, 3.0], "a", "b")
 

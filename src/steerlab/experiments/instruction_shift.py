@@ -172,7 +172,7 @@ def run_instruction_shift(base: Model, tuned: Model, out: str | Path, cfg: Shift
     scores = res["base"]["scores"] + res["tuned"]["scores"]
     write_csv(tables / "instruction_scores.csv", scores)
     tests = {"verbs": verb_test}
-    for key, suffix in (("score", ""), ("score_length_normalised", " (length-normalised)")):
+    for key, suffix in (("score", ""), ("score_without_prompt_max", " (raw density, not the paper's)")):
         tests["base_vs_tuned" + suffix] = base_vs_tuned(res["base"]["scores"], res["tuned"]["scores"], key)
         for role in ("base", "tuned"):
             if any(r.get("followed") is not None for r in res[role]["scores"]):

@@ -8,8 +8,10 @@ unchanged by any constant scale the model applies after that module, so ``a`` eq
 input at the first block's input on every architecture.
 
 Then ``a~_ij = max(0, a_ij) / max_i' max(0, a_i'j)``, ``q_ij = ceil(10 a~_ij)`` with every
-``q <= b`` set to zero (``b = 7``), the importance density ``d_i = ||q_i||_1 / ||q_i||_4`` and the
-instruction score ``S = sum_{i in instruction} d_i / log2(2 + |instruction|)``.
+``q <= b`` set to zero (``b = 7``), the importance density ``d_i = ||q_i||_1 / ||q_i||_4`` divided by
+its maximum over the prompt (as the public ``utils.compute_density`` does; without it ``S`` grows with
+the response's length) and the instruction score ``S = sum_{i in instruction} d_i / log2(2 +
+|instruction|)``.
 
 The reverse path runs one forward and then the vector-Jacobian products of all output tokens at
 once (``torch.autograd.grad(..., is_grads_batched=True)``) in chunks of ``chunk`` output tokens.
@@ -56,12 +58,28 @@ def quantise(a: np.ndarray, b: int = B_DEFAULT) -> np.ndarray:
     return q
 
 
-def importance_density(a: np.ndarray, b: int = B_DEFAULT) -> np.ndarray:
-    """``d_i = ||q_i||_1 / ||q_i||_4`` for every input token ``i`` (0 where ``q_i`` is all zero)."""
-    q = quantise(a, b)
+def threshold(q: np.ndarray, b: int = B_DEFAULT) -> np.ndarray:
+    """Already quantised scores ``q`` (integers 0..10) with every ``q <= b`` set to 0."""
+    q = np.array(q, dtype=np.float64)
+    q[q <= b] = 0.0
+    return q
+
+
+def importance_density(a: np.ndarray, b: int = B_DEFAULT, prompt_max: bool = True,
+                       quantised: bool = False) -> np.ndarray:
+    """``d_i = ||q_i||_1 / ||q_i||_4`` for every input token ``i`` (0 where ``q_i`` is all zero),
+    divided by ``max_i' d_i'`` (the paper's per-prompt normalisation, the default).
+
+    ``prompt_max=False`` keeps the raw density, which grows with the number of output tokens (a
+    token's density can reach ``n_out ** 0.75``): not the paper's score. ``quantised=True`` takes
+    ``a`` as already quantised ``q`` (as the authors saved their matrices; the public code skips the
+    normalisation for a matrix whose values span exactly 0..10) and only applies the threshold."""
+    q = threshold(a, b) if quantised else quantise(a, b)
     l1 = q.sum(axis=1)
     l4 = (q ** 4).sum(axis=1) ** 0.25
-    return np.divide(l1, l4, out=np.zeros_like(l1), where=l4 > 0)
+    d = np.divide(l1, l4, out=np.zeros_like(l1), where=l4 > 0)
+    top = d.max() if d.size else 0.0
+    return d / top if prompt_max and top > 0 else d
 
 
 def instruction_score(density: np.ndarray, tokens: Sequence[int]) -> float:
@@ -96,8 +114,9 @@ class Attribution:
         """The text of each prompt token (its token string when it has no characters, e.g. <bos>)."""
         return [self.text[a:z] if z > a else t for (a, z), t in zip(self.offsets, self.prompt_tokens)]
 
-    def density(self, b: int = B_DEFAULT) -> np.ndarray:
-        return importance_density(self.scores, b)
+    def density(self, b: int = B_DEFAULT, prompt_max: bool = True) -> np.ndarray:
+        """Importance density of every prompt token (see :func:`importance_density`)."""
+        return importance_density(self.scores, b, prompt_max)
 
     def span_tokens(self, span: str | tuple[int, int]) -> list[int]:
         """Prompt tokens overlapping ``span``: a substring of the user prompt (first occurrence) or
@@ -120,8 +139,8 @@ class Attribution:
             raise SpanError(f"instruction span {span!r} covers no prompt token")
         return toks
 
-    def instruction_score(self, span: str | tuple[int, int], b: int = B_DEFAULT) -> float:
-        return instruction_score(self.density(b), self.span_tokens(span))
+    def instruction_score(self, span: str | tuple[int, int], b: int = B_DEFAULT, prompt_max: bool = True) -> float:
+        return instruction_score(self.density(b, prompt_max), self.span_tokens(span))
 
 
 def _prepare(model: Model, prompt: str, response: str | None, chat: bool | None, max_new_tokens: int):
