@@ -9,8 +9,10 @@ from steerlab.errors import SteerlabError
 from steerlab.explain.selfie import (
     InterpretationPrompt,
     SelfieError,
+    control_states,
     decode_injected,
     generate_injected,
+    head_output,
     interpret,
     interpret_states,
     interpret_vectors,
@@ -161,7 +163,7 @@ def _hand_interpretation(m, ip, state, k, steps):
         p_without = m.hf(input_ids=torch.tensor([ids])).logits[0].softmax(-1)
     new = ids[len(ip):]
     rows = torch.arange(len(ip) - 1, len(ids) - 1)
-    return new, (p_with[rows, new] - p_without[rows, new]).abs()
+    return new, p_with[rows, new] - p_without[rows, new]  # signed: the treatment effect
 
 
 def test_relevancy_and_text_equal_a_hand_computation():
@@ -178,6 +180,8 @@ def test_relevancy_and_text_equal_a_hand_computation():
         assert row.tokens == [m.tok.convert_tokens_to_string([m.tok.convert_ids_to_tokens(i)]) for i in new]
         assert row.token_relevancy == pytest.approx(rel.tolist(), abs=1e-5)
         assert row.relevancy == pytest.approx(float(rel.mean()), abs=1e-6)
+        absolute = interpret(m, "steer me", [(L, t)], ip, max_new_tokens=6, relevancy_form="absolute").rows[0]
+        assert absolute.token_relevancy == pytest.approx(rel.abs().tolist(), abs=1e-5)
         cut = ip.positions[0]  # the same without a shared prefix (placeholders first)
         no_prefix = InterpretationPrompt(ip.ids[cut:], tuple(p - cut for p in ip.positions))
         new_t, state = torch.tensor([new]), hs[L][0, t][None]
@@ -210,6 +214,13 @@ def test_interpret_vectors_scaled_to_a_typical_norm():
     (lambda m: interpret(m, "hi", [(1, 0)], PARTS, k=5), "injection block k=5"),
     (lambda m: interpret(m, "hi", [(1, 0)], PARTS, mode="swap"), "unknown injection mode"),
     (lambda m: interpret(m, "hi", [], PARTS), "no (layer, token) pairs"),
+    (lambda m: interpret(m, "hi", [(3, 0)], PARTS, numbering="blocks"), "blocks are 0..2"),
+    (lambda m: interpret(m, "hi", [(1, 0)], PARTS, numbering="gpt"), "unknown layer numbering"),
+    (lambda m: interpret(m, "hi", [("blocks.1.mlp.act", 0)], PARTS), "not a d_model vector"),
+    (lambda m: interpret(m, "hi", [("blocks.1.attn.head.4", 0)], PARTS), "head 4 is out of range"),
+    (lambda m: interpret(m, "hi", [("blocks.1.nothing", 0)], PARTS), "unknown site"),
+    (lambda m: interpret(m, "hi", [(1, 0)], PARTS, relevancy_form="square"), "unknown relevancy form"),
+    (lambda m: interpret(m, "hi", [(1, 0)], PARTS, baseline="zero"), "unknown baseline"),
     (lambda m: interpret_vectors(m, torch.zeros(2, 7), PARTS), "d_model=32"),
     (lambda m: interpret_vectors(m, torch.zeros(2, 32), PARTS, norm="big"), "norm must be"),
     (lambda m: interpretation_prompt(m, [2, "x"], chat=False, placeholder="ab"), "exactly one token"),
@@ -221,6 +232,70 @@ def test_bad_input_is_a_clear_error(call, words):
     with pytest.raises(SteerlabError, match=words.replace("(", r"\(").replace(")", r"\)")) as e:
         call(m)
     assert isinstance(e.value, SelfieError)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_any_d_model_site_is_read_as_hooks_see_it(arch):
+    """attn.out, mlp.out, resid_pre and a head's output through o_proj, against plain module hooks;
+    the heads' outputs add up to the projection's output (minus its bias)."""
+    m = tiny_model(arch)
+    prompt = "The quick brown fox!"
+    ids = m.tok([prompt], return_tensors="pt")["input_ids"]
+    blk = m.layer(1)
+    attn = blk.self_attn if hasattr(blk, "self_attn") else blk.attn
+    o = attn.o_proj if hasattr(attn, "o_proj") else attn.c_proj
+    got: dict = {}
+    hooks = [o.register_forward_hook(lambda mod, a, out: got.update(z=a[0].detach(), o=out.detach())),
+             blk.register_forward_pre_hook(lambda mod, a, kw: got.update(pre=(a[0] if a else kw["hidden_states"])),
+                                           with_kwargs=True)]
+    with torch.no_grad():
+        m.hf(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    st = read_states(m, prompt, [("blocks.1.resid_pre", 2), ("blocks.1.attn.head.0", 2), ("blocks.1.attn.head.3", 2),
+                                 (2, 2)], numbering="blocks" if m.n_layers > 2 else "hf")
+    torch.testing.assert_close(st.vectors[0], got["pre"][0, 2])
+    z = got["z"][0, 2]
+    W = o.weight.T if type(o).__name__ == "Conv1D" else o.weight  # Linear [d, H*dh]; GPT-2's Conv1D [H*dh, d]
+    dh = m.d_head
+    torch.testing.assert_close(st.vectors[1], W[:, :dh] @ z[:dh], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(st.vectors[2], W[:, 3 * dh:] @ z[3 * dh:], atol=1e-5, rtol=1e-5)
+    heads = sum(head_output(m, 1, h, z.view(1, m.n_heads, dh)) for h in range(m.n_heads))[0]
+    bias = o.bias if o.bias is not None else 0.0
+    torch.testing.assert_close(heads + bias, got["o"][0, 2], atol=1e-5, rtol=1e-5)
+    assert st.pairs[1] == ("blocks.1.attn.head.0", 2)
+    mlp = read_states(m, prompt, [("blocks.0.mlp.out", 1), ("blocks.0.attn.out", 1)])
+    pre0 = _hidden_states(m, ids)
+    assert mlp.vectors.shape == (2, m.d_model) and not torch.allclose(mlp.vectors[0], pre0[1][0, 1])
+    res = interpret(m, prompt, [("blocks.1.attn.head.0", -1), ("blocks.0.mlp.out", -1)], PARTS, max_new_tokens=3)
+    assert [r.layer for r in res.rows] == ["blocks.1.attn.head.0", "blocks.0.mlp.out"]
+
+
+def test_block_numbering_is_the_site_vocabulary():
+    m = tiny_model("llama")
+    hf = read_states(m, "hello world", [(1, -1), (3, 0)])
+    blocks = read_states(m, "hello world", [(0, -1), (2, 0)], numbering="blocks")
+    torch.testing.assert_close(hf.vectors, blocks.vectors)
+    assert blocks.pairs == [(0, 11), (2, 0)] and hf.pairs == [(1, 11), (3, 0)]  # <bos> + 11 characters
+
+
+def test_random_state_baseline():
+    m = tiny_model("llama")
+    x = torch.randn(4, m.d_model) * 3
+    for kind in ("norm", "permute"):
+        c = control_states(x, kind, seed=1)
+        torch.testing.assert_close(c.norm(dim=-1), x.norm(dim=-1))
+        assert not torch.allclose(c, x)
+    torch.testing.assert_close(control_states(x, "permute").sort(dim=-1).values, x.sort(dim=-1).values)
+    res = interpret(m, "hello world", [(1, -1), (2, 0)], PARTS, max_new_tokens=5, baseline="norm")
+    st = read_states(m, "hello world", [(1, -1), (2, 0)])
+    ref = interpret_states(m, control_states(st.vectors, "norm"), PARTS, max_new_tokens=5)
+    assert [r.text for r in res.baseline_rows] == [t.strip() for t, _, _ in ref]
+    assert [r.baseline for r in res.rows] == pytest.approx([sum(x) / len(x) for _, _, x in ref], abs=1e-6)
+    summ = res.baseline_summary()
+    assert summ["n"] == 2 and summ["kind"] == "norm" and 0.0 <= summ["share_above_q95"] <= 1.0
+    assert "baseline_relevancy" in res.table()[0]
+    assert interpret(m, "hello world", [(1, -1)], PARTS, max_new_tokens=3).baseline_summary() is None
 
 
 # --- supervised control ------------------------------------------------------------------------------
