@@ -26,7 +26,7 @@ from steerlab.explain.attribution_study import (
     prompt_html,
     welch,
 )
-from tiny import ARCHS, tiny_model
+from tiny import ARCHS, flat, tiny_model
 
 
 def independent_scores(m, prompt: str, response: str) -> np.ndarray:
@@ -241,6 +241,11 @@ def test_attribute_cli(tmp_path):
     ref = attribute(m, "Write a poem.", "ok").instruction_score("Write")
     assert f"{ref:.4f}" in r.output and "importance density" in r.output
     assert "data:image/png;base64" in page.read_text() and (tmp_path / "att.png").is_file()
+    assert "left out of the attribution (--prompt-tokens user): 1 token(s) such as '<bos>'" in flat(r.output)
+    r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "ok", "--model", str(d), "--span", "Write",
+                                 "--prompt-tokens", "all", "--separator", ""])
+    ref_all = attribute(m, "Write a poem.", "ok", prompt_tokens="all", separator="").instruction_score("Write")
+    assert r.exit_code == 0 and f"{ref_all:.4f}" in r.output and "left out" not in r.output, r.output
     r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "ok", "--model", str(d), "--span", "song"])
     assert r.exit_code == 2 and "not in the prompt" in r.output
     r = CliRunner().invoke(app, ["attribute", "Write a poem.", "--response", "", "--model", str(d)])

@@ -5,12 +5,15 @@ To interpret the hidden state ``h`` at (layer ``L``, token ``t``) of an original
 placeholder position with ``h`` before decoder block ``k`` during the prefill only, and let the
 model decode greedily: the text it writes is its description of ``h``.
 
-Conventions (HF indexing of hidden states):
+Conventions:
 
-- layer ``L = 0`` is the embeddings (the input of block 0, scaled for Gemma: read at
-  ``blocks.0.resid_pre``); ``L >= 1`` is the output of block ``L - 1`` (``blocks.{L-1}.resid_post``).
-  ``L = n_layers`` is the last block's raw output (transformers' last ``hidden_states`` entry is
-  after the final norm instead). Negative layers count from the end (``-1`` = ``n_layers``).
+- layers follow the site vocabulary (``numbering="blocks"``, the default): ``l`` is the output of
+  block ``l`` (``blocks.{l}.resid_post``), ``0..n_layers-1``, negative from the end; the embeddings
+  are the site ``embed`` (or ``blocks.0.resid_pre``). Any ``d_model`` site can be given by name
+  instead (:func:`state_site`). ``numbering="hf"`` takes the paper's hidden-state index: ``L = 0``
+  is the embeddings (read at ``blocks.0.resid_pre``, scaled for Gemma), ``L >= 1`` the output of
+  block ``L - 1``, ``L = n_layers`` the last block's raw output (transformers' last
+  ``hidden_states`` entry is after the final norm instead).
 - "before decoder block ``k``" is the site ``blocks.{k}.resid_pre``: the input of block ``k``, the
   same tensor as ``hidden_states[k]``; ``k`` runs from 0 (overwrite the embeddings) to
   ``n_layers - 1``. The default ``k = 1`` writes the state after block 0.
@@ -281,9 +284,9 @@ class States:
 
 @torch.no_grad()
 def read_states(model: Model, prompt: str, pairs: Sequence[tuple], *, chat: bool = False,
-                numbering: str = "hf") -> States:
+                numbering: str = "blocks") -> States:
     """The states at ``(where, token)`` pairs of ``prompt``, from one capture: ``where`` is a layer
-    (``numbering``: ``"hf"``, 0 = embeddings, or ``"blocks"``, l = after block l) or a site name
+    (``numbering``: ``"blocks"``, l = after block l, or ``"hf"``, 0 = embeddings) or a site name
     (:func:`state_site`: ``blocks.3.attn.out``, ``blocks.3.mlp.out``, ``blocks.3.attn.head.2``, ...)."""
     if not prompt:
         raise SelfieError("the original prompt is empty")
@@ -615,12 +618,12 @@ def _decode_with_baseline(model, vectors, ip, opts: dict, baseline: str | None, 
 def interpret(model: Model, prompt: str, pairs: Sequence[tuple], interpretation=None, *, k: int = 1,
               mode: str = "replace", strength: float = 1.0, max_new_tokens: int = 30, batch_size: int = 32,
               chat: bool = False, relevancy: bool = True, intervention=None,
-              apply_options: dict | None = None, numbering: str = "hf", relevancy_form: str = "signed",
+              apply_options: dict | None = None, numbering: str = "blocks", relevancy_form: str = "signed",
               baseline: str | None = None) -> SelfieResult:
     """Interpret the states at ``(where, token)`` pairs of ``prompt`` (negative tokens count from the
-    end), read in one capture and decoded in batches. ``where``: a layer (``numbering="hf"``: 0 =
-    embeddings, L = after block L-1, the paper's; ``"blocks"``: l = after block l, the site
-    vocabulary's) or any ``d_model`` site name (:func:`state_site`: ``blocks.3.attn.out``,
+    end), read in one capture and decoded in batches. ``where``: a layer (``numbering="blocks"``, the
+    default: l = after block l = ``blocks.l.resid_post``, the site vocabulary's; ``"hf"``: the paper's
+    hidden-state index, 0 = embeddings, L = after block L-1) or any ``d_model`` site name (:func:`state_site`: ``blocks.3.attn.out``,
     ``blocks.3.mlp.out``, ``blocks.3.resid_pre``, ``blocks.3.attn.head.1``).
 
     ``interpretation``: an :class:`InterpretationPrompt`, or parts (strings and placeholder counts),
@@ -704,10 +707,11 @@ def parse_parts(text: str, marker: str = "[X]") -> list:
     return parts
 
 
-def spread_layers(model: Model, n: int = 6) -> list[int]:
-    """About ``n`` hidden-state layers evenly spread over 1..n_layers."""
+def spread_layers(model: Model, n: int = 6, numbering: str = "blocks") -> list[int]:
+    """About ``n`` layers evenly spread over the blocks' outputs (blocks 0..n_layers-1, or HF 1..n_layers)."""
     L = model.n_layers
-    return sorted({max(1, round(L * (i + 1) / n)) for i in range(n)})
+    hf = sorted({max(1, round(L * (i + 1) / n)) for i in range(n)})
+    return hf if numbering == "hf" else [x - 1 for x in hf]
 
 
 def grid_report(result: SelfieResult, title: str = "SelfIE interpretations"):
@@ -726,7 +730,10 @@ def grid_report(result: SelfieResult, title: str = "SelfIE interpretations"):
     for r in result.rows:
         grid.setdefault(r.layer, {"layer": "vectors" if r.layer is None else r.layer})[cols[r.token]] = \
             f"{r.text} (relevancy {r.relevancy:.2f})"
-    page.heading("Grid: rows are layers (0 = embeddings), columns are tokens of the prompt")
+    numbering = result.settings.get("layer_numbering", "blocks")
+    page.heading("Grid: rows are " + ("hidden-state layers (HF: 0 = embeddings, L = after block L-1)"
+                                      if numbering == "hf" else "sites (a number l = after block l)")
+                 + ", columns are tokens of the prompt")
     page.table(list(grid.values()), ["layer", *cols.values()], max_rows=None)
     page.heading("Every interpretation")
     page.table([{**r.row(), "token_relevancy": " ".join(f"{t!r}:{x:.2f}" for t, x in zip(r.tokens, r.token_relevancy))}
