@@ -145,11 +145,18 @@ def cache_problem(d: Path, sha: str) -> str | None:
 
 def _dequantise(gguf: Path, sha: str, parent: Path) -> Path:
     """Dequantise ``gguf`` into a new temporary directory under ``parent`` (with its manifest)."""
+    import sys
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..progress import gguf_bars_off, mode
+
+    if mode() != "bar":  # a log gets one line instead of transformers' bars
+        print(f"[load] dequantising {gguf.name} into the cache {parent} (once)", file=sys.stderr, flush=True)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with gguf_bars_off(mode() != "bar"):
+            hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:  # the gguf reader raises many types on truncated files
         raise ModelLoadError(f"could not read GGUF file {gguf}: {type(e).__name__}: {e} (truncated or corrupt?)") from e
     # a GGUF-loaded model carries a quantizer that refuses save_pretrained: it is dequantised already
@@ -158,7 +165,8 @@ def _dequantise(gguf: Path, sha: str, parent: Path) -> Path:
         del hf.config.quantization_config
     tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:16]}-", dir=parent))
     try:
-        hf.save_pretrained(tmp)
+        with gguf_bars_off(mode() != "bar"):
+            hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_manifest(tmp, gguf, sha)
     except BaseException:
@@ -207,21 +215,18 @@ def dequantised_dir(gguf: Path) -> tuple[Path, str]:
 def _from_dir(d: Path, dtype: torch.dtype, device: str | None, device_map, name: str, source: str,
               fingerprint: str | None) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+
+    from ..progress import transformers_quiet
 
     kw = {"dtype": dtype}
     if device_map is not None:
         kw["device_map"] = device_map
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # reading safetensors takes well under a second: no bar
     try:
-        hf = AutoModelForCausalLM.from_pretrained(str(d), **kw)
-        tok = AutoTokenizer.from_pretrained(str(d))
+        with transformers_quiet():  # reading safetensors takes well under a second: no bar
+            hf = AutoModelForCausalLM.from_pretrained(str(d), **kw)
+            tok = AutoTokenizer.from_pretrained(str(d))
     except Exception as e:
         raise ModelLoadError(f"could not load a causal LM from {d}: {type(e).__name__}: {e}") from e
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     if device_map is None and device is not None:
         hf.to(device)
     return Model(hf, tok, name=name, source=source, fingerprint=fingerprint or files_fingerprint(_weight_files(d)))
