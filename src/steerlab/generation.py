@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
 from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
 from .parallel import run_loop
+from .progress import progress_iter
 
 SAMPLING: dict[str, dict] = {
     "greedy": {"do_sample": False},
@@ -138,6 +138,67 @@ def generate_batch(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str
     return [new[i * cfg.k:(i + 1) * cfg.k] for i in range(len(texts))]
 
 
+@dataclass
+class Generation:
+    """What :meth:`steerlab.models.model.Model.generate` returns: ``k`` continuations of each prompt.
+    Rows are in prompt order, then sample order: ``texts[i]`` (the decoded continuation, special
+    tokens dropped) and ``tokens[i]`` (its new token ids, cut before the first end-of-sequence
+    token) belong to prompt ``i // k``, sample ``i % k``."""
+
+    prompts: list
+    k: int
+    texts: list[str]
+    tokens: list[list[int]]
+
+    @property
+    def text(self) -> str:
+        """The one continuation of a single-prompt, single-sample call."""
+        if len(self.texts) != 1:
+            raise SteerlabError(f"{len(self.texts)} continuations ({len(self.prompts)} prompts x k={self.k}); "
+                                f"use .texts or .per_prompt()")
+        return self.texts[0]
+
+    def per_prompt(self) -> list[list[str]]:
+        """The ``k`` continuations of each prompt, one list per prompt."""
+        return [self.texts[i * self.k:(i + 1) * self.k] for i in range(len(self.prompts))]
+
+    def __str__(self) -> str:
+        return "\n".join(self.texts)
+
+
+def trim_tokens(model: Model, new: torch.Tensor) -> list[list[int]]:
+    """New token ids of each row of ``generate_ids``, cut before the first end-of-sequence token
+    (after which ``generate`` pads)."""
+    eos = getattr(model.hf.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = model.tok.eos_token_id
+    stop = set(eos if isinstance(eos, list) else [eos]) - {None}
+    out = []
+    for row in new.tolist():
+        cut = next((j for j, t in enumerate(row) if t in stop), len(row))
+        out.append(row[:cut])
+    return out
+
+
+def generate_text(model: Model, prompts: str | Sequence, cfg: GenConfig | None = None,
+                  progress: bool | None = None, **kw) -> Generation:
+    """Continuations of ``prompts`` (one string or a sequence) as text and token ids
+    (:class:`Generation`), with :class:`GenConfig`'s defaults, which are the command line's
+    (``steerlab generate``: 20 new tokens, greedy, ``k=1``, seed 0, raw completion, batch 16).
+    Keyword arguments override fields of ``cfg``; any active :func:`steerlab.edit` applies."""
+    cfg = GenConfig(**{**(asdict(cfg) if cfg else {}), **kw})
+    plist = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids, texts = prompt_ids_texts(plist)
+    toks: list[list[list[int]] | None] = [None] * len(texts)
+    batches = generation_batches(model, ids, texts, cfg)
+    for b in progress_iter(batches, "generate", show=progress if progress is not None else len(batches) >= 4):
+        rows = trim_tokens(model, generate_ids(model, [texts[i] for i in b], cfg, [ids[i] for i in b]))
+        for j, i in enumerate(b):
+            toks[i] = rows[j * cfg.k:(j + 1) * cfg.k]
+    flat = [t for per in toks for t in per]  # type: ignore[union-attr]
+    return Generation(plist, cfg.k, model.tok.batch_decode(flat, skip_special_tokens=True), flat)
+
+
 def generate(model: Model, prompts: Sequence, cfg: GenConfig | None = None, progress: bool | None = None,
              **kw) -> list[list[str]]:
     """Continuations of each prompt (``k`` per prompt), in prompt order. With ``chat=True`` a prompt
@@ -147,8 +208,7 @@ def generate(model: Model, prompts: Sequence, cfg: GenConfig | None = None, prog
     ids, texts = prompt_ids_texts(prompts)
     out: list[list[str] | None] = [None] * len(texts)
     batches = generation_batches(model, ids, texts, cfg)
-    show = progress if progress is not None else len(batches) >= 4
-    for b in tqdm(batches, desc="generate", disable=not show, leave=False):
+    for b in progress_iter(batches, "generate", show=progress if progress is not None else len(batches) >= 4):
         for i, conts in zip(b, generate_batch(model, [texts[i] for i in b], cfg, [ids[i] for i in b])):
             out[i] = conts
     return out  # type: ignore[return-value]

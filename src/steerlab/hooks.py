@@ -14,12 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import EmptyInputError, ShapeError
 from .models.adapters import Site, get_module
 from .models.model import Model
 from .positions import Position, as_position, first_real
+from .progress import progress_iter
 
 
 class _Stop(Exception):
@@ -137,7 +137,7 @@ def capture(
             handles.append(_hook_site(model, s, reader(s)))
         batches = list(model.batches(mask_all, batch_size))
         show = progress if progress is not None else len(batches) >= 8
-        for rows, cols in tqdm(batches, desc="capture", disable=not show, leave=False):
+        for rows, cols in progress_iter(batches, "capture", show=show):
             mask, ids = mask_all[rows, cols], ids_all[rows, cols]
             state["mask"] = mask
             try:

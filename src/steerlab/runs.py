@@ -20,8 +20,6 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tqdm.auto import tqdm
-
 from .errors import SteerlabError
 
 
@@ -242,9 +240,11 @@ class RunDir:
         done = {row_key(r) for r in self.rows(row_key)}
         total = sum(1 for b in batches for x in b for _ in keys(x))
         todo = [b for b in batches if any(k not in done for x in b for k in keys(x))]
-        show = progress if progress is not None else True
-        bar = tqdm(total=total, initial=total - sum(1 for b in todo for x in b for _ in keys(x)), desc=desc,
-                   unit="row", disable=not show, leave=False)
+        from .progress import Progress
+
+        bar = Progress(total, f"{desc} {self.path.parent.name}/{self.path.name}", unit="row",
+                       initial=total - sum(1 for b in todo for x in b for _ in keys(x)),
+                       show=(progress if progress is not None else True) and bool(todo))
         t0 = time.perf_counter()
         try:
             for b in todo:

@@ -172,14 +172,14 @@ def _summary(model: Model, rows: list[dict]) -> dict:
 
 
 def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchData, val, cfg: BenchConfig,
-            base: dict) -> tuple[dict, list[dict]]:
+            base: dict, progress: bool = False) -> tuple[dict, list[dict]]:
     """Every setting on the validation prompts; the least toxic admissible one (see the module docstring).
     In a data-parallel launch, rank 0 lists the settings and measures each; every rank chooses from that."""
     g = group()
     table = []
     for i, opts in enumerate(g.on_main(lambda: iv.bench_settings(model, data, cfg.preset))):
         rows = generate_run(model, val, path / "val" / name / str(i), _gen(cfg, True), scorer=data.scorer,
-                            intervention=iv, apply_options=opts, progress=False)
+                            intervention=iv, apply_options=opts, progress=progress)
         table.append(g.on_main(lambda opts=opts, rows=rows: _setting_row(model, opts, rows, cfg, base)))
     admissible = [t for t in table if t["admissible"]]
     pick = min(admissible, key=lambda t: t["mean_toxicity"]) if admissible else min(table, key=lambda t: t["perplexity"])
@@ -197,11 +197,11 @@ def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, b
 
 
 def _evaluate(model: Model, path: Path, name: str, iv: Intervention | None, opts: dict, test, cfg: BenchConfig,
-              scorer, reference) -> tuple[dict, list[dict], float]:
+              scorer, reference, progress: bool = False) -> tuple[dict, list[dict], float]:
     """One arm on the test prompts: metrics, per-category toxicity, side effects, generation time."""
     d = path / "test" / name
     m, rows = evaluate_arm(model, test, d, _gen(cfg, False), scorer, *reference, intervention=iv, apply_options=opts,
-                           progress=False)
+                           progress=progress)
     category = {p.id: (p.category or "all") for p in test}
     by: dict[str, list[float]] = {}
     for r in rows:
@@ -274,35 +274,37 @@ def _arm_names(run: RunDir, model: Model, cfg: BenchConfig, names: list[str]) ->
 
 
 def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -> tuple[list[Arm], dict[str, list[dict]]]:
-    from tqdm.auto import tqdm
-
     from ..data import neutral_texts
+    from ..progress import Progress
 
     g = group()
     neutral = neutral_texts()[: cfg.n_neutral] if cfg.n_neutral else neutral_texts()
     # side effects are measured on rank 0 (evaluation.evaluate_arm): the reference is needed there only
     reference = (g.on_main(lambda: neutral_reference(model, neutral), share=False), neutral)
-    bar = tqdm(total=len(names) + 1, desc="bench", unit="arm", disable=not progress)
-    bar.set_postfix_str("unsteered")
-    val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer, progress=False)
+    bar = Progress(len(names) + 1, "bench", unit="arm", show=progress)
+    bar.note("arm unsteered: validation prompts")
+    val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer, progress=progress)
     base_val = g.on_main(lambda: _summary(model, val_rows))
     base = {"ppl": base_val.get("fluency", {}).get("perplexity", float("nan")),
             "distinct-2": base_val["diversity"]["distinct-2"]}
-    m, base_rows, secs = _evaluate(model, path, "unsteered", None, {}, test, cfg, scorer, reference)
+    bar.note("arm unsteered: test prompts")
+    m, base_rows, secs = _evaluate(model, path, "unsteered", None, {}, test, cfg, scorer, reference, progress)
     arms = [Arm("unsteered", describe="the model as it is", settings={}, metrics=m, generate_seconds=secs,
                 timing=_timing(model, path, "unsteered", None, {}, test, cfg))]
     rows = {"unsteered": base_rows}
     bar.update(1)
     for name in names:
-        bar.set_postfix_str(name)
         arm = Arm(name)
         try:
+            bar.note(f"arm {name}: fit")
             iv, arm.fit_seconds = _fit(model, run, path, name, data, cfg.preset)
             arm.describe = iv.describe()
-            pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base)
+            bar.note(f"arm {name}: settings on validation prompts")
+            pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base, progress)
             arm.settings = pick
+            bar.note(f"arm {name}: test prompts at {pick['setting'] or 'its defaults'}")
             arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, path, name, iv, pick["setting"], test,
-                                                                      cfg, scorer, reference)
+                                                                      cfg, scorer, reference, progress)
             arm.timing = _timing(model, path, name, iv, pick["setting"], test, cfg)
             arm.metrics.update(g.on_main(lambda iv=iv, opts=pick["setting"]: iv.bench_metrics(
                 model, data, test, reference[1], opts, _gen(cfg, False))))
@@ -311,6 +313,7 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
                                              base_rows, rows[name])
         except Exception as e:  # a failing method is reported, the others go on (on every rank alike)
             arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
+            bar.note(f"arm {name} failed: {arm.reason}")
         arms.append(arm)
         bar.update(1)
     bar.close()

@@ -178,6 +178,21 @@ class Model:
         ids, mask = self.pad(rows)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask)}
 
+    def generate(self, prompts: str | Sequence, max_new_tokens: int = 20, chat: bool = False,
+                 sampling: str = "greedy", k: int = 1, seed: int = 0, batch_size: int = 16,
+                 progress: bool | None = None):
+        """Continue ``prompts`` (a string, a list of strings, or with ``chat=True`` also dialogues)
+        and return a :class:`steerlab.generation.Generation`: ``.texts`` (decoded continuations, ``k``
+        per prompt, prompt order) and ``.tokens`` (their new token ids); ``.text`` when there is one.
+        The defaults are ``steerlab generate``'s: 20 new tokens, greedy decoding, raw completion (no
+        chat template), one sample. ``sampling``: ``greedy``, ``t0.7`` or ``t1.0``; sampled rows draw
+        their random numbers from ``(seed, prompt, sample)``, so a steered and an unsteered call see
+        the same ones. Any active :func:`steerlab.edit` or intervention applies."""
+        from ..generation import generate_text
+
+        return generate_text(self, prompts, max_new_tokens=max_new_tokens, chat=chat, sampling=sampling, k=k,
+                             seed=seed, batch_size=batch_size, progress=progress)
+
     # --- forward -----------------------------------------------------------------------------
     def pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad token id lists into ``input_ids`` and ``attention_mask`` on the model's device."""

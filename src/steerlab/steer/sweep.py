@@ -219,14 +219,14 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
 
 def _side_effects(model, run: RunDir, unit_vec, groups, alphas, scale, mode, where, neutral, progress):
     """``(kl, neutral perplexity)`` arrays ``[n_groups, n_alphas]``, each cell computed once (record.json)."""
-    from tqdm.auto import tqdm
-
     from ..evaluation import side_effects
 
     reference, texts = neutral
     done = dict(run.record().get("side_effects", {}))
     cells = [(g, a) for g in groups for a in alphas]
-    for g, a in tqdm(cells, desc="side effects", disable=progress is False, leave=False):
+    from ..progress import progress_iter
+
+    for g, a in progress_iter(cells, "side effects", show=progress is not False, unit="cell"):
         key = f"{g}|{a:g}"
         if key in done:
             continue
