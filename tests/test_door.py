@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -167,3 +168,93 @@ def test_filesystem_faults_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(sl.SteerlabError, match="cannot use run directory .*Read-only file system"):
         RunDir(tmp_path / "ro", {})
+
+
+# --- leaks: keys never shown --------------------------------------------------------------------------
+KEY = "AIzaSyD-s3cret-KEY-0123456789abcdefXYZ"
+
+
+def _no_key(e: BaseException, *keys: str) -> None:
+    seen = [e]
+    while seen[-1].__cause__ or seen[-1].__context__:
+        seen.append(seen[-1].__cause__ or seen[-1].__context__)
+    for x in seen:
+        for text in (str(x), repr(x)):
+            assert not any(k in text for k in keys), text
+
+
+def test_scorer_specs_and_options_never_echo_a_key():
+    """``--scorer perspective:KEY`` and ``--scorer-option api_key:KEY`` (before: echoed in the error)."""
+    from steerlab.scoring import ScorerError, get_scorer, scorer_from_spec
+
+    with pytest.raises(ScorerError, match=r"'perspective:\*\*\*' \(NAME:VALUE\) is not valid") as e:
+        scorer_from_spec(f"perspective:{KEY}")
+    _no_key(e.value, KEY)
+    with pytest.raises(ScorerError, match=r"malformed option 'api_key:\*\*\*'") as e:
+        scorer_from_spec("perspective", [f"api_key:{KEY}"])
+    _no_key(e.value, KEY)
+    # a key inside the endpoint's path, after a 'key' segment or as a token-like segment
+    for endpoint in (f"http://example.com/v1/key/{KEY}/analyze", f"http://example.com/{KEY}/analyze",
+                     f"http://example.com/v1;token={KEY}"):
+        with pytest.raises(ScorerError, match="plain http") as e:
+            get_scorer("perspective", api_key="other-key", endpoint=endpoint)
+        _no_key(e.value, KEY, "other-key")
+    # an ill-typed option is a one-line ScorerError, the key masked (before: TypeError traceback)
+    with pytest.raises(ScorerError, match=r"could not be built.*TypeError") as e:
+        get_scorer("perspective", api_key=KEY, attributes=5)
+    _no_key(e.value, KEY)
+
+
+def test_urls_are_redacted_and_labeller_urls_validated():
+    from steerlab.explain.ffn import LabellerError, OpenAILabeller
+
+    shown = V.redact(f"failed https://bob:{KEY}@host.example/v1/key/{KEY}/x?key={KEY}#frag and api_key={KEY}")
+    assert KEY not in shown and "https://***@host.example/v1/key/***/x?key=***#***" in shown
+    assert V.redact_url("https://api.example.com/v1/chat/completions") == "https://api.example.com/v1/chat/completions"
+    for url, why in [("file:///etc", "scheme 'file'"), ("ftp://h/v1", "scheme 'ftp'"), ("", "non-empty URL"),
+                     (f"http://user:{KEY}@localhost:8000/v1", "user name or password"),
+                     ("http://labeller.example.com/v1", "plain http to 'labeller.example.com'")]:
+        with pytest.raises(LabellerError, match=re.escape(why)) as e:
+            OpenAILabeller(url, "m", api_key=KEY)
+        _no_key(e.value, KEY)
+    OpenAILabeller("http://labeller.example.com/v1", "m")  # no key sent: plain http is allowed
+    lab = OpenAILabeller("http://127.0.0.1:9/v1", "m", api_key=KEY)  # port 9: nothing listens
+    with pytest.raises(LabellerError, match=r"labeller endpoint http://127\.0\.0\.1:9/v1/chat/completions failed") as e:
+        lab.label(["alpha", "beta"])
+    _no_key(e.value, KEY)
+
+
+# --- the run's identity: everything that changes its numbers ----------------------------------------
+def test_scorer_options_are_part_of_the_run_identity(tmp_path, llama):
+    """A resume with another scorer option (endpoint, threshold...) is refused like any changed option;
+    secret options are not recorded (before: the config held only the scorer's name, and a resume with
+    another endpoint mixed two scorers' rows)."""
+    from steerlab.runs import RunError
+    from steerlab.scoring import Scorer, get_scorer, register_scorer, scorer_identity
+
+    class Const(Scorer):
+        name, attributes = "door-const", ["toxicity"]
+
+        def __init__(self, level: float = 0.1, api_key: str = "", endpoint: str = ""):
+            self.level = level
+
+        def _score(self, texts, batch_size):
+            return {"toxicity": [self.level] * len(texts)}
+
+    register_scorer("door-const", Const, overwrite=True)
+    cfg = GenConfig(max_new_tokens=2)
+    sc = get_scorer("door-const", level=0.1, api_key=KEY, endpoint=f"https://u:{KEY}@h.example/x?key={KEY}")
+    generate_run(llama, PROMPTS, tmp_path / "r", cfg, scorer=sc, progress=False)
+    config = (tmp_path / "r" / "config.json").read_text()
+    assert KEY not in config and json.loads(config)["scorer_options"] == {
+        "endpoint": "https://***@h.example/x?key=***", "level": 0.1}
+    with pytest.raises(RunError, match=r"differs in: scorer_options"):
+        generate_run(llama, PROMPTS, tmp_path / "r", cfg, scorer=get_scorer("door-const", level=0.2, api_key=KEY),
+                     progress=False)
+    # the Perspective endpoint is part of the identity however the scorer is built, the key never
+    from steerlab.scoring.perspective import PerspectiveScorer
+
+    a = scorer_identity(PerspectiveScorer(api_key=KEY, endpoint="http://127.0.0.1:9/a"))
+    b = scorer_identity(get_scorer("perspective", api_key=KEY, endpoint="http://127.0.0.1:9/b"))
+    assert a != b and KEY not in json.dumps([a, b]) and a["scorer_options"]["endpoint"] == "http://127.0.0.1:9/a"
+    assert scorer_identity(get_scorer("profanity")) == {"scorer": "profanity"}  # runs made before still resume

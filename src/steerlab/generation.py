@@ -28,6 +28,7 @@ from transformers import LogitsProcessorList
 from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
 from .parallel import run_loop
+from .scoring.registry import scorer_identity
 from .validate import NonFiniteError
 
 SAMPLING: dict[str, dict] = {
@@ -180,7 +181,7 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
     ids, texts = prompt_ids_texts(prompts)
     opts = dict(apply_options or {})
     config = {"kind": "generate", "model": model.name, "model_fingerprint": model.fingerprint, **asdict(cfg),
-              "scorer": getattr(scorer, "name", None), "prompts_fingerprint": text_id("\n".join(ids)),
+              **scorer_identity(scorer), "prompts_fingerprint": text_id("\n".join(ids)),
               "n_prompts": len(ids), **(extra_config or {})}
     extra_record: dict = {}
     if intervention is not None:

@@ -234,9 +234,10 @@ def redact_url(url: str) -> str:
         key, eq, _ = s.partition("=")
         if after_secret and s or (eq and is_secret_name(key)) or _TOKENLIKE.fullmatch(s):
             out.append(f"{key}={MASK}" if eq else MASK)
+            after_secret = False
         else:
             out.append(s)
-        after_secret = bool(s) and is_secret_name(s)
+            after_secret = bool(s) and is_secret_name(s)
     query = "&".join(f"{k}={MASK}" for k, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
     if parts.query and not query:
         query = MASK
@@ -245,7 +246,7 @@ def redact_url(url: str) -> str:
 
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _KV_IN_TEXT = re.compile(r"(?i)\b([A-Za-z_-]*(?:key|token|secret|password|passwd|auth)[A-Za-z_-]*)\s*([=:])\s*"
-                         r"([^\s'\",;&]+)")
+                         r"(?!\*\*\*)([^\s'\",;&]+)")
 
 
 def redact(text: str, secrets: Sequence[str] = ()) -> str:

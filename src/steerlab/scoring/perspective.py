@@ -105,6 +105,8 @@ class PerspectiveScorer(Scorer):
         self.min_interval = 0.0 if math.isinf(qps) else 1.0 / qps
         self.max_retries, self.backoff, self.max_backoff, self.timeout = max_retries, backoff, max_backoff, timeout
         self.do_not_store = do_not_store
+        if endpoint != DEFAULT_ENDPOINT:  # another endpoint gives other numbers: part of a run's identity
+            self.options = {"endpoint": redact_url(endpoint)}
         self.requests_sent = 0
         self._next_slot = 0.0
 

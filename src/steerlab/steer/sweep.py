@@ -18,6 +18,7 @@ from ..generation import GenConfig, derive_seed, generate_batch, plan_batches, p
 from ..hooks import capture
 from ..models.model import Model
 from ..runs import RunDir
+from ..scoring.registry import scorer_identity
 from .vector import APPLY_MODES, SteeringVector, VectorError
 
 RELATIVE_MODES = ("add", "gated")
@@ -180,7 +181,7 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
     unit = {s: v / v.norm().clamp_min(1e-12) if relative else v for s, v in vector.directions.items()}
     unit_vec = SteeringVector(unit, vector.meta)
     config = {"kind": "sweep", "model_fingerprint": model.fingerprint, **asdict(cfg), "where": where,
-              "relative": relative, "alphas": alphas, "sites": list(groups), "scorer": getattr(scorer, "name", None),
+              "relative": relative, "alphas": alphas, "sites": list(groups), **scorer_identity(scorer),
               "vector_data": vector.meta.get("data_fingerprint"), "prompts": ids,
               **({"mode": mode, "groups": groups} if mode != "add" or any(len(g) > 1 for g in groups.values()) else {})}
 
