@@ -258,3 +258,23 @@ def test_scorer_options_are_part_of_the_run_identity(tmp_path, llama):
     b = scorer_identity(get_scorer("perspective", api_key=KEY, endpoint="http://127.0.0.1:9/b"))
     assert a != b and KEY not in json.dumps([a, b]) and a["scorer_options"]["endpoint"] == "http://127.0.0.1:9/a"
     assert scorer_identity(get_scorer("profanity")) == {"scorer": "profanity"}  # runs made before still resume
+
+
+def test_sweep_identity_holds_the_vector_and_strengths_are_finite(tmp_path, llama):
+    """Two vectors fitted on the same data (so the same data fingerprint) are different runs; a NaN
+    strength is refused before the directory exists."""
+    from steerlab.runs import RunError
+    from steerlab.scoring import get_scorer
+    from steerlab.steer import SteeringVector
+    from steerlab.steer.sweep import sweep
+
+    meta = {"data_fingerprint": "same"}
+    a = SteeringVector({SITE: torch.ones(32)}, dict(meta))
+    b = SteeringVector({SITE: -torch.ones(32)}, dict(meta))
+    cfg, sc = GenConfig(max_new_tokens=2), get_scorer("profanity")
+    with pytest.raises(V.ValidationError, match="sweep strength 1 must be a finite number"):
+        sweep(llama, a, PROMPTS[:2], [1.0, float("nan")], sc, tmp_path / "s", cfg, fluency=False, progress=False)
+    assert not (tmp_path / "s").exists()
+    sweep(llama, a, PROMPTS[:2], [1.0], sc, tmp_path / "s", cfg, fluency=False, progress=False)
+    with pytest.raises(RunError, match=r"differs in: vector\b"):
+        sweep(llama, b, PROMPTS[:2], [1.0], sc, tmp_path / "s", cfg, fluency=False, progress=False)
