@@ -278,3 +278,61 @@ def test_sweep_identity_holds_the_vector_and_strengths_are_finite(tmp_path, llam
     sweep(llama, a, PROMPTS[:2], [1.0], sc, tmp_path / "s", cfg, fluency=False, progress=False)
     with pytest.raises(RunError, match=r"differs in: vector\b"):
         sweep(llama, b, PROMPTS[:2], [1.0], sc, tmp_path / "s", cfg, fluency=False, progress=False)
+
+
+# --- tracebacks: devices, environment, undecodable text, huge allocations, API misuse ------------------
+def test_unavailable_devices_and_a_cache_that_is_a_file(tmp_path, monkeypatch):
+    """``--device cuda:7`` / ``banana`` on a machine without them, ``STEERLAB_CACHE`` naming a file
+    (before: RuntimeError / AssertionError / NotADirectoryError tracebacks, after the model was read)."""
+    from steerlab.models.loading import cache_dir
+
+    have = V.available_devices()
+    assert have[0] == "cpu" and V.device("cpu") == "cpu" and V.device(None) is None
+    with pytest.raises(V.ValidationError, match=rf"unknown device 'banana'; devices here: {re.escape(', '.join(have))}"):
+        sl.load("default", device="banana")
+    if "cuda:7" not in have:
+        with pytest.raises(V.ValidationError, match=r"device 'cuda:7' is not available on this machine; devices here: cpu"):
+            sl.load("default", device="cuda:7")
+    f = tmp_path / "cache-file"
+    f.write_text("x")
+    monkeypatch.setenv("STEERLAB_CACHE", str(f))
+    with pytest.raises(V.ValidationError, match=r"STEERLAB_CACHE=.*cache-file names a file, not a directory"):
+        cache_dir()
+    monkeypatch.setenv("STEERLAB_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+
+
+def test_undecodable_text_and_huge_generation_are_refused(llama):
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # a Latin-1 argument read as UTF-8
+    with pytest.raises(V.ValidationError, match=r"text 1 is not valid UTF-8 \(undecodable bytes b'\\xe9' at "
+                                                r"character 3\)"):
+        llama.encode(["fine", bad])
+    with pytest.raises(V.ValidationError, match=r"generating 1000000000 rows .* would need about [\d,.]+ GB of memory, "
+                                                r"more than the .* available; lower -k"):
+        generate(llama, PROMPTS[:2], GenConfig(max_new_tokens=4, sampling="t1.0", k=10**9))
+
+
+def test_python_api_misuse_is_a_clear_error(llama):
+    """Indexing a recording before any forward, ``vector + tensor``, ``vector * 'x'``, an unknown
+    fit keyword (before: KeyError / AttributeError / TypeError tracebacks from deep inside)."""
+    from steerlab import interventions as I
+    from steerlab.steer import SteeringVector, VectorError
+
+    with sl.record(llama, [SITE]) as rec:
+        with pytest.raises(KeyError, match="nothing recorded at 'blocks.1.resid_post' yet") as e:
+            rec[SITE]
+        assert isinstance(e.value, sl.SteerlabError)
+        with pytest.raises(sl.SteerlabError, match=r"'final' was not recorded; this recording holds blocks\.1"):
+            rec["final"]
+        enc = llama.encode(PROMPTS[:1])
+        with torch.no_grad():
+            llama.forward(enc["input_ids"], enc["attention_mask"])
+    assert rec[SITE].shape[0] == 1
+    v = SteeringVector({SITE: torch.ones(32)})
+    with pytest.raises(VectorError, match="cannot add a Tensor and a steering vector"):
+        v + torch.ones(32)
+    with pytest.raises(V.ValidationError, match="must be a number"):
+        v * "x"
+    assert torch.equal((v * torch.tensor(2.0)).directions[SITE], torch.full((32,), 2.0))
+    with pytest.raises(V.ValidationError, match=r"fitting 'steering' has no option 'layer'; accepted: .*sites"):
+        I.fit("steering", llama, (["good"], ["bad"]), layer=3)

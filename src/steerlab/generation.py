@@ -29,7 +29,7 @@ from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
 from .parallel import run_loop
 from .scoring.registry import scorer_identity
-from .validate import NonFiniteError
+from .validate import NonFiniteError, allocation
 
 SAMPLING: dict[str, dict] = {
     "greedy": {"do_sample": False},
@@ -123,6 +123,7 @@ def generate_ids(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str] 
     if len(keys) != len(texts):
         raise SteerlabError(f"{len(keys)} keys for {len(texts)} texts")
     enc = model.encode(texts, chat=cfg.chat)
+    check_memory(model, len(texts) * cfg.k, enc["input_ids"].shape[1], cfg.max_new_tokens)
     ids, mask = enc["input_ids"].repeat_interleave(cfg.k, 0), enc["attention_mask"].repeat_interleave(cfg.k, 0)
     kw: dict = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     preset = SAMPLING[cfg.sampling]
@@ -134,6 +135,27 @@ def generate_ids(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str] 
     out = model.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
                             pad_token_id=model.pad_id, **kw)
     return out[:, ids.shape[1]:]
+
+
+def generation_bytes(model: Model, rows: int, prompt_len: int, new_tokens: int) -> float:
+    """A rough lower estimate of the memory one ``generate`` call of ``rows`` rows needs: the KV cache
+    over the whole sequence, the prefill's activations and attention scores, and a few copies of the
+    last position's logits (scores, log-probabilities, the sampler's sort)."""
+    T, e = prompt_len + new_tokens, torch.finfo(model.dtype).bits // 8
+    kv = 2 * model.n_layers * model.n_kv_heads * model.d_head * e * T
+    prefill = prompt_len * (model.d_model + model.d_mlp) * e * 4 + model.n_heads * prompt_len ** 2 * 4
+    return float(rows) * (kv + prefill + model.vocab_size * 4 * 4)
+
+
+def check_memory(model: Model, rows: int, prompt_len: int, new_tokens: int) -> None:
+    """Refuse a generate call whose estimate (:func:`generation_bytes`) exceeds the memory of the
+    model's device (the GPU's, or this machine's physical memory) before allocating anything."""
+    limit = None
+    if model.device.type == "cuda":
+        limit = torch.cuda.get_device_properties(model.device).total_memory
+    allocation(generation_bytes(model, rows, prompt_len, new_tokens),
+               f"generating {rows} rows (prompts x samples) of {prompt_len} + {new_tokens} tokens at once",
+               "lower -k, --batch-size or --max-new-tokens", limit)
 
 
 def generate_batch(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str] | None = None) -> list[list[str]]:

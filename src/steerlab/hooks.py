@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .errors import EmptyInputError, ShapeError
+from .errors import EmptyInputError, ShapeError, SteerlabError
 from .models.adapters import Site, get_module
 from .models.model import Model
 from .positions import Position, as_position, first_real
@@ -492,6 +492,20 @@ class Recording(dict):
     input_ids: torch.Tensor | None = None
     calls: int = 0
     passes: int = 0
+    sites: tuple[str, ...] = ()
+
+    def __missing__(self, site: str):
+        if site in self.sites:
+            raise RecordingError(f"nothing recorded at {site!r} yet: a recording fills in when its with block "
+                                 f"exits, after at least one forward or generate inside it")
+        raise RecordingError(f"{site!r} was not recorded; this recording holds {', '.join(self.sites) or 'no site'}")
+
+
+class RecordingError(SteerlabError, KeyError):
+    """A site read from a :class:`Recording` that does not hold it (yet): a ``KeyError`` too."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""
 
 
 @contextmanager
@@ -517,6 +531,7 @@ def record(model: Model, sites: str | Sequence[str], positions: str = "all", *,
     parts: dict[str, list[torch.Tensor]] = {}
     meta: dict[str, list[torch.Tensor]] = {"mask": [], "ids": []}
     out = Recording()
+    out.sites = tuple(names)
 
     def on_call(step: Step) -> None:
         if step.past_len == 0:  # a new pass: forget the previous one

@@ -34,7 +34,7 @@ import torch
 
 from .errors import SteerlabError
 from .models.model import Model
-from .validate import NonFiniteError
+from .validate import NonFiniteError, keywords
 
 
 @dataclass
@@ -298,8 +298,11 @@ def list_interventions() -> dict[str, str]:
 
 
 def fit(method: str, model: Model, data: Any, **options: Any) -> Intervention:
-    """Fit the registered ``method`` on ``model`` from ``data``."""
-    return get(method).fit(model, data, **options)
+    """Fit the registered ``method`` on ``model`` from ``data``; an option its ``fit`` does not take
+    is an error listing the ones it does."""
+    cls = get(method)
+    keywords(cls.fit, options, f"fitting {method!r}")
+    return cls.fit(model, data, **options)
 
 
 def load(path: str | Path, model: Model | None = None, strict: bool = True) -> Intervention:

@@ -51,6 +51,8 @@ def number(value: Any, name: str, lo: float | None = None, hi: float | None = No
     """``value`` as a finite float within the bounds (a numeric string is read as a number); NaN,
     infinity, a bool or anything that is not a number is a :class:`ValidationError` naming ``name``."""
     want = _range_text(lo, hi, lo_open, hi_open)
+    if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:  # a one-element tensor
+        value = value.item()
     if isinstance(value, str):
         try:
             value = float(value.strip())
@@ -112,6 +114,36 @@ def physical_memory() -> int:
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def check_text(value: Any, name: str = "text") -> Any:
+    """``value`` unless it is a string holding undecodable bytes (lone surrogates: Python's stand-in
+    for bytes that are not UTF-8, e.g. in a command-line argument), which no tokenizer accepts."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = value[e.start:e.end].encode("utf-8", "surrogateescape")
+            raise ValidationError(f"{name} is not valid UTF-8 (undecodable bytes {bad!r} at character {e.start}); "
+                                  f"give text in UTF-8") from None
+    return value
+
+
+def keywords(fn: Any, given: Iterable[str], what: str) -> None:
+    """Refuse keywords that ``fn`` does not take (unless it takes ``**kwargs``), listing those it does."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                     inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        raise ValidationError(f"{what} has no option {unknown[0]!r}; accepted: {', '.join(accepted)}")
 
 
 # --- paths -----------------------------------------------------------------------------------------
