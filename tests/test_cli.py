@@ -132,7 +132,7 @@ def test_demo_passes_every_bench_option_explicitly(monkeypatch):
     would arrive as typer's OptionInfo default (a truthy object), not as the option's value."""
     import inspect
 
-    import steerlab.cli as cli
+    from steerlab.cli import bench as cli
 
     params = set(inspect.signature(inspect.unwrap(cli.bench)).parameters)
     seen = {}
@@ -140,3 +140,34 @@ def test_demo_passes_every_bench_option_explicitly(monkeypatch):
     cli.demo(model="default", out="runs/x")
     assert set(seen) == params
     assert seen["preset"] == "quick" and seen["test_all_settings"] is False
+
+
+def test_threads_after_the_command_version_and_grouped_help(tmp_path):
+    import torch
+
+    import steerlab
+
+    d = model_dir(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        r = runner.invoke(app, ["info", "--model", d, "--threads", "1"])
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"steerlab {steerlab.__version__}"
+    r = runner.invoke(app, ["--help"])
+    panels = [p for p in ("Main job", "Explain", "Steer", "Evaluate", "Utilities") if p in r.output]
+    assert panels == ["Main job", "Explain", "Steer", "Evaluate", "Utilities"]
+    assert sorted(panels, key=r.output.index) == panels
+    assert all(len(line) <= 80 for line in r.output.splitlines())
+
+
+def test_cli_modules_stay_small():
+    from pathlib import Path
+
+    import steerlab.cli
+
+    sizes = {f.name: len(f.read_text().splitlines()) for f in Path(steerlab.cli.__file__).parent.glob("*.py")}
+    assert max(sizes.values()) <= 300, sizes

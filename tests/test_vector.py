@@ -200,3 +200,42 @@ def test_projection_modes_against_hand_computation(llama, mode):
         with pytest.raises(VectorError, match="projection statistics"):
             with bare.apply(llama, mode=mode):
                 pass
+
+
+def test_fitted_levels_follow_arithmetic(llama):
+    """Negation is the vector fitted with the roles swapped (levels negated and swapped), a positive
+    scale keeps the levels, and sums and controls have none: gated and clamp refuse them until the
+    levels are recomputed from data."""
+    site = "blocks.1.resid_post"
+    v = SteeringVector.fit(llama, GOOD, BAD, site, positions="mean_skip_first")
+    swapped = SteeringVector.fit(llama, BAD, GOOD, site, positions="mean_skip_first")
+    neg = -v
+    torch.testing.assert_close(neg.directions[site], swapped.directions[site], atol=1e-5, rtol=1e-5)
+    for key in ("desirable", "undesirable", "desirable_std", "undesirable_std"):
+        assert neg.meta["projection"][site][key] == pytest.approx(swapped.meta["projection"][site][key], abs=1e-4)
+    before = sl.capture(llama, PROMPTS, site, "all")[site]
+    with neg.apply(llama, mode="clamp", alpha=1.0):
+        got = sl.capture(llama, PROMPTS, site, "all")[site]
+    with swapped.apply(llama, mode="clamp", alpha=1.0):
+        want = sl.capture(llama, PROMPTS, site, "all")[site]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, before, atol=1e-3)  # the clamp did move states
+    assert (3 * v).meta["projection"] == v.meta["projection"]
+    assert (-2 * v).meta["projection"] == neg.meta["projection"]
+    for derived in (v.random(0), v.permuted(0), v + v, v - swapped, 0 * v):
+        assert "projection" not in derived.meta
+        for mode in ("gated", "clamp"):
+            with pytest.raises(VectorError, match="with_levels"):
+                with derived.apply(llama, mode=mode):
+                    pass
+    # recomputed from the fitting texts, the levels of a refitted vector are the fitted ones
+    again = (v + v).with_levels(llama, GOOD, BAD)
+    for key in ("desirable", "undesirable"):
+        assert again.meta["projection"][site][key] == pytest.approx(v.meta["projection"][site][key], rel=1e-5)
+    r = v.random(0).with_levels(llama, GOOD, BAD)
+    fit = sl.capture(llama, GOOD + BAD, site, "all")
+    kept = fit.mask.bool() & ~first_real_tokens(fit.mask)
+    p = fit[site] @ (r.directions[site] / r.directions[site].norm())
+    assert r.meta["projection"][site]["undesirable"] == pytest.approx(float(p[4:][kept[4:]].mean()), rel=1e-5)
+    with r.apply(llama, mode="gated", alpha=1.0):
+        sl.capture(llama, PROMPTS, site, "all")

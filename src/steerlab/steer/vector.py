@@ -190,6 +190,15 @@ class SteeringVector(Intervention):
         return out
 
     # --- arithmetic ----------------------------------------------------------------------------
+    # The fitted projection levels (meta["projection"], what gated and clamp compare states with) are
+    # projections on each site's unit direction: a positive scale keeps them, a negative one turns the
+    # direction around (the levels of the vector fitted with the roles swapped: negated and swapped),
+    # and a sum or a random / permuted control has none (gated and clamp then refuse it until
+    # :meth:`with_levels` recomputes them from data).
+    def _derived(self, dirs: dict[str, torch.Tensor], levels: dict | None, **note) -> SteeringVector:
+        meta = {k: v for k, v in self.meta.items() if k != "projection"}
+        return SteeringVector(dirs, {**meta, **note, **({"projection": levels} if levels else {})})
+
     def _combine(self, other: SteeringVector, sign: float) -> SteeringVector:
         if not isinstance(other, SteeringVector):
             raise VectorError(f"cannot {'add' if sign > 0 else 'subtract'} a {type(other).__name__} and a steering "
@@ -203,7 +212,7 @@ class SteeringVector(Intervention):
             if s in dirs and dirs[s].shape != v.shape:
                 raise VectorError(f"cannot combine vectors of sizes {tuple(dirs[s].shape)} and {tuple(v.shape)} at {s!r}")
             dirs[s] = dirs[s] + sign * v if s in dirs else sign * v
-        return SteeringVector(dirs, {**self.meta, "derived": f"combination ({'+' if sign > 0 else '-'})"})
+        return self._derived(dirs, None, derived=f"combination ({'+' if sign > 0 else '-'})")
 
     def __add__(self, other: SteeringVector) -> SteeringVector:
         return self._combine(other, 1.0)
@@ -213,12 +222,29 @@ class SteeringVector(Intervention):
 
     def __mul__(self, c: float) -> SteeringVector:
         c = number(c, "the factor a steering vector is multiplied by")
-        return SteeringVector({s: v * c for s, v in self.directions.items()}, {**self.meta})
+        levels = self.meta.get("projection") or None
+        if levels and c < 0:
+            levels = {s: _swapped(p) for s, p in levels.items()}
+        return self._derived({s: v * c for s, v in self.directions.items()}, levels if c != 0 else None)
 
     __rmul__ = __mul__
 
     def __neg__(self) -> SteeringVector:
         return self * -1.0
+
+    def with_levels(self, model: Model, data, undesirable: Sequence[str] | None = None, chat: bool = False,
+                    batch_size: int = 16) -> SteeringVector:
+        """The same directions with the projection levels recomputed from contrast texts (``data`` as in
+        :meth:`fit`): what a sum or a control needs before ``gated`` or ``clamp``."""
+        desirable, undesirable = _contrast(data, undesirable)
+        if not desirable or not undesirable:
+            raise EmptyInputError("with_levels needs at least one desirable and one undesirable text")
+        sites = list(self.directions)
+        caps = capture(model, desirable + undesirable, sites, "all", batch_size=batch_size, chat=chat)
+        keep = after_first(caps.mask)
+        levels = {s: _projection_means(caps[s], keep, len(desirable), self.directions[s].to(caps[s].device))
+                  for s in sites}
+        return self._derived(dict(self.directions), levels)
 
     def only(self, sites: str | Sequence[str]) -> SteeringVector:
         """The same vector restricted to some sites."""
@@ -244,8 +270,8 @@ class SteeringVector(Intervention):
     def permuted(self, seed: int = 0) -> SteeringVector:
         """Control: each site's coordinates randomly permuted (same norm and value distribution)."""
         g = torch.Generator().manual_seed(seed)
-        return SteeringVector({s: v[torch.randperm(v.numel(), generator=g)] for s, v in self.directions.items()},
-                              {**self.meta, "control": f"permuted(seed={seed})"})
+        return self._derived({s: v[torch.randperm(v.numel(), generator=g)] for s, v in self.directions.items()},
+                             None, control=f"permuted(seed={seed})")
 
     def random(self, seed: int = 0) -> SteeringVector:
         """Control: a Gaussian random direction per site with the same norm."""
@@ -254,7 +280,7 @@ class SteeringVector(Intervention):
         for s, v in self.directions.items():
             r = torch.randn(v.shape, generator=g)
             out[s] = r / r.norm() * v.norm()
-        return SteeringVector(out, {**self.meta, "control": f"random(seed={seed})"})
+        return self._derived(out, None, control=f"random(seed={seed})")
 
     # --- files (safetensors + header through the Intervention protocol) -------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -432,10 +458,17 @@ class Projected(EditFn):
         return act + (p < self.level).to(act.dtype) * a * self._v
 
 
+def _swapped(p: dict) -> dict:
+    """The projection levels on the opposite direction: the desirable and undesirable roles swapped."""
+    return {**p, "desirable": -p["undesirable"], "undesirable": -p["desirable"],
+            "desirable_std": p.get("undesirable_std"), "undesirable_std": p.get("desirable_std")}
+
+
 def _level(proj: dict | None, key: str) -> float:
     if not proj:
-        raise VectorError("this vector has no fitted projection statistics (fit it with SteeringVector.fit); "
-                          "gated and clamp modes need them")
+        raise VectorError("this vector has no fitted projection statistics (a sum, a random or permuted control, "
+                          "or a vector not made by SteeringVector.fit); gated and clamp modes need them: fit the "
+                          "vector, or recompute them with vector.with_levels(model, data)")
     return proj[key] if key in ("desirable", "undesirable") else 0.5 * (proj["desirable"] + proj["undesirable"])
 
 
