@@ -7,14 +7,15 @@ from sklearn.isotonic import IsotonicRegression
 
 from steerlab.errors import ShapeError
 from steerlab.metrics.compare import (
-    bootstrap_p,
     choose_setting,
     holm,
     isotonic,
     matched_readout,
     minimum_detectable_effect,
+    paired_perplexity_ratio,
     prompts_needed,
 )
+from steerlab.metrics.stats import bootstrap_p, paired_difference
 
 
 def test_holm_by_hand():
@@ -111,3 +112,27 @@ def test_verdict_follows_the_numbers():
     assert second != first and second[0].startswith("No method lowers mean toxicity")
     assert "ITI and SLIM: no change" in second[1] and "0.050" in second[1]
     assert verdict([], 0.03, 10, 1.5)[0].startswith("No method arm finished")
+
+
+def test_paired_perplexity_ratio_by_hand():
+    ref = {"a": (2.0, 2), "b": (6.0, 3), "c": (1.0, 1)}      # mean NLL 9/6 = 1.5
+    arm = {"a": (4.0, 2), "b": (9.0, 3), "c": (2.0, 1), "z": (9.0, 1)}  # shared: 15/6 = 2.5
+    r = paired_perplexity_ratio(ref, arm, n_boot=500)
+    assert r.value == pytest.approx(np.exp(1.0))
+    assert r.lo <= r.value <= r.hi
+    same = paired_perplexity_ratio(ref, ref, n_boot=200)
+    assert same.value == same.lo == same.hi == pytest.approx(1.0)
+    with pytest.raises(ShapeError, match="at least 2 shared prompts"):
+        paired_perplexity_ratio(ref, {"a": (1.0, 1)})
+
+
+def test_paired_difference_two_sided_p_and_spread():
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0, 1, (60, 2))
+    lower = np.clip(base - 0.3, 0, 1)
+    d = paired_difference(base, lower, n_boot=400)
+    assert d.p_two_sided["mean_toxicity"] == pytest.approx(2 / 401)
+    per_prompt = lower.mean(1) - base.mean(1)
+    assert d.sd_per_prompt == pytest.approx(per_prompt.std(ddof=1))
+    null = paired_difference(base, base[rng.permutation(60)], n_boot=400)
+    assert null.p_two_sided["mean_toxicity"] > 0.05

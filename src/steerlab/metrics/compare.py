@@ -2,12 +2,13 @@
 reading of a curve at a matched cost. Pure numpy (scipy only for normal quantiles).
 
 - :func:`holm`: Holm's step-down adjustment of a family of p-values.
-- :func:`bootstrap_p`: a two-sided p-value from paired bootstrap differences.
 - :func:`minimum_detectable_effect` / :func:`prompts_needed`: what a paired design of ``n`` prompts
   can detect (normal approximation, two-sided test) given the per-prompt spread of the difference.
 - :func:`isotonic`: the pool-adjacent-violators fit of a monotone curve (weighted least squares).
 - :func:`matched_readout`: a method's effect at a given cost (for example a perplexity ratio of
   1.25), read from monotone fits of cost and effect along its strength axis.
+- :func:`paired_perplexity_ratio`: the ratio of two arms' perplexities on the same prompts with a
+  paired bootstrap CI over prompts.
 - :func:`choose_setting`: the one-standard-error rule on the smoothed curve among the settings
   whose cost CI stays within the limit.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ShapeError
+from .stats import Estimate, resample_indices
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:
@@ -35,16 +37,6 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
     out = np.empty(m)
     out[order] = adjusted
     return out
-
-
-def bootstrap_p(diffs: Sequence[float]) -> float:
-    """Two-sided p-value of "the difference is 0" from bootstrap replicates of a difference:
-    twice the smaller tail share, with the +1 correction so it is never 0."""
-    d = np.asarray(diffs, dtype=np.float64)
-    if d.size == 0:
-        raise ShapeError("bootstrap_p needs at least one bootstrap replicate")
-    tail = min((d >= 0).sum(), (d <= 0).sum())
-    return float(min(1.0, 2 * (tail + 1) / (d.size + 1)))
 
 
 def _z(alpha: float, power: float) -> float:
@@ -152,3 +144,26 @@ def choose_setting(effect: Sequence[float], se: Sequence[float], cost_high: Sequ
     best = int(np.argmin(fitted))
     within = np.nonzero(fitted <= fitted[best] + s[ok][best])[0]
     return int(ok[within[0]])
+
+
+def paired_perplexity_ratio(reference: dict[str, Sequence[float]], treated: dict[str, Sequence[float]],
+                            n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> Estimate:
+    """``perplexity(treated) / perplexity(reference)`` (token-weighted, as
+    :class:`steerlab.metrics.lm.Perplexity` aggregates) with a paired percentile-bootstrap CI over
+    the prompts both arms share. Each argument maps a prompt id to ``(summed NLL in nats, scored
+    tokens)`` of its continuations (:func:`steerlab.evaluation.summarize` keeps them as
+    ``fluency["by_prompt"]``)."""
+    ids = [i for i in reference if i in treated]
+    if len(ids) < 2:
+        raise ShapeError(f"a perplexity ratio needs at least 2 shared prompts, got {len(ids)}")
+    a = np.asarray([reference[i] for i in ids], dtype=np.float64).T
+    b = np.asarray([treated[i] for i in ids], dtype=np.float64).T
+    if a.shape[0] != 2 or b.shape[0] != 2 or not (a[1].sum() > 0 and b[1].sum() > 0):
+        raise ShapeError("perplexity by prompt must be (NLL, tokens) pairs with scored tokens in both arms")
+    point = float(np.exp(b[0].sum() / b[1].sum() - a[0].sum() / a[1].sum()))
+    stats = np.empty(n_boot)
+    for start, idx in resample_indices(len(ids), n_boot, seed):
+        stats[start:start + len(idx)] = np.exp(b[0][idx].sum(-1) / b[1][idx].sum(-1)
+                                               - a[0][idx].sum(-1) / a[1][idx].sum(-1))
+    lo, hi = np.quantile(stats, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    return Estimate(point, float(lo), float(hi))
