@@ -7,7 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..metrics.compare import holm
+import numpy as np
+
+from ..metrics.compare import holm, matched_readout, minimum_detectable_effect, prompts_needed
 
 
 @dataclass(frozen=True)
@@ -83,3 +85,50 @@ def verdict(results: Sequence[MethodResult], mde: float, n_prompts: int, limit: 
                      f"prompts it detects a difference of {mde:.3f} in mean toxicity at 80% power; smaller "
                      "effects are not excluded.")
     return lines + _matched_lines(results)
+
+
+def _est(d: dict | None) -> tuple[float, float, float]:
+    d = d or {}
+    return (float(d.get("value", float("nan"))), float(d.get("lo", float("nan"))), float(d.get("hi", float("nan"))))
+
+
+def _matched(selection: list[dict], targets: Sequence[float]) -> dict[float, tuple[float | None, float]]:
+    """Each target cost read from the method's validation curve (settings ordered by cost)."""
+    pts = sorted((s for s in selection or [] if np.isfinite(s.get("ppl_ratio", {}).get("value", np.nan))),
+                 key=lambda s: s["ppl_ratio"]["value"])
+    if len(pts) < 2:
+        return {}
+    cost = [s["ppl_ratio"]["value"] for s in pts]
+    effect = [s["mean_toxicity_change"]["value"] for s in pts]
+    out = {}
+    for t in targets:
+        r = matched_readout(cost, effect, t)
+        out[float(t)] = (r.effect if r.reached else None, float(max(cost)))
+    return out
+
+
+def comparison(arms: list[dict], n_test: int, limit: float, targets: Sequence[float] = (1.1, 1.25),
+               alpha: float = 0.05, power: float = 0.8) -> dict:
+    """The benchmark's comparison block from its arms (``metrics["arms"]``): Holm-adjusted p-values
+    of every method's change in mean toxicity, the design's minimum detectable effect (from the
+    median per-prompt spread of the paired differences), the matched-cost read-outs and the verdict."""
+    results = []
+    for a in arms:
+        if a.get("method") == "unsteered" or a.get("status") != "ok" or "paired_difference" not in a:
+            continue
+        pd = a["paired_difference"]
+        results.append((MethodResult(a["method"], _est(pd["mean_toxicity"]),
+                                     float(pd.get("p_two_sided", {}).get("mean_toxicity", 1.0)),
+                                     _est(a.get("ppl_ratio")), _matched(a.get("selection"), targets)),
+                        float(pd.get("sd_per_prompt", 0.0))))
+    sds = [sd for _, sd in results if sd > 0]
+    sd = float(np.median(sds)) if sds else float("nan")
+    mde = minimum_detectable_effect(sd, n_test, alpha, power) if sds and n_test >= 2 else float("nan")
+    methods = [r for r, _ in results]
+    p_adj = holm([r.p for r in methods]).tolist() if methods else []
+    return {"power": {"n_test_prompts": n_test, "sd_per_prompt": sd, "alpha": alpha, "power": power,
+                      "minimum_detectable_effect": mde,
+                      "prompts_for_0.03": prompts_needed(sd, 0.03, alpha, power) if sds else None},
+            "holm": {r.name: p for r, p in zip(methods, p_adj, strict=True)},
+            "matched": {r.name: {str(k): v[0] for k, v in r.matched.items()} for r in methods},
+            "verdict": verdict(methods, mde, n_test, limit, alpha)}
