@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from .app import EXPLAIN, MODEL, app, command, console, floats, ints, load_model
+from .app import EXPLAIN, MODEL, app, command, console, floats, ints, load_model, names
 from .tables import print_interpretations, print_vector_interpretations
 
 
@@ -13,8 +13,18 @@ from .tables import print_interpretations, print_vector_interpretations
 def interpret(
     prompt: str = typer.Argument(..., help="Original prompt whose hidden states the model describes."),
     model: str = MODEL,
-    layers: str = typer.Option("", help="Comma-separated hidden-state layers (0 = embeddings, L = output of block "
-                               "L-1, negative from the end); default: 6 layers spread over the model."),
+    layers: str = typer.Option("", help="Comma-separated layers, l = the state after block l (blocks.l.resid_post), "
+                               "negative from the end; default: 6 layers spread over the model (none with --sites)."),
+    sites: str = typer.Option("", "--sites", help="Comma-separated d_model sites to interpret as well: "
+                              "blocks.L.attn.out, blocks.L.mlp.out, blocks.L.resid_pre, blocks.L.attn.head.H (one "
+                              "head's output through the output projection), embed."),
+    hf_layers: bool = typer.Option(False, "--hf-layers", help="Read --layers in the SelfIE paper's numbering "
+                                   "(hidden_states index: 0 = embeddings, L = output of block L-1)."),
+    relevancy: str = typer.Option("signed", help="signed: p(token | injected) - p(token | not) (the treatment "
+                                  "effect) | absolute: its absolute value."),
+    baseline: str = typer.Option("none", help="none | norm (a random direction with each state's norm) | permute "
+                                 "(each state's coordinates shuffled): also interpret one random control state per "
+                                 "state and report its relevancy, so 'relevant' can be read against it."),
     tokens: str = typer.Option("-1", help="Comma-separated token indices of the prompt (negative from the end)."),
     k: int = typer.Option(1, "-k", help="Inject before decoder block k (the input of block k)."),
     mode: str = typer.Option("replace", help="replace | add (strength x state) | none (no injection: a control)."),
@@ -33,9 +43,10 @@ def interpret(
                                      "runs unedited."),
     alpha: float | None = typer.Option(None, help="Strength passed to the intervention's apply."),
 ) -> None:
-    """SelfIE: the model describes its own hidden states. Each state (layer, token) of the prompt is
-    written at the placeholders of an interpretation prompt before block k and decoded greedily; the
-    relevancy is the mean |p(token | injected) - p(token | not injected)| over the interpretation."""
+    """SelfIE: the model describes its own hidden states. Each state (layer or site, token) of the
+    prompt is written at the placeholders of an interpretation prompt before block k and decoded
+    greedily; the relevancy is the mean of p(token | injected) - p(token | not injected) over the
+    interpretation (--relevancy absolute: of its absolute value)."""
     from ..explain.selfie import grid_report, interpretation_prompt, parse_parts, spread_layers
     from ..explain.selfie import interpret as run_interpret
     from ..interventions import load as load_intervention
@@ -45,16 +56,27 @@ def interpret(
     if alpha is not None and iv is None:
         raise typer.BadParameter("--alpha needs --intervention", param_hint="--alpha")
     opts = {} if iv is None else iv.cli_options({}, alpha)
-    ls = ints(layers, "--layers") or spread_layers(m)
+    numbering = "hf" if hf_layers else "blocks"
+    named = names(sites)
+    ls = ints(layers, "--layers") or ([] if named else spread_layers(m, numbering=numbering))
     ts = ints(tokens, "--tokens") or [-1]
     parts = parse_parts(template) if template else None
     ip = interpretation_prompt(m, parts, chat=False if plain else None)
-    kw = dict(k=k, mode=mode, strength=strength, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat)
-    pairs = [(L, t) for L in ls for t in ts]
+    kw = dict(k=k, mode=mode, strength=strength, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat,
+              numbering=numbering, relevancy_form=relevancy, baseline=None if baseline == "none" else baseline)
+    pairs = [(L, t) for L in [*ls, *named] for t in ts]
     res = run_interpret(m, prompt, pairs, ip, **kw)
     edited = None if iv is None else run_interpret(m, prompt, pairs, ip, **kw, intervention=iv,
                                                    apply_options=opts)
-    print_interpretations(res, edited, f"SelfIE on {m.name}: {prompt!r} (k={k}, {mode})", intervention)
+    print_interpretations(res, edited, f"SelfIE on {m.name}: {prompt!r} (k={k}, {mode}, {relevancy} relevancy)",
+                          intervention)
+    console.print("layers: " + ("the paper's numbering, L = output of block L-1 (0 = embeddings)" if hf_layers
+                                else "l = the state after block l (blocks.l.resid_post)"))
+    summary = res.baseline_summary()
+    if summary:
+        console.print(f"random-state baseline ({summary['kind']}, {summary['n']} control states): relevancy mean "
+                      f"{summary['mean']:.3f}, 95th percentile {summary['q95']:.3f}; real states: mean "
+                      f"{summary['real_mean']:.3f}, {100 * summary['share_above_q95']:.0f}% above the percentile")
     if html:
         path = grid_report(edited or res, f"SelfIE on {m.name}" + (f" with {intervention}" if iv else "")).write(html)
         console.print(f"wrote {path}")
