@@ -13,7 +13,7 @@ LAYERS = [
               "steerlab.progress", "steerlab.runs", "steerlab.parallel", "steerlab.positions", "steerlab.report"]),
     ("models", ["steerlab.models"]),
     ("data", ["steerlab.data", "steerlab.scoring", "steerlab.metrics"]),
-    ("core", ["steerlab.hooks", "steerlab.generation", "steerlab.evaluation", "steerlab.interventions"]),
+    ("core", ["steerlab.hooks", "steerlab.edits", "steerlab.generation", "steerlab.evaluation", "steerlab.interventions"]),
     ("methods", ["steerlab.explain", "steerlab.steer", "steerlab.protocols"]),
     ("method list", ["steerlab.methods"]),
     ("experiments", ["steerlab.experiments"]),
