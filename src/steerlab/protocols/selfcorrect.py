@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import SteerlabError
-from ..registry import choose, unknown
+from ..registry import Registry, choose, unknown
 
 DIRECTIONS = ("opening", "detox", "toxify", "neutral")
 FORMAT = "steerlab.instructions"
@@ -58,7 +58,8 @@ class Instruction:
         return self.text
 
 
-_REGISTRY: dict[str, Instruction] = {}
+_REGISTRY: Registry = Registry("instruction kind", InstructionError)
+"""Instruction kinds -> :class:`Instruction` (filled with the built-in texts on first use)."""
 
 
 def _infer_direction(kind: str) -> str:
@@ -107,7 +108,7 @@ def _builtin() -> list[Instruction]:
     return _parse(json.loads(data), "steerlab/protocols/instructions.json")
 
 
-def _registry() -> dict[str, Instruction]:
+def _registry() -> Registry:
     if not _REGISTRY:
         _REGISTRY.update({i.kind: i for i in _builtin()})
     return _REGISTRY
