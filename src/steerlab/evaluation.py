@@ -69,6 +69,28 @@ def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bo
     return out
 
 
+def admissible(perplexity, distinct2, base_perplexity: float, base_distinct2: float,
+               max_ppl_ratio: float | None = None, min_distinct_ratio: float | None = None, kl=None,
+               max_kl: float | None = None) -> np.ndarray:
+    """The selection rule of the benchmark and the steering study, one place: a setting (or an array of
+    them) is admissible when its continuations' perplexity is at most ``max_ppl_ratio`` x the unsteered
+    one, their distinct-2 at least ``min_distinct_ratio`` x the unsteered one (repetitive text is out
+    even when a fluency model likes it) and the neutral-text KL from the unedited model at most
+    ``max_kl`` nats. A limit that is None, or whose unsteered value is unknown (NaN), is not applied; a
+    setting whose own value is NaN fails that limit. Returns a bool array of the settings' shape."""
+    ppl = np.asarray(perplexity, dtype=float)
+    keep = np.ones(ppl.shape, dtype=bool)
+    if max_ppl_ratio is not None and np.isfinite(base_perplexity):
+        keep &= ppl <= max_ppl_ratio * base_perplexity
+    if min_distinct_ratio is not None and distinct2 is not None and np.isfinite(base_distinct2):
+        keep &= np.asarray(distinct2, dtype=float) >= min_distinct_ratio * base_distinct2
+    if max_kl is not None:
+        if kl is None:
+            raise EmptyInputError("a KL limit needs side effects: run with neutral texts")
+        keep &= np.asarray(kl, dtype=float) <= max_kl
+    return keep
+
+
 def neutral_reference(model: Model, texts: Sequence[str] | None = None, top_k: int | None = 256) -> NextTokenLogprobs:
     """Next-token distributions of the *unedited* model on neutral text (default: the bundled
     neutral set), computed once and compared with every edited variant by :func:`side_effects`."""

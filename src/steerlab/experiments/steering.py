@@ -30,7 +30,7 @@ import numpy as np
 
 from ..data import contrast_from_scores, load_prompts, split, texts
 from ..errors import EmptyInputError
-from ..evaluation import evaluate_arm, neutral_reference, paired_to
+from ..evaluation import admissible, evaluate_arm, neutral_reference, paired_to
 from ..generation import GenConfig
 from ..hooks import SCHEDULE_FNS
 from ..models.model import Model
@@ -242,7 +242,7 @@ def _choose(model, vec, val, scorer, out: Path, s: SteeringStudy, variants, res:
         for j, a in enumerate(alphas):
             i1, j1 = r.sites.index(site), r.alphas.index(a)
             kl = None if r.kl is None else float(r.kl[i1, j1])
-            adm = bool(ok[0, j]) and (s.max_kl is None or kl <= s.max_kl)
+            adm = bool(ok[0, j] and admissible(np.nan, None, np.nan, np.nan, kl=kl, max_kl=s.max_kl))
             stages.append({"variant": label, "site": site, "alpha": a, "stage1_toxicity": float(r.toxicity[i1, j1]),
                            "stage2_toxicity": float(r2.toxicity[0, j]), "stage2_perplexity": float(r2.perplexity[0, j]),
                            "stage2_distinct_2": float(r2.distinct2[0, j]), "neutral_kl": kl, "admissible": adm})
