@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..hooks import capture, edit, scale
-from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
+from ..interventions import (
+    Intervention,
+    InterventionError,
+    contrast_texts,
+    fingerprint_texts,
+    register,
+    text_ids,
+)
 from ..models.model import Model
 
 VARIANTS = ("aura", "damp", "det0")
@@ -136,7 +143,7 @@ class AurA(Intervention):
         f = aura_factors(auc, variant, n)
         sizes = [caps[s].shape[1] for s in sites]
         meta = {"model": model.name, "model_fingerprint": model.fingerprint, "d_mlp": model.d_mlp,
-                "data_fingerprint": fingerprint_texts(non, tox), "n_toxic": len(tox), "n_nontoxic": len(non),
+                "data_fingerprint": fingerprint_texts(non, tox), "data_text_ids": text_ids(non, tox), "n_toxic": len(tox), "n_nontoxic": len(non),
                 "options": {"variant": variant, **({"top_n": n} if variant != "aura" else {})},
                 "units_dampened": int((f < 1).sum())}
         return cls(dict(zip(sites, f.split(sizes))), dict(zip(sites, auc.split(sizes))), meta)

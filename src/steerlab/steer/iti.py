@@ -95,6 +95,7 @@ class ITI(Intervention):
                   "sigma": round(float(sigma[j]), 5)} for j, (layer, h) in enumerate(top)]
         meta = {"model": model.name, "model_fingerprint": model.fingerprint, "model_type": model.config.model_type,
                 "data_fingerprint": pd.meta.get("data_fingerprint"), "source": pd.meta.get("source"),
+                "data_text_ids": pd.meta.get("data_text_ids"),
                 "counts": pd.meta.get("counts"), "heads": heads, "options": {"k": k, "l2": l2}}
         return cls(deltas, meta)
 

@@ -306,6 +306,7 @@ class SLIM(Intervention):
                   "active": active}
         meta = {"model": model.name, "model_fingerprint": model.fingerprint, "model_type": model.config.model_type,
                 "data_fingerprint": pd.meta.get("data_fingerprint"), "source": pd.meta.get("source"),
+                "data_text_ids": pd.meta.get("data_text_ids"),
                 "counts": pd.meta.get("counts"), "layer": layer, "tau": int(rp.tau[li]),
                 "layer_risk": [round(float(r), 4) for r in rp.layer_risk], "failed_heads": failed,
                 "flagged": flags.sum(0).tolist(), "options": {"gamma": gamma, "b": b, "shrink": shrink, "layer": layer, "solver": solver}}

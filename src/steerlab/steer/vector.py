@@ -38,7 +38,14 @@ import torch
 
 from ..errors import EmptyInputError
 from ..hooks import EditFn, add, capture, edit, per_row, strength
-from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
+from ..interventions import (
+    Intervention,
+    InterventionError,
+    contrast_texts,
+    fingerprint_texts,
+    register,
+    text_ids,
+)
 from ..models.model import Model
 from ..positions import after_first, as_position
 
@@ -70,9 +77,12 @@ class SteeringVector(Intervention):
     # --- fitting -------------------------------------------------------------------------------
     @classmethod
     def fit(cls, model: Model, data, undesirable: Sequence[str] | None = None,
-            sites: str | Sequence[str] | None = None, method: str = "mean_diff", positions: str = "last",
-            scale: str = "unit", chat: bool = False, batch_size: int = 16) -> SteeringVector:
+            sites: str | Sequence[str] | None = None, method: str = "mean_diff",
+            positions: str = "mean_skip_first", scale: str = "unit", chat: bool = False,
+            batch_size: int = 16) -> SteeringVector:
         """Fit one direction per site pointing from undesirable to desirable activations.
+        ``positions`` defaults to ``steerlab fit steering``'s: the mean over each text's tokens after
+        the first (whose attention-sink state dominates a plain mean); also ``last``, ``mean``, ``aligned``.
 
         ``data`` is a :class:`steerlab.data.ContrastSet` or a ``(desirable, undesirable)`` pair (the
         protocol's ``fit(model, data, **options)``), or the desirable texts with ``undesirable``
@@ -120,6 +130,7 @@ class SteeringVector(Intervention):
             "model": model.name, "model_fingerprint": model.fingerprint, "d_model": model.d_model,
             "n_layers": model.n_layers, "model_type": model.config.model_type,
             "data_fingerprint": fingerprint_texts(desirable, undesirable),
+            "data_text_ids": text_ids(desirable, undesirable),
             "n_desirable": len(desirable), "n_undesirable": len(undesirable),
         }
         return cls(dirs, meta)
