@@ -28,7 +28,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.batch_size = 100 if args.batch_size == 16 else args.batch_size  # the shared default is 16
     ip = interpretation_prompt(m)
-    pairs = [(L, -t) for L in range(1, args.layers + 1) for t in range(1, args.tokens + 1)]
+    pairs = [(L, -t) for L in range(args.layers) for t in range(1, args.tokens + 1)]  # the states after blocks 0..
     results = {}
 
     def run(bs: int, some: list | None = None):

@@ -181,7 +181,7 @@ def test_instruction_shift_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["tests"]) >= {"verbs", "base_vs_tuned", "followed_vs_unfollowed_base"}
     assert summary["tests"]["base_vs_tuned"]["n_a"] == 20 and summary["config"]["raw"] is True
-    assert "followed_vs_unfollowed_tuned (length-normalised)" in summary["tests"]
+    assert "followed_vs_unfollowed_tuned (raw density, not the paper's)" in summary["tests"]
     for f in ("head_verbs.csv", "head_pairs.csv", "ffn_components.csv", "ffn_overlap.csv", "instruction_scores.csv"):
         assert (out / "tables" / f).is_file(), f
     html = (out / "report.html").read_text()

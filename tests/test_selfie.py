@@ -9,8 +9,10 @@ from steerlab.errors import SteerlabError
 from steerlab.explain.selfie import (
     InterpretationPrompt,
     SelfieError,
+    control_states,
     decode_injected,
     generate_injected,
+    head_output,
     interpret,
     interpret_states,
     interpret_vectors,
@@ -22,7 +24,7 @@ from steerlab.explain.selfie import (
     typical_norm,
 )
 from steerlab.explain.selfie_control import SelfieControl
-from tiny import tiny_model
+from tiny import flat, tiny_model
 
 torch.set_num_threads(1)
 PARTS = ["ab", 3, " cd ", 2, "!"]
@@ -109,8 +111,8 @@ def test_no_injection_equals_plain_generation():
 def test_batched_interpretation_equals_one_at_a_time():
     m = tiny_model("llama")
     pairs = [(L, t) for L in range(m.n_layers + 1) for t in (0, 3, -1)]
-    batched = interpret(m, "hello world", pairs, PARTS, max_new_tokens=8, batch_size=16)
-    single = interpret(m, "hello world", pairs, PARTS, max_new_tokens=8, batch_size=1)
+    batched = interpret(m, "hello world", pairs, PARTS, max_new_tokens=8, batch_size=16, numbering="hf")
+    single = interpret(m, "hello world", pairs, PARTS, max_new_tokens=8, batch_size=1, numbering="hf")
     assert [r.text for r in batched.rows] == [r.text for r in single.rows]
     for a, b in zip(batched.rows, single.rows):
         assert a.tokens == b.tokens
@@ -125,7 +127,7 @@ def test_states_are_the_hf_hidden_states():
         ids = m.tok([prompt], return_tensors="pt")["input_ids"]
         hs = _hidden_states(m, ids)
         n = m.n_layers
-        st = read_states(m, prompt, [(0, 0), (1, -1), (n - 1, 4), (-1, 2)])
+        st = read_states(m, prompt, [(0, 0), (1, -1), (n - 1, 4), (-1, 2)], numbering="hf")
         torch.testing.assert_close(st.vectors[0], hs[0][0, 0])  # gemma: the scaled embeddings
         torch.testing.assert_close(st.vectors[1], hs[1][0, -1])
         torch.testing.assert_close(st.vectors[2], hs[n - 1][0, 4])
@@ -161,13 +163,13 @@ def _hand_interpretation(m, ip, state, k, steps):
         p_without = m.hf(input_ids=torch.tensor([ids])).logits[0].softmax(-1)
     new = ids[len(ip):]
     rows = torch.arange(len(ip) - 1, len(ids) - 1)
-    return new, (p_with[rows, new] - p_without[rows, new]).abs()
+    return new, p_with[rows, new] - p_without[rows, new]  # signed: the treatment effect
 
 
 def test_relevancy_and_text_equal_a_hand_computation():
     m = tiny_model("llama")
     ip = interpretation_prompt(m, PARTS, chat=False)
-    res = interpret(m, "steer me", [(2, -1), (1, 0)], ip, max_new_tokens=6)
+    res = interpret(m, "steer me", [(2, -1), (1, 0)], ip, max_new_tokens=6, numbering="hf")
     ids = m.tok(["steer me"], return_tensors="pt")["input_ids"]
     hs = _hidden_states(m, ids)
     for row, (L, t) in zip(res.rows, [(2, -1), (1, 0)]):
@@ -178,6 +180,8 @@ def test_relevancy_and_text_equal_a_hand_computation():
         assert row.tokens == [m.tok.convert_tokens_to_string([m.tok.convert_ids_to_tokens(i)]) for i in new]
         assert row.token_relevancy == pytest.approx(rel.tolist(), abs=1e-5)
         assert row.relevancy == pytest.approx(float(rel.mean()), abs=1e-6)
+        absolute = interpret(m, "steer me", [(L - 1, t)], ip, max_new_tokens=6, relevancy_form="absolute").rows[0]
+        assert absolute.token_relevancy == pytest.approx(rel.abs().tolist(), abs=1e-5)
         cut = ip.positions[0]  # the same without a shared prefix (placeholders first)
         no_prefix = InterpretationPrompt(ip.ids[cut:], tuple(p - cut for p in ip.positions))
         new_t, state = torch.tensor([new]), hs[L][0, t][None]
@@ -210,6 +214,13 @@ def test_interpret_vectors_scaled_to_a_typical_norm():
     (lambda m: interpret(m, "hi", [(1, 0)], PARTS, k=5), "injection block k=5"),
     (lambda m: interpret(m, "hi", [(1, 0)], PARTS, mode="swap"), "unknown injection mode"),
     (lambda m: interpret(m, "hi", [], PARTS), "no (layer, token) pairs"),
+    (lambda m: interpret(m, "hi", [(3, 0)], PARTS, numbering="blocks"), "blocks are 0..2"),
+    (lambda m: interpret(m, "hi", [(1, 0)], PARTS, numbering="gpt"), "unknown layer numbering"),
+    (lambda m: interpret(m, "hi", [("blocks.1.mlp.act", 0)], PARTS), "not a d_model vector"),
+    (lambda m: interpret(m, "hi", [("blocks.1.attn.head.4", 0)], PARTS), "head 4 is out of range"),
+    (lambda m: interpret(m, "hi", [("blocks.1.nothing", 0)], PARTS), "unknown site"),
+    (lambda m: interpret(m, "hi", [(1, 0)], PARTS, relevancy_form="square"), "unknown relevancy form"),
+    (lambda m: interpret(m, "hi", [(1, 0)], PARTS, baseline="zero"), "unknown baseline"),
     (lambda m: interpret_vectors(m, torch.zeros(2, 7), PARTS), "d_model=32"),
     (lambda m: interpret_vectors(m, torch.zeros(2, 32), PARTS, norm="big"), "norm must be"),
     (lambda m: interpretation_prompt(m, [2, "x"], chat=False, placeholder="ab"), "exactly one token"),
@@ -223,6 +234,70 @@ def test_bad_input_is_a_clear_error(call, words):
     assert isinstance(e.value, SelfieError)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_any_d_model_site_is_read_as_hooks_see_it(arch):
+    """attn.out, mlp.out, resid_pre and a head's output through o_proj, against plain module hooks;
+    the heads' outputs add up to the projection's output (minus its bias)."""
+    m = tiny_model(arch)
+    prompt = "The quick brown fox!"
+    ids = m.tok([prompt], return_tensors="pt")["input_ids"]
+    blk = m.layer(1)
+    attn = blk.self_attn if hasattr(blk, "self_attn") else blk.attn
+    o = attn.o_proj if hasattr(attn, "o_proj") else attn.c_proj
+    got: dict = {}
+    hooks = [o.register_forward_hook(lambda mod, a, out: got.update(z=a[0].detach(), o=out.detach())),
+             blk.register_forward_pre_hook(lambda mod, a, kw: got.update(pre=(a[0] if a else kw["hidden_states"])),
+                                           with_kwargs=True)]
+    with torch.no_grad():
+        m.hf(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    st = read_states(m, prompt, [("blocks.1.resid_pre", 2), ("blocks.1.attn.head.0", 2), ("blocks.1.attn.head.3", 2),
+                                 (2, 2)], numbering="blocks" if m.n_layers > 2 else "hf")
+    torch.testing.assert_close(st.vectors[0], got["pre"][0, 2])
+    z = got["z"][0, 2]
+    W = o.weight.T if type(o).__name__ == "Conv1D" else o.weight  # Linear [d, H*dh]; GPT-2's Conv1D [H*dh, d]
+    dh = m.d_head
+    torch.testing.assert_close(st.vectors[1], W[:, :dh] @ z[:dh], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(st.vectors[2], W[:, 3 * dh:] @ z[3 * dh:], atol=1e-5, rtol=1e-5)
+    heads = sum(head_output(m, 1, h, z.view(1, m.n_heads, dh)) for h in range(m.n_heads))[0]
+    bias = o.bias if o.bias is not None else 0.0
+    torch.testing.assert_close(heads + bias, got["o"][0, 2], atol=1e-5, rtol=1e-5)
+    assert st.pairs[1] == ("blocks.1.attn.head.0", 2)
+    mlp = read_states(m, prompt, [("blocks.0.mlp.out", 1), ("blocks.0.attn.out", 1)])
+    pre0 = _hidden_states(m, ids)
+    assert mlp.vectors.shape == (2, m.d_model) and not torch.allclose(mlp.vectors[0], pre0[1][0, 1])
+    res = interpret(m, prompt, [("blocks.1.attn.head.0", -1), ("blocks.0.mlp.out", -1)], PARTS, max_new_tokens=3)
+    assert [r.layer for r in res.rows] == ["blocks.1.attn.head.0", "blocks.0.mlp.out"]
+
+
+def test_block_numbering_is_the_site_vocabulary():
+    m = tiny_model("llama")
+    hf = read_states(m, "hello world", [(1, -1), (3, 0)], numbering="hf")
+    blocks = read_states(m, "hello world", [(0, -1), (2, 0)], numbering="blocks")
+    torch.testing.assert_close(hf.vectors, blocks.vectors)
+    assert blocks.pairs == [(0, 11), (2, 0)] and hf.pairs == [(1, 11), (3, 0)]  # <bos> + 11 characters
+
+
+def test_random_state_baseline():
+    m = tiny_model("llama")
+    x = torch.randn(4, m.d_model) * 3
+    for kind in ("norm", "permute"):
+        c = control_states(x, kind, seed=1)
+        torch.testing.assert_close(c.norm(dim=-1), x.norm(dim=-1))
+        assert not torch.allclose(c, x)
+    torch.testing.assert_close(control_states(x, "permute").sort(dim=-1).values, x.sort(dim=-1).values)
+    res = interpret(m, "hello world", [(1, -1), (2, 0)], PARTS, max_new_tokens=5, baseline="norm")
+    st = read_states(m, "hello world", [(1, -1), (2, 0)])
+    ref = interpret_states(m, control_states(st.vectors, "norm"), PARTS, max_new_tokens=5)
+    assert [r.text for r in res.baseline_rows] == [t.strip() for t, _, _ in ref]
+    assert [r.baseline for r in res.rows] == pytest.approx([sum(x) / len(x) for _, _, x in ref], abs=1e-6)
+    summ = res.baseline_summary()
+    assert summ["n"] == 2 and summ["kind"] == "norm" and 0.0 <= summ["share_above_q95"] <= 1.0
+    assert "baseline_relevancy" in res.table()[0]
+    assert interpret(m, "hello world", [(1, -1)], PARTS, max_new_tokens=3).baseline_summary() is None
+
+
 # --- supervised control ------------------------------------------------------------------------------
 def _state(m, text, L, t):
     return _hidden_states(m, m.tok([text], return_tensors="pt")["input_ids"])[L][0, t]
@@ -233,52 +308,71 @@ def test_control_moves_the_state_toward_the_target_and_restores_the_weights(arch
     from steerlab.interventions import fit, load
 
     m = tiny_model(arch)
-    L, src = 1, "hello world"  # below n_layers: hidden_states[n_layers] is after the final norm
-    target = _state(m, "The quick brown fox!", L, -1)
+    b, src = 0, "hello world"  # the state after block 0 = hidden_states[1]; block 0's MLP is edited
+    target = _state(m, "The quick brown fox!", b + 1, -1)
     before = {k: v.clone() for k, v in m.hf.state_dict().items()}
-    iv = fit("selfie-control", m, src, layer=L, token=-1, target=target, steps=20)
+    iv = fit("selfie-control", m, src, layer=b, token=-1, target=target, steps=20)
     assert all(torch.equal(v, before[k]) for k, v in m.hf.state_dict().items())  # fitting edits nothing
-    d0 = float((_state(m, src, L, -1) - target).norm())
+    d0 = float((_state(m, src, b + 1, -1) - target).norm())
     with iv.apply(m):
-        d1 = float((_state(m, src, L, -1) - target).norm())
-        changed = [k for k, v in m.hf.state_dict().items() if not torch.equal(v, before[k])]
+        d1 = float((_state(m, src, b + 1, -1) - target).norm())
+        changed = sorted(k for k, v in m.hf.state_dict().items() if not torch.equal(v, before[k]))
     assert d1 < d0 - 1e-3, (d0, d1)
     assert d1 == pytest.approx(iv.meta["distance_after"], rel=1e-4) and d0 == pytest.approx(iv.meta["distance_before"])
-    assert changed == [iv.meta["module"]] and ("layers.0." in changed[0] or ".h.0." in changed[0])
+    mlp = [n for n, _ in m.layer(0).named_parameters() if n.startswith("mlp.")]
+    assert len(changed) == len(mlp) >= 2 and sorted(iv.deltas) == changed  # every MLP parameter, nothing else
+    assert all(("layers.0.mlp" in c or ".h.0.mlp" in c) for c in changed) and iv.sites == ["blocks.0.mlp.out"]
     assert all(torch.equal(v, before[k]) for k, v in m.hf.state_dict().items())  # restored bit for bit
     with pytest.raises(RuntimeError), iv.apply(m):
         raise RuntimeError("boom")
     assert all(torch.equal(v, before[k]) for k, v in m.hf.state_dict().items())  # also after an error
     path = iv.save(tmp_path / "c.safetensors")
     back = load(path, m)
-    assert list(back.tensors()) == ["delta"] and torch.equal(back.delta, iv.delta)
+    assert sorted(back.tensors()) == [f"delta.{n}" for n in changed]
     with back.apply(m):
-        assert float((_state(m, src, L, -1) - target).norm()) == pytest.approx(d1, rel=1e-5)
+        assert float((_state(m, src, b + 1, -1) - target).norm()) == pytest.approx(d1, rel=1e-5)
+
+
+def test_control_numbering_params_and_targets():
+    m = tiny_model("llama")
+    down = SelfieControl.fit(m, "hello world", layer=2, numbering="hf", params="down", target=torch.zeros(32), steps=3)
+    assert down.meta["block"] == 1 and list(down.deltas) == ["model.layers.1.mlp.down_proj.weight"]
+    assert down.delta.shape == m.layer(1).mlp.down_proj.weight.shape
+    # a target read at a later layer (as in the notebooks): the state after block 2 of the target text
+    later = SelfieControl.fit(m, "hello world", layer=0, target="steer me", target_layer=1, steps=2)
+    assert later.meta["target_layer"] == 1 and later.meta["distance_before"] == pytest.approx(
+        float((_state(m, "hello world", 1, -1) - _state(m, "steer me", 2, -1)).norm()), rel=1e-5)
+    # an older file: one 'delta' on the down projection named in meta['module'], with an HF meta['layer']
+    old = SelfieControl.from_tensors({"delta": down.delta}, {"layer": 2, "module": "model.layers.1.mlp.down_proj.weight"})
+    assert old.meta["block"] == 1 and torch.equal(old.delta, down.delta)
 
 
 def test_control_preservation_term_keeps_reference_states_closer():
     m = tiny_model("llama")
-    L, refs = 1, ["a", "steer me", "The quick brown fox!"]
+    b, refs = 0, ["a", "steer me", "The quick brown fox!"]
     target = torch.randn(m.d_model) * 3
-    kw = dict(layer=L, token=-1, target=target, steps=15, lr=1e-2)
+    kw = dict(layer=b, token=-1, target=target, steps=15, lr=1e-2)
     free = SelfieControl.fit(m, "hello world", **kw)
     kept = SelfieControl.fit(m, "hello world", **kw, preserve=refs, preserve_weight=50.0)
 
     def ref_change(iv):
-        base = [_state(m, r, L, slice(None)) for r in refs]
+        base = [_state(m, r, b + 1, slice(None)) for r in refs]
         with iv.apply(m):
-            return sum(float(((_state(m, r, L, slice(None)) - b) ** 2).mean()) for r, b in zip(refs, base))
+            return sum(float(((_state(m, r, b + 1, slice(None)) - x) ** 2).mean()) for r, x in zip(refs, base))
 
     assert ref_change(kept) < ref_change(free)
     assert kept.meta["n_preserve"] == 3 and kept.meta["distance_after"] < kept.meta["distance_before"]
 
 
 @pytest.mark.parametrize("call, words", [
-    (lambda m: SelfieControl.fit(m, "hi", layer=0, target=torch.zeros(32)), "layer 0 is the embeddings"),
+    (lambda m: SelfieControl.fit(m, "hi", layer=0, numbering="hf", target=torch.zeros(32)), "layer 0 is the embeddings"),
     (lambda m: SelfieControl.fit(m, "hi", layer=1, target=torch.zeros(5)), "d_model=32"),
     (lambda m: SelfieControl.fit(m, "hi", layer=1, token=9, target=torch.zeros(32)), "beyond the prompt"),
     (lambda m: SelfieControl.fit(m, "hi", layer=7, target=torch.zeros(32)), "layer 7 is out of range"),
-    (lambda m: SelfieControl(torch.zeros(3, 3), {"layer": 1}).check(m), "fitted on another model"),
+    (lambda m: SelfieControl.fit(m, "hi", layer=1, params="all", target=torch.zeros(32)), "unknown params"),
+    (lambda m: SelfieControl({"x.weight": torch.zeros(3, 3)}, {"block": 1}).check(m), "no parameter 'x.weight'"),
+    (lambda m: SelfieControl({"model.layers.1.mlp.down_proj.weight": torch.zeros(3, 3)}, {"block": 1}).check(m),
+     "fitted on another model"),
 ])
 def test_control_bad_input(call, words):
     with pytest.raises(SelfieError, match=words):
@@ -313,18 +407,19 @@ def test_interpret_cli_prints_the_table_and_writes_the_grid(tmp_path):
     m.hf.save_pretrained(d)
     m.tok.save_pretrained(d)
     out = tmp_path / "grid.html"
-    args = ["interpret", "hello world", "--model", str(d), "--layers", "1,3", "--tokens", "-1,0",
+    args = ["interpret", "hello world", "--model", str(d), "--layers", "0,2", "--tokens", "-1,0",
             "--template", "[X][X] means:", "--max-new-tokens", "4", "--html", str(out)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "interpretation" in r.output and "relevancy" in r.output
-    rows = [line for line in r.output.splitlines() if re.match(r"^│\s+[13] │", line)]
+    rows = [line for line in r.output.splitlines() if re.match(r"^│\s+[02] │", line)]
     assert len(rows) == 4
     page = out.read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("<table>") == 3
     grid = page.split("<h2>")[1]
     assert grid.count("<tr>") == 3 and html.escape("0: '<bos>'") in grid and html.escape("11: 'd'") in grid
-    expected = interpret(m, "hello world", [(1, -1)], ["", 2, " means:"], max_new_tokens=4)  # not chat: no template
+    assert "l = the state after block l" in flat(r.output)
+    expected = interpret(m, "hello world", [(0, -1)], ["", 2, " means:"], max_new_tokens=4)  # not chat: no template
     assert html.escape(expected.rows[0].text) in grid
     bad = CliRunner().invoke(app, ["interpret", "hello", "--model", str(d), "--tokens", "40"])
     assert bad.exit_code == 2 and "beyond the prompt" in bad.output
@@ -367,11 +462,10 @@ def test_interpret_vector_cli(tmp_path):
 
 
 # --- supervised control on the command line ------------------------------------------------------------
-def _edited_weight(m, iv):
-    """The down projection of block L-1 with the file's delta added by hand (not through apply)."""
-    name = iv.meta["module"]
-    w = dict(m.hf.named_parameters())[name]
-    return w, w.detach().clone() + iv.delta
+def _edited_weights(m, iv):
+    """The edited MLP parameters with the file's deltas added by hand (not through apply)."""
+    named = dict(m.hf.named_parameters())
+    return {n: (named[n], named[n].detach().clone() + d) for n, d in iv.deltas.items()}
 
 
 def test_fit_selfie_control_cli_saves_an_edit_that_generate_and_interpret_apply(tmp_path):
@@ -383,31 +477,34 @@ def test_fit_selfie_control_cli_saves_an_edit_that_generate_and_interpret_apply(
     import steerlab as sl
     from steerlab.cli import app
     from steerlab.interventions import load
-    from tiny import flat, model_dir
+    from tiny import model_dir
 
     d = model_dir(tmp_path)
     out, runner = tmp_path / "c.safetensors", CliRunner()
     r = runner.invoke(app, ["fit", "selfie-control", "--out", str(out), "--model", d, "--prompt", "hello world",
-                            "--layer", "2", "--target", "The quick brown fox!", "--steps", "12", "--lr", "1e-2",
+                            "--layer", "1", "--target", "The quick brown fox!", "--steps", "12", "--lr", "1e-2",
                             "--preserve", "steer me"])
     assert r.exit_code == 0, r.output
+    assert "after block 1 (blocks.1.resid_post)" in flat(r.output)
     m = sl.load(d)
     iv = load(out, m)  # the saved file loads, checked against the model's fingerprint
-    assert iv.method == "selfie-control" and iv.meta["layer"] == 2 and iv.meta["n_preserve"] == 1
-    # the distance, recomputed with plain output_hidden_states and the delta added by hand
+    assert iv.method == "selfie-control" and iv.meta["block"] == 1 and iv.meta["n_preserve"] == 1
+    # the distance, recomputed with plain output_hidden_states and the deltas added by hand
     target = _state(m, "The quick brown fox!", 2, -1)
     d0 = float((_state(m, "hello world", 2, -1) - target).norm())
-    w, edited = _edited_weight(m, iv)
-    original = w.detach().clone()
+    edits = _edited_weights(m, iv)
+    originals = {n: w.detach().clone() for n, (w, _) in edits.items()}
     with torch.no_grad():
-        w.copy_(edited)
+        for w, e in edits.values():
+            w.copy_(e)
     d1 = float((_state(m, "hello world", 2, -1) - target).norm())
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello world\nline of text\n")
     by_hand = sl.generation.generate(m, ["hello world", "line of text"], max_new_tokens=4)
-    st = read_states(m, "hello world", [(2, -1)]).vectors
+    st = read_states(m, "hello world", [(1, -1)]).vectors
     with torch.no_grad():
-        w.copy_(original)
+        for n, (w, _) in edits.items():
+            w.copy_(originals[n])
     assert d1 < 0.9 * d0, (d0, d1)
     printed = [float(x) for x in re.search(r"token \d+: ([\d.e+-]+) -> ([\d.e+-]+)", flat(r.output)).groups()]
     assert printed == pytest.approx([d0, d1], rel=1e-3)
@@ -419,20 +516,34 @@ def test_fit_selfie_control_cli_saves_an_edit_that_generate_and_interpret_apply(
     rows = {x["prompt"]: x["continuation"] for x in map(json.loads, (run / "results.jsonl").read_text().splitlines())}
     assert [rows["hello world"], rows["line of text"]] == [c[0] for c in by_hand]
     # interpret --intervention: the unedited and the edited state's interpretations side by side
-    r = runner.invoke(app, ["interpret", "hello world", "--model", d, "--layers", "2", "--template", "[X][X] means:",
+    r = runner.invoke(app, ["interpret", "hello world", "--model", d, "--layers", "1", "--template", "[X][X] means:",
                             "--max-new-tokens", "4", "--intervention", str(out)])
     assert r.exit_code == 0, r.output
-    plain = interpret(m, "hello world", [(2, -1)], ["", 2, " means:"], max_new_tokens=4).rows[0]
+    plain = interpret(m, "hello world", [(1, -1)], ["", 2, " means:"], max_new_tokens=4).rows[0]
     (edited_text, _, _), = interpret_states(m, st, ["", 2, " means:"], max_new_tokens=4)
     assert "with c.safetensors" in flat(r.output)
     assert plain.text in flat(r.output) and edited_text.strip() in flat(r.output)
+    # a target vector from a file, and the paper's numbering: --layer 2 --hf-layer is block 1 again
+    vec = tmp_path / "t.npy"
+    import numpy as np
+
+    np.save(vec, target.numpy())
+    r = runner.invoke(app, ["fit", "selfie-control", "--out", str(tmp_path / "v.safetensors"), "--model", d, "--prompt",
+                            "hello world", "--layer", "2", "--hf-layer", "--target-vector", str(vec), "--steps", "3",
+                            "--params", "down"])
+    assert r.exit_code == 0, r.output
+    assert "the paper's layer 2" in flat(r.output)
+    v = load(tmp_path / "v.safetensors", m)
+    assert v.meta["block"] == 1 and v.meta["target"] == "vector" and len(v.deltas) == 1
+    assert v.meta["distance_before"] == pytest.approx(d0, rel=1e-5)
 
 
 @pytest.mark.parametrize("args, words", [
     (["--layer", "9"], "layer 9 is out of range"),
-    (["--layer", "0"], "layer 0 is the embeddings"),
+    (["--layer", "-4"], "layer -4 is out of range"),
     (["--prompt", ""], "--prompt is empty"),
-    (["--target", ""], "--target is empty"),
+    (["--target", ""], "give exactly one of --target"),
+    (["--target-vector", "DIR"], "give exactly one of --target"),
     (["--token", "40"], "beyond the prompt"),
     (["--out", "DIR"], "is a directory"),
 ])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from .app import EXPLAIN, MODEL, MODEL_HELP, app, command, console, ints, load_model
 from .tables import print_attribution, print_ffn, print_head_pairs, print_lens
@@ -55,13 +56,23 @@ def attribute(
                               "prompt tokens per batched forward-mode product (forward mode)."),
     mode: str = typer.Option("auto", "--mode", help="reverse (one VJP per response token) | forward (one JVP per "
                              "prompt token) | auto (forward when the prompt is under half the response's length)."),
+    prompt_tokens: str = typer.Option("user", "--prompt-tokens", help="Prompt tokens that get a density: user (the "
+                                      "prompt's own tokens; no BOS/EOS, chat markers or template text, as the paper) "
+                                      "| text (all but special tokens) | all."),
+    separator: str = typer.Option(" ", "--separator", help="Without a chat template, the response is tokenized after "
+                                  "prompt + this separator (as the paper's code); '' joins them directly."),
 ) -> None:
-    """Gradient x input attribution of the response on the prompt: importance density per prompt token."""
+    """Gradient x input attribution of the response on the prompt: importance density per prompt token
+    (divided by the prompt's largest, as the paper's code does)."""
     from ..explain.attribution import attribute as run_attribution
 
     m = load_model(model)
-    att = run_attribution(m, prompt, response, max_new_tokens=max_new_tokens, chunk=chunk, mode=mode)
+    att = run_attribution(m, prompt, response, max_new_tokens=max_new_tokens, chunk=chunk, mode=mode,
+                          prompt_tokens=prompt_tokens, separator=separator)
     print_attribution(att, att.density(b))
+    if att.dropped:
+        console.print(escape(f"left out of the attribution (--prompt-tokens {prompt_tokens}): {len(att.dropped)} "
+                             f"token(s) such as {', '.join(repr(t) for t in att.dropped[:5])}"))
     if span:
         console.print(f"instruction score S({span!r}) = {att.instruction_score(span, b):.4f}")
     if html_out:

@@ -1,12 +1,11 @@
-"""SelfIE commands: ``interpret``, ``interpret-vector`` and ``fit selfie-control`` (apply the file with
-``steerlab generate --intervention FILE`` or read its effect with ``steerlab interpret --intervention FILE``)."""
+"""SelfIE commands: ``interpret`` and ``interpret-vector`` (``fit selfie-control`` is ``steerlab fit
+METHOD``; read the effect of its file with ``steerlab interpret --intervention FILE``)."""
 
 from __future__ import annotations
 
 import typer
-from rich.markup import escape
 
-from .app import EXPLAIN, MODEL, app, command, console, fit_app, floats, ints, load_model
+from .app import EXPLAIN, MODEL, app, command, console, floats, ints, load_model, names
 from .tables import print_interpretations, print_vector_interpretations
 
 
@@ -14,8 +13,18 @@ from .tables import print_interpretations, print_vector_interpretations
 def interpret(
     prompt: str = typer.Argument(..., help="Original prompt whose hidden states the model describes."),
     model: str = MODEL,
-    layers: str = typer.Option("", help="Comma-separated hidden-state layers (0 = embeddings, L = output of block "
-                               "L-1, negative from the end); default: 6 layers spread over the model."),
+    layers: str = typer.Option("", help="Comma-separated layers, l = the state after block l (blocks.l.resid_post), "
+                               "negative from the end; default: 6 layers spread over the model (none with --sites)."),
+    sites: str = typer.Option("", "--sites", help="Comma-separated d_model sites to interpret as well: "
+                              "blocks.L.attn.out, blocks.L.mlp.out, blocks.L.resid_pre, blocks.L.attn.head.H (one "
+                              "head's output through the output projection), embed."),
+    hf_layers: bool = typer.Option(False, "--hf-layers", help="Read --layers in the SelfIE paper's numbering "
+                                   "(hidden_states index: 0 = embeddings, L = output of block L-1)."),
+    relevancy: str = typer.Option("signed", help="signed: p(token | injected) - p(token | not) (the treatment "
+                                  "effect) | absolute: its absolute value."),
+    baseline: str = typer.Option("none", help="none | norm (a random direction with each state's norm) | permute "
+                                 "(each state's coordinates shuffled): also interpret one random control state per "
+                                 "state and report its relevancy, so 'relevant' can be read against it."),
     tokens: str = typer.Option("-1", help="Comma-separated token indices of the prompt (negative from the end)."),
     k: int = typer.Option(1, "-k", help="Inject before decoder block k (the input of block k)."),
     mode: str = typer.Option("replace", help="replace | add (strength x state) | none (no injection: a control)."),
@@ -34,9 +43,10 @@ def interpret(
                                      "runs unedited."),
     alpha: float | None = typer.Option(None, help="Strength passed to the intervention's apply."),
 ) -> None:
-    """SelfIE: the model describes its own hidden states. Each state (layer, token) of the prompt is
-    written at the placeholders of an interpretation prompt before block k and decoded greedily; the
-    relevancy is the mean |p(token | injected) - p(token | not injected)| over the interpretation."""
+    """SelfIE: the model describes its own hidden states. Each state (layer or site, token) of the
+    prompt is written at the placeholders of an interpretation prompt before block k and decoded
+    greedily; the relevancy is the mean of p(token | injected) - p(token | not injected) over the
+    interpretation (--relevancy absolute: of its absolute value)."""
     from ..explain.selfie import grid_report, interpretation_prompt, parse_parts, spread_layers
     from ..explain.selfie import interpret as run_interpret
     from ..interventions import load as load_intervention
@@ -45,16 +55,28 @@ def interpret(
     iv = load_intervention(intervention, m) if intervention else None
     if alpha is not None and iv is None:
         raise typer.BadParameter("--alpha needs --intervention", param_hint="--alpha")
-    ls = ints(layers, "--layers") or spread_layers(m)
+    opts = {} if iv is None else iv.cli_options({}, alpha)
+    numbering = "hf" if hf_layers else "blocks"
+    named = names(sites)
+    ls = ints(layers, "--layers") or ([] if named else spread_layers(m, numbering=numbering))
     ts = ints(tokens, "--tokens") or [-1]
     parts = parse_parts(template) if template else None
     ip = interpretation_prompt(m, parts, chat=False if plain else None)
-    kw = dict(k=k, mode=mode, strength=strength, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat)
-    pairs = [(L, t) for L in ls for t in ts]
+    kw = dict(k=k, mode=mode, strength=strength, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat,
+              numbering=numbering, relevancy_form=relevancy, baseline=None if baseline == "none" else baseline)
+    pairs = [(L, t) for L in [*ls, *named] for t in ts]
     res = run_interpret(m, prompt, pairs, ip, **kw)
     edited = None if iv is None else run_interpret(m, prompt, pairs, ip, **kw, intervention=iv,
-                                                   apply_options={} if alpha is None else {"alpha": alpha})
-    print_interpretations(res, edited, f"SelfIE on {m.name}: {prompt!r} (k={k}, {mode})", intervention)
+                                                   apply_options=opts)
+    print_interpretations(res, edited, f"SelfIE on {m.name}: {prompt!r} (k={k}, {mode}, {relevancy} relevancy)",
+                          intervention)
+    console.print("layers: " + ("the paper's numbering, L = output of block L-1 (0 = embeddings)" if hf_layers
+                                else "l = the state after block l (blocks.l.resid_post)"))
+    summary = res.baseline_summary()
+    if summary:
+        console.print(f"random-state baseline ({summary['kind']}, {summary['n']} control states): relevancy mean "
+                      f"{summary['mean']:.3f}, 95th percentile {summary['q95']:.3f}; real states: mean "
+                      f"{summary['real_mean']:.3f}, {100 * summary['share_above_q95']:.0f}% above the percentile")
     if html:
         path = grid_report(edited or res, f"SelfIE on {m.name}" + (f" with {intervention}" if iv else "")).write(html)
         console.print(f"wrote {path}")
@@ -96,70 +118,3 @@ def interpret_vector(
     print_vector_interpretations(res, f"SelfIE on {path} ({m.name}, k={k}, norm {norm})")
     if html:
         console.print(f"wrote {sf.grid_report(res, f'SelfIE on {path}').write(html)}")
-
-
-def preserve_texts(texts: list[str], files: list[str]) -> list[str]:
-    """The reference texts: each ``--preserve TEXT`` then every text of each ``--preserve-file``."""
-    from ..data import load_prompts
-
-    out = list(texts)
-    for f in files:
-        out += [p.text for p in load_prompts(f)]
-    return out
-
-
-def check_control_input(out: str, prompt: str, target: str, preserve: list[str]) -> None:
-    """Raise a one-line :class:`ControlError` for input that cannot work, before any model is loaded."""
-    from pathlib import Path
-
-    from ..explain.selfie_control import ControlError
-
-    if Path(out).is_dir():
-        raise ControlError(f"--out {out} is a directory; give a file path such as {out.rstrip('/')}/control.safetensors")
-    if not prompt:
-        raise ControlError("--prompt is empty: give the source prompt whose state is moved")
-    if not target:
-        raise ControlError("--target is empty: give a text whose last-token state at --layer is the target")
-    if any(not t for t in preserve):
-        raise ControlError("a --preserve text is empty")
-
-
-@command(fit_app, "selfie-control")
-def fit_selfie_control(
-    out: str = typer.Option(..., "--out", "-o", help="Output .safetensors file (only the weight delta + header)."),
-    prompt: str = typer.Option(..., "--prompt", help="Source prompt whose hidden state is moved."),
-    layer: int = typer.Option(..., "--layer", help="Hidden-state layer (1..n_layers = output of block L-1, "
-                              "negative from the end); the MLP down projection of block L-1 is edited."),
-    target: str = typer.Option(..., "--target", help="Target text: its last-token state at the same layer is "
-                               "where the source state is moved."),
-    token: int = typer.Option(-1, "--token", help="Token of the source prompt whose state is moved (negative "
-                              "from the end)."),
-    preserve: list[str] = typer.Option([], "--preserve", help="Reference text whose states at the layer should "
-                                       "stay as they are (repeatable)."),
-    preserve_file: list[str] = typer.Option([], "--preserve-file", help="File of reference texts "
-                                            "(.txt/.jsonl/.csv; repeatable)."),
-    preserve_weight: float = typer.Option(1.0, "--preserve-weight", min=0.0, help="Weight of the preservation "
-                                          "term (mean squared change of the reference states)."),
-    steps: int = typer.Option(15, "--steps", min=1, help="Adam steps."),
-    lr: float = typer.Option(3e-4, "--lr", help="Adam learning rate."),
-    chat: bool = typer.Option(False, help="Render the prompt, target and references as user turns with the "
-                              "chat template."),
-    model: str = MODEL,
-) -> None:
-    """SelfIE supervised control: learn an edit of block L-1's MLP that moves the state at (--layer,
-    --token) of --prompt toward the last-token state of --target at the same layer; prints the
-    distance before and after, saves the edit (apply with `generate --intervention FILE [--alpha A]`,
-    read its effect with `interpret PROMPT --intervention FILE`)."""
-    from ..interventions import fit
-
-    refs = preserve_texts(preserve, preserve_file)
-    check_control_input(out, prompt, target, refs)
-    m = load_model(model)
-    iv = fit("selfie-control", m, prompt, layer=layer, token=token, target=target, steps=steps, lr=lr,
-             preserve=refs or None, preserve_weight=preserve_weight, chat=chat)
-    d0, d1 = iv.meta["distance_before"], iv.meta["distance_after"]
-    console.print(f"distance to the target at layer {iv.meta['layer']}, token {iv.meta['token']}: {d0:.4g} -> "
-                  f"{d1:.4g} ({100 * (d1 - d0) / max(d0, 1e-12):+.1f} %) after {steps} steps"
-                  + (f", {len(refs)} reference text(s) preserved" if refs else ""))
-    iv.save(out)
-    console.print(escape(f"saved {iv.describe()} to {out}"))

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..models.model import Model
 from ..runs import write_csv, write_json
+from ..validate import redact_url
 
 INSTRUCTION_VERBS = ("write", "give", "list", "explain", "describe", "summarize", "translate", "answer",
                      "tell", "create", "generate", "classify", "identify", "provide", "name", "find",
@@ -172,12 +173,13 @@ def run_instruction_shift(base: Model, tuned: Model, out: str | Path, cfg: Shift
     scores = res["base"]["scores"] + res["tuned"]["scores"]
     write_csv(tables / "instruction_scores.csv", scores)
     tests = {"verbs": verb_test}
-    for key, suffix in (("score", ""), ("score_length_normalised", " (length-normalised)")):
+    for key, suffix in (("score", ""), ("score_without_prompt_max", " (raw density, not the paper's)")):
         tests["base_vs_tuned" + suffix] = base_vs_tuned(res["base"]["scores"], res["tuned"]["scores"], key)
         for role in ("base", "tuned"):
             if any(r.get("followed") is not None for r in res[role]["scores"]):
                 tests[f"followed_vs_unfollowed_{role}{suffix}"] = followed_vs_unfollowed(res[role]["scores"], key)
-    summary = {"config": asdict(cfg), "base": base.name, "tuned": tuned.name, "tests": tests,
+    shown = redact_url(cfg.labeller) if "://" in cfg.labeller else cfg.labeller  # a URL may carry user:password@
+    summary = {"config": {**asdict(cfg), "labeller": shown}, "base": base.name, "tuned": tuned.name, "tests": tests,
                "seconds": {role: res[role]["seconds"] for role in res},
                "same_family": base.arch.name == tuned.arch.name and base.vocab_size == tuned.vocab_size}
     write_json(out / "summary.json", summary)

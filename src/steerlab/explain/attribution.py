@@ -8,8 +8,10 @@ unchanged by any constant scale the model applies after that module, so ``a`` eq
 input at the first block's input on every architecture.
 
 Then ``a~_ij = max(0, a_ij) / max_i' max(0, a_i'j)``, ``q_ij = ceil(10 a~_ij)`` with every
-``q <= b`` set to zero (``b = 7``), the importance density ``d_i = ||q_i||_1 / ||q_i||_4`` and the
-instruction score ``S = sum_{i in instruction} d_i / log2(2 + |instruction|)``.
+``q <= b`` set to zero (``b = 7``), the importance density ``d_i = ||q_i||_1 / ||q_i||_4`` divided by
+its maximum over the prompt (as the public ``utils.compute_density`` does; without it ``S`` grows with
+the response's length) and the instruction score ``S = sum_{i in instruction} d_i / log2(2 +
+|instruction|)``.
 
 The reverse path runs one forward and then the vector-Jacobian products of all output tokens at
 once (``torch.autograd.grad(..., is_grads_batched=True)``) in chunks of ``chunk`` output tokens.
@@ -32,6 +34,7 @@ import torch
 
 from ..errors import EmptyInputError, ShapeError, SteerlabError
 from ..models.model import Model
+from ..registry import choose
 
 B_DEFAULT = 7
 
@@ -56,12 +59,28 @@ def quantise(a: np.ndarray, b: int = B_DEFAULT) -> np.ndarray:
     return q
 
 
-def importance_density(a: np.ndarray, b: int = B_DEFAULT) -> np.ndarray:
-    """``d_i = ||q_i||_1 / ||q_i||_4`` for every input token ``i`` (0 where ``q_i`` is all zero)."""
-    q = quantise(a, b)
+def threshold(q: np.ndarray, b: int = B_DEFAULT) -> np.ndarray:
+    """Already quantised scores ``q`` (integers 0..10) with every ``q <= b`` set to 0."""
+    q = np.array(q, dtype=np.float64)
+    q[q <= b] = 0.0
+    return q
+
+
+def importance_density(a: np.ndarray, b: int = B_DEFAULT, prompt_max: bool = True,
+                       quantised: bool = False) -> np.ndarray:
+    """``d_i = ||q_i||_1 / ||q_i||_4`` for every input token ``i`` (0 where ``q_i`` is all zero),
+    divided by ``max_i' d_i'`` (the paper's per-prompt normalisation, the default).
+
+    ``prompt_max=False`` keeps the raw density, which grows with the number of output tokens (a
+    token's density can reach ``n_out ** 0.75``): not the paper's score. ``quantised=True`` takes
+    ``a`` as already quantised ``q`` (as the authors saved their matrices; the public code skips the
+    normalisation for a matrix whose values span exactly 0..10) and only applies the threshold."""
+    q = threshold(a, b) if quantised else quantise(a, b)
     l1 = q.sum(axis=1)
     l4 = (q ** 4).sum(axis=1) ** 0.25
-    return np.divide(l1, l4, out=np.zeros_like(l1), where=l4 > 0)
+    d = np.divide(l1, l4, out=np.zeros_like(l1), where=l4 > 0)
+    top = d.max() if d.size else 0.0
+    return d / top if prompt_max and top > 0 else d
 
 
 def instruction_score(density: np.ndarray, tokens: Sequence[int]) -> float:
@@ -79,7 +98,9 @@ class Attribution:
 
     ``scores`` is ``[n_in, n_out]`` (``a_ij``); ``text`` is the prompt as fed to the model (the chat
     rendering when ``chat``), ``user`` the prompt as given and ``user_start`` where it starts in
-    ``text`` (-1 when the chat template changed it); ``offsets`` are the character spans of the prompt tokens in ``text``."""
+    ``text`` (-1 when the chat template changed it); ``offsets`` are the character spans of the
+    prompt tokens in ``text``. Only the kept prompt tokens have rows (``positions``: their positions
+    in the model's input; ``dropped``: the tokens left out, see :func:`kept_positions`)."""
 
     text: str
     user: str
@@ -91,13 +112,16 @@ class Attribution:
     scores: np.ndarray
     probs: np.ndarray
     response_pieces: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
 
     def prompt_pieces(self) -> list[str]:
         """The text of each prompt token (its token string when it has no characters, e.g. <bos>)."""
         return [self.text[a:z] if z > a else t for (a, z), t in zip(self.offsets, self.prompt_tokens)]
 
-    def density(self, b: int = B_DEFAULT) -> np.ndarray:
-        return importance_density(self.scores, b)
+    def density(self, b: int = B_DEFAULT, prompt_max: bool = True) -> np.ndarray:
+        """Importance density of every prompt token (see :func:`importance_density`)."""
+        return importance_density(self.scores, b, prompt_max)
 
     def span_tokens(self, span: str | tuple[int, int]) -> list[int]:
         """Prompt tokens overlapping ``span``: a substring of the user prompt (first occurrence) or
@@ -120,11 +144,68 @@ class Attribution:
             raise SpanError(f"instruction span {span!r} covers no prompt token")
         return toks
 
-    def instruction_score(self, span: str | tuple[int, int], b: int = B_DEFAULT) -> float:
-        return instruction_score(self.density(b), self.span_tokens(span))
+    def instruction_score(self, span: str | tuple[int, int], b: int = B_DEFAULT, prompt_max: bool = True) -> float:
+        return instruction_score(self.density(b, prompt_max), self.span_tokens(span))
 
 
-def _prepare(model: Model, prompt: str, response: str | None, chat: bool | None, max_new_tokens: int):
+PROMPT_TOKENS = ("user", "text", "all")
+SEPARATOR = " "
+
+
+def special_ids(model: Model) -> set[int]:
+    """Ids of the tokenizer's special tokens (BOS, EOS, padding, chat-template markers such as
+    ``<|im_start|>`` or ``<start_of_turn>``: every token the tokenizer flags as special)."""
+    tok = model.tok
+    ids = set(getattr(tok, "all_special_ids", []) or [])
+    for i, added in (getattr(tok, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def kept_positions(model: Model, p_ids: Sequence[int], offsets, start: int, user_len: int,
+                   prompt_tokens: str) -> list[int]:
+    """The prompt positions that get an attribution row.
+
+    ``"user"`` (default): the tokens whose characters overlap the user's prompt, so special tokens,
+    the chat template's markers and any text it adds (a default system prompt) are left out, as in
+    the paper, whose matrices cover the prompt's own tokens only (BOS dropped); when the template
+    changed the prompt's text, as ``"text"``. ``"text"``: every token but the special ones.
+    ``"all"``: every prompt token."""
+    if prompt_tokens not in PROMPT_TOKENS:
+        raise ShapeError(f"unknown prompt_tokens {prompt_tokens!r}; choose one of {', '.join(PROMPT_TOKENS)}")
+    n = len(p_ids)
+    if prompt_tokens == "all":
+        return list(range(n))
+    special = special_ids(model)
+    keep = [i for i in range(n) if p_ids[i] not in special]
+    if prompt_tokens == "user" and start >= 0:
+        end = start + user_len
+        keep = [i for i in keep if offsets[i][1] > offsets[i][0] and offsets[i][0] < end and offsets[i][1] > start]
+    if not keep:
+        raise EmptyInputError("no prompt token is left once special tokens are excluded "
+                              "(prompt_tokens='all' keeps them)")
+    return keep
+
+
+def response_ids(model: Model, text: str, p_ids: list[int], response: str, separator: str,
+                 add_special: bool) -> list[int]:
+    """The response's ids as the tokenizer sees them after the prompt: ``text + separator +
+    response`` tokenized as one string (as the paper's code does), the prompt's ids cut off; when
+    the join merges tokens across the boundary, the response (with its separator) tokenized on its
+    own. No separator is added when the prompt ends or the response starts with white space."""
+    sep = "" if not text or text[-1].isspace() or response[:1].isspace() else separator
+    full = list(model.tok(text + sep + response, add_special_tokens=add_special)["input_ids"])
+    special = special_ids(model)
+    while full and full[-1] in special and len(full) > len(p_ids):
+        full.pop()  # an end-of-sequence token the tokenizer appends
+    if full[:len(p_ids)] == p_ids and len(full) > len(p_ids):
+        return full[len(p_ids):]
+    return list(model.tok(sep + response, add_special_tokens=False)["input_ids"])
+
+
+def _prepare(model: Model, prompt: str, response: str | None, chat: bool | None, max_new_tokens: int,
+             separator: str = SEPARATOR):
     """Token ids of the prompt (with offsets) and of the response (given or greedy)."""
     if not prompt:
         raise EmptyInputError("the prompt is empty: attribution needs at least one prompt token")
@@ -134,8 +215,10 @@ def _prepare(model: Model, prompt: str, response: str | None, chat: bool | None,
     p_ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     if response is None:
         r_ids = greedy_response(model, p_ids, max_new_tokens)
-    else:
+    elif use_chat or not response:
         r_ids = list(model.tok(response, add_special_tokens=False)["input_ids"])
+    else:
+        r_ids = response_ids(model, text, p_ids, response, separator, True)
     if not r_ids:
         raise EmptyInputError("the response is empty: attribution needs at least one response token "
                               "(give a non-empty --response, or let the model generate one)")
@@ -178,18 +261,23 @@ def output_probs(model: Model, E: torch.Tensor, n_prompt: int, targets: torch.Te
     return logits.softmax(-1).gather(1, targets[:, None])[:, 0]
 
 
-def _setup(model: Model, prompt, response, chat, max_new_tokens):
-    text, start, p_ids, offsets, r_ids = _prepare(model, prompt, response, chat, max_new_tokens)
+def _setup(model: Model, prompt, response, chat, max_new_tokens, separator=SEPARATOR):
+    text, start, p_ids, offsets, r_ids = _prepare(model, prompt, response, chat, max_new_tokens, separator)
     ids = torch.tensor([p_ids + r_ids], device=model.device)
     E = embed_inputs(model, ids)
     targets = torch.tensor(r_ids, device=model.device)
     return text, start, p_ids, offsets, r_ids, E, targets
 
 
-def _result(model, prompt, text, start, p_ids, offsets, r_ids, scores, probs) -> Attribution:
+def _result(model, prompt, text, start, p_ids, offsets, r_ids, scores, probs, prompt_tokens) -> Attribution:
+    """The attribution restricted to the kept prompt positions (:func:`kept_positions`)."""
+    keep = kept_positions(model, p_ids, offsets, start, len(prompt), prompt_tokens)
     conv = model.tok.convert_ids_to_tokens
-    return Attribution(text, prompt, start, model.tok.decode(r_ids), list(conv(p_ids)), list(conv(r_ids)),
-                       offsets, scores, probs, model.tok.batch_decode([[i] for i in r_ids]))
+    toks = list(conv(p_ids))
+    dropped = [toks[i] for i in range(len(p_ids)) if i not in set(keep)]
+    return Attribution(text, prompt, start, model.tok.decode(r_ids), [toks[i] for i in keep], list(conv(r_ids)),
+                       [offsets[i] for i in keep], scores[keep], probs, model.tok.batch_decode([[i] for i in r_ids]),
+                       keep, dropped)
 
 
 def _head_grads(model: Model, H: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,7 +372,8 @@ def choose_mode(n_in: int, n_out: int) -> str:
 
 
 def attribute(model: Model, prompt: str, response: str | None = None, chat: bool | None = None,
-              max_new_tokens: int = 32, chunk: int = 16, mode: str = "auto") -> Attribution:
+              max_new_tokens: int = 32, chunk: int = 16, mode: str = "auto", prompt_tokens: str = "user",
+              separator: str = SEPARATOR) -> Attribution:
     """Gradient x input attribution of every response token on every prompt token (batched).
 
     ``response=None`` generates one greedily (at most ``max_new_tokens``). ``chat=None`` renders the
@@ -292,12 +381,13 @@ def attribute(model: Model, prompt: str, response: str | None = None, chat: bool
     taken ``chunk`` at a time, one forward of the decoder stack over the positions the chunk depends
     on, then one batched vector-Jacobian product for all its tokens; ``mode="forward"``: ``chunk``
     prompt-token tangents per batched Jacobian-vector product; ``"auto"``: :func:`choose_mode`.
-    Memory grows with ``chunk`` in both."""
+    Memory grows with ``chunk`` in both. ``prompt_tokens``: which prompt tokens get a row (default
+    ``"user"``: the prompt's own tokens, no special or template tokens; see :func:`kept_positions`).
+    In raw mode a given response is tokenized after ``prompt + separator`` (:func:`response_ids`)."""
     if chunk < 1:
         raise ShapeError(f"chunk must be >= 1, got {chunk}")
-    if mode not in MODES:
-        raise ShapeError(f"unknown attribution mode {mode!r}; choose one of {', '.join(MODES)}")
-    text, start, p_ids, offsets, r_ids, E, targets = _setup(model, prompt, response, chat, max_new_tokens)
+    choose("attribution mode", mode, MODES, ShapeError)
+    text, start, p_ids, offsets, r_ids, E, targets = _setup(model, prompt, response, chat, max_new_tokens, separator)
     n_in, n_out = len(p_ids), len(r_ids)
     if (choose_mode(n_in, n_out) if mode == "auto" else mode) == "forward":
         a, o = _forward_scores(model, E, n_in, targets, chunk)
@@ -310,13 +400,13 @@ def attribute(model: Model, prompt: str, response: str | None = None, chat: bool
                 cols.append(a)
                 os_.append(o)
         scores, probs = torch.cat(cols).T.double().cpu().numpy(), torch.cat(os_).cpu().numpy()
-    return _result(model, prompt, text, start, p_ids, offsets, r_ids, scores, probs)
+    return _result(model, prompt, text, start, p_ids, offsets, r_ids, scores, probs, prompt_tokens)
 
 
 def attribute_loop(model: Model, prompt: str, response: str | None = None, chat: bool | None = None,
-                   max_new_tokens: int = 32) -> Attribution:
+                   max_new_tokens: int = 32, prompt_tokens: str = "user", separator: str = SEPARATOR) -> Attribution:
     """The reference path of :func:`attribute`: one forward, then one backward per output token."""
-    text, start, p_ids, offsets, r_ids, E, targets = _setup(model, prompt, response, chat, max_new_tokens)
+    text, start, p_ids, offsets, r_ids, E, targets = _setup(model, prompt, response, chat, max_new_tokens, separator)
     n_in = len(p_ids)
     with torch.enable_grad():
         o = output_probs(model, E, n_in, targets)
@@ -325,4 +415,5 @@ def attribute_loop(model: Model, prompt: str, response: str | None = None, chat:
             (g,) = torch.autograd.grad(o[j], E, retain_graph=j + 1 < len(r_ids))
             cols.append((g[0, :n_in].float() * E[0, :n_in].detach().float()).sum(-1))
     scores = torch.stack(cols).T.double().cpu().numpy()
-    return _result(model, prompt, text, start, p_ids, offsets, r_ids, scores, o.detach().cpu().numpy())
+    return _result(model, prompt, text, start, p_ids, offsets, r_ids, scores, o.detach().cpu().numpy(),
+                   prompt_tokens)

@@ -46,9 +46,9 @@ def load_annotated(spec: str | Path) -> list[dict]:
 
 def score_items(model: Model, items: Sequence[dict], generate: bool = False, b: int = B_DEFAULT,
                 max_new_tokens: int = 32, chunk: int = 16, chat: bool | None = None) -> list[dict]:
-    """One row per item: id, followed, the response used, its length, the instruction score and the
-    score divided by ``n_response ** 0.75`` (the largest density a token can reach with ``n_response``
-    output tokens: ``||q||_1 / ||q||_4 <= n^(3/4)``), which removes the score's growth with length.
+    """One row per item: id, followed, the response used, its length, the instruction score (the
+    paper's, with the per-prompt maximum of the density) and, for comparison only,
+    ``score_without_prompt_max`` (the raw density, which grows with the response's length).
     ``generate=True`` ignores the given responses and lets the model answer greedily; ``chat`` as in
     :func:`~steerlab.explain.attribution.attribute` (``None``: the chat template when there is one)."""
     rows = []
@@ -56,10 +56,11 @@ def score_items(model: Model, items: Sequence[dict], generate: bool = False, b: 
         resp = None if generate else it.get("response")
         att = attribute(model, it["prompt"], resp, chat=chat, max_new_tokens=max_new_tokens, chunk=chunk)
         score = att.instruction_score(it["instruction"], b)
+        raw = att.instruction_score(it["instruction"], b, prompt_max=False)
         rows.append({"id": it["id"], "followed": it.get("followed"), "model": model.name,
                      "response": att.response, "n_prompt": len(att.prompt_tokens),
                      "n_response": len(att.response_tokens),
-                     "score": score, "score_length_normalised": score / len(att.response_tokens) ** 0.75})
+                     "score": score, "score_without_prompt_max": raw})
     return rows
 
 

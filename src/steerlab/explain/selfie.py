@@ -5,12 +5,15 @@ To interpret the hidden state ``h`` at (layer ``L``, token ``t``) of an original
 placeholder position with ``h`` before decoder block ``k`` during the prefill only, and let the
 model decode greedily: the text it writes is its description of ``h``.
 
-Conventions (HF indexing of hidden states):
+Conventions:
 
-- layer ``L = 0`` is the embeddings (the input of block 0, scaled for Gemma: read at
-  ``blocks.0.resid_pre``); ``L >= 1`` is the output of block ``L - 1`` (``blocks.{L-1}.resid_post``).
-  ``L = n_layers`` is the last block's raw output (transformers' last ``hidden_states`` entry is
-  after the final norm instead). Negative layers count from the end (``-1`` = ``n_layers``).
+- layers follow the site vocabulary (``numbering="blocks"``, the default): ``l`` is the output of
+  block ``l`` (``blocks.{l}.resid_post``), ``0..n_layers-1``, negative from the end; the embeddings
+  are the site ``embed`` (or ``blocks.0.resid_pre``). Any ``d_model`` site can be given by name
+  instead (:func:`state_site`). ``numbering="hf"`` takes the paper's hidden-state index: ``L = 0``
+  is the embeddings (read at ``blocks.0.resid_pre``, scaled for Gemma), ``L >= 1`` the output of
+  block ``L - 1``, ``L = n_layers`` the last block's raw output (transformers' last
+  ``hidden_states`` entry is after the final norm instead).
 - "before decoder block ``k``" is the site ``blocks.{k}.resid_pre``: the input of block ``k``, the
   same tensor as ``hidden_states[k]``; ``k`` runs from 0 (overwrite the embeddings) to
   ``n_layers - 1``. The default ``k = 1`` writes the state after block 0.
@@ -22,8 +25,12 @@ Conventions (HF indexing of hidden states):
 Placeholder positions are exact for any tokenizer: the text parts are tokenized separately and
 the placeholder token id is inserted between them, so no string search is involved.
 
-Relevancy of interpretation token ``y_t`` is ``|p_with(y_t) - p_without(y_t)|``, teacher-forced
-on the interpretation prompt plus the decoded tokens, with and without the injection. ``p_with``
+Relevancy of interpretation token ``y_t`` is the treatment effect ``p_with(y_t) - p_without(y_t)``
+(signed, the default; ``relevancy_form="absolute"`` takes its absolute value, as the public code's
+formula reads), teacher-forced on the interpretation prompt plus the decoded tokens, with and
+without the injection. A token the injection made *less* likely has a negative relevancy. The
+random-state baseline (``baseline="norm"`` or ``"permute"``) interprets control states with the
+real states' statistics, so "relevant" can be read against what any state of that size gets. ``p_with``
 comes from the decoding pass itself (the tokens decoded are the tokens fed: that pass *is* the
 teacher-forced forward with the injection); ``p_without`` from one batched forward over the
 decoded tokens after the un-injected prompt, whose cache is computed once.
@@ -36,6 +43,7 @@ every row and untouched by the injection: their KV cache is computed once and sh
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -44,10 +52,14 @@ import torch
 
 from ..errors import SteerlabError
 from ..hooks import EditFn, capture, edit
+from ..models.adapters import get_module
 from ..models.model import Model
+from ..registry import choose
 from .lens import token_str
 
 MODES = ("replace", "add", "none")
+RELEVANCY_FORMS = ("signed", "absolute")
+BASELINES = ("norm", "permute")
 DEFAULT_CHAT_PARTS: tuple = (5, " Sum up what this means in a few words.")
 """User turn of the default interpretation prompt for chat models (then the assistant's turn)."""
 DEFAULT_PLAIN_PARTS: tuple = ('"', 5, '"\nIn a few words, the text above means:')
@@ -173,19 +185,83 @@ def as_interpretation_prompt(model: Model, prompt) -> InterpretationPrompt:
 
 
 # --- reading hidden states -------------------------------------------------------------------------
-def layer_index(model: Model, layer: int) -> int:
-    """A hidden-state layer in HF indexing (0 = embeddings .. n_layers), negative counted from the end."""
+NUMBERINGS = ("hf", "blocks")
+STATE_KINDS = ("embed", "final", "resid_pre", "resid_post", "attn.out", "mlp.out")
+"""Site kinds whose tensor is a ``d_model`` vector, so it can be injected as a hidden state."""
+_HEAD_SITE = re.compile(r"^blocks\.(-?\d+)\.attn\.head\.(\d+)$")
+
+
+def _check_numbering(numbering: str) -> None:
+    if numbering not in NUMBERINGS:
+        raise SelfieError(f"unknown layer numbering {numbering!r}; choose one of {', '.join(NUMBERINGS)}")
+
+
+def layer_index(model: Model, layer: int, numbering: str = "hf") -> int:
+    """A layer normalised to ``0..``: in HF indexing (``"hf"``, the paper's: 0 = embeddings .. n_layers,
+    L = the output of block L-1) or in the site vocabulary's (``"blocks"``: l = the output of block l,
+    ``0..n_layers-1``); negative counted from the end."""
+    _check_numbering(numbering)
     n = model.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -(n + 1) <= layer <= n:
-        raise SelfieError(f"layer {layer!r} is out of range for {model.name}: hidden-state layers are 0..{n} "
-                          f"(0 = embeddings, L = output of block L-1), or -{n + 1}..-1 from the end")
-    return layer % (n + 1)
+    lo, hi = (-(n + 1), n) if numbering == "hf" else (-n, n - 1)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not lo <= layer <= hi:
+        what = ("hidden-state layers are 0..{n} (0 = embeddings, L = output of block L-1), or -{m}..-1 from the end"
+                if numbering == "hf" else "blocks are 0..{h} (l = the state after block l, blocks.l.resid_post), or "
+                "-{n}..-1 from the end; the embeddings are the site 'embed'")
+        raise SelfieError(f"layer {layer!r} is out of range for {model.name}: " + what.format(n=n, m=n + 1, h=n - 1))
+    return layer % (hi + 1)
 
 
-def layer_site(model: Model, layer: int) -> str:
-    """The site holding hidden-state layer ``L``: ``blocks.0.resid_pre`` for 0, else ``blocks.{L-1}.resid_post``."""
-    L = layer_index(model, layer)
+def layer_site(model: Model, layer: int, numbering: str = "hf") -> str:
+    """The site of a layer: HF ``L`` is ``blocks.0.resid_pre`` for 0, else ``blocks.{L-1}.resid_post``;
+    block ``l`` (``numbering="blocks"``) is ``blocks.{l}.resid_post``."""
+    L = layer_index(model, layer, numbering)
+    if numbering == "blocks":
+        return f"blocks.{L}.resid_post"
     return "blocks.0.resid_pre" if L == 0 else f"blocks.{L - 1}.resid_post"
+
+
+def state_site(model: Model, name: str) -> tuple[str, int | None]:
+    """``(site to capture, head or None)`` for a ``d_model``-dimensional site name: one of
+    :data:`STATE_KINDS` (``blocks.3.attn.out``, ``blocks.3.mlp.out``, ``blocks.3.resid_pre``, ``embed``,
+    ...) or ``blocks.{l}.attn.head.{h}``, head ``h``'s output through the attention output projection
+    (read from ``blocks.{l}.attn.heads``)."""
+    m = _HEAD_SITE.match(name)
+    try:
+        site = model.site(f"blocks.{m.group(1)}.attn.heads" if m else name)
+    except SteerlabError as e:
+        raise SelfieError(f"{e}; or 'blocks.{{l}}.attn.head.{{h}}' for one head's output") from e
+    if m:
+        h = int(m.group(2))
+        if not 0 <= h < model.n_heads:
+            raise SelfieError(f"head {h} is out of range in {name!r}: {model.name} has {model.n_heads} heads per layer")
+        return site.name, h
+    if site.kind not in STATE_KINDS:
+        raise SelfieError(f"site {name!r} is not a d_model vector, so it cannot be injected as a hidden state; "
+                          f"interpretable kinds: {', '.join(STATE_KINDS)}, or 'blocks.{{l}}.attn.head.{{h}}'")
+    return site.name, None
+
+
+def head_output(model: Model, layer: int, head: int, z: torch.Tensor) -> torch.Tensor:
+    """Head ``head``'s contribution ``[N, d_model]`` through block ``layer``'s attention output projection,
+    from the projection's input ``z [N, n_heads, d_head]`` (every other head zeroed, the bias taken out;
+    what comes after the projection, e.g. Gemma 2/3's post-attention norm, is not applied)."""
+    o = get_module(model.layer(layer), model.arch.attn_o)
+    only = torch.zeros_like(z)
+    only[:, head] = z[:, head]
+    flat = only.reshape(z.shape[0], -1)
+    p = next(o.parameters())
+    with torch.no_grad():
+        x = flat.to(device=p.device, dtype=p.dtype)
+        return (o(x) - o(torch.zeros_like(x))).float()
+
+
+def _resolve(model: Model, where, numbering: str) -> tuple[object, str, int | None]:
+    """``(label, site to capture, head)`` of one pair's first element (an int layer or a site name)."""
+    if isinstance(where, str):
+        site, head = state_site(model, where)
+        return (where if head is not None else site), site, head
+    L = layer_index(model, where, numbering)
+    return L, layer_site(model, L, numbering), None
 
 
 def injection_site(model: Model, k: int) -> str:
@@ -199,23 +275,26 @@ def injection_site(model: Model, k: int) -> str:
 @dataclass
 class States:
     """Hidden states read from one prompt: ``vectors [N, d]`` (float32, on the model's device) at
-    ``pairs`` (normalised ``(layer, token)``), the text of each token, and the prompt's token count."""
+    ``pairs`` (normalised ``(layer or site, token)``), the text of each token, and the prompt's token count."""
 
     vectors: torch.Tensor
-    pairs: list[tuple[int, int]]
+    pairs: list[tuple[object, int]]
     token_texts: list[str]
     n_tokens: int
 
 
 @torch.no_grad()
-def read_states(model: Model, prompt: str, pairs: Sequence[tuple[int, int]], *, chat: bool = False) -> States:
-    """The hidden states at ``(layer, token)`` pairs of ``prompt``, from one capture."""
+def read_states(model: Model, prompt: str, pairs: Sequence[tuple], *, chat: bool = False,
+                numbering: str = "blocks") -> States:
+    """The states at ``(where, token)`` pairs of ``prompt``, from one capture: ``where`` is a layer
+    (``numbering``: ``"blocks"``, l = after block l, or ``"hf"``, 0 = embeddings) or a site name
+    (:func:`state_site`: ``blocks.3.attn.out``, ``blocks.3.mlp.out``, ``blocks.3.attn.head.2``, ...)."""
     if not prompt:
         raise SelfieError("the original prompt is empty")
     if not pairs:
         raise SelfieError("no (layer, token) pairs given: need at least one")
-    layers = [layer_index(model, int(L)) for L, _ in pairs]
-    sites = sorted({layer_site(model, L) for L in layers}, key=lambda s: model.site(s))
+    resolved = [_resolve(model, w, numbering) for w, _ in pairs]
+    sites = sorted({r[1] for r in resolved}, key=lambda s: model.site(s))
     ids = model.encode([prompt], chat=chat)["input_ids"][0]
     T = ids.shape[0]
     bad = [t for _, t in pairs if not -T <= int(t) < T]
@@ -224,11 +303,12 @@ def read_states(model: Model, prompt: str, pairs: Sequence[tuple[int, int]], *, 
                           f"-{T}..-1)")
     tokens = [int(t) % T for _, t in pairs]
     caps = capture(model, [prompt], sites, "all", chat=chat)
-    stacked = torch.stack([caps[s][0] for s in sites])  # [S, T, d]
-    which = torch.tensor([sites.index(layer_site(model, L)) for L in layers], device=stacked.device)
-    vecs = stacked[which, torch.tensor(tokens, device=stacked.device)]
+    vecs = []
+    for (_, site, head), t in zip(resolved, tokens):
+        x = caps[site][0, t]
+        vecs.append(head_output(model, model.site(site).layer, head, x[None])[0] if head is not None else x)
     texts = [token_str(model, int(ids[t])) for t in tokens]
-    return States(vecs, list(zip(layers, tokens)), texts, T)
+    return States(torch.stack(vecs).float(), [(r[0], t) for r, t in zip(resolved, tokens)], texts, T)
 
 
 def typical_norm(model: Model, layer: int, texts: Sequence[str] | None = None) -> float:
@@ -259,8 +339,7 @@ class Inject(EditFn):
     def __init__(self, states: torch.Tensor, positions: Sequence[int], mode: str = "replace",
                  strength: float = 1.0):
         super().__init__("all")
-        if mode not in MODES:
-            raise SelfieError(f"unknown injection mode {mode!r}; choose one of {', '.join(MODES)}")
+        choose("injection mode", mode, MODES, SelfieError)
         if not positions:
             raise SelfieError("nothing to inject into: the interpretation prompt has no placeholder positions")
         self.states, self.positions, self.mode, self.strength = torch.as_tensor(states), list(positions), mode, strength
@@ -411,17 +490,21 @@ def token_probs(model: Model, ip: InterpretationPrompt, new: torch.Tensor, state
 class Interpretation:
     """One interpreted state: where it came from, the text, its tokens and their relevancy."""
 
-    layer: int | None
+    layer: int | str | None
     token: int
     token_text: str
     text: str
     relevancy: float
     tokens: list[str] = field(default_factory=list)
     token_relevancy: list[float] = field(default_factory=list)
+    baseline: float | None = None
 
     def row(self) -> dict:
-        return {"layer": self.layer, "token": self.token, "token_text": self.token_text,
-                "interpretation": self.text, "relevancy": self.relevancy}
+        out = {"layer": self.layer, "token": self.token, "token_text": self.token_text,
+               "interpretation": self.text, "relevancy": self.relevancy}
+        if self.baseline is not None:
+            out["baseline_relevancy"] = self.baseline
+        return out
 
 
 @dataclass
@@ -432,25 +515,42 @@ class SelfieResult:
     prompt: str
     interpretation_prompt: str
     settings: dict
+    baseline_rows: list[Interpretation] = field(default_factory=list)
 
     def table(self) -> list[dict]:
-        """One dict per interpretation: layer, token, token_text, interpretation, relevancy."""
+        """One dict per interpretation: layer, token, token_text, interpretation, relevancy (and the
+        relevancy of its random control state when a baseline was asked for)."""
         return [r.row() for r in self.rows]
 
+    def baseline_summary(self) -> dict | None:
+        """Mean and 95th percentile of the control states' relevancy, and the share of real states
+        above that percentile (None without a baseline)."""
+        if not self.baseline_rows:
+            return None
+        b = torch.tensor([r.relevancy for r in self.baseline_rows])
+        q95 = float(torch.quantile(b, 0.95)) if b.numel() > 1 else float(b[0])
+        return {"kind": self.settings.get("baseline"), "n": int(b.numel()), "mean": float(b.mean()), "q95": q95,
+                "real_mean": sum(r.relevancy for r in self.rows) / len(self.rows),
+                "share_above_q95": sum(r.relevancy > q95 for r in self.rows) / len(self.rows)}
 
-def _check_common(mode: str, max_new_tokens: int, batch_size: int) -> None:
-    if mode not in MODES:
-        raise SelfieError(f"unknown injection mode {mode!r}; choose one of {', '.join(MODES)}")
+
+def _check_common(mode: str, max_new_tokens: int, batch_size: int, form: str = "signed",
+                  baseline: str | None = None) -> None:
+    choose("relevancy form", form, RELEVANCY_FORMS, SelfieError)
+    if baseline is not None:
+        choose("baseline", baseline, BASELINES, SelfieError)
+    choose("injection mode", mode, MODES, SelfieError)
     if max_new_tokens < 1 or batch_size < 1:
         raise SelfieError(f"max_new_tokens and batch_size must be >= 1 (got {max_new_tokens}, {batch_size})")
 
 
 def interpret_states(model: Model, states: torch.Tensor, interpretation=None, *, k: int = 1, mode: str = "replace",
                      strength: float = 1.0, max_new_tokens: int = 30, batch_size: int = 32,
-                     relevancy: bool = True) -> list[tuple[str, list[str], list[float]]]:
+                     relevancy: bool = True, relevancy_form: str = "signed") -> list[tuple[str, list[str], list[float]]]:
     """Decode every state (rows of ``[N, d]``) through the interpretation prompt, ``batch_size``
-    rows per generate; returns ``(text, tokens, per-token relevancy)`` per state."""
-    _check_common(mode, max_new_tokens, batch_size)
+    rows per generate; returns ``(text, tokens, per-token relevancy)`` per state (relevancy
+    ``p_with - p_without``, or its absolute value with ``relevancy_form="absolute"``)."""
+    _check_common(mode, max_new_tokens, batch_size, relevancy_form)
     ip = as_interpretation_prompt(model, interpretation)
     injection_site(model, k)
     states = torch.as_tensor(states)
@@ -465,7 +565,8 @@ def interpret_states(model: Model, states: torch.Tensor, interpretation=None, *,
         new, p_with = generate_injected(model, ip, chunk, k, mode, strength, max_new_tokens, prefix)
         keep = (torch.isin(new, eos).cumsum(1) == 0)
         if relevancy:  # nothing injected (mode none): nothing is relevant, by definition
-            rel = torch.zeros_like(p_with) if mode == "none" else (p_with - probs_without(model, ip, new, cached)).abs()
+            rel = torch.zeros_like(p_with) if mode == "none" else p_with - probs_without(model, ip, new, cached)
+            rel = rel.abs() if relevancy_form == "absolute" else rel
         else:
             rel = torch.full(new.shape, float("nan"), device=new.device)
         lengths = keep.sum(1).tolist()
@@ -483,39 +584,81 @@ def _rows(decoded, layers, tokens, token_texts) -> list[Interpretation]:
     return rows
 
 
-def interpret(model: Model, prompt: str, pairs: Sequence[tuple[int, int]], interpretation=None, *, k: int = 1,
+def control_states(states: torch.Tensor, kind: str = "norm", seed: int = 0) -> torch.Tensor:
+    """Random control states with the real states' statistics, one per row of ``states``:
+    ``"norm"``, a random Gaussian direction scaled to the row's norm; ``"permute"``, the row's own
+    coordinates in a random order (same norm, same distribution of values, no structure)."""
+    if kind not in BASELINES:
+        raise SelfieError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
+    g = torch.Generator().manual_seed(seed)
+    x = states.detach().float().cpu()
+    if kind == "norm":
+        r = torch.randn(x.shape, generator=g)
+        out = r / r.norm(dim=-1, keepdim=True) * x.norm(dim=-1, keepdim=True)
+    else:
+        out = torch.stack([row[torch.randperm(x.shape[1], generator=g)] for row in x])
+    return out.to(states.device)
+
+
+def _decode_with_baseline(model, vectors, ip, opts: dict, baseline: str | None, labels):
+    """The real rows and, with a baseline, the control rows; each real row carries its control's relevancy."""
+    layers, tokens, texts = labels
+    rows = _rows(interpret_states(model, vectors, ip, **opts), layers, tokens, texts)
+    if baseline is None:
+        return rows, []
+    ctrl = _rows(interpret_states(model, control_states(vectors, baseline), ip, **opts), layers, tokens,
+                 [f"{baseline} control of {t!r}" for t in texts])
+    for r, c in zip(rows, ctrl):
+        r.baseline = c.relevancy
+    return rows, ctrl
+
+
+def interpret(model: Model, prompt: str, pairs: Sequence[tuple], interpretation=None, *, k: int = 1,
               mode: str = "replace", strength: float = 1.0, max_new_tokens: int = 30, batch_size: int = 32,
               chat: bool = False, relevancy: bool = True, intervention=None,
-              apply_options: dict | None = None) -> SelfieResult:
-    """Interpret the hidden states at ``(layer, token)`` pairs of ``prompt`` (HF layers: 0 =
-    embeddings; negative tokens count from the end), read in one capture and decoded in batches.
+              apply_options: dict | None = None, numbering: str = "blocks", relevancy_form: str = "signed",
+              baseline: str | None = None) -> SelfieResult:
+    """Interpret the states at ``(where, token)`` pairs of ``prompt`` (negative tokens count from the
+    end), read in one capture and decoded in batches. ``where``: a layer (``numbering="blocks"``, the
+    default: l = after block l = ``blocks.l.resid_post``, the site vocabulary's; ``"hf"``: the paper's
+    hidden-state index, 0 = embeddings, L = after block L-1) or any ``d_model`` site name (:func:`state_site`: ``blocks.3.attn.out``,
+    ``blocks.3.mlp.out``, ``blocks.3.resid_pre``, ``blocks.3.attn.head.1``).
 
     ``interpretation``: an :class:`InterpretationPrompt`, or parts (strings and placeholder counts),
     default :func:`interpretation_prompt`'s. ``chat`` renders the *original* prompt as a user turn.
     ``intervention``: applied (with ``apply_options``) while the states are *read*, e.g. a
-    ``selfie-control`` edit; the interpretation prompt always runs on the unedited model."""
-    _check_common(mode, max_new_tokens, batch_size)
+    ``selfie-control`` edit; the interpretation prompt always runs on the unedited model.
+    ``relevancy_form``: ``"signed"`` (``p_with - p_without``) or ``"absolute"``. ``baseline``:
+    ``"norm"`` or ``"permute"`` also interprets one random control state per state
+    (:func:`control_states`); see :meth:`SelfieResult.baseline_summary`."""
+    _check_common(mode, max_new_tokens, batch_size, relevancy_form, baseline)
     ip = as_interpretation_prompt(model, interpretation)
     injection_site(model, k)
     with intervention.apply(model, **(apply_options or {})) if intervention is not None else nullcontext():
-        st = read_states(model, prompt, pairs, chat=chat)
-    decoded = interpret_states(model, st.vectors, ip, k=k, mode=mode, strength=strength,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, relevancy=relevancy)
-    rows = _rows(decoded, [L for L, _ in st.pairs], [t for _, t in st.pairs], st.token_texts)
+        st = read_states(model, prompt, pairs, chat=chat, numbering=numbering)
+    opts = dict(k=k, mode=mode, strength=strength, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                relevancy=relevancy, relevancy_form=relevancy_form)
+    labels = ([L for L, _ in st.pairs], [t for _, t in st.pairs], st.token_texts)
+    rows, ctrl = _decode_with_baseline(model, st.vectors, ip, opts, baseline, labels)
     return SelfieResult(rows, prompt, ip.text(model), {"k": k, "mode": mode, "strength": strength,
                                                        "max_new_tokens": max_new_tokens, "chat": chat,
-                                                       "intervention": getattr(intervention, "method", None)})
+                                                       "intervention": getattr(intervention, "method", None),
+                                                       "layer_numbering": numbering, "relevancy": relevancy_form,
+                                                       "baseline": baseline}, ctrl)
 
 
 def interpret_vectors(model: Model, vectors: torch.Tensor, interpretation=None, *, k: int = 1,
                       norm: float | str | None = None, mode: str = "replace", strength: float = 1.0,
                       max_new_tokens: int = 30, batch_size: int = 32, labels: Sequence[str] | None = None,
-                      relevancy: bool = True) -> SelfieResult:
+                      relevancy: bool = True, relevancy_form: str = "signed",
+                      baseline: str | None = None) -> SelfieResult:
     """Interpret arbitrary vectors ``[N, d]`` (a steering direction, a probe, a difference of means).
 
     ``norm``: rescale every vector to this norm first; ``"typical"`` uses :func:`typical_norm` of
     the layer the vectors are injected into (hidden-state layer ``k``), so a unit direction looks
-    like a state. Rows carry ``layer=None``, ``token`` = the vector's index, ``token_text`` = its label."""
+    like a state. Rows carry ``layer=None``, ``token`` = the vector's index, ``token_text`` = its
+    label. ``relevancy_form`` and ``baseline`` as in :func:`interpret`."""
+    _check_common(mode, max_new_tokens, batch_size, relevancy_form, baseline)
     v = torch.as_tensor(vectors).detach().float()
     v = v[None] if v.dim() == 1 else v
     if v.dim() != 2 or v.shape[1] != model.d_model:
@@ -528,13 +671,15 @@ def interpret_vectors(model: Model, vectors: torch.Tensor, interpretation=None, 
             raise SelfieError(f"norm must be a number, 'typical' or None, got {norm!r}")
         target = typical_norm(model, injection_site_layer(model, k)) if norm == "typical" else float(norm)
         v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12) * target
-    decoded = interpret_states(model, v, interpretation, k=k, mode=mode, strength=strength,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, relevancy=relevancy)
     names = list(labels) if labels is not None else [f"vector {i}" for i in range(v.shape[0])]
-    rows = _rows(decoded, [None] * v.shape[0], list(range(v.shape[0])), names)
     ip = as_interpretation_prompt(model, interpretation)
+    opts = dict(k=k, mode=mode, strength=strength, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                relevancy=relevancy, relevancy_form=relevancy_form)
+    rows, ctrl = _decode_with_baseline(model, v.to(model.device), ip, opts, baseline,
+                                       ([None] * v.shape[0], list(range(v.shape[0])), names))
     return SelfieResult(rows, "", ip.text(model), {"k": k, "mode": mode, "strength": strength, "norm": norm,
-                                                   "max_new_tokens": max_new_tokens})
+                                                   "max_new_tokens": max_new_tokens, "relevancy": relevancy_form,
+                                                   "baseline": baseline}, ctrl)
 
 
 def injection_site_layer(model: Model, k: int) -> int:
@@ -560,10 +705,11 @@ def parse_parts(text: str, marker: str = "[X]") -> list:
     return parts
 
 
-def spread_layers(model: Model, n: int = 6) -> list[int]:
-    """About ``n`` hidden-state layers evenly spread over 1..n_layers."""
+def spread_layers(model: Model, n: int = 6, numbering: str = "blocks") -> list[int]:
+    """About ``n`` layers evenly spread over the blocks' outputs (blocks 0..n_layers-1, or HF 1..n_layers)."""
     L = model.n_layers
-    return sorted({max(1, round(L * (i + 1) / n)) for i in range(n)})
+    hf = sorted({max(1, round(L * (i + 1) / n)) for i in range(n)})
+    return hf if numbering == "hf" else [x - 1 for x in hf]
 
 
 def grid_report(result: SelfieResult, title: str = "SelfIE interpretations"):
@@ -582,7 +728,10 @@ def grid_report(result: SelfieResult, title: str = "SelfIE interpretations"):
     for r in result.rows:
         grid.setdefault(r.layer, {"layer": "vectors" if r.layer is None else r.layer})[cols[r.token]] = \
             f"{r.text} (relevancy {r.relevancy:.2f})"
-    page.heading("Grid: rows are layers (0 = embeddings), columns are tokens of the prompt")
+    numbering = result.settings.get("layer_numbering", "blocks")
+    page.heading("Grid: rows are " + ("hidden-state layers (HF: 0 = embeddings, L = after block L-1)"
+                                      if numbering == "hf" else "sites (a number l = after block l)")
+                 + ", columns are tokens of the prompt")
     page.table(list(grid.values()), ["layer", *cols.values()], max_rows=None)
     page.heading("Every interpretation")
     page.table([{**r.row(), "token_relevancy": " ".join(f"{t!r}:{x:.2f}" for t, x in zip(r.tokens, r.token_relevancy))}

@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError, SteerlabError
+from ..registry import choose
+from ..validate import device as check_device
+from ..validate import env_dir
 from .model import Model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -37,8 +40,9 @@ _CACHE_VERSION = 1
 
 def cache_dir() -> Path:
     """steerlab's cache root."""
-    if os.environ.get("STEERLAB_CACHE"):
-        return Path(os.environ["STEERLAB_CACHE"])
+    env = env_dir("STEERLAB_CACHE")  # one that names a file is an error naming the variable
+    if env is not None:
+        return env
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "steerlab"
 
@@ -282,9 +286,9 @@ def load(spec: str | os.PathLike | None = None, *, device: str | None = "cpu", d
     a Hugging Face hub id (needs the network). ``dtype`` is ``float32`` (default), ``bfloat16`` or
     ``float16``; ``device_map`` is passed to transformers (e.g. ``"auto"`` for multi-GPU).
     """
+    device = check_device(device)  # an unavailable device is refused listing the ones that exist
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        choose("dtype", dtype, DTYPES, ModelLoadError)
         dtype = DTYPES[dtype]
     spec = DEFAULT if spec in (None, "default") else str(spec)
     if spec in EMBEDDED:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import EmptyInputError, ShapeError
+from ..validate import check_text
 from .adapters import Arch, Site, arch_for, get_module
 
 
@@ -173,6 +174,8 @@ class Model:
         if empty:
             raise EmptyInputError(f"text {empty[0]} is empty ({len(empty)} empty text(s)): every text needs "
                                   f"at least one character")
+        for i, t in enumerate(texts):
+            check_text(t, f"text {i}")
         rows = self.tok(texts, add_special_tokens=not chat, truncation=max_length is not None,
                         max_length=max_length)["input_ids"]
         ids, mask = self.pad(rows)

@@ -11,6 +11,7 @@ Registered: ``jigsaw-bilstm``, ``profanity``, ``jigsaw-profanity-max`` (= ``defa
 (toxicity with CIs, perplexity, KL, diversity) live in :mod:`steerlab.metrics`.
 """
 
+from . import builtin  # noqa: F401  (registers the built-in scorers)
 from .lexicon import token_lexicon
 from .registry import (
     DEFAULT_SCORER,
@@ -24,6 +25,7 @@ from .registry import (
     parse_option_value,
     register_scorer,
     scorer_from_spec,
+    scorer_identity,
     scorer_options,
     scorer_throughput,
 )
@@ -31,5 +33,5 @@ from .registry import (
 __all__ = [
     "DEFAULT_SCORER", "EnsembleScorer", "Scorer", "ScorerError", "compare_scorers", "get_scorer", "list_scorers",
     "register_scorer", "scorer_throughput", "token_lexicon", "MAIN_ARGUMENTS", "parse_option_value",
-    "scorer_from_spec", "scorer_options",
+    "scorer_from_spec", "scorer_identity", "scorer_options",
 ]

@@ -17,10 +17,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..errors import SteerlabError
+from ..registry import unknown
+from ..validate import MASK, is_secret_name, public_options, redact
 
 __all__ = [
     "DEFAULT_SCORER", "EnsembleScorer", "Scorer", "ScorerError", "compare_scorers", "get_scorer", "list_scorers",
-    "register_scorer", "scorer_throughput", "MAIN_ARGUMENTS", "parse_option_value", "scorer_from_spec",
+    "register_scorer", "scorer_identity", "scorer_throughput", "MAIN_ARGUMENTS", "parse_option_value", "scorer_from_spec",
     "scorer_options",
 ]
 
@@ -57,6 +59,7 @@ class Scorer:
     name: str = "scorer"
     attributes: list[str] = []
     batch_size: int = 64
+    options: dict = {}  # the options it was built with, secrets left out (part of a run's identity)
 
     @property
     def key(self) -> str:
@@ -143,6 +146,14 @@ def _canonical(name: str) -> str:
     return _ALIASES.get(n, n)
 
 
+def _known(name: str) -> str:
+    """The canonical name of a registered scorer; an unknown one is the registry's error."""
+    n = _canonical(name)
+    if n not in _FACTORIES:
+        raise ScorerError(unknown("scorer", name, list_scorers()))
+    return n
+
+
 def register_scorer(name: str, factory: Callable[..., Scorer], overwrite: bool = False) -> None:
     """Make ``get_scorer(name, **kwargs)`` call ``factory(**kwargs)``. Names are case-insensitive
     (``_`` and ``-`` are the same); registering a taken name needs ``overwrite=True``."""
@@ -170,14 +181,48 @@ def get_scorer(name: str | Scorer = "default", **kwargs) -> Scorer:
         if kwargs:
             raise ScorerError(f"got a built scorer ({name.key!r}) and options {sorted(kwargs)}: pass one or the other")
         return name
-    n = _canonical(name)
-    if n not in _FACTORIES:
-        raise ScorerError(f"unknown scorer {name!r}; choose one of: {', '.join(list_scorers())}")
+    n = _known(name)
     if kwargs:
-        return _FACTORIES[n](**kwargs)
+        return _build(n, kwargs)
     if n not in _CACHE:
         _CACHE[n] = _FACTORIES[n]()
     return _CACHE[n]
+
+
+def _build(n: str, kwargs: dict) -> Scorer:
+    """``_FACTORIES[n](**kwargs)`` with its options recorded (secrets left out); an error the factory
+    raises, of any kind, is a one-line :class:`ScorerError` with secret-looking values masked."""
+    secrets = [str(v) for k, v in kwargs.items() if is_secret_name(k) and v]
+    problem = None
+    try:
+        scorer = _FACTORIES[n](**kwargs)
+    except ScorerError as e:
+        if not secrets:
+            raise
+        problem, kind = str(e), type(e)
+    except (TypeError, ValueError) as e:
+        problem, kind = f"scorer {n!r} could not be built with options {sorted(kwargs)}: {type(e).__name__}: {e}", \
+            ScorerError
+    if problem is not None:  # raised outside the handler, so no chained copy keeps a secret
+        raise kind(redact(problem, secrets))
+    scorer.options = {**public_options(kwargs), **scorer.options}
+    return scorer
+
+
+def scorer_identity(scorer: Scorer | None) -> dict:
+    """What a run records about its scorer (what changes its numbers): ``{"scorer": name}``, plus
+    ``"scorer_options"`` (secrets left out, URLs redacted) when it was built with any."""
+    out: dict = {"scorer": getattr(scorer, "name", None)}
+    options = getattr(scorer, "options", None)
+    if options:
+        out["scorer_options"] = dict(sorted(options.items()))
+    return out
+
+
+def _shown_option(opt: str) -> str:
+    """A malformed ``--scorer-option`` as shown in an error: the value masked when the name looks secret."""
+    m = re.match(r"([^:=]*)([:=])", opt)
+    return f"{m.group(1)}{m.group(2)}{MASK}" if m and is_secret_name(m.group(1)) else opt
 
 
 # --- scorers from command-line specs -------------------------------------------------------------
@@ -191,7 +236,7 @@ _OPTION_SOURCES: dict[str, tuple[str, ...]] = {
     "hf-classifier": (".hf", "HFClassifierScorer"), "detoxify": (".hf", "DetoxifyScorer"),
     "perspective": (".perspective", "PerspectiveScorer"), DEFAULT_SCORER: (),
 }
-_BUILTIN_FACTORIES: dict[str, Callable[..., Scorer]] = {}
+BUILTIN_FACTORIES: dict[str, Callable[..., Scorer]] = {}
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?|[+-]?inf")
 _KEYWORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -200,11 +245,9 @@ _KEYWORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def scorer_options(name: str) -> list[str] | None:
     """The keyword options scorer ``name`` accepts (sorted), or None when its factory takes any
     keyword (``**kwargs``), so that they cannot be checked before it is called."""
-    n = _canonical(name)
-    if n not in _FACTORIES:
-        raise ScorerError(f"unknown scorer {name!r}; choose one of: {', '.join(list_scorers())}")
+    n = _known(name)
     target: Callable = _FACTORIES[n]
-    if _BUILTIN_FACTORIES.get(n) is target and n in _OPTION_SOURCES:
+    if BUILTIN_FACTORIES.get(n) is target and n in _OPTION_SOURCES:
         if not _OPTION_SOURCES[n]:
             return []
         module, cls = _OPTION_SOURCES[n]
@@ -234,16 +277,14 @@ def _split_spec(spec: str) -> tuple[str, str | None, str]:
     if not isinstance(spec, str) or not spec.strip():
         raise ScorerError(f"a scorer spec must be a non-empty string NAME or NAME:VALUE, got {spec!r}")
     name, colon, value = spec.partition(":")
-    n = _canonical(name)
-    if n not in _FACTORIES:
-        raise ScorerError(f"unknown scorer {name!r}; choose one of: {', '.join(list_scorers())}")
+    n = _known(name)
     main = MAIN_ARGUMENTS.get(n, "")
     if not colon:
         return n, None, main
     if not main:
         with_main = ", ".join(f"{k}:{v.upper()}" for k, v in MAIN_ARGUMENTS.items())
-        raise ScorerError(f"scorer {n!r} takes no main argument, so {spec!r} (NAME:VALUE) is not valid; give "
-                          f"options as KEY=VALUE instead (NAME:VALUE is for {with_main})")
+        raise ScorerError(f"scorer {n!r} takes no main argument, so '{name}:{MASK}' (NAME:VALUE) is not valid; "
+                          f"give options as KEY=VALUE instead (NAME:VALUE is for {with_main})")
     if not value:
         raise ScorerError(f"scorer spec {spec!r} has nothing after ':'; give {n}:{main.upper()} or just {n}")
     return n, value, main
@@ -266,7 +307,7 @@ def scorer_from_spec(spec: str, options: Sequence[str] = ()) -> Scorer:
         key, eq, raw = str(opt).partition("=")
         key = key.strip().replace("-", "_")
         if not eq or not _KEYWORD.fullmatch(key):
-            raise ScorerError(f"malformed option {opt!r} for scorer {n!r}: expected KEY=VALUE; "
+            raise ScorerError(f"malformed option {_shown_option(str(opt))!r} for scorer {n!r}: expected KEY=VALUE; "
                               f"accepted keywords: {listing}")
         if accepted is not None and key not in accepted:
             raise ScorerError(f"scorer {n!r} has no option {key!r}; accepted keywords: {listing}")
@@ -308,53 +349,3 @@ def compare_scorers(a: str | Scorer, b: str | Scorer, texts: Sequence[str], thre
     kappa = (p_agree - p_chance) / (1 - p_chance) if p_chance < 1 else float("nan")
     return {"n": len(texts), "spearman": float(spearmanr(x, y).statistic), "pearson": float(pearsonr(x, y).statistic),
             "agreement": p_agree, "kappa": kappa, "flagged_a": float(fa.mean()), "flagged_b": float(fb.mean())}
-
-
-# --- built-in scorers (imported when first asked for) ----------------------------------------------
-
-def _jigsaw(**kw) -> Scorer:
-    from .jigsaw import JigsawBiLSTM
-
-    return JigsawBiLSTM(**kw)
-
-
-def _profanity(**kw) -> Scorer:
-    from .profanity import ProfanityScorer
-
-    return ProfanityScorer(**kw)
-
-
-def _hf(**kw) -> Scorer:
-    from .hf import HFClassifierScorer
-
-    return HFClassifierScorer(**kw)
-
-
-def _detoxify(**kw) -> Scorer:
-    from .hf import DetoxifyScorer
-
-    return DetoxifyScorer(**kw)
-
-
-def _perspective(**kw) -> Scorer:
-    from .perspective import PerspectiveScorer
-
-    return PerspectiveScorer(**kw)
-
-
-def _ensemble(members: Sequence[str | Scorer] = ("jigsaw-bilstm", "profanity"), reduce: str = "max",
-              name: str | None = None) -> Scorer:
-    return EnsembleScorer(members, reduce=reduce, name=name)
-
-
-def _default(**kw) -> Scorer:
-    if kw:
-        raise ScorerError(f"scorer {DEFAULT_SCORER!r} takes no options, got {sorted(kw)}")
-    return EnsembleScorer(["jigsaw-bilstm", "profanity"], reduce="max", name=DEFAULT_SCORER)
-
-
-for _name, _factory in [("jigsaw-bilstm", _jigsaw), ("profanity", _profanity), ("hf-classifier", _hf),
-                        ("detoxify", _detoxify), ("perspective", _perspective), ("ensemble", _ensemble),
-                        (DEFAULT_SCORER, _default)]:
-    register_scorer(_name, _factory)
-    _BUILTIN_FACTORIES[_name] = _factory
