@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..hooks import capture, edit, scale
-from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register
+from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register, text_ids
 from ..models.model import Model
 from ..options import option
 from ..registry import choose
@@ -161,6 +161,7 @@ class AurA(Intervention):
         f = aura_factors(auc, variant, n)
         sizes = [caps[s].shape[1] for s in sites]
         meta = provenance(model, (non, tox), {"variant": variant, **({"top_n": n} if variant != "aura" else {})},
+                          data_text_ids=text_ids(non, tox),
                           d_mlp=model.d_mlp, n_toxic=len(tox), n_nontoxic=len(non),
                           units_dampened=int((f < 1).sum()))
         return cls(dict(zip(sites, f.split(sizes))), dict(zip(sites, auc.split(sizes))), meta)

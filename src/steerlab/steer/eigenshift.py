@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..interventions import Intervention, InterventionError, provenance, register
+from ..interventions import Intervention, InterventionError, provenance, register, text_ids
 from ..models.model import Model
 from ..options import option
 from ..registry import choose
@@ -195,19 +195,22 @@ class EigenShift(Intervention):
         kk = choose_k(model.d_model, percentile, k)
         if not 0.0 <= alpha < 1.0:
             raise EigenShiftError(f"alpha must be in [0, 1) (the dampened s_i become alpha * s_i), got {alpha}")
+        fitted: list[str] = []
         if isinstance(data, ToxicStates):
             states = data
         elif isinstance(data, tuple) and len(data) == 2 and all(isinstance(x, torch.Tensor) for x in data):
             states = ToxicStates(data[0], data[1], {"toxic_states": len(data[0]), "nontoxic_states": len(data[1])})
         else:
             states = collect_states(model, data, min_states=min_states, **collect)
+            fitted = text_ids([p if isinstance(p, str) else getattr(p, "text", "") for p in data])
         check_counts(states, min_states)
         U = model.W_U
         damp = dampen(svd(U), states.toxic.to(U.device), states.nontoxic.to(U.device), kk, alpha, rank)
         meta = provenance(model, states.data_fingerprint,
                           {"k": kk, "alpha": alpha, "rank": rank, **({"percentile": percentile} if k is None else {})},
                           d_model=model.d_model, vocab_size=model.vocab_size,
-                          unembed_fingerprint=matrix_fingerprint(U), tied=model.tied(), stats=states.stats)
+                          unembed_fingerprint=matrix_fingerprint(U), tied=model.tied(), stats=states.stats,
+                          **({"data_text_ids": fitted} if fitted else {}))
         return cls(damp.indices, damp.sigma, damp.delta, alpha, meta)
 
     def check(self, model: Model, strict: bool = True) -> None:

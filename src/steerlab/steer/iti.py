@@ -134,6 +134,7 @@ class ITI(Intervention):
         heads = [{"layer": layer, "head": h, "accuracy": round(float(res.head_acc[pd.layers.index(layer), h]), 4),
                   "sigma": round(float(sigma[j]), 5)} for j, (layer, h) in enumerate(top)]
         meta = provenance(model, pd.meta.get("data_fingerprint"), {"k": k, "l2": l2},
+                          data_text_ids=pd.meta.get("data_text_ids"),
                           model_type=model.config.model_type, source=pd.meta.get("source"),
                           counts=pd.meta.get("counts"), heads=heads)
         return cls(deltas, meta)

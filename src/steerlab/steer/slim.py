@@ -328,6 +328,7 @@ class SLIM(Intervention):
                   "active": active}
         meta = provenance(model, pd.meta.get("data_fingerprint"),
                           {"gamma": gamma, "b": b, "shrink": shrink, "layer": layer, "solver": solver},
+                          data_text_ids=pd.meta.get("data_text_ids"),
                           model_type=model.config.model_type, source=pd.meta.get("source"),
                           counts=pd.meta.get("counts"), layer=layer, tau=int(rp.tau[li]),
                           layer_risk=[round(float(r), 4) for r in rp.layer_risk], failed_heads=failed,

@@ -38,7 +38,7 @@ import torch
 
 from ..errors import EmptyInputError
 from ..hooks import EditFn, add, capture, edit, per_row, strength
-from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register
+from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register, text_ids
 from ..models.model import Model
 from ..options import option
 from ..positions import after_first, as_position
@@ -113,9 +113,12 @@ class SteeringVector(Intervention):
     # --- fitting -------------------------------------------------------------------------------
     @classmethod
     def fit(cls, model: Model, data, undesirable: Sequence[str] | None = None,
-            sites: str | Sequence[str] | None = None, method: str = "mean_diff", positions: str = "last",
-            scale: str = "unit", chat: bool = False, batch_size: int = 16) -> SteeringVector:
+            sites: str | Sequence[str] | None = None, method: str = "mean_diff",
+            positions: str = "mean_skip_first", scale: str = "unit", chat: bool = False,
+            batch_size: int = 16) -> SteeringVector:
         """Fit one direction per site pointing from undesirable to desirable activations.
+        ``positions`` defaults to ``steerlab fit steering``'s: the mean over each text's tokens after
+        the first (whose attention-sink state dominates a plain mean); also ``last``, ``mean``, ``aligned``.
 
         ``data`` is a :class:`steerlab.data.ContrastSet` or a ``(desirable, undesirable)`` pair (the
         protocol's ``fit(model, data, **options)``), or the desirable texts with ``undesirable``
@@ -156,6 +159,7 @@ class SteeringVector(Intervention):
             typical[s] = float(a[keep.to(a.device)].norm(dim=-1).median())
         meta = provenance(model, (desirable, undesirable),
                           {"fit_method": method, "positions": positions, "scale": scale},
+                          data_text_ids=text_ids(desirable, undesirable),
                           projection=projection, typical_norm=typical, fit_method=method, positions=positions,
                           scale=scale, chat=chat, d_model=model.d_model, n_layers=model.n_layers,
                           model_type=model.config.model_type, n_desirable=len(desirable),
