@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .app import EXPLAIN, MODEL, MODEL_HELP, app, command, console, ints, load_model
+from .app import EXPLAIN, MODEL, MODEL_HELP, app, check_out_file, command, console, ints, load_model
 from .tables import print_attribution, print_ffn, print_head_pairs, print_lens
 
 
@@ -59,6 +59,8 @@ def attribute(
     """Gradient x input attribution of the response on the prompt: importance density per prompt token."""
     from ..explain.attribution import attribute as run_attribution
 
+    if html_out:
+        check_out_file(html_out, "--html")
     m = load_model(model)
     att = run_attribution(m, prompt, response, max_new_tokens=max_new_tokens, chunk=chunk, mode=mode)
     print_attribution(att, att.density(b))
@@ -76,6 +78,7 @@ def write_attribution_page(att, path: str, span: str | None, b: int) -> None:
     from ..report.html import HtmlReport
 
     out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the figure is written next to the page
     page = HtmlReport("Input-output attribution", f"response: {att.response}")
     page.heading("Prompt tokens shaded by importance density").raw(prompt_html(att, b, span))
     png = heatmap(att, out.with_suffix(".png"))

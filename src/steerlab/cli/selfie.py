@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from .app import EXPLAIN, MODEL, app, command, console, fit_app, floats, ints, load_model
+from .app import EXPLAIN, MODEL, app, check_out_file, command, console, fit_app, floats, ints, load_model
 from .tables import print_interpretations, print_vector_interpretations
 
 
@@ -41,6 +41,8 @@ def interpret(
     from ..explain.selfie import interpret as run_interpret
     from ..interventions import load as load_intervention
 
+    if html:
+        check_out_file(html, "--html")
     m = load_model(model)
     iv = load_intervention(intervention, m) if intervention else None
     if alpha is not None and iv is None:
@@ -80,6 +82,8 @@ def interpret_vector(
     from ..explain import selfie as sf
     from ..interventions import load as load_intervention
 
+    if html:
+        check_out_file(html, "--html")
     m = load_model(model)
     iv = load_intervention(path, m, strict=False)
     dirs = getattr(iv, "directions", None)
