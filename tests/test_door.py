@@ -396,3 +396,18 @@ def test_cli_undecodable_argument_and_bad_device_are_one_line(tmp_path):
     code, out = _cli(["generate", "--out", tmp_path / "g", "--model", model_dir(tmp_path), "--device", "banana",
                       "--scorer", "none"])
     assert code == 2 and "unknown device 'banana'; devices here: cpu" in out and not (tmp_path / "g").exists()
+
+
+def test_ill_typed_apply_option_is_refused_before_the_run_directory(tmp_path, llama):
+    """EigenShift ``k=abc`` (before: a ValueError traceback after config.json existed)."""
+    from steerlab.steer.eigenshift import EigenShift
+
+    g = torch.Generator().manual_seed(0)
+    iv = EigenShift.fit(llama, (torch.randn(20, 32, generator=g), torch.randn(20, 32, generator=g)), k=4)
+    with pytest.raises(sl.SteerlabError, match=r"eigenshift intervention cannot be applied with k='abc': ValueError"):
+        generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
+                     apply_options={"k": "abc"}, progress=False)
+    with pytest.raises(V.ValidationError, match="EigenShift alpha must be a number"):
+        generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
+                     apply_options={"alpha": "abc"}, progress=False)
+    assert not (tmp_path / "r").exists()
