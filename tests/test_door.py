@@ -411,3 +411,18 @@ def test_ill_typed_apply_option_is_refused_before_the_run_directory(tmp_path, ll
         generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
                      apply_options={"alpha": "abc"}, progress=False)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: V.number("nan", "x"), "x must be a finite number, got nan"),
+    (lambda: V.number(2, "x", 0, 1), r"x must be in \[0, 1\], got 2"),
+    (lambda: V.number(0, "ratio", 0, lo_open=True), "ratio must be > 0, got 0"),
+    (lambda: V.number(True, "x"), "x must be a number, got bool True"),
+    (lambda: V.integer(2.5, "k", 1), r"k must be an integer \(>= 1\), got float 2.5"),
+    (lambda: V.integer(-1, "n_test", 1), "n_test must be an integer >= 1, got -1"),
+    (lambda: V.choice("nope", "mode", ["add", "ablate"]), "mode must be one of add, ablate; got 'nope'"),
+])
+def test_validation_messages_name_the_option_and_the_range(call, message):
+    with pytest.raises(V.ValidationError, match=message):
+        call()
+    assert V.number("1e-3", "x") == 0.001 and V.integer(3.0, "k", 1) == 3 and V.number(torch.tensor(2.0), "x") == 2.0
