@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from .app import EXPLAIN, MODEL, MODEL_HELP, app, command, console, ints, load_model
+from .app import EXPLAIN, MODEL, MODEL_HELP, app, check_out_file, command, console, ints, load_model
 from .tables import print_attribution, print_ffn, print_head_pairs, print_lens
 
 
@@ -66,6 +66,8 @@ def attribute(
     (divided by the prompt's largest, as the paper's code does)."""
     from ..explain.attribution import attribute as run_attribution
 
+    if html_out:
+        check_out_file(html_out, "--html")
     m = load_model(model)
     att = run_attribution(m, prompt, response, max_new_tokens=max_new_tokens, chunk=chunk, mode=mode,
                           prompt_tokens=prompt_tokens, separator=separator)
@@ -87,6 +89,7 @@ def write_attribution_page(att, path: str, span: str | None, b: int) -> None:
     from ..report.html import HtmlReport
 
     out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the figure is written next to the page
     page = HtmlReport("Input-output attribution", f"response: {att.response}")
     page.heading("Prompt tokens shaded by importance density").raw(prompt_html(att, b, span))
     png = heatmap(att, out.with_suffix(".png"))

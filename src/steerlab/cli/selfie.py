@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from .app import EXPLAIN, MODEL, app, command, console, floats, ints, load_model, names
+from .app import EXPLAIN, MODEL, app, check_out_file, command, console, floats, ints, load_model, names
 from .tables import print_interpretations, print_vector_interpretations
 
 
@@ -51,6 +51,8 @@ def interpret(
     from ..explain.selfie import interpret as run_interpret
     from ..interventions import load as load_intervention
 
+    if html:
+        check_out_file(html, "--html")
     m = load_model(model)
     iv = load_intervention(intervention, m) if intervention else None
     if alpha is not None and iv is None:
@@ -102,6 +104,8 @@ def interpret_vector(
     from ..explain import selfie as sf
     from ..interventions import load as load_intervention
 
+    if html:
+        check_out_file(html, "--html")
     m = load_model(model)
     iv = load_intervention(path, m, strict=False)
     dirs = getattr(iv, "directions", None)

@@ -351,15 +351,20 @@ class SteeringVector(Intervention):
                 raise VectorError("llama.cpp control vectors have no slot for block 0 (direction.0 is rejected)")
             layers[int(parts[1])] = v.numpy().astype(np.float32)
         path = Path(path)
-        w = gguf.GGUFWriter(str(path), "controlvector")
-        w.add_string("controlvector.model_hint", self.meta.get("model_type", "llama"))
-        w.add_uint32("controlvector.layer_count", len(layers))
-        for layer in sorted(layers):
-            w.add_tensor(f"direction.{layer}", layers[layer])
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            w = gguf.GGUFWriter(str(path), "controlvector")
+            w.add_string("controlvector.model_hint", self.meta.get("model_type", "llama"))
+            w.add_uint32("controlvector.layer_count", len(layers))
+            for layer in sorted(layers):
+                w.add_tensor(f"direction.{layer}", layers[layer])
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+        except OSError as e:  # read-only, a file where a directory should be, a full disk
+            path.unlink(missing_ok=True) if path.is_file() else None
+            raise VectorError(f"cannot write {path}: {e.strerror or e}") from None
         return path
 
     @classmethod
