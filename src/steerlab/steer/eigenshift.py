@@ -70,12 +70,28 @@ class Dampening:
     sigma_new: torch.Tensor
 
 
+RANKS = ("abs", "signed", "t")
+
+
+def welch_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Welch's t per column of ``a [n, k]`` against ``b [m, k]``: ``(mean_a - mean_b) /
+    sqrt(var_a / n + var_b / m)`` (unbiased variances; a zero spread gives 0, not inf)."""
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise EigenShiftError(f"rank='t' needs at least 2 toxic and 2 non-toxic states, got {a.shape[0]} and "
+                              f"{b.shape[0]}")
+    se = (a.var(0) / a.shape[0] + b.var(0) / b.shape[0]).sqrt()
+    diff = a.mean(0) - b.mean(0)
+    return torch.where(se > 0, diff / se.clamp_min(1e-30), torch.zeros_like(diff))
+
+
 def dampen(dec: SVD, toxic: torch.Tensor, nontoxic: torch.Tensor, k: int, alpha: float,
            rank: str = "abs") -> Dampening:
     """delta_i = mean_toxic(p_i) - mean_nontoxic(p_i) with ``p = Vt @ h``; the ``k`` directions with
-    the largest ``|delta|`` (``rank="abs"``) or largest ``delta`` (``"signed"``, the paper's rule,
-    under :func:`svd`'s sign convention) are dampened to ``alpha * s_i``."""
-    choose("rank (abs: |delta|, signed: delta)", rank, ("abs", "signed"), EigenShiftError)
+    the largest ``|delta|`` (``rank="abs"``), the largest ``delta`` (``"signed"``, the paper's rule,
+    under :func:`svd`'s sign convention) or the largest ``|t|`` (``"t"``: Welch's t of the toxic against
+    the non-toxic projections, the difference in units of its standard error, so that directions
+    where the states merely spread widely do not win) are dampened to ``alpha * s_i``."""
+    choose("rank (abs: |delta|, signed: delta, t: |Welch's t|)", rank, RANKS, EigenShiftError)
     d = dec.Vt.shape[0]
     for name, h in (("toxic", toxic), ("non-toxic", nontoxic)):
         if h.dim() != 2 or h.shape[1] != d:
@@ -83,8 +99,10 @@ def dampen(dec: SVD, toxic: torch.Tensor, nontoxic: torch.Tensor, k: int, alpha:
         if h.shape[0] == 0:
             raise EigenShiftError(f"no {name} states: EigenShift needs at least one of each")
     k = choose_k(d, k=k)
-    delta = projections(dec.Vt, toxic).mean(0) - projections(dec.Vt, nontoxic).mean(0)
-    idx = (delta.abs() if rank == "abs" else delta).topk(k).indices
+    pt, pn = projections(dec.Vt, toxic), projections(dec.Vt, nontoxic)
+    delta = pt.mean(0) - pn.mean(0)
+    key = {"abs": delta.abs, "signed": lambda: delta, "t": lambda: welch_t(pt, pn).abs()}[rank]()
+    idx = key.topk(k).indices
     return Dampening(delta, idx, dec.s[idx], float(alpha) * dec.s[idx])
 
 
@@ -134,8 +152,8 @@ class EigenShiftFitOptions:
     k: int = option(0, "dampen exactly k directions (overrides percentile; 0: use it)", low=0, unit="directions")
     alpha: float = option(0.1, "dampened singular values become alpha x s_i (0: removed)", low=0.0, high=1.0,
                           unit="x s_i")
-    rank: str = option("abs", "abs: largest |delta| (sign-free); signed: largest delta (the paper)",
-                       choices=("abs", "signed"))
+    rank: str = option("abs", "abs: largest |delta| (sign-free); signed: largest delta (the paper); t: largest "
+                       "|Welch's t| of the toxic against the non-toxic projections", choices=RANKS)
     scorer: str = option("default", "scorer labelling the continuations")
     threshold: float = option(0.5, "toxic when the scorer gives >= threshold", low=0.0, high=1.0)
     saliency: str = option("auto", "how toxic words are found", choices=("auto", "bilstm", "lexicon"))
@@ -191,7 +209,7 @@ class EigenShift(Intervention):
         pair of ``final`` states ``[n, d]``, or prompts (their states are collected with
         :func:`~steerlab.steer.toxic_states.collect_states` and ``collect``: cfg, scorer, threshold,
         saliency). ``k`` overrides ``percentile``; ``alpha`` scales the dampened singular values;
-        ``rank``: ``abs`` (largest |delta|, sign-free) or ``signed`` (largest delta)."""
+        ``rank``: ``abs`` (largest |delta|, sign-free), ``signed`` (largest delta) or ``t`` (largest |Welch t|)."""
         kk = choose_k(model.d_model, percentile, k)
         if not 0.0 <= alpha < 1.0:
             raise EigenShiftError(f"alpha must be in [0, 1) (the dampened s_i become alpha * s_i), got {alpha}")
