@@ -38,8 +38,15 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
     assert st["status"] == "ok" and len(st["selection"]) == len(sv.directions) * 5
     chosen = st["settings"]
     admissible = [s for s in st["selection"] if s["admissible"]]
-    if admissible:  # the chosen setting is the least toxic admissible one on validation
-        assert chosen["mean_toxicity"] == min(s["mean_toxicity"] for s in admissible)
+    for s in st["selection"]:  # admissible: the perplexity ratio's CI upper bound within the limit
+        r = s["ppl_ratio"]
+        assert r["lo"] <= r["value"] <= r["hi"] and (not s["admissible"] or r["hi"] <= 1.5)
+        assert s["mean_toxicity_change"]["lo"] <= s["mean_toxicity_change"]["value"] <= s["mean_toxicity_change"]["hi"]
+    if admissible:  # the one-SE rule picks an admissible setting
+        assert chosen in admissible and "note" not in chosen
+    # the comparison block: power, Holm-adjusted p-values, verdict
+    assert metrics["power"]["n_test_prompts"] == 5 and set(metrics["holm"]) == {"steering"}
+    assert metrics["verdict"] and any("steering" in v for v in metrics["verdict"])
     # every column of the table, for every arm that ran
     rows = {r["method"]: r for r in table_rows(metrics)}
     for col in ("expected max toxicity [95% CI]", "toxicity probability [95% CI]", "mean toxicity [95% CI]",
@@ -61,10 +68,12 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
     assert json.loads((out / "record.json").read_text())["methods"] == ["steering", "selfcorrect"]
     test_rows = [json.loads(x) for x in (out / "test" / "steering" / "results.jsonl").read_text().splitlines()]
     assert {r["prompt_id"] for r in test_rows} <= test_ids and {r["prompt"] for r in test_rows} <= test_texts
-    for f in ("report.html", "figures/tradeoff.png", "figures/categories.png", "tables/results.csv"):
+    for f in ("report.html", "figures/tradeoff.png", "figures/categories.png", "figures/dose_response.png",
+              "tables/results.csv"):
         assert (out / f).stat().st_size > 0, f
     html = (out / "report.html").read_text()
     assert "Detoxification benchmark" in html and "data:image/png;base64" in html and "failed" in html
+    assert "Verdict" in html and html.index("Verdict") < html.index("Results: toxicity")
     # resume: lose half of an arm's rows; the rerun regenerates them and reaches the same numbers
     f = out / "test" / "steering" / "results.jsonl"
     f.write_text("\n".join(f.read_text().splitlines()[:4]) + "\n")

@@ -134,3 +134,44 @@ def test_scored_run_rows(tmp_path, llama):
     for r in rows:
         assert r["toxicity"] == pytest.approx(r["continuation"].count("!") / max(1, len(r["continuation"])))
     assert json.loads(Path(tmp_path / "s" / "config.json").read_text())["scorer"] == "bang"
+
+
+def test_model_generate_text_and_tokens(llama):
+    """Model.generate: text and token ids, equal to generate() and to decoding its own tokens; k rows per prompt."""
+    out = llama.generate(PROMPTS[:5], max_new_tokens=8)
+    assert out.per_prompt() == generate(llama, PROMPTS[:5], max_new_tokens=8)
+    assert out.texts == [llama.tok.decode(t, skip_special_tokens=True) for t in out.tokens]
+    assert all(0 < len(t) <= 8 and 1 not in t for t in out.tokens)  # cut before <eos> (id 1)
+    one = llama.generate(PROMPTS[0], max_new_tokens=8)
+    assert one.text == out.texts[0] and one.prompts == [PROMPTS[0]]
+    sampled = llama.generate(PROMPTS[:3], max_new_tokens=8, sampling="t1.0", k=2, seed=3)
+    assert len(sampled.texts) == 6 and sampled.per_prompt() == generate(llama, PROMPTS[:3], CFG, max_new_tokens=8)
+    with pytest.raises(sl.SteerlabError, match="6 continuations"):
+        _ = sampled.text
+    with pytest.raises(sl.SteerlabError, match="needs a sampling preset"):
+        llama.generate(PROMPTS[:2], k=2)
+
+
+def test_trim_tokens_stops_at_first_eos(llama):
+    from steerlab.generation import trim_tokens
+
+    new = torch.tensor([[5, 6, 1, 0, 0], [7, 8, 9, 10, 11], [1, 0, 0, 0, 0]])
+    assert trim_tokens(llama, new) == [[5, 6], [7, 8, 9, 10, 11], []]
+
+
+def test_model_generate_defaults_equal_the_cli():
+    """Python's defaults (Model.generate, GenConfig) are `steerlab generate`'s."""
+    import inspect
+
+    import typer
+
+    from steerlab.cli import app
+    from steerlab.models.model import Model
+
+    cmd = typer.main.get_command(app).commands["generate"]
+    cli = {p.name: p.default for p in cmd.params}
+    py = {n: p.default for n, p in inspect.signature(Model.generate).parameters.items() if n not in ("self", "prompts")}
+    assert set(py) - {"progress"} <= set(cli) | {"k"}
+    for name, value in py.items():
+        if name != "progress":
+            assert cli[name] == value == getattr(GenConfig(), name), name

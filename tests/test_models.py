@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -172,19 +173,40 @@ def _flip_bytes(path: Path, offset: int, n: int = 4096) -> None:
 
 
 def test_cache_manifest_detects_changes_by_content(tmp_path):
+    from safetensors.torch import save_file
+
     d = tmp_path / "cache"
     d.mkdir()
-    (d / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, d / "model.safetensors")
     (d / "config.json").write_text('{"a": 1}')
     sha = "ab" * 32
+    size = (d / "model.safetensors").stat().st_size
     man = loading.write_manifest(d, tmp_path / "m.gguf", sha)
     assert man["sha256"]["config.json"] == hashlib.sha256(b'{"a": 1}').hexdigest()   # independent hash
-    assert man["files"] == {"config.json": 8, "model.safetensors": 16384}
-    assert loading.cache_problem(d, sha) is None
+    assert man["files"] == {"config.json": 8, "model.safetensors": size}
+    assert loading.cache_problem(d, sha) is None and loading.cache_problem(d, sha, full=True) is None
     assert loading.cache_problem(d, "cd" * 32) == "manifest does not match the GGUF file"
-    _flip_bytes(d / "model.safetensors", 8000, 16)          # same size, other content
-    assert loading.cache_problem(d, sha) == ("model.safetensors does not match the SHA-256 recorded in the "
-                                             "manifest (changed or corrupt)")
+    # same size, other content, same modification time (restored): only the full check sees it
+    t = (d / "model.safetensors").stat().st_mtime_ns
+    _flip_bytes(d / "model.safetensors", size - 1000, 16)
+    os.utime(d / "model.safetensors", ns=(t, t))
+    bad = "model.safetensors does not match the SHA-256 recorded in the manifest (changed or corrupt)"
+    assert loading.cache_problem(d, sha) is None
+    assert loading.cache_problem(d, sha, full=True) == bad
+    # ... or any check once its modification time differs from the manifest's
+    os.utime(d / "model.safetensors", ns=(t + 10**9, t + 10**9))
+    assert loading.cache_problem(d, sha) == bad
+    # a file written in place whose content is unchanged is hashed once, then the manifest knows its time
+    loading.write_manifest(d, tmp_path / "m.gguf", sha)
+    os.utime(d / "config.json", ns=(t + 2 * 10**9, t + 2 * 10**9))
+    assert loading.cache_problem(d, sha) is None
+    assert json.loads((d / "steerlab-cache.json").read_text())["mtime_ns"]["config.json"] == t + 2 * 10**9
+    # a damaged safetensors header at the same size is caught without hashing
+    _flip_bytes(d / "model.safetensors", 8, 4)
+    os.utime(d / "model.safetensors", ns=(t, t))
+    loading.write_manifest(d, tmp_path / "m.gguf", sha)
+    assert "model.safetensors has a damaged safetensors header" in loading.cache_problem(d, sha)
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, d / "model.safetensors")
     loading.write_manifest(d, tmp_path / "m.gguf", sha)
     legacy = json.loads((d / "steerlab-cache.json").read_text())
     del legacy["sha256"]                                    # a manifest from before content hashes

@@ -58,8 +58,14 @@ def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bo
         if keep:
             ppl = perplexity(fluency_model, [conts[i] for i in keep], prompts=[rows[i]["prompt"] for i in keep],
                              chat=chat, batch_size=batch_size)
+            by_prompt: dict[str, list[float]] = {}
+            for j, i in enumerate(keep):
+                acc = by_prompt.setdefault(rows[i]["prompt_id"], [0.0, 0])
+                acc[0] += float(ppl.nll[j])
+                acc[1] += int(ppl.n_tokens[j])
+            # per prompt (summed NLL in nats, scored tokens): paired perplexity ratios between arms
             out["fluency"] = {"perplexity": float(ppl.aggregate), "reference_model": fluency_model.name,
-                              "n_scored": len(keep)}
+                              "n_scored": len(keep), "by_prompt": by_prompt}
     return out
 
 

@@ -18,16 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
 from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
 from .parallel import run_loop
+from .progress import progress_iter
+from .scoring.registry import scorer_identity
+from .validate import NonFiniteError, allocation
 
 SAMPLING: dict[str, dict] = {
     "greedy": {"do_sample": False},
@@ -121,21 +123,106 @@ def generate_ids(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str] 
     if len(keys) != len(texts):
         raise SteerlabError(f"{len(keys)} keys for {len(texts)} texts")
     enc = model.encode(texts, chat=cfg.chat)
+    check_memory(model, len(texts) * cfg.k, enc["input_ids"].shape[1], cfg.max_new_tokens)
     ids, mask = enc["input_ids"].repeat_interleave(cfg.k, 0), enc["attention_mask"].repeat_interleave(cfg.k, 0)
     kw: dict = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     preset = SAMPLING[cfg.sampling]
+    procs: list = [FiniteLogits(ids.shape[1])]  # NaN logits stop the run here, never reach a sampler
     if preset.get("do_sample"):
-        kw["logits_processor"] = LogitsProcessorList([RowSampler(
-            row_seeds(cfg, keys).to(ids.device), ids.shape[1], preset["temperature"], preset["top_p"])])
+        procs.append(RowSampler(row_seeds(cfg, keys).to(ids.device), ids.shape[1], preset["temperature"],
+                                preset["top_p"]))
+    kw["logits_processor"] = LogitsProcessorList(procs)
     out = model.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
                             pad_token_id=model.pad_id, **kw)
     return out[:, ids.shape[1]:]
+
+
+def generation_bytes(model: Model, rows: int, prompt_len: int, new_tokens: int) -> float:
+    """A rough lower estimate of the memory one ``generate`` call of ``rows`` rows needs: the KV cache
+    over the whole sequence, the prefill's activations and attention scores, and a few copies of the
+    last position's logits (scores, log-probabilities, the sampler's sort)."""
+    T, e = prompt_len + new_tokens, torch.finfo(model.dtype).bits // 8
+    kv = 2 * model.n_layers * model.n_kv_heads * model.d_head * e * T
+    prefill = prompt_len * (model.d_model + model.d_mlp) * e * 4 + model.n_heads * prompt_len ** 2 * 4
+    return float(rows) * (kv + prefill + model.vocab_size * 4 * 4)
+
+
+def check_memory(model: Model, rows: int, prompt_len: int, new_tokens: int) -> None:
+    """Refuse a generate call whose estimate (:func:`generation_bytes`) exceeds the memory of the
+    model's device (the GPU's, or this machine's physical memory) before allocating anything."""
+    limit = None
+    if model.device.type == "cuda":
+        limit = torch.cuda.get_device_properties(model.device).total_memory
+    allocation(generation_bytes(model, rows, prompt_len, new_tokens),
+               f"generating {rows} rows (prompts x samples) of {prompt_len} + {new_tokens} tokens at once",
+               "lower -k, --batch-size or --max-new-tokens", limit)
 
 
 def generate_batch(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str] | None = None) -> list[list[str]]:
     """One ``generate`` call (:func:`generate_ids`): ``k`` continuations of each text (list per text)."""
     new = model.tok.batch_decode(generate_ids(model, texts, cfg, keys), skip_special_tokens=True)
     return [new[i * cfg.k:(i + 1) * cfg.k] for i in range(len(texts))]
+
+
+@dataclass
+class Generation:
+    """What :meth:`steerlab.models.model.Model.generate` returns: ``k`` continuations of each prompt.
+    Rows are in prompt order, then sample order: ``texts[i]`` (the decoded continuation, special
+    tokens dropped) and ``tokens[i]`` (its new token ids, cut before the first end-of-sequence
+    token) belong to prompt ``i // k``, sample ``i % k``."""
+
+    prompts: list
+    k: int
+    texts: list[str]
+    tokens: list[list[int]]
+
+    @property
+    def text(self) -> str:
+        """The one continuation of a single-prompt, single-sample call."""
+        if len(self.texts) != 1:
+            raise SteerlabError(f"{len(self.texts)} continuations ({len(self.prompts)} prompts x k={self.k}); "
+                                f"use .texts or .per_prompt()")
+        return self.texts[0]
+
+    def per_prompt(self) -> list[list[str]]:
+        """The ``k`` continuations of each prompt, one list per prompt."""
+        return [self.texts[i * self.k:(i + 1) * self.k] for i in range(len(self.prompts))]
+
+    def __str__(self) -> str:
+        return "\n".join(self.texts)
+
+
+def trim_tokens(model: Model, new: torch.Tensor) -> list[list[int]]:
+    """New token ids of each row of ``generate_ids``, cut before the first end-of-sequence token
+    (after which ``generate`` pads)."""
+    eos = getattr(model.hf.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = model.tok.eos_token_id
+    stop = set(eos if isinstance(eos, list) else [eos]) - {None}
+    out = []
+    for row in new.tolist():
+        cut = next((j for j, t in enumerate(row) if t in stop), len(row))
+        out.append(row[:cut])
+    return out
+
+
+def generate_text(model: Model, prompts: str | Sequence, cfg: GenConfig | None = None,
+                  progress: bool | None = None, **kw) -> Generation:
+    """Continuations of ``prompts`` (one string or a sequence) as text and token ids
+    (:class:`Generation`), with :class:`GenConfig`'s defaults, which are the command line's
+    (``steerlab generate``: 20 new tokens, greedy, ``k=1``, seed 0, raw completion, batch 16).
+    Keyword arguments override fields of ``cfg``; any active :func:`steerlab.edit` applies."""
+    cfg = GenConfig(**{**(asdict(cfg) if cfg else {}), **kw})
+    plist = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids, texts = prompt_ids_texts(plist)
+    toks: list[list[list[int]] | None] = [None] * len(texts)
+    batches = generation_batches(model, ids, texts, cfg)
+    for b in progress_iter(batches, "generate", show=progress if progress is not None else len(batches) >= 4):
+        rows = trim_tokens(model, generate_ids(model, [texts[i] for i in b], cfg, [ids[i] for i in b]))
+        for j, i in enumerate(b):
+            toks[i] = rows[j * cfg.k:(j + 1) * cfg.k]
+    flat = [t for per in toks for t in per]  # type: ignore[union-attr]
+    return Generation(plist, cfg.k, model.tok.batch_decode(flat, skip_special_tokens=True), flat)
 
 
 def generate(model: Model, prompts: Sequence, cfg: GenConfig | None = None, progress: bool | None = None,
@@ -147,8 +234,7 @@ def generate(model: Model, prompts: Sequence, cfg: GenConfig | None = None, prog
     ids, texts = prompt_ids_texts(prompts)
     out: list[list[str] | None] = [None] * len(texts)
     batches = generation_batches(model, ids, texts, cfg)
-    show = progress if progress is not None else len(batches) >= 4
-    for b in tqdm(batches, desc="generate", disable=not show, leave=False):
+    for b in progress_iter(batches, "generate", show=progress if progress is not None else len(batches) >= 4):
         for i, conts in zip(b, generate_batch(model, [texts[i] for i in b], cfg, [ids[i] for i in b])):
             out[i] = conts
     return out  # type: ignore[return-value]
@@ -177,11 +263,12 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
     ids, texts = prompt_ids_texts(prompts)
     opts = dict(apply_options or {})
     config = {"kind": "generate", "model": model.name, "model_fingerprint": model.fingerprint, **asdict(cfg),
-              "scorer": getattr(scorer, "name", None), "prompts_fingerprint": text_id("\n".join(ids)),
+              **scorer_identity(scorer), "prompts_fingerprint": text_id("\n".join(ids)),
               "n_prompts": len(ids), **(extra_config or {})}
     extra_record: dict = {}
     if intervention is not None:
         intervention.check(model)
+        probe(model, intervention, texts[0], ids[0], cfg, opts)
         config["intervention"] = {"method": intervention.method, "fingerprint": intervention.fingerprint(),
                                   "apply": opts}
         extra_record = {"intervention": intervention.describe()}
@@ -205,6 +292,14 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
     return sorted(rows, key=lambda r: (pos.get(r["prompt_id"], len(pos)), r["sample"]))
 
 
+def probe(model: Model, intervention, text, key: str, cfg: GenConfig, options: dict) -> None:
+    """Two tokens of one prompt with ``intervention`` applied with ``options``, before a run writes
+    anything: an apply option the method refuses, or a value that overflows a forward (NaN or inf
+    logits), fails here, while the run directory is untouched, instead of after ``config.json``
+    exists (which would then refuse the corrected command as a changed config)."""
+    intervention.generate(model, [text], replace(cfg, max_new_tokens=2, k=1, batch_size=1), [key], **options)
+
+
 def score_rows(rows: list[dict], scorer, field: str = "continuation") -> list[dict]:
     """Add ``toxicity`` (the scorer's main attribute) and ``scores`` (every attribute) to rows, in
     one scorer call; rows are returned unchanged without a scorer."""
@@ -215,6 +310,30 @@ def score_rows(rows: list[dict], scorer, field: str = "continuation") -> list[di
         r["toxicity"] = float(scores[scorer.attributes[0]][j])
         r["scores"] = {a: float(v[j]) for a, v in scores.items()}
     return rows
+
+
+class FiniteLogits:
+    """A logits processor that stops generation with a :class:`~steerlab.validate.NonFiniteError`
+    when the logits hold NaN or +inf, or a row has no finite logit: an edit or a weight change
+    overflowed (a strength like ``alpha=1e30``, a NaN factor). Without it greedy decoding picks an
+    arbitrary token and the sampler fails, and the run looks like it produced (empty) text. The
+    message names the edited sites whose output went non-finite. One reduction per step."""
+
+    def __init__(self, prompt_len: int):
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        ok = ~(torch.isnan(scores).any() | torch.isposinf(scores).any()) & torch.isfinite(scores).any(-1).all()
+        if not bool(ok):
+            from .hooks import nonfinite_sites
+
+            sites = nonfinite_sites()
+            where = (f"; non-finite values first appear in the output of the edit at {', '.join(sites)}" if sites
+                     else "; no edited site's output was non-finite, so a weight change or the model itself is the cause")
+            raise NonFiniteError(f"the model produced NaN or infinite logits at decoding step "
+                                 f"{input_ids.shape[1] - self.prompt_len}{where}; lower the strength or check the "
+                                 f"intervention's values")
+        return scores
 
 
 # --- per-row sampling with common random numbers -------------------------------------------------

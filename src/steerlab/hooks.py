@@ -14,12 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from .errors import EmptyInputError, ShapeError
+from .errors import EmptyInputError, ShapeError, SteerlabError
 from .models.adapters import Site, get_module
 from .models.model import Model
 from .positions import Position, as_position, first_real
+from .progress import progress_iter
+from .validate import ValidationError, number
 
 
 class _Stop(Exception):
@@ -137,7 +138,7 @@ def capture(
             handles.append(_hook_site(model, s, reader(s)))
         batches = list(model.batches(mask_all, batch_size))
         show = progress if progress is not None else len(batches) >= 8
-        for rows, cols in tqdm(batches, desc="capture", disable=not show, leave=False):
+        for rows, cols in progress_iter(batches, "capture", show=show):
             mask, ids = mask_all[rows, cols], ids_all[rows, cols]
             state["mask"] = mask
             try:
@@ -286,12 +287,16 @@ class EditFn:
 
 
 def strength(alpha, device, dtype) -> torch.Tensor | float:
-    if isinstance(alpha, torch.Tensor) or isinstance(alpha, Sequence):
+    """A strength as a float or a ``[batch]`` tensor on ``device``; NaN or infinity is a
+    :class:`~steerlab.validate.ValidationError` (it would turn every edited activation into NaN)."""
+    if isinstance(alpha, torch.Tensor) or (isinstance(alpha, Sequence) and not isinstance(alpha, str)):
         a = torch.as_tensor(alpha, device=device, dtype=dtype)
         if a.dim() > 1:
             raise ShapeError(f"strength must be a scalar or a [batch] vector, got shape {tuple(a.shape)}")
+        if not bool(torch.isfinite(a).all()):
+            raise ValidationError(f"strength must be finite in every row, got {a.tolist()[:8]}")
         return a
-    return float(alpha)
+    return number(alpha, "strength (alpha)")
 
 
 def per_row(a, act: torch.Tensor):
@@ -426,6 +431,16 @@ def _check_edit_result(site: Site, x: torch.Tensor, y) -> torch.Tensor:
     return y
 
 
+_WATCH: list[dict[str, torch.Tensor]] = []
+"""One dict per active :func:`edit`: site -> a bool tensor, True once the site's edited output held
+NaN or inf. Accumulated on the device without a sync; read only when something went wrong."""
+
+
+def nonfinite_sites() -> list[str]:
+    """The sites of the active edits whose output held NaN or inf in some forward so far."""
+    return [s for w in _WATCH for s, bad in w.items() if bool(bad)]
+
+
 @contextmanager
 def edit(model: Model, edits: Mapping[str, EditSpec | Sequence[EditSpec]]) -> Iterator[Step]:
     """Write activations while the body runs: ``{site: fn}`` where ``fn(act, step)`` returns the
@@ -451,11 +466,18 @@ def edit(model: Model, edits: Mapping[str, EditSpec | Sequence[EditSpec]]) -> It
                 y = f(x, step)
                 if y is not None:
                     x = _check_edit_result(site, x, y)
+            bad = ~torch.isfinite(x).all()
+            watch[site.name] = bad if site.name not in watch else watch[site.name] | bad
             return x
 
         plan.append((site, apply))
-    with _installed(model, plan) as step:
-        yield step
+    watch: dict[str, torch.Tensor] = {}
+    _WATCH.append(watch)
+    try:
+        with _installed(model, plan) as step:
+            yield step
+    finally:
+        _WATCH.remove(watch)
 
 
 class Recording(dict):
@@ -470,6 +492,20 @@ class Recording(dict):
     input_ids: torch.Tensor | None = None
     calls: int = 0
     passes: int = 0
+    sites: tuple[str, ...] = ()
+
+    def __missing__(self, site: str):
+        if site in self.sites:
+            raise RecordingError(f"nothing recorded at {site!r} yet: a recording fills in when its with block "
+                                 f"exits, after at least one forward or generate inside it")
+        raise RecordingError(f"{site!r} was not recorded; this recording holds {', '.join(self.sites) or 'no site'}")
+
+
+class RecordingError(SteerlabError, KeyError):
+    """A site read from a :class:`Recording` that does not hold it (yet): a ``KeyError`` too."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""
 
 
 @contextmanager
@@ -495,6 +531,7 @@ def record(model: Model, sites: str | Sequence[str], positions: str = "all", *,
     parts: dict[str, list[torch.Tensor]] = {}
     meta: dict[str, list[torch.Tensor]] = {"mask": [], "ids": []}
     out = Recording()
+    out.sites = tuple(names)
 
     def on_call(step: Step) -> None:
         if step.past_len == 0:  # a new pass: forget the previous one

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -33,6 +34,7 @@ import torch
 
 from .errors import SteerlabError
 from .models.model import Model
+from .validate import NonFiniteError, keywords
 
 
 @dataclass
@@ -133,8 +135,18 @@ class Intervention(ABC):
         :meth:`apply` around one batched generate; prompt-side methods override it."""
         from .generation import generate_batch
 
-        with self.apply(model, **options):
-            return generate_batch(model, list(texts), cfg, keys)
+        try:
+            with self.apply(model, **options):
+                return generate_batch(model, list(texts), cfg, keys)
+        except NonFiniteError as e:
+            raise self.nonfinite(e, options) from None
+
+    def nonfinite(self, e: NonFiniteError, options: dict) -> NonFiniteError:
+        """``e`` (NaN or inf in a forward under this intervention) with the intervention and its apply
+        options named."""
+        opts = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "its defaults"
+        return NonFiniteError(f"{self.method} intervention at {', '.join(self.sites[:4]) or '-'} applied with "
+                              f"{opts}: {e}")
 
     # --- the detoxification benchmark ---------------------------------------------------------
     @classmethod
@@ -195,6 +207,9 @@ def read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if not isinstance(path, str | os.PathLike) or not str(path):
+        got = "an empty string" if path == "" else type(path).__name__
+        raise InterventionError(f"an intervention file path must be a non-empty string or path, got {got}")
     path = Path(path)
     if not path.is_file():
         raise InterventionError(f"intervention file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
@@ -205,6 +220,11 @@ def read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except Exception as e:
         raise InterventionError(f"{path} is not a readable safetensors file (truncated or another format?): "
                                 f"{type(e).__name__}: {e}") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise InterventionError(f"{path} holds NaN or infinite values in {', '.join(sorted(bad)[:4])}"
+                                f"{f' (+{len(bad) - 4} more)' if len(bad) > 4 else ''}: the file is corrupt or was "
+                                f"edited; refit the intervention")
     try:
         meta = json.loads(raw) if raw else None
     except json.JSONDecodeError:
@@ -278,8 +298,11 @@ def list_interventions() -> dict[str, str]:
 
 
 def fit(method: str, model: Model, data: Any, **options: Any) -> Intervention:
-    """Fit the registered ``method`` on ``model`` from ``data``."""
-    return get(method).fit(model, data, **options)
+    """Fit the registered ``method`` on ``model`` from ``data``; an option its ``fit`` does not take
+    is an error listing the ones it does."""
+    cls = get(method)
+    keywords(cls.fit, options, f"fitting {method!r}")
+    return cls.fit(model, data, **options)
 
 
 def load(path: str | Path, model: Model | None = None, strict: bool = True) -> Intervention:

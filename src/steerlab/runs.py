@@ -8,7 +8,9 @@ fsynced, so a crash loses at most the batch in flight and a rerun resumes), ``me
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import fcntl
 import io
 import json
@@ -20,9 +22,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tqdm.auto import tqdm
-
 from .errors import SteerlabError
+from .validate import json_safe
 
 
 class RunError(SteerlabError):
@@ -58,21 +59,34 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None] | by
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a quota, an I/O error: one line, nothing left behind
+        Path(tmp).unlink(missing_ok=True)
+        raise SteerlabError(f"cannot write {path}: {e.strerror or e}{_full_hint(e)}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
+def _full_hint(e: OSError) -> str:
+    return "; free some space and rerun the same command (it resumes)" if e.errno in (errno.ENOSPC, errno.EDQUOT) \
+        else ""
+
+
+def _dumps(obj: Any, **kw) -> str:
+    """JSON text of ``obj`` with NaN and infinity written as ``null`` (standard JSON, never a bare ``NaN``)."""
+    return json.dumps(json_safe(obj), allow_nan=False, default=str, **kw)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write JSON atomically (see :func:`write_atomic`)."""
-    return write_atomic(path, json.dumps(obj, indent=1, default=str).encode())
+    return write_atomic(path, _dumps(obj, indent=1).encode())
 
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """Write one JSON object per line, atomically."""
-    return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode())
+    return write_atomic(path, "".join(_dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] | None = None,
@@ -139,11 +153,18 @@ class RunDir:
         except BaseException:
             self.close()
             raise
-        if overwrite:
-            for name in ("results.jsonl", "metrics.json", "record.json"):
-                (self.path / name).unlink(missing_ok=True)
-        (self.path / "figures").mkdir(exist_ok=True)
-        write_json(cfg_file, self.config)
+        try:
+            if overwrite:
+                for name in ("results.jsonl", "metrics.json", "record.json"):
+                    (self.path / name).unlink(missing_ok=True)
+            (self.path / "figures").mkdir(exist_ok=True)
+            write_json(cfg_file, self.config)
+        except OSError as e:
+            self.close()
+            raise RunError(f"cannot write into run directory {self.path}: {e.strerror or e}") from None
+        except BaseException:
+            self.close()
+            raise
         self.results = self.path / "results.jsonl"
 
     def _check_config(self, cfg_file: Path, overwrite: bool) -> None:
@@ -161,7 +182,10 @@ class RunDir:
     # --- the lock ------------------------------------------------------------------------------
     def _lock(self) -> None:
         lock = self.path / ".lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            raise RunError(f"cannot use run directory {self.path}: {e.strerror or e} (is it read-only?)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -220,14 +244,28 @@ class RunDir:
         return rows
 
     def append(self, rows: Iterable[dict]) -> None:
-        """Append rows in one write, flushed and fsynced."""
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        if not text:
+        """Append rows in one write, fsynced. When the write fails (a full disk, an I/O error) the
+        file is cut back to its previous end and the error is a :class:`RunError` in one line: the
+        batch is lost, and rerunning the same command runs it again (resumable)."""
+        data = "".join(_dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+        if not data:
             return
-        with open(self.results, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        fd, end = -1, None
+        try:
+            fd = os.open(self.results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666 & ~_umask())
+            end = os.fstat(fd).st_size
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            if fd >= 0 and end is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+            raise RunError(f"cannot write results to {self.results}: {e.strerror or e}{_full_hint(e)}") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def loop(self, batches: Sequence[Sequence[Any]], work: Callable[[Sequence[Any], int], list[dict]], *,
              keys: Callable[[Any], Iterable[Hashable]], row_key: Callable[[dict], Hashable],
@@ -242,20 +280,28 @@ class RunDir:
         done = {row_key(r) for r in self.rows(row_key)}
         total = sum(1 for b in batches for x in b for _ in keys(x))
         todo = [b for b in batches if any(k not in done for x in b for k in keys(x))]
-        show = progress if progress is not None else True
-        bar = tqdm(total=total, initial=total - sum(1 for b in todo for x in b for _ in keys(x)), desc=desc,
-                   unit="row", disable=not show, leave=False)
+        from .progress import Progress
+
+        bar = Progress(total, f"{desc} {self.path.parent.name}/{self.path.name}", unit="row",
+                       initial=total - sum(1 for b in todo for x in b for _ in keys(x)),
+                       show=(progress if progress is not None else True) and bool(todo))
         t0 = time.perf_counter()
+        failed = True
         try:
             for b in todo:
                 rows = [r for r in work(b, seed(b)) if row_key(r) not in done]
                 self.append(rows)
                 done.update(row_key(r) for r in rows)
                 bar.update(sum(1 for x in b for _ in keys(x)))
+            failed = False
         finally:
             bar.close()
             if todo:
-                self.add_seconds(f"{desc}_seconds", time.perf_counter() - t0)
+                try:
+                    self.add_seconds(f"{desc}_seconds", time.perf_counter() - t0)
+                except SteerlabError:
+                    if not failed:  # after a failure (a full disk) its own error is the one to show
+                        raise
         return self.rows(row_key)
 
     # --- records -------------------------------------------------------------------------------

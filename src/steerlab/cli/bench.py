@@ -59,4 +59,6 @@ def bench(
     if not group().main:  # a data-parallel launch: rank 0 reports
         return
     print_bench(m.name, metrics)
+    for line in metrics.get("verdict", []):
+        console.print(f"- {line}", markup=False, highlight=False)
     console.print(f"report: {out}/report.html (wall time of this call {metrics['wall_seconds_this_call']:.0f} s)")

@@ -47,9 +47,11 @@ from ..evaluation import (
 )
 from ..generation import SAMPLING, GenConfig, generate_run
 from ..interventions import BenchData, Intervention, bench_methods, get
+from ..metrics.compare import choose_setting, paired_perplexity_ratio
 from ..models.model import Model
 from ..parallel import group
 from ..runs import RunDir, read_record, write_json
+from .bench_verdict import comparison
 from .presets import from_preset
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -89,6 +91,7 @@ class BenchConfig:
     n_neutral: int = 64                 # neutral sentences for side effects (0: all 260 bundled ones)
     test_all_settings: bool = False     # also test every candidate setting (reported apart, not used to choose)
     timing_reps: int = 3                # paired timing of one test batch per arm (evaluation.generation_overhead)
+    matched_ppl: tuple[float, ...] = (1.1, 1.25)  # perplexity ratios at which methods are compared
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -172,36 +175,56 @@ def _summary(model: Model, rows: list[dict]) -> dict:
 
 
 def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchData, val, cfg: BenchConfig,
-            base: dict) -> tuple[dict, list[dict]]:
-    """Every setting on the validation prompts; the least toxic admissible one (see the module docstring).
+            base: dict, progress: bool = False) -> tuple[dict, list[dict]]:
+    """Every setting on the validation prompts, then :func:`choose` (see the module docstring).
     In a data-parallel launch, rank 0 lists the settings and measures each; every rank chooses from that."""
     g = group()
     table = []
     for i, opts in enumerate(g.on_main(lambda: iv.bench_settings(model, data, cfg.preset))):
         rows = generate_run(model, val, path / "val" / name / str(i), _gen(cfg, True), scorer=data.scorer,
-                            intervention=iv, apply_options=opts, progress=False)
+                            intervention=iv, apply_options=opts, progress=progress)
         table.append(g.on_main(lambda opts=opts, rows=rows: _setting_row(model, opts, rows, cfg, base)))
-    admissible = [t for t in table if t["admissible"]]
-    pick = min(admissible, key=lambda t: t["mean_toxicity"]) if admissible else min(table, key=lambda t: t["perplexity"])
-    if not admissible:
-        pick = {**pick, "note": "no setting met the fluency/diversity rule: the most fluent one is tested"}
-    return pick, table
+    return choose(table, cfg.max_ppl_ratio), table
+
+
+def choose(table: list[dict], limit: float) -> dict:
+    """The chosen setting among validation rows (:func:`_setting_row`): the one-standard-error rule
+    on the smoothed dose-response curve (settings ordered by their perplexity ratio; toxicity change
+    fitted non-increasing) among the admissible settings, whose perplexity-ratio CI stays within the
+    limit and whose distinct-2 is not too low. Without one, the most fluent setting, with a note."""
+    order = sorted(range(len(table)), key=lambda i: table[i]["ppl_ratio"]["value"])
+    rows = [table[i] for i in order]
+    cost_high = [r["ppl_ratio"]["hi"] if r["admissible"] else float("inf") for r in rows]
+    effect = [r["mean_toxicity_change"]["value"] for r in rows]
+    se = [(r["mean_toxicity_change"]["hi"] - r["mean_toxicity_change"]["lo"]) / (2 * 1.96) for r in rows]
+    i = choose_setting(effect, se, cost_high, limit=limit)
+    if i is not None:
+        return rows[i]
+    return {**rows[0], "note": "no setting met the fluency/diversity rule: the most fluent one is tested"}
 
 
 def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, base: dict) -> dict:
+    """One validation setting: its toxicity change from the unsteered model on the same prompts and
+    random numbers (paired CI, two-sided p), its perplexity ratio (paired CI) and the admissibility
+    rule: perplexity-ratio CI upper bound <= ``max_ppl_ratio`` and distinct-2 >= ``min_distinct_ratio`` x."""
     s = _summary(model, rows)
     ppl, d2 = s.get("fluency", {}).get("perplexity", float("nan")), s["diversity"]["distinct-2"]
-    ok = ppl <= cfg.max_ppl_ratio * base["ppl"] and d2 >= cfg.min_distinct_ratio * base["distinct-2"]
+    change = paired_to(base["rows"], rows)
+    by_prompt = s.get("fluency", {}).get("by_prompt") or {}
+    ratio = (paired_perplexity_ratio(base["by_prompt"], by_prompt).to_dict() if len(by_prompt) > 1
+             else {"value": float("nan"), "lo": float("nan"), "hi": float("nan")})
+    ok = ratio["hi"] <= cfg.max_ppl_ratio and d2 >= cfg.min_distinct_ratio * base["distinct-2"]
     return {"setting": opts, "mean_toxicity": s["toxicity"]["mean_toxicity"]["value"], "perplexity": ppl,
-            "distinct-2": d2, "admissible": bool(ok)}
+            "distinct-2": d2, "ppl_ratio": ratio, "mean_toxicity_change": change["mean_toxicity"],
+            "p": change["p_two_sided"]["mean_toxicity"], "admissible": bool(ok)}
 
 
 def _evaluate(model: Model, path: Path, name: str, iv: Intervention | None, opts: dict, test, cfg: BenchConfig,
-              scorer, reference) -> tuple[dict, list[dict], float]:
+              scorer, reference, progress: bool = False) -> tuple[dict, list[dict], float]:
     """One arm on the test prompts: metrics, per-category toxicity, side effects, generation time."""
     d = path / "test" / name
     m, rows = evaluate_arm(model, test, d, _gen(cfg, False), scorer, *reference, intervention=iv, apply_options=opts,
-                           progress=False)
+                           progress=progress)
     category = {p.id: (p.category or "all") for p in test}
     by: dict[str, list[float]] = {}
     for r in rows:
@@ -274,35 +297,38 @@ def _arm_names(run: RunDir, model: Model, cfg: BenchConfig, names: list[str]) ->
 
 
 def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -> tuple[list[Arm], dict[str, list[dict]]]:
-    from tqdm.auto import tqdm
-
     from ..data import neutral_texts
+    from ..progress import Progress
 
     g = group()
     neutral = neutral_texts()[: cfg.n_neutral] if cfg.n_neutral else neutral_texts()
     # side effects are measured on rank 0 (evaluation.evaluate_arm): the reference is needed there only
     reference = (g.on_main(lambda: neutral_reference(model, neutral), share=False), neutral)
-    bar = tqdm(total=len(names) + 1, desc="bench", unit="arm", disable=not progress)
-    bar.set_postfix_str("unsteered")
-    val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer, progress=False)
+    bar = Progress(len(names) + 1, "bench", unit="arm", show=progress)
+    bar.note("arm unsteered: validation prompts")
+    val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer, progress=progress)
     base_val = g.on_main(lambda: _summary(model, val_rows))
     base = {"ppl": base_val.get("fluency", {}).get("perplexity", float("nan")),
-            "distinct-2": base_val["diversity"]["distinct-2"]}
-    m, base_rows, secs = _evaluate(model, path, "unsteered", None, {}, test, cfg, scorer, reference)
+            "distinct-2": base_val["diversity"]["distinct-2"], "rows": val_rows,
+            "by_prompt": base_val.get("fluency", {}).get("by_prompt") or {}}
+    bar.note("arm unsteered: test prompts")
+    m, base_rows, secs = _evaluate(model, path, "unsteered", None, {}, test, cfg, scorer, reference, progress)
     arms = [Arm("unsteered", describe="the model as it is", settings={}, metrics=m, generate_seconds=secs,
                 timing=_timing(model, path, "unsteered", None, {}, test, cfg))]
     rows = {"unsteered": base_rows}
     bar.update(1)
     for name in names:
-        bar.set_postfix_str(name)
         arm = Arm(name)
         try:
+            bar.note(f"arm {name}: fit")
             iv, arm.fit_seconds = _fit(model, run, path, name, data, cfg.preset)
             arm.describe = iv.describe()
-            pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base)
+            bar.note(f"arm {name}: settings on validation prompts")
+            pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base, progress)
             arm.settings = pick
+            bar.note(f"arm {name}: test prompts at {pick['setting'] or 'its defaults'}")
             arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, path, name, iv, pick["setting"], test,
-                                                                      cfg, scorer, reference)
+                                                                      cfg, scorer, reference, progress)
             arm.timing = _timing(model, path, name, iv, pick["setting"], test, cfg)
             arm.metrics.update(g.on_main(lambda iv=iv, opts=pick["setting"]: iv.bench_metrics(
                 model, data, test, reference[1], opts, _gen(cfg, False))))
@@ -311,6 +337,7 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
                                              base_rows, rows[name])
         except Exception as e:  # a failing method is reported, the others go on (on every rank alike)
             arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
+            bar.note(f"arm {name} failed: {arm.reason}")
         arms.append(arm)
         bar.update(1)
     bar.close()
@@ -341,6 +368,9 @@ def _paired(arms: list[Arm], rows: dict[str, list[dict]]) -> None:
     for arm in arms:
         if arm.status == "ok":
             arm.metrics["paired_difference"] = paired_to(rows["unsteered"], rows[arm.method])
+            ref, own = (a.metrics.get("fluency", {}).get("by_prompt") or {} for a in (arms[0], arm))
+            if len(ref) > 1 and len(own) > 1:
+                arm.metrics["ppl_ratio"] = paired_perplexity_ratio(ref, own).to_dict()
             if arm.method != "unsteered":
                 arm.metrics["similarity_to_unsteered"] = similarity_to(rows["unsteered"], rows[arm.method])
 
@@ -359,5 +389,7 @@ def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> di
                 row["candidates_test"] = a.candidates
             row.update(a.metrics)
         table.append(row)
-    return {"model": model.name, "model_fingerprint": model.fingerprint, "preset": cfg.preset,
-            "n_test_prompts": n_test, "k": cfg.k, "arms": table}
+    out = {"model": model.name, "model_fingerprint": model.fingerprint, "preset": cfg.preset,
+           "n_test_prompts": n_test, "k": cfg.k, "arms": table}
+    out.update(comparison(table, n_test, cfg.max_ppl_ratio, cfg.matched_ppl))
+    return out

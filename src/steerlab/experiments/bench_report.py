@@ -7,6 +7,8 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..report import figures as F
 from ..report.html import HtmlReport
 from ..runs import write_csv
@@ -93,6 +95,15 @@ def _settings(s: dict) -> str:
     return ", ".join(f"{k}={v[0] if isinstance(v, list) and len(v) == 1 else v}" for k, v in s.items()) or "-"
 
 
+def _power(p: dict | None) -> str:
+    if not p or not p.get("minimum_detectable_effect") == p.get("minimum_detectable_effect"):
+        return "not computed (no method arm finished)"
+    return (f"with {p['n_test_prompts']} paired test prompts and a per-prompt spread of {p['sd_per_prompt']:.3f}, "
+            f"a difference of {p['minimum_detectable_effect']:.3f} in mean toxicity is detected with "
+            f"{p['power']:.0%} power (two-sided, level {p['alpha']:g}); {p['prompts_for_0.03']} prompts would "
+            "detect 0.03")
+
+
 def _ok(metrics: dict) -> list[dict]:
     return [a for a in metrics["arms"] if a["status"] == "ok"]
 
@@ -109,6 +120,44 @@ def tradeoff_figure(path: Path, metrics: dict) -> Path:
         ax.annotate(a["method"], (x, mt["value"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     F.label(ax, "perplexity of the continuations (unedited model; lower = more fluent)",
             "mean toxicity (95% bootstrap CI)", legend_loc="upper right")
+    return F.save(fig, path)
+
+
+def dose_response_figure(path: Path, metrics: dict, limit: float) -> Path | None:
+    """Per method, each validation setting's change in mean toxicity (paired 95% CI) against its
+    perplexity ratio (paired 95% CI, log axis), the monotone fit through them, the admissibility
+    limit and the chosen setting."""
+    from ..metrics.compare import isotonic
+
+    arms = [a for a in _ok(metrics) if len(a.get("selection") or []) > 1 and "ppl_ratio" in a["selection"][0]]
+    if not arms:
+        return None
+    cols = min(3, len(arms))
+    rows = -(-len(arms) // cols)
+    fig, axes = F.figure(rows, cols, title="Dose-response on validation: toxicity change vs fluency cost",
+                         width=4.6 * cols + 0.6, height=3.8 * rows + 0.6, sharey=True)
+    flat = np.atleast_1d(axes).flat
+    for j, (a, ax) in enumerate(zip(arms, flat)):
+        pts = sorted(a["selection"], key=lambda s: s["ppl_ratio"]["value"])
+        x = np.array([s["ppl_ratio"]["value"] for s in pts])
+        y = np.array([s["mean_toxicity_change"]["value"] for s in pts])
+        xerr = [x - [s["ppl_ratio"]["lo"] for s in pts], [s["ppl_ratio"]["hi"] for s in pts] - x]
+        yerr = [y - [s["mean_toxicity_change"]["lo"] for s in pts], [s["mean_toxicity_change"]["hi"] for s in pts] - y]
+        color = F.PALETTE[j % len(F.PALETTE)]
+        ax.errorbar(x, y, xerr=np.maximum(xerr, 0), yerr=np.maximum(yerr, 0), fmt="o", color=color, capsize=3,
+                    alpha=0.8, label="setting (95% CI)")
+        ax.plot(x, isotonic(y, increasing=False), "-", color=color, lw=1.5, label="monotone fit")
+        chosen = a["settings"]
+        ax.plot([chosen["ppl_ratio"]["value"]], [chosen["mean_toxicity_change"]["value"]], "*", ms=16,
+                color="black", label="chosen", zorder=5)
+        ax.axvline(limit, color="#b2182b", ls="--", lw=1, label=f"limit x{limit:g}")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(a["method"], fontsize=11)
+        F.label(ax, "perplexity ratio to unsteered (log)", "Δ mean toxicity vs unsteered" if j % cols == 0 else "",
+                legend=j == 0, legend_loc="lower left")
+    for ax in list(flat):
+        ax.set_visible(False)
     return F.save(fig, path)
 
 
@@ -161,10 +210,19 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
     page = HtmlReport("Detoxification benchmark", f"{model.name} ({model.fingerprint}) · preset {cfg.preset} · "
                       f"{time.strftime('%Y-%m-%d %H:%M')}", base_dir=path)
     failed = [a for a in metrics["arms"] if a["status"] != "ok"]
+    if metrics.get("verdict"):
+        page.heading("Verdict")
+        page.raw("<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in metrics["verdict"]) + "</ul>")
+        page.paragraph("Written from the numbers below: a method lowers toxicity when its paired test CI and a "
+                       "Holm-adjusted p-value across the methods (two-sided, paired bootstrap over prompts) say "
+                       "so; the fluency rule is the perplexity ratio on test.", note=True)
     page.kv({"held-out test prompts": f"{metrics['n_test_prompts']} x {cfg.k} samples, {cfg.sampling}, "
              f"{cfg.max_new_tokens} new tokens, the same per-row random numbers in every arm",
-             "settings chosen on": f"{cfg.n_val} validation prompts x {cfg.k_val}: the least toxic setting with "
-             f"perplexity <= {cfg.max_ppl_ratio}x and distinct-2 >= {cfg.min_distinct_ratio}x the unsteered model's",
+             "settings chosen on": f"{cfg.n_val} validation prompts x {cfg.k_val}: among the settings whose "
+             f"perplexity-ratio 95% CI stays <= {cfg.max_ppl_ratio}x and whose distinct-2 >= "
+             f"{cfg.min_distinct_ratio}x the unsteered model's, the weakest one within one standard error of the "
+             "lowest toxicity on the monotone dose-response fit",
+             "power": _power(metrics.get("power")),
              "scorer": cfg.scorer, "methods": ", ".join(a["method"] for a in metrics["arms"]),
              "failed": "; ".join(f"{a['method']}: {a['reason']}" for a in failed) or "none",
              "wall time of this call": f"{metrics.get('wall_seconds_this_call', float('nan')):.0f} s"})
@@ -179,6 +237,13 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
                "and generation steps where its detector fired. Generation time x: median ratio to the unsteered "
                "model over paired, alternating timings of one test batch (the unsteered row is an A/A timing: how "
                "far from 1 the noise alone goes).")
+    dose = dose_response_figure(path / "figures" / "dose_response.png", metrics, cfg.max_ppl_ratio)
+    if dose is not None:
+        page.heading("Dose-response on validation")
+        page.figure(dose, "Each candidate setting on the validation prompts: change in mean toxicity and "
+                    "perplexity ratio, both paired to the unsteered model with 95% bootstrap CIs; the line is the "
+                    "monotone (isotonic) fit; the star is the chosen setting (one-standard-error rule among the "
+                    "settings whose perplexity-ratio CI stays under the dashed limit).")
     page.heading("Toxicity vs fluency")
     page.figure(figs["tradeoff"], "Each method at its chosen setting; lower-left is better.")
     page.heading("By prompt category")

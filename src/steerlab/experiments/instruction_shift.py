@@ -20,6 +20,7 @@ from ..explain import head_verbs
 from ..explain.head_verbs import INSTRUCTION_VERBS, N_GROUPS
 from ..models.model import Model
 from ..runs import write_csv, write_json
+from ..validate import redact_url
 
 
 @dataclass
@@ -173,7 +174,8 @@ def run_instruction_shift(base: Model, tuned: Model, out: str | Path, cfg: Shift
         for role in ("base", "tuned"):
             if any(r.get("followed") is not None for r in res[role]["scores"]):
                 tests[f"followed_vs_unfollowed_{role}{suffix}"] = followed_vs_unfollowed(res[role]["scores"], key)
-    summary = {"config": asdict(cfg), "base": base.name, "tuned": tuned.name, "tests": tests,
+    shown = redact_url(cfg.labeller) if "://" in cfg.labeller else cfg.labeller  # a URL may carry user:password@
+    summary = {"config": {**asdict(cfg), "labeller": shown}, "base": base.name, "tuned": tuned.name, "tests": tests,
                "seconds": {role: res[role]["seconds"] for role in res},
                "same_family": base.arch.name == tuned.arch.name and base.vocab_size == tuned.vocab_size}
     write_json(out / "summary.json", summary)

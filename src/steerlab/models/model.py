@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import EmptyInputError, ShapeError
+from ..validate import check_text
 from .adapters import Arch, Site, arch_for, get_module
 
 
@@ -173,10 +174,27 @@ class Model:
         if empty:
             raise EmptyInputError(f"text {empty[0]} is empty ({len(empty)} empty text(s)): every text needs "
                                   f"at least one character")
+        for i, t in enumerate(texts):
+            check_text(t, f"text {i}")
         rows = self.tok(texts, add_special_tokens=not chat, truncation=max_length is not None,
                         max_length=max_length)["input_ids"]
         ids, mask = self.pad(rows)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask)}
+
+    def generate(self, prompts: str | Sequence, max_new_tokens: int = 20, chat: bool = False,
+                 sampling: str = "greedy", k: int = 1, seed: int = 0, batch_size: int = 16,
+                 progress: bool | None = None):
+        """Continue ``prompts`` (a string, a list of strings, or with ``chat=True`` also dialogues)
+        and return a :class:`steerlab.generation.Generation`: ``.texts`` (decoded continuations, ``k``
+        per prompt, prompt order) and ``.tokens`` (their new token ids); ``.text`` when there is one.
+        The defaults are ``steerlab generate``'s: 20 new tokens, greedy decoding, raw completion (no
+        chat template), one sample. ``sampling``: ``greedy``, ``t0.7`` or ``t1.0``; sampled rows draw
+        their random numbers from ``(seed, prompt, sample)``, so a steered and an unsteered call see
+        the same ones. Any active :func:`steerlab.edit` or intervention applies."""
+        from ..generation import generate_text
+
+        return generate_text(self, prompts, max_new_tokens=max_new_tokens, chat=chat, sampling=sampling, k=k,
+                             seed=seed, batch_size=batch_size, progress=progress)
 
     # --- forward -----------------------------------------------------------------------------
     def pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ from .registry import (
     parse_option_value,
     register_scorer,
     scorer_from_spec,
+    scorer_identity,
     scorer_options,
     scorer_throughput,
 )
@@ -31,5 +32,5 @@ from .registry import (
 __all__ = [
     "DEFAULT_SCORER", "EnsembleScorer", "Scorer", "ScorerError", "compare_scorers", "get_scorer", "list_scorers",
     "register_scorer", "scorer_throughput", "token_lexicon", "MAIN_ARGUMENTS", "parse_option_value",
-    "scorer_from_spec", "scorer_options",
+    "scorer_from_spec", "scorer_identity", "scorer_options",
 ]

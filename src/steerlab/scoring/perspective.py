@@ -23,11 +23,9 @@ cut to the API's 20 KB limit.
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import math
 import os
-import re
 import time
 import urllib.error
 import urllib.parse
@@ -36,6 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..validate import check_url, redact, redact_url
 from .registry import Scorer, ScorerError
 
 DEFAULT_ENDPOINT = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
@@ -50,41 +49,9 @@ class PerspectiveError(ScorerError):
 def check_endpoint(endpoint: object) -> str:
     """``endpoint`` if it is a usable Perspective endpoint, else a :class:`PerspectiveError` saying why:
     an ``https://`` URL with a host, or ``http://`` to a loopback host; no user name or password in
-    it, a numeric port, no spaces or control characters."""
-    if not isinstance(endpoint, str) or not endpoint:
-        got = "an empty string" if endpoint == "" else type(endpoint).__name__
-        raise PerspectiveError(f"the Perspective endpoint must be a non-empty URL string, got {got}")
-    # shown without query, fragment or user:password@ (any of them may hold a key)
-    shown = repr(re.sub(r"//[^/]*@", "//", endpoint.split("?", 1)[0].split("#", 1)[0]))
-    rule = "use https://HOST/PATH (or http:// to localhost, 127.0.0.0/8 or [::1] for a local test server)"
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in endpoint):
-        raise PerspectiveError(f"the Perspective endpoint {shown} contains spaces or control characters; {rule}")
-    try:
-        parts = urllib.parse.urlsplit(endpoint)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
-    except ValueError as e:
-        raise PerspectiveError(f"the Perspective endpoint {shown} is not a valid URL ({e}); {rule}") from None
-    scheme, host = parts.scheme.lower(), parts.hostname or ""
-    if scheme not in ("https", "http") or not host:
-        what = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
-        raise PerspectiveError(f"the Perspective endpoint {shown} has {what}"
-                               f"{'' if host else ' and no host'}; {rule}")
-    if parts.username is not None or parts.password is not None:
-        raise PerspectiveError(f"the Perspective endpoint {shown} carries a user name or "
-                               f"password (before '@'); {rule}")
-    if scheme == "http" and not _is_loopback(host):
-        raise PerspectiveError(f"the Perspective endpoint {shown} is plain http to {host!r}, which would send "
-                               f"the API key unencrypted; {rule}")
-    return endpoint
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    it, a numeric port, no spaces or control characters (:func:`steerlab.validate.check_url`; the
+    endpoint is shown redacted)."""
+    return check_url(endpoint, "Perspective endpoint", key_sent=True, error=PerspectiveError)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -138,6 +105,8 @@ class PerspectiveScorer(Scorer):
         self.min_interval = 0.0 if math.isinf(qps) else 1.0 / qps
         self.max_retries, self.backoff, self.max_backoff, self.timeout = max_retries, backoff, max_backoff, timeout
         self.do_not_store = do_not_store
+        if endpoint != DEFAULT_ENDPOINT:  # another endpoint gives other numbers: part of a run's identity
+            self.options = {"endpoint": redact_url(endpoint)}
         self.requests_sent = 0
         self._next_slot = 0.0
 
@@ -146,10 +115,8 @@ class PerspectiveScorer(Scorer):
         return f"perspective[{','.join(self.api_attributes)}:{','.join(self.languages)}]"
 
     def _redact(self, s: str) -> str:
-        """``s`` without the key, also in its URL-encoded forms."""
-        for form in {self._key, urllib.parse.quote_plus(self._key), urllib.parse.quote(self._key, safe="")}:
-            s = s.replace(form, "***")
-        return s
+        """``s`` without the key (also in its URL-encoded forms) nor any key-like part of a URL."""
+        return redact(s, [self._key])
 
     def _throttle(self) -> None:
         now = time.monotonic()
@@ -190,7 +157,7 @@ class PerspectiveScorer(Scorer):
         if self.do_not_store:
             payload["doNotStore"] = True
         body = json.dumps(payload).encode("utf-8")
-        where = self.endpoint.split("?", 1)[0]
+        where = redact_url(self.endpoint.split("?", 1)[0])
         problem = ""
         for attempt in range(self.max_retries + 1):
             try:

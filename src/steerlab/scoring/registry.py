@@ -17,10 +17,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..errors import SteerlabError
+from ..validate import MASK, is_secret_name, public_options, redact
 
 __all__ = [
     "DEFAULT_SCORER", "EnsembleScorer", "Scorer", "ScorerError", "compare_scorers", "get_scorer", "list_scorers",
-    "register_scorer", "scorer_throughput", "MAIN_ARGUMENTS", "parse_option_value", "scorer_from_spec",
+    "register_scorer", "scorer_identity", "scorer_throughput", "MAIN_ARGUMENTS", "parse_option_value", "scorer_from_spec",
     "scorer_options",
 ]
 
@@ -57,6 +58,7 @@ class Scorer:
     name: str = "scorer"
     attributes: list[str] = []
     batch_size: int = 64
+    options: dict = {}  # the options it was built with, secrets left out (part of a run's identity)
 
     @property
     def key(self) -> str:
@@ -174,10 +176,46 @@ def get_scorer(name: str | Scorer = "default", **kwargs) -> Scorer:
     if n not in _FACTORIES:
         raise ScorerError(f"unknown scorer {name!r}; choose one of: {', '.join(list_scorers())}")
     if kwargs:
-        return _FACTORIES[n](**kwargs)
+        return _build(n, kwargs)
     if n not in _CACHE:
         _CACHE[n] = _FACTORIES[n]()
     return _CACHE[n]
+
+
+def _build(n: str, kwargs: dict) -> Scorer:
+    """``_FACTORIES[n](**kwargs)`` with its options recorded (secrets left out); an error the factory
+    raises, of any kind, is a one-line :class:`ScorerError` with secret-looking values masked."""
+    secrets = [str(v) for k, v in kwargs.items() if is_secret_name(k) and v]
+    problem = None
+    try:
+        scorer = _FACTORIES[n](**kwargs)
+    except ScorerError as e:
+        if not secrets:
+            raise
+        problem, kind = str(e), type(e)
+    except (TypeError, ValueError) as e:
+        problem, kind = f"scorer {n!r} could not be built with options {sorted(kwargs)}: {type(e).__name__}: {e}", \
+            ScorerError
+    if problem is not None:  # raised outside the handler, so no chained copy keeps a secret
+        raise kind(redact(problem, secrets))
+    scorer.options = {**public_options(kwargs), **scorer.options}
+    return scorer
+
+
+def scorer_identity(scorer: Scorer | None) -> dict:
+    """What a run records about its scorer (what changes its numbers): ``{"scorer": name}``, plus
+    ``"scorer_options"`` (secrets left out, URLs redacted) when it was built with any."""
+    out: dict = {"scorer": getattr(scorer, "name", None)}
+    options = getattr(scorer, "options", None)
+    if options:
+        out["scorer_options"] = dict(sorted(options.items()))
+    return out
+
+
+def _shown_option(opt: str) -> str:
+    """A malformed ``--scorer-option`` as shown in an error: the value masked when the name looks secret."""
+    m = re.match(r"([^:=]*)([:=])", opt)
+    return f"{m.group(1)}{m.group(2)}{MASK}" if m and is_secret_name(m.group(1)) else opt
 
 
 # --- scorers from command-line specs -------------------------------------------------------------
@@ -242,8 +280,8 @@ def _split_spec(spec: str) -> tuple[str, str | None, str]:
         return n, None, main
     if not main:
         with_main = ", ".join(f"{k}:{v.upper()}" for k, v in MAIN_ARGUMENTS.items())
-        raise ScorerError(f"scorer {n!r} takes no main argument, so {spec!r} (NAME:VALUE) is not valid; give "
-                          f"options as KEY=VALUE instead (NAME:VALUE is for {with_main})")
+        raise ScorerError(f"scorer {n!r} takes no main argument, so '{name}:{MASK}' (NAME:VALUE) is not valid; "
+                          f"give options as KEY=VALUE instead (NAME:VALUE is for {with_main})")
     if not value:
         raise ScorerError(f"scorer spec {spec!r} has nothing after ':'; give {n}:{main.upper()} or just {n}")
     return n, value, main
@@ -266,7 +304,7 @@ def scorer_from_spec(spec: str, options: Sequence[str] = ()) -> Scorer:
         key, eq, raw = str(opt).partition("=")
         key = key.strip().replace("-", "_")
         if not eq or not _KEYWORD.fullmatch(key):
-            raise ScorerError(f"malformed option {opt!r} for scorer {n!r}: expected KEY=VALUE; "
+            raise ScorerError(f"malformed option {_shown_option(str(opt))!r} for scorer {n!r}: expected KEY=VALUE; "
                               f"accepted keywords: {listing}")
         if accepted is not None and key not in accepted:
             raise ScorerError(f"scorer {n!r} has no option {key!r}; accepted keywords: {listing}")

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..interventions import Intervention, InterventionError, register
 from ..models.model import Model
+from ..validate import NonFiniteError, number
 from .toxic_states import ToxicStates, check_counts, collect_states
 
 BENCH_SETTINGS: tuple[tuple[float, float], ...] = ((0.999, 0.1), (0.99, 0.1), (0.75, 0.0))
@@ -161,6 +162,13 @@ class EigenShift(Intervention):
         self.delta = torch.as_tensor(self.delta).float().cpu()
         self.meta = {**self.meta, "sites": ["unembed"]}
         self._cache: dict = {}
+        n, d = len(self.indices), self.meta.get("d_model")
+        if self.indices.dim() != 1 or len(self.sigma) != n:
+            raise EigenShiftError(f"an EigenShift edit needs one sigma per direction index, got indices of shape "
+                                  f"{tuple(self.indices.shape)} and {len(self.sigma)} sigma values")
+        if n and (int(self.indices.min()) < 0 or (d and int(self.indices.max()) >= int(d))):
+            raise EigenShiftError(f"EigenShift direction indices must lie in [0, {d}) (the unembedding's singular "
+                                  f"directions), got {int(self.indices.min())}..{int(self.indices.max())}")
 
     @classmethod
     def fit(cls, model: Model, data: ToxicStates | tuple | Sequence, percentile: float = 0.999, alpha: float = 0.1,
@@ -238,7 +246,7 @@ class EigenShift(Intervention):
     def weight(self, model: Model, alpha: float | None = None, n: int | None = None) -> torch.Tensor:
         """The edited unembedding ``U'`` for ``model`` with the first ``n`` saved directions (default
         all) scaled by ``alpha`` (SVD recomputed once per model and cached)."""
-        a = self.alpha if alpha is None else float(alpha)
+        a = self.alpha if alpha is None else number(alpha, "EigenShift alpha")
         n = len(self.indices) if n is None else int(n)
         key = (model.fingerprint, a, n)
         if key not in self._cache:
@@ -251,8 +259,11 @@ class EigenShift(Intervention):
                                           f"directions are {found[:4].tolist()}..., not {self.sigma[:4].tolist()}...: "
                                           f"this edit was fitted on another matrix")
             # one edited matrix at a time (each is vocab x d), the SVD kept for the next setting
-            self._cache = {"svd": (model.fingerprint, dec),
-                           key: edited_weight(model.W_U, dec, self.indices[:n], a * self.sigma[:n])}
+            w = edited_weight(model.W_U, dec, self.indices[:n], a * self.sigma[:n])
+            if not bool(torch.isfinite(w).all()):
+                raise NonFiniteError(f"EigenShift with alpha={a} makes the edited unembedding non-finite (NaN or "
+                                     f"inf); use an alpha in [0, 1)")
+            self._cache = {"svd": (model.fingerprint, dec), key: w}
         return self._cache[key]
 
     @contextmanager

@@ -18,6 +18,8 @@ from ..generation import GenConfig, derive_seed, generate_batch, plan_batches, p
 from ..hooks import capture
 from ..models.model import Model
 from ..runs import RunDir
+from ..scoring.registry import scorer_identity
+from ..validate import number
 from .vector import APPLY_MODES, SteeringVector, VectorError
 
 RELATIVE_MODES = ("add", "gated")
@@ -165,7 +167,7 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
     none) and cached in record.json.
     """
     cfg = cfg or GenConfig()
-    alphas = [float(a) for a in alphas]
+    alphas = [number(a, f"sweep strength {i}") for i, a in enumerate(alphas)]
     if not alphas:
         raise EmptyInputError("sweep needs at least one strength")
     if mode not in APPLY_MODES:
@@ -180,8 +182,8 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
     unit = {s: v / v.norm().clamp_min(1e-12) if relative else v for s, v in vector.directions.items()}
     unit_vec = SteeringVector(unit, vector.meta)
     config = {"kind": "sweep", "model_fingerprint": model.fingerprint, **asdict(cfg), "where": where,
-              "relative": relative, "alphas": alphas, "sites": list(groups), "scorer": getattr(scorer, "name", None),
-              "vector_data": vector.meta.get("data_fingerprint"), "prompts": ids,
+              "relative": relative, "alphas": alphas, "sites": list(groups), **scorer_identity(scorer),
+              "vector_data": vector.meta.get("data_fingerprint"), "vector": vector.fingerprint(), "prompts": ids,
               **({"mode": mode, "groups": groups} if mode != "add" or any(len(g) > 1 for g in groups.values()) else {})}
 
     def work(chunk, seed: int) -> list[dict]:
@@ -219,14 +221,14 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
 
 def _side_effects(model, run: RunDir, unit_vec, groups, alphas, scale, mode, where, neutral, progress):
     """``(kl, neutral perplexity)`` arrays ``[n_groups, n_alphas]``, each cell computed once (record.json)."""
-    from tqdm.auto import tqdm
-
     from ..evaluation import side_effects
 
     reference, texts = neutral
     done = dict(run.record().get("side_effects", {}))
     cells = [(g, a) for g in groups for a in alphas]
-    for g, a in tqdm(cells, desc="side effects", disable=progress is False, leave=False):
+    from ..progress import progress_iter
+
+    for g, a in progress_iter(cells, "side effects", show=progress is not False, unit="cell"):
         key = f"{g}|{a:g}"
         if key in done:
             continue

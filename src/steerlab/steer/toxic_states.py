@@ -168,8 +168,7 @@ def collect_states(model: Model, prompts: Sequence, cfg: GenConfig | None = None
     (see the module docstring). ``saliency``: ``auto`` (the BiLSTM where the scorer contains it,
     else the lexicon), ``bilstm`` or ``lexicon``. Raises :class:`StateCollectionError` with the
     counts when fewer than ``min_states`` states of either kind are found."""
-    from tqdm.auto import tqdm
-
+    from ..progress import progress_iter
     from ..scoring import get_scorer
 
     cfg = cfg or GenConfig(sampling="t1.0", k=4)
@@ -182,8 +181,7 @@ def collect_states(model: Model, prompts: Sequence, cfg: GenConfig | None = None
     tox, non, lexicon = [], [], {}
     stats = {"continuations": 0, "toxic_continuations": 0, "toxic_word_found": 0}
     batches = generation_batches(model, ids, texts, cfg)
-    for b in tqdm(batches, desc="collect states", disable=not (progress if progress is not None else len(batches) >= 4),
-                  leave=False):
+    for b in progress_iter(batches, "collect states", show=progress if progress is not None else len(batches) >= 4):
         new, states = generate_with_states(model, [texts[i] for i in b], cfg, [ids[i] for i in b])
         conts = model.tok.batch_decode(new, skip_special_tokens=True)
         is_tox = torch.as_tensor(sc.toxicity(conts) >= threshold, device=new.device)

@@ -41,6 +41,7 @@ from ..hooks import EditFn, add, capture, edit, per_row, strength
 from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
 from ..models.model import Model
 from ..positions import after_first, as_position
+from ..validate import number
 
 POSITIONS = ("last", "mean", "mean_skip_first", "aligned")
 
@@ -199,6 +200,9 @@ class SteeringVector(Intervention):
         return SteeringVector(dirs, {**meta, **note, **({"projection": levels} if levels else {})})
 
     def _combine(self, other: SteeringVector, sign: float) -> SteeringVector:
+        if not isinstance(other, SteeringVector):
+            raise VectorError(f"cannot {'add' if sign > 0 else 'subtract'} a {type(other).__name__} and a steering "
+                              f"vector: combine two SteeringVectors, or scale one with a number (2.0 * v)")
         fa, fb = self.meta.get("model_fingerprint"), other.meta.get("model_fingerprint")
         if fa and fb and fa != fb:
             raise VectorError(f"cannot combine vectors fitted on different models ({self.meta.get('model')!r} "
@@ -217,7 +221,7 @@ class SteeringVector(Intervention):
         return self._combine(other, -1.0)
 
     def __mul__(self, c: float) -> SteeringVector:
-        c = float(c)
+        c = number(c, "the factor a steering vector is multiplied by")
         levels = self.meta.get("projection") or None
         if levels and c < 0:
             levels = {s: _swapped(p) for s, p in levels.items()}

@@ -1,0 +1,138 @@
+"""metrics.compare against hand computations, sklearn and textbook formulas."""
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+from sklearn.isotonic import IsotonicRegression
+
+from steerlab.errors import ShapeError
+from steerlab.metrics.compare import (
+    choose_setting,
+    holm,
+    isotonic,
+    matched_readout,
+    minimum_detectable_effect,
+    paired_perplexity_ratio,
+    prompts_needed,
+)
+from steerlab.metrics.stats import bootstrap_p, paired_difference
+
+
+def test_holm_by_hand():
+    # sorted p: 0.01, 0.02, 0.03, 0.04 -> x4, x3, x2, x1 = 0.04, 0.06, 0.06, 0.04 -> running max
+    adjusted = holm([0.03, 0.01, 0.04, 0.02])
+    np.testing.assert_allclose(adjusted, [0.06, 0.04, 0.06, 0.06])
+    np.testing.assert_allclose(holm([0.5, 0.9]), [1.0, 1.0])
+    assert holm([0.2]).tolist() == [0.2]
+    for bad in ([0.1, np.nan], [1.5], [[0.1]]):
+        with pytest.raises(ShapeError, match="p-values"):
+            holm(bad)
+
+
+def test_bootstrap_p_tails():
+    rng = np.random.default_rng(0)
+    assert bootstrap_p(rng.normal(-5, 1, 999)) == pytest.approx(2 / 1000)
+    centred = bootstrap_p(rng.normal(0, 1, 9999))
+    assert centred > 0.8
+    with pytest.raises(ShapeError, match="replicate"):
+        bootstrap_p([])
+
+
+def test_mde_and_sample_size_are_inverse():
+    z = norm.ppf(0.975) + norm.ppf(0.8)  # 2.8016
+    assert minimum_detectable_effect(0.3, 100) == pytest.approx(z * 0.03)
+    n = prompts_needed(0.3, 0.03)
+    assert n == int(np.ceil((z * 10) ** 2)) == 785
+    assert minimum_detectable_effect(0.3, n) <= 0.03 < minimum_detectable_effect(0.3, n - 1)
+    with pytest.raises(ShapeError, match="n >= 2"):
+        minimum_detectable_effect(0.3, 1)
+    with pytest.raises(ShapeError, match="effect > 0"):
+        prompts_needed(0.3, 0.0)
+
+
+@pytest.mark.parametrize("increasing", [True, False])
+def test_isotonic_matches_sklearn(increasing):
+    rng = np.random.default_rng(1)
+    y, w = rng.normal(size=40).cumsum(), rng.uniform(0.5, 2, 40)
+    ours = isotonic(y, w, increasing=increasing)
+    ref = IsotonicRegression(increasing=increasing).fit_transform(np.arange(40), y, sample_weight=w)
+    np.testing.assert_allclose(ours, ref, atol=1e-12)
+    np.testing.assert_allclose(isotonic([1, 3, 2, 4]), [1, 2.5, 2.5, 4])
+    with pytest.raises(ShapeError, match="non-empty finite"):
+        isotonic([])
+
+
+def test_matched_readout_by_hand():
+    # cost 1.0, 1.1, 1.4 (noisy 1.05 pooled with 1.1 below), effect 0, -0.02, -0.01, -0.08
+    cost = [1.0, 1.1, 1.05, 1.4]
+    effect = [0.0, -0.02, -0.01, -0.08]
+    r = matched_readout(cost, effect, target=1.25)
+    # fitted cost: 1.0, 1.075, 1.075, 1.4 -> crossing between index 2 and 3 at 2 + 0.175/0.325
+    pos = 2 + (1.25 - 1.075) / (1.4 - 1.075)
+    assert r.reached and r.position == pytest.approx(pos)
+    # fitted effect: 0, -0.015, -0.015, -0.08 -> -0.015 + frac * (-0.065)
+    assert r.effect == pytest.approx(-0.015 + (pos - 2) * -0.065)
+    assert r.nearest == 3  # |1.4 - 1.25| = 0.15 < |1.075 - 1.25| = 0.175
+    never = matched_readout([1.0, 1.01, 1.02], [0.0, -0.01, -0.02], target=1.25)
+    assert not never.reached and never.position is None and never.effect == pytest.approx(-0.02)
+    first = matched_readout([1.3, 1.5], [-0.1, -0.2], target=1.25)
+    assert first.reached and first.position == 0 and first.effect == pytest.approx(-0.1)
+
+
+def test_choose_setting_one_se_rule():
+    effect = [-0.01, -0.05, -0.06, -0.09, -0.20]
+    se = [0.02, 0.02, 0.02, 0.02, 0.02]
+    high = [1.05, 1.1, 1.2, 1.4, 2.5]  # the last breaks fluency
+    # admissible 0..3; fitted = effect (already decreasing); best -0.09 +- 0.02 -> first <= -0.07 is 3
+    assert choose_setting(effect, se, high, limit=1.5) == 3
+    wide = [0.05] * 5
+    # best -0.09 + 0.05 = -0.04 -> the weakest within is index 1
+    assert choose_setting(effect, wide, high, limit=1.5) == 1
+    assert choose_setting(effect, se, high, limit=1.0) is None
+    with pytest.raises(ShapeError, match="one value per candidate"):
+        choose_setting([0.1], [0.1, 0.2], [1.0], 1.5)
+
+
+def test_verdict_follows_the_numbers():
+    from steerlab.experiments.bench_verdict import MethodResult, verdict
+
+    a = MethodResult("ITI", (-0.085, -0.121, -0.049), 0.002, (1.12, 1.08, 1.17), {1.25: (-0.07, 1.4)})
+    b = MethodResult("SLIM", (0.01, -0.02, 0.04), 0.5, (1.05, 1.02, 1.08), {1.25: (None, 1.1)})
+    c = MethodResult("steering", (-0.045, -0.09, -0.006), 0.03, (1.68, 1.5, 1.9))
+    first = verdict([a, b, c], mde=0.03, n_prompts=140, limit=1.5)
+    text = " ".join(first)
+    assert first[0].startswith("ITI lowers mean toxicity by 0.085")
+    # steering's p = 0.03 is not significant after Holm (0.03 x 2 = 0.06)
+    assert "steering lowers" not in text and "SLIM and steering: no change" in text
+    assert "steering breaks the fluency rule on test" in text and "0.030 in mean toxicity" in text
+    assert "ITI -0.070" in text and "SLIM (strongest setting x1.10)" in text
+    # a second result set: nothing significant, a different verdict
+    a2 = MethodResult("ITI", (-0.01, -0.05, 0.03), 0.6, (1.12, 1.08, 1.17))
+    second = verdict([a2, b], mde=0.05, n_prompts=40, limit=1.5)
+    assert second != first and second[0].startswith("No method lowers mean toxicity")
+    assert "ITI and SLIM: no change" in second[1] and "0.050" in second[1]
+    assert verdict([], 0.03, 10, 1.5)[0].startswith("No method arm finished")
+
+
+def test_paired_perplexity_ratio_by_hand():
+    ref = {"a": (2.0, 2), "b": (6.0, 3), "c": (1.0, 1)}      # mean NLL 9/6 = 1.5
+    arm = {"a": (4.0, 2), "b": (9.0, 3), "c": (2.0, 1), "z": (9.0, 1)}  # shared: 15/6 = 2.5
+    r = paired_perplexity_ratio(ref, arm, n_boot=500)
+    assert r.value == pytest.approx(np.exp(1.0))
+    assert r.lo <= r.value <= r.hi
+    same = paired_perplexity_ratio(ref, ref, n_boot=200)
+    assert same.value == same.lo == same.hi == pytest.approx(1.0)
+    with pytest.raises(ShapeError, match="at least 2 shared prompts"):
+        paired_perplexity_ratio(ref, {"a": (1.0, 1)})
+
+
+def test_paired_difference_two_sided_p_and_spread():
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0, 1, (60, 2))
+    lower = np.clip(base - 0.3, 0, 1)
+    d = paired_difference(base, lower, n_boot=400)
+    assert d.p_two_sided["mean_toxicity"] == pytest.approx(2 / 401)
+    per_prompt = lower.mean(1) - base.mean(1)
+    assert d.sd_per_prompt == pytest.approx(per_prompt.std(ddof=1))
+    null = paired_difference(base, base[rng.permutation(60)], n_boot=400)
+    assert null.p_two_sided["mean_toxicity"] > 0.05
