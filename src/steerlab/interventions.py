@@ -272,7 +272,7 @@ def register(cls: type[Intervention]) -> type[Intervention]:
 
 
 def _ensure_builtin() -> None:
-    from .explain import selfie_control  # noqa: F401  (registers "selfie-control")
+    from .explain import selfie_control, selfie_rl  # noqa: F401  (registers "selfie-control", "selfie-rl")
     from .protocols import correction  # noqa: F401  (registers "selfcorrect")
     from .steer import aura, eigenshift, iti, slim, vector  # noqa: F401  (registers each method)
 

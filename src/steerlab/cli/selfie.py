@@ -224,3 +224,64 @@ def fit_selfie_control(
                   + (f", {len(refs)} reference text(s) preserved" if refs else ""))
     iv.save(out)
     console.print(escape(f"saved {iv.describe()} to {out}"))
+
+
+@command(fit_app, "selfie-rl")
+def fit_selfie_rl(
+    out: str = typer.Option(..., "--out", "-o", help="Output .safetensors file (only the weight deltas + header)."),
+    prompt: list[str] = typer.Option(..., "--prompt", help="Source prompt whose states' interpretations should "
+                                     "lose the concept (repeatable; every token's state is used)."),
+    layer: int = typer.Option(..., "--layer", help="Layer l: the states after block l are read and block l's MLP "
+                              "is fine-tuned (negative from the end)."),
+    hf_layer: bool = typer.Option(False, "--hf-layer", help="Read --layer in the SelfIE paper's numbering "
+                                  "(L = output of block L-1)."),
+    reward: str = typer.Option("scorer:default", "--reward", help="words:WORD,WORD (-1 when an interpretation "
+                               "names one, else +1) | scorer:NAME (-1 when its toxicity >= --threshold)."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Toxicity at which a scorer reward is -1."),
+    estimator: str = typer.Option("paper", "--estimator", help="paper: the notebook's surrogate (each state moved "
+                                  "along itself by its reward) | gaussian: REINFORCE with Gaussian draws."),
+    sigma: float = typer.Option(0.1, "--sigma", help="gaussian: draw scale, relative to each state's norm."),
+    samples: int = typer.Option(4, "--samples", min=1, help="gaussian: draws per state and step."),
+    steps: int = typer.Option(10, "--steps", min=1, help="Adam steps."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    params: str = typer.Option("mlp", "--params", help="mlp: every parameter of the block's MLP | down: its down "
+                               "projection only."),
+    template: str = typer.Option("", help="Interpretation prompt, each [X] one placeholder token (default: "
+                                 "interpret's)."),
+    plain: bool = typer.Option(False, help="Do not wrap the interpretation prompt in the chat template."),
+    k: int = typer.Option(1, "-k", help="Inject before decoder block k."),
+    max_new_tokens: int = typer.Option(20, min=1, help="Greedy tokens per interpretation."),
+    preserve: list[str] = typer.Option([], "--preserve", help="Reference text whose states at the layer should "
+                                       "stay as they are (repeatable)."),
+    preserve_file: list[str] = typer.Option([], "--preserve-file", help="File of reference texts (repeatable)."),
+    preserve_weight: float = typer.Option(1.0, "--preserve-weight", min=0.0, help="Weight of the preservation term."),
+    chat: bool = typer.Option(False, help="Render the prompts and references as user turns with the chat template."),
+    model: str = MODEL,
+) -> None:
+    """SelfIE reinforcement control: fine-tune block l's MLP so that the interpretations of the states
+    after it (every token of the --prompt texts) no longer carry a concept, rewarded from the
+    interpretation text; prints the share of interpretations carrying it before and after, saves the
+    edit (apply with `generate --intervention FILE`, read with `interpret PROMPT --intervention FILE`)."""
+    from ..explain.selfie import interpretation_prompt, parse_parts
+    from ..explain.selfie_control import ControlError
+    from ..explain.selfie_rl import reward_from_spec
+    from ..interventions import fit
+
+    refs = preserve_texts(preserve, preserve_file)
+    if any(not p for p in prompt):
+        raise ControlError("a --prompt is empty")
+    if not reward.startswith("scorer:"):
+        reward_from_spec(reward)  # a bad word list or an unknown kind fails before the model loads
+    m = load_model(model)
+    ip = interpretation_prompt(m, parse_parts(template) if template else None, chat=False if plain else None)
+    iv = fit("selfie-rl", m, list(prompt), layer=layer, reward=reward, threshold=threshold, estimator=estimator,
+             sigma=sigma, samples=samples, steps=steps, lr=lr, params=params, interpretation=ip, k=k,
+             max_new_tokens=max_new_tokens, preserve=refs or None, preserve_weight=preserve_weight, chat=chat,
+             numbering="hf" if hf_layer else "blocks")
+    meta = iv.meta
+    console.print(f"interpretations of the {meta['n_states']} states after block {meta['block']} carrying the "
+                  f"concept ({reward}): {100 * meta['carrying_before']:.0f}% -> {100 * meta['carrying_after']:.0f}% "
+                  f"after {steps} steps ({estimator} estimator); per step: "
+                  + " ".join(f"{100 * c:.0f}%" for c in meta["carrying"]))
+    iv.save(out)
+    console.print(escape(f"saved {iv.describe()} to {out}"))
