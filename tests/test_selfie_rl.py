@@ -78,6 +78,28 @@ def test_fit_saves_loads_and_the_gaussian_estimator_runs(tmp_path):
         SelfieRL.fit(m, "hi", layer=0, reward="words:a", estimator="ppo")
     with pytest.raises(ControlError, match="source prompts"):
         SelfieRL.fit(m, ["hi", ""], layer=0, reward="words:a")
+    with pytest.raises(ControlError, match="token 5 is beyond source prompt 1"):
+        SelfieRL.fit(m, ["hello world", "hi"], layer=0, reward="words:a", tokens=[5])
+
+
+def test_chosen_tokens_are_the_states_used():
+    m = tiny_model("llama")
+    seen = []
+
+    def record(texts):
+        seen.append(list(texts))
+        return [1.0] * len(texts)
+
+    iv = SelfieRL.fit(m, ["hello world", "steer me"], layer=1, reward=record, interpretation=PARTS, steps=1,
+                      max_new_tokens=3, tokens=[-1, 0])
+    assert iv.meta["n_states"] == 4
+    from steerlab.explain.selfie import interpret_states, read_states
+
+    states = torch.cat([read_states(m, p, [(1, -1), (1, 0)]).vectors for p in ("hello world", "steer me")])
+    # the rows come in batch order: per prompt, its tokens in position order (<bos> first, then the last)
+    order = [1, 0, 3, 2]
+    expected = [t for t, _, _ in interpret_states(m, states[order], PARTS, max_new_tokens=3, relevancy=False)]
+    assert seen[0] == expected
 
 
 def test_fit_selfie_rl_cli(tmp_path):
@@ -90,12 +112,13 @@ def test_fit_selfie_rl_cli(tmp_path):
     out = tmp_path / "rl.safetensors"
     r = CliRunner().invoke(app, ["fit", "selfie-rl", "--out", str(out), "--model", d, "--prompt", "hello world",
                                  "--prompt", "steer me", "--layer", "1", "--reward", "words:e", "--steps", "2",
+                                 "--tokens", "-1",
                                  "--template", "[X][X] means:", "--max-new-tokens", "3"])
     assert r.exit_code == 0, r.output
     iv = load(out)
     text = flat(r.output)
     assert f"{100 * iv.meta['carrying_before']:.0f}% -> {100 * iv.meta['carrying_after']:.0f}%" in text
-    assert iv.meta["block"] == 1 and iv.meta["sources"] == ["hello world", "steer me"]
+    assert iv.meta["block"] == 1 and iv.meta["sources"] == ["hello world", "steer me"] and iv.meta["n_states"] == 2
     bad = CliRunner().invoke(app, ["fit", "selfie-rl", "--out", str(out), "--model", d, "--prompt", "x",
                                    "--layer", "1", "--reward", "smell:x"])
     assert bad.exit_code == 2 and "unknown reward" in bad.output

@@ -235,6 +235,8 @@ def fit_selfie_rl(
                               "is fine-tuned (negative from the end)."),
     hf_layer: bool = typer.Option(False, "--hf-layer", help="Read --layer in the SelfIE paper's numbering "
                                   "(L = output of block L-1)."),
+    tokens: str = typer.Option("", "--tokens", help="Comma-separated token indices of each prompt whose states are "
+                               "used (negative from the end); default: every token."),
     reward: str = typer.Option("scorer:default", "--reward", help="words:WORD,WORD (-1 when an interpretation "
                                "names one, else +1) | scorer:NAME (-1 when its toxicity >= --threshold)."),
     threshold: float = typer.Option(0.5, "--threshold", help="Toxicity at which a scorer reward is -1."),
@@ -277,7 +279,7 @@ def fit_selfie_rl(
     iv = fit("selfie-rl", m, list(prompt), layer=layer, reward=reward, threshold=threshold, estimator=estimator,
              sigma=sigma, samples=samples, steps=steps, lr=lr, params=params, interpretation=ip, k=k,
              max_new_tokens=max_new_tokens, preserve=refs or None, preserve_weight=preserve_weight, chat=chat,
-             numbering="hf" if hf_layer else "blocks")
+             numbering="hf" if hf_layer else "blocks", tokens=ints(tokens, "--tokens") or None)
     meta = iv.meta
     console.print(f"interpretations of the {meta['n_states']} states after block {meta['block']} carrying the "
                   f"concept ({reward}): {100 * meta['carrying_before']:.0f}% -> {100 * meta['carrying_after']:.0f}% "

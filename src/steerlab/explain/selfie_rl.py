@@ -68,12 +68,24 @@ def reward_from_spec(spec: str, threshold: float = 0.5) -> Callable[[Sequence[st
     raise ControlError(f"unknown reward {spec!r}: give 'words:WORD,WORD,...' or 'scorer:NAME' (e.g. scorer:default)")
 
 
-def _sources(model: Model, data, chat: bool):
+def _sources(model: Model, data, chat: bool, tokens: Sequence[int] | None):
+    """The source prompts, their left-padded batch and the mask of the states used: every real token,
+    or the tokens at ``tokens`` (indices into each prompt, negative from the end)."""
     prompts = [data] if isinstance(data, str) else list(data)
     if not prompts or any(not isinstance(p, str) or not p for p in prompts):
         raise ControlError("selfie-rl is fitted on source prompts: a non-empty string or list of non-empty strings")
     enc = model.encode(prompts, chat=chat)
-    return prompts, enc, enc["attention_mask"].bool()
+    mask = enc["attention_mask"].bool()
+    if tokens is None:
+        return prompts, enc, mask
+    keep = torch.zeros_like(mask)
+    T = mask.shape[1]
+    for row, n in enumerate(mask.sum(1).tolist()):
+        for t in tokens:
+            if not -n <= int(t) < n:
+                raise ControlError(f"token {t} is beyond source prompt {row} ({n} tokens)")
+            keep[row, T - n + int(t) % n] = True  # left padding: the prompt's tokens are the last n
+    return prompts, enc, keep
 
 
 def _surrogate(h: torch.Tensor, reward: torch.Tensor, estimator: str, draws=None, sigma: float = 0.0):
@@ -146,17 +158,17 @@ class SelfieRL(SelfieControl):
             steps: int = 10, lr: float = 3e-4, estimator: str = "paper", sigma: float = 0.1, samples: int = 4,
             k: int = 1, max_new_tokens: int = 20, batch_size: int = 64, preserve: Sequence[str] | None = None,
             preserve_weight: float = 1.0, chat: bool = False, numbering: str = "blocks", params: str = "mlp",
-            threshold: float = 0.5, seed: int = 0) -> SelfieRL:
+            threshold: float = 0.5, seed: int = 0, tokens: Sequence[int] | None = None) -> SelfieRL:
         """Learn deltas on block ``layer``'s MLP from rewards on the interpretations of the states after
-        it at every token of ``data`` (one prompt or a list). ``reward``: ``"words:a,b"``,
-        ``"scorer:NAME"`` or a callable ``texts -> [float]``."""
+        it at every token of ``data`` (one prompt or a list; ``tokens``: only these token indices of
+        each). ``reward``: ``"words:a,b"``, ``"scorer:NAME"`` or a callable ``texts -> [float]``."""
         if estimator not in ESTIMATORS:
             raise ControlError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         if steps < 1 or lr <= 0 or samples < 1 or sigma <= 0:
             raise ControlError(f"steps and samples must be >= 1, lr and sigma > 0 (got {steps}, {samples}, {lr}, {sigma})")
         reward_fn = reward if callable(reward) else reward_from_spec(reward, threshold)
         b = control_block(model, layer, numbering)
-        prompts, enc, keep = _sources(model, data, chat)
+        prompts, enc, keep = _sources(model, data, chat, tokens)
         ref = model.encode(list(preserve), chat=chat) if preserve else None
         site = layer_site(model, b, "blocks")
         s = _Setup(b, mlp_parameters(model, b, params), enc, keep, as_interpretation_prompt(model, interpretation),
