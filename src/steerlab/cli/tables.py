@@ -217,7 +217,10 @@ def print_ffn(res, title: str) -> None:
     t = table(title, ["layer", "pc", "var. ratio", "label", "top words"])
     for fl in res:
         for r, ws in enumerate(fl.words):
-            label = f"{fl.labels[r]['level']}/{fl.labels[r]['task']}" if fl.labels else ""
+            lab = fl.labels[r] if r < len(fl.labels) else {}
+            label = f"{lab['level']}/{lab['task']}" if lab else ""
+            if "level_agreement" in lab:
+                label += f" (agreement {lab['level_agreement']:.0%}/{lab['task_agreement']:.0%} of {lab['runs']})"
             t.add_row(str(fl.layer), str(r), f"{fl.evr[r]:.3f}", label, " ".join(ws[:12]))
     console.print(t)
 
