@@ -46,8 +46,10 @@ def test_nonfinite_strength_or_overflow_is_refused_before_the_run_directory(tmp_
     from steerlab.steer import SteeringVector
 
     sv = SteeringVector({SITE: torch.full((32,), 10.0)})
-    for bad in (float("nan"), float("inf"), "abc"):
-        with pytest.raises(V.ValidationError, match="strength"):
+    for bad, error, message in ((float("nan"), V.ValidationError, "strength"),
+                                (float("inf"), V.ValidationError, "strength"),
+                                ("abc", sl.SteerlabError, "alpha: 'abc' is not a float")):
+        with pytest.raises(error, match=message):
             generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=3), intervention=sv,
                          apply_options={"alpha": bad}, progress=False)
         assert not (tmp_path / "r").exists()
@@ -404,10 +406,10 @@ def test_ill_typed_apply_option_is_refused_before_the_run_directory(tmp_path, ll
 
     g = torch.Generator().manual_seed(0)
     iv = EigenShift.fit(llama, (torch.randn(20, 32, generator=g), torch.randn(20, 32, generator=g)), k=4)
-    with pytest.raises(sl.SteerlabError, match=r"eigenshift intervention cannot be applied with k='abc': ValueError"):
+    with pytest.raises(sl.SteerlabError, match=r"k: 'abc' is not an int"):
         generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
                      apply_options={"k": "abc"}, progress=False)
-    with pytest.raises(V.ValidationError, match="EigenShift alpha must be a number"):
+    with pytest.raises(sl.SteerlabError, match="alpha: 'abc' is not a float"):
         generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
                      apply_options={"alpha": "abc"}, progress=False)
     assert not (tmp_path / "r").exists()
