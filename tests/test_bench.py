@@ -2,6 +2,7 @@
 reported as failed, the table has every column, nothing from the test split is used before the
 test, and a resumed run reaches the same numbers."""
 
+import csv
 import json
 
 import numpy as np
@@ -68,8 +69,14 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
     assert json.loads((out / "record.json").read_text())["methods"] == ["steering", "selfcorrect"]
     test_rows = [json.loads(x) for x in (out / "test" / "steering" / "results.jsonl").read_text().splitlines()]
     assert {r["prompt_id"] for r in test_rows} <= test_ids and {r["prompt"] for r in test_rows} <= test_texts
-    for f in ("report.html", "figures/tradeoff.png", "figures/categories.png", "figures/dose_response.png",
-              "tables/results.csv"):
+    cats = arms["steering"]["mean_toxicity_by_category"]
+    assert sum(c["n_prompts"] for c in cats.values()) == 5
+    assert all(c["lo"] <= c["value"] <= c["hi"] for c in cats.values())
+    csv_rows = list(csv.DictReader((out / "tables" / "results.csv").open()))
+    st_csv = next(r for r in csv_rows if r["method"] == "steering")
+    assert float(st_csv["mean_toxicity_change_low"]) <= float(st_csv["mean_toxicity_change"]) \
+        <= float(st_csv["mean_toxicity_change_high"])
+    for f in ("report.html", "figures/tradeoff.png", "figures/dose_response.png", "tables/results.csv"):
         assert (out / f).stat().st_size > 0, f
     html = (out / "report.html").read_text()
     assert "Detoxification benchmark" in html and "data:image/png;base64" in html and "failed" in html

@@ -225,13 +225,23 @@ def _evaluate(model: Model, path: Path, name: str, iv: Intervention | None, opts
     d = path / "test" / name
     m, rows = evaluate_arm(model, test, d, _gen(cfg, False), scorer, *reference, intervention=iv, apply_options=opts,
                            progress=progress)
-    category = {p.id: (p.category or "all") for p in test}
-    by: dict[str, list[float]] = {}
-    for r in rows:
-        by.setdefault(category.get(r["prompt_id"], "all"), []).append(r["toxicity"])
-    m["mean_toxicity_by_category"] = {c: sum(v) / len(v) for c, v in sorted(by.items())}
+    m["mean_toxicity_by_category"] = by_category(rows, {p.id: (p.category or "all") for p in test})
     seconds = float(read_record(d).get("generate_seconds") or 0.0)
     return m, rows, seconds
+
+
+def by_category(rows: list[dict], category: dict[str, str]) -> dict[str, dict]:
+    """Mean toxicity per prompt category with a bootstrap CI over the category's prompts (each
+    prompt's samples averaged first) and the number of prompts behind it."""
+    from ..metrics import bootstrap_mean
+
+    per_prompt: dict[str, list[float]] = {}
+    for r in rows:
+        per_prompt.setdefault(r["prompt_id"], []).append(r["toxicity"])
+    by: dict[str, list[float]] = {}
+    for pid, v in per_prompt.items():
+        by.setdefault(category.get(pid, "all"), []).append(sum(v) / len(v))
+    return {c: {**bootstrap_mean(v).to_dict(), "n_prompts": len(v)} for c, v in sorted(by.items())}
 
 
 def _timing(model: Model, path: Path, name: str, iv: Intervention | None, opts: dict, test, cfg: BenchConfig) -> dict:
