@@ -216,3 +216,18 @@ def test_generation_overhead_is_a_paired_alternating_timing(llama, monkeypatch):
     assert [(x[0], x[1]) for x in log] == [("base", 2), ("arm", 2)] and pair["ratio"] == pair["ratios"][0]
     with pytest.raises(sl.EmptyInputError, match="reps >= 1"):
         generation_overhead(llama, ["a"], cfg, None, reps=0)
+
+
+def test_report_examples_pick_the_prompts_where_arms_differ_and_name_scorer_errors():
+    from types import SimpleNamespace
+
+    from steerlab.experiments.bench_report import differing_prompts, scorer_weaknesses
+    from steerlab.scoring import get_scorer
+
+    test = [SimpleNamespace(id=f"p{i}") for i in range(4)]
+    tox = {"unsteered": [0.5, 0.9, 0.1, 0.4], "a": [0.5, 0.1, 0.1, 0.3], "b": [0.4, 0.8, 0.6, 0.4]}
+    rows = {m: [{"prompt_id": f"p{i}", "sample": 0, "toxicity": t} for i, t in enumerate(v)] for m, v in tox.items()}
+    # spreads: p0 0.1, p1 0.8, p2 0.5, p3 0.1
+    assert [p.id for p in differing_prompts(rows, test, 2)] == ["p1", "p2"]
+    flagged = dict(scorer_weaknesses(get_scorer("default")))
+    assert "mouth" in flagged and flagged["mouth"] >= 0.5 and "woman" not in flagged

@@ -231,25 +231,61 @@ def _marked(text: str, toxic_words: set[str]) -> str:
     return "".join(f"<mark>{html.escape(p)}</mark>" if p.lower() in toxic_words else html.escape(p) for p in parts)
 
 
-def _examples(rows: dict[str, list[dict]], test, scorer, n: int = 6) -> str:
-    """A side-by-side table of the first sample of a few test prompts per method, toxic words marked."""
-    ids = [p.id for p in test[:n]]
+INNOCUOUS_PROBES = ("mouth", "lung", "dull", "breast", "black", "gay", "muslim", "jewish", "woman", "kill time")
+"""Innocuous words and phrases (body parts, identity terms, idioms) that toxicity classifiers are
+known to flag out of context; the report scores them with the benchmark's scorer and names the ones
+it flags, so a reader can discount marked words of that kind."""
+
+
+def scorer_weaknesses(scorer) -> list[tuple[str, float]]:
+    """The innocuous probes the scorer scores >= 0.5, with their scores."""
+    scores = [float(x) for x in scorer.toxicity(list(INNOCUOUS_PROBES))]
+    return [(w, s) for w, s in zip(INNOCUOUS_PROBES, scores) if s >= 0.5]
+
+
+def _clean(text: str) -> str:
+    """A continuation for display: undecodable byte pieces (U+FFFD) and control characters removed."""
+    return "".join(ch for ch in text.replace("\ufffd", "") if ch.isprintable() or ch in " \n")
+
+
+def differing_prompts(rows: dict[str, list[dict]], test, n: int) -> list:
+    """The ``n`` test prompts on which the arms' mean toxicities differ most (max - min over arms)."""
+    means: dict[str, dict[str, list[float]]] = {}
+    for m, rs in rows.items():
+        for r in rs:
+            means.setdefault(r["prompt_id"], {}).setdefault(m, []).append(r["toxicity"])
+    spread = {pid: max(sum(v) / len(v) for v in d.values()) - min(sum(v) / len(v) for v in d.values())
+              for pid, d in means.items() if len(d) == len(rows)}
+    return sorted((p for p in test if p.id in spread), key=lambda p: -spread[p.id])[:n]
+
+
+def _examples(rows: dict[str, list[dict]], test, scorer, n: int = 6, samples: int = 2) -> str:
+    """A side-by-side table of the test prompts where the methods differ most, a few samples each,
+    words that the scorer flags on their own marked."""
+    chosen = differing_prompts(rows, test, n)
+    ids = {p.id for p in chosen}
     by = {m: {(r["prompt_id"], r["sample"]): r for r in rs} for m, rs in rows.items()}
-    words = sorted({w.lower() for rs in rows.values() for r in rs if r["prompt_id"] in ids and r["sample"] == 0
+    words = sorted({w.lower() for rs in rows.values() for r in rs if r["prompt_id"] in ids and r["sample"] < samples
                     for w in re.findall(r"[A-Za-z']+", r["continuation"])})
     toxic = {w for w, s in zip(words, scorer.toxicity(words) if words else []) if s >= 0.5}
     head = "".join(f"<th>{html.escape(m)}</th>" for m in rows)
     body = []
-    for p in test[:n]:
+    for p in chosen:
         cells = []
         for m in rows:
-            r = by[m].get((p.id, 0))
-            cells.append("<td style='text-align:left'>" + (f"{_marked(r['continuation'], toxic)} <small>"
-                         f"({r['toxicity']:.2f})</small>" if r else "") + "</td>")
-        body.append(f"<tr><td style='text-align:left'><b>{html.escape(p.text)}</b></td>{''.join(cells)}</tr>")
+            found = [by[m][(p.id, k)] for k in range(samples) if (p.id, k) in by[m]]
+            cells.append("<td style='text-align:left'>" + "<br>".join(
+                f"{_marked(_clean(r['continuation']), toxic)} <small>({r['toxicity']:.2f})</small>" for r in found)
+                + "</td>")
+        body.append(f"<tr><td style='text-align:left'><b>{html.escape(_clean(p.text))}</b></td>{''.join(cells)}</tr>")
+    weak = scorer_weaknesses(scorer)
+    note = ("The scorer also flags these innocuous probes on their own: "
+            + ", ".join(f"'{w}' ({x:.2f})" for w, x in weak) + "; a marked word of that kind is a scorer error, "
+            "not toxic text.") if weak else "The scorer flags none of the innocuous probe words on their own."
     return (f"<div style='overflow-x:auto'><table><tr><th>prompt</th>{head}</tr>{''.join(body)}</table></div>"
-            "<p class='note'>Continuations (sample 0) with their toxicity; <mark>marked</mark> words score "
-            "&ge; 0.5 on their own under the benchmark's scorer.</p>")
+            f"<p class='note'>The {len(chosen)} test prompts where the methods' mean toxicities differ most, "
+            f"samples 0-{samples - 1}, with their toxicity; <mark>marked</mark> words score &ge; 0.5 on their own "
+            f"under the benchmark's scorer. {html.escape(note)}</p>")
 
 
 def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dict]], test, scorer) -> Path:
