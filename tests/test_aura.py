@@ -112,9 +112,38 @@ def test_cli_fit_aura_bad_variant_and_too_few_texts(tmp_path):
                             str(prompts), "--n-prompts", "0", "--max-new-tokens", "3", "--scorer", "profanity"])
     assert r.exit_code == 2 and "AurA needs at least 8 of each" in flat(r.output), r.output
     m = tiny_model("llama")
-    with pytest.raises(AuraError, match="AurA takes only variant and top_n as apply options"):
+    with pytest.raises(I.InterventionError, match=r"aura's apply has no option 'alpha'; its options are: variant "
+                                                  r"\(.*\); top_n \(.*units\)"):
         with AurA.fit(m, (GOOD, BAD)).apply(m, alpha=2.0):
             pass
+    with pytest.raises(I.InterventionError, match="unknown variant 'zero'; choose one of aura, damp, det0"):
+        with AurA.fit(m, (GOOD, BAD)).apply(m, variant="zero"):
+            pass
+
+
+def test_generate_refuses_apply_options_aura_lacks_before_writing(tmp_path):
+    """`generate --intervention aura.safetensors --alpha 2 --out D` (AurA has no strength) and a typo in an
+    apply option fail before D exists, listing AurA's apply options."""
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    d = model_dir(tmp_path)
+    m = sl.load(d)
+    f = AurA.fit(m, (GOOD, BAD)).save(tmp_path / "aura.safetensors")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a line\nanother line\n")
+    base = ["generate", "--model", d, "--prompts", str(prompts), "--max-new-tokens", "2", "--scorer", "profanity",
+            "--intervention", str(f)]
+    for extra, msg in [(["--alpha", "2"], "aura has no strength option for --alpha; its apply options are: variant ("),
+                       (["--apply-option", "varient=damp"], "aura's apply has no option 'varient'; its options are: "
+                                                            "variant (")]:
+        out = tmp_path / "D"
+        r = CliRunner().invoke(app, [*base, "--out", str(out), *extra])
+        assert r.exit_code == 2 and msg in flat(r.output) and "top_n (" in flat(r.output), r.output
+        assert not out.exists()
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "ok"), "--apply-option", "variant=damp"])
+    assert r.exit_code == 0, r.output
 
 
 def test_variant_apply_from_saved_aurocs_equals_a_fit_of_that_variant():

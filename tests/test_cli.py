@@ -108,7 +108,7 @@ def test_steer_cli(tmp_path):
     r = runner.invoke(app, ["steer", "fit", "--out", str(vec), "--model", d, "--desirable", str(good),
                             "--undesirable", str(bad), "--layers", "1,2", "--positions", "last"])
     assert r.exit_code == 0, r.output
-    assert "saved 2 directions" in r.output
+    assert "2 directions (mean_diff, last, unit)" in r.output and "saved steering" in r.output
     r = runner.invoke(app, ["steer", "export-gguf", str(vec), str(tmp_path / "v.gguf")])
     assert r.exit_code == 0, r.output
     assert {t.name for t in gguf.GGUFReader(str(tmp_path / "v.gguf")).tensors} == {"direction.1", "direction.2"}

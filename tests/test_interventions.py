@@ -33,7 +33,7 @@ def test_registry_lists_and_fits_by_name(llama):
     iv = I.fit("steering", llama, (GOOD, BAD), sites=["blocks.1.resid_post"])
     assert isinstance(iv, SteeringVector) and iv.sites == ["blocks.1.resid_post"]
     assert iv.describe().startswith("steering at blocks.1.resid_post") and "tiny-llama" in iv.describe()
-    with pytest.raises(I.InterventionError, match="unknown intervention method 'nope'; registered: .*steering"):
+    with pytest.raises(I.InterventionError, match="unknown intervention method 'nope'; choose one of .*steering"):
         I.fit("nope", llama, (GOOD, BAD))
     r = runner.invoke(app, ["interventions"])
     assert r.exit_code == 0 and "steering" in r.output
@@ -91,7 +91,7 @@ def test_bad_intervention_inputs_fail_cleanly_and_write_nothing(tmp_path):
         assert r.exit_code == 2 and msg in flat(r.output), (f, r.output)
         assert "Traceback" not in r.output and not out.exists()
     r = runner.invoke(app, ["fit", "nope", "--out", str(vec)])
-    assert r.exit_code == 2 and "No such command 'nope'" in r.output
+    assert r.exit_code == 2 and "unknown intervention method 'nope'; choose one of" in r.output
     r = runner.invoke(app, ["fit", "steering", "--out", str(tmp_path), "--model", d])
     assert r.exit_code == 2 and "is a directory" in flat(r.output)
     r = runner.invoke(app, ["fit", "steering", "--out", str(vec), "--model", d, "--layers", "x"])
@@ -191,3 +191,57 @@ def test_a_run_started_with_a_fitted_intervention_resumes_with_its_saved_file(tm
     again = generate_run(llama, GOOD + BAD, tmp_path / "run", cfg, intervention=back, apply_options={"alpha": 3.0},
                          progress=False)
     assert again == rows
+
+
+def test_every_method_declares_its_options_once_and_lists_them():
+    """Each method's apply takes exactly its declared ApplyOptions (no defaults of its own: the declaration
+    is the one place), every option has a meaning, and `steerlab interventions METHOD` prints them all."""
+    import inspect
+
+    from steerlab.options import specs
+
+    for name, cls in I.METHODS.items():
+        raw = inspect.unwrap(cls.__dict__.get("apply") or cls.apply)
+        params = {p.name: p for p in inspect.signature(raw).parameters.values()} if "apply" in cls.__dict__ else {}
+        declared = {s.name for s in specs(cls.ApplyOptions)}
+        if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            assert set(params) - {"self", "model", "strict"} == declared, name
+            assert all(params[n].default is inspect.Parameter.empty for n in declared), name
+        for s in [*specs(cls.FitOptions), *specs(cls.ApplyOptions)]:
+            assert s.help, (name, s.name)
+        if cls.strength_option is not None:
+            assert cls.strength_option in declared, name
+        r = runner.invoke(app, ["interventions", name])
+        assert r.exit_code == 0, r.output
+        for s in [*specs(cls.FitOptions), *specs(cls.ApplyOptions)]:
+            assert s.name.replace("_", "-") in r.output, (name, s.name)
+    r = runner.invoke(app, ["interventions", "steering"])
+    assert "x typical norm" in flat(r.output) and "x head std" in flat(runner.invoke(app, ["interventions", "iti"]).output)
+
+
+def test_apply_options_are_checked_and_strength_is_in_typical_norm_units(llama):
+    site = "blocks.1.resid_post"
+    sv = SteeringVector.fit(llama, GOOD, BAD, site, positions="mean_skip_first")
+    with pytest.raises(I.InterventionError, match=r"steering's apply has no option 'alhpa'; its options are: alpha \("):
+        with sv.apply(llama, alhpa=2.0):
+            pass
+    with pytest.raises(I.InterventionError, match="unknown where 'sometimes'"):
+        with sv.apply(llama, where="sometimes"):
+            pass
+    with pytest.raises(I.InterventionError, match="alpha: .lots. is not a float"):
+        with sv.apply(llama, alpha="lots"):
+            pass
+    # strength s adds a vector of norm s x the typical token-state norm of the fitting texts
+    caps = sl.capture(llama, GOOD + BAD, site, "all")
+    from steerlab.positions import after_first
+    typical = float(caps[site][after_first(caps.mask)].norm(dim=-1).median())
+    assert sv.meta["typical_norm"][site] == pytest.approx(typical, rel=1e-6)
+    v = sv.directions[site]
+    with sv.apply(llama, strength=0.3):
+        a = sl.capture(llama, ["hello there"], site, "all")[site]
+    with sv.apply(llama, alpha=0.3 * typical / float(v.norm())):
+        b = sl.capture(llama, ["hello there"], site, "all")[site]
+    torch.testing.assert_close(a, b)
+    with pytest.raises(I.InterventionError, match="mode 'ablate' takes alpha"):
+        with sv.apply(llama, strength=0.3, mode="ablate"):
+            pass

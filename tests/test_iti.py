@@ -147,7 +147,7 @@ def test_cli_fit_iti_slim_probes_then_generate(tmp_path):
     res = r.invoke(app, ["fit", "iti", "--out", str(tmp_path), *common])
     assert res.exit_code == 2 and "directory" in res.output
     res = r.invoke(app, ["fit", "slim", "--out", str(tmp_path / "s2.safetensors"), "--solver", "mosek", *common])
-    assert res.exit_code == 2 and "unknown SLIM solver 'mosek'" in res.output
+    assert res.exit_code == 2 and "unknown solver 'mosek'" in res.output
     assert not (tmp_path / "s2.safetensors").exists()
 
 

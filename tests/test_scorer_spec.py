@@ -85,7 +85,7 @@ def test_plain_names_are_get_scorer():
     ("profanity:x", (), r"scorer 'profanity' takes no main argument.*hf-classifier:MODEL, detoxify:CHECKPOINT"),
     ("default:x", (), "takes no main argument"),
     ("hf-classifier:", (), "nothing after ':'"),
-    ("nope", (), "unknown scorer 'nope'; choose one of: .*perspective"),
+    ("nope", (), "unknown scorer 'nope'; choose one of .*perspective"),
     ("", (), "non-empty string"),
     ("hf-classifier:m", ["labl=1"], r"has no option 'labl'; accepted keywords: activation, device, dtype, "
                                     r"label, max_length, model"),

@@ -28,6 +28,7 @@ from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
 from .parallel import run_loop
 from .progress import progress_iter
+from .registry import choose
 from .scoring.registry import scorer_identity
 from .validate import NonFiniteError, allocation
 
@@ -50,8 +51,7 @@ class GenConfig:
     batch_size: int = 16  # rows (prompt x sample) per generate call
 
     def __post_init__(self):
-        if self.sampling not in SAMPLING:
-            raise SteerlabError(f"unknown sampling preset {self.sampling!r}; choose one of {', '.join(SAMPLING)}")
+        choose("sampling preset", self.sampling, SAMPLING)
         if self.k < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise SteerlabError(f"k, max_new_tokens and batch_size must be >= 1 (got {self.k}, "
                                 f"{self.max_new_tokens}, {self.batch_size})")

@@ -20,6 +20,7 @@ from .models.adapters import Site, get_module
 from .models.model import Model
 from .positions import Position, as_position, first_real
 from .progress import progress_iter
+from .registry import Registry
 from .validate import ValidationError, number
 
 
@@ -209,24 +210,17 @@ class Step:
 
     def where(self, schedule: str, device: torch.device) -> torch.Tensor | None:
         """Bool mask ``[B or 1, T]`` of the positions a schedule edits in this call (None: all)."""
-        try:
-            fn = SCHEDULE_FNS[schedule]
-        except KeyError:
-            raise ShapeError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULE_FNS)}") from None
-        return fn(self, device)
+        return SCHEDULE_FNS[schedule](self, device)
 
 
-SCHEDULE_FNS: dict[str, Callable[[Step, torch.device], torch.Tensor | None]] = {}
+SCHEDULE_FNS: Registry = Registry("schedule", ShapeError)
 """Schedules by name: ``fn(step, device) -> bool mask [B or 1, T]`` of the positions edited in a
 call (None: every position). Add one with :func:`register_schedule`."""
 
 
 def register_schedule(name: str):
     """Decorator registering ``fn(step, device) -> mask | None`` as schedule ``name``."""
-    def deco(fn):
-        SCHEDULE_FNS[name] = fn
-        return fn
-    return deco
+    return SCHEDULE_FNS.register(name)
 
 
 @register_schedule("all")
@@ -265,8 +259,7 @@ class EditFn:
     orders of magnitude larger than the others in many models, see :func:`steerlab.positions.after_first`)."""
 
     def __init__(self, where: str = "all", skip_first: bool = False):
-        if where not in SCHEDULE_FNS:
-            raise ShapeError(f"unknown schedule {where!r}; choose one of {', '.join(SCHEDULE_FNS)}")
+        SCHEDULE_FNS.check(where)
         self.where, self.skip_first = where, skip_first
 
     def bind(self, site: str, feat_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:

@@ -20,6 +20,7 @@ Register a method with the :func:`register` class decorator; ``steerlab interven
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,8 @@ import torch
 
 from .errors import SteerlabError
 from .models.model import Model
+from .options import NoOptions, as_dict, listing, validate
+from .registry import Registry
 from .validate import NonFiniteError, keywords
 
 
@@ -67,7 +70,58 @@ class Intervention(ABC):
 
     method: ClassVar[str] = ""
     bench_default: ClassVar[bool] = True  # joins `steerlab bench` when no --methods are given
+    FitOptions: ClassVar[type] = NoOptions    # what `steerlab fit METHOD` takes (see steerlab.options)
+    ApplyOptions: ClassVar[type] = NoOptions  # what apply(model, **options) takes
+    strength_option: ClassVar[str | None] = None  # the apply option `--alpha` sets (None: the method has none)
     meta: dict
+
+    def __init_subclass__(cls, **kw):
+        """Every subclass's ``apply`` receives its options validated against ``ApplyOptions`` (an option
+        the method does not have is an error listing the ones it has) with the declared defaults filled in."""
+        super().__init_subclass__(**kw)
+        raw = cls.__dict__.get("apply")
+        if raw is None or getattr(raw, "validates_options", False):
+            return
+
+        @functools.wraps(raw)
+        def apply(self, model: Model, strict: bool = True, **options: Any):
+            return raw(self, model, strict=strict, **type(self).apply_options(options))
+
+        apply.validates_options = True  # type: ignore[attr-defined]
+        cls.apply = apply
+
+    @classmethod
+    def apply_options(cls, given: dict) -> dict:
+        """``given`` checked against ``ApplyOptions``, with every default filled in."""
+        return as_dict(validate(cls.ApplyOptions, given, f"{cls.method or cls.__name__}'s apply", InterventionError))
+
+    @classmethod
+    def cli_options(cls, options: dict, strength: Any = None) -> dict:
+        """Apply options from the command line: ``options`` plus ``--alpha`` as the method's
+        ``strength_option``, validated (an option the method does not have is an error listing the ones
+        it has) and returned as given."""
+        if strength is not None:
+            if cls.strength_option is None:
+                raise InterventionError(f"{cls.method} has no strength option for --alpha; its apply options are: "
+                                        f"{listing(cls.ApplyOptions)}")
+            options = {**options, cls.strength_option: strength}
+        cls.apply_options(options)
+        return options
+
+    @classmethod
+    def fit_options(cls, given: dict) -> Any:
+        """``given`` checked against ``FitOptions`` (an instance of it)."""
+        return validate(cls.FitOptions, given, f"{cls.method or cls.__name__}'s fit", InterventionError)
+
+    @classmethod
+    def from_options(cls, model: Model, options: Any) -> Intervention:
+        """Fit from a ``FitOptions`` instance, gathering the data it names (what ``steerlab fit METHOD``
+        runs); methods without a command-line recipe say so."""
+        raise InterventionError(f"{cls.method} cannot be fitted from options; call {cls.__name__}.fit(model, data)")
+
+    def fit_summary(self) -> list[str]:
+        """Lines ``steerlab fit`` prints after fitting (besides the saved file's description)."""
+        return []
 
     @classmethod
     @abstractmethod
@@ -260,41 +314,30 @@ def fingerprint_texts(*groups: Sequence[str]) -> str:
 
 
 # --- registry ------------------------------------------------------------------------------------
-_REGISTRY: dict[str, type[Intervention]] = {}
+METHODS: Registry = Registry("intervention method", InterventionError, discover="steerlab.methods")
+"""Registered methods by name; the built-in ones are listed in :mod:`steerlab.methods` (imported on first use)."""
 
 
 def register(cls: type[Intervention]) -> type[Intervention]:
     """Class decorator: register an :class:`Intervention` subclass under its ``method`` name."""
     if not cls.method:
         raise InterventionError(f"{cls.__name__} has no method name")
-    _REGISTRY[cls.method] = cls
-    return cls
-
-
-def _ensure_builtin() -> None:
-    from .explain import selfie_control  # noqa: F401  (registers "selfie-control")
-    from .protocols import correction  # noqa: F401  (registers "selfcorrect")
-    from .steer import aura, eigenshift, iti, slim, vector  # noqa: F401  (registers each method)
+    return METHODS.register(cls.method, cls)
 
 
 def get(method: str | None) -> type[Intervention]:
     """The registered class of ``method``; an unknown name is an error listing the known ones."""
-    _ensure_builtin()
-    if method not in _REGISTRY:
-        raise InterventionError(f"unknown intervention method {method!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[method]
+    return METHODS[method]
 
 
 def bench_methods() -> list[str]:
     """The registered methods the benchmark runs by default (those that aim to change behaviour)."""
-    _ensure_builtin()
-    return [name for name, cls in sorted(_REGISTRY.items()) if cls.bench_default]
+    return [name for name, cls in sorted(METHODS.items()) if cls.bench_default]
 
 
 def list_interventions() -> dict[str, str]:
     """Registered methods and the first line of each class's docstring."""
-    _ensure_builtin()
-    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in sorted(_REGISTRY.items())}
+    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in sorted(METHODS.items())}
 
 
 def fit(method: str, model: Model, data: Any, **options: Any) -> Intervention:

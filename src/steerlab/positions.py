@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ShapeError
+from .registry import choose
 
 
 def _bmask(mask: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,6 @@ def as_position(p: Position | str | int | Sequence[int]) -> Position:
     if isinstance(p, Position):
         return p
     if isinstance(p, str):
-        if p not in _NAMED:
-            raise ShapeError(f"unknown position {p!r}; choose one of {', '.join(_NAMED)} or give indices")
+        choose("position (or give indices)", p, _NAMED, ShapeError)
         return _NAMED[p]
     return Indices(p)

@@ -167,8 +167,4 @@ def check_out_file(out: str) -> None:
 # the command groups (their commands are registered by the modules of this package)
 steer_app = typer.Typer(help="Steering vectors: fit, sweep layers x strengths, export to llama.cpp.",
                         no_args_is_help=True)
-fit_app = typer.Typer(help="Fit an intervention and save it (safetensors + JSON header); apply it with "
-                      "`steerlab generate --intervention FILE`. Methods: `steerlab interventions`.",
-                      no_args_is_help=True)
-app.add_typer(fit_app, name="fit", rich_help_panel=STEER)
 app.add_typer(steer_app, name="steer", rich_help_panel=STEER)

@@ -26,12 +26,13 @@ def select_prompts(spec: str, split_name: str | None, n: int | None, seed: int =
     """Prompts from a spec (bundled name, file, hf:...), optionally one part of the seeded split
     by prompt (train / validation / test), then the first ``n``."""
     from ..data import load_prompts, split, take
+    from ..registry import unknown
 
     prompts = load_prompts(spec)
     if split_name:
         parts = split(prompts, seed=seed)
         if split_name not in parts:
-            raise typer.BadParameter(f"unknown split {split_name!r}; choose one of {', '.join(parts)}")
+            raise typer.BadParameter(unknown("split", split_name, parts))
         prompts = parts[split_name]
     return take(prompts, n) if n else prompts
 
@@ -60,10 +61,12 @@ def generate(
                                       "the generating model itself, unedited)."),
     intervention: str = typer.Option("", "--intervention", "-i", help="Apply a saved intervention (from "
                                      "`steerlab fit METHOD`) while generating; fluency is still measured unedited."),
-    alpha: float | None = typer.Option(None, help="Strength passed to the intervention's apply (steering: the "
-                                       "multiple of the saved direction)."),
+    alpha: float | None = typer.Option(None, help="The intervention's strength option (steering, ITI, "
+                                       "EigenShift, selfie-control: alpha; SLIM: kappa; see `steerlab "
+                                       "interventions METHOD` for its meaning and unit)."),
     apply_option: list[str] = typer.Option([], "--apply-option", help="KEY=VALUE passed to the intervention's "
-                                           "apply (repeatable), e.g. mode=ablate or where=generated for steering."),
+                                           "apply (repeatable), e.g. mode=ablate or where=generated for steering; "
+                                           "checked against the method's options before anything is written."),
     overwrite: bool = typer.Option(False, help="Start the run directory afresh."),
     device: str = DEVICE,
     device_map: str = DEVICE_MAP,
@@ -90,9 +93,7 @@ def generate(
     iv = load_intervention(intervention, m) if intervention else None
     if (alpha is not None or apply_option) and iv is None:
         raise typer.BadParameter("--alpha and --apply-option need --intervention", param_hint="--alpha")
-    opts = key_values(apply_option, "--apply-option")
-    if alpha is not None:
-        opts["alpha"] = alpha
+    opts = iv.cli_options(key_values(apply_option, "--apply-option"), alpha) if iv is not None else {}
     ref = (load_model(fluency_model) if fluency_model else m) if fluency and sc is not None else None
     rows = generate_run(m, ps, out, cfg, scorer=sc, intervention=iv,
                         apply_options=opts, overwrite=overwrite,

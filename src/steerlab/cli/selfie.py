@@ -1,12 +1,11 @@
-"""SelfIE commands: ``interpret``, ``interpret-vector`` and ``fit selfie-control`` (apply the file with
-``steerlab generate --intervention FILE`` or read its effect with ``steerlab interpret --intervention FILE``)."""
+"""SelfIE commands: ``interpret`` and ``interpret-vector`` (``fit selfie-control`` is ``steerlab fit
+METHOD``; read the effect of its file with ``steerlab interpret --intervention FILE``)."""
 
 from __future__ import annotations
 
 import typer
-from rich.markup import escape
 
-from .app import EXPLAIN, MODEL, app, command, console, fit_app, floats, ints, load_model, names
+from .app import EXPLAIN, MODEL, app, command, console, floats, ints, load_model, names
 from .tables import print_interpretations, print_vector_interpretations
 
 
@@ -56,6 +55,7 @@ def interpret(
     iv = load_intervention(intervention, m) if intervention else None
     if alpha is not None and iv is None:
         raise typer.BadParameter("--alpha needs --intervention", param_hint="--alpha")
+    opts = {} if iv is None else iv.cli_options({}, alpha)
     numbering = "hf" if hf_layers else "blocks"
     named = names(sites)
     ls = ints(layers, "--layers") or ([] if named else spread_layers(m, numbering=numbering))
@@ -67,7 +67,7 @@ def interpret(
     pairs = [(L, t) for L in [*ls, *named] for t in ts]
     res = run_interpret(m, prompt, pairs, ip, **kw)
     edited = None if iv is None else run_interpret(m, prompt, pairs, ip, **kw, intervention=iv,
-                                                   apply_options={} if alpha is None else {"alpha": alpha})
+                                                   apply_options=opts)
     print_interpretations(res, edited, f"SelfIE on {m.name}: {prompt!r} (k={k}, {mode}, {relevancy} relevancy)",
                           intervention)
     console.print("layers: " + ("the paper's numbering, L = output of block L-1 (0 = embeddings)" if hf_layers
@@ -118,109 +118,3 @@ def interpret_vector(
     print_vector_interpretations(res, f"SelfIE on {path} ({m.name}, k={k}, norm {norm})")
     if html:
         console.print(f"wrote {sf.grid_report(res, f'SelfIE on {path}').write(html)}")
-
-
-def preserve_texts(texts: list[str], files: list[str]) -> list[str]:
-    """The reference texts: each ``--preserve TEXT`` then every text of each ``--preserve-file``."""
-    from ..data import load_prompts
-
-    out = list(texts)
-    for f in files:
-        out += [p.text for p in load_prompts(f)]
-    return out
-
-
-def check_control_input(out: str, prompt: str, target: str, target_vector: str, preserve: list[str]) -> None:
-    """Raise a one-line :class:`ControlError` for input that cannot work, before any model is loaded."""
-    from pathlib import Path
-
-    from ..explain.selfie_control import ControlError
-
-    if Path(out).is_dir():
-        raise ControlError(f"--out {out} is a directory; give a file path such as {out.rstrip('/')}/control.safetensors")
-    if not prompt:
-        raise ControlError("--prompt is empty: give the source prompt whose state is moved")
-    if bool(target) == bool(target_vector):
-        raise ControlError("give exactly one of --target (a text whose state is the target) and --target-vector "
-                           "(a file holding one d_model vector)")
-    if target_vector and not Path(target_vector).is_file():
-        raise ControlError(f"--target-vector {target_vector} is not a file")
-    if any(not t for t in preserve):
-        raise ControlError("a --preserve text is empty")
-
-
-def read_vector(path: str):
-    """One vector from a .safetensors (a single tensor), .pt or .npy file."""
-    import numpy as np
-    import torch
-
-    from ..explain.selfie_control import ControlError
-
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        tensors = load_file(path)
-        if len(tensors) != 1:
-            raise ControlError(f"{path} holds {len(tensors)} tensors; --target-vector needs a file with one")
-        v = next(iter(tensors.values()))
-    elif path.endswith(".npy"):
-        v = torch.from_numpy(np.load(path))
-    else:
-        v = torch.load(path, map_location="cpu", weights_only=True)
-    return torch.as_tensor(v).float().reshape(-1)
-
-
-@command(fit_app, "selfie-control")
-def fit_selfie_control(
-    out: str = typer.Option(..., "--out", "-o", help="Output .safetensors file (only the weight deltas + header)."),
-    prompt: str = typer.Option(..., "--prompt", help="Source prompt whose hidden state is moved."),
-    layer: int = typer.Option(..., "--layer", help="Layer l: the state after block l (blocks.l.resid_post) is moved "
-                              "and block l's MLP is edited (negative from the end)."),
-    hf_layer: bool = typer.Option(False, "--hf-layer", help="Read --layer and --target-layer in the SelfIE paper's "
-                                  "numbering (L = output of block L-1; block L-1's MLP is edited)."),
-    target: str = typer.Option("", "--target", help="Target text: its state at --target-layer (default: --layer), "
-                               "token --target-token, is where the source state is moved."),
-    target_vector: str = typer.Option("", "--target-vector", help="Target vector instead of a text: a .safetensors "
-                                      "(one tensor), .pt or .npy file holding d_model numbers."),
-    target_layer: int | None = typer.Option(None, "--target-layer", help="Layer the target text's state is read "
-                                            "at (the notebooks move a later layer's state into an earlier one)."),
-    target_token: int = typer.Option(-1, "--target-token", help="Token of the target text (negative from the end)."),
-    token: int = typer.Option(-1, "--token", help="Token of the source prompt whose state is moved (negative "
-                              "from the end)."),
-    params: str = typer.Option("mlp", "--params", help="mlp: every parameter of the block's MLP (as the SelfIE "
-                               "notebooks) | down: its down projection only."),
-    preserve: list[str] = typer.Option([], "--preserve", help="Reference text whose states at the layer should "
-                                       "stay as they are (repeatable)."),
-    preserve_file: list[str] = typer.Option([], "--preserve-file", help="File of reference texts "
-                                            "(.txt/.jsonl/.csv; repeatable)."),
-    preserve_weight: float = typer.Option(1.0, "--preserve-weight", min=0.0, help="Weight of the preservation "
-                                          "term (mean squared change of the reference states)."),
-    steps: int = typer.Option(50, "--steps", min=1, help="Adam steps."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
-    chat: bool = typer.Option(False, help="Render the prompt, target and references as user turns with the "
-                              "chat template."),
-    model: str = MODEL,
-) -> None:
-    """SelfIE supervised control: learn an edit of block l's MLP that moves the state at (--layer,
-    --token) of --prompt toward a target state (a text's state at --target-layer, or a vector); prints
-    the distance before and after, saves the edit (apply with `generate --intervention FILE [--alpha A]`,
-    read its effect with `interpret PROMPT --intervention FILE`)."""
-    from ..interventions import fit
-
-    refs = preserve_texts(preserve, preserve_file)
-    check_control_input(out, prompt, target, target_vector, refs)
-    goal = read_vector(target_vector) if target_vector else target
-    m = load_model(model)
-    iv = fit("selfie-control", m, prompt, layer=layer, token=token, target=goal, steps=steps, lr=lr,
-             preserve=refs or None, preserve_weight=preserve_weight, chat=chat,
-             numbering="hf" if hf_layer else "blocks", params=params, target_layer=target_layer,
-             target_token=target_token)
-    d0, d1 = iv.meta["distance_before"], iv.meta["distance_after"]
-    b = iv.meta["block"]
-    console.print(f"distance to the target after block {b} (blocks.{b}.resid_post"
-                  + (f", the paper's layer {b + 1}" if hf_layer else "") + f"), token {iv.meta['token']}: "
-                  f"{d0:.4g} -> {d1:.4g} ({100 * (d1 - d0) / max(d0, 1e-12):+.1f} %, {100 * iv.meta['moved']:.0f}% of "
-                  f"the way) after {steps} steps, {params} parameters"
-                  + (f", {len(refs)} reference text(s) preserved" if refs else ""))
-    iv.save(out)
-    console.print(escape(f"saved {iv.describe()} to {out}"))

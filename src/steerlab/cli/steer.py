@@ -21,11 +21,22 @@ from .tables import print_rows, print_steering_test
 
 
 @command(app, panel=STEER)
-def interventions() -> None:
-    """List the registered intervention methods (fit with `steerlab fit METHOD`)."""
-    from ..interventions import list_interventions
+def interventions(method: str = typer.Argument("", help="A method: list its fit and apply options.")) -> None:
+    """List the registered intervention methods, or one method's options with meaning and unit (fit with
+    `steerlab fit METHOD --OPTION VALUE`, apply with `steerlab generate --intervention FILE`)."""
+    from ..interventions import METHODS, get, list_interventions
+    from ..options import describe
 
-    print_rows("registered interventions", ["method", "what"], list(list_interventions().items()))
+    if not method:
+        rows = [(name, doc, METHODS[name].strength_option or "-") for name, doc in list_interventions().items()]
+        print_rows("registered interventions (`steerlab interventions METHOD` lists a method's options)",
+                   ["method", "what", "--alpha sets"], rows)
+        return
+    cls = get(method)
+    cols = ["option", "type", "default", "allowed", "unit", "meaning"]
+    print_rows(f"{method}: fit options (`steerlab fit {method} --OPTION VALUE`)", cols, describe(cls.FitOptions))
+    print_rows(f"{method}: apply options (`generate --intervention FILE --apply-option KEY=VALUE`; --alpha sets "
+               f"{cls.strength_option or 'nothing'})", cols, describe(cls.ApplyOptions))
 
 
 @command(steer_app, "export-gguf")

@@ -14,9 +14,10 @@ from .prompts import (
     split,
     take,
     texts,
+    training_prompts,
 )
 
 __all__ = [
     "BUNDLED", "DNA_CATEGORIES", "RTP_CATEGORIES", "ContrastSet", "Prompt", "contrast_from_continuations",
-    "contrast_from_scores", "fingerprint", "load_prompts", "neutral_texts", "prompt_id", "split", "take", "texts",
+    "contrast_from_scores", "fingerprint", "load_prompts", "neutral_texts", "prompt_id", "split", "take", "texts", "training_prompts",
 ]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, EmptyInputError
+from ..registry import unknown
 
 FILES = Path(__file__).resolve().parent / "files"
 
@@ -109,7 +110,7 @@ def _category(name: str, sub: str | None, allowed: Sequence[str]) -> list[str]:
         return list(allowed)
     key = sub.strip().lower().replace("-", "_").replace(" ", "_")
     if key not in allowed:
-        raise DataError(f"unknown {name} category {sub!r}; choose one of: {', '.join(allowed)}")
+        raise DataError(unknown(f"{name} category", sub, allowed))
     return [key]
 
 
@@ -492,3 +493,10 @@ def split(
         out[name] = [p for k in order[start:start + c] for p in members[k]]
         start += c
     return out
+
+
+def training_prompts(spec: str = "rtp", n: int = 0, seed: int = 0) -> list[Prompt]:
+    """The first ``n`` (0: all) prompts of the training part of the seeded split of prompt set ``spec``
+    (what the detoxification fits learn from)."""
+    train = split(load_prompts(spec), seed=seed)["train"]
+    return train[:n] if n else train

@@ -50,6 +50,7 @@ from ..interventions import BenchData, Intervention, bench_methods, get
 from ..metrics.compare import choose_setting, paired_perplexity_ratio
 from ..models.model import Model
 from ..parallel import group
+from ..registry import choose
 from ..runs import RunDir, read_record, write_json
 from .bench_verdict import comparison
 from .presets import from_preset
@@ -94,10 +95,8 @@ class BenchConfig:
     matched_ppl: tuple[float, ...] = (1.1, 1.25)  # perplexity ratios at which methods are compared
 
     def validate(self) -> None:
-        if self.preset not in PRESETS:
-            raise BenchError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if self.sampling not in SAMPLING:
-            raise BenchError(f"unknown sampling preset {self.sampling!r}; choose one of {', '.join(SAMPLING)}")
+        choose("preset", self.preset, PRESETS, BenchError)
+        choose("sampling preset", self.sampling, SAMPLING, BenchError)
         if min(self.n_val, self.k_val, self.k, self.max_new_tokens, self.batch_size, self.n_pairs,
                self.timing_reps) < 1 or self.n_test < 0:
             raise BenchError("n_val, k_val, k, max_new_tokens, batch_size, n_pairs and timing_reps must be >= 1, "
@@ -176,7 +175,7 @@ def _summary(model: Model, rows: list[dict]) -> dict:
 
 def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchData, val, cfg: BenchConfig,
             base: dict, progress: bool = False) -> tuple[dict, list[dict]]:
-    """Every setting on the validation prompts, then :func:`choose` (see the module docstring).
+    """Every setting on the validation prompts, then :func:`choose_candidate` (see the module docstring).
     In a data-parallel launch, rank 0 lists the settings and measures each; every rank chooses from that."""
     g = group()
     table = []
@@ -184,10 +183,10 @@ def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchDa
         rows = generate_run(model, val, path / "val" / name / str(i), _gen(cfg, True), scorer=data.scorer,
                             intervention=iv, apply_options=opts, progress=progress)
         table.append(g.on_main(lambda opts=opts, rows=rows: _setting_row(model, opts, rows, cfg, base)))
-    return choose(table, cfg.max_ppl_ratio), table
+    return choose_candidate(table, cfg.max_ppl_ratio), table
 
 
-def choose(table: list[dict], limit: float) -> dict:
+def choose_candidate(table: list[dict], limit: float) -> dict:
     """The chosen setting among validation rows (:func:`_setting_row`): the one-standard-error rule
     on the smoothed dose-response curve (settings ordered by their perplexity ratio; toxicity change
     fitted non-increasing) among the admissible settings, whose perplexity-ratio CI stays within the

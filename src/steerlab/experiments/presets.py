@@ -6,6 +6,7 @@ from dataclasses import fields
 from typing import Any
 
 from ..errors import SteerlabError
+from ..registry import choose
 
 
 def from_preset(cls: type, presets: dict[str, dict[str, Any]], name: str | None, overrides: dict[str, Any],
@@ -14,8 +15,7 @@ def from_preset(cls: type, presets: dict[str, dict[str, Any]], name: str | None,
     the valid ones; ``None`` overrides are ignored (an option left unset keeps the preset's value)."""
     base: dict[str, Any] = dict(fixed)
     if name is not None:
-        if name not in presets:
-            raise error(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+        choose("preset", name, presets, error)
         base.update(presets[name])
     names = {f.name for f in fields(cls)}
     bad = sorted(set(overrides) - names)

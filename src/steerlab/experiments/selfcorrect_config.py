@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import DataError, EmptyInputError, SteerlabError
 from ..generation import SAMPLING, text_id
 from ..protocols.selfcorrect import get_instruction
+from ..registry import choose
 from ..steer.vector import POSITIONS
 from .presets import from_preset
 
@@ -79,8 +80,7 @@ class SelfCorrectConfig:
             raise SelfCorrectError(f"directions must be both, detox or toxify, got {self.directions!r}")
         if self.selection not in ("threshold", "rank"):
             raise SelfCorrectError(f"selection must be threshold or rank, got {self.selection!r}")
-        if self.sampling not in SAMPLING:
-            raise SelfCorrectError(f"unknown sampling preset {self.sampling!r}; choose one of {', '.join(SAMPLING)}")
+        choose("sampling preset", self.sampling, SAMPLING, SelfCorrectError)
         if min(self.max_new_tokens, self.batch_size, self.lexicon_k, self.steer_pairs, self.n_controls) < 1:
             raise SelfCorrectError("max_new_tokens, batch_size, lexicon_k, steer_pairs and n_controls must be >= 1")
         if self.steer_positions not in POSITIONS:

@@ -127,8 +127,7 @@ def run_steering_study(model: Model, out_dir: str | Path, s: SteeringStudy | Non
     # validate every option before anything is created or computed
     scorer = get_scorer(s.scorer)
     sites = [model.site(f"blocks.{layer}.resid_post").name for layer in s.layers]
-    if s.where not in SCHEDULE_FNS:
-        raise EmptyInputError(f"unknown schedule {s.where!r}; choose one of {', '.join(SCHEDULE_FNS)}")
+    SCHEDULE_FNS.check(s.where)
     variants = [parse_variant(v, s.where) for v in s.variants]
     if not sites or not s.alphas or not variants:
         raise EmptyInputError("the steering study needs at least one layer, one strength and one variant")

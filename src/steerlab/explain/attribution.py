@@ -34,6 +34,7 @@ import torch
 
 from ..errors import EmptyInputError, ShapeError, SteerlabError
 from ..models.model import Model
+from ..registry import choose
 
 B_DEFAULT = 7
 
@@ -385,8 +386,7 @@ def attribute(model: Model, prompt: str, response: str | None = None, chat: bool
     In raw mode a given response is tokenized after ``prompt + separator`` (:func:`response_ids`)."""
     if chunk < 1:
         raise ShapeError(f"chunk must be >= 1, got {chunk}")
-    if mode not in MODES:
-        raise ShapeError(f"unknown attribution mode {mode!r}; choose one of {', '.join(MODES)}")
+    choose("attribution mode", mode, MODES, ShapeError)
     text, start, p_ids, offsets, r_ids, E, targets = _setup(model, prompt, response, chat, max_new_tokens, separator)
     n_in, n_out = len(p_ids), len(r_ids)
     if (choose_mode(n_in, n_out) if mode == "auto" else mode) == "forward":

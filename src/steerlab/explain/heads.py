@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import EmptyInputError, SiteError, SteerlabError
+from ..errors import EmptyInputError, SiteError
 from ..models.adapters import get_module
 from ..models.model import Model
+from ..registry import choose
 
 
 @dataclass
@@ -121,7 +122,7 @@ def similarity_matrix(model: Model, words: Sequence[str], E: torch.Tensor, kind:
 
         X = torch.as_tensor(sentence_encoder().encode(list(words), convert_to_numpy=True), device=E.device).float()
     else:
-        raise SteerlabError(f"unknown similarity {kind!r}; choose 'embeddings' or 'minilm'")
+        choose("similarity", kind, ("embeddings", "minilm"))
     X = X / X.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return X @ X.T
 

@@ -54,6 +54,7 @@ from ..errors import SteerlabError
 from ..hooks import EditFn, capture, edit
 from ..models.adapters import get_module
 from ..models.model import Model
+from ..registry import choose
 from .lens import token_str
 
 MODES = ("replace", "add", "none")
@@ -338,8 +339,7 @@ class Inject(EditFn):
     def __init__(self, states: torch.Tensor, positions: Sequence[int], mode: str = "replace",
                  strength: float = 1.0):
         super().__init__("all")
-        if mode not in MODES:
-            raise SelfieError(f"unknown injection mode {mode!r}; choose one of {', '.join(MODES)}")
+        choose("injection mode", mode, MODES, SelfieError)
         if not positions:
             raise SelfieError("nothing to inject into: the interpretation prompt has no placeholder positions")
         self.states, self.positions, self.mode, self.strength = torch.as_tensor(states), list(positions), mode, strength
@@ -536,12 +536,10 @@ class SelfieResult:
 
 def _check_common(mode: str, max_new_tokens: int, batch_size: int, form: str = "signed",
                   baseline: str | None = None) -> None:
-    if form not in RELEVANCY_FORMS:
-        raise SelfieError(f"unknown relevancy form {form!r}; choose one of {', '.join(RELEVANCY_FORMS)}")
-    if baseline is not None and baseline not in BASELINES:
-        raise SelfieError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)} (or none)")
-    if mode not in MODES:
-        raise SelfieError(f"unknown injection mode {mode!r}; choose one of {', '.join(MODES)}")
+    choose("relevancy form", form, RELEVANCY_FORMS, SelfieError)
+    if baseline is not None:
+        choose("baseline", baseline, BASELINES, SelfieError)
+    choose("injection mode", mode, MODES, SelfieError)
     if max_new_tokens < 1 or batch_size < 1:
         raise SelfieError(f"max_new_tokens and batch_size must be >= 1 (got {max_new_tokens}, {batch_size})")
 

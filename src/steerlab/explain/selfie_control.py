@@ -29,6 +29,7 @@ from ..hooks import capture
 from ..interventions import Intervention, InterventionError, register
 from ..models.adapters import get_module
 from ..models.model import Model, position_ids
+from ..options import option
 from .selfie import SelfieError, layer_index, layer_site, read_states
 
 PARAMS = ("mlp", "down")
@@ -142,6 +143,77 @@ def _optimise(model, block, weights, src, t, goal, ref, ref_before, preserve_wei
     return {n: d.detach() for n, d in deltas.items()}, history
 
 
+def read_vector(path: str) -> torch.Tensor:
+    """One vector from a .safetensors (a single tensor), .pt or .npy file."""
+    from pathlib import Path
+
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise ControlError(f"target vector file {path} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        if len(tensors) != 1:
+            raise ControlError(f"{path} holds {len(tensors)} tensors; a target vector file holds one")
+        v = next(iter(tensors.values()))
+    elif path.endswith(".npy"):
+        v = torch.from_numpy(np.load(path))
+    else:
+        v = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.as_tensor(v).float().reshape(-1)
+
+
+@dataclass
+class SelfieControlFitOptions:
+    prompt: str = option("", "source prompt whose hidden state is moved (required)")
+    layer: int = option(None, "layer l: the state after block l (blocks.l.resid_post) is moved and block l's MLP "
+                        "is edited (negative from the end; required)", type=int)
+    hf_layer: bool = option(False, "read layer and target_layer in the SelfIE paper's numbering (L = output of "
+                            "block L-1; block L-1's MLP is edited)")
+    target: str = option("", "target text: its state at target_layer (default: layer), token target_token, is "
+                         "where the source state is moved (this or target_vector)")
+    target_vector: str = option("", "target vector instead of a text: a .safetensors (one tensor), .pt or .npy "
+                                "file holding d_model numbers")
+    target_layer: int = option(None, "layer the target text's state is read at (the notebooks move a later "
+                               "layer's state into an earlier one)", type=int)
+    target_token: int = option(-1, "token of the target text (negative from the end)")
+    token: int = option(-1, "token of the source prompt whose state is moved (negative from the end)")
+    params: str = option("mlp", "mlp: every parameter of the block's MLP (as the SelfIE notebooks) | down: its "
+                         "down projection only", choices=PARAMS)
+    preserve: list = option([], "reference text whose states at the layer should stay (repeatable)", type=list,
+                            repeated=True)
+    preserve_file: list = option([], "file of reference texts (.txt/.jsonl/.csv; repeatable)", type=list,
+                                 repeated=True)
+    preserve_weight: float = option(1.0, "weight of the preservation term (mean squared change of the reference "
+                                    "states)", low=0.0)
+    steps: int = option(50, "Adam steps", low=1)
+    lr: float = option(1e-3, "Adam learning rate", low=0.0)
+    chat: bool = option(False, "render the prompt, target and references as user turns with the chat template")
+
+    def references(self) -> list[str]:
+        """Each ``preserve`` text, then every text of each ``preserve_file``; raises on empty input."""
+        from ..data import load_prompts
+
+        refs = list(self.preserve) + [p.text for f in self.preserve_file for p in load_prompts(f)]
+        if not self.prompt:
+            raise ControlError("--prompt is empty: give the source prompt whose state is moved")
+        if bool(self.target) == bool(self.target_vector):
+            raise ControlError("give exactly one of --target (a text whose state is the target) and "
+                               "--target-vector (a file holding one d_model vector)")
+        if self.layer is None:
+            raise ControlError("--layer is required: the layer whose state is moved")
+        if any(not t for t in refs):
+            raise ControlError("a --preserve text is empty")
+        return refs
+
+
+@dataclass
+class SelfieControlApplyOptions:
+    alpha: float = option(1.0, "multiple of the learned weight delta swapped in", unit="x delta")
+
+
 @register
 @dataclass
 class SelfieControl(Intervention):
@@ -151,6 +223,28 @@ class SelfieControl(Intervention):
     meta: dict = field(default_factory=dict)
     method = "selfie-control"
     bench_default = False  # edits one state toward a target: not a detoxification method
+    FitOptions = SelfieControlFitOptions
+    ApplyOptions = SelfieControlApplyOptions
+    strength_option = "alpha"
+
+    @classmethod
+    def from_options(cls, model: Model, o: SelfieControlFitOptions) -> SelfieControl:
+        refs = o.references()
+        goal = read_vector(o.target_vector) if o.target_vector else o.target
+        return cls.fit(model, o.prompt, layer=o.layer, token=o.token, target=goal, steps=o.steps, lr=o.lr,
+                       preserve=refs or None, preserve_weight=o.preserve_weight, chat=o.chat,
+                       numbering="hf" if o.hf_layer else "blocks", params=o.params, target_layer=o.target_layer,
+                       target_token=o.target_token)
+
+    def fit_summary(self) -> list[str]:
+        d0, d1, b = self.meta["distance_before"], self.meta["distance_after"], self.meta["block"]
+        n = self.meta.get("n_preserve", 0)
+        hf = self.meta.get("layer_numbering") == "hf"
+        return [f"distance to the target after block {b} (blocks.{b}.resid_post"
+                + (f", the paper's layer {b + 1}" if hf else "") + f"), token {self.meta['token']}: "
+                f"{d0:.4g} -> {d1:.4g} ({100 * (d1 - d0) / max(d0, 1e-12):+.1f} %, "
+                f"{100 * self.meta['moved']:.0f}% of the way) after {self.meta['steps']} steps, "
+                f"{self.meta['params']} parameters" + (f", {n} reference text(s) preserved" if n else "")]
 
     def __post_init__(self):
         if isinstance(self.deltas, torch.Tensor):  # a down-projection delta (older files)
@@ -218,7 +312,7 @@ class SelfieControl(Intervention):
         super().check(model, strict)
 
     @contextmanager
-    def apply(self, model: Model, alpha: float = 1.0, strict: bool = True):
+    def apply(self, model: Model, *, alpha, strict: bool = True):
         """Swap ``W + alpha * delta`` in while the block runs; the original weights come back bit for bit."""
         self.check(model, strict)
         weights = self._weights(model)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError, SteerlabError
+from ..registry import choose
 from ..validate import device as check_device
 from ..validate import env_dir
 from .model import Model
@@ -287,8 +288,7 @@ def load(spec: str | os.PathLike | None = None, *, device: str | None = "cpu", d
     """
     device = check_device(device)  # an unavailable device is refused listing the ones that exist
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        choose("dtype", dtype, DTYPES, ModelLoadError)
         dtype = DTYPES[dtype]
     spec = DEFAULT if spec in (None, "default") else str(spec)
     if spec in EMBEDDED:

@@ -21,7 +21,14 @@ import torch
 from ..generation import generate_batch, text_id
 from ..interventions import Intervention, InterventionError, register
 from ..models.model import Model
+from ..options import option
 from .selfcorrect import dialogue, get_instruction, instruction_texts, parse_completion
+
+
+@dataclass
+class SelfCorrectionFitOptions:
+    instruction: str = option("strong_detox", "correction instruction (`steerlab selfcorrect --list-instructions`)")
+    opening: str = option("opening", "opening instruction of the dialogue")
 
 
 @register
@@ -31,6 +38,11 @@ class SelfCorrection(Intervention):
 
     meta: dict = field(default_factory=dict)
     method = "selfcorrect"
+    FitOptions = SelfCorrectionFitOptions
+
+    @classmethod
+    def from_options(cls, model: Model, o: SelfCorrectionFitOptions) -> SelfCorrection:
+        return cls.fit(model, None, instruction=o.instruction, opening=o.opening)
 
     @classmethod
     def fit(cls, model: Model, data=None, instruction: str = "strong_detox", opening: str = "opening") -> SelfCorrection:
@@ -63,8 +75,7 @@ class SelfCorrection(Intervention):
 
     def generate(self, model: Model, texts: Sequence, cfg, keys: Sequence[str] | None = None,
                  **options) -> list[list[str]]:
-        if options:
-            raise InterventionError(f"self-correction takes no apply options, got {sorted(options)}")
+        self.apply_options(options)  # none: an option is an error naming the method's options
         keys = list(keys) if keys is not None else [text_id(t) for t in texts]
         first = generate_batch(model, list(texts), cfg, keys)
         opts = self.meta["options"]

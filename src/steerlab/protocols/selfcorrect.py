@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import SteerlabError
+from ..registry import choose, unknown
 
 DIRECTIONS = ("opening", "detox", "toxify", "neutral")
 FORMAT = "steerlab.instructions"
@@ -75,9 +76,7 @@ def _make(kind: str, text: str, direction: str | None) -> Instruction:
     if not isinstance(text, str) or not text.strip():
         raise InstructionError(f"instruction {kind!r}: text must be a non-empty string")
     direction = direction or _infer_direction(kind)
-    if direction not in DIRECTIONS:
-        raise InstructionError(f"instruction {kind!r}: unknown direction {direction!r}; choose one of "
-                               f"{', '.join(DIRECTIONS)}")
+    choose(f"direction of instruction {kind!r}:", direction, DIRECTIONS, InstructionError)
     if direction == "opening" and "{prompt}" not in text:
         raise InstructionError(f"opening instruction {kind!r} must contain the placeholder {{prompt}}")
     return Instruction(kind, text, direction)
@@ -129,8 +128,8 @@ def get_instruction(kind: str) -> Instruction:
     """The registered instruction ``kind``; an unknown kind is an error that lists the known ones."""
     reg = _registry()
     if kind not in reg:
-        raise InstructionError(f"unknown instruction kind {kind!r}; registered kinds: {', '.join(reg)} "
-                               "(add one with register_instruction or load_instructions)")
+        raise InstructionError(unknown("instruction kind", kind, reg) + " (add one with register_instruction or "
+                               "load_instructions)")
     return reg[kind]
 
 

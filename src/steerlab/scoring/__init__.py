@@ -11,6 +11,7 @@ Registered: ``jigsaw-bilstm``, ``profanity``, ``jigsaw-profanity-max`` (= ``defa
 (toxicity with CIs, perplexity, KL, diversity) live in :mod:`steerlab.metrics`.
 """
 
+from . import builtin  # noqa: F401  (registers the built-in scorers)
 from .lexicon import token_lexicon
 from .registry import (
     DEFAULT_SCORER,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..registry import choose
 from .registry import Scorer, ScorerError
 
 # label-name words that mark the toxic class, most specific first
@@ -216,8 +217,7 @@ class DetoxifyScorer(Scorer):
     def __init__(self, checkpoint: str | os.PathLike | None = None, model_type: str = "original",
                  config_path: str | os.PathLike | None = None, download: bool = False, device: str = "cpu",
                  max_length: int | None = None) -> None:
-        if model_type not in DETOXIFY_URLS:
-            raise ScorerError(f"unknown Detoxify model_type {model_type!r}; choose one of {sorted(DETOXIFY_URLS)}")
+        choose("Detoxify model_type", model_type, sorted(DETOXIFY_URLS), ScorerError)
         if checkpoint is None:
             checkpoint = self._find_checkpoint(model_type, download)
         self.checkpoint = str(checkpoint)

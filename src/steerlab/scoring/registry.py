@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..errors import SteerlabError
+from ..registry import unknown
 from ..validate import MASK, is_secret_name, public_options, redact
 
 __all__ = [
@@ -145,6 +146,14 @@ def _canonical(name: str) -> str:
     return _ALIASES.get(n, n)
 
 
+def _known(name: str) -> str:
+    """The canonical name of a registered scorer; an unknown one is the registry's error."""
+    n = _canonical(name)
+    if n not in _FACTORIES:
+        raise ScorerError(unknown("scorer", name, list_scorers()))
+    return n
+
+
 def register_scorer(name: str, factory: Callable[..., Scorer], overwrite: bool = False) -> None:
     """Make ``get_scorer(name, **kwargs)`` call ``factory(**kwargs)``. Names are case-insensitive
     (``_`` and ``-`` are the same); registering a taken name needs ``overwrite=True``."""
@@ -172,9 +181,7 @@ def get_scorer(name: str | Scorer = "default", **kwargs) -> Scorer:
         if kwargs:
             raise ScorerError(f"got a built scorer ({name.key!r}) and options {sorted(kwargs)}: pass one or the other")
         return name
-    n = _canonical(name)
-    if n not in _FACTORIES:
-        raise ScorerError(f"unknown scorer {name!r}; choose one of: {', '.join(list_scorers())}")
+    n = _known(name)
     if kwargs:
         return _build(n, kwargs)
     if n not in _CACHE:
@@ -229,7 +236,7 @@ _OPTION_SOURCES: dict[str, tuple[str, ...]] = {
     "hf-classifier": (".hf", "HFClassifierScorer"), "detoxify": (".hf", "DetoxifyScorer"),
     "perspective": (".perspective", "PerspectiveScorer"), DEFAULT_SCORER: (),
 }
-_BUILTIN_FACTORIES: dict[str, Callable[..., Scorer]] = {}
+BUILTIN_FACTORIES: dict[str, Callable[..., Scorer]] = {}
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?|[+-]?inf")
 _KEYWORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -238,11 +245,9 @@ _KEYWORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def scorer_options(name: str) -> list[str] | None:
     """The keyword options scorer ``name`` accepts (sorted), or None when its factory takes any
     keyword (``**kwargs``), so that they cannot be checked before it is called."""
-    n = _canonical(name)
-    if n not in _FACTORIES:
-        raise ScorerError(f"unknown scorer {name!r}; choose one of: {', '.join(list_scorers())}")
+    n = _known(name)
     target: Callable = _FACTORIES[n]
-    if _BUILTIN_FACTORIES.get(n) is target and n in _OPTION_SOURCES:
+    if BUILTIN_FACTORIES.get(n) is target and n in _OPTION_SOURCES:
         if not _OPTION_SOURCES[n]:
             return []
         module, cls = _OPTION_SOURCES[n]
@@ -272,9 +277,7 @@ def _split_spec(spec: str) -> tuple[str, str | None, str]:
     if not isinstance(spec, str) or not spec.strip():
         raise ScorerError(f"a scorer spec must be a non-empty string NAME or NAME:VALUE, got {spec!r}")
     name, colon, value = spec.partition(":")
-    n = _canonical(name)
-    if n not in _FACTORIES:
-        raise ScorerError(f"unknown scorer {name!r}; choose one of: {', '.join(list_scorers())}")
+    n = _known(name)
     main = MAIN_ARGUMENTS.get(n, "")
     if not colon:
         return n, None, main
@@ -346,53 +349,3 @@ def compare_scorers(a: str | Scorer, b: str | Scorer, texts: Sequence[str], thre
     kappa = (p_agree - p_chance) / (1 - p_chance) if p_chance < 1 else float("nan")
     return {"n": len(texts), "spearman": float(spearmanr(x, y).statistic), "pearson": float(pearsonr(x, y).statistic),
             "agreement": p_agree, "kappa": kappa, "flagged_a": float(fa.mean()), "flagged_b": float(fb.mean())}
-
-
-# --- built-in scorers (imported when first asked for) ----------------------------------------------
-
-def _jigsaw(**kw) -> Scorer:
-    from .jigsaw import JigsawBiLSTM
-
-    return JigsawBiLSTM(**kw)
-
-
-def _profanity(**kw) -> Scorer:
-    from .profanity import ProfanityScorer
-
-    return ProfanityScorer(**kw)
-
-
-def _hf(**kw) -> Scorer:
-    from .hf import HFClassifierScorer
-
-    return HFClassifierScorer(**kw)
-
-
-def _detoxify(**kw) -> Scorer:
-    from .hf import DetoxifyScorer
-
-    return DetoxifyScorer(**kw)
-
-
-def _perspective(**kw) -> Scorer:
-    from .perspective import PerspectiveScorer
-
-    return PerspectiveScorer(**kw)
-
-
-def _ensemble(members: Sequence[str | Scorer] = ("jigsaw-bilstm", "profanity"), reduce: str = "max",
-              name: str | None = None) -> Scorer:
-    return EnsembleScorer(members, reduce=reduce, name=name)
-
-
-def _default(**kw) -> Scorer:
-    if kw:
-        raise ScorerError(f"scorer {DEFAULT_SCORER!r} takes no options, got {sorted(kw)}")
-    return EnsembleScorer(["jigsaw-bilstm", "profanity"], reduce="max", name=DEFAULT_SCORER)
-
-
-for _name, _factory in [("jigsaw-bilstm", _jigsaw), ("profanity", _profanity), ("hf-classifier", _hf),
-                        ("detoxify", _detoxify), ("perspective", _perspective), ("ensemble", _ensemble),
-                        (DEFAULT_SCORER, _default)]:
-    register_scorer(_name, _factory)
-    _BUILTIN_FACTORIES[_name] = _factory

@@ -28,6 +28,8 @@ import torch
 from ..hooks import capture, edit, scale
 from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
 from ..models.model import Model
+from ..options import option
+from ..registry import choose
 
 VARIANTS = ("aura", "damp", "det0")
 
@@ -66,8 +68,7 @@ def auroc(responses: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> t
 
 def aura_factors(auc: torch.Tensor, variant: str = "aura", top_n: int | None = None) -> torch.Tensor:
     """Per-unit factors from AUROCs (see the module docstring)."""
-    if variant not in VARIANTS:
-        raise AuraError(f"unknown AurA variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    choose("AurA variant", variant, VARIANTS, AuraError)
     if variant == "aura":
         return torch.where(auc > 0.5, 1.0 - 2.0 * (auc - 0.5), torch.ones_like(auc))
     if top_n is None or not 1 <= top_n <= auc.numel():
@@ -100,6 +101,29 @@ def texts_from_generations(model: Model, prompts: Sequence, cfg=None, scorer="de
     return [t for t, x in zip(full, tox) if not x], [t for t, x in zip(full, tox) if x]
 
 
+@dataclass
+class AuraFitOptions:
+    variant: str = option("aura", "aura: factor 1 - 2 (AUROC - 0.5) for units with AUROC > 0.5; damp: 0.5 and "
+                          "det0: 0 for the top N", choices=VARIANTS)
+    top_n: int = option(0, "units dampened by damp / det0 (0: 1% of all MLP units)", low=0, unit="units")
+    prompts: str = option("rtp", "prompt set whose training split (seeded 60/20/20) is generated from")
+    n_prompts: int = option(200, "training prompts to generate from (0: all)", low=0, unit="prompts")
+    samples: int = option(2, "continuations per prompt", low=1)
+    max_new_tokens: int = option(20, "new tokens per continuation", low=1, unit="tokens")
+    scorer: str = option("default", "scorer labelling prompt + continuation")
+    threshold: float = option(0.5, "toxic when the scorer gives >= threshold", low=0.0, high=1.0)
+    min_texts: int = option(8, "fewest toxic (and non-toxic) texts accepted", low=1, unit="texts")
+    seed: int = option(0, "split and sampling seed")
+
+
+@dataclass
+class AuraApplyOptions:
+    variant: str = option(None, "replace the fitted factors by this variant's, recomputed from the saved AUROCs",
+                          type=str, choices=VARIANTS)
+    top_n: int = option(None, "units dampened by damp / det0 (default: 1% of them)", type=int, low=1,
+                        unit="units")
+
+
 @register
 @dataclass
 class AurA(Intervention):
@@ -109,6 +133,8 @@ class AurA(Intervention):
     aurocs: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     method = "aura"
+    FitOptions = AuraFitOptions
+    ApplyOptions = AuraApplyOptions
 
     def __post_init__(self):
         self.factors = {s: torch.as_tensor(f).float().cpu() for s, f in self.factors.items()}
@@ -126,8 +152,7 @@ class AurA(Intervention):
             raise AuraError(f"found {len(tox)} toxic and {len(non)} non-toxic texts; AurA needs at least {min_texts} "
                             f"of each: use more prompts (--n-prompts), more samples per prompt (--samples), a "
                             f"toxicity-prone prompt set (rtp) or a lower --threshold")
-        if variant not in VARIANTS:
-            raise AuraError(f"unknown AurA variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        choose("AurA variant", variant, VARIANTS, AuraError)
         sites = [model.site(f"blocks.{i}.mlp.act").name for i in (range(model.n_layers) if layers is None else layers)]
         caps = capture(model, non + tox, sites, "max", batch_size=batch_size)
         labels = torch.arange(len(non) + len(tox), device=model.device) >= len(non)
@@ -168,13 +193,28 @@ class AurA(Intervention):
         f = aura_factors(auc, variant, n)
         return dict(zip(sites, f.split([self.aurocs[s].numel() for s in sites])))
 
+    @classmethod
+    def from_options(cls, model: Model, o: AuraFitOptions) -> AurA:
+        """``steerlab fit aura``: the model's own scored continuations of training prompts."""
+        from ..data import training_prompts
+        from ..generation import GenConfig
+
+        cfg = GenConfig(max_new_tokens=o.max_new_tokens, sampling="t1.0", k=o.samples, seed=o.seed)
+        data = texts_from_generations(model, training_prompts(o.prompts, o.n_prompts, o.seed), cfg, o.scorer,
+                                      o.threshold)
+        iv = cls.fit(model, data, variant=o.variant, top_n=o.top_n or None, min_texts=o.min_texts)
+        iv.meta["n_texts"] = {"non_toxic": len(data[0]), "toxic": len(data[1])}
+        return iv
+
+    def fit_summary(self) -> list[str]:
+        n = self.meta.get("n_texts")
+        return ([f"{n['toxic']} toxic and {n['non_toxic']} non-toxic texts"] if n else []) + \
+            [f"{self.meta['units_dampened']} units dampened over {len(self.sites)} layers"]
+
     @contextmanager
-    def apply(self, model: Model, strict: bool = True, variant: str | None = None, top_n: int | None = None,
-              **options):
+    def apply(self, model: Model, *, variant, top_n, strict: bool = True):
         """Context manager: each unit's activation times its factor, at every position. ``variant``
         (and ``top_n``) replace the fitted factors by that variant's, from the saved AUROCs."""
-        if options:
-            raise AuraError(f"AurA takes only variant and top_n as apply options, got {sorted(options)}")
         self.check(model, strict)
         factors = self.factors if variant is None and top_n is None else \
             self.variant_factors(variant or self.meta.get("options", {}).get("variant", "aura"), top_n)

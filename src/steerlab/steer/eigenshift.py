@@ -31,6 +31,8 @@ from torch import nn
 
 from ..interventions import Intervention, InterventionError, register
 from ..models.model import Model
+from ..options import option
+from ..registry import choose
 from ..validate import NonFiniteError, number
 from .toxic_states import ToxicStates, check_counts, collect_states
 
@@ -95,8 +97,7 @@ def dampen(dec: SVD, toxic: torch.Tensor, nontoxic: torch.Tensor, k: int, alpha:
     """delta_i = mean_toxic(p_i) - mean_nontoxic(p_i) with ``p = Vt @ h``; the ``k`` directions with
     the largest ``|delta|`` (``rank="abs"``) or largest ``delta`` (``"signed"``, the paper's rule,
     under :func:`svd`'s sign convention) are dampened to ``alpha * s_i``."""
-    if rank not in ("abs", "signed"):
-        raise EigenShiftError(f"unknown rank {rank!r}; choose 'abs' (|delta|) or 'signed' (delta)")
+    choose("rank (abs: |delta|, signed: delta)", rank, ("abs", "signed"), EigenShiftError)
     d = dec.Vt.shape[0]
     for name, h in (("toxic", toxic), ("non-toxic", nontoxic)):
         if h.dim() != 2 or h.shape[1] != d:
@@ -144,6 +145,38 @@ def swapped_unembedding(model: Model, weight: torch.Tensor):
             c.tie_word_embeddings = f
 
 
+@dataclass
+class EigenShiftFitOptions:
+    prompts: str = option("rtp", "prompt set whose training split (seeded 60/20/20) is generated from")
+    n_prompts: int = option(200, "training prompts to generate from (0: all)", low=0, unit="prompts")
+    samples: int = option(4, "continuations per prompt", low=1)
+    sampling: str = option("t1.0", "decoding of the collection", choices=("greedy", "t0.7", "t1.0"))
+    max_new_tokens: int = option(20, "new tokens per continuation", low=1, unit="tokens")
+    percentile: float = option(0.999, "k = ceil(d (1 - percentile)) directions are dampened", low=0.0, high=1.0)
+    k: int = option(0, "dampen exactly k directions (overrides percentile; 0: use it)", low=0, unit="directions")
+    alpha: float = option(0.1, "dampened singular values become alpha x s_i (0: removed)", low=0.0, high=1.0,
+                          unit="x s_i")
+    rank: str = option("abs", "abs: largest |delta| (sign-free); signed: largest delta (the paper)",
+                       choices=("abs", "signed"))
+    scorer: str = option("default", "scorer labelling the continuations")
+    threshold: float = option(0.5, "toxic when the scorer gives >= threshold", low=0.0, high=1.0)
+    saliency: str = option("auto", "how toxic words are found", choices=("auto", "bilstm", "lexicon"))
+    min_states: int = option(8, "fewest toxic (and non-toxic) states accepted", low=1, unit="states")
+    batch_size: int = option(16, "rows per generate call", low=1)
+    seed: int = option(0, "split and sampling seed")
+    figures: str = option("", "also write the delta figure and the dampened directions' tokens to this directory")
+
+
+@dataclass
+class EigenShiftApplyOptions:
+    alpha: float = option(None, "dampened singular values become alpha x s_i (default: the fitted alpha)",
+                          type=float, low=0.0, high=1.0, unit="x s_i")
+    percentile: float = option(None, "use only the first ceil(d (1 - percentile)) saved directions", type=float,
+                               low=0.0, high=1.0)
+    k: int = option(None, "use only the first k saved directions (largest |delta| first)", type=int, low=1,
+                    unit="directions")
+
+
 @register
 @dataclass
 class EigenShift(Intervention):
@@ -155,6 +188,9 @@ class EigenShift(Intervention):
     alpha: float = 0.1
     meta: dict = field(default_factory=dict)
     method = "eigenshift"
+    FitOptions = EigenShiftFitOptions
+    ApplyOptions = EigenShiftApplyOptions
+    strength_option = "alpha"
 
     def __post_init__(self):
         self.indices = torch.as_tensor(self.indices).long().cpu()
@@ -208,6 +244,29 @@ class EigenShift(Intervention):
         if strict and fp and fp != matrix_fingerprint(model.W_U):
             raise EigenShiftError(f"the unembedding of {model.name} is not the one this edit was fitted on "
                                   f"(fingerprint {fp}); was it edited or retrained?")
+
+    @classmethod
+    def from_options(cls, model: Model, o: EigenShiftFitOptions) -> EigenShift:
+        """``steerlab fit eigenshift``: states from the model's own scored continuations of training prompts."""
+        from ..data import training_prompts
+        from ..generation import GenConfig
+
+        cfg = GenConfig(max_new_tokens=o.max_new_tokens, sampling=o.sampling, k=o.samples, seed=o.seed,
+                        batch_size=o.batch_size)
+        iv = cls.fit(model, training_prompts(o.prompts, o.n_prompts, o.seed), percentile=o.percentile,
+                     alpha=o.alpha, k=o.k or None, rank=o.rank, min_states=o.min_states, cfg=cfg, scorer=o.scorer,
+                     threshold=o.threshold, saliency=o.saliency)
+        if o.figures:
+            from .eigenshift_report import report
+
+            iv.written = [str(p) for p in report(model, iv, o.figures)]
+        return iv
+
+    def fit_summary(self) -> list[str]:
+        st = self.meta["stats"]
+        return [f"{st['continuations']} continuations ({st['toxic_continuations']} toxic): {st['toxic_states']} "
+                f"toxic and {st['nontoxic_states']} non-toxic states ({st['saliency']} saliency); directions "
+                f"{self.indices.tolist()[:12]}", *[f"wrote {p}" for p in getattr(self, "written", [])]]
 
     @classmethod
     def bench_fit(cls, model: Model, data, preset: str = "quick") -> EigenShift:
@@ -267,8 +326,7 @@ class EigenShift(Intervention):
         return self._cache[key]
 
     @contextmanager
-    def apply(self, model: Model, alpha: float | None = None, percentile: float | None = None,
-              k: int | None = None, strict: bool = True):
+    def apply(self, model: Model, *, alpha, percentile, k, strict: bool = True):
         """Context manager: the unembedding is ``U'`` (singular values at the saved directions times
         ``alpha``, default the fitted one) while the body runs; restored bit for bit on exit.
         ``percentile`` or ``k`` uses only the first ``ceil(d (1 - percentile))`` or ``k`` saved

@@ -24,6 +24,7 @@ from ..explain.probes import Labelled, ProbeData, probe_data, probe_heads
 from ..hooks import add, edit
 from ..interventions import Intervention, InterventionError, register
 from ..models.model import Model
+from ..options import option
 
 
 class ITIError(InterventionError):
@@ -58,6 +59,42 @@ def centre_of_mass(acts: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, t
     return theta, sigma
 
 
+@dataclass
+class LabelledDataOptions:
+    """The labelled prompts ITI, SLIM and ``steerlab probes`` learn from."""
+
+    prompts: str = option("rtp", "prompt set whose training and validation parts (seeded 60/20/20 split by "
+                          "prompt) are scored; in each part the most toxic are labelled toxic, the least non-toxic")
+    n_train: int = option(64, "texts per class from the training part", low=2, unit="texts")
+    n_val: int = option(32, "texts per class from the validation part", low=2, unit="texts")
+    scorer: str = option("default", "scorer that labels the prompts (NAME or NAME:VALUE)")
+    scorer_option: list = option([], "KEY=VALUE passed to the scorer (repeatable)", type=list, repeated=True)
+    seed: int = option(0, "seed of the split")
+    layers: list = option(None, "layers to probe (default: all)", type=list, item=int)
+
+    def labelled(self):
+        from ..explain.probes import toxicity_labels
+        from ..scoring import scorer_from_spec
+
+        return toxicity_labels(self.prompts, scorer_from_spec(self.scorer, self.scorer_option), self.n_train,
+                               self.n_val, self.seed)
+
+
+@dataclass
+class ITIFitOptions(LabelledDataOptions):
+    k: int = option(16, "heads to shift (the top K by validation accuracy)", low=1, unit="heads")
+
+
+@dataclass
+class ITIApplyOptions:
+    alpha: float = option(15.0, "shift of each chosen head along its centre-of-mass direction, in multiples of "
+                          "the head's training std along it (the paper: 15)", unit="x head std")
+    where: str = option(None, "positions shifted at runtime (default last: the last position of every call; "
+                        "with bake: all)", type=str, choices=("last", "all", "prompt", "generated"))
+    bake: bool = option(False, "write the shift into the output projections' biases (every position) "
+                        "instead of a runtime hook")
+
+
 @register
 @dataclass
 class ITI(Intervention):
@@ -66,6 +103,9 @@ class ITI(Intervention):
     deltas: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
     method = "iti"
+    FitOptions = ITIFitOptions
+    ApplyOptions = ITIApplyOptions
+    strength_option = "alpha"
 
     def __post_init__(self):
         if not self.deltas:
@@ -130,9 +170,17 @@ class ITI(Intervention):
         almost no side effect by construction."""
         return {**options, "where": "all"}
 
+    @classmethod
+    def from_options(cls, model: Model, o: ITIFitOptions) -> ITI:
+        """``steerlab fit iti``: probes on labelled prompts, the top K heads."""
+        return cls.fit(model, o.labelled(), k=o.k, layers=o.layers)
+
+    def fit_summary(self) -> list[str]:
+        best = ", ".join(f"{h['layer']}.{h['head']} ({h['accuracy']:.2f})" for h in self.meta["heads"][:5])
+        return [f"top heads (layer.head, validation accuracy): {best}"]
+
     @contextmanager
-    def apply(self, model: Model, alpha: float | torch.Tensor = 15.0, where: str | None = None, bake: bool = False,
-              strict: bool = True):
+    def apply(self, model: Model, *, alpha, where, bake, strict: bool = True):
         """Shift the chosen heads by ``alpha * sigma * theta``: at runtime at the ``where`` positions
         (default ``last``: the last position of every call; ``alpha`` may be a ``[batch]`` tensor), or
         with ``bake=True`` through the output projections' biases at every position."""

@@ -43,7 +43,9 @@ from ..explain.probes import Labelled, ProbeData, probe_data, risk_probes
 from ..hooks import EditFn, edit
 from ..interventions import Intervention, InterventionError, register
 from ..models.model import Model
-from .iti import check_head_sites, heads_site
+from ..options import option
+from ..registry import choose
+from .iti import LabelledDataOptions, check_head_sites, heads_site
 
 
 class SLIMError(InterventionError):
@@ -168,8 +170,7 @@ def gaussian_ot_map(mu_hat: np.ndarray, sigma_hat: np.ndarray, theta0: float, th
 
     if not 0 < gamma < 0.5:
         raise SLIMError(f"gamma must be in (0, 0.5), got {gamma}")
-    if solver not in SOLVERS:
-        raise SLIMError(f"unknown SLIM solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    choose("SLIM solver", solver, SOLVERS, SLIMError)
     R = sqrtm_psd(sigma_hat)
     mu_star, S_star = SOLVERS[solver](np.asarray(mu_hat, dtype=np.float64), R, float(theta0),
                                       np.asarray(theta, dtype=np.float64), float(norm.ppf(1 - gamma)), what)
@@ -244,6 +245,25 @@ class SLIMEdit(EditFn):
         return torch.where(m[..., None, None], new, act)
 
 
+@dataclass
+class SLIMFitOptions(LabelledDataOptions):
+    gamma: float = option(0.1, "chance-constraint level: the target is safe with probability >= 1 - gamma",
+                          low=0.0, high=0.5)
+    layer: int = option(None, "layer to edit (default: the lowest validation risk)", type=int)
+    epochs: int = option(500, "Adam epochs of the risk-aware probes", low=1)
+    shrink: float = option(0.1, "covariance shrinkage towards a scaled identity", low=0.0, high=1.0)
+    solver: str = option("closed", "transport program solver: closed (exact closed form, ms per head) or cvxpy "
+                         "(the conic program with Clarabel, seconds per head)", choices=SOLVERS)
+
+
+@dataclass
+class SLIMApplyOptions:
+    kappa: float = option(1.0, "multiple of the transport step: 1 moves a fully flagged head exactly onto its "
+                          "transported value (the paper swept 20-60)", aliases=("alpha",), unit="x transport step")
+    where: str = option("last", "last: the last position of every call; all: every position (a teacher-forced "
+                        "pass then sees what generation does)", choices=("last", "all"))
+
+
 @register
 @dataclass
 class SLIM(Intervention):
@@ -252,6 +272,9 @@ class SLIM(Intervention):
     params: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
     method = "slim"
+    FitOptions = SLIMFitOptions
+    ApplyOptions = SLIMApplyOptions
+    strength_option = "kappa"
 
     def __post_init__(self):
         need = {"w", "b0", "A", "b", "active"}
@@ -285,8 +308,7 @@ class SLIM(Intervention):
             chat: bool = False, solver: str = "closed") -> SLIM:
         """Stages 1 and 2 on ``data`` (labelled texts, or activations from :func:`probe_data`); ``layer``
         overrides the layer chosen by validation risk."""
-        if solver not in SOLVERS:
-            raise SLIMError(f"unknown SLIM solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        choose("SLIM solver", solver, SOLVERS, SLIMError)
         pd = data if isinstance(data, ProbeData) else probe_data(model, data, layers, resid=False,
                                                                  batch_size=batch_size, chat=chat)
         pd.check(model)
@@ -366,16 +388,26 @@ class SLIM(Intervention):
         almost no side effect by construction."""
         return {**options, "where": "all"}
 
+    @classmethod
+    def from_options(cls, model: Model, o: SLIMFitOptions) -> SLIM:
+        """``steerlab fit slim``: risk probes on labelled prompts, the head vote, the transport maps."""
+        return cls.fit(model, o.labelled(), gamma=o.gamma, layer=o.layer, epochs=o.epochs, shrink=o.shrink,
+                       layers=o.layers, solver=o.solver)
+
+    def fit_summary(self) -> list[str]:
+        failed = self.meta["failed_heads"]
+        return [f"layer {self.layer}, tau {self.tau}, validation risk {min(self.meta['layer_risk']):.3f}"
+                + (f"; heads left unedited: {sorted(failed)}" if failed else "")]
+
     @contextmanager
-    def apply(self, model: Model, alpha: float | torch.Tensor | None = None, kappa: float | torch.Tensor = 1.0,
-              where: str = "last", strict: bool = True):
+    def apply(self, model: Model, *, kappa, where, strict: bool = True):
         """Run the probe-gated transport at the chosen layer, last position of every call. ``kappa``
-        (or its alias ``alpha``, for ``generate --alpha``; a scalar or ``[batch]``) scales the step:
+        (alias ``alpha``, for ``generate --alpha``; a scalar or ``[batch]``) scales the step:
         1 moves a head with p = 1 exactly onto its transported value (the paper swept 20-60).
         ``where="all"`` edits every position of a pass (a teacher-forced pass then sees what generation
         does token by token; used to measure side effects on fixed text)."""
         self.check(model, strict)
-        fn = SLIMEdit(self, kappa if alpha is None else alpha, where)
+        fn = SLIMEdit(self, kappa, where)
         with edit(model, {heads_site(self.layer): fn}) as step:
             yield step
 

@@ -20,7 +20,7 @@ from ..models.model import Model
 from ..runs import RunDir
 from ..scoring.registry import scorer_identity
 from ..validate import number
-from .vector import APPLY_MODES, SteeringVector, VectorError
+from .vector import APPLY_MODES, SteeringVector
 
 RELATIVE_MODES = ("add", "gated")
 """Modes whose strength is in units of the site's typical norm (with ``relative=True``); the others
@@ -34,8 +34,7 @@ def cell_intervention(vector: SteeringVector, sites: Sequence[str], scale: dict[
     are with ``normalise=False``) at ``sites``, each times ``scale[site] / scale[sites[0]]`` (so
     several sites share one ``alpha``), and the options ``{"alpha": alpha * scale[sites[0]],
     "where", "mode"}``. A single site gives ``unit`` applied at ``alpha * scale`` exactly."""
-    if mode not in APPLY_MODES:
-        raise VectorError(f"unknown mode {mode!r}; choose one of {', '.join(APPLY_MODES)}")
+    APPLY_MODES.check(mode)
     first = scale[sites[0]]
     dirs = {s: vector.directions[s] / vector.directions[s].norm().clamp_min(1e-12) if normalise
             else vector.directions[s] for s in sites}
@@ -170,8 +169,7 @@ def sweep(model: Model, vector: SteeringVector, prompts: Sequence, alphas: Seque
     alphas = [number(a, f"sweep strength {i}") for i, a in enumerate(alphas)]
     if not alphas:
         raise EmptyInputError("sweep needs at least one strength")
-    if mode not in APPLY_MODES:
-        raise VectorError(f"unknown mode {mode!r}; choose one of {', '.join(APPLY_MODES)}")
+    APPLY_MODES.check(mode)
     ids, texts = prompt_ids_texts(prompts)
     groups = {k: list(v) for k, v in (groups or {s: [s] for s in vector.directions}).items()}
     vector.only(sorted({s for g in groups.values() for s in g}))  # every grouped site is in the vector

@@ -31,6 +31,7 @@ from ..errors import SteerlabError
 from ..generation import GenConfig, derive_seed, generate_ids, generation_batches, prompt_ids_texts
 from ..hooks import record
 from ..models.model import Model
+from ..registry import choose
 
 BILSTM_SCORERS = ("jigsaw-bilstm", "jigsaw-profanity-max")
 
@@ -173,8 +174,7 @@ def collect_states(model: Model, prompts: Sequence, cfg: GenConfig | None = None
 
     cfg = cfg or GenConfig(sampling="t1.0", k=4)
     sc = get_scorer(scorer)
-    if saliency not in ("auto", "bilstm", "lexicon"):
-        raise StateCollectionError(f"unknown saliency {saliency!r}; choose auto, bilstm or lexicon")
+    choose("saliency", saliency, ("auto", "bilstm", "lexicon"), StateCollectionError)
     if saliency == "auto":
         saliency = "bilstm" if sc.name in BILSTM_SCORERS else "lexicon"
     ids, texts = prompt_ids_texts(prompts)

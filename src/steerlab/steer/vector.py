@@ -40,7 +40,9 @@ from ..errors import EmptyInputError
 from ..hooks import EditFn, add, capture, edit, per_row, strength
 from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
 from ..models.model import Model
+from ..options import option
 from ..positions import after_first, as_position
+from ..registry import Registry, choose
 from ..validate import number
 
 POSITIONS = ("last", "mean", "mean_skip_first", "aligned")
@@ -48,6 +50,43 @@ POSITIONS = ("last", "mean", "mean_skip_first", "aligned")
 
 class VectorError(InterventionError):
     """A steering vector that does not fit the model, or a file that is not one."""
+
+
+@dataclass
+class SteeringFitOptions:
+    """What ``steerlab fit steering`` takes."""
+
+    desirable: str = option("", "file of desirable texts (.txt/.jsonl/.csv); with undesirable, replaces the ranked prompts")
+    undesirable: str = option("", "file of undesirable texts")
+    prompts: str = option("rtp", "without desirable/undesirable: rank the training split of this prompt set by "
+                          "toxicity and pair the least toxic with the most toxic")
+    n_pairs: int = option(64, "contrast pairs taken from the ranked prompts", low=1, unit="pairs")
+    layers: list = option(None, "layers whose blocks.{l}.resid_post get a direction (default: all)", type=list,
+                          item=int)
+    method: str = option("mean_diff", "direction fitter: mean_diff | pca | probe (FIT_METHODS)")
+    positions: str = option("mean_skip_first", "token states pooled per text: last, mean, mean without the "
+                            "first token (its attention-sink state dominates a mean), or aligned pairs",
+                            choices=POSITIONS)
+    scale: str = option("unit", "unit: norm-1 directions; raw: the mean difference's scale", choices=("unit", "raw"))
+    scorer: str = option("default", "scorer that ranks the prompts (NAME or NAME:VALUE)")
+    scorer_option: list = option([], "KEY=VALUE passed to the scorer (repeatable)", type=list, repeated=True)
+    seed: int = option(0, "seed of the train/validation/test split the contrast set comes from")
+
+
+@dataclass
+class SteeringApplyOptions:
+    """What ``SteeringVector.apply`` takes."""
+
+    alpha: float = option(1.0, "add/gated: multiple of the saved direction added; ablate: share of the component "
+                          "removed; clamp: level between the undesirable (0) and desirable (1) mean projections",
+                          unit="x direction (activation units for a unit vector)")
+    strength: float = option(None, "add/gated, instead of alpha: the added vector's norm as a multiple of the "
+                             "site's typical token-state norm (median over the fitting texts; repeng-like "
+                             "coefficients, 0.1-0.5 is strong)", type=float, unit="x typical norm")
+    where: str = option("all", "schedule: positions edited", choices=("all", "prompt", "generated", "last"))
+    mode: str = option("add", "add | gated (only where the state projects below the fitted midpoint) | ablate | "
+                       "clamp (APPLY_MODES)")
+    sites: list = option(None, "edit only these sites of the vector (default: all)", type=list)
 
 
 @register
@@ -58,6 +97,9 @@ class SteeringVector(Intervention):
     directions: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
     method = "steering"
+    FitOptions = SteeringFitOptions
+    ApplyOptions = SteeringApplyOptions
+    strength_option = "alpha"
 
     def __post_init__(self):
         if not self.directions:
@@ -81,12 +123,9 @@ class SteeringVector(Intervention):
         desirable, undesirable = _contrast(data, undesirable)
         if sites is None:
             raise VectorError("SteeringVector.fit needs sites (e.g. 'blocks.12.resid_post')")
-        if method not in FIT_METHODS:
-            raise VectorError(f"unknown method {method!r}; choose one of {', '.join(FIT_METHODS)}")
-        if positions not in POSITIONS:
-            raise VectorError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
-        if scale not in ("unit", "raw"):
-            raise VectorError(f"unknown scale {scale!r}; choose 'unit' or 'raw'")
+        FIT_METHODS.check(method)
+        choose("positions", positions, POSITIONS, VectorError)
+        choose("scale", scale, ("unit", "raw"), VectorError)
         desirable, undesirable = list(desirable), list(undesirable)
         if not desirable or not undesirable:
             raise EmptyInputError(f"empty contrast set: {len(desirable)} desirable and {len(undesirable)} "
@@ -104,7 +143,7 @@ class SteeringVector(Intervention):
         caps = capture(model, desirable + undesirable, canon, "all", batch_size=batch_size, chat=chat)
         keep = after_first(caps.mask)
         n = len(desirable)
-        dirs, projection = {}, {}
+        dirs, projection, typical = {}, {}, {}
         for s in canon:
             a = caps[s]
             if positions == "aligned":
@@ -114,8 +153,9 @@ class SteeringVector(Intervention):
                 x = as_position(positions).select(a, caps.mask)  # last, mean or mean_skip_first
                 dirs[s] = direction(x[:n], x[n:], method, scale, paired=paired)
             projection[s] = _projection_means(a, keep, n, dirs[s])
+            typical[s] = float(a[keep.to(a.device)].norm(dim=-1).median())
         meta = {
-            "projection": projection,
+            "projection": projection, "typical_norm": typical,
             "fit_method": method, "positions": positions, "scale": scale, "chat": chat,
             "options": {"fit_method": method, "positions": positions, "scale": scale},
             "model": model.name, "model_fingerprint": model.fingerprint, "d_model": model.d_model,
@@ -124,6 +164,26 @@ class SteeringVector(Intervention):
             "n_desirable": len(desirable), "n_undesirable": len(undesirable),
         }
         return cls(dirs, meta)
+
+    @classmethod
+    def from_options(cls, model: Model, o: SteeringFitOptions) -> SteeringVector:
+        """``steerlab fit steering``: contrast texts from files, or ranked training prompts."""
+        from ..data import ContrastSet, load_prompts
+        from ..scoring import scorer_from_spec
+
+        FIT_METHODS.check(o.method)
+        if o.desirable or o.undesirable:
+            data = ContrastSet([p.text for p in load_prompts(o.desirable)] if o.desirable else [],
+                               [p.text for p in load_prompts(o.undesirable)] if o.undesirable else [])
+        else:
+            data = toxicity_contrast(o.prompts, scorer_from_spec(o.scorer, o.scorer_option), o.n_pairs, o.seed)
+        sites = [f"blocks.{i}.resid_post" for i in (o.layers or range(model.n_layers))]
+        return cls.fit(model, data, sites=sites, method=o.method, positions=o.positions, scale=o.scale)
+
+    def fit_summary(self) -> list[str]:
+        m = self.meta
+        return [f"{len(self.directions)} directions ({m.get('fit_method')}, {m.get('positions')}, {m.get('scale')}) "
+                f"from {m.get('n_desirable')} desirable / {m.get('n_undesirable')} undesirable texts"]
 
     # --- applying ------------------------------------------------------------------------------
     def check(self, model: Model, strict: bool = True) -> None:
@@ -138,8 +198,7 @@ class SteeringVector(Intervention):
         return {**options, "where": "all"}
 
     @contextmanager
-    def apply(self, model: Model, alpha: float | torch.Tensor = 1.0, where: str = "all", strict: bool = True,
-              mode: str = "add", sites: Sequence[str] | None = None):
+    def apply(self, model: Model, *, alpha, strength, where, mode, sites, strict: bool = True):
         """Context manager: change every site along its direction while the body runs.
 
         ``mode`` (:data:`APPLY_MODES`): ``add`` adds ``alpha * direction`` (activation addition);
@@ -151,15 +210,26 @@ class SteeringVector(Intervention):
         the fitted projections (``alpha=1``: the desirable texts' mean; ``0.5``: the midpoint). The gated, ablate and clamp modes
         leave each row's first token alone (its attention-sink state is what the model expects
         there; removing or clamping a component of it breaks the model). ``sites`` restricts the
-        edit to some of the vector's sites."""
+        edit to some of the vector's sites. ``strength`` (add, gated) replaces ``alpha`` by the
+        added vector's norm in units of the site's typical token-state norm (:data:`SteeringApplyOptions`)."""
         self.check(model, strict)
         directions = self.only(list(sites)).directions if sites is not None else self.directions
-        if mode not in APPLY_MODES:
-            raise VectorError(f"unknown mode {mode!r}; choose one of {', '.join(APPLY_MODES)}")
-        fns = {s: APPLY_MODES[mode](v, alpha, where, (self.meta.get("projection") or {}).get(s))
+        alphas = {s: alpha for s in directions} if strength is None else self.relative(strength, mode, directions)
+        fns = {s: APPLY_MODES[mode](v, alphas[s], where, (self.meta.get("projection") or {}).get(s))
                for s, v in directions.items()}
         with edit(model, fns) as step:
             yield step
+
+    def relative(self, strength, mode: str, directions: dict[str, torch.Tensor]) -> dict:
+        """Per site, the alpha whose added vector has norm ``strength`` x the site's typical norm."""
+        typical = self.meta.get("typical_norm") or {}
+        if mode not in ("add", "gated"):
+            raise VectorError(f"strength is a size of the added vector (modes add and gated); mode {mode!r} takes alpha")
+        missing = [s for s in directions if s not in typical]
+        if missing:
+            raise VectorError(f"this vector has no typical norm for {missing[0]!r} (fitted before steerlab stored "
+                              "them, or derived); refit it or give alpha")
+        return {s: strength * typical[s] / float(v.norm().clamp_min(1e-12)) for s, v in directions.items()}
 
     # --- the detoxification benchmark -----------------------------------------------------------
     @classmethod
@@ -359,8 +429,6 @@ def direction(hd: torch.Tensor, hu: torch.Tensor, method: str = "mean_diff", sca
             raise VectorError(f"paired differences need equal shapes, got {tuple(hd.shape)} and {tuple(hu.shape)}")
         diffs = hd - hu
     mean_diff = diffs.mean(0) if diffs is not None else hd.mean(0) - hu.mean(0)
-    if method not in FIT_METHODS:
-        raise VectorError(f"unknown method {method!r}; choose one of {', '.join(FIT_METHODS)}")
     v = FIT_METHODS[method](hd, hu, diffs, mean_diff)
     if scale == "unit" or method != "mean_diff":
         v = v / v.norm().clamp_min(1e-12)
@@ -380,17 +448,14 @@ def _aligned_diffs(a_d: torch.Tensor, m_d: torch.Tensor, a_u: torch.Tensor, m_u:
 
 
 FitFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
-FIT_METHODS: dict[str, FitFn] = {}
+FIT_METHODS: Registry = Registry("method", VectorError)
 """Direction fitters by name: ``fn(hd, hu, paired_diffs or None, mean_diff) -> direction [d]``.
 Add one with :func:`register_fit_method`."""
 
 
 def register_fit_method(name: str):
     """Decorator registering a direction fitter (see :data:`FIT_METHODS`)."""
-    def deco(fn: FitFn) -> FitFn:
-        FIT_METHODS[name] = fn
-        return fn
-    return deco
+    return FIT_METHODS.register(name)
 
 
 @register_fit_method("mean_diff")
@@ -472,13 +537,14 @@ def _level(proj: dict | None, key: str) -> float:
     return proj[key] if key in ("desirable", "undesirable") else 0.5 * (proj["desirable"] + proj["undesirable"])
 
 
-APPLY_MODES: dict[str, Callable] = {
+APPLY_MODES: Registry = Registry("mode", VectorError)
+APPLY_MODES.update({
     "add": lambda v, alpha, where, proj: add(v, alpha=alpha, where=where),
     "gated": lambda v, alpha, where, proj: Projected(v, "gated", alpha, where, _level(proj, "midpoint")),
     "ablate": lambda v, alpha, where, proj: Projected(v, "ablate", alpha, where),
     "clamp": lambda v, alpha, where, proj: Projected(v, "clamp", alpha, where, _level(proj, "desirable"),
                                                      _level(proj, "undesirable")),
-}
+})
 """How :meth:`SteeringVector.apply` changes a site: ``fn(direction, alpha, where, projection stats) -> edit``."""
 
 
