@@ -48,6 +48,12 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
     # the comparison block: power, Holm-adjusted p-values, verdict
     assert metrics["power"]["n_test_prompts"] == 5 and set(metrics["holm"]) == {"steering"}
     assert metrics["verdict"] and any("steering" in v for v in metrics["verdict"])
+    stages = {r["stage"]: r["seconds"] for r in metrics["profile"]}
+    for name in ("fit: steering", "validation: steering", "test: steering", "test: unsteered", "scoring",
+                 "perplexity", "side effects", "report"):
+        assert stages.get(name, 0) > 0, name
+    assert sum(stages.values()) <= metrics["wall_seconds_this_call"] + 1
+    assert json.loads((out / "record.json").read_text())["profile"] == metrics["profile"]
     # every column of the table, for every arm that ran
     rows = {r["method"]: r for r in table_rows(metrics)}
     for col in ("expected max toxicity [95% CI]", "toxicity probability [95% CI]", "mean toxicity [95% CI]",
