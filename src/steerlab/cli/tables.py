@@ -196,6 +196,18 @@ def print_bench(name: str, metrics: dict) -> None:
     console.print(t)
 
 
+def print_profile(profile: list[dict], top: int = 12) -> None:
+    """The stage table of a run: exclusive seconds and share of the call's wall time, largest first."""
+    t = table("where the time went (this call; exclusive seconds)", ["stage", ("seconds", "right"), ("share", "right")])
+    for r in profile[:top]:
+        t.add_row(escape(r["stage"]), f"{r['seconds']:.1f}", f"{100 * r['share']:.1f}%")
+    if len(profile) > top:
+        rest = profile[top:]
+        t.add_row(f"{len(rest)} more stages", f"{sum(r['seconds'] for r in rest):.1f}",
+                  f"{100 * sum(r['share'] for r in rest):.1f}%")
+    console.print(t)
+
+
 def print_attribution(att, d) -> None:
     console.print(f"response: {att.response!r} ({len(att.response_tokens)} tokens)", soft_wrap=True)
     t = table("most important prompt tokens (importance density)", [("position", "right"), "token", ("density", "right")])
