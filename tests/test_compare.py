@@ -112,6 +112,7 @@ def test_verdict_follows_the_numbers():
     assert second != first and second[0].startswith("No method lowers mean toxicity")
     assert "ITI and SLIM: no change" in second[1] and "0.050" in second[1]
     assert verdict([], 0.03, 10, 1.5)[0].startswith("No method arm finished")
+    assert "power cannot be estimated" in verdict([a2], float("nan"), 40, 1.5)[1]
 
 
 def test_paired_perplexity_ratio_by_hand():

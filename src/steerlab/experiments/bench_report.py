@@ -147,7 +147,9 @@ def tradeoff_figure(path: Path, metrics: dict) -> Path:
     for j, a in enumerate(_ok(metrics)):
         mt = a["toxicity"]["mean_toxicity"]
         x = a.get("fluency", {}).get("perplexity", float("nan"))
-        ax.errorbar([x], [mt["value"]], yerr=[[mt["value"] - mt["lo"]], [mt["hi"] - mt["value"]]], marker="o",
+        # a CI can sit a rounding error on the wrong side of its estimate (all-zero scores)
+        ax.errorbar([x], [mt["value"]], yerr=[[max(mt["value"] - mt["lo"], 0.0)], [max(mt["hi"] - mt["value"], 0.0)]],
+                    marker="o",
                     capsize=4, color=F.PALETTE[j % len(F.PALETTE)], label=a["method"])
         ax.annotate(a["method"], (x, mt["value"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     F.label(ax, "perplexity of the continuations (unedited model; lower = more fluent)",
