@@ -297,10 +297,10 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
             with stage("paired statistics and verdict"):
                 _paired(arms, rows)
                 metrics = _metrics(model, cfg, arms, len(test))
+            metrics["wall_seconds_this_call"] = round(time.perf_counter() - t_start, 1)  # before the report
             with stage("report"):
                 write_report(run.path, model, cfg, metrics, rows, test, scorer)
             wall = time.perf_counter() - t_start
-            metrics["wall_seconds_this_call"] = round(wall, 1)
             # stage table of this call (exclusive seconds; a resumed call only times the work it did)
             metrics["profile"] = PROFILE.table(total=wall)
             run.write_metrics(metrics)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import SteerlabError
 from ..report import figures as F
 from ..report.html import HtmlReport
 from ..runs import write_csv
@@ -44,7 +45,7 @@ def table_rows(metrics: dict) -> list[dict]:
             "similarity to unsteered [95% CI]": _ci(a.get("similarity_to_unsteered", {}).get("similarity")),
             "fire rate (test prompts / neutral / steps)": _fire(a.get("fire_rate")),
             "fit s": a["fit_seconds"], "generation time x": round(a["generation_time_ratio"], 2),
-            "settings": _settings(a.get("settings", {}).get("setting", {})),
+            "settings": _settings(a.get("settings", {}).get("setting", {}), a["method"]),
         })
         out.append(row)
     return out
@@ -76,7 +77,7 @@ def csv_rows(metrics: dict) -> list[dict]:
                         "neutral_perplexity": se.get("neutral_perplexity"), "neutral_kl": se.get("kl_from_unedited"),
                         "distinct_2": a["diversity"]["distinct-2"], "fit_seconds": a["fit_seconds"],
                         "generation_time_ratio": a["generation_time_ratio"],
-                        "settings": _settings(a.get("settings", {}).get("setting", {}))})
+                        "settings": _settings(a.get("settings", {}).get("setting", {}), a["method"])})
         out.append(row)
     return out
 
@@ -85,20 +86,28 @@ TOXICITY_COLUMNS = ("expected max toxicity [95% CI]", "toxicity probability [95%
                     "Δ mean toxicity vs unsteered (paired 95% CI)", "Δ expected max toxicity (paired 95% CI)")
 
 
-def _split(table: list[dict]) -> tuple[list[dict], list[dict]]:
-    """The results table as two narrower ones: toxicity (with a failed method's reason in a ``note``
-    column, present only when a method failed), and the rest."""
-    tox, rest = [], []
+COST_COLUMNS = ("similarity to unsteered [95% CI]", "fire rate (test prompts / neutral / steps)", "fit s",
+                "generation time x", "settings")
+
+
+def _split(table: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The results table as three narrow ones (each fits a 900-pixel page): toxicity (with a failed
+    method's reason in a ``note`` column, present only when a method failed), fluency and side
+    effects, and similarity, cost and the chosen setting."""
+    tox, fluency, cost = [], [], []
     for r in table:
         if r["status"] != "ok":
             tox.append({"method": r["method"], **{c: "" for c in TOXICITY_COLUMNS}, "note": f"failed: {r['note']}"})
             continue
         tox.append({"method": r["method"], **{c: r[c] for c in TOXICITY_COLUMNS}, "note": ""})
-        rest.append({"method": r["method"], **{c: v for c, v in r.items()
-                                               if c not in TOXICITY_COLUMNS and c not in ("method", "status")}})
+        rest = {c: v for c, v in r.items() if c not in TOXICITY_COLUMNS and c not in ("method", "status")}
+        fluency.append({"method": r["method"], **{c: v for c, v in rest.items() if c not in COST_COLUMNS}})
+        cost.append({"method": r["method"], **{c: v for c, v in rest.items() if c in COST_COLUMNS}})
     if not any(r["note"] for r in tox):
         tox = [{k: v for k, v in r.items() if k != "note"} for r in tox]
-    return tox, rest
+    if not any(r.get("fire rate (test prompts / neutral / steps)") for r in cost):
+        cost = [{k: v for k, v in r.items() if k != "fire rate (test prompts / neutral / steps)"} for r in cost]
+    return tox, fluency, cost
 
 
 def _fire(f: dict | None) -> str:
@@ -111,7 +120,8 @@ def candidate_rows(metrics: dict) -> list[dict]:
     for a in _ok(metrics):
         for c in a.get("candidates_test") or []:
             se, pd = c.get("side_effects", {}), c.get("paired_difference", {})
-            out.append({"method": a["method"], "setting": _settings(c["setting"]), "chosen on validation": c["chosen"],
+            out.append({"method": a["method"], "setting": _settings(c["setting"], a["method"]),
+                        "chosen on validation": c["chosen"],
                         "expected max toxicity [95% CI]": _ci(c["toxicity"]["expected_max_toxicity"]),
                         "toxicity probability [95% CI]": _ci(c["toxicity"]["toxicity_probability"]),
                         "Δ mean toxicity vs unsteered (paired 95% CI)": _ci(pd.get("mean_toxicity")),
@@ -123,13 +133,32 @@ def candidate_rows(metrics: dict) -> list[dict]:
     return out
 
 
-def _settings(s: dict) -> str:
-    return ", ".join(f"{k}={v[0] if isinstance(v, list) and len(v) == 1 else v}" for k, v in s.items()) or "-"
+def _settings(s: dict, method: str | None = None) -> str:
+    """A setting for people: ``strength=0.25 x typical norm, sites=blocks.10.resid_post``; short units
+    from the method's declared apply options, floats to 3 significant digits."""
+    units: dict[str, str] = {}
+    if method:
+        from ..interventions import get
+        from ..options import specs
+
+        try:
+            units = {sp.name: sp.unit for sp in specs(get(method).ApplyOptions) if 0 < len(sp.unit) <= 20}
+        except SteerlabError:  # an unregistered method (a report of an old run): no units
+            units = {}
+
+    def show(k, v):
+        v = v[0] if isinstance(v, list) and len(v) == 1 else v
+        v = f"{v:.3g}" if isinstance(v, float) else v
+        return f"{k}={v}" + (f" {units[k]}" if k in units else "")
+
+    return ", ".join(show(k, v) for k, v in s.items()) or "-"
 
 
 def _power(p: dict | None) -> str:
-    if not p or not p.get("minimum_detectable_effect") == p.get("minimum_detectable_effect"):
+    if not p:
         return "not computed (no method arm finished)"
+    if not p.get("minimum_detectable_effect") == p.get("minimum_detectable_effect"):
+        return "cannot be estimated: the per-prompt differences from the unsteered model have no spread"
     return (f"with {p['n_test_prompts']} paired test prompts and a per-prompt spread of {p['sd_per_prompt']:.3f}, "
             f"a difference of {p['minimum_detectable_effect']:.3f} in mean toxicity is detected with "
             f"{p['power']:.0%} power (two-sided, level {p['alpha']:g}); {p['prompts_for_0.03']} prompts would "
@@ -161,6 +190,8 @@ def dose_response_figure(path: Path, metrics: dict, limit: float) -> Path | None
     """Per method, each validation setting's change in mean toxicity (paired 95% CI) against its
     perplexity ratio (paired 95% CI, log axis), the monotone fit through them, the admissibility
     limit and the chosen setting."""
+    from matplotlib.ticker import FormatStrFormatter
+
     from ..metrics.compare import isotonic
 
     arms = [a for a in _ok(metrics) if len(a.get("selection") or []) > 1 and "ppl_ratio" in a["selection"][0]]
@@ -187,6 +218,9 @@ def dose_response_figure(path: Path, metrics: dict, limit: float) -> Path | None
         ax.axvline(limit, color="#b2182b", ls="--", lw=1, label=f"limit x{limit:g}")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))  # 1.2, not 1.2 x 10^0
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+        ax.tick_params(axis="x", which="both", labelsize=7)
         ax.set_title(a["method"], fontsize=11)
         F.label(ax, "perplexity ratio to unsteered (log)", "Δ mean toxicity vs unsteered" if j % cols == 0 else "",
                 legend=j == 0, legend_loc="lower left")
@@ -315,17 +349,19 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
              "scorer": cfg.scorer, "methods": ", ".join(a["method"] for a in metrics["arms"]),
              "failed": "; ".join(f"{a['method']}: {a['reason']}" for a in failed) or "none",
              "wall time of this call": f"{metrics.get('wall_seconds_this_call', float('nan')):.0f} s"})
-    tox, rest = _split(table)
+    tox, fluency, cost = _split(table)
     page.heading("Results: toxicity")
     page.table(tox, caption="Δ: the method minus the unsteered model on the same prompts and random numbers, "
                "with a paired bootstrap CI over prompts. The whole table, one row per method: tables/results.csv.")
-    page.heading("Results: fluency, side effects and cost")
-    page.table(rest, caption="Perplexity: continuations under the unedited model. Neutral perplexity and KL: side "
-               "effects on the bundled neutral sentences. Similarity: MiniLM cosine of each continuation to the "
-               "unsteered one (same prompt and sample). Fire rate (SLIM): share of test prompts, neutral sentences "
-               "and generation steps where its detector fired. Generation time x: median ratio to the unsteered "
-               "model over paired, alternating timings of one test batch (the unsteered row is an A/A timing: how "
-               "far from 1 the noise alone goes).")
+    page.heading("Results: fluency and side effects")
+    page.table(fluency, caption="Perplexity: continuations under the unedited model; its ratio to the unsteered "
+               "arm's with a paired bootstrap CI over prompts. Neutral perplexity and KL: side effects on the "
+               "bundled neutral sentences. Distinct-2: share of distinct bigrams.")
+    page.heading("Results: similarity, cost and chosen setting")
+    page.table(cost, caption="Similarity: MiniLM cosine of each continuation to the unsteered one (same prompt "
+               "and sample). Fire rate (SLIM): share of test prompts, neutral sentences and generation steps where "
+               "its detector fired. Generation time x: median ratio to the unsteered model over paired, alternating "
+               "timings of one test batch (the unsteered row is an A/A timing: how far from 1 the noise alone goes).")
     dose = dose_response_figure(path / "figures" / "dose_response.png", metrics, cfg.max_ppl_ratio)
     if dose is not None:
         page.heading("Dose-response on validation")
@@ -354,7 +390,7 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
     page.heading("How each setting was chosen")
     for a in _ok(metrics):
         if len(a.get("selection") or []) > 1:
-            page.table([{"setting": _settings(s["setting"]), "mean toxicity": s["mean_toxicity"],
+            page.table([{"setting": _settings(s["setting"], a["method"]), "mean toxicity": s["mean_toxicity"],
                          "perplexity": s["perplexity"], "distinct-2": s["distinct-2"],
                          "admissible": s["admissible"]} for s in a["selection"]],
                        caption=f"{a['method']} on the validation prompts ({a['describe']})")
