@@ -216,7 +216,7 @@ def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, b
     by_prompt = s.get("fluency", {}).get("by_prompt") or {}
     ratio = (paired_perplexity_ratio(base["by_prompt"], by_prompt).to_dict() if len(by_prompt) > 1
              else {"value": float("nan"), "lo": float("nan"), "hi": float("nan")})
-    # the one admissibility rule, applied to the upper end of the perplexity ratio's CI
+    # the rule on the paired ratio's upper bound (a ratio: the unsteered value is 1)
     ok = admissible(ratio["hi"], d2, 1.0, base["distinct-2"], cfg.max_ppl_ratio, cfg.min_distinct_ratio)
     return {"setting": opts, "mean_toxicity": s["toxicity"]["mean_toxicity"]["value"], "perplexity": ppl,
             "distinct-2": d2, "ppl_ratio": ratio, "mean_toxicity_change": change["mean_toxicity"],

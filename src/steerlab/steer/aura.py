@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..hooks import capture, edit, scale
+from ..edits import scale
+from ..hooks import capture, edit
 from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register, text_ids
 from ..models.model import Model
 from ..options import option
