@@ -263,5 +263,26 @@ def test_apply_with_fewer_directions_uses_the_largest_delta_first():
         with iv.apply(m, k=7):
             pass
     # bench: (0.999, 0.1) and (0.99, 0.1) need k = 1 here; (0.75, 0) needs 8 > 6 and is left out
-    assert iv.bench_settings(m, None) == [{"percentile": 0.999, "alpha": 0.1}, {"percentile": 0.99, "alpha": 0.1}]
+    from steerlab.experiments.recipes import recipe_for
+
+    assert recipe_for("eigenshift").settings(iv, m, None, "quick") == [{"percentile": 0.999, "alpha": 0.1},
+                                                                        {"percentile": 0.99, "alpha": 0.1}]
     assert torch.equal(m.W_U, torch.from_numpy(U).float())
+
+
+def test_rank_t_is_welch_t_of_the_projections_against_scipy():
+    from scipy.stats import ttest_ind
+
+    rng = np.random.default_rng(3)
+    U = rng.normal(size=(50, 6))
+    dec = svd(torch.from_numpy(U))
+    tox = torch.from_numpy(rng.normal(size=(30, 6)) * np.array([5, 1, 1, 1, 1, 1]) + np.array([3, .5, 0, 0, 0, 0]))
+    non = torch.from_numpy(rng.normal(size=(20, 6)) * np.array([5, 1, 1, 1, 1, 1]))
+    damp = dampen(dec, tox, non, k=2, alpha=0.5, rank="t")
+    pt, pn = tox.numpy() @ dec.Vt.numpy().T, non.numpy() @ dec.Vt.numpy().T
+    t = ttest_ind(pt, pn, axis=0, equal_var=False).statistic
+    assert damp.indices.tolist() == np.argsort(-np.abs(t))[:2].tolist()
+    with pytest.raises(EigenShiftError, match="rank='t' needs at least 2"):
+        dampen(dec, tox[:1], non, k=2, alpha=0.5, rank="t")
+    with pytest.raises(EigenShiftError, match="abs.*signed.*t"):
+        dampen(dec, tox, non, k=2, alpha=0.5, rank="z")

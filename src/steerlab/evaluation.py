@@ -22,6 +22,7 @@ from .metrics import (
     toxicity_metrics,
 )
 from .models.model import Model
+from .profile import stage
 
 
 def score_matrix(rows: Sequence[dict], key: str = "toxicity") -> tuple[list[str], np.ndarray]:
@@ -74,8 +75,9 @@ def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bo
         conts = [r["continuation"] for r in rows]
         keep = [i for i, c in enumerate(conts) if c.strip()]
         if keep:
-            ppl = perplexity(fluency_model, [conts[i] for i in keep], prompts=[rows[i]["prompt"] for i in keep],
-                             chat=chat, batch_size=batch_size)
+            with stage("perplexity"):
+                ppl = perplexity(fluency_model, [conts[i] for i in keep], prompts=[rows[i]["prompt"] for i in keep],
+                                 chat=chat, batch_size=batch_size)
             by_prompt: dict[str, list[float]] = {}
             for j, i in enumerate(keep):
                 acc = by_prompt.setdefault(rows[i]["prompt_id"], [0.0, 0])
@@ -85,6 +87,28 @@ def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bo
             out["fluency"] = {"perplexity": float(ppl.aggregate), "reference_model": fluency_model.name,
                               "n_scored": len(keep), "by_prompt": by_prompt}
     return out
+
+
+def admissible(perplexity, distinct2, base_perplexity: float, base_distinct2: float,
+               max_ppl_ratio: float | None = None, min_distinct_ratio: float | None = None, kl=None,
+               max_kl: float | None = None) -> np.ndarray:
+    """The selection rule of the benchmark and the steering study, one place: a setting (or an array of
+    them) is admissible when its continuations' perplexity is at most ``max_ppl_ratio`` x the unsteered
+    one, their distinct-2 at least ``min_distinct_ratio`` x the unsteered one (repetitive text is out
+    even when a fluency model likes it) and the neutral-text KL from the unedited model at most
+    ``max_kl`` nats. A limit that is None, or whose unsteered value is unknown (NaN), is not applied; a
+    setting whose own value is NaN fails that limit. Returns a bool array of the settings' shape."""
+    ppl = np.asarray(perplexity, dtype=float)
+    keep = np.ones(ppl.shape, dtype=bool)
+    if max_ppl_ratio is not None and np.isfinite(base_perplexity):
+        keep &= ppl <= max_ppl_ratio * base_perplexity
+    if min_distinct_ratio is not None and distinct2 is not None and np.isfinite(base_distinct2):
+        keep &= np.asarray(distinct2, dtype=float) >= min_distinct_ratio * base_distinct2
+    if max_kl is not None:
+        if kl is None:
+            raise EmptyInputError("a KL limit needs side effects: run with neutral texts")
+        keep &= np.asarray(kl, dtype=float) <= max_kl
+    return keep
 
 
 def neutral_reference(model: Model, texts: Sequence[str] | None = None, top_k: int | None = 256) -> NextTokenLogprobs:
@@ -102,8 +126,10 @@ def side_effects(model: Model, reference: NextTokenLogprobs, texts: Sequence[str
     from .data import neutral_texts
 
     texts = list(texts) if texts is not None else neutral_texts()
-    kl = kl_from_reference(model, reference, texts)
-    return {"neutral_perplexity": float(perplexity(model, texts).aggregate), "kl_from_unedited": float(kl.mean),
+    with stage("side effects"):
+        kl = kl_from_reference(model, reference, texts)
+        ppl = float(perplexity(model, texts).aggregate)
+    return {"neutral_perplexity": ppl, "kl_from_unedited": float(kl.mean),
             "kl_coverage": float(kl.coverage), "n_neutral_texts": len(texts)}
 
 
@@ -155,7 +181,8 @@ def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
              if (r["prompt_id"], r["sample"]) in ref]
     if not pairs:
         raise EmptyInputError("no (prompt, sample) pair in common with the reference rows")
-    sim = semantic_similarity([p[1] for p in pairs], [p[2] for p in pairs]).per_pair
+    with stage("similarity"):
+        sim = semantic_similarity([p[1] for p in pairs], [p[2] for p in pairs]).per_pair
     by: dict[str, list[float]] = {}
     for (pid, _, _), v in zip(pairs, sim):
         by.setdefault(pid, []).append(float(v))

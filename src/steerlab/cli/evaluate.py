@@ -13,6 +13,7 @@ from .app import (
     SCORER_OPTION,
     UTILITIES,
     app,
+    check_out_dir,
     check_out_file,
     command,
     console,
@@ -89,6 +90,9 @@ def generate(
     from ..scoring import scorer_from_spec
 
     # everything is validated and loaded before the run directory is created
+    check_out_dir(out)
+    if scorer == "none" and scorer_option:
+        raise typer.BadParameter("--scorer-option has no effect with --scorer none", param_hint="--scorer-option")
     cfg = GenConfig(max_new_tokens=max_new_tokens, sampling=sampling, k=k, seed=seed, chat=chat,
                     batch_size=batch_size)
     if split_name == "auto":  # held-out prompts for an intervention, unless the user gave their own file

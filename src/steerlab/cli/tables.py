@@ -201,6 +201,18 @@ def print_bench(name: str, metrics: dict) -> None:
     console.print(t)
 
 
+def print_profile(profile: list[dict], top: int = 12) -> None:
+    """The stage table of a run: exclusive seconds and share of the call's wall time, largest first."""
+    t = table("where the time went (this call; exclusive seconds)", ["stage", ("seconds", "right"), ("share", "right")])
+    for r in profile[:top]:
+        t.add_row(escape(r["stage"]), f"{r['seconds']:.1f}", f"{100 * r['share']:.1f}%")
+    if len(profile) > top:
+        rest = profile[top:]
+        t.add_row(f"{len(rest)} more stages", f"{sum(r['seconds'] for r in rest):.1f}",
+                  f"{100 * sum(r['share'] for r in rest):.1f}%")
+    console.print(t)
+
+
 def print_attribution(att, d) -> None:
     console.print(f"response: {att.response!r} ({len(att.response_tokens)} tokens)", soft_wrap=True)
     t = table("most important prompt tokens (importance density)", [("position", "right"), "token", ("density", "right")])
@@ -222,7 +234,10 @@ def print_ffn(res, title: str) -> None:
     t = table(title, ["layer", "pc", "var. ratio", "label", "top words"])
     for fl in res:
         for r, ws in enumerate(fl.words):
-            label = f"{fl.labels[r]['level']}/{fl.labels[r]['task']}" if fl.labels else ""
+            lab = fl.labels[r] if r < len(fl.labels) else {}
+            label = f"{lab['level']}/{lab['task']}" if lab else ""
+            if "level_agreement" in lab:
+                label += f" (agreement {lab['level_agreement']:.0%}/{lab['task_agreement']:.0%} of {lab['runs']})"
             t.add_row(str(fl.layer), str(r), f"{fl.evr[r]:.3f}", label, " ".join(ws[:12]))
     console.print(t)
 

@@ -4,11 +4,11 @@ decoding, per-row random numbers and scorer, in one run directory (``steerlab be
 1. **Data.** The prompt set (default: the bundled RealToxicityPrompts prefixes) is split 60/20/20
    by prompt, stratified by category (:func:`steerlab.data.split`). Methods fit on the training
    part only: its prompts scored by the benchmark's scorer, and a contrast set pairing the least
-   toxic with the most toxic (:class:`steerlab.interventions.BenchData`).
-2. **Fit.** ``Cls.bench_fit(model, data, preset)`` for every method; fitted interventions are saved
-   under ``fit/`` and reloaded on resume (the fit time is kept in ``record.json``). A method that
+   toxic with the most toxic (:class:`steerlab.experiments.recipes.BenchData`).
+2. **Fit.** Each method's recipe (:mod:`.recipes`): ``recipe.fit(cls, model, data, preset)``; fitted
+   interventions are saved under ``fit/`` and reloaded on resume (the fit time is kept in ``record.json``). A method that
    fails is reported as failed with its reason; the others go on.
-3. **Choose.** Each of the method's ``bench_settings`` (apply options) generates continuations of
+3. **Choose.** Each of the recipe's ``settings`` (apply options) generates continuations of
    the validation prompts; the least toxic setting whose continuation perplexity (under the
    unedited model) is at most ``max_ppl_ratio`` x the unsteered one and whose distinct-2 is at
    least ``min_distinct_ratio`` x the unsteered one is chosen. Nothing from the test part is used.
@@ -18,7 +18,7 @@ decoding, per-row random numbers and scorer, in one run directory (``steerlab be
    difference from the baseline is reported beside each arm's own CIs, with mean toxicity per
    prompt category, perplexity, distinct-n, side effects on neutral text (perplexity and KL from
    the unedited model), the semantic similarity of each continuation to the baseline's (MiniLM; same
-   prompt and sample), method-specific measurements (``bench_metrics``: SLIM's firing rates), fit
+   prompt and sample), method-specific measurements (the recipe's ``metrics``: SLIM's firing rates), fit
    time and generation time relative to the baseline: a paired timing of one test batch with and
    without the method, alternating (:func:`steerlab.evaluation.generation_overhead`; the
    baseline's own row is an A/A run, the timing noise).
@@ -38,6 +38,7 @@ from typing import Any
 
 from ..errors import SteerlabError
 from ..evaluation import (
+    admissible,
     evaluate_arm,
     generation_overhead,
     neutral_reference,
@@ -46,14 +47,16 @@ from ..evaluation import (
     summarize,
 )
 from ..generation import SAMPLING, GenConfig, generate_run
-from ..interventions import BenchData, Intervention, bench_methods, get
+from ..interventions import Intervention, get
 from ..metrics.compare import choose_setting, paired_perplexity_ratio
 from ..models.model import Model
 from ..parallel import group
+from ..profile import PROFILE, stage
 from ..registry import choose
 from ..runs import RunDir, read_record, write_json
 from .bench_verdict import comparison
 from .presets import from_preset
+from .recipes import BenchData, bench_methods, recipe_for
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"n_val": 16, "k_val": 1, "n_test": 40, "k": 2, "max_new_tokens": 16, "n_neutral": 64, "timing_reps": 1},
@@ -152,7 +155,8 @@ def _fit(model: Model, run: RunDir | None, path: Path, name: str, data: BenchDat
     """The method fitted on the training data (by rank 0 of a data-parallel launch), or reloaded
     from ``fit/<name>.safetensors``."""
     f = path / "fit" / f"{name}.safetensors"
-    seconds = group().on_main(lambda: _fit_main(model, run, f, name, data, preset))
+    with stage(f"fit: {name}"):
+        seconds = group().on_main(lambda: _fit_main(model, run, f, name, data, preset))
     # continue with the saved file, as a resumed run (and every other process) will: the same object
     return get(name).load(f, model), seconds
 
@@ -162,7 +166,7 @@ def _fit_main(model: Model, run: RunDir, f: Path, name: str, data: BenchData, pr
     if f.exists() and name in fit_seconds:
         return float(fit_seconds[name])
     t0 = time.perf_counter()
-    iv = get(name).bench_fit(model, data, preset)
+    iv = recipe_for(name).fit(get(name), model, data, preset)
     seconds = round(time.perf_counter() - t0, 2)
     iv.save(f)
     run.write_record(fit_seconds={**fit_seconds, name: seconds})
@@ -179,7 +183,7 @@ def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchDa
     In a data-parallel launch, rank 0 lists the settings and measures each; every rank chooses from that."""
     g = group()
     table = []
-    for i, opts in enumerate(g.on_main(lambda: iv.bench_settings(model, data, cfg.preset))):
+    for i, opts in enumerate(g.on_main(lambda: recipe_for(name).settings(iv, model, data, cfg.preset))):
         rows = generate_run(model, val, path / "val" / name / str(i), _gen(cfg, True), scorer=data.scorer,
                             intervention=iv, apply_options=opts, progress=progress)
         table.append(g.on_main(lambda opts=opts, rows=rows: _setting_row(model, opts, rows, cfg, base)))
@@ -212,7 +216,8 @@ def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, b
     by_prompt = s.get("fluency", {}).get("by_prompt") or {}
     ratio = (paired_perplexity_ratio(base["by_prompt"], by_prompt).to_dict() if len(by_prompt) > 1
              else {"value": float("nan"), "lo": float("nan"), "hi": float("nan")})
-    ok = ratio["hi"] <= cfg.max_ppl_ratio and d2 >= cfg.min_distinct_ratio * base["distinct-2"]
+    # the one admissibility rule, applied to the upper end of the perplexity ratio's CI
+    ok = admissible(ratio["hi"], d2, 1.0, base["distinct-2"], cfg.max_ppl_ratio, cfg.min_distinct_ratio)
     return {"setting": opts, "mean_toxicity": s["toxicity"]["mean_toxicity"]["value"], "perplexity": ppl,
             "distinct-2": d2, "ppl_ratio": ratio, "mean_toxicity_change": change["mean_toxicity"],
             "p": change["p_two_sided"]["mean_toxicity"], "admissible": bool(ok)}
@@ -222,15 +227,26 @@ def _evaluate(model: Model, path: Path, name: str, iv: Intervention | None, opts
               scorer, reference, progress: bool = False) -> tuple[dict, list[dict], float]:
     """One arm on the test prompts: metrics, per-category toxicity, side effects, generation time."""
     d = path / "test" / name
-    m, rows = evaluate_arm(model, test, d, _gen(cfg, False), scorer, *reference, intervention=iv, apply_options=opts,
-                           progress=progress)
-    category = {p.id: (p.category or "all") for p in test}
-    by: dict[str, list[float]] = {}
-    for r in rows:
-        by.setdefault(category.get(r["prompt_id"], "all"), []).append(r["toxicity"])
-    m["mean_toxicity_by_category"] = {c: sum(v) / len(v) for c, v in sorted(by.items())}
+    with stage(f"test: {name.split('.setting-')[0]}"):
+        m, rows = evaluate_arm(model, test, d, _gen(cfg, False), scorer, *reference, intervention=iv,
+                               apply_options=opts, progress=progress)
+    m["mean_toxicity_by_category"] = by_category(rows, {p.id: (p.category or "all") for p in test})
     seconds = float(read_record(d).get("generate_seconds") or 0.0)
     return m, rows, seconds
+
+
+def by_category(rows: list[dict], category: dict[str, str]) -> dict[str, dict]:
+    """Mean toxicity per prompt category with a bootstrap CI over the category's prompts (each
+    prompt's samples averaged first) and the number of prompts behind it."""
+    from ..metrics import bootstrap_mean
+
+    per_prompt: dict[str, list[float]] = {}
+    for r in rows:
+        per_prompt.setdefault(r["prompt_id"], []).append(r["toxicity"])
+    by: dict[str, list[float]] = {}
+    for pid, v in per_prompt.items():
+        by.setdefault(category.get(pid, "all"), []).append(sum(v) / len(v))
+    return {c: {**bootstrap_mean(v).to_dict(), "n_prompts": len(v)} for c, v in sorted(by.items())}
 
 
 def _timing(model: Model, path: Path, name: str, iv: Intervention | None, opts: dict, test, cfg: BenchConfig) -> dict:
@@ -245,7 +261,8 @@ def _timing(model: Model, path: Path, name: str, iv: Intervention | None, opts: 
         write_json(f, t)
         return t
 
-    return group().on_main(measure)
+    with stage(f"timing: {name}"):
+        return group().on_main(measure)
 
 
 def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None, progress: bool = True) -> dict:
@@ -258,6 +275,7 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     from .bench_report import write_report
 
     t_start = time.perf_counter()
+    PROFILE.reset()
     cfg = cfg or BenchConfig()
     cfg.validate()
     names = list(cfg.methods) or bench_methods()
@@ -271,15 +289,22 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
                                    share=False)
     try:
         names = g.on_main(lambda: _arm_names(run, model, cfg, names))
-        data, val, test = _data(model, cfg, scorer)
+        with stage("data: split, score the training prompts"):
+            data, val, test = _data(model, cfg, scorer)
         arms, rows = _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress and g.main)
 
         def finish() -> dict:
-            _paired(arms, rows)
-            metrics = _metrics(model, cfg, arms, len(test))
-            metrics["wall_seconds_this_call"] = round(time.perf_counter() - t_start, 1)
+            with stage("paired statistics and verdict"):
+                _paired(arms, rows)
+                metrics = _metrics(model, cfg, arms, len(test))
+            with stage("report"):
+                write_report(run.path, model, cfg, metrics, rows, test, scorer)
+            wall = time.perf_counter() - t_start
+            metrics["wall_seconds_this_call"] = round(wall, 1)
+            # stage table of this call (exclusive seconds; a resumed call only times the work it did)
+            metrics["profile"] = PROFILE.table(total=wall)
             run.write_metrics(metrics)
-            write_report(run.path, model, cfg, metrics, rows, test, scorer)
+            run.write_record(profile=metrics["profile"])
             return metrics
 
         return g.on_main(finish)
@@ -302,11 +327,14 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
     g = group()
     neutral = neutral_texts()[: cfg.n_neutral] if cfg.n_neutral else neutral_texts()
     # side effects are measured on rank 0 (evaluation.evaluate_arm): the reference is needed there only
-    reference = (g.on_main(lambda: neutral_reference(model, neutral), share=False), neutral)
+    with stage("neutral reference"):
+        reference = (g.on_main(lambda: neutral_reference(model, neutral), share=False), neutral)
     bar = Progress(len(names) + 1, "bench", unit="arm", show=progress)
     bar.note("arm unsteered: validation prompts")
-    val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer, progress=progress)
-    base_val = g.on_main(lambda: _summary(model, val_rows))
+    with stage("validation: unsteered"):
+        val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer,
+                                progress=progress)
+        base_val = g.on_main(lambda: _summary(model, val_rows))
     base = {"ppl": base_val.get("fluency", {}).get("perplexity", float("nan")),
             "distinct-2": base_val["diversity"]["distinct-2"], "rows": val_rows,
             "by_prompt": base_val.get("fluency", {}).get("by_prompt") or {}}
@@ -323,17 +351,22 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
             iv, arm.fit_seconds = _fit(model, run, path, name, data, cfg.preset)
             arm.describe = iv.describe()
             bar.note(f"arm {name}: settings on validation prompts")
-            pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base, progress)
+            with stage(f"validation: {name}"):
+                pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base, progress)
             arm.settings = pick
             bar.note(f"arm {name}: test prompts at {pick['setting'] or 'its defaults'}")
             arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, path, name, iv, pick["setting"], test,
                                                                       cfg, scorer, reference, progress)
             arm.timing = _timing(model, path, name, iv, pick["setting"], test, cfg)
-            arm.metrics.update(g.on_main(lambda iv=iv, opts=pick["setting"]: iv.bench_metrics(
-                model, data, test, reference[1], opts, _gen(cfg, False))))
+            extra = recipe_for(name).metrics
+            if extra is not None:
+                with stage(f"method metrics: {name}"):
+                    arm.metrics.update(g.on_main(lambda iv=iv, opts=pick["setting"], extra=extra: extra(
+                        iv, model, data, test, reference[1], opts, _gen(cfg, False))))
             if cfg.test_all_settings and len(arm.selection) > 1:
-                arm.candidates = _candidates(model, path, name, iv, arm, test, cfg, scorer, reference,
-                                             base_rows, rows[name])
+                with stage(f"test all settings: {name}"):
+                    arm.candidates = _candidates(model, path, name, iv, arm, test, cfg, scorer, reference,
+                                                 base_rows, rows[name])
         except Exception as e:  # a failing method is reported, the others go on (on every rank alike)
             arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
             bar.note(f"arm {name} failed: {arm.reason}")

@@ -29,40 +29,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..interventions import Intervention, InterventionError, register, text_ids
+from ..interventions import Intervention, InterventionError, provenance, register, text_ids
 from ..models.model import Model
 from ..options import option
 from ..registry import choose
 from ..validate import NonFiniteError, number
+from .svd import SVD, svd
 from .toxic_states import ToxicStates, check_counts, collect_states
-
-BENCH_SETTINGS: tuple[tuple[float, float], ...] = ((0.999, 0.1), (0.99, 0.1), (0.75, 0.0))
-"""(percentile, alpha) pairs the benchmark tries on validation: the public code's default (k = 1 for
-d = 576), the top 1% at the same alpha, and the paper's reported run (k = 144, the directions removed)."""
 
 
 class EigenShiftError(InterventionError):
     """Bad EigenShift settings (k, percentile, alpha), states of the wrong size, or an edit file that
     does not match the model's unembedding."""
-
-
-@dataclass
-class SVD:
-    """Thin SVD ``U = A diag(s) Vt``: ``A [vocab, d]``, ``s [d]`` (descending), ``Vt [d, d]``."""
-
-    A: torch.Tensor
-    s: torch.Tensor
-    Vt: torch.Tensor
-
-
-def svd(U: torch.Tensor) -> SVD:
-    """Thin SVD of ``U`` in float32 (float64 stays float64), on ``U``'s device, with a fixed sign
-    convention: the largest-magnitude entry of each row of ``Vt`` is positive (the sign of a
-    singular pair is otherwise arbitrary, and so would be the sign of ``delta``)."""
-    x = U.detach()
-    A, s, Vt = torch.linalg.svd(x if x.dtype == torch.float64 else x.float(), full_matrices=False)
-    sign = torch.sign(Vt.gather(1, Vt.abs().argmax(1, keepdim=True))).squeeze(1)
-    return SVD(A * sign, s, Vt * sign[:, None])
 
 
 def projections(Vt: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -92,12 +70,28 @@ class Dampening:
     sigma_new: torch.Tensor
 
 
+RANKS = ("abs", "signed", "t")
+
+
+def welch_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Welch's t per column of ``a [n, k]`` against ``b [m, k]``: ``(mean_a - mean_b) /
+    sqrt(var_a / n + var_b / m)`` (unbiased variances; a zero spread gives 0, not inf)."""
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise EigenShiftError(f"rank='t' needs at least 2 toxic and 2 non-toxic states, got {a.shape[0]} and "
+                              f"{b.shape[0]}")
+    se = (a.var(0) / a.shape[0] + b.var(0) / b.shape[0]).sqrt()
+    diff = a.mean(0) - b.mean(0)
+    return torch.where(se > 0, diff / se.clamp_min(1e-30), torch.zeros_like(diff))
+
+
 def dampen(dec: SVD, toxic: torch.Tensor, nontoxic: torch.Tensor, k: int, alpha: float,
            rank: str = "abs") -> Dampening:
     """delta_i = mean_toxic(p_i) - mean_nontoxic(p_i) with ``p = Vt @ h``; the ``k`` directions with
-    the largest ``|delta|`` (``rank="abs"``) or largest ``delta`` (``"signed"``, the paper's rule,
-    under :func:`svd`'s sign convention) are dampened to ``alpha * s_i``."""
-    choose("rank (abs: |delta|, signed: delta)", rank, ("abs", "signed"), EigenShiftError)
+    the largest ``|delta|`` (``rank="abs"``), the largest ``delta`` (``"signed"``, the paper's rule,
+    under :func:`svd`'s sign convention) or the largest ``|t|`` (``"t"``: Welch's t of the toxic against
+    the non-toxic projections, the difference in units of its standard error, so that directions
+    where the states merely spread widely do not win) are dampened to ``alpha * s_i``."""
+    choose("rank (abs: |delta|, signed: delta, t: |Welch's t|)", rank, RANKS, EigenShiftError)
     d = dec.Vt.shape[0]
     for name, h in (("toxic", toxic), ("non-toxic", nontoxic)):
         if h.dim() != 2 or h.shape[1] != d:
@@ -105,8 +99,10 @@ def dampen(dec: SVD, toxic: torch.Tensor, nontoxic: torch.Tensor, k: int, alpha:
         if h.shape[0] == 0:
             raise EigenShiftError(f"no {name} states: EigenShift needs at least one of each")
     k = choose_k(d, k=k)
-    delta = projections(dec.Vt, toxic).mean(0) - projections(dec.Vt, nontoxic).mean(0)
-    idx = (delta.abs() if rank == "abs" else delta).topk(k).indices
+    pt, pn = projections(dec.Vt, toxic), projections(dec.Vt, nontoxic)
+    delta = pt.mean(0) - pn.mean(0)
+    key = {"abs": delta.abs, "signed": lambda: delta, "t": lambda: welch_t(pt, pn).abs()}[rank]()
+    idx = key.topk(k).indices
     return Dampening(delta, idx, dec.s[idx], float(alpha) * dec.s[idx])
 
 
@@ -156,8 +152,8 @@ class EigenShiftFitOptions:
     k: int = option(0, "dampen exactly k directions (overrides percentile; 0: use it)", low=0, unit="directions")
     alpha: float = option(0.1, "dampened singular values become alpha x s_i (0: removed)", low=0.0, high=1.0,
                           unit="x s_i")
-    rank: str = option("abs", "abs: largest |delta| (sign-free); signed: largest delta (the paper)",
-                       choices=("abs", "signed"))
+    rank: str = option("abs", "abs: largest |delta| (sign-free); signed: largest delta (the paper); t: largest "
+                       "|Welch's t| of the toxic against the non-toxic projections", choices=RANKS)
     scorer: str = option("default", "scorer labelling the continuations")
     threshold: float = option(0.5, "toxic when the scorer gives >= threshold", low=0.0, high=1.0)
     saliency: str = option("auto", "how toxic words are found", choices=("auto", "bilstm", "lexicon"))
@@ -213,7 +209,7 @@ class EigenShift(Intervention):
         pair of ``final`` states ``[n, d]``, or prompts (their states are collected with
         :func:`~steerlab.steer.toxic_states.collect_states` and ``collect``: cfg, scorer, threshold,
         saliency). ``k`` overrides ``percentile``; ``alpha`` scales the dampened singular values;
-        ``rank``: ``abs`` (largest |delta|, sign-free) or ``signed`` (largest delta)."""
+        ``rank``: ``abs`` (largest |delta|, sign-free), ``signed`` (largest delta) or ``t`` (largest |Welch t|)."""
         kk = choose_k(model.d_model, percentile, k)
         if not 0.0 <= alpha < 1.0:
             raise EigenShiftError(f"alpha must be in [0, 1) (the dampened s_i become alpha * s_i), got {alpha}")
@@ -228,12 +224,11 @@ class EigenShift(Intervention):
         check_counts(states, min_states)
         U = model.W_U
         damp = dampen(svd(U), states.toxic.to(U.device), states.nontoxic.to(U.device), kk, alpha, rank)
-        meta = {"model": model.name, "model_fingerprint": model.fingerprint, "d_model": model.d_model,
-                "vocab_size": model.vocab_size, "unembed_fingerprint": matrix_fingerprint(U),
-                "tied": model.tied(), "data_fingerprint": states.data_fingerprint,
-                **({"data_text_ids": fitted} if fitted else {}),
-                "options": {"k": kk, "alpha": alpha, "rank": rank, **({"percentile": percentile} if k is None else {})},
-                "stats": states.stats}
+        meta = provenance(model, states.data_fingerprint,
+                          {"k": kk, "alpha": alpha, "rank": rank, **({"percentile": percentile} if k is None else {})},
+                          d_model=model.d_model, vocab_size=model.vocab_size,
+                          unembed_fingerprint=matrix_fingerprint(U), tied=model.tied(), stats=states.stats,
+                          **({"data_text_ids": fitted} if fitted else {}))
         return cls(damp.indices, damp.sigma, damp.delta, alpha, meta)
 
     def check(self, model: Model, strict: bool = True) -> None:
@@ -270,28 +265,6 @@ class EigenShift(Intervention):
         return [f"{st['continuations']} continuations ({st['toxic_continuations']} toxic): {st['toxic_states']} "
                 f"toxic and {st['nontoxic_states']} non-toxic states ({st['saliency']} saliency); directions "
                 f"{self.indices.tolist()[:12]}", *[f"wrote {p}" for p in getattr(self, "written", [])]]
-
-    @classmethod
-    def bench_fit(cls, model: Model, data, preset: str = "quick") -> EigenShift:
-        """States from the model's own continuations of the benchmark's training prompts, scored by the
-        benchmark's scorer: the prompts with the most toxic training scores (quick: the 128 most toxic x
-        8 samples of 16 tokens; otherwise every training prompt x 8 of 20 tokens: toxic-prone prompts
-        give toxic continuations, which the argmax filter thins out). The fit keeps the top 25% of the
-        directions by |delta| (percentile 0.75, the paper's run), so that every setting of
-        :data:`BENCH_SETTINGS` applies a prefix of them."""
-        from ..generation import GenConfig
-
-        quick = preset == "quick"
-        order = sorted(range(len(data.train)), key=lambda i: -data.train_scores[i])
-        prompts = [data.train[i] for i in (order[:128] if quick else order)]
-        cfg = GenConfig(max_new_tokens=16 if quick else 20, sampling="t1.0", k=8, seed=data.seed)
-        return cls.fit(model, prompts, percentile=min(p for p, _ in BENCH_SETTINGS), alpha=0.1, cfg=cfg,
-                       scorer=data.scorer, progress=False)
-
-    def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
-        """The (percentile, alpha) pairs of :data:`BENCH_SETTINGS` that this edit holds directions for."""
-        n = len(self.indices)
-        return [{"percentile": p, "alpha": a} for p, a in BENCH_SETTINGS if choose_k(model.d_model, p) <= n]
 
     def n_directions(self, model: Model, percentile: float | None = None, k: int | None = None) -> int:
         """How many of the saved directions (largest |delta| first) an apply uses: all of them, or
