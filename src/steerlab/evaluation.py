@@ -269,7 +269,8 @@ def unsteered_comparison(model: Model, prompts: Sequence, rows: Sequence[dict], 
     prompts, decoding and per-row random numbers: the unsteered arm is generated into
     ``out_dir/unsteered`` (a resumable run: computed once, reused by later calls). Returns
     ``paired_difference`` (:func:`paired_to`, steered - unsteered, each metric with its paired 95%
-    CI), the unsteered arm's ``toxicity`` and the share of ``identical`` continuations."""
+    CI), the unsteered arm's ``toxicity``, the share of ``identical`` continuations and
+    ``unsteered_rows`` (the arm's rows, to show beside the steered ones; not for metrics files)."""
     from pathlib import Path
 
     from .generation import generate_run
@@ -280,4 +281,4 @@ def unsteered_comparison(model: Model, prompts: Sequence, rows: Sequence[dict], 
     _, m = score_matrix(base)
     return {"paired_difference": paired_to(base, rows),
             "unsteered": toxicity_metrics(m, n_boot=1000, seed=0).to_dict(),
-            "identical": float(np.mean(identical)), "n_rows": len(rows)}
+            "identical": float(np.mean(identical)), "n_rows": len(rows), "unsteered_rows": base}

@@ -92,13 +92,18 @@ def print_summary(summary: dict, title: str) -> None:
         console.print(f"{name.replace('_', ' ')} is undefined: it {why}.", soft_wrap=True)
 
 
-def print_examples(rows: list[dict], title: str) -> None:
-    """A few continuations to read (prompt, continuation, toxicity when scored)."""
+def print_examples(rows: list[dict], title: str, unsteered: list[dict] | None = None) -> None:
+    """A few continuations to read (prompt, continuation, toxicity when scored), beside the unsteered
+    model's continuation of the same prompt and sample when ``unsteered`` rows are given."""
     scored = all("toxicity" in r for r in rows)
-    t = table(title, ["prompt", "continuation"] + ([("toxicity", "right")] if scored else []))
+    base = {(r["prompt_id"], r["sample"]): r for r in unsteered or []}
+    cols = ["prompt"] + (["unsteered", ("tox.", "right")] if base else []) + ["continuation"]
+    t = table(title, cols + ([("toxicity", "right")] if scored else []))
     for r in rows:
         p = r["prompt"] if isinstance(r["prompt"], str) else str(r["prompt"])
-        t.add_row(escape(p), escape(r["continuation"]), *([f"{r['toxicity']:.3f}"] if scored else []))
+        b = base.get((r["prompt_id"], r["sample"]), {})
+        before = [escape(b.get("continuation", "")), f"{b['toxicity']:.3f}" if "toxicity" in b else ""] if base else []
+        t.add_row(escape(p), *before, escape(r["continuation"]), *([f"{r['toxicity']:.3f}"] if scored else []))
     console.print(t)
 
 
