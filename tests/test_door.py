@@ -46,11 +46,16 @@ def test_nonfinite_strength_or_overflow_is_refused_before_the_run_directory(tmp_
     from steerlab.steer import SteeringVector
 
     sv = SteeringVector({SITE: torch.full((32,), 10.0)})
-    for bad in (float("nan"), float("inf"), "abc"):
-        with pytest.raises(V.ValidationError, match="strength"):
+    for bad, why in ((float("nan"), "alpha must be a finite number, got nan"),
+                     (float("inf"), "alpha must be a finite number, got inf"), ("abc", "'abc' is not a float")):
+        with pytest.raises(sl.SteerlabError, match=why):
             generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=3), intervention=sv,
                          apply_options={"alpha": bad}, progress=False)
         assert not (tmp_path / "r").exists()
+    # the edit builders check their strength too (Python API without the typed options)
+    with pytest.raises(V.ValidationError, match=r"strength \(alpha\) must be a finite number, got nan"):
+        with sl.edit(llama, {SITE: sl.add(torch.ones(32), float("nan"))}):
+            pass
     with pytest.raises(V.NonFiniteError, match=rf"steering intervention at {SITE} applied with alpha=3e\+38: .*"
                                                rf"NaN or infinite logits.*{SITE}"):
         generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=3, sampling="t1.0"), intervention=sv,
@@ -399,17 +404,27 @@ def test_cli_undecodable_argument_and_bad_device_are_one_line(tmp_path):
 
 
 def test_ill_typed_apply_option_is_refused_before_the_run_directory(tmp_path, llama):
-    """EigenShift ``k=abc`` (before: a ValueError traceback after config.json existed)."""
+    """EigenShift ``k=abc``, ``alpha=abc`` (before: a ValueError traceback after config.json existed);
+    a TypeError from an option no declaration checks is one error naming the options."""
     from steerlab.steer.eigenshift import EigenShift
 
     g = torch.Generator().manual_seed(0)
     iv = EigenShift.fit(llama, (torch.randn(20, 32, generator=g), torch.randn(20, 32, generator=g)), k=4)
-    with pytest.raises(sl.SteerlabError, match=r"eigenshift intervention cannot be applied with k='abc': ValueError"):
-        generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
-                     apply_options={"k": "abc"}, progress=False)
-    with pytest.raises(V.ValidationError, match="EigenShift alpha must be a number"):
-        generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
-                     apply_options={"alpha": "abc"}, progress=False)
+    for opts, why in (({"k": "abc"}, "k: 'abc' is not a int"), ({"alpha": "abc"}, "alpha: 'abc' is not a float")):
+        with pytest.raises(sl.SteerlabError, match=why):
+            generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
+                         apply_options=opts, progress=False)
+        assert not (tmp_path / "r").exists()
+
+    class Fragile(type(iv)):
+        def generate(self, model, texts, cfg, keys=None, **options):
+            return [[f"{t}{options['suffix'] + 1}"] for t in texts]  # a str option used as a number
+
+    bad = Fragile(iv.indices, iv.sigma, iv.delta, iv.alpha, dict(iv.meta))
+    with pytest.raises(sl.SteerlabError, match=r"eigenshift intervention cannot be applied with suffix='x': "
+                                               r"TypeError"):
+        generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=bad,
+                     apply_options={"suffix": "x"}, progress=False)
     assert not (tmp_path / "r").exists()
 
 

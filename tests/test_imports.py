@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "steerlab"
 
 # lowest first; a module belongs to the layer of its longest matching prefix
 LAYERS = [
-    ("base", ["steerlab", "steerlab.errors", "steerlab.registry", "steerlab.options", "steerlab.runs",
+    ("base", ["steerlab", "steerlab.errors", "steerlab.validate", "steerlab.registry", "steerlab.options", "steerlab.runs",
               "steerlab.parallel", "steerlab.positions", "steerlab.report"]),
     ("models", ["steerlab.models"]),
     ("data", ["steerlab.data", "steerlab.scoring", "steerlab.metrics"]),
