@@ -441,3 +441,18 @@ def test_validation_messages_name_the_option_and_the_range(call, message):
     with pytest.raises(V.ValidationError, match=message):
         call()
     assert V.number("1e-3", "x") == 0.001 and V.integer(3.0, "k", 1) == 3 and V.number(torch.tensor(2.0), "x") == 2.0
+
+
+def test_the_cli_error_handler_redacts_whatever_reaches_it(capsys):
+    """The last line of defence: an error from anywhere that carries a URL with user info or a key,
+    or KEY=VALUE with a secret name, is printed masked (and rich markup in it is shown literally)."""
+    import typer
+
+    from steerlab.cli.app import fail
+
+    with pytest.raises(typer.Exit):
+        fail(sl.SteerlabError(f"could not fetch https://bob:{KEY}@hub.example/m?token={KEY} (api_key={KEY}) "
+                              f"[bold]x[/bold] accepted keywords: a, b"))
+    out = flat(capsys.readouterr().out)
+    assert KEY not in out and "https://***@hub.example/m?token=***" in out and "api_key=***" in out
+    assert "[bold]x[/bold] accepted keywords: a, b" in out

@@ -9,6 +9,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import SteerlabError
 
@@ -80,7 +81,10 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_ma
 
 
 def fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+    from ..validate import redact
+
+    # the last line of defence: URLs with user info or key-like parts, KEY=VALUE with a secret name
+    console.print(f"[bold red]error:[/] {escape(redact(str(e)))}", soft_wrap=True)
     raise typer.Exit(2)
 
 
