@@ -456,3 +456,11 @@ def test_the_cli_error_handler_redacts_whatever_reaches_it(capsys):
     out = flat(capsys.readouterr().out)
     assert KEY not in out and "https://***@hub.example/m?token=***" in out and "api_key=***" in out
     assert "[bold]x[/bold] accepted keywords: a, b" in out
+
+
+def test_a_run_too_large_for_memory_is_refused_before_its_directory(tmp_path, llama):
+    """``--max-new-tokens 10**9`` (before: the run directory was created and the first batch failed
+    allocating, or ran for hours)."""
+    with pytest.raises(V.ValidationError, match=r"of \d+ \+ 1000000000 tokens at once would need about"):
+        generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=10**9), progress=False)
+    assert not (tmp_path / "r").exists()
