@@ -464,3 +464,17 @@ def test_a_run_too_large_for_memory_is_refused_before_its_directory(tmp_path, ll
     with pytest.raises(V.ValidationError, match=r"of \d+ \+ 1000000000 tokens at once would need about"):
         generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=10**9), progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_heads_vocabulary_too_large_and_nan_selfie_strength(tmp_path, llama):
+    """``heads --words 1000000000`` (before: a RuntimeError after trying to allocate 343 GB for the
+    293,003-word similarity matrix); ``interpret --mode add --strength nan`` (before: exit 0, every
+    interpretation the text 'nan')."""
+    from steerlab.explain.heads import explain_heads
+    from tiny import model_dir
+
+    with pytest.raises(V.ValidationError, match=r"the word-similarity matrix of 300000 words would need about "
+                                                r"1,080\.0 GB of memory, more than the .* available; lower --words"):
+        explain_heads(llama, words=[f"w{i}" for i in range(300_000)])
+    code, out = _cli(["interpret", "hi", "--model", model_dir(tmp_path), "--mode", "add", "--strength", "nan"])
+    assert code == 2 and "the injection strength (--strength) must be a finite number, got nan" in out
