@@ -478,3 +478,10 @@ def test_heads_vocabulary_too_large_and_nan_selfie_strength(tmp_path, llama):
         explain_heads(llama, words=[f"w{i}" for i in range(300_000)])
     code, out = _cli(["interpret", "hi", "--model", model_dir(tmp_path), "--mode", "add", "--strength", "nan"])
     assert code == 2 and "the injection strength (--strength) must be a finite number, got nan" in out
+
+
+def test_cli_number_lists_must_be_finite(tmp_path):
+    from tiny import model_dir
+
+    code, out = _cli(["steer", "study", "--out", tmp_path / "s", "--model", model_dir(tmp_path), "--alphas", "0.5,nan"])
+    assert code == 2 and "'0.5,nan' holds nan; every number must be finite" in out and not (tmp_path / "s").exists()
