@@ -284,8 +284,11 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
                 for i, cs in zip(batch, conts) for s, c in enumerate(cs)]
         return score_rows(rows, scorer)
 
+    batches, lengths = generation_batches(model, ids, texts, cfg), token_lengths(model, texts, cfg.chat)
+    # the largest batch must fit in memory: checked before the run directory exists, not at that batch
+    check_memory(model, max(len(b) for b in batches) * cfg.k, max(lengths), cfg.max_new_tokens)
     # one process: RunDir(out_dir).loop; several (accelerate launch): a share of the batches each
-    rows = run_loop(out_dir, config, generation_batches(model, ids, texts, cfg), work,
+    rows = run_loop(out_dir, config, batches, work,
                     keys=lambda i: [(ids[i], s) for s in range(cfg.k)], row_key=lambda r: (r["prompt_id"], r["sample"]),
                     seed=lambda b: derive_seed(cfg.seed, *[ids[i] for i in b]), desc="generate", progress=progress,
                     overwrite=overwrite, record=record)
