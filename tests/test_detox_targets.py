@@ -186,6 +186,11 @@ def test_aura_lowers_its_experts_on_toxic_text_more_than_on_non_toxic(real_model
     print(f"AurA det0 ({int(sum(len(u) for u in units.values()))} experts): mean drop of their max response on "
           f"held-out toxic prompts {drop['toxic_test'].mean():.3f}, on non-toxic {drop['nontoxic_test'].mean():.3f}; "
           f"toxic drop larger for {float((gap > 0).float().mean()):.0%} of the experts")
+    null = aura.meta["null"]
+    print(f"AurA units with AUROC >= 0.7: {null['real']['units_auroc_ge_0.7']} (label-shuffled null: "
+          f"{null['shuffled_labels']['units_auroc_ge_0.7']}); proportional mean factor {null['real']['mean_factor']} "
+          f"(null {null['shuffled_labels']['mean_factor']})")
+    assert null["exceeds_noise"]
     assert drop["toxic_test"].mean() > 1.2 * drop["nontoxic_test"].mean()
     assert float((gap > 0).float().mean()) > 0.6
 
