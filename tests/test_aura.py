@@ -204,7 +204,9 @@ def test_generate_refuses_apply_options_aura_lacks_before_writing(tmp_path):
 def test_variant_apply_from_saved_aurocs_equals_a_fit_of_that_variant():
     m = tiny_model("llama")
     iv = AurA.fit(m, (GOOD, BAD))  # proportional; the AUROCs are kept
-    assert iv.bench_settings(m, None) == [{"variant": "aura"}, {"variant": "damp"}, {"variant": "det0"}]
+    from steerlab.experiments.recipes import recipe_for
+
+    assert recipe_for("aura").settings(iv, m, None, "quick") == [{"variant": "aura"}, {"variant": "damp"}, {"variant": "det0"}]
     auc = np.concatenate([iv.aurocs[s].numpy() for s in iv.aurocs])
     top = np.argsort(-auc, kind="stable")[:5]  # by hand: the 5 units with the highest AUROC over all layers
     hand = np.ones_like(auc)

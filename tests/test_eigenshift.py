@@ -263,7 +263,10 @@ def test_apply_with_fewer_directions_uses_the_largest_delta_first():
         with iv.apply(m, k=7):
             pass
     # bench: (0.999, 0.1) and (0.99, 0.1) need k = 1 here; (0.75, 0) needs 8 > 6 and is left out
-    assert iv.bench_settings(m, None) == [{"percentile": 0.999, "alpha": 0.1}, {"percentile": 0.99, "alpha": 0.1}]
+    from steerlab.experiments.recipes import recipe_for
+
+    assert recipe_for("eigenshift").settings(iv, m, None, "quick") == [{"percentile": 0.999, "alpha": 0.1},
+                                                                        {"percentile": 0.99, "alpha": 0.1}]
     assert torch.equal(m.W_U, torch.from_numpy(U).float())
 
 

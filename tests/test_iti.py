@@ -141,7 +141,7 @@ def test_cli_fit_iti_slim_probes_then_generate(tmp_path):
     assert res.exit_code == 0, res.output
     for f, extra in (("iti", ["--alpha", "2"]), ("slim", ["--apply-option", "kappa=0.5"])):
         res = r.invoke(app, ["generate", "--out", str(tmp_path / f"run_{f}"), "--model", str(d), "--prompts",
-                             str(prompts), "--n", "3", "--max-new-tokens", "3", "--scorer", "profanity",
+                             str(prompts), "--split", "test", "--n", "3", "--max-new-tokens", "3", "--scorer", "profanity",
                              "--no-fluency", "--intervention", str(tmp_path / f"{f}.safetensors"), *extra])
         assert res.exit_code == 0, res.output
     res = r.invoke(app, ["fit", "iti", "--out", str(tmp_path), *common])

@@ -69,3 +69,22 @@ def test_sweep_rejects_vector_of_other_model(tmp_path, llama):
         sweep(llama, SteeringVector.fit(llama, GOOD, BAD, "blocks.0.resid_post"), PROMPTS, [], BangScorer(),
               tmp_path / "y", progress=False)
     assert torch.is_tensor(sv.directions["blocks.0.resid_post"])
+
+
+def test_admissibility_rule_is_one_function_used_by_the_sweep():
+    import numpy as np
+
+    from steerlab.evaluation import admissible
+    from steerlab.steer.sweep import SweepResult
+
+    ppl = np.array([[10.0, 16.0, np.nan]])
+    d2 = np.array([[0.9, 0.9, 0.9]])
+    kl = np.array([[0.01, 0.01, 0.2]])
+    # by hand: ppl <= 1.5 x 10, distinct-2 >= 0.8 x 1.0; a NaN setting fails, a NaN baseline skips the limit
+    assert admissible(ppl, d2, 10.0, 1.0, 1.5, 0.8).tolist() == [[True, False, False]]
+    assert admissible(ppl, d2, 10.0, 1.2, 1.5, 0.8).tolist() == [[False, False, False]]
+    assert admissible(ppl, d2, float("nan"), 1.0, 1.5, 0.8).tolist() == [[True, True, True]]
+    assert admissible(ppl, d2, 10.0, 1.0, None, None, kl, 0.05).tolist() == [[True, True, False]]
+    r = SweepResult(["s"], [-1.0, 1.0, 2.0], {"s": 1.0}, np.zeros((1, 3)), ppl, 0.0, 10.0, [], d2, 1.0, kl=kl)
+    want = admissible(ppl, d2, 10.0, 1.0, 1.5, 0.8, kl, 0.05) & (np.array([-1.0, 1.0, 2.0]) > 0)
+    assert r.admissible(1.5, 0.8, sign=1, max_kl=0.05).tolist() == want.tolist()

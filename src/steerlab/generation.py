@@ -296,8 +296,19 @@ def probe(model: Model, intervention, text, key: str, cfg: GenConfig, options: d
     """Two tokens of one prompt with ``intervention`` applied with ``options``, before a run writes
     anything: an apply option the method refuses, or a value that overflows a forward (NaN or inf
     logits), fails here, while the run directory is untouched, instead of after ``config.json``
-    exists (which would then refuse the corrected command as a changed config)."""
-    intervention.generate(model, [text], replace(cfg, max_new_tokens=2, k=1, batch_size=1), [key], **options)
+    exists (which would then refuse the corrected command as a changed config). An option of the
+    wrong type that the method does not check itself (a ``TypeError`` or ``ValueError`` from deep
+    inside) is a :class:`~steerlab.errors.SteerlabError` naming the options."""
+    problem = None
+    try:
+        intervention.generate(model, [text], replace(cfg, max_new_tokens=2, k=1, batch_size=1), [key], **options)
+    except SteerlabError:
+        raise
+    except (TypeError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no options"
+        raise SteerlabError(f"the {intervention.method} intervention cannot be applied with {shown}: {problem}")
 
 
 def score_rows(rows: list[dict], scorer, field: str = "continuation") -> list[dict]:

@@ -27,7 +27,6 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,21 +37,6 @@ from .models.model import Model
 from .options import NoOptions, as_dict, listing, validate
 from .registry import Registry
 from .validate import NonFiniteError, keywords
-
-
-@dataclass
-class BenchData:
-    """What the benchmark gives every method to fit on: the training prompts (texts, their
-    toxicity under the benchmark's scorer), a toxicity contrast set built from them (the least
-    toxic paired with the most toxic), validation prompts (for settings that need a scale), the
-    scorer and the seed. Nothing here comes from the test split."""
-
-    train: list[str]
-    train_scores: list[float]
-    contrast: Any
-    validation: list[str]
-    scorer: Any
-    seed: int = 0
 
 
 class InterventionError(SteerlabError):
@@ -69,7 +53,6 @@ class Intervention(ABC):
     name and fingerprint, data fingerprint, options) and is written into the file header."""
 
     method: ClassVar[str] = ""
-    bench_default: ClassVar[bool] = True  # joins `steerlab bench` when no --methods are given
     FitOptions: ClassVar[type] = NoOptions    # what `steerlab fit METHOD` takes (see steerlab.options)
     ApplyOptions: ClassVar[type] = NoOptions  # what apply(model, **options) takes
     strength_option: ClassVar[str | None] = None  # the apply option `--alpha` sets (None: the method has none)
@@ -202,28 +185,11 @@ class Intervention(ABC):
         return NonFiniteError(f"{self.method} intervention at {', '.join(self.sites[:4]) or '-'} applied with "
                               f"{opts}: {e}")
 
-    # --- the detoxification benchmark ---------------------------------------------------------
-    @classmethod
-    def bench_fit(cls, model: Model, data: BenchData, preset: str = "quick") -> Intervention:
-        """Fit for the benchmark from its training data (default: ``fit(model, data.contrast)``)."""
-        return cls.fit(model, data.contrast)
-
-    def bench_settings(self, model: Model, data: BenchData, preset: str = "quick") -> list[dict]:
-        """The apply options the benchmark tries on the validation prompts (default: one, the
-        method's own defaults); the least toxic admissible one is tested."""
-        return [{}]
-
     def fixed_text_options(self, options: dict) -> dict:
         """The apply options under which a teacher-forced pass over fixed text (side effects on neutral
         text) sees what generation with ``options`` does token by token; default ``options`` unchanged
         (ITI and SLIM, which edit the last position of each call, edit every position instead)."""
         return dict(options)
-
-    def bench_metrics(self, model: Model, data: BenchData, prompts, neutral, options: dict, cfg) -> dict:
-        """Method-specific measurements the benchmark adds to the arm's metrics at its chosen setting
-        ``options`` on the test ``prompts`` (``neutral``: the side-effect sentences, ``cfg``: the test
-        GenConfig); default none (SLIM reports where its detector fires)."""
-        return {}
 
     # --- files ---------------------------------------------------------------------------------
     def header(self) -> dict:
@@ -303,6 +269,18 @@ def contrast_texts(data: Any, what: str = "the data") -> tuple[list[str], list[s
     raise InterventionError(f"{what} must be a ContrastSet or a (desirable, undesirable) pair of text lists")
 
 
+def provenance(model: Model, data: Any = None, options: dict | None = None, **extra: Any) -> dict:
+    """The provenance every fitted intervention's header carries: the model's name and fingerprint, the
+    data's fingerprint (``data``: a fingerprint string, or groups of texts, hashed with
+    :func:`fingerprint_texts`), the fit ``options``, then ``extra``."""
+    meta: dict[str, Any] = {"model": model.name, "model_fingerprint": model.fingerprint}
+    if data is not None:
+        meta["data_fingerprint"] = data if isinstance(data, str) else fingerprint_texts(*data)
+    if options is not None:
+        meta["options"] = dict(options)
+    return {**meta, **extra}
+
+
 def fingerprint_texts(*groups: Sequence[str]) -> str:
     """A short hash of groups of texts (order and grouping count): an intervention's data fingerprint."""
     h = hashlib.sha256()
@@ -311,6 +289,15 @@ def fingerprint_texts(*groups: Sequence[str]) -> str:
             h.update(t.encode() + b"\0")
         h.update(b"\1")
     return h.hexdigest()[:16]
+
+
+def text_ids(*groups: Sequence[str]) -> list[str]:
+    """The sorted short hashes (:func:`steerlab.generation.text_id`) of every text an intervention was
+    fitted on, stored in its header as ``data_text_ids`` so that an evaluation can tell which of its
+    prompts the intervention learned from (:func:`steerlab.evaluation.fitted_prompts`)."""
+    from .generation import text_id
+
+    return sorted({text_id(t) for g in groups for t in g})
 
 
 # --- registry ------------------------------------------------------------------------------------
@@ -328,11 +315,6 @@ def register(cls: type[Intervention]) -> type[Intervention]:
 def get(method: str | None) -> type[Intervention]:
     """The registered class of ``method``; an unknown name is an error listing the known ones."""
     return METHODS[method]
-
-
-def bench_methods() -> list[str]:
-    """The registered methods the benchmark runs by default (those that aim to change behaviour)."""
-    return [name for name, cls in sorted(METHODS.items()) if cls.bench_default]
 
 
 def list_interventions() -> dict[str, str]:

@@ -138,6 +138,9 @@ class RunDir:
     the lock is held."""
 
     def __init__(self, path: str | os.PathLike, config: dict, overwrite: bool = False):
+        if not isinstance(path, str | os.PathLike) or not str(path).strip():
+            raise RunError(f"a run directory must be a non-empty path (an empty one would write the run into the "
+                           f"current directory), got {path!r}")
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise RunError(f"{self.path} exists and is not a directory; choose a directory for the run")

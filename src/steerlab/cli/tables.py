@@ -67,14 +67,38 @@ def print_info(m) -> None:
 
 
 def print_summary(summary: dict, title: str) -> None:
+    """The metrics of a generation run; metrics undefined with one sample per prompt say so instead of a
+    number; with an unsteered comparison, its paired differences (same prompts and random numbers)."""
+    undefined = summary.get("undefined", {})
     t = table(title, ["metric", ("value", "right"), ("95% CI", "right")])
     for name, e in summary["toxicity"].items():
-        if isinstance(e, dict):
+        if name in undefined:
+            t.add_row(name.replace("_", " "), "undefined", "(k = 1, see below)")
+        elif isinstance(e, dict):
             t.add_row(name.replace("_", " "), f"{e['value']:.3f}", f"[{e['lo']:.3f}, {e['hi']:.3f}]")
+    vs = summary.get("vs_unsteered")
+    for name, e in (vs or {}).get("paired_difference", {}).items():
+        if isinstance(e, dict) and "value" in e and name not in undefined:
+            t.add_row(f"{name.replace('_', ' ')} - unsteered (paired)", f"{e['value']:+.3f}",
+                      f"[{e['lo']:+.3f}, {e['hi']:+.3f}]")
+    if vs:
+        t.add_row("continuations identical to unsteered", f"{vs['identical']:.3f}", "")
     for name, v in summary.get("diversity", {}).items():
         t.add_row(name, f"{v:.3f}", "")
     if "perplexity" in summary.get("fluency", {}):
         t.add_row(f"perplexity ({summary['fluency']['reference_model']})", f"{summary['fluency']['perplexity']:.2f}", "")
+    console.print(t)
+    for name, why in undefined.items():
+        console.print(f"{name.replace('_', ' ')} is undefined: it {why}.", soft_wrap=True)
+
+
+def print_examples(rows: list[dict], title: str) -> None:
+    """A few continuations to read (prompt, continuation, toxicity when scored)."""
+    scored = all("toxicity" in r for r in rows)
+    t = table(title, ["prompt", "continuation"] + ([("toxicity", "right")] if scored else []))
+    for r in rows:
+        p = r["prompt"] if isinstance(r["prompt"], str) else str(r["prompt"])
+        t.add_row(escape(p), escape(r["continuation"]), *([f"{r['toxicity']:.3f}"] if scored else []))
     console.print(t)
 
 
@@ -193,7 +217,10 @@ def print_ffn(res, title: str) -> None:
     t = table(title, ["layer", "pc", "var. ratio", "label", "top words"])
     for fl in res:
         for r, ws in enumerate(fl.words):
-            label = f"{fl.labels[r]['level']}/{fl.labels[r]['task']}" if fl.labels else ""
+            lab = fl.labels[r] if r < len(fl.labels) else {}
+            label = f"{lab['level']}/{lab['task']}" if lab else ""
+            if "level_agreement" in lab:
+                label += f" (agreement {lab['level_agreement']:.0%}/{lab['task_agreement']:.0%} of {lab['runs']})"
             t.add_row(str(fl.layer), str(r), f"{fl.evr[r]:.3f}", label, " ".join(ws[:12]))
     console.print(t)
 

@@ -4,11 +4,11 @@ decoding, per-row random numbers and scorer, in one run directory (``steerlab be
 1. **Data.** The prompt set (default: the bundled RealToxicityPrompts prefixes) is split 60/20/20
    by prompt, stratified by category (:func:`steerlab.data.split`). Methods fit on the training
    part only: its prompts scored by the benchmark's scorer, and a contrast set pairing the least
-   toxic with the most toxic (:class:`steerlab.interventions.BenchData`).
-2. **Fit.** ``Cls.bench_fit(model, data, preset)`` for every method; fitted interventions are saved
-   under ``fit/`` and reloaded on resume (the fit time is kept in ``record.json``). A method that
+   toxic with the most toxic (:class:`steerlab.experiments.recipes.BenchData`).
+2. **Fit.** Each method's recipe (:mod:`.recipes`): ``recipe.fit(cls, model, data, preset)``; fitted
+   interventions are saved under ``fit/`` and reloaded on resume (the fit time is kept in ``record.json``). A method that
    fails is reported as failed with its reason; the others go on.
-3. **Choose.** Each of the method's ``bench_settings`` (apply options) generates continuations of
+3. **Choose.** Each of the recipe's ``settings`` (apply options) generates continuations of
    the validation prompts; the least toxic setting whose continuation perplexity (under the
    unedited model) is at most ``max_ppl_ratio`` x the unsteered one and whose distinct-2 is at
    least ``min_distinct_ratio`` x the unsteered one is chosen. Nothing from the test part is used.
@@ -18,7 +18,7 @@ decoding, per-row random numbers and scorer, in one run directory (``steerlab be
    difference from the baseline is reported beside each arm's own CIs, with mean toxicity per
    prompt category, perplexity, distinct-n, side effects on neutral text (perplexity and KL from
    the unedited model), the semantic similarity of each continuation to the baseline's (MiniLM; same
-   prompt and sample), method-specific measurements (``bench_metrics``: SLIM's firing rates), fit
+   prompt and sample), method-specific measurements (the recipe's ``metrics``: SLIM's firing rates), fit
    time and generation time relative to the baseline: a paired timing of one test batch with and
    without the method, alternating (:func:`steerlab.evaluation.generation_overhead`; the
    baseline's own row is an A/A run, the timing noise).
@@ -38,6 +38,7 @@ from typing import Any
 
 from ..errors import SteerlabError
 from ..evaluation import (
+    admissible,
     evaluate_arm,
     generation_overhead,
     neutral_reference,
@@ -46,7 +47,7 @@ from ..evaluation import (
     summarize,
 )
 from ..generation import SAMPLING, GenConfig, generate_run
-from ..interventions import BenchData, Intervention, bench_methods, get
+from ..interventions import Intervention, get
 from ..metrics.compare import choose_setting, paired_perplexity_ratio
 from ..models.model import Model
 from ..parallel import group
@@ -54,6 +55,7 @@ from ..registry import choose
 from ..runs import RunDir, read_record, write_json
 from .bench_verdict import comparison
 from .presets import from_preset
+from .recipes import BenchData, bench_methods, recipe_for
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"n_val": 16, "k_val": 1, "n_test": 40, "k": 2, "max_new_tokens": 16, "n_neutral": 64, "timing_reps": 1},
@@ -162,7 +164,7 @@ def _fit_main(model: Model, run: RunDir, f: Path, name: str, data: BenchData, pr
     if f.exists() and name in fit_seconds:
         return float(fit_seconds[name])
     t0 = time.perf_counter()
-    iv = get(name).bench_fit(model, data, preset)
+    iv = recipe_for(name).fit(get(name), model, data, preset)
     seconds = round(time.perf_counter() - t0, 2)
     iv.save(f)
     run.write_record(fit_seconds={**fit_seconds, name: seconds})
@@ -179,7 +181,7 @@ def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchDa
     In a data-parallel launch, rank 0 lists the settings and measures each; every rank chooses from that."""
     g = group()
     table = []
-    for i, opts in enumerate(g.on_main(lambda: iv.bench_settings(model, data, cfg.preset))):
+    for i, opts in enumerate(g.on_main(lambda: recipe_for(name).settings(iv, model, data, cfg.preset))):
         rows = generate_run(model, val, path / "val" / name / str(i), _gen(cfg, True), scorer=data.scorer,
                             intervention=iv, apply_options=opts, progress=progress)
         table.append(g.on_main(lambda opts=opts, rows=rows: _setting_row(model, opts, rows, cfg, base)))
@@ -212,7 +214,8 @@ def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, b
     by_prompt = s.get("fluency", {}).get("by_prompt") or {}
     ratio = (paired_perplexity_ratio(base["by_prompt"], by_prompt).to_dict() if len(by_prompt) > 1
              else {"value": float("nan"), "lo": float("nan"), "hi": float("nan")})
-    ok = ratio["hi"] <= cfg.max_ppl_ratio and d2 >= cfg.min_distinct_ratio * base["distinct-2"]
+    # the one admissibility rule, applied to the upper end of the perplexity ratio's CI
+    ok = admissible(ratio["hi"], d2, 1.0, base["distinct-2"], cfg.max_ppl_ratio, cfg.min_distinct_ratio)
     return {"setting": opts, "mean_toxicity": s["toxicity"]["mean_toxicity"]["value"], "perplexity": ppl,
             "distinct-2": d2, "ppl_ratio": ratio, "mean_toxicity_change": change["mean_toxicity"],
             "p": change["p_two_sided"]["mean_toxicity"], "admissible": bool(ok)}
@@ -329,8 +332,10 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
             arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, path, name, iv, pick["setting"], test,
                                                                       cfg, scorer, reference, progress)
             arm.timing = _timing(model, path, name, iv, pick["setting"], test, cfg)
-            arm.metrics.update(g.on_main(lambda iv=iv, opts=pick["setting"]: iv.bench_metrics(
-                model, data, test, reference[1], opts, _gen(cfg, False))))
+            extra = recipe_for(name).metrics
+            if extra is not None:
+                arm.metrics.update(g.on_main(lambda iv=iv, opts=pick["setting"], extra=extra: extra(
+                    iv, model, data, test, reference[1], opts, _gen(cfg, False))))
             if cfg.test_all_settings and len(arm.selection) > 1:
                 arm.candidates = _candidates(model, path, name, iv, arm, test, cfg, scorer, reference,
                                              base_rows, rows[name])

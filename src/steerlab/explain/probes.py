@@ -159,8 +159,10 @@ def probe_data(model: Model, data: Labelled, layers: Sequence[int] | None = None
     heads = {k: torch.stack([caps[s][sl] for s in head_sites]) for k, sl in cut.items()}
     res = {k: torch.stack([caps[s][sl] for s in res_sites]) for k, sl in cut.items()} if resid else {}
     labels = {k: torch.tensor(getattr(data, k)[1], dtype=torch.float32, device=model.device) for k in cut}
+    from ..interventions import text_ids
+
     meta = {"model": model.name, "model_fingerprint": model.fingerprint, "data_fingerprint": data.fingerprint(),
-            "source": data.source, "counts": data.counts()}
+            "data_text_ids": text_ids(texts), "source": data.source, "counts": data.counts()}
     return ProbeData(layers, heads, res, labels, meta)
 
 

@@ -26,7 +26,7 @@ import torch
 from torch.func import functional_call
 
 from ..hooks import capture
-from ..interventions import Intervention, InterventionError, register
+from ..interventions import Intervention, InterventionError, provenance, register
 from ..models.adapters import get_module
 from ..models.model import Model, position_ids
 from ..options import option
@@ -222,7 +222,6 @@ class SelfieControl(Intervention):
     deltas: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
     method = "selfie-control"
-    bench_default = False  # edits one state toward a target: not a detoxification method
     FitOptions = SelfieControlFitOptions
     ApplyOptions = SelfieControlApplyOptions
     strength_option = "alpha"
@@ -285,15 +284,13 @@ class SelfieControl(Intervention):
         site = layer_site(model, b, "blocks")
         ref_before = capture(model, ref, site, "all")[site] if ref else None
         deltas, history = _optimise(model, b, weights, src, t, goal, ref, ref_before, preserve_weight, steps, lr)
-        meta = {"block": b, "layer": b + 1, "token": t, "params": params, "modules": list(weights),
-                "steps": steps, "lr": lr, "source": data, "chat": chat,
-                "target": target if isinstance(target, str) else "vector",
-                "target_layer": None if not isinstance(target, str) else tl, "layer_numbering": numbering,
-                "n_preserve": len(preserve or []), "preserve_weight": preserve_weight,
-                "distance_before": history[0], "distance_after": history[-1],
-                "moved": 1.0 - history[-1] / max(history[0], 1e-12),
-                "options": {"block": b, "token": t, "params": params, "steps": steps, "lr": lr},
-                "model": model.name, "model_fingerprint": model.fingerprint}
+        meta = provenance(model, None, {"block": b, "token": t, "params": params, "steps": steps, "lr": lr},
+                          block=b, layer=b + 1, token=t, params=params, modules=list(weights), steps=steps, lr=lr,
+                          source=data, chat=chat, target=target if isinstance(target, str) else "vector",
+                          target_layer=None if not isinstance(target, str) else tl, layer_numbering=numbering,
+                          n_preserve=len(preserve or []), preserve_weight=preserve_weight,
+                          distance_before=history[0], distance_after=history[-1],
+                          moved=1.0 - history[-1] / max(history[0], 1e-12))
         return cls(deltas, meta)
 
     def _weights(self, model: Model) -> dict[str, torch.nn.Parameter]:

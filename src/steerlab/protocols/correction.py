@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..generation import generate_batch, text_id
-from ..interventions import Intervention, InterventionError, register
+from ..interventions import Intervention, InterventionError, provenance, register
 from ..models.model import Model
 from ..options import option
 from .selfcorrect import dialogue, get_instruction, instruction_texts, parse_completion
@@ -53,14 +53,8 @@ class SelfCorrection(Intervention):
             raise InterventionError(f"{opening!r} is not an opening instruction")
         if not model.chat_template:
             raise InterventionError(f"{model.name} has no chat template: a correction round needs one")
-        return cls({"model": model.name, "model_fingerprint": model.fingerprint, "sites": [],
-                    "options": {"instruction": instruction, "opening": opening},
-                    "instructions": instruction_texts([opening, instruction])})
-
-    @classmethod
-    def bench_fit(cls, model: Model, data, preset: str = "quick") -> SelfCorrection:
-        """Nothing to learn from the benchmark's data: the strong detox instruction."""
-        return cls.fit(model)
+        return cls(provenance(model, None, {"instruction": instruction, "opening": opening}, sites=[],
+                              instructions=instruction_texts([opening, instruction])))
 
     def apply(self, model: Model, **options):
         """Nothing to change in the model: the correction is in the prompt (see :meth:`generate`)."""

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import SiteError
 from ..hooks import capture, edit, scale
-from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
+from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register, text_ids
 from ..models.model import Model
 from ..options import option
 from ..registry import choose
@@ -208,27 +208,17 @@ class AurA(Intervention):
         n = top_n if top_n is not None or variant == "aura" else max(1, math.ceil(0.01 * auc.numel()))
         f = aura_factors(auc, variant, n)
         sizes = [caps[s].shape[1] for s in sites]
-        meta = {"model": model.name, "model_fingerprint": model.fingerprint, "d_mlp": model.d_mlp,
-                "data_fingerprint": fingerprint_texts(non, tox), "n_toxic": len(tox), "n_nontoxic": len(non),
-                "options": {"variant": variant, "experts": experts, **({"top_n": n} if variant != "aura" else {})},
-                "units_dampened": int((f < 1).sum()), "null": null}
+        meta = provenance(model, (non, tox), {"variant": variant, "experts": experts,
+                                              **({"top_n": n} if variant != "aura" else {})},
+                          data_text_ids=text_ids(non, tox),
+                          d_mlp=model.d_mlp, n_toxic=len(tox), n_nontoxic=len(non),
+                          units_dampened=int((f < 1).sum()), null=null)
         return cls(dict(zip(sites, f.split(sizes))), dict(zip(sites, auc.split(sizes))), meta)
 
     def check(self, model: Model, strict: bool = True) -> None:
         """Sites and sizes always; the model fingerprint when ``strict``."""
         self.check_sizes(model, self.factors, "AurA factors", AuraError)
         super().check(model, strict)
-
-    @classmethod
-    def bench_fit(cls, model: Model, data, preset: str = "quick") -> AurA:
-        """Units ranked by how well they tell the benchmark's toxic training prompts from its
-        non-toxic ones (its contrast set), AurA's proportional dampening (the AUROCs are kept, so
-        :meth:`bench_settings` can also try ``damp`` and ``det0``)."""
-        return cls.fit(model, data.contrast)
-
-    def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
-        """The three variants of the paper: proportional (``aura``), ``damp`` and ``det0`` of the top 1%."""
-        return [{"variant": v} for v in VARIANTS] if self.aurocs else [{}]
 
     def variant_factors(self, variant: str, top_n: int | None = None) -> dict[str, torch.Tensor]:
         """Per-site factors of ``variant`` recomputed from the saved AUROCs (``damp``/``det0``: the

@@ -30,40 +30,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..interventions import Intervention, InterventionError, register
+from ..interventions import Intervention, InterventionError, provenance, register, text_ids
 from ..models.model import Model
 from ..options import option
 from ..registry import choose
 from ..validate import NonFiniteError, number
+from .svd import SVD, svd
 from .toxic_states import ToxicStates, check_counts, collect_states
-
-BENCH_SETTINGS: tuple[tuple[float, float], ...] = ((0.999, 0.1), (0.99, 0.1), (0.75, 0.0))
-"""(percentile, alpha) pairs the benchmark tries on validation: the public code's default (k = 1 for
-d = 576), the top 1% at the same alpha, and the paper's reported run (k = 144, the directions removed)."""
 
 
 class EigenShiftError(InterventionError):
     """Bad EigenShift settings (k, percentile, alpha), states of the wrong size, or an edit file that
     does not match the model's unembedding."""
-
-
-@dataclass
-class SVD:
-    """Thin SVD ``U = A diag(s) Vt``: ``A [vocab, d]``, ``s [d]`` (descending), ``Vt [d, d]``."""
-
-    A: torch.Tensor
-    s: torch.Tensor
-    Vt: torch.Tensor
-
-
-def svd(U: torch.Tensor) -> SVD:
-    """Thin SVD of ``U`` in float32 (float64 stays float64), on ``U``'s device, with a fixed sign
-    convention: the largest-magnitude entry of each row of ``Vt`` is positive (the sign of a
-    singular pair is otherwise arbitrary, and so would be the sign of ``delta``)."""
-    x = U.detach()
-    A, s, Vt = torch.linalg.svd(x if x.dtype == torch.float64 else x.float(), full_matrices=False)
-    sign = torch.sign(Vt.gather(1, Vt.abs().argmax(1, keepdim=True))).squeeze(1)
-    return SVD(A * sign, s, Vt * sign[:, None])
 
 
 def projections(Vt: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -259,21 +237,24 @@ class EigenShift(Intervention):
         kk = choose_k(model.d_model, percentile, k)
         if not 0.0 <= alpha < 1.0:
             raise EigenShiftError(f"alpha must be in [0, 1) (the dampened s_i become alpha * s_i), got {alpha}")
+        fitted: list[str] = []
         if isinstance(data, ToxicStates):
             states = data
         elif isinstance(data, tuple) and len(data) == 2 and all(isinstance(x, torch.Tensor) for x in data):
             states = ToxicStates(data[0], data[1], {"toxic_states": len(data[0]), "nontoxic_states": len(data[1])})
         else:
             states = collect_states(model, data, min_states=min_states, **collect)
+            fitted = text_ids([p if isinstance(p, str) else getattr(p, "text", "") for p in data])
         check_counts(states, min_states)
         U = model.W_U
         basis = public_basis(U) if projection == "public" else None
         damp = dampen(svd(U), states.toxic.to(U.device), states.nontoxic.to(U.device), kk, alpha, rank, basis)
-        meta = {"model": model.name, "model_fingerprint": model.fingerprint, "d_model": model.d_model,
-                "vocab_size": model.vocab_size, "unembed_fingerprint": matrix_fingerprint(U),
-                "tied": model.tied(), "data_fingerprint": states.data_fingerprint,
-                "options": {"k": kk, "alpha": alpha, "rank": rank, "projection": projection, **({"percentile": percentile} if k is None else {})},
-                "stats": states.stats}
+        meta = provenance(model, states.data_fingerprint,
+                          {"k": kk, "alpha": alpha, "rank": rank, "projection": projection,
+                           **({"percentile": percentile} if k is None else {})},
+                          d_model=model.d_model, vocab_size=model.vocab_size,
+                          unembed_fingerprint=matrix_fingerprint(U), tied=model.tied(), stats=states.stats,
+                          **({"data_text_ids": fitted} if fitted else {}))
         return cls(damp.indices, damp.sigma, damp.delta, alpha, meta)
 
     def check(self, model: Model, strict: bool = True) -> None:
@@ -311,28 +292,6 @@ class EigenShift(Intervention):
         return [f"{st['continuations']} continuations ({st['toxic_continuations']} toxic): {st['toxic_states']} "
                 f"toxic and {st['nontoxic_states']} non-toxic states ({st['saliency']} saliency); directions "
                 f"{self.indices.tolist()[:12]}", *[f"wrote {p}" for p in getattr(self, "written", [])]]
-
-    @classmethod
-    def bench_fit(cls, model: Model, data, preset: str = "quick") -> EigenShift:
-        """States from the model's own continuations of the benchmark's training prompts, scored by the
-        benchmark's scorer: the prompts with the most toxic training scores (quick: the 128 most toxic x
-        8 samples of 16 tokens; otherwise every training prompt x 8 of 20 tokens: toxic-prone prompts
-        give toxic continuations, which the argmax filter thins out). The fit keeps the top 25% of the
-        directions by |delta| (percentile 0.75, the paper's run), so that every setting of
-        :data:`BENCH_SETTINGS` applies a prefix of them."""
-        from ..generation import GenConfig
-
-        quick = preset == "quick"
-        order = sorted(range(len(data.train)), key=lambda i: -data.train_scores[i])
-        prompts = [data.train[i] for i in (order[:128] if quick else order)]
-        cfg = GenConfig(max_new_tokens=16 if quick else 20, sampling="t1.0", k=8, seed=data.seed)
-        return cls.fit(model, prompts, percentile=min(p for p, _ in BENCH_SETTINGS), alpha=0.1, cfg=cfg,
-                       scorer=data.scorer, progress=False)
-
-    def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
-        """The (percentile, alpha) pairs of :data:`BENCH_SETTINGS` that this edit holds directions for."""
-        n = len(self.indices)
-        return [{"percentile": p, "alpha": a} for p, a in BENCH_SETTINGS if choose_k(model.d_model, p) <= n]
 
     def n_directions(self, model: Model, percentile: float | None = None, k: int | None = None) -> int:
         """How many of the saved directions (largest |delta| first) an apply uses: all of them, or

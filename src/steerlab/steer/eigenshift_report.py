@@ -6,6 +6,7 @@ i.e. the largest and smallest entries of ``U b_i = s_i a_i``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,7 +14,10 @@ from ..explain.lens import top_tokens
 from ..models.model import Model
 from ..report import figures as F
 from ..runs import write_csv
-from .eigenshift import EigenShift, svd
+from .svd import svd
+
+if TYPE_CHECKING:
+    from .eigenshift import EigenShift
 
 
 def direction_tokens(model: Model, iv: EigenShift, k: int = 8) -> list[dict]:

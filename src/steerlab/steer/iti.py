@@ -22,7 +22,7 @@ import torch
 
 from ..explain.probes import Labelled, ProbeData, probe_data, probe_heads
 from ..hooks import add, edit
-from ..interventions import Intervention, InterventionError, register
+from ..interventions import Intervention, InterventionError, provenance, register
 from ..models.model import Model
 from ..options import option
 
@@ -133,9 +133,10 @@ class ITI(Intervention):
             d[h] = (sigma[j] * theta[j]).cpu()
         heads = [{"layer": layer, "head": h, "accuracy": round(float(res.head_acc[pd.layers.index(layer), h]), 4),
                   "sigma": round(float(sigma[j]), 5)} for j, (layer, h) in enumerate(top)]
-        meta = {"model": model.name, "model_fingerprint": model.fingerprint, "model_type": model.config.model_type,
-                "data_fingerprint": pd.meta.get("data_fingerprint"), "source": pd.meta.get("source"),
-                "counts": pd.meta.get("counts"), "heads": heads, "options": {"k": k, "l2": l2}}
+        meta = provenance(model, pd.meta.get("data_fingerprint"), {"k": k, "l2": l2},
+                          data_text_ids=pd.meta.get("data_text_ids"),
+                          model_type=model.config.model_type, source=pd.meta.get("source"),
+                          counts=pd.meta.get("counts"), heads=heads)
         return cls(deltas, meta)
 
     def check(self, model: Model, strict: bool = True) -> None:
@@ -147,22 +148,6 @@ class ITI(Intervention):
         """The chosen (layer, head) pairs."""
         return [(int(s.split(".")[1]), int(h)) for s, d in self.deltas.items()
                 for h in torch.nonzero(d.abs().sum(-1)).flatten().tolist()]
-
-    @classmethod
-    def bench_fit(cls, model: Model, data, preset: str = "quick") -> ITI:
-        """Probes on the benchmark's contrast set (its most toxic training prompts labelled 1, the
-        least toxic 0), split 70/30 by prompt inside the training part; the top 5% of heads (the
-        paper's 48 of 1024)."""
-        from ..explain.probes import labelled_from_texts
-
-        texts = list(data.contrast.undesirable) + list(data.contrast.desirable)
-        labels = [1] * len(data.contrast.undesirable) + [0] * len(data.contrast.desirable)
-        k = max(1, round(0.05 * model.n_layers * model.n_heads))
-        return cls.fit(model, labelled_from_texts(texts, labels, seed=data.seed, source="bench contrast set"), k=k)
-
-    def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
-        """alpha 2 to 25 around the paper's 15 (the selection rule drops those that break fluency)."""
-        return [{"alpha": a} for a in (2.0, 5.0, 10.0, 15.0, 25.0)]
 
     def fixed_text_options(self, options: dict) -> dict:
         """Every position: one teacher-forced pass then equals generating the text token by token with

@@ -41,7 +41,7 @@ import torch
 from ..errors import SteerlabError
 from ..explain.probes import Labelled, ProbeData, probe_data, risk_probes
 from ..hooks import EditFn, edit
-from ..interventions import Intervention, InterventionError, register
+from ..interventions import Intervention, InterventionError, provenance, register
 from ..models.model import Model
 from ..options import option
 from ..registry import choose
@@ -326,32 +326,18 @@ class SLIM(Intervention):
         active[list(failed)] = False
         params = {"w": w.cpu(), "b0": b0.cpu(), "A": torch.from_numpy(A).float(), "b": torch.from_numpy(bb).float(),
                   "active": active}
-        meta = {"model": model.name, "model_fingerprint": model.fingerprint, "model_type": model.config.model_type,
-                "data_fingerprint": pd.meta.get("data_fingerprint"), "source": pd.meta.get("source"),
-                "counts": pd.meta.get("counts"), "layer": layer, "tau": int(rp.tau[li]),
-                "layer_risk": [round(float(r), 4) for r in rp.layer_risk], "failed_heads": failed,
-                "flagged": flags.sum(0).tolist(), "options": {"gamma": gamma, "b": b, "shrink": shrink, "layer": layer, "solver": solver}}
+        meta = provenance(model, pd.meta.get("data_fingerprint"),
+                          {"gamma": gamma, "b": b, "shrink": shrink, "layer": layer, "solver": solver},
+                          data_text_ids=pd.meta.get("data_text_ids"),
+                          model_type=model.config.model_type, source=pd.meta.get("source"),
+                          counts=pd.meta.get("counts"), layer=layer, tau=int(rp.tau[li]),
+                          layer_risk=[round(float(r), 4) for r in rp.layer_risk], failed_heads=failed,
+                          flagged=flags.sum(0).tolist())
         return cls(params, meta)
 
     def check(self, model: Model, strict: bool = True) -> None:
         check_head_sites(self.method, {heads_site(self.layer): self.params["b"]}, model, self.meta)
         super().check(model, strict)
-
-    @classmethod
-    def bench_fit(cls, model: Model, data, preset: str = "quick") -> SLIM:
-        """Probes on the benchmark's contrast set (its most toxic training prompts labelled 1, the
-        least toxic 0), split 70/30 by prompt inside the training part."""
-        from ..explain.probes import labelled_from_texts
-
-        texts = list(data.contrast.undesirable) + list(data.contrast.desirable)
-        labels = [1] * len(data.contrast.undesirable) + [0] * len(data.contrast.desirable)
-        return cls.fit(model, labelled_from_texts(texts, labels, seed=data.seed, source="bench contrast set"))
-
-    def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
-        """kappa 1 (a fully flagged head lands on its transported value) to 60 (the paper swept 20-60). On
-        SmolLM2-135M the transported value is about 10% of a head's norm away (0.05-0.18 against norms
-        0.8-1.5 at the chosen layer), so kappa 1 barely changes anything and 10-60 are the real candidates."""
-        return [{"kappa": k} for k in (1.0, 5.0, 10.0, 20.0, 40.0, 60.0)]
 
     def firing(self, model: Model, texts, batch_size: int = 16) -> torch.Tensor:
         """Whether the layer classifier fires at the last token of each text ``[N]`` (bool), read from
@@ -362,25 +348,6 @@ class SLIM(Intervention):
         a = capture(model, list(texts), site, "last", batch_size=batch_size)[site]
         p = self.params
         return vote(a, p["w"].to(a), p["b0"].to(a), self.tau)[2].cpu()
-
-    def bench_metrics(self, model: Model, data, prompts, neutral, options: dict, cfg) -> dict:
-        """Where the layer classifier fires: at the last token of the test prompts (split by the prompt's
-        own toxicity under the benchmark's scorer, >= 0.5 or not), of the neutral sentences (every firing
-        a false detection), and at every step of one generated sample per test prompt."""
-        from ..generation import generate
-
-        texts = [getattr(p, "text", p) for p in prompts]
-        fires = self.firing(model, texts)
-        tox = np.asarray(data.scorer.toxicity(texts), dtype=float) >= 0.5
-        rate = lambda f: float(f.float().mean()) if len(f) else float("nan")  # noqa: E731
-        self.reset_counts()
-        with self.apply(model, **options):
-            generate(model, prompts, cfg, progress=False, k=1)
-        return {"fire_rate": {"test_prompts": rate(fires), "toxic_test_prompts": rate(fires[torch.from_numpy(tox)]),
-                              "nontoxic_test_prompts": rate(fires[torch.from_numpy(~tox)]),
-                              "n_toxic_test_prompts": int(tox.sum()),
-                              "neutral_texts": rate(self.firing(model, neutral)), "generation_steps": self.fire_rate,
-                              "layer": self.layer, "tau": self.tau}}
 
     def fixed_text_options(self, options: dict) -> dict:
         """Every position: one teacher-forced pass then equals generating the text token by token with

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import EmptyInputError
+from ..evaluation import admissible
 from ..generation import GenConfig, derive_seed, generate_batch, plan_batches, prompt_ids_texts, token_lengths
 from ..hooks import capture
 from ..models.model import Model
@@ -77,15 +78,10 @@ class SweepResult:
         even when a fluency model likes it) and neutral-text KL at most ``max_kl`` nats."""
         a = np.array(self.alphas)[None, :]
         keep = np.broadcast_to((a != 0) if sign is None else (np.sign(a) == sign), self.toxicity.shape).copy()
-        if max_ppl_ratio is not None and np.isfinite(self.baseline_perplexity):
-            keep &= self.perplexity <= max_ppl_ratio * self.baseline_perplexity
-        if min_distinct_ratio is not None and self.distinct2 is not None and np.isfinite(self.baseline_distinct2):
-            keep &= self.distinct2 >= min_distinct_ratio * self.baseline_distinct2
-        if max_kl is not None:
-            if self.kl is None:
-                raise EmptyInputError("a KL limit needs side effects: run the sweep with neutral=(reference, texts)")
-            keep &= self.kl <= max_kl
-        return keep
+        if max_kl is not None and self.kl is None:
+            raise EmptyInputError("a KL limit needs side effects: run the sweep with neutral=(reference, texts)")
+        return keep & admissible(self.perplexity, self.distinct2, self.baseline_perplexity, self.baseline_distinct2,
+                                 max_ppl_ratio, min_distinct_ratio, self.kl, max_kl)
 
     def ranked(self, lower: bool = True, **rule) -> list[tuple[str, float]]:
         """Admissible cells from the least to the most toxic (``lower``) or the reverse."""

@@ -38,7 +38,7 @@ import torch
 
 from ..errors import EmptyInputError
 from ..hooks import EditFn, add, capture, edit, per_row, strength
-from ..interventions import Intervention, InterventionError, contrast_texts, fingerprint_texts, register
+from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register, text_ids
 from ..models.model import Model
 from ..options import option
 from ..positions import after_first, as_position
@@ -113,9 +113,12 @@ class SteeringVector(Intervention):
     # --- fitting -------------------------------------------------------------------------------
     @classmethod
     def fit(cls, model: Model, data, undesirable: Sequence[str] | None = None,
-            sites: str | Sequence[str] | None = None, method: str = "mean_diff", positions: str = "last",
-            scale: str = "unit", chat: bool = False, batch_size: int = 16) -> SteeringVector:
+            sites: str | Sequence[str] | None = None, method: str = "mean_diff",
+            positions: str = "mean_skip_first", scale: str = "unit", chat: bool = False,
+            batch_size: int = 16) -> SteeringVector:
         """Fit one direction per site pointing from undesirable to desirable activations.
+        ``positions`` defaults to ``steerlab fit steering``'s: the mean over each text's tokens after
+        the first (whose attention-sink state dominates a plain mean); also ``last``, ``mean``, ``aligned``.
 
         ``data`` is a :class:`steerlab.data.ContrastSet` or a ``(desirable, undesirable)`` pair (the
         protocol's ``fit(model, data, **options)``), or the desirable texts with ``undesirable``
@@ -154,15 +157,13 @@ class SteeringVector(Intervention):
                 dirs[s] = direction(x[:n], x[n:], method, scale, paired=paired)
             projection[s] = _projection_means(a, keep, n, dirs[s])
             typical[s] = float(a[keep.to(a.device)].norm(dim=-1).median())
-        meta = {
-            "projection": projection, "typical_norm": typical,
-            "fit_method": method, "positions": positions, "scale": scale, "chat": chat,
-            "options": {"fit_method": method, "positions": positions, "scale": scale},
-            "model": model.name, "model_fingerprint": model.fingerprint, "d_model": model.d_model,
-            "n_layers": model.n_layers, "model_type": model.config.model_type,
-            "data_fingerprint": fingerprint_texts(desirable, undesirable),
-            "n_desirable": len(desirable), "n_undesirable": len(undesirable),
-        }
+        meta = provenance(model, (desirable, undesirable),
+                          {"fit_method": method, "positions": positions, "scale": scale},
+                          data_text_ids=text_ids(desirable, undesirable),
+                          projection=projection, typical_norm=typical, fit_method=method, positions=positions,
+                          scale=scale, chat=chat, d_model=model.d_model, n_layers=model.n_layers,
+                          model_type=model.config.model_type, n_desirable=len(desirable),
+                          n_undesirable=len(undesirable))
         return cls(dirs, meta)
 
     @classmethod
@@ -231,40 +232,7 @@ class SteeringVector(Intervention):
                               "them, or derived); refit it or give alpha")
         return {s: strength * typical[s] / float(v.norm().clamp_min(1e-12)) for s, v in directions.items()}
 
-    # --- the detoxification benchmark -----------------------------------------------------------
-    @classmethod
-    def bench_fit(cls, model: Model, data, preset: str = "quick") -> SteeringVector:
-        """Mean-difference directions (mean over prompt tokens after the first, unit norm) at a third, half and two
-        thirds of the depth, from the benchmark's toxicity contrast set."""
-        L = model.n_layers
-        layers = sorted({L // 3, L // 2, (2 * L) // 3})
-        return cls.fit(model, data.contrast, sites=[f"blocks.{i}.resid_post" for i in layers],
-                       positions="mean_skip_first")
 
-    def bench_settings(self, model: Model, data, preset: str = "quick") -> list[dict]:
-        """Per site, strengths in units of the site's typical residual norm on validation prompts
-        (activation addition at every position, and at generated positions only), the gated
-        variant, and clamping the projection to the non-toxic level (not directional ablation: the
-        direction points from toxic to non-toxic and ordinary tokens project on its non-toxic side,
-        so removing the component raised toxicity in the steering study, docs/steering.md)."""
-        from .sweep import typical_norms
-
-        norms = typical_norms(model, data.validation[:32], list(self.directions))
-        rel = (0.1, 0.25) if preset == "quick" else (0.05, 0.1, 0.25, 0.5)
-        out = []
-        for site, norm in norms.items():
-            out += [{"sites": [site], "alpha": round(a * norm, 4)} for a in rel]
-            out += [{"sites": [site], "alpha": round(rel[-1] * norm, 4), "where": "generated"},
-                    {"sites": [site], "alpha": round(2 * rel[-1] * norm, 4), "mode": "gated"},
-                    {"sites": [site], "alpha": 1.0, "mode": "clamp"}]
-        return out
-
-    # --- arithmetic ----------------------------------------------------------------------------
-    # The fitted projection levels (meta["projection"], what gated and clamp compare states with) are
-    # projections on each site's unit direction: a positive scale keeps them, a negative one turns the
-    # direction around (the levels of the vector fitted with the roles swapped: negated and swapped),
-    # and a sum or a random / permuted control has none (gated and clamp then refuse it until
-    # :meth:`with_levels` recomputes them from data).
     def _derived(self, dirs: dict[str, torch.Tensor], levels: dict | None, **note) -> SteeringVector:
         meta = {k: v for k, v in self.meta.items() if k != "projection"}
         return SteeringVector(dirs, {**meta, **note, **({"projection": levels} if levels else {})})
@@ -383,15 +351,20 @@ class SteeringVector(Intervention):
                 raise VectorError("llama.cpp control vectors have no slot for block 0 (direction.0 is rejected)")
             layers[int(parts[1])] = v.numpy().astype(np.float32)
         path = Path(path)
-        w = gguf.GGUFWriter(str(path), "controlvector")
-        w.add_string("controlvector.model_hint", self.meta.get("model_type", "llama"))
-        w.add_uint32("controlvector.layer_count", len(layers))
-        for layer in sorted(layers):
-            w.add_tensor(f"direction.{layer}", layers[layer])
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            w = gguf.GGUFWriter(str(path), "controlvector")
+            w.add_string("controlvector.model_hint", self.meta.get("model_type", "llama"))
+            w.add_uint32("controlvector.layer_count", len(layers))
+            for layer in sorted(layers):
+                w.add_tensor(f"direction.{layer}", layers[layer])
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+        except OSError as e:  # read-only, a file where a directory should be, a full disk
+            path.unlink(missing_ok=True) if path.is_file() else None
+            raise VectorError(f"cannot write {path}: {e.strerror or e}") from None
         return path
 
     @classmethod

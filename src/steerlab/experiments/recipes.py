@@ -1,0 +1,183 @@
+"""Benchmark recipes: how ``steerlab bench`` runs each method (what to fit on its training data,
+which apply settings to try on validation, method-specific measurements at the chosen setting,
+whether it runs when no ``--methods`` are given). They live beside the benchmark, not in the method
+classes; a method without a recipe is fitted on the contrast set and tried at its default options.
+Add one with :func:`register_recipe`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..interventions import METHODS, Intervention, InterventionError
+from ..models.model import Model
+from ..registry import Registry
+
+
+@dataclass
+class BenchData:
+    """What the benchmark gives every method to fit on: the training prompts (texts, their
+    toxicity under the benchmark's scorer), a toxicity contrast set built from them (the least
+    toxic paired with the most toxic), validation prompts (for settings that need a scale), the
+    scorer and the seed. Nothing here comes from the test split."""
+
+    train: list[str]
+    train_scores: list[float]
+    contrast: Any
+    validation: list[str]
+    scorer: Any
+    seed: int = 0
+
+
+def fit_on_contrast(cls: type[Intervention], model: Model, data: BenchData, preset: str) -> Intervention:
+    """The default fit: ``cls.fit(model, data.contrast)``."""
+    return cls.fit(model, data.contrast)
+
+
+def default_settings(iv: Intervention, model: Model, data: BenchData, preset: str) -> list[dict]:
+    """The default candidates: one, the method's own default options."""
+    return [{}]
+
+
+@dataclass
+class Recipe:
+    """One method's benchmark recipe: ``fit(cls, model, data, preset)``, ``settings(iv, model, data,
+    preset)`` (apply options tried on validation; the least toxic admissible one is tested) and
+    ``metrics(iv, model, data, prompts, neutral, options, cfg)`` (added to the arm's metrics)."""
+
+    fit: Callable[..., Intervention] = fit_on_contrast
+    settings: Callable[..., list[dict]] = default_settings
+    metrics: Callable[..., dict] | None = None
+    default: bool = True  # joins `steerlab bench` when no --methods are given
+
+
+RECIPES: Registry = Registry("benchmark recipe", InterventionError)
+
+
+def register_recipe(method: str, recipe: Recipe | None = None, **parts: Any) -> Recipe:
+    """Register ``recipe`` (or ``Recipe(**parts)``) for ``method``."""
+    return RECIPES.register(method, recipe or Recipe(**parts))
+
+
+def recipe_for(method: str) -> Recipe:
+    """The recipe of ``method`` (a registered method without one gets the default recipe)."""
+    METHODS.check(method)
+    return RECIPES[method] if method in RECIPES else Recipe()
+
+
+def bench_methods() -> list[str]:
+    """The registered methods the benchmark runs by default (those that aim to change behaviour)."""
+    return [name for name in sorted(METHODS) if recipe_for(name).default]
+
+
+# --- the built-in methods' recipes -----------------------------------------------------------------
+def _steering_fit(cls, model: Model, data: BenchData, preset: str):
+    """Mean-difference directions (mean over prompt tokens after the first, unit norm) at a third, half
+    and two thirds of the depth, from the benchmark's toxicity contrast set."""
+    L = model.n_layers
+    layers = sorted({L // 3, L // 2, (2 * L) // 3})
+    return cls.fit(model, data.contrast, sites=[f"blocks.{i}.resid_post" for i in layers], positions="mean_skip_first")
+
+
+def _steering_settings(iv, model: Model, data: BenchData, preset: str) -> list[dict]:
+    """Per site, strengths in units of the site's typical residual norm on validation prompts
+    (activation addition at every position, and at generated positions only), the gated variant,
+    and clamping the projection to the non-toxic level (not directional ablation: the direction
+    points from toxic to non-toxic and ordinary tokens project on its non-toxic side, so removing
+    the component raised toxicity in the steering study, docs/steering.md)."""
+    from ..steer.sweep import typical_norms
+
+    norms = typical_norms(model, data.validation[:32], list(iv.directions))
+    rel = (0.1, 0.25) if preset == "quick" else (0.05, 0.1, 0.25, 0.5)
+    out = []
+    for site, norm in norms.items():
+        out += [{"sites": [site], "alpha": round(a * norm, 4)} for a in rel]
+        out += [{"sites": [site], "alpha": round(rel[-1] * norm, 4), "where": "generated"},
+                {"sites": [site], "alpha": round(2 * rel[-1] * norm, 4), "mode": "gated"},
+                {"sites": [site], "alpha": 1.0, "mode": "clamp"}]
+    return out
+
+
+def _probe_fit(cls, model: Model, data: BenchData, **kw):
+    """Probes on the benchmark's contrast set (its most toxic training prompts labelled 1, the least
+    toxic 0), split 70/30 by prompt inside the training part."""
+    from ..explain.probes import labelled_from_texts
+
+    texts = list(data.contrast.undesirable) + list(data.contrast.desirable)
+    labels = [1] * len(data.contrast.undesirable) + [0] * len(data.contrast.desirable)
+    return cls.fit(model, labelled_from_texts(texts, labels, seed=data.seed, source="bench contrast set"), **kw)
+
+
+def _iti_fit(cls, model: Model, data: BenchData, preset: str):
+    """Probes as for SLIM; the top 5% of heads (the paper's 48 of 1024)."""
+    return _probe_fit(cls, model, data, k=max(1, round(0.05 * model.n_layers * model.n_heads)))
+
+
+def _slim_metrics(iv, model: Model, data: BenchData, prompts, neutral, options: dict, cfg) -> dict:
+    """Where the layer classifier fires: at the last token of the test prompts (split by the prompt's
+    own toxicity under the benchmark's scorer, >= 0.5 or not), of the neutral sentences (every firing
+    a false detection), and at every step of one generated sample per test prompt."""
+    from ..generation import generate
+
+    texts = [getattr(p, "text", p) for p in prompts]
+    fires = iv.firing(model, texts)
+    tox = np.asarray(data.scorer.toxicity(texts), dtype=float) >= 0.5
+    rate = lambda f: float(f.float().mean()) if len(f) else float("nan")  # noqa: E731
+    iv.reset_counts()
+    with iv.apply(model, **options):
+        generate(model, prompts, cfg, progress=False, k=1)
+    return {"fire_rate": {"test_prompts": rate(fires), "toxic_test_prompts": rate(fires[torch.from_numpy(tox)]),
+                          "nontoxic_test_prompts": rate(fires[torch.from_numpy(~tox)]),
+                          "n_toxic_test_prompts": int(tox.sum()),
+                          "neutral_texts": rate(iv.firing(model, neutral)), "generation_steps": iv.fire_rate,
+                          "layer": iv.layer, "tau": iv.tau}}
+
+
+EIGENSHIFT_SETTINGS: tuple[tuple[float, float], ...] = ((0.999, 0.1), (0.99, 0.1), (0.75, 0.0))
+"""(percentile, alpha) pairs the benchmark tries on validation: the public code's default (k = 1 for
+d = 576), the top 1% at the same alpha, and the paper's reported run (k = 144, the directions removed)."""
+
+
+def _eigenshift_fit(cls, model: Model, data: BenchData, preset: str):
+    """States from the model's own continuations of the benchmark's training prompts, scored by the
+    benchmark's scorer: the prompts with the most toxic training scores (quick: the 128 most toxic x
+    8 samples of 16 tokens; otherwise every training prompt x 8 of 20 tokens: toxic-prone prompts
+    give toxic continuations, which the argmax filter thins out). The fit keeps the top 25% of the
+    directions by |delta| (percentile 0.75, the paper's run), so that every setting of
+    :data:`EIGENSHIFT_SETTINGS` applies a prefix of them."""
+    from ..generation import GenConfig
+
+    quick = preset == "quick"
+    order = sorted(range(len(data.train)), key=lambda i: -data.train_scores[i])
+    prompts = [data.train[i] for i in (order[:128] if quick else order)]
+    cfg = GenConfig(max_new_tokens=16 if quick else 20, sampling="t1.0", k=8, seed=data.seed)
+    return cls.fit(model, prompts, percentile=min(p for p, _ in EIGENSHIFT_SETTINGS), alpha=0.1, cfg=cfg,
+                   scorer=data.scorer, progress=False)
+
+
+def _eigenshift_settings(iv, model: Model, data: BenchData, preset: str) -> list[dict]:
+    """The (percentile, alpha) pairs of :data:`EIGENSHIFT_SETTINGS` that this edit holds directions for."""
+    from ..steer.eigenshift import choose_k
+
+    n = len(iv.indices)
+    return [{"percentile": p, "alpha": a} for p, a in EIGENSHIFT_SETTINGS if choose_k(model.d_model, p) <= n]
+
+
+register_recipe("steering", fit=_steering_fit, settings=_steering_settings)
+register_recipe("iti", fit=_iti_fit, settings=lambda iv, model, data, preset: [
+    {"alpha": a} for a in (2.0, 5.0, 10.0, 15.0, 25.0)])  # around the paper's 15; the rule drops broken ones
+# kappa 1 (a fully flagged head lands on its transported value) to 60 (the paper swept 20-60); on
+# SmolLM2-135M the transported value is about 10% of a head's norm away, so 10-60 are the real candidates
+register_recipe("slim", fit=lambda cls, model, data, preset: _probe_fit(cls, model, data), metrics=_slim_metrics,
+                settings=lambda iv, model, data, preset: [{"kappa": k} for k in (1.0, 5.0, 10.0, 20.0, 40.0, 60.0)])
+# AurA's three variants (proportional, damp and det0 of the top 1%) from the AUROCs of one fit
+register_recipe("aura", settings=lambda iv, model, data, preset: [{"variant": v} for v in ("aura", "damp", "det0")]
+                if iv.aurocs else [{}])
+register_recipe("eigenshift", fit=_eigenshift_fit, settings=_eigenshift_settings)
+# nothing to learn from the benchmark's data: the strong detox instruction
+register_recipe("selfcorrect", fit=lambda cls, model, data, preset: cls.fit(model))
+register_recipe("selfie-control", default=False)  # edits one state toward a target: not a detox method
