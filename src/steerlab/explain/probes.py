@@ -316,12 +316,15 @@ class HeadProbes:
     meta: dict = field(default_factory=dict)
 
     def top_heads(self, k: int) -> list[tuple[int, int]]:
-        """The ``k`` (layer, head) pairs of highest validation accuracy (ties: higher AUROC first)."""
+        """The ``k`` (layer, head) pairs of highest validation accuracy. Ties (frequent: accuracy on
+        a small validation set takes few values) are broken deterministically by the higher
+        validation AUROC, then by the earlier layer, then the lower head index."""
         L, H = self.head_acc.shape
         if not 1 <= k <= L * H:
             raise ProbeError(f"k must be between 1 and {L * H} (layers x heads), got {k}")
-        key = (self.head_acc + 1e-4 * self.head_auc).flatten()
-        idx = torch.argsort(key, descending=True, stable=True)[:k].tolist()
+        acc = self.head_acc.double().cpu().numpy().ravel()
+        auc = self.head_auc.double().cpu().numpy().ravel()
+        idx = np.lexsort((np.arange(L * H), -auc, -acc))[:k].tolist()  # last key sorts first
         return [(self.layers[i // H], i % H) for i in idx]
 
     def to_dict(self) -> dict:
