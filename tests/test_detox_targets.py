@@ -88,7 +88,8 @@ def test_slim_lowers_its_probes_toxic_logits_on_held_out_toxic_prompts(real_mode
     change = {k: _mean_head_logits(m, data["toxic_test"], heads, p["w"], p["b0"], slim, kappa=k) - before
               for k in (1.0, 5.0)}
     print(f"SLIM layer {slim.layer} tau {slim.tau}: mean risk-probe logit on held-out toxic prompts "
-          f"{before.mean():.2f}; change at kappa 1 {change[1.0].mean():.2f}, kappa 5 {change[5.0].mean():.2f}")
+          f"{before.mean():.2f}; change at kappa 1 {change[1.0].mean():.2f}, kappa 5 {change[5.0].mean():.2f}; "
+          f"layer selection {slim.meta.get('layer_selection')}")
     assert before.mean() > 0
     assert change[1.0].mean() < -0.5
     assert change[5.0].mean() < 4 * change[1.0].mean()  # the step grows with kappa

@@ -371,11 +371,12 @@ class RiskProbes:
 
 
 def vote_threshold(fires: torch.Tensor, y: torch.Tensor, b: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """For head decisions ``fires [L, H, N]`` (bool), the ``tau`` in 1..H minimising the risk of the
-    rule "at least tau heads fire", per layer: returns ``(tau [L], risk [L])``."""
+    """For head decisions ``fires [L, H, N]`` (bool), the ``tau`` in 0..H-1 (the paper's range; 0: the
+    layer gate always opens and each head acts on its own decision) minimising the risk of the rule
+    "at least tau heads fire", per layer: returns ``(tau [L], risk [L])``."""
     L, H, _ = fires.shape
     counts = fires.sum(1)  # [L, N]
-    taus = torch.arange(1, H + 1, device=fires.device)
+    taus = torch.arange(0, H, device=fires.device)
     r = risk(counts[:, None, :] >= taus[None, :, None], y, b)  # [L, H]
     best = torch.argmin(r, 1)  # first (smallest) tau on ties
     return taus[best], r.gather(1, best[:, None])[:, 0]
