@@ -206,7 +206,9 @@ def test_variant_apply_from_saved_aurocs_equals_a_fit_of_that_variant():
     iv = AurA.fit(m, (GOOD, BAD))  # proportional; the AUROCs are kept
     from steerlab.experiments.recipes import recipe_for
 
-    assert recipe_for("aura").settings(iv, m, None, "quick") == [{"variant": "aura"}, {"variant": "damp"}, {"variant": "det0"}]
+    n = sum(a.numel() for a in iv.aurocs.values())  # 3 layers x (gate 48 + up 48 + down 32) = 384 experts
+    assert n == 384 and recipe_for("aura").settings(iv, m, None, "quick") == [{"variant": "aura"}] + [
+        {"variant": v, "top_n": t} for v in ("damp", "det0") for t in (1, 4, 12)]  # 0.3%, 1%, 3% of them
     auc = np.concatenate([iv.aurocs[s].numpy() for s in iv.aurocs])
     top = np.argsort(-auc, kind="stable")[:5]  # by hand: the 5 units with the highest AUROC over all layers
     hand = np.ones_like(auc)

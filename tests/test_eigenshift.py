@@ -262,11 +262,13 @@ def test_apply_with_fewer_directions_uses_the_largest_delta_first():
     with pytest.raises(EigenShiftError, match="this edit holds 6 directions but k=7 asks for 7: refit"):
         with iv.apply(m, k=7):
             pass
-    # bench: (0.999, 0.1) and (0.99, 0.1) need k = 1 here; (0.75, 0) needs 8 > 6 and is left out
+    # bench: the k of the grid this edit holds (6 directions: k 1 and 4 of the quick grid, 1, 2, 4 of the full)
     from steerlab.experiments.recipes import recipe_for
 
-    assert recipe_for("eigenshift").settings(iv, m, None, "quick") == [{"percentile": 0.999, "alpha": 0.1},
-                                                                        {"percentile": 0.99, "alpha": 0.1}]
+    assert recipe_for("eigenshift").settings(iv, m, None, "quick") == [
+        {"k": k, "alpha": a} for k in (1, 4) for a in (0.0, 0.5)]
+    assert recipe_for("eigenshift").settings(iv, m, None, "full") == [
+        {"k": k, "alpha": a} for k in (1, 2, 4) for a in (0.0, 0.25, 0.5)]
     assert torch.equal(m.W_U, torch.from_numpy(U).float())
 
 
