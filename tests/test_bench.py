@@ -162,7 +162,9 @@ def test_bench_test_all_settings_reports_every_candidate_on_test(tmp_path, llama
     metrics = run_bench(llama, out, cfg, progress=False)
     arm = {a["method"]: a for a in metrics["arms"]}["aura"]
     cands = arm["candidates_test"]
-    assert [c["setting"] for c in cands] == [{"variant": v} for v in ("aura", "damp", "det0")]
+    # proportional, then damp and det0 of the top 0.3%, 1% and 3% of the 384 experts
+    assert [c["setting"] for c in cands] == [{"variant": "aura"}] + [
+        {"variant": v, "top_n": t} for v in ("damp", "det0") for t in (1, 4, 12)]
     assert sum(c["chosen"] for c in cands) == 1
     chosen = next(c for c in cands if c["chosen"])
     assert chosen["setting"] == arm["settings"]["setting"] and chosen["toxicity"] == arm["toxicity"]

@@ -133,6 +133,9 @@ class Model:
             return (self.n_heads, self.d_head)
         if s.kind == "mlp.act":
             return (self.d_mlp,)
+        if s.kind in ("mlp.gate", "mlp.up"):
+            mod, _ = s.hook_point(self.hf, self.arch)
+            return (mod.weight.shape[1] if type(mod).__name__ == "Conv1D" else mod.out_features,)
         return (self.d_model,)
 
     def tied(self) -> bool:
