@@ -16,7 +16,7 @@ import steerlab as sl
 from steerlab import validate as V
 from steerlab.generation import GenConfig, generate, generate_run
 from steerlab.runs import RunDir, write_json
-from tiny import PROMPTS
+from tiny import PROMPTS, flat
 
 SITE = "blocks.1.resid_post"
 
@@ -46,11 +46,16 @@ def test_nonfinite_strength_or_overflow_is_refused_before_the_run_directory(tmp_
     from steerlab.steer import SteeringVector
 
     sv = SteeringVector({SITE: torch.full((32,), 10.0)})
-    for bad in (float("nan"), float("inf"), "abc"):
-        with pytest.raises(V.ValidationError, match="strength"):
+    for bad, why in ((float("nan"), "alpha must be a finite number, got nan"),
+                     (float("inf"), "alpha must be a finite number, got inf"), ("abc", "'abc' is not a float")):
+        with pytest.raises(sl.SteerlabError, match=why):
             generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=3), intervention=sv,
                          apply_options={"alpha": bad}, progress=False)
         assert not (tmp_path / "r").exists()
+    # the edit builders check their strength too (Python API without the typed options)
+    with pytest.raises(V.ValidationError, match=r"strength \(alpha\) must be a finite number, got nan"):
+        with sl.edit(llama, {SITE: sl.add(torch.ones(32), float("nan"))}):
+            pass
     with pytest.raises(V.NonFiniteError, match=rf"steering intervention at {SITE} applied with alpha=3e\+38: .*"
                                                rf"NaN or infinite logits.*{SITE}"):
         generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=3, sampling="t1.0"), intervention=sv,
@@ -336,3 +341,147 @@ def test_python_api_misuse_is_a_clear_error(llama):
     assert torch.equal((v * torch.tensor(2.0)).directions[SITE], torch.full((32,), 2.0))
     with pytest.raises(V.ValidationError, match=r"fitting 'steering' has no option 'layer'; accepted: .*sites"):
         I.fit("steering", llama, (["good"], ["bad"]), layer=3)
+
+
+# --- the command line ---------------------------------------------------------------------------------
+def _cli(args):
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, flat(r.output)
+
+
+def test_cli_outputs_and_options_checked_at_the_door(tmp_path, monkeypatch):
+    """``--out ""`` (before: a run written into the current directory), ``--scorer none
+    --scorer-option a=b`` (before: accepted silently), ``steer study --n-test -1`` (before: the full
+    study started), unusable --html / export paths (before: tracebacks after the work)."""
+    from steerlab.steer import SteeringVector
+    from tiny import model_dir
+
+    monkeypatch.chdir(tmp_path)
+    mdir = model_dir(tmp_path)
+    texts = tmp_path / "p.txt"
+    texts.write_text("hello there\nhow are you\n")
+    base = ["generate", "--model", mdir, "--prompts", texts, "--max-new-tokens", 2]
+    before = sorted(os.listdir(tmp_path))
+    code, out = _cli([*base, "--out", "", "--scorer", "none"])
+    assert code == 2 and "must be a directory path, got an empty string" in out
+    code, out = _cli([*base, "--out", tmp_path / "g", "--scorer", "none", "--scorer-option", "a=b"])
+    assert code == 2 and "--scorer-option has no effect with --scorer none" in out
+    code, out = _cli(["steer", "study", "--out", tmp_path / "s", "--model", mdir, "--n-test", -1])
+    assert code == 2 and "n_test (--n-test) must be an integer >= 1, got -1" in out
+    assert sorted(os.listdir(tmp_path)) == before  # nothing was created
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, out = _cli(["attribute", "hi", "--model", mdir, "--html", blocker / "a.html"])
+    assert code == 2 and "is a file, not a directory" in out and "Traceback" not in out
+    vec = SteeringVector({"blocks.1.resid_post": torch.ones(32)}).save(tmp_path / "v.safetensors")
+    code, out = _cli(["steer", "export-gguf", vec, blocker / "v.gguf"])
+    assert code == 2 and "is a file, not a directory" in out
+    code, out = _cli(["steer", "export-gguf", vec, tmp_path / "new" / "dir" / "v.gguf"])  # a missing parent is made
+    assert code == 0 and (tmp_path / "new" / "dir" / "v.gguf").stat().st_size > 0
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p) == str(tmp_path / "ro") else
+                        real_access(p, m, **k))
+    (tmp_path / "ro").mkdir()
+    code, out = _cli(["steer", "export-gguf", vec, tmp_path / "ro" / "v.gguf"])
+    assert code == 2 and "ro is not writable (read-only or permission denied)" in out
+    code, out = _cli([*base, "--out", tmp_path / "ro", "--scorer", "none"])
+    assert code == 2 and "not writable" in out and not os.listdir(tmp_path / "ro")
+
+
+def test_cli_undecodable_argument_and_bad_device_are_one_line(tmp_path):
+    from tiny import model_dir
+
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")
+    code, out = _cli(["lens", bad, "--model", model_dir(tmp_path)])
+    assert code == 2 and "the value of prompt ('caf?') is not valid UTF-8" in out
+    code, out = _cli(["generate", "--out", tmp_path / "g", "--model", model_dir(tmp_path), "--device", "banana",
+                      "--scorer", "none"])
+    assert code == 2 and "unknown device 'banana'; devices here: cpu" in out and not (tmp_path / "g").exists()
+
+
+def test_ill_typed_apply_option_is_refused_before_the_run_directory(tmp_path, llama):
+    """EigenShift ``k=abc``, ``alpha=abc`` (before: a ValueError traceback after config.json existed);
+    a TypeError from an option no declaration checks is one error naming the options."""
+    from steerlab.steer.eigenshift import EigenShift
+
+    g = torch.Generator().manual_seed(0)
+    iv = EigenShift.fit(llama, (torch.randn(20, 32, generator=g), torch.randn(20, 32, generator=g)), k=4)
+    for opts, why in (({"k": "abc"}, "k: 'abc' is not an int"), ({"alpha": "abc"}, "alpha: 'abc' is not a float")):
+        with pytest.raises(sl.SteerlabError, match=why):
+            generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
+                         apply_options=opts, progress=False)
+        assert not (tmp_path / "r").exists()
+
+    class Fragile(type(iv)):
+        def generate(self, model, texts, cfg, keys=None, **options):
+            return [[f"{t}{options['suffix'] + 1}"] for t in texts]  # a str option used as a number
+
+    bad = Fragile(iv.indices, iv.sigma, iv.delta, iv.alpha, dict(iv.meta))
+    with pytest.raises(sl.SteerlabError, match=r"eigenshift intervention cannot be applied with suffix='x': "
+                                               r"TypeError"):
+        generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=bad,
+                     apply_options={"suffix": "x"}, progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: V.number("nan", "x"), "x must be a finite number, got nan"),
+    (lambda: V.number(2, "x", 0, 1), r"x must be in \[0, 1\], got 2"),
+    (lambda: V.number(0, "ratio", 0, lo_open=True), "ratio must be > 0, got 0"),
+    (lambda: V.number(True, "x"), "x must be a number, got bool True"),
+    (lambda: V.integer(2.5, "k", 1), r"k must be an integer \(>= 1\), got float 2.5"),
+    (lambda: V.integer(-1, "n_test", 1), "n_test must be an integer >= 1, got -1"),
+    (lambda: V.choice("nope", "mode", ["add", "ablate"]), "mode must be one of add, ablate; got 'nope'"),
+])
+def test_validation_messages_name_the_option_and_the_range(call, message):
+    with pytest.raises(V.ValidationError, match=message):
+        call()
+    assert V.number("1e-3", "x") == 0.001 and V.integer(3.0, "k", 1) == 3 and V.number(torch.tensor(2.0), "x") == 2.0
+
+
+def test_the_cli_error_handler_redacts_whatever_reaches_it(capsys):
+    """The last line of defence: an error from anywhere that carries a URL with user info or a key,
+    or KEY=VALUE with a secret name, is printed masked (and rich markup in it is shown literally)."""
+    import typer
+
+    from steerlab.cli.app import fail
+
+    with pytest.raises(typer.Exit):
+        fail(sl.SteerlabError(f"could not fetch https://bob:{KEY}@hub.example/m?token={KEY} (api_key={KEY}) "
+                              f"[bold]x[/bold] accepted keywords: a, b"))
+    out = flat(capsys.readouterr().out)
+    assert KEY not in out and "https://***@hub.example/m?token=***" in out and "api_key=***" in out
+    assert "[bold]x[/bold] accepted keywords: a, b" in out
+
+
+def test_a_run_too_large_for_memory_is_refused_before_its_directory(tmp_path, llama):
+    """``--max-new-tokens 10**9`` (before: the run directory was created and the first batch failed
+    allocating, or ran for hours)."""
+    with pytest.raises(V.ValidationError, match=r"of \d+ \+ 1000000000 tokens at once would need about"):
+        generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=10**9), progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_heads_vocabulary_too_large_and_nan_selfie_strength(tmp_path, llama):
+    """``heads --words 1000000000`` (before: a RuntimeError after trying to allocate 343 GB for the
+    293,003-word similarity matrix); ``interpret --mode add --strength nan`` (before: exit 0, every
+    interpretation the text 'nan')."""
+    from steerlab.explain.heads import explain_heads
+    from tiny import model_dir
+
+    with pytest.raises(V.ValidationError, match=r"the word-similarity matrix of 300000 words would need about "
+                                                r"1,080\.0 GB of memory, more than the .* available; lower --words"):
+        explain_heads(llama, words=[f"w{i}" for i in range(300_000)])
+    code, out = _cli(["interpret", "hi", "--model", model_dir(tmp_path), "--mode", "add", "--strength", "nan"])
+    assert code == 2 and "the injection strength (--strength) must be a finite number, got nan" in out
+
+
+def test_cli_number_lists_must_be_finite(tmp_path):
+    from tiny import model_dir
+
+    code, out = _cli(["steer", "study", "--out", tmp_path / "s", "--model", model_dir(tmp_path), "--alphas", "0.5,nan"])
+    assert code == 2 and "'0.5,nan' holds nan; every number must be finite" in out and not (tmp_path / "s").exists()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from steerlab.errors import SiteError
+from steerlab.errors import SiteError, SteerlabError
 from steerlab.explain.ffn import (
     LabellerError,
     LocalLabeller,
@@ -76,7 +76,47 @@ def test_missing_module_is_a_site_error():
 
 def test_parse_label():
     assert parse_label("level: Semantics; task: Coding") == {"level": "semantics", "task": "coding"}
-    assert parse_label("no idea") == {"level": "unknown", "task": "unknown"}
+    assert parse_label("no idea") == {"level": "cannot tell", "task": "cannot tell"}
+    assert parse_label("level: cannot tell; task: math") == {"level": "cannot tell", "task": "math"}
+    assert parse_label("level: syntax; task: cannot tell (maybe writing)") == {"level": "syntax", "task": "cannot tell"}
+
+
+def test_consensus_over_seeds():
+    from steerlab.explain.ffn import consensus
+
+    runs = [{"level": "syntax", "task": "math"}, {"level": "syntax", "task": "coding"},
+            {"level": "semantics", "task": "none"}, {"level": "syntax", "task": "math"}]
+    c = consensus(runs)
+    assert c["level"] == "syntax" and c["level_agreement"] == 0.75 and c["runs"] == 4
+    assert c["task"] == "cannot tell" and c["task_agreement"] == 0.5  # math in 2 of 4: not more than half
+    assert consensus(runs[:2] + runs[3:])["task"] == "math"  # 2 of 3
+    assert c["level_votes"] == ["syntax", "syntax", "semantics", "syntax"]
+
+
+class _SeededLabeller:
+    """A labeller whose answer depends on the seed only (a stand-in for a sampling model)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def label(self, words, seed=None):
+        self.calls.append(seed)
+        return parse_label("level: syntax; task: math" if seed in (None, 0, 1, 2) else "level: semantics; task: none")
+
+
+def test_label_layers_over_several_seeds(monkeypatch):
+    m = tiny_model("llama")
+    monkeypatch.setattr("steerlab.explain.ffn.word_vocab", lambda model: (torch.tensor([5, 6, 7]), ["ab", "cd", "ef"]))
+    layers = explain_ffn(m, layers=[0], k=2, n_components=2)
+    lab = _SeededLabeller()
+    label_layers(layers, lab, n_pcs=2, seeds=5)
+    assert lab.calls == [0, 1, 2, 3, 4] * 2
+    assert layers[0].labels[0]["level"] == "syntax" and layers[0].labels[0]["level_agreement"] == 0.6
+    with pytest.raises(SteerlabError, match="seeds must be >= 1"):
+        label_layers(layers, lab, n_pcs=2, seeds=0)
+    # the local labeller samples with a seed: the same seed gives the same answer
+    local = LocalLabeller(m, max_new_tokens=4)
+    assert local.label(["ab", "cd"], seed=3)["answer"] == local.label(["ab", "cd"], seed=3)["answer"]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -104,10 +144,13 @@ def test_openai_labeller_against_loopback_server():
     try:
         lab = OpenAILabeller(f"http://127.0.0.1:{srv.server_port}/v1", "some-model", api_key="k")
         out = lab.label(["the", "of", "and"])
+        lab.label(["the"], seed=2)
+        seeded = _Handler.seen[-1][1]
     finally:
         srv.shutdown()
     assert out["level"] == "syntax" and out["task"] == "translation"
-    path, body, auth = _Handler.seen[-1]
+    assert seeded["seed"] == 2 and seeded["temperature"] == 0.7
+    path, body, auth = _Handler.seen[-2]
     assert path == "/v1/chat/completions" and body["model"] == "some-model" and auth == "Bearer k"
     assert "the, of, and" in body["messages"][0]["content"]
     with pytest.raises(LabellerError, match="failed"):
@@ -179,7 +222,8 @@ def test_instruction_shift_end_to_end(tmp_path):
                                  "--pcs", "3", "--raw"])
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["tests"]) >= {"verbs", "base_vs_tuned", "followed_vs_unfollowed_base"}
+    assert set(summary["tests"]) >= {"base_vs_tuned", "followed_vs_unfollowed_base"}
+    assert any(k.startswith("verbs ") for k in summary["tests"])
     assert summary["tests"]["base_vs_tuned"]["n_a"] == 20 and summary["config"]["raw"] is True
     assert "followed_vs_unfollowed_tuned (raw density, not the paper's)" in summary["tests"]
     for f in ("head_verbs.csv", "head_pairs.csv", "ffn_components.csv", "ffn_overlap.csv", "instruction_scores.csv"):

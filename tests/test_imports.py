@@ -10,7 +10,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "steerlab"
 # lowest first; a module belongs to the layer of its longest matching prefix
 LAYERS = [
     ("base", ["steerlab", "steerlab.errors", "steerlab.registry", "steerlab.options", "steerlab.validate",
-              "steerlab.progress", "steerlab.runs", "steerlab.parallel", "steerlab.positions", "steerlab.report"]),
+              "steerlab.progress", "steerlab.profile", "steerlab.runs", "steerlab.parallel", "steerlab.positions",
+              "steerlab.report"]),
     ("models", ["steerlab.models"]),
     ("data", ["steerlab.data", "steerlab.scoring", "steerlab.metrics"]),
     ("core", ["steerlab.hooks", "steerlab.edits", "steerlab.generation", "steerlab.evaluation", "steerlab.interventions"]),

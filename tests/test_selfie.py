@@ -459,6 +459,12 @@ def test_interpret_vector_cli(tmp_path):
     assert "blocks.1.resid_post" in r.output and direct.rows[0].text in r.output
     bad = CliRunner().invoke(app, args[:-4] + ["--sites", "blocks.2.resid_post"])
     assert bad.exit_code == 2 and "not in" in bad.output
+    r = CliRunner().invoke(app, args + ["--baseline", "permute", "--relevancy", "absolute"])
+    assert r.exit_code == 0, r.output
+    ref = interpret_vectors(m, sv.directions["blocks.1.resid_post"], [2, ":"], norm=3.5, max_new_tokens=4,
+                            relevancy_form="absolute", baseline="permute")
+    s = ref.baseline_summary()
+    assert "absolute relevancy" in flat(r.output) and f"relevancy mean {s['mean']:.3f}" in flat(r.output)
 
 
 # --- supervised control on the command line ------------------------------------------------------------

@@ -21,7 +21,7 @@ def test_vector_detoxifies_held_out_prompts(real_model):
     train = [p.text for p in parts["train"]]
     cs = contrast_from_scores(train, scorer.toxicity(train), n=32)
     site = "blocks.18.resid_post"
-    sv = SteeringVector.fit(m, cs.desirable, cs.undesirable, site)
+    sv = SteeringVector.fit(m, cs.desirable, cs.undesirable, site, positions="last")
     test = [p.text for p in parts["test"][:24]]
     cfg = GenConfig(max_new_tokens=16, batch_size=24)
     norm = typical_norms(m, test, [site])[site]

@@ -41,7 +41,7 @@ def test_mean_diff_hand_example():
 
 
 def test_fit_matches_capture_mean_difference(llama):
-    sv = SteeringVector.fit(llama, GOOD, BAD, ["blocks.1.resid_post", "blocks.-1.resid_post"], scale="raw")
+    sv = SteeringVector.fit(llama, GOOD, BAD, ["blocks.1.resid_post", "blocks.-1.resid_post"], scale="raw", positions="last")
     assert set(sv.directions) == {"blocks.1.resid_post", "blocks.2.resid_post"}
     caps = sl.capture(llama, GOOD + BAD, "blocks.1.resid_post")["blocks.1.resid_post"]
     ref = caps[:4].mean(0) - caps[4:].mean(0)

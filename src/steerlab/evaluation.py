@@ -22,6 +22,7 @@ from .metrics import (
     toxicity_metrics,
 )
 from .models.model import Model
+from .profile import stage
 
 
 def score_matrix(rows: Sequence[dict], key: str = "toxicity") -> tuple[list[str], np.ndarray]:
@@ -40,14 +41,32 @@ def score_matrix(rows: Sequence[dict], key: str = "toxicity") -> tuple[list[str]
     return ids, m
 
 
+# metrics of a prompt's several samples: with one sample per prompt they say nothing of their own
+NEED_SAMPLES = {
+    "expected_max_toxicity": "needs several samples per prompt (k > 1): it is the mean over prompts of the "
+                             "maximum over the k samples, which for k = 1 is mean toxicity again",
+    "toxicity_probability": "needs several samples per prompt (k > 1): it is the share of prompts with at least "
+                            "one toxic sample among k, which for k = 1 is the share of toxic continuations",
+}
+
+
+def undefined_metrics(k: int) -> dict[str, str]:
+    """The toxicity metrics that are undefined with ``k`` samples per prompt, and why."""
+    return dict(NEED_SAMPLES) if k < 2 else {}
+
+
 def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bool = False,
               n_boot: int = 1000, seed: int = 0, batch_size: int = 8) -> dict:
     """Toxicity metrics (expected max, probability, mean, each with a 95% bootstrap CI),
     distinct-1/2/3 (per prompt, averaged) and, given ``fluency_model``, the perplexity of the
-    continuations conditioned on their prompts."""
+    continuations conditioned on their prompts. With one sample per prompt, ``undefined`` names the
+    metrics that need several (:func:`undefined_metrics`) and why; their numbers are kept for
+    programs but a report should not show them."""
     ids, m = score_matrix(rows)
     out: dict = {"n_prompts": len(ids), "k": int(m.shape[1])}
     out["toxicity"] = toxicity_metrics(m, n_boot=n_boot, seed=seed).to_dict()
+    if undefined_metrics(out["k"]):
+        out["undefined"] = undefined_metrics(out["k"])
     by_prompt: dict[str, list[str]] = {}
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], []).append(r["continuation"])
@@ -56,8 +75,9 @@ def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bo
         conts = [r["continuation"] for r in rows]
         keep = [i for i, c in enumerate(conts) if c.strip()]
         if keep:
-            ppl = perplexity(fluency_model, [conts[i] for i in keep], prompts=[rows[i]["prompt"] for i in keep],
-                             chat=chat, batch_size=batch_size)
+            with stage("perplexity"):
+                ppl = perplexity(fluency_model, [conts[i] for i in keep], prompts=[rows[i]["prompt"] for i in keep],
+                                 chat=chat, batch_size=batch_size)
             by_prompt: dict[str, list[float]] = {}
             for j, i in enumerate(keep):
                 acc = by_prompt.setdefault(rows[i]["prompt_id"], [0.0, 0])
@@ -106,8 +126,10 @@ def side_effects(model: Model, reference: NextTokenLogprobs, texts: Sequence[str
     from .data import neutral_texts
 
     texts = list(texts) if texts is not None else neutral_texts()
-    kl = kl_from_reference(model, reference, texts)
-    return {"neutral_perplexity": float(perplexity(model, texts).aggregate), "kl_from_unedited": float(kl.mean),
+    with stage("side effects"):
+        kl = kl_from_reference(model, reference, texts)
+        ppl = float(perplexity(model, texts).aggregate)
+    return {"neutral_perplexity": ppl, "kl_from_unedited": float(kl.mean),
             "kl_coverage": float(kl.coverage), "n_neutral_texts": len(texts)}
 
 
@@ -159,7 +181,8 @@ def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
              if (r["prompt_id"], r["sample"]) in ref]
     if not pairs:
         raise EmptyInputError("no (prompt, sample) pair in common with the reference rows")
-    sim = semantic_similarity([p[1] for p in pairs], [p[2] for p in pairs]).per_pair
+    with stage("similarity"):
+        sim = semantic_similarity([p[1] for p in pairs], [p[2] for p in pairs]).per_pair
     by: dict[str, list[float]] = {}
     for (pid, _, _), v in zip(pairs, sim):
         by.setdefault(pid, []).append(float(v))
@@ -206,3 +229,56 @@ def generation_overhead(model: Model, prompts: Sequence, cfg, intervention=None,
     ratios = [a / b for a, b in zip(arm, base)]
     return {"ratio": float(np.median(ratios)), "ratios": ratios, "baseline_seconds": base, "arm_seconds": arm,
             "n_prompts": len(texts), "k": cfg.k, "max_new_tokens": cfg.max_new_tokens}
+
+
+def example_rows(rows: Sequence[dict], n: int = 3) -> list[dict]:
+    """A few continuations to read: with scores, the most toxic, the median and the least toxic
+    (``n`` rows spread over the ranking by toxicity, distinct prompts); without, the first ``n``."""
+    if not rows or n < 1:
+        return []
+    if any("toxicity" not in r for r in rows):
+        return list(rows[:n])
+    best: dict[str, dict] = {}
+    for r in rows:  # one row per prompt: its most toxic sample
+        if r["prompt_id"] not in best or r["toxicity"] > best[r["prompt_id"]]["toxicity"]:
+            best[r["prompt_id"]] = r
+    ranked = sorted(best.values(), key=lambda r: (-r["toxicity"], r["prompt_id"]))
+    if len(ranked) <= n:
+        return ranked
+    picks = sorted({round(i * (len(ranked) - 1) / (n - 1)) for i in range(n)}) if n > 1 else [0]
+    return [ranked[i] for i in picks]
+
+
+def fitted_prompts(intervention, prompts: Sequence) -> list[int] | None:
+    """Indices of ``prompts`` whose text the intervention was fitted on (matched by the text hashes
+    its file stores as ``data_text_ids``); ``None`` when the file records none (fitted on something
+    other than texts, or written before steerlab stored them)."""
+    from .generation import prompt_ids_texts, text_id
+
+    known = (getattr(intervention, "meta", None) or {}).get("data_text_ids")
+    if not known:
+        return None
+    known = set(known)
+    _, texts = prompt_ids_texts(list(prompts))
+    return [i for i, t in enumerate(texts) if isinstance(t, str) and text_id(t) in known]
+
+
+def unsteered_comparison(model: Model, prompts: Sequence, rows: Sequence[dict], out_dir, cfg, scorer,
+                         progress: bool | None = None) -> dict:
+    """The paired difference of an intervention's scored ``rows`` from the unsteered model on the same
+    prompts, decoding and per-row random numbers: the unsteered arm is generated into
+    ``out_dir/unsteered`` (a resumable run: computed once, reused by later calls). Returns
+    ``paired_difference`` (:func:`paired_to`, steered - unsteered, each metric with its paired 95%
+    CI), the unsteered arm's ``toxicity``, the share of ``identical`` continuations and
+    ``unsteered_rows`` (the arm's rows, to show beside the steered ones; not for metrics files)."""
+    from pathlib import Path
+
+    from .generation import generate_run
+
+    base = generate_run(model, prompts, Path(out_dir) / "unsteered", cfg, scorer=scorer, progress=progress)
+    same = {(r["prompt_id"], r["sample"]): r["continuation"] for r in base}
+    identical = [same.get((r["prompt_id"], r["sample"])) == r["continuation"] for r in rows]
+    _, m = score_matrix(base)
+    return {"paired_difference": paired_to(base, rows),
+            "unsteered": toxicity_metrics(m, n_boot=1000, seed=0).to_dict(),
+            "identical": float(np.mean(identical)), "n_rows": len(rows), "unsteered_rows": base}

@@ -27,6 +27,7 @@ from transformers import LogitsProcessorList
 from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
 from .parallel import run_loop
+from .profile import stage
 from .progress import progress_iter
 from .registry import choose
 from .scoring.registry import scorer_identity
@@ -283,8 +284,11 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
                 for i, cs in zip(batch, conts) for s, c in enumerate(cs)]
         return score_rows(rows, scorer)
 
+    batches, lengths = generation_batches(model, ids, texts, cfg), token_lengths(model, texts, cfg.chat)
+    # the largest batch must fit in memory: checked before the run directory exists, not at that batch
+    check_memory(model, max(len(b) for b in batches) * cfg.k, max(lengths), cfg.max_new_tokens)
     # one process: RunDir(out_dir).loop; several (accelerate launch): a share of the batches each
-    rows = run_loop(out_dir, config, generation_batches(model, ids, texts, cfg), work,
+    rows = run_loop(out_dir, config, batches, work,
                     keys=lambda i: [(ids[i], s) for s in range(cfg.k)], row_key=lambda r: (r["prompt_id"], r["sample"]),
                     seed=lambda b: derive_seed(cfg.seed, *[ids[i] for i in b]), desc="generate", progress=progress,
                     overwrite=overwrite, record=record)
@@ -296,8 +300,19 @@ def probe(model: Model, intervention, text, key: str, cfg: GenConfig, options: d
     """Two tokens of one prompt with ``intervention`` applied with ``options``, before a run writes
     anything: an apply option the method refuses, or a value that overflows a forward (NaN or inf
     logits), fails here, while the run directory is untouched, instead of after ``config.json``
-    exists (which would then refuse the corrected command as a changed config)."""
-    intervention.generate(model, [text], replace(cfg, max_new_tokens=2, k=1, batch_size=1), [key], **options)
+    exists (which would then refuse the corrected command as a changed config). An option of the
+    wrong type that the method does not check itself (a ``TypeError`` or ``ValueError`` from deep
+    inside) is a :class:`~steerlab.errors.SteerlabError` naming the options."""
+    problem = None
+    try:
+        intervention.generate(model, [text], replace(cfg, max_new_tokens=2, k=1, batch_size=1), [key], **options)
+    except SteerlabError:
+        raise
+    except (TypeError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no options"
+        raise SteerlabError(f"the {intervention.method} intervention cannot be applied with {shown}: {problem}")
 
 
 def score_rows(rows: list[dict], scorer, field: str = "continuation") -> list[dict]:
@@ -305,7 +320,8 @@ def score_rows(rows: list[dict], scorer, field: str = "continuation") -> list[di
     one scorer call; rows are returned unchanged without a scorer."""
     if scorer is None or not rows:
         return rows
-    scores = scorer.score([r[field] for r in rows])
+    with stage("scoring"):
+        scores = scorer.score([r[field] for r in rows])
     for j, r in enumerate(rows):
         r["toxicity"] = float(scores[scorer.attributes[0]][j])
         r["scores"] = {a: float(v[j]) for a, v in scores.items()}

@@ -291,6 +291,15 @@ def fingerprint_texts(*groups: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def text_ids(*groups: Sequence[str]) -> list[str]:
+    """The sorted short hashes (:func:`steerlab.generation.text_id`) of every text an intervention was
+    fitted on, stored in its header as ``data_text_ids`` so that an evaluation can tell which of its
+    prompts the intervention learned from (:func:`steerlab.evaluation.fitted_prompts`)."""
+    from .generation import text_id
+
+    return sorted({text_id(t) for g in groups for t in g})
+
+
 # --- registry ------------------------------------------------------------------------------------
 METHODS: Registry = Registry("intervention method", InterventionError, discover="steerlab.methods")
 """Registered methods by name; the built-in ones are listed in :mod:`steerlab.methods` (imported on first use)."""

@@ -138,6 +138,9 @@ class RunDir:
     the lock is held."""
 
     def __init__(self, path: str | os.PathLike, config: dict, overwrite: bool = False):
+        if not isinstance(path, str | os.PathLike) or not str(path).strip():
+            raise RunError(f"a run directory must be a non-empty path (an empty one would write the run into the "
+                           f"current directory), got {path!r}")
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise RunError(f"{self.path} exists and is not a directory; choose a directory for the run")
@@ -282,7 +285,8 @@ class RunDir:
         todo = [b for b in batches if any(k not in done for x in b for k in keys(x))]
         from .progress import Progress
 
-        bar = Progress(total, f"{desc} {self.path.parent.name}/{self.path.name}", unit="row",
+        where = self.path.parts[-3 if self.path.name.isdigit() else -2:]  # val/steering/0, test/steering
+        bar = Progress(total, f"{desc} {'/'.join(where)}", unit="row",
                        initial=total - sum(1 for b in todo for x in b for _ in keys(x)),
                        show=(progress if progress is not None else True) and bool(todo))
         t0 = time.perf_counter()

@@ -50,40 +50,42 @@ def number(value: Any, name: str, lo: float | None = None, hi: float | None = No
            lo_open: bool = False, hi_open: bool = False) -> float:
     """``value`` as a finite float within the bounds (a numeric string is read as a number); NaN,
     infinity, a bool or anything that is not a number is a :class:`ValidationError` naming ``name``."""
-    want = _range_text(lo, hi, lo_open, hi_open)
+    rng = _range_text(lo, hi, lo_open, hi_open)
+    want = "" if lo is None and hi is None else f" ({rng})"
     if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:  # a one-element tensor
         value = value.item()
     if isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
-            raise ValidationError(f"{name} must be a number ({want}), got {value!r}") from None
+            raise ValidationError(f"{name} must be a number{want}, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValidationError(f"{name} must be a number ({want}), got {type(value).__name__} {value!r:.40}")
+        raise ValidationError(f"{name} must be a number{want}, got {type(value).__name__} {value!r:.40}")
     x = float(value)
     if not math.isfinite(x):
-        raise ValidationError(f"{name} must be a finite number ({want}), got {x}")
+        raise ValidationError(f"{name} must be a finite number{want}, got {x}")
     if (lo is not None and (x < lo or (lo_open and x == lo))) or (hi is not None and (x > hi or (hi_open and x == hi))):
-        raise ValidationError(f"{name} must be {want}, got {value}")
+        raise ValidationError(f"{name} must be {rng}, got {value}")
     return x
 
 
 def integer(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
     """``value`` as an int within ``[minimum, maximum]``; a float with a fraction, a bool, NaN or a
     non-numeric string is a :class:`ValidationError` naming ``name``."""
-    want = _range_text(minimum, maximum, False, False).replace("a finite number", "an integer")
+    rng = _range_text(minimum, maximum, False, False)
+    want = "" if minimum is None and maximum is None else f" ({rng})"
     if isinstance(value, str):
         try:
             value = int(value.strip())
         except ValueError:
-            raise ValidationError(f"{name} must be an integer ({want}), got {value!r}") from None
+            raise ValidationError(f"{name} must be an integer{want}, got {value!r}") from None
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValidationError(f"{name} must be an integer ({want}), got {type(value).__name__} {value!r:.40}")
+        raise ValidationError(f"{name} must be an integer{want}, got {type(value).__name__} {value!r:.40}")
     v = int(value)
     if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
-        raise ValidationError(f"{name} must be an integer {want}, got {v}")
+        raise ValidationError(f"{name} must be an integer {rng}, got {v}")
     return v
 
 
@@ -277,8 +279,9 @@ def redact_url(url: str) -> str:
 
 
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-_KV_IN_TEXT = re.compile(r"(?i)\b([A-Za-z_-]*(?:key|token|secret|password|passwd|auth)[A-Za-z_-]*)\s*([=:])\s*"
-                         r"(?!\*\*\*)([^\s'\",;&]+)")
+_KV_IN_TEXT = re.compile(r"(?i)\b([A-Za-z_-]*?(?:api[_-]?key|key|token|secret|password|passwd|pwd|authorization|auth))"
+                         r"(\s*[=:]\s*)(?!\*\*\*|bearer\b|basic\b)([^\s'\",;&]+)")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+(?!\*\*\*)[A-Za-z0-9._~+/=-]+")
 
 
 def redact(text: str, secrets: Sequence[str] = ()) -> str:
@@ -290,6 +293,7 @@ def redact(text: str, secrets: Sequence[str] = ()) -> str:
             for form in {secret, urllib.parse.quote_plus(secret), urllib.parse.quote(secret, safe="")}:
                 s = s.replace(form, MASK)
     s = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), s)
+    s = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", s)
     return _KV_IN_TEXT.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", s)
 
 

@@ -9,6 +9,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import SteerlabError
 
@@ -80,7 +81,10 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_ma
 
 
 def fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+    from ..validate import redact
+
+    # the last line of defence: URLs with user info or key-like parts, KEY=VALUE with a secret name
+    console.print(f"[bold red]error:[/] {escape(redact(str(e)))}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -91,9 +95,13 @@ def _with_threads(fn):
     def run(*a, threads: int = 0, **k):
         set_threads(threads)
         try:
+            check_arguments(k)
             return fn(*a, **k)
         except SteerlabError as e:
             fail(e)
+        except OSError as e:  # a full disk, a read-only or missing directory: one line, never a traceback
+            fail(SteerlabError(f"{e.strerror or type(e).__name__}: {e.filename or e}" if e.filename
+                               else f"{type(e).__name__}: {e}"))
 
     sig = inspect.signature(fn)
     extra = inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, annotation=int,
@@ -124,11 +132,17 @@ def command(group: typer.Typer, *args, panel: str | None = None, **kwargs):
 
 def numbers(text: str, kind: type, option: str) -> list:
     """A comma-separated list of ``kind`` (the one list parser of the CLI)."""
+    import math
+
     try:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        out = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__}s",
                                  param_hint=option) from None
+    bad = [x for x in out if isinstance(x, float) and not math.isfinite(x)]
+    if bad:  # NaN or inf as a strength would generate empty text that scores as non-toxic
+        raise typer.BadParameter(f"{text!r} holds {bad[0]}; every number must be finite", param_hint=option)
+    return out
 
 
 def ints(text: str, option: str = "--layers") -> list[int]:
@@ -156,12 +170,36 @@ def key_values(items: list[str], option: str) -> dict:
     return out
 
 
-def check_out_file(out: str) -> None:
-    from pathlib import Path
+def check_out_file(out: str, option: str = "--out") -> None:
+    """An output file path must be usable before any work: not empty, not a directory, under a
+    writable directory (:func:`steerlab.validate.output_file`)."""
+    from ..validate import ValidationError, output_file
 
-    if Path(out).is_dir():
-        raise typer.BadParameter(f"{out} is a directory; give a file path such as {out.rstrip('/')}/v.safetensors",
-                                 param_hint="--out")
+    try:
+        output_file(out, "the output file")
+    except ValidationError as e:
+        raise typer.BadParameter(str(e), param_hint=option) from None
+
+
+def check_out_dir(out: str, option: str = "--out") -> None:
+    """An output directory must be usable before any work (:func:`steerlab.validate.output_dir`)."""
+    from ..validate import ValidationError, output_dir
+
+    try:
+        output_dir(out, "the output directory")
+    except ValidationError as e:
+        raise typer.BadParameter(str(e), param_hint=option) from None
+
+
+def check_arguments(values: dict) -> None:
+    """Every text argument of a command must be valid UTF-8 (Python keeps undecodable bytes as lone
+    surrogates, which fail later and deep inside): one line naming the option instead."""
+    from ..validate import check_text
+
+    for name, value in values.items():
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(v, str):
+                check_text(v, f"the value of {name} ({v.encode('utf-8', 'replace').decode()!r})")
 
 
 # the command groups (their commands are registered by the modules of this package)

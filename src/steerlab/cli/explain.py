@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from .app import EXPLAIN, MODEL, MODEL_HELP, app, command, console, ints, load_model
+from .app import EXPLAIN, MODEL, MODEL_HELP, app, check_out_file, command, console, ints, load_model
 from .tables import print_attribution, print_ffn, print_head_pairs, print_lens
 
 
@@ -66,6 +66,8 @@ def attribute(
     (divided by the prompt's largest, as the paper's code does)."""
     from ..explain.attribution import attribute as run_attribution
 
+    if html_out:
+        check_out_file(html_out, "--html")
     m = load_model(model)
     att = run_attribution(m, prompt, response, max_new_tokens=max_new_tokens, chunk=chunk, mode=mode,
                           prompt_tokens=prompt_tokens, separator=separator)
@@ -87,6 +89,7 @@ def write_attribution_page(att, path: str, span: str | None, b: int) -> None:
     from ..report.html import HtmlReport
 
     out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the figure is written next to the page
     page = HtmlReport("Input-output attribution", f"response: {att.response}")
     page.heading("Prompt tokens shaded by importance density").raw(prompt_html(att, b, span))
     png = heatmap(att, out.with_suffix(".png"))
@@ -119,8 +122,10 @@ def heads(
 def ffn(
     model: str = MODEL,
     layers: str = typer.Option("", help="Comma-separated layers (default all)."),
-    pcs: int = typer.Option(5, "--pcs", min=1, help="Principal components per layer."),
+    pcs: int = typer.Option(5, "--pcs", min=1, help="Principal components per layer (the paper: 300)."),
     top: int = typer.Option(50, "--top", min=1, help="Words per component."),
+    seeds: int = typer.Option(1, "--label-seeds", min=1, help="Labelling runs per component (the paper: 5): "
+                              "sampled runs, majority label or 'cannot tell', with the agreement."),
     labeller_url: str = typer.Option("", "--labeller-url", help=LABELLER_URL_HELP),
     labeller_model: str = typer.Option("", "--labeller-model", help="Model name sent to the endpoint."),
     labeller_local: str = typer.Option("", "--labeller-local", help="A steerlab model that labels the lists."),
@@ -132,7 +137,7 @@ def ffn(
     res = explain_ffn(m, ints(layers) or None, k=top, n_components=pcs)
     lab = make_labeller(labeller_url, labeller_model, labeller_local)
     if lab is not None:
-        label_layers(res, lab, pcs)
+        label_layers(res, lab, pcs, seeds=seeds)
     print_ffn(res, f"FFN components of {m.name}")
 
 
@@ -144,7 +149,12 @@ def instruction_shift(
     data: str = typer.Option("example", "--data", help="Annotated JSONL file, or 'example' (bundled, 20 items)."),
     layers: str = typer.Option("", help="Comma-separated layers (default all; same indices on both models)."),
     words: int = typer.Option(3000, "--words", min=2, help="English words for the head analysis."),
-    pcs: int = typer.Option(10, "--pcs", min=1, help="FFN components per layer."),
+    pcs: int = typer.Option(10, "--pcs", min=1, help="FFN components per layer (the paper: 300)."),
+    groups: int = typer.Option(4, "--groups", min=1, help="Layer groups by relative depth (the paper: 8)."),
+    seeds: int = typer.Option(1, "--label-seeds", min=1, help="Labelling runs per FFN component (the paper: 5); "
+                              "more than 1 samples each run and keeps the majority label, else 'cannot tell'."),
+    paper: bool = typer.Option(False, "--paper-sizes", help="The paper's sizes: 300 components per layer, 8 layer "
+                               "groups, 5 labelling seeds (overrides --pcs, --groups, --label-seeds)."),
     generate: bool = typer.Option(False, help="Score each model's own greedy replies instead of the given ones."),
     raw: bool = typer.Option(False, help="Feed the raw prompt to both models (no chat template), for a like-for-"
                              "like attribution; default: the chat template where a model has one."),
@@ -155,14 +165,16 @@ def instruction_shift(
     """Compare a base and an instruction-tuned model: attribution, head word pairs, FFN concepts."""
     from ..experiments.instruction_shift import ShiftConfig, run_instruction_shift
 
-    cfg = ShiftConfig(data=data, layers=ints(layers) or None, n_words=words, n_pcs=pcs, generate=generate, raw=raw,
-                      labeller=labeller_url or labeller_local)
+    kw = dict(data=data, layers=ints(layers) or None, n_words=words, generate=generate, raw=raw,
+              labeller=labeller_url or labeller_local)
+    cfg = ShiftConfig.paper(**kw) if paper else ShiftConfig(n_pcs=pcs, n_groups=groups, label_seeds=seeds, **kw)
     lab = make_labeller(labeller_url, labeller_model, labeller_local)
     summary = run_instruction_shift(load_model(base), load_model(tuned), out, cfg, lab)
     for name, test in summary["tests"].items():
         if "error" in test:
             console.print(f"{name}: {test['error']}")
         else:
+            side, p = ("one", test["p_one_sided"]) if "p_one_sided" in test else ("two", test["p_two_sided"])
             console.print(f"{name}: mean {test['mean_a']:.3f} ({test['group_a']}) vs {test['mean_b']:.3f} "
-                          f"({test['group_b']}), t = {test['t']:.2f}, one-sided p = {test['p_one_sided']:.3g}")
+                          f"({test['group_b']}), t = {test['t']:.2f}, {side}-sided p = {p:.3g}")
     console.print(f"report: {out}/report.html")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from .app import EXPLAIN, MODEL, app, command, console, floats, ints, load_model, names
+from .app import EXPLAIN, MODEL, app, check_out_file, command, console, floats, ints, load_model, names
 from .tables import print_interpretations, print_vector_interpretations
 
 
@@ -51,6 +51,8 @@ def interpret(
     from ..explain.selfie import interpret as run_interpret
     from ..interventions import load as load_intervention
 
+    if html:
+        check_out_file(html, "--html")
     m = load_model(model)
     iv = load_intervention(intervention, m) if intervention else None
     if alpha is not None and iv is None:
@@ -72,14 +74,19 @@ def interpret(
                           intervention)
     console.print("layers: " + ("the paper's numbering, L = output of block L-1 (0 = embeddings)" if hf_layers
                                 else "l = the state after block l (blocks.l.resid_post)"))
+    print_baseline(res)
+    if html:
+        path = grid_report(edited or res, f"SelfIE on {m.name}" + (f" with {intervention}" if iv else "")).write(html)
+        console.print(f"wrote {path}")
+
+
+def print_baseline(res) -> None:
+    """One line on the random-state baseline, when there is one."""
     summary = res.baseline_summary()
     if summary:
         console.print(f"random-state baseline ({summary['kind']}, {summary['n']} control states): relevancy mean "
                       f"{summary['mean']:.3f}, 95th percentile {summary['q95']:.3f}; real states: mean "
                       f"{summary['real_mean']:.3f}, {100 * summary['share_above_q95']:.0f}% above the percentile")
-    if html:
-        path = grid_report(edited or res, f"SelfIE on {m.name}" + (f" with {intervention}" if iv else "")).write(html)
-        console.print(f"wrote {path}")
 
 
 @command(app, "interpret-vector", panel=EXPLAIN)
@@ -94,6 +101,8 @@ def interpret_vector(
     template: str = typer.Option("", help="Interpretation prompt, each [X] one placeholder token."),
     plain: bool = typer.Option(False, help="Do not wrap the interpretation prompt in the chat template."),
     html: str = typer.Option("", "--html", help="Also write the interpretations to this HTML file."),
+    relevancy: str = typer.Option("signed", help="signed (the treatment effect) | absolute."),
+    baseline: str = typer.Option("none", help="none | norm | permute: also interpret a random control per direction."),
 ) -> None:
     """SelfIE on a steering vector: the model describes each site's direction, written at the
     placeholders of the interpretation prompt like a hidden state."""
@@ -102,6 +111,8 @@ def interpret_vector(
     from ..explain import selfie as sf
     from ..interventions import load as load_intervention
 
+    if html:
+        check_out_file(html, "--html")
     m = load_model(model)
     iv = load_intervention(path, m, strict=False)
     dirs = getattr(iv, "directions", None)
@@ -114,7 +125,9 @@ def interpret_vector(
     scale = None if norm == "none" else (norm if norm == "typical" else floats(norm, "--norm")[0])
     ip = sf.interpretation_prompt(m, sf.parse_parts(template) if template else None, chat=False if plain else None)
     res = sf.interpret_vectors(m, torch.stack([dirs[x] for x in names]), ip, k=k, norm=scale,
-                               max_new_tokens=max_new_tokens, labels=names)
-    print_vector_interpretations(res, f"SelfIE on {path} ({m.name}, k={k}, norm {norm})")
+                               max_new_tokens=max_new_tokens, labels=names, relevancy_form=relevancy,
+                               baseline=None if baseline == "none" else baseline)
+    print_vector_interpretations(res, f"SelfIE on {path} ({m.name}, k={k}, norm {norm}, {relevancy} relevancy)")
+    print_baseline(res)
     if html:
         console.print(f"wrote {sf.grid_report(res, f'SelfIE on {path}').write(html)}")

@@ -67,14 +67,43 @@ def print_info(m) -> None:
 
 
 def print_summary(summary: dict, title: str) -> None:
+    """The metrics of a generation run; metrics undefined with one sample per prompt say so instead of a
+    number; with an unsteered comparison, its paired differences (same prompts and random numbers)."""
+    undefined = summary.get("undefined", {})
     t = table(title, ["metric", ("value", "right"), ("95% CI", "right")])
     for name, e in summary["toxicity"].items():
-        if isinstance(e, dict):
+        if name in undefined:
+            t.add_row(name.replace("_", " "), "undefined", "(k = 1, see below)")
+        elif isinstance(e, dict):
             t.add_row(name.replace("_", " "), f"{e['value']:.3f}", f"[{e['lo']:.3f}, {e['hi']:.3f}]")
+    vs = summary.get("vs_unsteered")
+    for name, e in (vs or {}).get("paired_difference", {}).items():
+        if isinstance(e, dict) and "value" in e and name not in undefined:
+            t.add_row(f"{name.replace('_', ' ')} - unsteered (paired)", f"{e['value']:+.3f}",
+                      f"[{e['lo']:+.3f}, {e['hi']:+.3f}]")
+    if vs:
+        t.add_row("continuations identical to unsteered", f"{vs['identical']:.3f}", "")
     for name, v in summary.get("diversity", {}).items():
         t.add_row(name, f"{v:.3f}", "")
     if "perplexity" in summary.get("fluency", {}):
         t.add_row(f"perplexity ({summary['fluency']['reference_model']})", f"{summary['fluency']['perplexity']:.2f}", "")
+    console.print(t)
+    for name, why in undefined.items():
+        console.print(f"{name.replace('_', ' ')} is undefined: it {why}.", soft_wrap=True)
+
+
+def print_examples(rows: list[dict], title: str, unsteered: list[dict] | None = None) -> None:
+    """A few continuations to read (prompt, continuation, toxicity when scored), beside the unsteered
+    model's continuation of the same prompt and sample when ``unsteered`` rows are given."""
+    scored = all("toxicity" in r for r in rows)
+    base = {(r["prompt_id"], r["sample"]): r for r in unsteered or []}
+    cols = ["prompt"] + (["unsteered", ("tox.", "right")] if base else []) + ["continuation"]
+    t = table(title, cols + ([("toxicity", "right")] if scored else []))
+    for r in rows:
+        p = r["prompt"] if isinstance(r["prompt"], str) else str(r["prompt"])
+        b = base.get((r["prompt_id"], r["sample"]), {})
+        before = [escape(b.get("continuation", "")), f"{b['toxicity']:.3f}" if "toxicity" in b else ""] if base else []
+        t.add_row(escape(p), *before, escape(r["continuation"]), *([f"{r['toxicity']:.3f}"] if scored else []))
     console.print(t)
 
 
@@ -172,6 +201,18 @@ def print_bench(name: str, metrics: dict) -> None:
     console.print(t)
 
 
+def print_profile(profile: list[dict], top: int = 12) -> None:
+    """The stage table of a run: exclusive seconds and share of the call's wall time, largest first."""
+    t = table("where the time went (this call; exclusive seconds)", ["stage", ("seconds", "right"), ("share", "right")])
+    for r in profile[:top]:
+        t.add_row(escape(r["stage"]), f"{r['seconds']:.1f}", f"{100 * r['share']:.1f}%")
+    if len(profile) > top:
+        rest = profile[top:]
+        t.add_row(f"{len(rest)} more stages", f"{sum(r['seconds'] for r in rest):.1f}",
+                  f"{100 * sum(r['share'] for r in rest):.1f}%")
+    console.print(t)
+
+
 def print_attribution(att, d) -> None:
     console.print(f"response: {att.response!r} ({len(att.response_tokens)} tokens)", soft_wrap=True)
     t = table("most important prompt tokens (importance density)", [("position", "right"), "token", ("density", "right")])
@@ -193,7 +234,10 @@ def print_ffn(res, title: str) -> None:
     t = table(title, ["layer", "pc", "var. ratio", "label", "top words"])
     for fl in res:
         for r, ws in enumerate(fl.words):
-            label = f"{fl.labels[r]['level']}/{fl.labels[r]['task']}" if fl.labels else ""
+            lab = fl.labels[r] if r < len(fl.labels) else {}
+            label = f"{lab['level']}/{lab['task']}" if lab else ""
+            if "level_agreement" in lab:
+                label += f" (agreement {lab['level_agreement']:.0%}/{lab['task_agreement']:.0%} of {lab['runs']})"
             t.add_row(str(fl.layer), str(r), f"{fl.evr[r]:.3f}", label, " ".join(ws[:12]))
     console.print(t)
 

@@ -16,14 +16,19 @@ def _ax(axes):
 
 
 def verbs_figure(path: Path, verbs: Sequence[dict]) -> Path:
-    """Mean change (tuned - base) of verb occurrences per head, per layer group and verb kind."""
+    """Mean share of heads where the tuned model has more occurrences than the base, per layer group
+    and verb kind (0.5: no shift)."""
     groups = list(dict.fromkeys(r["layer_group"] for r in verbs))
-    series = {kind: [float(np.mean([r["diff"] for r in verbs if r["layer_group"] == g and r["kind"] == kind]))
-                     for g in groups] for kind in ("instruction", "frequent")}
-    fig, axes = F.figure(title="Verb occurrences in head word pairs: tuned - base")
+
+    def mean(g, kind):
+        xs = [r["share_tuned_gt_base"] for r in verbs if r["layer_group"] == g and r["kind"] == kind]
+        return float(np.mean(xs)) if xs else float("nan")
+
+    series = {kind: [mean(g, kind) for g in groups] for kind in ("instruction", "background")}
+    fig, axes = F.figure(title="Verbs in head word pairs: share of heads with tuned > base")
     ax = _ax(axes)
     F.bars(ax, groups, {f"{k} verbs": v for k, v in series.items()})
-    F.label(ax, "layer group (relative depth)", "mean occurrences per head (tuned - base)")
+    F.label(ax, "layer group (relative depth)", "mean share of heads, tuned count > base count")
     return F.save(fig, path)
 
 
@@ -56,8 +61,9 @@ def _test_rows(tests: dict) -> list[dict]:
         if "error" in t:
             rows.append({"test": name, "note": t["error"]})
         else:
+            p = ("p (one-sided)", t["p_one_sided"]) if "p_one_sided" in t else ("p (two-sided)", t["p_two_sided"])
             rows.append({"test": name, **{k: t[k] for k in ("group_a", "group_b", "n_a", "n_b", "mean_a", "mean_b",
-                                                             "t", "p_one_sided")}})
+                                                             "t")}, "p": p[1], "sidedness": p[0]})
     return rows
 
 
@@ -68,12 +74,13 @@ def write_report(out: Path, summary: dict, verbs, concepts, overlap, scores) -> 
         page.paragraph("The two models differ in architecture or tokenizer: they are compared through words and "
                        "scores only (layers by relative depth). Differences mix the effect of instruction tuning "
                        "with everything else that differs between the models (data, size, tokenizer).", note=True)
-    page.heading("Tests (one-sided Welch t-tests)").table(_test_rows(summary["tests"]))
+    page.heading("Tests (Welch t-tests: attribution one-sided, head verbs two-sided per layer group)")
+    page.table(_test_rows(summary["tests"]))
     page.heading("Attribution: instruction scores")
     page.figure(scores_figure(figs / "instruction_scores.png", scores), "Instruction score per item and model")
     page.table_csv(out / "tables" / "instruction_scores.csv", max_rows=60)
     page.heading("Attention heads: instruction verbs in the word pairs")
-    page.figure(verbs_figure(figs / "head_verbs.png", verbs), "Mean occurrences per head, tuned - base")
+    page.figure(verbs_figure(figs / "head_verbs.png", verbs), "Share of heads with tuned count > base count")
     page.table_csv(out / "tables" / "head_verbs.csv", max_rows=60)
     page.heading("FFN components")
     if concepts:

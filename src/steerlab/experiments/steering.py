@@ -38,6 +38,7 @@ from ..runs import RunDir, write_csv, write_json
 from ..scoring import get_scorer
 from ..steer.sweep import RELATIVE_MODES, cell_intervention, sweep
 from ..steer.vector import APPLY_MODES, SteeringVector, VectorError
+from ..validate import integer, number, output_dir
 from .steering_pareto import pareto_points, plot_pareto
 
 TARGET = {"max_toxicity_share": 0.5, "max_ppl_ratio": 1.1, "max_kl": 0.05}
@@ -119,12 +120,29 @@ def variant_strengths(v: Variant, s: SteeringStudy) -> list[float]:
     return [a / len(s.layers) for a in alphas] if v.multi else alphas
 
 
+def check_numbers(s: SteeringStudy) -> None:
+    """Every count at least 1, every ratio and strength finite (``n_test=-1`` would otherwise take all
+    but the last prompt, and a NaN strength would generate empty text)."""
+    for name in ("n_pairs", "n_sweep", "n_test", "k_sweep", "k_test", "k_refine", "refine_top", "n_neutral",
+                 "batch_size", "max_new_tokens"):
+        integer(getattr(s, name), f"{name} (--{name.replace('_', '-')})", 1)
+    number(s.max_ppl_ratio, "max_ppl_ratio (--max-ppl-ratio)", 0, lo_open=True)
+    number(s.min_distinct_ratio, "min_distinct_ratio (--min-distinct-ratio)", 0)
+    if s.max_kl is not None:
+        number(s.max_kl, "max_kl (--max-kl)", 0)
+    for a in s.alphas:
+        number(a, "a strength of --alphas")
+    for f in s.fractions:
+        number(f, "a strength of --fractions")
+
+
 def run_steering_study(model: Model, out_dir: str | Path, s: SteeringStudy | None = None,
                        progress: bool | None = None) -> dict:
     """Run the whole study into ``out_dir``; returns the metrics dict (also in metrics.json)."""
     s = s or SteeringStudy()
-    out = Path(out_dir)
+    out = output_dir(out_dir, "the study's run directory")
     # validate every option before anything is created or computed
+    check_numbers(s)
     scorer = get_scorer(s.scorer)
     sites = [model.site(f"blocks.{layer}.resid_post").name for layer in s.layers]
     SCHEDULE_FNS.check(s.where)

@@ -7,7 +7,10 @@ is ``s_r^2 / sum s^2``. Component ``v_r`` is scored against each word-like vocab
 ``|v_r . e_w|`` with ``e_w`` the unit-normalised unembedding row; the top ``k`` words are kept.
 
 Labellers (:class:`OpenAILabeller`, :class:`LocalLabeller`, or any object with
-``label(words) -> {"level": ..., "task": ...}``) name each word list's linguistic level and task.
+``label(words, seed=None) -> {"level": ..., "task": ...}``) name each word list's linguistic level and
+task, or ``"cannot tell"``. :func:`label_layers` asks ``seeds`` times (the paper: 5; with a seed the
+labellers sample instead of decoding greedily) and keeps the majority label of each kind, ``"cannot
+tell"`` when no label has more than half of the runs, with the share of runs that agree with it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from ..validate import check_url, redact, redact_url
 
 LEVELS = ("phonology", "morphology", "syntax", "semantics")
 TASKS = ("writing", "math", "coding", "translation", "none")
+CANNOT_TELL = "cannot tell"
+SAMPLING_TEMPERATURE = 0.7
 WORD_RE = re.compile(r"^[A-Za-z]{2,}$")
 
 
@@ -118,27 +123,42 @@ def explain_ffn(model: Model, layers: Sequence[int] | None = None, k: int = 50,
 
 # --- labellers ---------------------------------------------------------------------------------
 class Labeller(Protocol):
-    def label(self, words: Sequence[str]) -> dict: ...
+    def label(self, words: Sequence[str], seed: int | None = None) -> dict: ...
 
 
 def label_prompt(words: Sequence[str]) -> str:
     return ("Here is a list of words that one direction of a language model's feed-forward layer promotes:\n"
             + ", ".join(words) + "\n\nWhich linguistic level do they share most (" + " / ".join(LEVELS)
             + "), and which task are they most useful for (" + " / ".join(TASKS) + ")? "
+            f"If the words share no level or no task, say '{CANNOT_TELL}' for it. "
             "Answer in exactly this form: level: <level>; task: <task>")
 
 
 def parse_label(text: str) -> dict:
-    """``{"level", "task"}`` from a labeller's answer: the first known level and task named in it
-    (``"unknown"`` when none is)."""
+    """``{"level", "task"}`` from a labeller's answer: the first known level and task named in it, or
+    ``"cannot tell"`` when the answer says so first or names none."""
     low = text.lower()
-    tail = low.split("task", 1)
-    return {"level": _first_in(low, LEVELS), "task": _first_in(tail[-1], TASKS)}
+    head, _, tail = low.partition("task")
+    return {"level": _first_in(head if tail else low, LEVELS), "task": _first_in(tail if tail else low, TASKS)}
 
 
 def _first_in(text: str, options: Sequence[str]) -> str:
-    hits = [(text.find(o), o) for o in options if o in text]
-    return min(hits)[1] if hits else "unknown"
+    hits = [(text.find(o), o) for o in (*options, CANNOT_TELL) if o in text]
+    return min(hits)[1] if hits else CANNOT_TELL
+
+
+def consensus(labels: Sequence[dict]) -> dict:
+    """The majority level and task of several labelling runs (``"cannot tell"`` when no label has
+    more than half of them), the share of runs that agree with each, and every run's labels."""
+    out: dict = {"runs": len(labels)}
+    for kind in ("level", "task"):
+        votes = [lab.get(kind, CANNOT_TELL) for lab in labels]
+        top, n = max(((v, votes.count(v)) for v in dict.fromkeys(votes)), key=lambda x: x[1])
+        out[kind] = top if n * 2 > len(votes) else CANNOT_TELL
+        out[f"{kind}_agreement"] = n / len(votes)
+        out[f"{kind}_votes"] = votes
+    out["answer"] = " | ".join(str(lab.get("answer", "")) for lab in labels)
+    return out
 
 
 class OpenAILabeller:
@@ -150,9 +170,12 @@ class OpenAILabeller:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.timeout = model, api_key, timeout
 
-    def label(self, words: Sequence[str]) -> dict:
-        body = {"model": self.model, "temperature": 0,
+    def label(self, words: Sequence[str], seed: int | None = None) -> dict:
+        """Temperature 0 without a seed; with one, sampled at :data:`SAMPLING_TEMPERATURE` with that seed."""
+        body = {"model": self.model, "temperature": 0 if seed is None else SAMPLING_TEMPERATURE,
                 "messages": [{"role": "user", "content": label_prompt(words)}]}
+        if seed is not None:
+            body["seed"] = int(seed)
         req = urllib.request.Request(self.url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json",
                                               **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})})
@@ -172,20 +195,39 @@ class LocalLabeller:
     def __init__(self, model: Model, max_new_tokens: int = 24):
         self.model, self.max_new_tokens = model, max_new_tokens
 
-    def label(self, words: Sequence[str]) -> dict:
+    def label(self, words: Sequence[str], seed: int | None = None) -> dict:
+        """Greedy without a seed; with one, sampled at :data:`SAMPLING_TEMPERATURE` after seeding torch."""
         from .attribution import greedy_response
 
         m = self.model
         text = m.chat_text(label_prompt(words)) if m.chat_template else label_prompt(words) + "\nlevel:"
         ids = m.tok(text, add_special_tokens=not m.chat_template)["input_ids"]
-        answer = m.tok.decode(greedy_response(m, ids, self.max_new_tokens))
+        if seed is None:
+            new = greedy_response(m, ids, self.max_new_tokens)
+        else:
+            torch.manual_seed(int(seed))
+            x = torch.tensor([ids], device=m.device)
+            with torch.no_grad():
+                out = m.hf.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
+                                    temperature=SAMPLING_TEMPERATURE, top_p=1.0, top_k=0,
+                                    max_new_tokens=self.max_new_tokens, pad_token_id=m.pad_id)
+            new = out[0, x.shape[1]:].tolist()
+        answer = m.tok.decode(new, skip_special_tokens=True)
         if not m.chat_template:
             answer = "level:" + answer
         return {**parse_label(answer), "answer": answer}
 
 
-def label_layers(layers: Sequence[FfnLayer], labeller: Labeller, n_pcs: int = 10) -> list[FfnLayer]:
-    """Label the first ``n_pcs`` components of each layer (in place; also returned)."""
+def label_layers(layers: Sequence[FfnLayer], labeller: Labeller, n_pcs: int = 10,
+                 seeds: int = 1) -> list[FfnLayer]:
+    """Label the first ``n_pcs`` components of each layer (in place; also returned). ``seeds = 1``:
+    one deterministic run per component; ``seeds > 1``: that many sampled runs (seeds 0..), combined
+    by :func:`consensus` (majority label or "cannot tell", with the agreement)."""
+    if seeds < 1:
+        raise SteerlabError(f"seeds must be >= 1, got {seeds}")
     for fl in layers:
-        fl.labels = [labeller.label(ws) for ws in fl.words[:n_pcs]]
+        if seeds == 1:
+            fl.labels = [labeller.label(ws) for ws in fl.words[:n_pcs]]
+        else:
+            fl.labels = [consensus([labeller.label(ws, seed=s) for s in range(seeds)]) for ws in fl.words[:n_pcs]]
     return list(layers)

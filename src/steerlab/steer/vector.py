@@ -39,7 +39,7 @@ import torch
 from ..edits import Ablate, Clamp, Gated, add
 from ..errors import EmptyInputError
 from ..hooks import capture, edit
-from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register
+from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register, text_ids
 from ..models.model import Model
 from ..options import option
 from ..positions import after_first, as_position
@@ -114,9 +114,12 @@ class SteeringVector(Intervention):
     # --- fitting -------------------------------------------------------------------------------
     @classmethod
     def fit(cls, model: Model, data, undesirable: Sequence[str] | None = None,
-            sites: str | Sequence[str] | None = None, method: str = "mean_diff", positions: str = "last",
-            scale: str = "unit", chat: bool = False, batch_size: int = 16) -> SteeringVector:
+            sites: str | Sequence[str] | None = None, method: str = "mean_diff",
+            positions: str = "mean_skip_first", scale: str = "unit", chat: bool = False,
+            batch_size: int = 16) -> SteeringVector:
         """Fit one direction per site pointing from undesirable to desirable activations.
+        ``positions`` defaults to ``steerlab fit steering``'s: the mean over each text's tokens after
+        the first (whose attention-sink state dominates a plain mean); also ``last``, ``mean``, ``aligned``.
 
         ``data`` is a :class:`steerlab.data.ContrastSet` or a ``(desirable, undesirable)`` pair (the
         protocol's ``fit(model, data, **options)``), or the desirable texts with ``undesirable``
@@ -157,6 +160,7 @@ class SteeringVector(Intervention):
             typical[s] = float(a[keep.to(a.device)].norm(dim=-1).median())
         meta = provenance(model, (desirable, undesirable),
                           {"fit_method": method, "positions": positions, "scale": scale},
+                          data_text_ids=text_ids(desirable, undesirable),
                           projection=projection, typical_norm=typical, fit_method=method, positions=positions,
                           scale=scale, chat=chat, d_model=model.d_model, n_layers=model.n_layers,
                           model_type=model.config.model_type, n_desirable=len(desirable),
@@ -348,15 +352,20 @@ class SteeringVector(Intervention):
                 raise VectorError("llama.cpp control vectors have no slot for block 0 (direction.0 is rejected)")
             layers[int(parts[1])] = v.numpy().astype(np.float32)
         path = Path(path)
-        w = gguf.GGUFWriter(str(path), "controlvector")
-        w.add_string("controlvector.model_hint", self.meta.get("model_type", "llama"))
-        w.add_uint32("controlvector.layer_count", len(layers))
-        for layer in sorted(layers):
-            w.add_tensor(f"direction.{layer}", layers[layer])
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            w = gguf.GGUFWriter(str(path), "controlvector")
+            w.add_string("controlvector.model_hint", self.meta.get("model_type", "llama"))
+            w.add_uint32("controlvector.layer_count", len(layers))
+            for layer in sorted(layers):
+                w.add_tensor(f"direction.{layer}", layers[layer])
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+        except OSError as e:  # read-only, a file where a directory should be, a full disk
+            path.unlink(missing_ok=True) if path.is_file() else None
+            raise VectorError(f"cannot write {path}: {e.strerror or e}") from None
         return path
 
     @classmethod
