@@ -292,6 +292,13 @@ def strength(alpha, device, dtype) -> torch.Tensor | float:
     return number(alpha, "strength (alpha)")
 
 
+def finite_tensor(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` when every value is finite (checked once, when an edit is bound), else a ValidationError."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValidationError(f"{what} holds NaN or infinite values")
+    return t
+
+
 def per_row(a, act: torch.Tensor):
     """Broadcast a per-row strength ``[B]`` over positions and features."""
     if isinstance(a, torch.Tensor) and a.dim() == 1:
@@ -312,7 +319,7 @@ class Add(EditFn):
         v = self.vector
         if tuple(v.shape) != tuple(feat_shape) and not (v.dim() == 1 and v.numel() == torch.Size(feat_shape).numel()):
             raise ShapeError(f"vector of shape {tuple(v.shape)} does not fit site {site!r} of shape {tuple(feat_shape)}")
-        self._v = v.reshape(feat_shape).to(device=device, dtype=dtype)
+        self._v = finite_tensor(v.reshape(feat_shape).to(device=device, dtype=dtype), f"the vector added at {site!r}")
         self._a = strength(self.alpha, device, dtype)
         if isinstance(self._a, float):
             self._av = self._a * self._v
@@ -333,7 +340,8 @@ class Scale(EditFn):
     def bind(self, site, feat_shape, device, dtype):
         f = self.factor
         self._per_row = not (isinstance(f, torch.Tensor) and tuple(f.shape) == tuple(feat_shape))
-        self._f = strength(f, device, dtype) if self._per_row else f.to(device=device, dtype=dtype)
+        self._f = strength(f, device, dtype) if self._per_row else \
+            finite_tensor(f.to(device=device, dtype=dtype), f"the scale factor at {site!r}")
 
     def new(self, act):
         return act * (per_row(self._f, act) if self._per_row else self._f)
@@ -350,7 +358,7 @@ class Replace(EditFn):
         v = self.value
         if tuple(v.shape[-len(feat_shape):]) != tuple(feat_shape):
             raise ShapeError(f"value of shape {tuple(v.shape)} does not fit site {site!r} of shape {tuple(feat_shape)}")
-        self._v = v.to(device=device, dtype=dtype)
+        self._v = finite_tensor(v.to(device=device, dtype=dtype), f"the replacement value at {site!r}")
 
     def new(self, act):
         v = self._v
