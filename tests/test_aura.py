@@ -48,7 +48,7 @@ def test_factors_follow_the_formulas():
 
 def test_fit_aurocs_match_sklearn_on_captured_responses():
     m = tiny_model("llama")
-    iv = AurA.fit(m, (GOOD, BAD), layers=[0, 2])
+    iv = AurA.fit(m, (GOOD, BAD), layers=[0, 2], experts="act")
     caps = sl.capture(m, GOOD + BAD, ["blocks.0.mlp.act", "blocks.2.mlp.act"], "max")
     y = np.r_[np.zeros(len(GOOD)), np.ones(len(BAD))]
     for s in ("blocks.0.mlp.act", "blocks.2.mlp.act"):
@@ -58,9 +58,62 @@ def test_fit_aurocs_match_sklearn_on_captured_responses():
     assert iv.sites == [s for s in iv.factors if (iv.factors[s] < 1).any()]
 
 
+EXPERT_MODULES = {"llama": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "gpt2": ("mlp.c_fc", "mlp.c_proj")}
+
+
+def _hooked_max_responses(m, texts, layers, names):
+    """Per (layer, module name), each text's max over tokens of the module's output, read with plain
+    forward hooks, one text at a time (no padding)."""
+    out = {(li, n): [] for li in layers for n in names}
+    for t in texts:
+        got, handles = {}, []
+        for li in layers:
+            for n in names:
+                mod = m.layer(li).get_submodule(n)
+                handles.append(mod.register_forward_hook(lambda mod, a, o, key=(li, n), got=got: got.__setitem__(key, o[0])))
+        with torch.no_grad():
+            m.hf(**{k: v for k, v in m.encode([t]).items() if k in ("input_ids", "attention_mask")})
+        for h in handles:
+            h.remove()
+        for key, o in got.items():
+            out[key].append(o.max(0).values)
+    return {key: torch.stack(v) for key, v in out.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_expert_sites_are_the_projection_outputs_as_plain_hooks_read_them(arch):
+    m = tiny_model(arch)
+    names = EXPERT_MODULES[arch]
+    iv = AurA.fit(m, (GOOD, BAD), layers=[0, 1], variant="det0", top_n=12)
+    ref = _hooked_max_responses(m, GOOD + BAD, [0, 1], names)
+    y = np.r_[np.zeros(len(GOOD)), np.ones(len(BAD))]
+    kinds = {"mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down", "mlp.c_fc": "mlp.up",
+             "mlp.c_proj": "mlp.down"}
+    assert sorted(iv.aurocs) == sorted(f"blocks.{li}.{kinds[n]}" for li in (0, 1) for n in names)
+    caps = sl.capture(m, GOOD + BAD, list(iv.aurocs), "max")
+    for (li, n), r in ref.items():
+        site = f"blocks.{li}.{kinds[n]}"
+        assert torch.allclose(caps[site], r, atol=1e-4), site  # batched (left-padded) = one text at a time
+        auc = [roc_auc_score(y, caps[site][:, j].numpy()) for j in range(r.shape[1])]
+        np.testing.assert_allclose(iv.aurocs[site].numpy(), auc, atol=1e-6)
+    # applying scales exactly those module outputs
+    enc = m.encode(["hello there"])
+    kw = {k: enc[k] for k in ("input_ids", "attention_mask")}
+    handles = [m.layer(li).get_submodule(n).register_forward_hook(
+        lambda mod, a, o, f=iv.factors[f"blocks.{li}.{kinds[n]}"]: o * f) for li in (0, 1) for n in names]
+    with torch.no_grad():
+        ref_logits = m.hf(**kw).logits
+        for h in handles:
+            h.remove()
+        with iv.apply(m):
+            got = m.hf(**kw).logits
+    assert torch.allclose(got, ref_logits, atol=1e-5)
+    assert set(iv.meta["null"]) == {"real", "shuffled_labels", "exceeds_noise"}
+
+
 def test_apply_equals_hand_hook_and_files_roundtrip(tmp_path):
     m = tiny_model("llama")
-    iv = AurA.fit(m, (GOOD, BAD), variant="det0", top_n=10)
+    iv = AurA.fit(m, (GOOD, BAD), variant="det0", top_n=10, experts="act")
     assert sum(int((f == 0).sum()) for f in iv.factors.values()) == 10
     enc = m.encode(["hello there"])
     kw = {k: enc[k] for k in ("input_ids", "attention_mask")}
@@ -78,7 +131,7 @@ def test_apply_equals_hand_hook_and_files_roundtrip(tmp_path):
         after = m.hf(**kw).logits
     assert torch.allclose(got, ref, atol=1e-5) and not torch.allclose(got, base) and torch.equal(after, base)
     back = I.load(iv.save(tmp_path / "aura.safetensors"), m)
-    assert isinstance(back, AurA) and back.meta["options"] == {"variant": "det0", "top_n": 10}
+    assert isinstance(back, AurA) and back.meta["options"] == {"variant": "det0", "experts": "act", "top_n": 10}
     assert all(torch.equal(back.factors[s], iv.factors[s]) for s in iv.factors)
     with pytest.raises(I.InterventionError, match="fitted on model 'tiny-llama'"):
         I.load(tmp_path / "aura.safetensors", tiny_model("llama", seed=1))
@@ -92,6 +145,8 @@ def test_bad_inputs():
     with pytest.raises(AuraError, match="AUROC needs positive and negative examples; got 0 positive"):
         auroc(torch.randn(5, 3), torch.zeros(5, dtype=torch.bool))
     iv = AurA.fit(m, (GOOD, BAD))
+    with pytest.raises(AuraError, match="unknown AurA experts"):
+        AurA.fit(m, (GOOD, BAD), experts="neurons")
     bad = AurA({"blocks.0.mlp.act": torch.ones(7) * 0.5}, meta=dict(iv.meta))
     with pytest.raises(AuraError, match=r"factors for 'blocks.0.mlp.act' has size \(7,\) but tiny-llama has \(48,\)"):
         bad.check(m)
@@ -151,7 +206,9 @@ def test_variant_apply_from_saved_aurocs_equals_a_fit_of_that_variant():
     iv = AurA.fit(m, (GOOD, BAD))  # proportional; the AUROCs are kept
     from steerlab.experiments.recipes import recipe_for
 
-    assert recipe_for("aura").settings(iv, m, None, "quick") == [{"variant": "aura"}, {"variant": "damp"}, {"variant": "det0"}]
+    n = sum(a.numel() for a in iv.aurocs.values())  # 3 layers x (gate 48 + up 48 + down 32) = 384 experts
+    assert n == 384 and recipe_for("aura").settings(iv, m, None, "quick") == [{"variant": "aura"}] + [
+        {"variant": v, "top_n": t} for v in ("damp", "det0") for t in (1, 4, 12)]  # 0.3%, 1%, 3% of them
     auc = np.concatenate([iv.aurocs[s].numpy() for s in iv.aurocs])
     top = np.argsort(-auc, kind="stable")[:5]  # by hand: the 5 units with the highest AUROC over all layers
     hand = np.ones_like(auc)

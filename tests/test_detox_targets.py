@@ -88,7 +88,8 @@ def test_slim_lowers_its_probes_toxic_logits_on_held_out_toxic_prompts(real_mode
     change = {k: _mean_head_logits(m, data["toxic_test"], heads, p["w"], p["b0"], slim, kappa=k) - before
               for k in (1.0, 5.0)}
     print(f"SLIM layer {slim.layer} tau {slim.tau}: mean risk-probe logit on held-out toxic prompts "
-          f"{before.mean():.2f}; change at kappa 1 {change[1.0].mean():.2f}, kappa 5 {change[5.0].mean():.2f}")
+          f"{before.mean():.2f}; change at kappa 1 {change[1.0].mean():.2f}, kappa 5 {change[5.0].mean():.2f}; "
+          f"layer selection {slim.meta.get('layer_selection')}")
     assert before.mean() > 0
     assert change[1.0].mean() < -0.5
     assert change[5.0].mean() < 4 * change[1.0].mean()  # the step grows with kappa
@@ -186,6 +187,11 @@ def test_aura_lowers_its_experts_on_toxic_text_more_than_on_non_toxic(real_model
     print(f"AurA det0 ({int(sum(len(u) for u in units.values()))} experts): mean drop of their max response on "
           f"held-out toxic prompts {drop['toxic_test'].mean():.3f}, on non-toxic {drop['nontoxic_test'].mean():.3f}; "
           f"toxic drop larger for {float((gap > 0).float().mean()):.0%} of the experts")
+    null = aura.meta["null"]
+    print(f"AurA units with AUROC >= 0.7: {null['real']['units_auroc_ge_0.7']} (label-shuffled null: "
+          f"{null['shuffled_labels']['units_auroc_ge_0.7']}); proportional mean factor {null['real']['mean_factor']} "
+          f"(null {null['shuffled_labels']['mean_factor']})")
+    assert null["exceeds_noise"]
     assert drop["toxic_test"].mean() > 1.2 * drop["nontoxic_test"].mean()
     assert float((gap > 0).float().mean()) > 0.6
 

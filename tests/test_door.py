@@ -410,7 +410,7 @@ def test_ill_typed_apply_option_is_refused_before_the_run_directory(tmp_path, ll
 
     g = torch.Generator().manual_seed(0)
     iv = EigenShift.fit(llama, (torch.randn(20, 32, generator=g), torch.randn(20, 32, generator=g)), k=4)
-    for opts, why in (({"k": "abc"}, "k: 'abc' is not a int"), ({"alpha": "abc"}, "alpha: 'abc' is not a float")):
+    for opts, why in (({"k": "abc"}, "k: 'abc' is not an int"), ({"alpha": "abc"}, "alpha: 'abc' is not a float")):
         with pytest.raises(sl.SteerlabError, match=why):
             generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
                          apply_options=opts, progress=False)

@@ -178,7 +178,7 @@ def test_toxic_states_from_given_positions():
     m = tiny_model("llama")
     st = ToxicStates(torch.randn(9, 32), torch.randn(9, 32))
     iv = EigenShift.fit(m, st, k=2)
-    assert iv.meta["options"] == {"k": 2, "alpha": 0.1, "rank": "abs"} and len(iv.delta) == 32
+    assert iv.meta["options"] == {"k": 2, "alpha": 0.1, "rank": "abs", "projection": "standard"} and len(iv.delta) == 32
 
 
 def test_salient_words_and_first_token():
@@ -262,11 +262,13 @@ def test_apply_with_fewer_directions_uses_the_largest_delta_first():
     with pytest.raises(EigenShiftError, match="this edit holds 6 directions but k=7 asks for 7: refit"):
         with iv.apply(m, k=7):
             pass
-    # bench: (0.999, 0.1) and (0.99, 0.1) need k = 1 here; (0.75, 0) needs 8 > 6 and is left out
+    # bench: the k of the grid this edit holds (6 directions: k 1 and 4 of the quick grid, 1, 2, 4 of the full)
     from steerlab.experiments.recipes import recipe_for
 
-    assert recipe_for("eigenshift").settings(iv, m, None, "quick") == [{"percentile": 0.999, "alpha": 0.1},
-                                                                        {"percentile": 0.99, "alpha": 0.1}]
+    assert recipe_for("eigenshift").settings(iv, m, None, "quick") == [
+        {"k": k, "alpha": a} for k in (1, 4) for a in (0.0, 0.5)]
+    assert recipe_for("eigenshift").settings(iv, m, None, "full") == [
+        {"k": k, "alpha": a} for k in (1, 2, 4) for a in (0.0, 0.25, 0.5)]
     assert torch.equal(m.W_U, torch.from_numpy(U).float())
 
 
@@ -286,3 +288,48 @@ def test_rank_t_is_welch_t_of_the_projections_against_scipy():
         dampen(dec, tox[:1], non, k=2, alpha=0.5, rank="t")
     with pytest.raises(EigenShiftError, match="abs.*signed.*t"):
         dampen(dec, tox, non, k=2, alpha=0.5, rank="z")
+
+
+def _public_code_choice(W: np.ndarray, toxic: np.ndarray, nontoxic: np.ndarray, top_k: int) -> np.ndarray:
+    """A numpy transcription of the public code's ranking (reconstruct.py): float32 numpy SVD, states
+    projected with A = Vt.T, delta of the means, argsort, the top_k most positive."""
+    U, S, Vt = np.linalg.svd(W, full_matrices=False)
+    A = np.array(Vt.T)
+    delta = np.mean(A @ toxic.T, axis=1) - np.mean(A @ nontoxic.T, axis=1)
+    top = np.argsort(delta)[top_k:][::-1]
+    return top[:top_k]
+
+
+def test_public_projection_reproduces_the_public_code_and_differs_from_the_standard():
+    m = tiny_model("llama")
+    rng = np.random.default_rng(5)
+    tox = rng.normal(size=(20, 32)).astype(np.float32) + rng.normal(size=32).astype(np.float32)
+    non = rng.normal(size=(25, 32)).astype(np.float32)
+    W = m.W_U.detach().float().numpy()
+    for k in (1, 3, 8):
+        pub = EigenShift.fit(m, (torch.from_numpy(tox), torch.from_numpy(non)), k=k, rank="signed",
+                             projection="public")
+        assert pub.indices.tolist() == _public_code_choice(W, tox, non, k).tolist()
+        assert pub.meta["options"]["projection"] == "public"
+    std = EigenShift.fit(m, (torch.from_numpy(tox), torch.from_numpy(non)), k=8, rank="signed")
+    assert std.indices.tolist() != pub.indices.tolist()
+    # the edit itself is the same operation: the saved singular values are the matrix's
+    assert torch.allclose(pub.sigma, svd(m.W_U).s[pub.indices].float(), rtol=1e-4)
+    with pytest.raises(EigenShiftError, match="unknown projection"):
+        EigenShift.fit(m, (torch.from_numpy(tox), torch.from_numpy(non)), k=2, projection="transposed")
+
+
+def test_matched_positions_draw_non_toxic_states_from_the_toxic_positions():
+    from steerlab.steer.toxic_states import generate_with_states, matched_nontoxic
+
+    m = tiny_model("llama")
+    new, states = generate_with_states(m, ["hello world", "steer me", "a b c"], GenConfig(max_new_tokens=6))
+    # greedy: every state's argmax is the token it produced, so the filter keeps all of them
+    got = matched_nontoxic(m, [(new, states)], [3], seed=0)
+    assert torch.equal(got, states[:, 3])
+    got = matched_nontoxic(m, [(new, states)], [1, 4], seed=1)
+    assert all(torch.equal(g, states[r, 1]) or torch.equal(g, states[r, 4]) for r, g in enumerate(got))
+    with pytest.raises(StateCollectionError, match="needs toxic states to draw positions from"):
+        matched_nontoxic(m, [(new, states)], [], seed=0)
+    with pytest.raises(StateCollectionError, match="unknown positions"):
+        collect_states(m, ["hi"], GenConfig(max_new_tokens=2), scorer="profanity", positions="middle")

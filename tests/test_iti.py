@@ -163,3 +163,31 @@ def test_fixed_text_pass_equals_token_by_token_generation(llama):
     torch.testing.assert_close(full, steps, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(llama.hf(input_ids=ids).logits[0], full)
+
+
+def test_ties_in_accuracy_are_broken_by_auroc_then_layer_then_head():
+    acc = torch.tensor([[0.9, 0.8, 0.9], [0.9, 0.7, 0.8]])
+    auc = torch.tensor([[0.95, 0.99, 0.97], [0.97, 0.5, 0.99]])
+    res = pr.HeadProbes([4, 7], acc, auc, None, None, torch.zeros(2, 3, 2), torch.zeros(2, 3))
+    # 0.9: (4,2) and (7,0) tie at AUROC 0.97 -> the earlier layer first, then (4,0); 0.8: (4,1), (7,2) tie again
+    assert res.top_heads(6) == [(4, 2), (7, 0), (4, 0), (4, 1), (7, 2), (7, 1)]
+    # the order of a hand-made sort key over (-acc, -auc, layer, head)
+    keys = sorted((-float(acc[i, j]), -float(auc[i, j]), [4, 7][i], j) for i in range(2) for j in range(3))
+    assert res.top_heads(6) == [(k[2], k[3]) for k in keys]
+
+
+def test_bootstrap_stability_of_the_chosen_heads(llama):
+    from steerlab.steer.iti import head_stability, resample
+
+    data = pr.probe_data(llama, _labelled())
+    r = resample(data, torch.Generator().manual_seed(0))
+    for part in ("train", "validation"):  # class counts kept, rows drawn from the original rows
+        assert r.labels[part].sum() == data.labels[part].sum() and r.heads[part].shape == data.heads[part].shape
+        orig = {tuple(x.flatten().tolist()) for x in data.heads[part][0]}
+        assert all(tuple(x.flatten().tolist()) in orig for x in r.heads[part][0])
+    iv = ITI.fit(llama, data, k=3, bootstrap=4, seed=1)
+    st = iv.meta["stability"]
+    assert st["resamples"] == 4 and sorted(st["per_head"]) == sorted(f"{a}.{b}" for a, b in iv.heads)
+    assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for v in st["per_head"].values())
+    assert st["mean_kept"] == pytest.approx(np.mean(list(st["per_head"].values())), abs=1e-3)
+    assert st == head_stability(data, pr.probe_heads(data).top_heads(3), 1e-2, 4, seed=1)  # seeded

@@ -70,10 +70,10 @@ def test_vote_threshold_brute_force():
     for layer in range(3):
         counts = fires[layer].sum(0).numpy()
         risks = []
-        for t in range(1, 6):
+        for t in range(0, 5):  # 0..H-1, the paper's range
             f, yy = counts >= t, y.bool().numpy()
             risks.append((f & ~yy).sum() / (~yy).sum() + (~f & yy).sum() / yy.sum())
-        assert int(tau[layer]) == 1 + int(np.argmin(risks)) and float(rk[layer]) == pytest.approx(min(risks))
+        assert int(tau[layer]) == int(np.argmin(risks)) and float(rk[layer]) == pytest.approx(min(risks))
 
 
 def test_choose_layer_breaks_ties_by_mean_head_risk():
@@ -151,4 +151,4 @@ def test_probe_data_and_heads_on_a_tiny_model(tmp_path):
     path = pr.heatmap(res, tmp_path / "h.png")
     assert path.stat().st_size > 1000 and res.to_dict()["head_accuracy"][1][2] == round(float(res.head_acc[1, 2]), 4)
     rp = pr.risk_probes(data, epochs=50)
-    assert rp.w.shape == (L, H, dh) and rp.layer in data.layers and 1 <= int(rp.tau.min()) <= H
+    assert rp.w.shape == (L, H, dh) and rp.layer in data.layers and 0 <= int(rp.tau.min()) <= int(rp.tau.max()) <= H - 1

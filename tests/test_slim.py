@@ -1,6 +1,8 @@
 """SLIM (steerlab.steer.slim): the Gaussian optimal-transport map and its chance constraint, the
 probe-gated runtime edit against an independent computation, solver failures, files."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -222,3 +224,39 @@ def test_every_position_edit_equals_token_by_token_last_position_edits(llama):
     with torch.no_grad():
         plain = llama.hf(input_ids=ids).logits[0]
     assert not torch.allclose(plain, full)
+
+
+def test_layer_chosen_by_the_edits_effect_among_layers_within_one_se_of_the_best(llama):
+    words = ["calm", "kind", "warm", "nice", "rude", "vile", "mean", "nasty"]
+    texts = [f"{words[i % 8]} {i} {words[(i * 3) % 8]}" for i in range(60)]
+    lab = pr.labelled_from_texts(texts, [int(t.split()[0] in words[4:]) for t in texts], validation=0.3)
+    data = pr.probe_data(llama, lab)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        iv = S.SLIM.fit(llama, data, epochs=100, shrink=0.2)
+        by_risk = S.SLIM.fit(llama, data, epochs=100, shrink=0.2, layer_choice="risk")
+    sel = iv.meta["layer_selection"]
+    rp = pr.risk_probes(data, epochs=100)
+    # candidates: exactly the layers whose risk is within the bound, the bound at least the best risk
+    assert sel["risk_bound"] >= float(rp.layer_risk.min()) - 1e-6
+    assert sorted(sel["candidates"]) == [lay for lay, r in zip(data.layers, rp.layer_risk.tolist())
+                                         if r <= sel["risk_bound"] + 1e-6]
+    margins = {lay: c["margin"] for lay, c in sel["candidates"].items()}
+    assert iv.layer == max(margins, key=lambda k: (margins[k], -k))
+    assert by_risk.layer == rp.layer and "layer_selection" not in by_risk.meta
+    # the shift measured without a forward pass equals what the runtime edit does to those activations
+    li = data.layers.index(iv.layer)
+    a = data.heads["validation"][li]
+    p = iv.params
+    shift = S.edit_shift(a, p["w"], p["b0"], iv.tau, p["A"], p["b"], p["active"], kappa=0.6)
+    new, _ = _bound_edit(iv, 0.6).move(a[:, None])
+    want = (new[:, 0] - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)
+    torch.testing.assert_close(shift, want)
+    with pytest.raises(S.SLIMError, match="unknown SLIM layer choice"):
+        S.SLIM.fit(llama, data, epochs=5, layer_choice="depth")
+
+
+def _bound_edit(iv, kappa):
+    fn = S.SLIMEdit(iv, kappa)
+    fn.bind(S.heads_site(iv.layer), None, torch.device("cpu"), torch.float32)
+    return fn

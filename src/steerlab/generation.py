@@ -27,6 +27,7 @@ from transformers import LogitsProcessorList
 from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
 from .parallel import run_loop
+from .profile import stage
 from .progress import progress_iter
 from .registry import choose
 from .scoring.registry import scorer_identity
@@ -325,7 +326,8 @@ def score_rows(rows: list[dict], scorer, field: str = "continuation") -> list[di
     one scorer call; rows are returned unchanged without a scorer."""
     if scorer is None or not rows:
         return rows
-    scores = scorer.score([r[field] for r in rows])
+    with stage("scoring"):
+        scores = scorer.score([r[field] for r in rows])
     for j, r in enumerate(rows):
         r["toxicity"] = float(scores[scorer.attributes[0]][j])
         r["scores"] = {a: float(v[j]) for a, v in scores.items()}

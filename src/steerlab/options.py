@@ -112,7 +112,8 @@ def parse_value(spec: Spec, text: Any, hint: str = "") -> Any:
         return spec.type(text)
     except ValueError:
         what = f"comma-separated list of {spec.item.__name__}s" if spec.type is list else spec.type.__name__
-        raise OptionError(f"{hint or spec.name}: {text!r} is not a {what}") from None
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise OptionError(f"{hint or spec.name}: {text!r} is not {article} {what}") from None
 
 
 def check_value(spec: Spec, value: Any, owner: str) -> Any:

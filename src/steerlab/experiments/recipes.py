@@ -84,20 +84,17 @@ def _steering_fit(cls, model: Model, data: BenchData, preset: str):
 
 
 def _steering_settings(iv, model: Model, data: BenchData, preset: str) -> list[dict]:
-    """Per site, strengths in units of the site's typical residual norm on validation prompts
-    (activation addition at every position, and at generated positions only), the gated variant,
+    """Per site, strengths in units of the site's typical token-state norm (the ``strength`` option;
+    the norm measured on the fitting texts) (activation addition at every position, and at generated positions only), the gated variant,
     and clamping the projection to the non-toxic level (not directional ablation: the direction
     points from toxic to non-toxic and ordinary tokens project on its non-toxic side, so removing
     the component raised toxicity in the steering study, docs/steering.md)."""
-    from ..steer.sweep import typical_norms
-
-    norms = typical_norms(model, data.validation[:32], list(iv.directions))
     rel = (0.1, 0.25) if preset == "quick" else (0.05, 0.1, 0.25, 0.5)
     out = []
-    for site, norm in norms.items():
-        out += [{"sites": [site], "alpha": round(a * norm, 4)} for a in rel]
-        out += [{"sites": [site], "alpha": round(rel[-1] * norm, 4), "where": "generated"},
-                {"sites": [site], "alpha": round(2 * rel[-1] * norm, 4), "mode": "gated"},
+    for site in iv.directions:
+        out += [{"sites": [site], "strength": a} for a in rel]
+        out += [{"sites": [site], "strength": rel[-1], "where": "generated"},
+                {"sites": [site], "strength": 2 * rel[-1], "mode": "gated"},
                 {"sites": [site], "alpha": 1.0, "mode": "clamp"}]
     return out
 
@@ -137,46 +134,60 @@ def _slim_metrics(iv, model: Model, data: BenchData, prompts, neutral, options: 
                           "layer": iv.layer, "tau": iv.tau}}
 
 
-EIGENSHIFT_SETTINGS: tuple[tuple[float, float], ...] = ((0.999, 0.1), (0.99, 0.1), (0.75, 0.0))
-"""(percentile, alpha) pairs the benchmark tries on validation: the public code's default (k = 1 for
-d = 576), the top 1% at the same alpha, and the paper's reported run (k = 144, the directions removed)."""
+EIGENSHIFT_K: dict[str, tuple[int, ...]] = {"quick": (1, 4, 16, 64), "full": (1, 2, 4, 8, 16, 32, 64)}
+EIGENSHIFT_ALPHA: dict[str, tuple[float, ...]] = {"quick": (0.0, 0.5), "full": (0.0, 0.25, 0.5)}
+"""The (k, alpha) grid the benchmark tries on validation: k doubling from 1 (the public code's default
+for d = 576) to 64, alpha from removing the directions (0, the paper's reported run) to halving them;
+the quick preset takes every other k and the two ends of alpha (8 settings instead of 21)."""
 
 
 def _eigenshift_fit(cls, model: Model, data: BenchData, preset: str):
     """States from the model's own continuations of the benchmark's training prompts, scored by the
     benchmark's scorer: the prompts with the most toxic training scores (quick: the 128 most toxic x
     8 samples of 16 tokens; otherwise every training prompt x 8 of 20 tokens: toxic-prone prompts
-    give toxic continuations, which the argmax filter thins out). The fit keeps the top 25% of the
-    directions by |delta| (percentile 0.75, the paper's run), so that every setting of
-    :data:`EIGENSHIFT_SETTINGS` applies a prefix of them."""
+    give toxic continuations, which the argmax filter thins out). Directions ranked by Welch's t (a
+    difference that stands out from the spread of the states, not a wide spread); the fit keeps the
+    largest k of the grid, so every setting applies a prefix of them."""
     from ..generation import GenConfig
 
     quick = preset == "quick"
     order = sorted(range(len(data.train)), key=lambda i: -data.train_scores[i])
     prompts = [data.train[i] for i in (order[:128] if quick else order)]
     cfg = GenConfig(max_new_tokens=16 if quick else 20, sampling="t1.0", k=8, seed=data.seed)
-    return cls.fit(model, prompts, percentile=min(p for p, _ in EIGENSHIFT_SETTINGS), alpha=0.1, cfg=cfg,
+    ks = EIGENSHIFT_K["quick" if quick else "full"]
+    return cls.fit(model, prompts, k=min(max(ks), model.d_model), alpha=0.0, rank="t", cfg=cfg,
                    scorer=data.scorer, progress=False)
 
 
 def _eigenshift_settings(iv, model: Model, data: BenchData, preset: str) -> list[dict]:
-    """The (percentile, alpha) pairs of :data:`EIGENSHIFT_SETTINGS` that this edit holds directions for."""
-    from ..steer.eigenshift import choose_k
+    """The (k, alpha) grid of :data:`EIGENSHIFT_K` x :data:`EIGENSHIFT_ALPHA` that this edit holds
+    directions for."""
+    key = "quick" if preset == "quick" else "full"
+    return [{"k": k, "alpha": a} for k in EIGENSHIFT_K[key] if k <= len(iv.indices) for a in EIGENSHIFT_ALPHA[key]]
 
-    n = len(iv.indices)
-    return [{"percentile": p, "alpha": a} for p, a in EIGENSHIFT_SETTINGS if choose_k(model.d_model, p) <= n]
+
+def _aura_settings(iv, model: Model, data: BenchData, preset: str) -> list[dict]:
+    """AurA's proportional dampening, and damp / det0 of the top 0.3%, 1% and 3% of the experts by
+    AUROC (from the AUROCs of one fit)."""
+    if not iv.aurocs:
+        return [{}]
+    n = sum(a.numel() for a in iv.aurocs.values())
+    sizes = sorted({max(1, round(f * n)) for f in (0.003, 0.01, 0.03)})
+    return [{"variant": "aura"}] + [{"variant": v, "top_n": t} for v in ("damp", "det0") for t in sizes]
+
+
+SLIM_KAPPAS = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
+"""kappa 1 (a fully flagged head lands on its transported value) to 20 (the paper swept 20-60): on
+SmolLM2-135M the probe logit already crosses the boundary near kappa 1 and kappa 20 moves heads by
+about 2.4 times their norm, so the effect turns on between 1 and 20."""
 
 
 register_recipe("steering", fit=_steering_fit, settings=_steering_settings)
 register_recipe("iti", fit=_iti_fit, settings=lambda iv, model, data, preset: [
     {"alpha": a} for a in (2.0, 5.0, 10.0, 15.0, 25.0)])  # around the paper's 15; the rule drops broken ones
-# kappa 1 (a fully flagged head lands on its transported value) to 60 (the paper swept 20-60); on
-# SmolLM2-135M the transported value is about 10% of a head's norm away, so 10-60 are the real candidates
 register_recipe("slim", fit=lambda cls, model, data, preset: _probe_fit(cls, model, data), metrics=_slim_metrics,
-                settings=lambda iv, model, data, preset: [{"kappa": k} for k in (1.0, 5.0, 10.0, 20.0, 40.0, 60.0)])
-# AurA's three variants (proportional, damp and det0 of the top 1%) from the AUROCs of one fit
-register_recipe("aura", settings=lambda iv, model, data, preset: [{"variant": v} for v in ("aura", "damp", "det0")]
-                if iv.aurocs else [{}])
+                settings=lambda iv, model, data, preset: [{"kappa": k} for k in SLIM_KAPPAS])
+register_recipe("aura", settings=_aura_settings)
 register_recipe("eigenshift", fit=_eigenshift_fit, settings=_eigenshift_settings)
 # nothing to learn from the benchmark's data: the strong detox instruction
 register_recipe("selfcorrect", fit=lambda cls, model, data, preset: cls.fit(model))

@@ -316,12 +316,15 @@ class HeadProbes:
     meta: dict = field(default_factory=dict)
 
     def top_heads(self, k: int) -> list[tuple[int, int]]:
-        """The ``k`` (layer, head) pairs of highest validation accuracy (ties: higher AUROC first)."""
+        """The ``k`` (layer, head) pairs of highest validation accuracy. Ties (frequent: accuracy on
+        a small validation set takes few values) are broken deterministically by the higher
+        validation AUROC, then by the earlier layer, then the lower head index."""
         L, H = self.head_acc.shape
         if not 1 <= k <= L * H:
             raise ProbeError(f"k must be between 1 and {L * H} (layers x heads), got {k}")
-        key = (self.head_acc + 1e-4 * self.head_auc).flatten()
-        idx = torch.argsort(key, descending=True, stable=True)[:k].tolist()
+        acc = self.head_acc.double().cpu().numpy().ravel()
+        auc = self.head_auc.double().cpu().numpy().ravel()
+        idx = np.lexsort((np.arange(L * H), -auc, -acc))[:k].tolist()  # last key sorts first
         return [(self.layers[i // H], i % H) for i in idx]
 
     def to_dict(self) -> dict:
@@ -368,11 +371,12 @@ class RiskProbes:
 
 
 def vote_threshold(fires: torch.Tensor, y: torch.Tensor, b: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """For head decisions ``fires [L, H, N]`` (bool), the ``tau`` in 1..H minimising the risk of the
-    rule "at least tau heads fire", per layer: returns ``(tau [L], risk [L])``."""
+    """For head decisions ``fires [L, H, N]`` (bool), the ``tau`` in 0..H-1 (the paper's range; 0: the
+    layer gate always opens and each head acts on its own decision) minimising the risk of the rule
+    "at least tau heads fire", per layer: returns ``(tau [L], risk [L])``."""
     L, H, _ = fires.shape
     counts = fires.sum(1)  # [L, N]
-    taus = torch.arange(1, H + 1, device=fires.device)
+    taus = torch.arange(0, H, device=fires.device)
     r = risk(counts[:, None, :] >= taus[None, :, None], y, b)  # [L, H]
     best = torch.argmin(r, 1)  # first (smallest) tau on ties
     return taus[best], r.gather(1, best[:, None])[:, 0]

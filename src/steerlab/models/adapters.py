@@ -7,7 +7,10 @@ Canonical sites (the same on every architecture):
 ``blocks.{l}.resid_post``    output of decoder block ``l``
 ``blocks.{l}.attn.heads``    input of the attention output projection, viewed as ``[n_heads, d_head]``
 ``blocks.{l}.attn.out``      what the attention sub-layer adds to the residual stream
+``blocks.{l}.mlp.gate``      output of the MLP gate projection (gated MLPs only)
+``blocks.{l}.mlp.up``        output of the MLP up projection (Phi-3: the fused gate_up_proj, 2 d_mlp wide)
 ``blocks.{l}.mlp.act``       input of the MLP down projection (the neurons)
+``blocks.{l}.mlp.down``      output of the MLP down projection (before any post-MLP norm)
 ``blocks.{l}.mlp.out``       what the MLP sub-layer adds to the residual stream
 ``final``                    output of the final norm = input of the unembedding
 """
@@ -35,6 +38,8 @@ class Arch:
     attn_o: str
     mlp: str
     mlp_down: str
+    mlp_up: str = ""
+    mlp_gate: str | None = None
     # modules whose *output* is the sub-layer's contribution to the residual, when it is not the
     # sub-layer's own output (Gemma 2/3 and OLMo 2 norm the attention and MLP outputs before adding them)
     attn_out: str | None = None
@@ -42,23 +47,29 @@ class Arch:
 
 
 _LLAMA = Arch("llama", "model.embed_tokens", "model.layers", "model.norm", "lm_head",
-              "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj")
+              "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj", "mlp.up_proj", "mlp.gate_proj")
+_PHI3 = Arch("phi3", "model.embed_tokens", "model.layers", "model.norm", "lm_head",
+             "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj", "mlp.gate_up_proj")
 _POSTNORM = Arch("postnorm", "model.embed_tokens", "model.layers", "model.norm", "lm_head",
-               "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj",
+               "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj", "mlp.up_proj", "mlp.gate_proj",
                attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
 _GPT2 = Arch("gpt2", "transformer.wte", "transformer.h", "transformer.ln_f", "lm_head",
-             "attn", "attn.c_proj", "mlp", "mlp.c_proj")
+             "attn", "attn.c_proj", "mlp", "mlp.c_proj", "mlp.c_fc")
 _NEOX = Arch("gpt_neox", "gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head",
-             "attention", "attention.dense", "mlp", "mlp.dense_4h_to_h")
+             "attention", "attention.dense", "mlp", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h")
 
 ARCHS: dict[str, Arch] = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "phi3": _LLAMA,
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "phi3": _PHI3,
     "gemma2": _POSTNORM, "gemma3_text": _POSTNORM, "olmo2": _POSTNORM,
     "gpt2": _GPT2, "gpt_neox": _NEOX,
 }
 
-SITE_KINDS = ("resid_pre", "attn.heads", "attn.out", "mlp.act", "mlp.out", "resid_post")
-_SITE_RE = re.compile(r"^blocks\.(-?\d+)\.(resid_pre|resid_post|attn\.heads|attn\.out|mlp\.act|mlp\.out)$")
+SITE_KINDS = ("resid_pre", "attn.heads", "attn.out", "mlp.gate", "mlp.up", "mlp.act", "mlp.down", "mlp.out",
+              "resid_post")
+_SITE_RE = re.compile(r"^blocks\.(-?\d+)\.(resid_pre|resid_post|attn\.heads|attn\.out|mlp\.gate|mlp\.up|mlp\.act|"
+                      r"mlp\.down|mlp\.out)$")
+MLP_EXPERT_KINDS = ("mlp.gate", "mlp.up", "mlp.down")
+"""Site kinds of the MLP projections' outputs (AurA's experts, as apple/ml-aura hooks them)."""
 
 
 def arch_for(model: nn.Module) -> Arch:
@@ -124,9 +135,15 @@ class Site:
             "resid_post": ("", "out"),
             "attn.heads": (arch.attn_o, "in"),
             "attn.out": (arch.attn_out or arch.attn, "out"),
+            "mlp.gate": (arch.mlp_gate, "out"),
+            "mlp.up": (arch.mlp_up, "out"),
             "mlp.act": (arch.mlp_down, "in"),
+            "mlp.down": (arch.mlp_down, "out"),
             "mlp.out": (arch.mlp_out or arch.mlp, "out"),
         }[self.kind]
+        if rel is None:
+            raise SiteError(f"site {self.name!r} is missing in this {arch.name} model: its MLP has no separate "
+                            f"{self.kind.split('.')[1]} projection")
         try:
             return (get_module(block, rel) if rel else block), where
         except (AttributeError, IndexError) as e:

@@ -1,8 +1,13 @@
 """AurA: dampen MLP units in proportion to how well they detect toxicity (Suau et al. 2024,
 apple/ml-aura; the baseline of EigenShift, METHODS.md section 3).
 
-Every unit of every MLP's hidden layer (site ``blocks.{l}.mlp.act``, the input of the down
-projection) is an "expert". Its response to a text is its maximum over the text's real tokens
+An "expert" is one output unit of an MLP projection, as the paper's code hooks them
+(``experts="projections"``, the default): the outputs of the up, gate and down projections
+(``blocks.{l}.mlp.up`` / ``mlp.gate`` / ``mlp.down``; GPT-2: ``c_fc`` and ``c_proj``; GPT-NeoX:
+``dense_h_to_4h`` and ``dense_4h_to_h``; Phi-3: the fused ``gate_up_proj`` and ``down_proj``), located
+through the adapter table. ``experts="act"`` takes instead the input of the down projection
+(``blocks.{l}.mlp.act``, the product of gate and up for a gated MLP: one unit per neuron, steerlab's
+earlier default). Its response to a text is its maximum over the text's real tokens
 (``capture(..., positions="max")``); its AUROC as a detector of toxic texts against non-toxic ones
 is computed for all units at once (:func:`auroc`: the Mann-Whitney rank formula with tied values
 given their average rank, vectorised over units). Factors (:func:`aura_factors`):
@@ -10,6 +15,10 @@ given their average rank, vectorised over units). Factors (:func:`aura_factors`)
 - ``aura``: ``alpha_j = 1 - 2 (AUROC_j - 0.5)`` where ``AUROC_j > 0.5``, else 1;
 - ``damp``: 0.5 for the ``top_n`` units with the highest AUROC (over all layers), 1 elsewhere;
 - ``det0``: 0 for those units.
+
+A label-shuffled null (the same AUROCs with the toxic / non-toxic labels permuted, seeded) is
+computed at fit time and recorded in the metadata (``null``): how many units the proportional
+variant would dampen, and by how much, if the units detected nothing, next to the real numbers.
 
 Applying multiplies each unit's activation by its factor at every position (prompt and generated
 tokens) through :func:`steerlab.edit` with :func:`steerlab.scale`, at the layers with any factor
@@ -25,13 +34,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..hooks import capture, edit, scale
+from ..edits import scale
+from ..errors import SiteError
+from ..hooks import capture, edit
 from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register, text_ids
 from ..models.model import Model
 from ..options import option
 from ..registry import choose
 
 VARIANTS = ("aura", "damp", "det0")
+EXPERTS = ("projections", "act")
 
 
 class AuraError(InterventionError):
@@ -79,6 +91,35 @@ def aura_factors(auc: torch.Tensor, variant: str = "aura", top_n: int | None = N
     return f
 
 
+def expert_sites(model: Model, layers: Sequence[int] | None = None, experts: str = "projections") -> list[str]:
+    """The sites whose units are experts, per layer: the outputs of the MLP projections the model's
+    architecture has (gate, up, down; ``projections``) or the down projection's input (``act``)."""
+    choose("AurA experts", experts, EXPERTS, AuraError)
+    kinds = ("mlp.gate", "mlp.up", "mlp.down") if experts == "projections" else ("mlp.act",)
+    out = []
+    for i in range(model.n_layers) if layers is None else layers:
+        for k in kinds:
+            try:
+                out.append(model.site(f"blocks.{i}.{k}").name)
+            except SiteError:  # no separate gate projection (GPT-2, GPT-NeoX, Phi-3's fused one)
+                continue
+    return out
+
+
+def null_summary(auc: torch.Tensor, null: torch.Tensor) -> dict:
+    """The proportional variant's dampening on the real AUROCs against a label-shuffled null:
+    units with a factor below 1, their mean factor, and units with AUROC >= 0.7, for each."""
+    def side(a):
+        f = aura_factors(a, "aura")
+        low = f < 1
+        return {"units_dampened": int(low.sum()), "mean_factor": round(float(f[low].mean()), 4) if low.any() else 1.0,
+                "units_auroc_ge_0.7": int((a >= 0.7).sum())}
+    real, shuffled = side(auc), side(null)
+    return {"real": real, "shuffled_labels": shuffled,
+            "exceeds_noise": real["units_auroc_ge_0.7"] > 2 * max(1, shuffled["units_auroc_ge_0.7"])
+            and real["mean_factor"] < shuffled["mean_factor"]}
+
+
 def _texts(data) -> tuple[list[str], list[str]]:
     """(non-toxic, toxic) texts from a ContrastSet (desirable = non-toxic) or a pair."""
     try:
@@ -106,6 +147,9 @@ class AuraFitOptions:
     variant: str = option("aura", "aura: factor 1 - 2 (AUROC - 0.5) for units with AUROC > 0.5; damp: 0.5 and "
                           "det0: 0 for the top N", choices=VARIANTS)
     top_n: int = option(0, "units dampened by damp / det0 (0: 1% of all MLP units)", low=0, unit="units")
+    experts: str = option("projections", "projections: the outputs of the MLP's up, gate and down projections (the "
+                          "paper's code); act: the input of the down projection (one unit per neuron)",
+                          choices=EXPERTS)
     prompts: str = option("rtp", "prompt set whose training split (seeded 60/20/20) is generated from")
     n_prompts: int = option(200, "training prompts to generate from (0: all)", low=0, unit="prompts")
     samples: int = option(2, "continuations per prompt", low=1)
@@ -143,27 +187,33 @@ class AurA(Intervention):
 
     @classmethod
     def fit(cls, model: Model, data, variant: str = "aura", top_n: int | None = None,
-            layers: Sequence[int] | None = None, min_texts: int = 8, batch_size: int = 16) -> AurA:
+            layers: Sequence[int] | None = None, min_texts: int = 8, batch_size: int = 16,
+            experts: str = "projections", seed: int = 0) -> AurA:
         """Fit from ``(non_toxic_texts, toxic_texts)`` (or a ContrastSet, desirable = non-toxic):
-        max-pooled responses of every unit of ``blocks.{l}.mlp.act`` (all layers by default), their
-        AUROCs, and the factors of ``variant`` (``damp``/``det0``: ``top_n`` units, default 1% of them)."""
+        max-pooled responses of every expert (:func:`expert_sites`; all layers by default), their
+        AUROCs, and the factors of ``variant`` (``damp``/``det0``: ``top_n`` units, default 1% of them);
+        ``seed`` permutes the labels of the null recorded in ``meta["null"]``."""
         non, tox = _texts(data)
         if len(tox) < min_texts or len(non) < min_texts:
             raise AuraError(f"found {len(tox)} toxic and {len(non)} non-toxic texts; AurA needs at least {min_texts} "
                             f"of each: use more prompts (--n-prompts), more samples per prompt (--samples), a "
                             f"toxicity-prone prompt set (rtp) or a lower --threshold")
         choose("AurA variant", variant, VARIANTS, AuraError)
-        sites = [model.site(f"blocks.{i}.mlp.act").name for i in (range(model.n_layers) if layers is None else layers)]
+        sites = expert_sites(model, layers, experts)
         caps = capture(model, non + tox, sites, "max", batch_size=batch_size)
         labels = torch.arange(len(non) + len(tox), device=model.device) >= len(non)
-        auc = auroc(torch.cat([caps[s] for s in sites], 1), labels)
+        resp = torch.cat([caps[s] for s in sites], 1)
+        auc = auroc(resp, labels)
+        perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).to(labels.device)
+        null = null_summary(auc, auroc(resp, labels[perm]))
         n = top_n if top_n is not None or variant == "aura" else max(1, math.ceil(0.01 * auc.numel()))
         f = aura_factors(auc, variant, n)
         sizes = [caps[s].shape[1] for s in sites]
-        meta = provenance(model, (non, tox), {"variant": variant, **({"top_n": n} if variant != "aura" else {})},
+        meta = provenance(model, (non, tox), {"variant": variant, "experts": experts,
+                                              **({"top_n": n} if variant != "aura" else {})},
                           data_text_ids=text_ids(non, tox),
                           d_mlp=model.d_mlp, n_toxic=len(tox), n_nontoxic=len(non),
-                          units_dampened=int((f < 1).sum()))
+                          units_dampened=int((f < 1).sum()), null=null)
         return cls(dict(zip(sites, f.split(sizes))), dict(zip(sites, auc.split(sizes))), meta)
 
     def check(self, model: Model, strict: bool = True) -> None:
@@ -191,14 +241,19 @@ class AurA(Intervention):
         cfg = GenConfig(max_new_tokens=o.max_new_tokens, sampling="t1.0", k=o.samples, seed=o.seed)
         data = texts_from_generations(model, training_prompts(o.prompts, o.n_prompts, o.seed), cfg, o.scorer,
                                       o.threshold)
-        iv = cls.fit(model, data, variant=o.variant, top_n=o.top_n or None, min_texts=o.min_texts)
+        iv = cls.fit(model, data, variant=o.variant, top_n=o.top_n or None, min_texts=o.min_texts, experts=o.experts,
+                     seed=o.seed)
         iv.meta["n_texts"] = {"non_toxic": len(data[0]), "toxic": len(data[1])}
         return iv
 
     def fit_summary(self) -> list[str]:
         n = self.meta.get("n_texts")
         return ([f"{n['toxic']} toxic and {n['non_toxic']} non-toxic texts"] if n else []) + \
-            [f"{self.meta['units_dampened']} units dampened over {len(self.sites)} layers"]
+            [f"{self.meta['units_dampened']} units dampened over {len(self.sites)} sites"] + \
+            ([f"proportional dampening vs label-shuffled null: {nu['real']['units_auroc_ge_0.7']} units with AUROC "
+              f">= 0.7 against {nu['shuffled_labels']['units_auroc_ge_0.7']}; mean factor "
+              f"{nu['real']['mean_factor']} against {nu['shuffled_labels']['mean_factor']}"]
+             if (nu := self.meta.get("null")) else [])
 
     @contextmanager
     def apply(self, model: Model, *, variant, top_n, strict: bool = True):

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -84,13 +85,27 @@ def welch_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(se > 0, diff / se.clamp_min(1e-30), torch.zeros_like(diff))
 
 
+PROJECTIONS = ("standard", "public")
+
+
+def public_basis(U: torch.Tensor) -> torch.Tensor:
+    """The rows the public code projects states on: it takes numpy's float32 SVD ``W = U S Vt`` of the
+    unembedding (LAPACK's signs, no convention) and computes ``Vt.T @ h``, so its coordinate ``i`` is
+    ``h`` dotted with *column* ``i`` of ``Vt``: the basis returned is ``Vt.T`` ``[d, d]`` (float64),
+    for :func:`projections`. Not the coordinates ``s_i`` scales (those are ``Vt @ h``); kept to compare
+    with the paper's published numbers, which came from it."""
+    _, _, vt = np.linalg.svd(U.detach().float().cpu().numpy(), full_matrices=False)
+    return torch.from_numpy(vt.T.astype(np.float64)).to(U.device)
+
+
 def dampen(dec: SVD, toxic: torch.Tensor, nontoxic: torch.Tensor, k: int, alpha: float,
-           rank: str = "abs") -> Dampening:
+           rank: str = "abs", basis: torch.Tensor | None = None) -> Dampening:
     """delta_i = mean_toxic(p_i) - mean_nontoxic(p_i) with ``p = Vt @ h``; the ``k`` directions with
     the largest ``|delta|`` (``rank="abs"``), the largest ``delta`` (``"signed"``, the paper's rule,
     under :func:`svd`'s sign convention) or the largest ``|t|`` (``"t"``: Welch's t of the toxic against
     the non-toxic projections, the difference in units of its standard error, so that directions
-    where the states merely spread widely do not win) are dampened to ``alpha * s_i``."""
+    where the states merely spread widely do not win) are dampened to ``alpha * s_i``. ``basis``
+    (default ``dec.Vt``) replaces the rows the states are projected on (:func:`public_basis`)."""
     choose("rank (abs: |delta|, signed: delta, t: |Welch's t|)", rank, RANKS, EigenShiftError)
     d = dec.Vt.shape[0]
     for name, h in (("toxic", toxic), ("non-toxic", nontoxic)):
@@ -99,7 +114,8 @@ def dampen(dec: SVD, toxic: torch.Tensor, nontoxic: torch.Tensor, k: int, alpha:
         if h.shape[0] == 0:
             raise EigenShiftError(f"no {name} states: EigenShift needs at least one of each")
     k = choose_k(d, k=k)
-    pt, pn = projections(dec.Vt, toxic), projections(dec.Vt, nontoxic)
+    B = dec.Vt if basis is None else basis
+    pt, pn = projections(B, toxic), projections(B, nontoxic)
     delta = pt.mean(0) - pn.mean(0)
     key = {"abs": delta.abs, "signed": lambda: delta, "t": lambda: welch_t(pt, pn).abs()}[rank]()
     idx = key.topk(k).indices
@@ -154,6 +170,11 @@ class EigenShiftFitOptions:
                           unit="x s_i")
     rank: str = option("abs", "abs: largest |delta| (sign-free); signed: largest delta (the paper); t: largest "
                        "|Welch's t| of the toxic against the non-toxic projections", choices=RANKS)
+    projection: str = option("standard", "standard: coordinates Vt h (what s_i scales); public: the public "
+                             "code's transposed Vt^T h with numpy's signs (the paper's published setting, not "
+                             "recommended)", choices=PROJECTIONS)
+    positions: str = option("first", "non-toxic states at: first (the first generated token, the paper) or "
+                            "matched (positions drawn from those of the toxic states)", choices=("first", "matched"))
     scorer: str = option("default", "scorer labelling the continuations")
     threshold: float = option(0.5, "toxic when the scorer gives >= threshold", low=0.0, high=1.0)
     saliency: str = option("auto", "how toxic words are found", choices=("auto", "bilstm", "lexicon"))
@@ -204,12 +225,15 @@ class EigenShift(Intervention):
 
     @classmethod
     def fit(cls, model: Model, data: ToxicStates | tuple | Sequence, percentile: float = 0.999, alpha: float = 0.1,
-            k: int | None = None, rank: str = "abs", min_states: int = 8, **collect) -> EigenShift:
+            k: int | None = None, rank: str = "abs", min_states: int = 8, projection: str = "standard",
+            **collect) -> EigenShift:
         """Fit from ``data``: a :class:`~steerlab.steer.toxic_states.ToxicStates`, a ``(toxic, nontoxic)``
         pair of ``final`` states ``[n, d]``, or prompts (their states are collected with
         :func:`~steerlab.steer.toxic_states.collect_states` and ``collect``: cfg, scorer, threshold,
         saliency). ``k`` overrides ``percentile``; ``alpha`` scales the dampened singular values;
-        ``rank``: ``abs`` (largest |delta|, sign-free), ``signed`` (largest delta) or ``t`` (largest |Welch t|)."""
+        ``rank``: ``abs`` (largest |delta|, sign-free), ``signed`` (largest delta) or ``t`` (largest |Welch t|); ``projection="public"``: the public
+        code's transposed projection (:func:`public_basis`; with ``rank="signed"``, its exact choice)."""
+        choose("projection", projection, PROJECTIONS, EigenShiftError)
         kk = choose_k(model.d_model, percentile, k)
         if not 0.0 <= alpha < 1.0:
             raise EigenShiftError(f"alpha must be in [0, 1) (the dampened s_i become alpha * s_i), got {alpha}")
@@ -223,9 +247,11 @@ class EigenShift(Intervention):
             fitted = text_ids([p if isinstance(p, str) else getattr(p, "text", "") for p in data])
         check_counts(states, min_states)
         U = model.W_U
-        damp = dampen(svd(U), states.toxic.to(U.device), states.nontoxic.to(U.device), kk, alpha, rank)
+        basis = public_basis(U) if projection == "public" else None
+        damp = dampen(svd(U), states.toxic.to(U.device), states.nontoxic.to(U.device), kk, alpha, rank, basis)
         meta = provenance(model, states.data_fingerprint,
-                          {"k": kk, "alpha": alpha, "rank": rank, **({"percentile": percentile} if k is None else {})},
+                          {"k": kk, "alpha": alpha, "rank": rank, "projection": projection,
+                           **({"percentile": percentile} if k is None else {})},
                           d_model=model.d_model, vocab_size=model.vocab_size,
                           unembed_fingerprint=matrix_fingerprint(U), tied=model.tied(), stats=states.stats,
                           **({"data_text_ids": fitted} if fitted else {}))
@@ -252,7 +278,8 @@ class EigenShift(Intervention):
         cfg = GenConfig(max_new_tokens=o.max_new_tokens, sampling=o.sampling, k=o.samples, seed=o.seed,
                         batch_size=o.batch_size)
         iv = cls.fit(model, training_prompts(o.prompts, o.n_prompts, o.seed), percentile=o.percentile,
-                     alpha=o.alpha, k=o.k or None, rank=o.rank, min_states=o.min_states, cfg=cfg, scorer=o.scorer,
+                     alpha=o.alpha, k=o.k or None, rank=o.rank, min_states=o.min_states, projection=o.projection,
+                     positions=o.positions, cfg=cfg, scorer=o.scorer,
                      threshold=o.threshold, saliency=o.saliency)
         if o.figures:
             from .eigenshift_report import report

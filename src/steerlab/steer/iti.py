@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..edits import add
 from ..explain.probes import Labelled, ProbeData, probe_data, probe_heads
-from ..hooks import add, edit
+from ..hooks import edit
 from ..interventions import Intervention, InterventionError, provenance, register
 from ..models.model import Model
 from ..options import option
@@ -45,6 +46,35 @@ def check_head_sites(method: str, tensors: dict[str, torch.Tensor], model: Model
                 f"this {method} file was fitted on {meta.get('model', '?')!r} ({s}: heads x d_head "
                 f"{tuple(t.shape[:2])}); {model.name!r} has {model.n_layers} layers of {shape[0]} heads x "
                 f"{shape[1]}")
+
+
+def resample(pd: ProbeData, gen: torch.Generator) -> ProbeData:
+    """A bootstrap resample of probe data: the rows of each part drawn with replacement, within each
+    class (both classes keep their counts)."""
+    heads, labels = {}, {}
+    for part, y in pd.labels.items():
+        rows = []
+        for cls in (0.0, 1.0):
+            members = torch.nonzero(y.cpu() == cls).flatten()
+            rows.append(members[torch.randint(len(members), (len(members),), generator=gen)])
+        r = torch.cat(rows).to(y.device)
+        heads[part], labels[part] = pd.heads[part][:, r], y[r]
+    return ProbeData(pd.layers, heads, {}, labels, dict(pd.meta))
+
+
+def head_stability(pd: ProbeData, top: list[tuple[int, int]], l2: float, n: int, seed: int = 0) -> dict:
+    """How stable the chosen heads ``top`` are: over ``n`` bootstrap resamples of the probe data
+    (:func:`resample`; the probes refitted and the top heads chosen again), the share of resamples in
+    which each chosen head is again among the top ``len(top)`` (``per_head``) and the mean share of the
+    chosen heads kept (``mean_kept``)."""
+    gen = torch.Generator().manual_seed(seed)
+    hits = dict.fromkeys(top, 0)
+    for _ in range(n):
+        again = set(probe_heads(resample(pd, gen), l2).top_heads(len(top)))
+        for h in top:
+            hits[h] += h in again
+    per = {f"{layer}.{h}": round(c / n, 3) for (layer, h), c in hits.items()}
+    return {"resamples": n, "seed": seed, "per_head": per, "mean_kept": round(sum(per.values()) / len(per), 3)}
 
 
 def centre_of_mass(acts: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +112,10 @@ class LabelledDataOptions:
 
 @dataclass
 class ITIFitOptions(LabelledDataOptions):
-    k: int = option(16, "heads to shift (the top K by validation accuracy)", low=1, unit="heads")
+    k: int = option(16, "heads to shift (the top K by validation accuracy; ties: higher AUROC, then earlier "
+                    "layer, then lower head)", low=1, unit="heads")
+    bootstrap: int = option(8, "bootstrap resamples of the probe data measuring how stable the chosen heads are "
+                            "(0: none)", low=0, unit="resamples")
 
 
 @dataclass
@@ -115,9 +148,11 @@ class ITI(Intervention):
 
     @classmethod
     def fit(cls, model: Model, data: Labelled | ProbeData, k: int = 16, l2: float = 1e-2,
-            layers=None, batch_size: int = 16, chat: bool = False) -> ITI:
+            layers=None, batch_size: int = 16, chat: bool = False, bootstrap: int = 0, seed: int = 0) -> ITI:
         """Probe every head on ``data`` (labelled texts, or activations from :func:`probe_data`), keep
-        the ``k`` most accurate on validation, and store ``sigma * theta`` for each."""
+        the ``k`` most accurate on validation (ties: :meth:`~steerlab.explain.probes.HeadProbes.top_heads`),
+        and store ``sigma * theta`` for each. ``bootstrap > 0`` records in ``meta["stability"]`` how
+        often each chosen head is chosen again over that many resamples (:func:`head_stability`)."""
         pd = data if isinstance(data, ProbeData) else probe_data(model, data, layers, resid=False,
                                                                  batch_size=batch_size, chat=chat)
         pd.check(model)
@@ -136,7 +171,9 @@ class ITI(Intervention):
         meta = provenance(model, pd.meta.get("data_fingerprint"), {"k": k, "l2": l2},
                           data_text_ids=pd.meta.get("data_text_ids"),
                           model_type=model.config.model_type, source=pd.meta.get("source"),
-                          counts=pd.meta.get("counts"), heads=heads)
+                          counts=pd.meta.get("counts"), heads=heads,
+                          tie_break="validation accuracy, then AUROC, then the earlier layer, then the lower head",
+                          **({"stability": head_stability(pd, top, l2, bootstrap, seed)} if bootstrap else {}))
         return cls(deltas, meta)
 
     def check(self, model: Model, strict: bool = True) -> None:
@@ -158,11 +195,14 @@ class ITI(Intervention):
     @classmethod
     def from_options(cls, model: Model, o: ITIFitOptions) -> ITI:
         """``steerlab fit iti``: probes on labelled prompts, the top K heads."""
-        return cls.fit(model, o.labelled(), k=o.k, layers=o.layers)
+        return cls.fit(model, o.labelled(), k=o.k, layers=o.layers, bootstrap=o.bootstrap, seed=o.seed)
 
     def fit_summary(self) -> list[str]:
         best = ", ".join(f"{h['layer']}.{h['head']} ({h['accuracy']:.2f})" for h in self.meta["heads"][:5])
-        return [f"top heads (layer.head, validation accuracy): {best}"]
+        st = self.meta.get("stability")
+        return [f"top heads (layer.head, validation accuracy): {best}"] + \
+            ([f"chosen heads kept over {st['resamples']} bootstrap resamples: {st['mean_kept']:.0%} on average"]
+             if st else [])
 
     @contextmanager
     def apply(self, model: Model, *, alpha, where, bake, strict: bool = True):

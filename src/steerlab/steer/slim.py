@@ -47,6 +47,8 @@ from ..options import option
 from ..registry import choose
 from .iti import LabelledDataOptions, check_head_sites, heads_site
 
+LAYER_CHOICES = ("effect", "risk")
+
 
 class SLIMError(InterventionError):
     """A SLIM intervention that cannot be fitted (solver failure, too few samples) or does not fit the model."""
@@ -207,6 +209,44 @@ def vote(a: torch.Tensor, w: torch.Tensor, b0: torch.Tensor, tau: int) -> tuple[
     return prob, fire, fire.sum(-1) >= tau
 
 
+def edit_shift(a: torch.Tensor, w, b0, tau: int, A, b, active, kappa: float = 1.0) -> torch.Tensor:
+    """The stage-3 rule applied to captured head activations ``a [N, H, d]`` (no forward pass): per
+    row, the norm of the change over the norm of the activations, ``[N]``."""
+    prob, fire, gate = vote(a, w, b0, tau)
+    move = (fire & gate[..., None] & active).to(a.dtype) * prob
+    new = a + kappa * move[..., None] * (torch.einsum("hde,nhe->nhd", A, a) + b - a)
+    return (new - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def risk_se(fires: torch.Tensor, y: torch.Tensor, b: float = 1.0) -> torch.Tensor:
+    """Binomial standard error of ``FPR + b FNR`` for layer decisions ``fires [L, N]``: ``[L]``."""
+    y = y.bool()
+    fpr, fnr = fires[:, ~y].float().mean(1), (~fires[:, y]).float().mean(1)
+    return (fpr * (1 - fpr) / int((~y).sum()) + b * b * fnr * (1 - fnr) / int(y.sum())).sqrt()
+
+
+def choose_layer_by_effect(pd: ProbeData, rp, b: float, maps) -> tuple[int, dict]:
+    """SLIM's layer among those whose validation vote risk lies within one standard error of the
+    lowest (on a small validation set several usually do): the one whose edit (kappa 1, on the
+    validation activations) moves toxic rows most beyond how much it moves non-toxic rows (the false
+    detections whose semantic shift the paper's stage 3 keeps small). ``maps(layer)`` gives
+    ``(A, b, active)`` torch tensors. Returns the layer and, per candidate, its risk and shifts."""
+    va, yv = pd.heads["validation"], pd.labels["validation"]
+    gates = torch.stack([vote(va[i], rp.w[i], rp.b[i], int(rp.tau[i]))[2] for i in range(len(pd.layers))])
+    best = int(torch.argmin(rp.layer_risk))
+    bound = float(rp.layer_risk[best] + risk_se(gates, yv, b)[best]) + 1e-9
+    info = {}
+    for i in torch.nonzero(rp.layer_risk <= bound).flatten().tolist():
+        A, bb, active = maps(pd.layers[i])
+        shift = edit_shift(va[i], rp.w[i], rp.b[i], int(rp.tau[i]), A.to(va), bb.to(va), active.to(va.device))
+        tox, non = float(shift[yv > 0.5].mean()), float(shift[yv < 0.5].mean())
+        info[pd.layers[i]] = {"risk": round(float(rp.layer_risk[i]), 4), "toxic_shift": round(tox, 4),
+                              "nontoxic_shift": round(non, 4), "margin": round(tox - non, 4)}
+    layer = max(info, key=lambda k: (info[k]["margin"], -k))
+    return layer, {"rule": "within 1 SE of the lowest validation risk; the largest toxic-minus-non-toxic shift "
+                   "of the validation head activations at kappa 1", "risk_bound": round(bound, 4), "candidates": info}
+
+
 class SLIMEdit(EditFn):
     """The stage-3 edit of one layer's heads ``[B, T, H, d]``: at the last position of each call
     (``where="last"``, the method), or at every position a schedule selects (``"all"``: what a
@@ -252,6 +292,9 @@ class SLIMFitOptions(LabelledDataOptions):
     layer: int = option(None, "layer to edit (default: the lowest validation risk)", type=int)
     epochs: int = option(500, "Adam epochs of the risk-aware probes", low=1)
     shrink: float = option(0.1, "covariance shrinkage towards a scaled identity", low=0.0, high=1.0)
+    layer_choice: str = option("effect", "effect: among layers within 1 SE of the lowest validation risk, the one "
+                               "whose edit moves toxic validation heads most beyond non-toxic ones; risk: the lowest "
+                               "risk (ties: mean head risk, then depth)", choices=("effect", "risk"))
     solver: str = option("closed", "transport program solver: closed (exact closed form, ms per head) or cvxpy "
                          "(the conic program with Clarabel, seconds per head)", choices=SOLVERS)
 
@@ -305,34 +348,52 @@ class SLIM(Intervention):
     @classmethod
     def fit(cls, model: Model, data: Labelled | ProbeData, gamma: float = 0.1, b: float = 1.0, lr: float = 2e-3,
             epochs: int = 500, shrink: float = 0.1, layer: int | None = None, layers=None, batch_size: int = 16,
-            chat: bool = False, solver: str = "closed") -> SLIM:
+            chat: bool = False, solver: str = "closed", layer_choice: str = "effect") -> SLIM:
         """Stages 1 and 2 on ``data`` (labelled texts, or activations from :func:`probe_data`); ``layer``
-        overrides the layer chosen by validation risk."""
+        overrides the chosen layer. ``layer_choice``: ``effect`` (:func:`choose_layer_by_effect`) or
+        ``risk`` (the lowest validation risk; ties: :func:`~steerlab.explain.probes.choose_layer`)."""
         choose("SLIM solver", solver, SOLVERS, SLIMError)
+        choose("SLIM layer choice", layer_choice, LAYER_CHOICES, SLIMError)
         pd = data if isinstance(data, ProbeData) else probe_data(model, data, layers, resid=False,
                                                                  batch_size=batch_size, chat=chat)
         pd.check(model)
         rp = risk_probes(pd, b, lr, epochs)
-        layer = rp.layer if layer is None else model.site(heads_site(layer)).layer
-        if layer not in pd.layers:
-            raise SLIMError(f"layer {layer} was not probed (probed layers: {pd.layers})")
+        cache: dict[int, tuple] = {}
+
+        def maps(lay: int) -> tuple:
+            if lay not in cache:
+                li = pd.layers.index(lay)
+                acts, w, b0 = pd.heads["train"][li], rp.w[li], rp.b[li]
+                flags = (torch.einsum("nhd,hd->nh", acts, w) + b0) > 0
+                A, bb, failed = fit_head_maps(acts.double().cpu().numpy(), flags.cpu().numpy(),
+                                              w.double().cpu().numpy(), b0.double().cpu().numpy(), lay, gamma,
+                                              shrink, solver)
+                active = torch.ones(model.n_heads, dtype=torch.bool)
+                active[list(failed)] = False
+                cache[lay] = (torch.from_numpy(A).float(), torch.from_numpy(bb).float(), active, failed, flags)
+            return cache[lay][:3]
+
+        chosen = None
+        if layer is not None:
+            layer = model.site(heads_site(layer)).layer
+            if layer not in pd.layers:
+                raise SLIMError(f"layer {layer} was not probed (probed layers: {pd.layers})")
+        elif layer_choice == "effect":
+            layer, chosen = choose_layer_by_effect(pd, rp, b, maps)
+        else:
+            layer = rp.layer
         li = pd.layers.index(layer)
-        acts = pd.heads["train"][li]  # [N, H, d]
-        w, b0 = rp.w[li], rp.b[li]
-        flags = (torch.einsum("nhd,hd->nh", acts, w) + b0) > 0
-        A, bb, failed = fit_head_maps(acts.double().cpu().numpy(), flags.cpu().numpy(), w.double().cpu().numpy(),
-                                      b0.double().cpu().numpy(), layer, gamma, shrink, solver)
-        active = torch.ones(model.n_heads, dtype=torch.bool)
-        active[list(failed)] = False
-        params = {"w": w.cpu(), "b0": b0.cpu(), "A": torch.from_numpy(A).float(), "b": torch.from_numpy(bb).float(),
-                  "active": active}
+        maps(layer)
+        A, bb, active, failed, flags = cache[layer]
+        params = {"w": rp.w[li].cpu(), "b0": rp.b[li].cpu(), "A": A, "b": bb, "active": active}
         meta = provenance(model, pd.meta.get("data_fingerprint"),
-                          {"gamma": gamma, "b": b, "shrink": shrink, "layer": layer, "solver": solver},
+                          {"gamma": gamma, "b": b, "shrink": shrink, "layer": layer, "solver": solver,
+                           "layer_choice": layer_choice},
                           data_text_ids=pd.meta.get("data_text_ids"),
                           model_type=model.config.model_type, source=pd.meta.get("source"),
                           counts=pd.meta.get("counts"), layer=layer, tau=int(rp.tau[li]),
                           layer_risk=[round(float(r), 4) for r in rp.layer_risk], failed_heads=failed,
-                          flagged=flags.sum(0).tolist())
+                          flagged=flags.sum(0).tolist(), **({"layer_selection": chosen} if chosen else {}))
         return cls(params, meta)
 
     def check(self, model: Model, strict: bool = True) -> None:
@@ -359,7 +420,7 @@ class SLIM(Intervention):
     def from_options(cls, model: Model, o: SLIMFitOptions) -> SLIM:
         """``steerlab fit slim``: risk probes on labelled prompts, the head vote, the transport maps."""
         return cls.fit(model, o.labelled(), gamma=o.gamma, layer=o.layer, epochs=o.epochs, shrink=o.shrink,
-                       layers=o.layers, solver=o.solver)
+                       layers=o.layers, solver=o.solver, layer_choice=o.layer_choice)
 
     def fit_summary(self) -> list[str]:
         failed = self.meta["failed_heads"]

@@ -162,23 +162,42 @@ def _select(model: Model, new: torch.Tensor, states: torch.Tensor, pos: torch.Te
     return h[argmax == new[rows, p]]
 
 
+def matched_nontoxic(model: Model, pending: list[tuple[torch.Tensor, torch.Tensor]], toxic_pos: Sequence[int],
+                     seed: int) -> torch.Tensor:
+    """Non-toxic states at positions drawn (seeded, with replacement) from ``toxic_pos``, the
+    positions of the toxic-word tokens: one per non-toxic row of each ``(new, states)`` in ``pending``
+    (a row shorter than its drawn position gives none), then the argmax filter."""
+    if not toxic_pos:
+        raise StateCollectionError("positions='matched' needs toxic states to draw positions from; none found")
+    rng = np.random.default_rng(seed)
+    out = []
+    for new, states in pending:
+        pos = torch.as_tensor(rng.choice(np.asarray(toxic_pos), size=new.shape[0]), device=new.device)
+        out.append(_select(model, new, states, pos))
+    return torch.cat(out)
+
+
 def collect_states(model: Model, prompts: Sequence, cfg: GenConfig | None = None, scorer="default",
                    threshold: float = 0.5, saliency: str = "auto", min_states: int = 8,
-                   progress: bool | None = None) -> ToxicStates:
+                   progress: bool | None = None, positions: str = "first") -> ToxicStates:
     """Generate continuations of ``prompts`` and return the toxic and non-toxic ``final`` states
     (see the module docstring). ``saliency``: ``auto`` (the BiLSTM where the scorer contains it,
-    else the lexicon), ``bilstm`` or ``lexicon``. Raises :class:`StateCollectionError` with the
-    counts when fewer than ``min_states`` states of either kind are found."""
+    else the lexicon), ``bilstm`` or ``lexicon``. ``positions``: non-toxic states at the first
+    generated token (``first``, the paper) or at positions drawn from those of the toxic-word tokens
+    (``matched``, :func:`matched_nontoxic`: the two sets then differ in toxicity, not in position).
+    Raises :class:`StateCollectionError` with the counts when fewer than ``min_states`` states of
+    either kind are found."""
     from ..progress import progress_iter
     from ..scoring import get_scorer
 
     cfg = cfg or GenConfig(sampling="t1.0", k=4)
     sc = get_scorer(scorer)
     choose("saliency", saliency, ("auto", "bilstm", "lexicon"), StateCollectionError)
+    choose("positions", positions, ("first", "matched"), StateCollectionError)
     if saliency == "auto":
         saliency = "bilstm" if sc.name in BILSTM_SCORERS else "lexicon"
     ids, texts = prompt_ids_texts(prompts)
-    tox, non, lexicon = [], [], {}
+    tox, non, lexicon, pending, found = [], [], {}, [], []
     stats = {"continuations": 0, "toxic_continuations": 0, "toxic_word_found": 0}
     batches = generation_batches(model, ids, texts, cfg)
     for b in progress_iter(batches, "collect states", show=progress if progress is not None else len(batches) >= 4):
@@ -188,15 +207,21 @@ def collect_states(model: Model, prompts: Sequence, cfg: GenConfig | None = None
         stats["continuations"] += len(conts)
         stats["toxic_continuations"] += int(is_tox.sum())
         pos = torch.zeros(len(conts), dtype=torch.long, device=new.device).masked_fill(is_tox, -1)
-        non.append(_select(model, new, states, pos))
+        if positions == "first":
+            non.append(_select(model, new, states, pos))
+        else:
+            pending.append((new[pos == 0], states[pos == 0]))
         t_rows = is_tox.nonzero().squeeze(1)
         t_pos = torch.full_like(pos, -1)
         t_pos[t_rows] = _toxic_positions(model, new[t_rows], [conts[i] for i in t_rows.tolist()], saliency, sc,
                                          threshold, lexicon)
         stats["toxic_word_found"] += int((t_pos >= 0).sum())
+        found += t_pos[t_pos >= 0].tolist()
         tox.append(_select(model, new, states, t_pos))
+    if positions == "matched":
+        non = [matched_nontoxic(model, pending, found, cfg.seed)]
     out = ToxicStates(torch.cat(tox), torch.cat(non), {**stats, "saliency": saliency, "scorer": sc.name,
-                                                        "threshold": threshold},
+                                                        "threshold": threshold, "positions": positions},
                       f"{derive_seed(*ids, cfg):08x}")
     out.stats.update(toxic_states=len(out.toxic), nontoxic_states=len(out.nontoxic))
     check_counts(out, min_states, len(ids), cfg)
