@@ -485,3 +485,21 @@ def test_cli_number_lists_must_be_finite(tmp_path):
 
     code, out = _cli(["steer", "study", "--out", tmp_path / "s", "--model", model_dir(tmp_path), "--alphas", "0.5,nan"])
     assert code == 2 and "'0.5,nan' holds nan; every number must be finite" in out and not (tmp_path / "s").exists()
+
+
+def test_generation_settings_and_edit_values_are_checked(llama):
+    """``GenConfig(max_new_tokens=2.5)``, ``k=True``, ``seed=3.0`` (before: accepted; a float seed
+    even drew other random numbers than the int), a NaN replacement value (before: accepted), and a
+    bare string given as the prompts (before: one prompt per character, refused as duplicates)."""
+    for kw, why in ((dict(max_new_tokens=2.5), "max_new_tokens must be an integer, got float 2.5"),
+                    (dict(k=True), "k must be an integer, got bool True"),
+                    (dict(seed=3.0), "seed must be an integer, got float 3.0"),
+                    (dict(max_new_tokens="5"), "max_new_tokens must be an integer, got str '5'"),
+                    (dict(chat="yes"), "chat must be True or False")):
+        with pytest.raises(sl.SteerlabError, match=re.escape(why)):
+            GenConfig(**kw)
+    with pytest.raises(V.ValidationError, match=r"the replacement value at 'blocks.1.resid_post' holds NaN"):
+        with sl.edit(llama, {SITE: sl.replace(torch.full((32,), float("nan")))}):
+            pass
+    cfg = GenConfig(max_new_tokens=3)
+    assert generate(llama, "hello world", cfg) == generate(llama, ["hello world"], cfg)

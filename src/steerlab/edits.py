@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ShapeError
-from .hooks import EditFn, per_row, strength
+from .hooks import EditFn, finite_tensor, per_row, strength
 
 
 class Add(EditFn):
@@ -23,7 +23,7 @@ class Add(EditFn):
         v = self.vector
         if tuple(v.shape) != tuple(feat_shape) and not (v.dim() == 1 and v.numel() == torch.Size(feat_shape).numel()):
             raise ShapeError(f"vector of shape {tuple(v.shape)} does not fit site {site!r} of shape {tuple(feat_shape)}")
-        self._v = v.reshape(feat_shape).to(device=device, dtype=dtype)
+        self._v = finite_tensor(v.reshape(feat_shape).to(device=device, dtype=dtype), f"the vector added at {site!r}")
         self._a = strength(self.alpha, device, dtype)
         if isinstance(self._a, float):
             self._av = self._a * self._v
@@ -44,7 +44,8 @@ class Scale(EditFn):
     def bind(self, site, feat_shape, device, dtype):
         f = self.factor
         self._per_row = not (isinstance(f, torch.Tensor) and tuple(f.shape) == tuple(feat_shape))
-        self._f = strength(f, device, dtype) if self._per_row else f.to(device=device, dtype=dtype)
+        self._f = strength(f, device, dtype) if self._per_row else \
+            finite_tensor(f.to(device=device, dtype=dtype), f"the scale factor at {site!r}")
 
     def new(self, act):
         return act * (per_row(self._f, act) if self._per_row else self._f)
@@ -61,7 +62,7 @@ class Replace(EditFn):
         v = self.value
         if tuple(v.shape[-len(feat_shape):]) != tuple(feat_shape):
             raise ShapeError(f"value of shape {tuple(v.shape)} does not fit site {site!r} of shape {tuple(feat_shape)}")
-        self._v = v.to(device=device, dtype=dtype)
+        self._v = finite_tensor(v.to(device=device, dtype=dtype), f"the replacement value at {site!r}")
 
     def new(self, act):
         v = self._v
@@ -82,7 +83,8 @@ class Projected(EditFn):
         if self.vector.numel() != torch.Size(feat_shape).numel():
             raise ShapeError(f"vector of shape {tuple(self.vector.shape)} does not fit site {site!r} of shape "
                              f"{tuple(feat_shape)}")
-        self._v = self.vector.reshape(feat_shape).to(device=device, dtype=dtype)
+        self._v = finite_tensor(self.vector.reshape(feat_shape).to(device=device, dtype=dtype),
+                                f"the direction at {site!r}")
         self._u = self._v / self._v.norm().clamp_min(1e-12)
         self._a = strength(self.alpha, device, dtype)
 

@@ -31,7 +31,7 @@ from .profile import stage
 from .progress import progress_iter
 from .registry import choose
 from .scoring.registry import scorer_identity
-from .validate import NonFiniteError, allocation
+from .validate import NonFiniteError, allocation, integer
 
 SAMPLING: dict[str, dict] = {
     "greedy": {"do_sample": False},
@@ -53,6 +53,10 @@ class GenConfig:
 
     def __post_init__(self):
         choose("sampling preset", self.sampling, SAMPLING)
+        for name in ("max_new_tokens", "k", "batch_size", "seed"):  # 2.5 tokens or k=True: not integers
+            integer(getattr(self, name), name, strict=True)
+        if not isinstance(self.chat, bool):
+            raise SteerlabError(f"chat must be True or False, got {self.chat!r}")
         if self.k < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise SteerlabError(f"k, max_new_tokens and batch_size must be >= 1 (got {self.k}, "
                                 f"{self.max_new_tokens}, {self.batch_size})")
@@ -66,7 +70,9 @@ def text_id(text: str) -> str:
 
 def prompt_ids_texts(prompts: Sequence) -> tuple[list[str], list[str]]:
     """Ids and texts of prompts given as strings, dialogues (lists of messages) or Prompt records;
-    ids must be unique."""
+    ids must be unique. A bare string is one prompt (as :meth:`Model.encode` takes it), not one per character."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
     if not prompts:
         raise EmptyInputError("no prompts given: need at least one")
     texts = [p if isinstance(p, str | list) else p.text for p in prompts]

@@ -292,6 +292,13 @@ def strength(alpha, device, dtype) -> torch.Tensor | float:
     return number(alpha, "strength (alpha)")
 
 
+def finite_tensor(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` when every value is finite (checked once, when an edit is bound), else a ValidationError."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValidationError(f"{what} holds NaN or infinite values")
+    return t
+
+
 def per_row(a, act: torch.Tensor):
     """Broadcast a per-row strength ``[B]`` over positions and features."""
     if isinstance(a, torch.Tensor) and a.dim() == 1:

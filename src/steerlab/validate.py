@@ -69,17 +69,19 @@ def number(value: Any, name: str, lo: float | None = None, hi: float | None = No
     return x
 
 
-def integer(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+def integer(value: Any, name: str, minimum: int | None = None, maximum: int | None = None, *,
+            strict: bool = False) -> int:
     """``value`` as an int within ``[minimum, maximum]``; a float with a fraction, a bool, NaN or a
-    non-numeric string is a :class:`ValidationError` naming ``name``."""
+    non-numeric string is a :class:`ValidationError` naming ``name``. ``strict``: only an int is
+    accepted (no string or whole float converted), for settings whose text form matters (a seed)."""
     rng = _range_text(minimum, maximum, False, False)
     want = "" if minimum is None and maximum is None else f" ({rng})"
-    if isinstance(value, str):
+    if isinstance(value, str) and not strict:
         try:
             value = int(value.strip())
         except ValueError:
             raise ValidationError(f"{name} must be an integer{want}, got {value!r}") from None
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and not strict:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValidationError(f"{name} must be an integer{want}, got {type(value).__name__} {value!r:.40}")
