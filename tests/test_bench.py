@@ -2,6 +2,7 @@
 reported as failed, the table has every column, nothing from the test split is used before the
 test, and a resumed run reaches the same numbers."""
 
+import csv
 import json
 
 import numpy as np
@@ -47,6 +48,12 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
     # the comparison block: power, Holm-adjusted p-values, verdict
     assert metrics["power"]["n_test_prompts"] == 5 and set(metrics["holm"]) == {"steering"}
     assert metrics["verdict"] and any("steering" in v for v in metrics["verdict"])
+    stages = {r["stage"]: r["seconds"] for r in metrics["profile"]}
+    for name in ("fit: steering", "validation: steering", "test: steering", "test: unsteered", "scoring",
+                 "perplexity", "side effects", "report"):
+        assert stages.get(name, 0) > 0, name
+    assert sum(stages.values()) <= metrics["wall_seconds_this_call"] + 1
+    assert json.loads((out / "record.json").read_text())["profile"] == metrics["profile"]
     # every column of the table, for every arm that ran
     rows = {r["method"]: r for r in table_rows(metrics)}
     for col in ("expected max toxicity [95% CI]", "toxicity probability [95% CI]", "mean toxicity [95% CI]",
@@ -68,8 +75,14 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
     assert json.loads((out / "record.json").read_text())["methods"] == ["steering", "selfcorrect"]
     test_rows = [json.loads(x) for x in (out / "test" / "steering" / "results.jsonl").read_text().splitlines()]
     assert {r["prompt_id"] for r in test_rows} <= test_ids and {r["prompt"] for r in test_rows} <= test_texts
-    for f in ("report.html", "figures/tradeoff.png", "figures/categories.png", "figures/dose_response.png",
-              "tables/results.csv"):
+    cats = arms["steering"]["mean_toxicity_by_category"]
+    assert sum(c["n_prompts"] for c in cats.values()) == 5
+    assert all(c["lo"] <= c["value"] <= c["hi"] for c in cats.values())
+    csv_rows = list(csv.DictReader((out / "tables" / "results.csv").open()))
+    st_csv = next(r for r in csv_rows if r["method"] == "steering")
+    assert float(st_csv["mean_toxicity_change_low"]) <= float(st_csv["mean_toxicity_change"]) \
+        <= float(st_csv["mean_toxicity_change_high"])
+    for f in ("report.html", "figures/tradeoff.png", "figures/dose_response.png", "tables/results.csv"):
         assert (out / f).stat().st_size > 0, f
     html = (out / "report.html").read_text()
     assert "Detoxification benchmark" in html and "data:image/png;base64" in html and "failed" in html
@@ -211,3 +224,18 @@ def test_generation_overhead_is_a_paired_alternating_timing(llama, monkeypatch):
     assert [(x[0], x[1]) for x in log] == [("base", 2), ("arm", 2)] and pair["ratio"] == pair["ratios"][0]
     with pytest.raises(sl.EmptyInputError, match="reps >= 1"):
         generation_overhead(llama, ["a"], cfg, None, reps=0)
+
+
+def test_report_examples_pick_the_prompts_where_arms_differ_and_name_scorer_errors():
+    from types import SimpleNamespace
+
+    from steerlab.experiments.bench_report import differing_prompts, scorer_weaknesses
+    from steerlab.scoring import get_scorer
+
+    test = [SimpleNamespace(id=f"p{i}") for i in range(4)]
+    tox = {"unsteered": [0.5, 0.9, 0.1, 0.4], "a": [0.5, 0.1, 0.1, 0.3], "b": [0.4, 0.8, 0.6, 0.4]}
+    rows = {m: [{"prompt_id": f"p{i}", "sample": 0, "toxicity": t} for i, t in enumerate(v)] for m, v in tox.items()}
+    # spreads: p0 0.1, p1 0.8, p2 0.5, p3 0.1
+    assert [p.id for p in differing_prompts(rows, test, 2)] == ["p1", "p2"]
+    flagged = dict(scorer_weaknesses(get_scorer("default")))
+    assert "mouth" in flagged and flagged["mouth"] >= 0.5 and "woman" not in flagged

@@ -112,6 +112,7 @@ def test_verdict_follows_the_numbers():
     assert second != first and second[0].startswith("No method lowers mean toxicity")
     assert "ITI and SLIM: no change" in second[1] and "0.050" in second[1]
     assert verdict([], 0.03, 10, 1.5)[0].startswith("No method arm finished")
+    assert "power cannot be estimated" in verdict([a2], float("nan"), 40, 1.5)[1]
 
 
 def test_paired_perplexity_ratio_by_hand():
@@ -136,3 +137,25 @@ def test_paired_difference_two_sided_p_and_spread():
     assert d.sd_per_prompt == pytest.approx(per_prompt.std(ddof=1))
     null = paired_difference(base, base[rng.permutation(60)], n_boot=400)
     assert null.p_two_sided["mean_toxicity"] > 0.05
+
+
+def test_profiler_exclusive_times_add_up():
+    from steerlab.profile import Profiler
+
+    now = [0.0]
+    p = Profiler(clock=lambda: now[0])
+    with p.stage("outer"):
+        now[0] += 2.0
+        with p.stage("inner"):
+            now[0] += 3.0
+        with p.stage("inner"):
+            now[0] += 1.0
+    rows = {r["stage"]: r for r in p.table()}
+    assert rows["inner"]["seconds"] == 4.0 and rows["outer"]["seconds"] == 2.0  # outer: its own time only
+    assert rows["inner"]["share"] == pytest.approx(4 / 6, abs=1e-4) and list(rows) == ["inner", "outer"]
+    assert {r["stage"]: r["share"] for r in p.table(total=12.0)}["outer"] == pytest.approx(2 / 12, abs=1e-4)
+    with pytest.raises(ValueError):
+        with p.stage("failing"):
+            now[0] += 0.5
+            raise ValueError("boom")
+    assert {r["stage"]: r["seconds"] for r in p.table()}["failing"] == 0.5  # timed even when the block raises

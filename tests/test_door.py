@@ -46,11 +46,16 @@ def test_nonfinite_strength_or_overflow_is_refused_before_the_run_directory(tmp_
     from steerlab.steer import SteeringVector
 
     sv = SteeringVector({SITE: torch.full((32,), 10.0)})
-    for bad in (float("nan"), float("inf"), "abc"):
-        with pytest.raises(V.ValidationError, match="strength"):
+    for bad, why in ((float("nan"), "alpha must be a finite number, got nan"),
+                     (float("inf"), "alpha must be a finite number, got inf"), ("abc", "'abc' is not a float")):
+        with pytest.raises(sl.SteerlabError, match=why):
             generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=3), intervention=sv,
                          apply_options={"alpha": bad}, progress=False)
         assert not (tmp_path / "r").exists()
+    # the edit builders check their strength too (Python API without the typed options)
+    with pytest.raises(V.ValidationError, match=r"strength \(alpha\) must be a finite number, got nan"):
+        with sl.edit(llama, {SITE: sl.add(torch.ones(32), float("nan"))}):
+            pass
     with pytest.raises(V.NonFiniteError, match=rf"steering intervention at {SITE} applied with alpha=3e\+38: .*"
                                                rf"NaN or infinite logits.*{SITE}"):
         generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=3, sampling="t1.0"), intervention=sv,
@@ -399,17 +404,27 @@ def test_cli_undecodable_argument_and_bad_device_are_one_line(tmp_path):
 
 
 def test_ill_typed_apply_option_is_refused_before_the_run_directory(tmp_path, llama):
-    """EigenShift ``k=abc`` (before: a ValueError traceback after config.json existed)."""
+    """EigenShift ``k=abc``, ``alpha=abc`` (before: a ValueError traceback after config.json existed);
+    a TypeError from an option no declaration checks is one error naming the options."""
     from steerlab.steer.eigenshift import EigenShift
 
     g = torch.Generator().manual_seed(0)
     iv = EigenShift.fit(llama, (torch.randn(20, 32, generator=g), torch.randn(20, 32, generator=g)), k=4)
-    with pytest.raises(sl.SteerlabError, match=r"eigenshift intervention cannot be applied with k='abc': ValueError"):
-        generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
-                     apply_options={"k": "abc"}, progress=False)
-    with pytest.raises(V.ValidationError, match="EigenShift alpha must be a number"):
-        generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
-                     apply_options={"alpha": "abc"}, progress=False)
+    for opts, why in (({"k": "abc"}, "k: 'abc' is not an int"), ({"alpha": "abc"}, "alpha: 'abc' is not a float")):
+        with pytest.raises(sl.SteerlabError, match=why):
+            generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=iv,
+                         apply_options=opts, progress=False)
+        assert not (tmp_path / "r").exists()
+
+    class Fragile(type(iv)):
+        def generate(self, model, texts, cfg, keys=None, **options):
+            return [[f"{t}{options['suffix'] + 1}"] for t in texts]  # a str option used as a number
+
+    bad = Fragile(iv.indices, iv.sigma, iv.delta, iv.alpha, dict(iv.meta))
+    with pytest.raises(sl.SteerlabError, match=r"eigenshift intervention cannot be applied with suffix='x': "
+                                               r"TypeError"):
+        generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=2), intervention=bad,
+                     apply_options={"suffix": "x"}, progress=False)
     assert not (tmp_path / "r").exists()
 
 
@@ -426,3 +441,47 @@ def test_validation_messages_name_the_option_and_the_range(call, message):
     with pytest.raises(V.ValidationError, match=message):
         call()
     assert V.number("1e-3", "x") == 0.001 and V.integer(3.0, "k", 1) == 3 and V.number(torch.tensor(2.0), "x") == 2.0
+
+
+def test_the_cli_error_handler_redacts_whatever_reaches_it(capsys):
+    """The last line of defence: an error from anywhere that carries a URL with user info or a key,
+    or KEY=VALUE with a secret name, is printed masked (and rich markup in it is shown literally)."""
+    import typer
+
+    from steerlab.cli.app import fail
+
+    with pytest.raises(typer.Exit):
+        fail(sl.SteerlabError(f"could not fetch https://bob:{KEY}@hub.example/m?token={KEY} (api_key={KEY}) "
+                              f"[bold]x[/bold] accepted keywords: a, b"))
+    out = flat(capsys.readouterr().out)
+    assert KEY not in out and "https://***@hub.example/m?token=***" in out and "api_key=***" in out
+    assert "[bold]x[/bold] accepted keywords: a, b" in out
+
+
+def test_a_run_too_large_for_memory_is_refused_before_its_directory(tmp_path, llama):
+    """``--max-new-tokens 10**9`` (before: the run directory was created and the first batch failed
+    allocating, or ran for hours)."""
+    with pytest.raises(V.ValidationError, match=r"of \d+ \+ 1000000000 tokens at once would need about"):
+        generate_run(llama, PROMPTS, tmp_path / "r", GenConfig(max_new_tokens=10**9), progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_heads_vocabulary_too_large_and_nan_selfie_strength(tmp_path, llama):
+    """``heads --words 1000000000`` (before: a RuntimeError after trying to allocate 343 GB for the
+    293,003-word similarity matrix); ``interpret --mode add --strength nan`` (before: exit 0, every
+    interpretation the text 'nan')."""
+    from steerlab.explain.heads import explain_heads
+    from tiny import model_dir
+
+    with pytest.raises(V.ValidationError, match=r"the word-similarity matrix of 300000 words would need about "
+                                                r"1,080\.0 GB of memory, more than the .* available; lower --words"):
+        explain_heads(llama, words=[f"w{i}" for i in range(300_000)])
+    code, out = _cli(["interpret", "hi", "--model", model_dir(tmp_path), "--mode", "add", "--strength", "nan"])
+    assert code == 2 and "the injection strength (--strength) must be a finite number, got nan" in out
+
+
+def test_cli_number_lists_must_be_finite(tmp_path):
+    from tiny import model_dir
+
+    code, out = _cli(["steer", "study", "--out", tmp_path / "s", "--model", model_dir(tmp_path), "--alphas", "0.5,nan"])
+    assert code == 2 and "'0.5,nan' holds nan; every number must be finite" in out and not (tmp_path / "s").exists()

@@ -9,16 +9,24 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "steerlab"
 
 # lowest first; a module belongs to the layer of its longest matching prefix
 LAYERS = [
-    ("base", ["steerlab", "steerlab.errors", "steerlab.registry", "steerlab.options", "steerlab.runs",
-              "steerlab.parallel", "steerlab.positions", "steerlab.report"]),
+    ("base", ["steerlab", "steerlab.errors", "steerlab.registry", "steerlab.options", "steerlab.validate",
+              "steerlab.progress", "steerlab.profile", "steerlab.runs", "steerlab.parallel", "steerlab.positions",
+              "steerlab.report"]),
     ("models", ["steerlab.models"]),
     ("data", ["steerlab.data", "steerlab.scoring", "steerlab.metrics"]),
-    ("core", ["steerlab.hooks", "steerlab.generation", "steerlab.evaluation", "steerlab.interventions"]),
+    ("core", ["steerlab.hooks", "steerlab.edits", "steerlab.generation", "steerlab.evaluation", "steerlab.interventions"]),
     ("methods", ["steerlab.explain", "steerlab.steer", "steerlab.protocols"]),
     ("method list", ["steerlab.methods"]),
     ("experiments", ["steerlab.experiments"]),
     ("cli", ["steerlab.cli", "steerlab.__main__"]),
 ]
+
+
+# the arrows that break the rule knowingly, each with its reason; no other may join them
+EXCEPTIONS = {
+    ("steerlab.models.model", "steerlab.generation"):
+        "Model.generate, the README's one-line entry point, imports generation when it is called",
+}
 
 
 def module_name(f: Path) -> str:
@@ -67,14 +75,14 @@ def imports(name: str, f: Path, known: dict) -> set[str]:
 
 def graph() -> dict[str, set[str]]:
     known = modules()
-    return {m: imports(m, f, known) for m, f in known.items()}
+    return {m: {t for t in imports(m, f, known) if (m, t) not in EXCEPTIONS} for m, f in known.items()}
 
 
 def layer(name: str) -> int:
     best, where = -1, None
     for i, (_, prefixes) in enumerate(LAYERS):
-        for p in prefixes:
-            if (name == p or name.startswith(p + ".")) and len(p) > best:
+        for p in prefixes:  # the package root is a layer of its own name only
+            if (name == p or p != "steerlab" and name.startswith(p + ".")) and len(p) > best:
                 best, where = len(p), i
     assert where is not None, f"{name} is in no layer: add it to LAYERS and docs/architecture.md"
     return where
@@ -119,6 +127,12 @@ def test_the_checks_see_a_cycle_and_an_upward_arrow():
     assert not any(t.startswith(("steerlab.steer", "steerlab.protocols", "steerlab.explain"))
                    for t in g["steerlab.interventions"])
     assert {"steerlab.steer.vector", "steerlab.steer.iti"} <= g["steerlab.methods"]
+
+
+def test_every_exception_is_still_needed():
+    known = modules()
+    for (a, b), why in EXCEPTIONS.items():
+        assert b in imports(a, known[a], known), f"{a} -> {b} is gone; remove its exception ({why})"
 
 
 def test_architecture_doc_names_every_layer():

@@ -245,3 +245,13 @@ def test_apply_options_are_checked_and_strength_is_in_typical_norm_units(llama):
     with pytest.raises(I.InterventionError, match="mode 'ablate' takes alpha"):
         with sv.apply(llama, strength=0.3, mode="ablate"):
             pass
+
+
+def test_python_fit_defaults_equal_the_cli(llama):
+    """interventions.fit("steering") and SteeringVector.fit pool positions as `steerlab fit steering` does."""
+    from steerlab.options import specs
+
+    cli = {s.name: s.default for s in specs(I.get("steering").FitOptions)}
+    a = I.fit("steering", llama, (GOOD, BAD), sites=["blocks.1.resid_post"])
+    b = SteeringVector.fit(llama, (GOOD, BAD), sites=["blocks.1.resid_post"])
+    assert a.meta["positions"] == b.meta["positions"] == cli["positions"] == "mean_skip_first"

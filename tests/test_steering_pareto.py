@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import steerlab as sl
+from steerlab.edits import Add
 from steerlab.errors import SteerlabError
 from steerlab.experiments.steering import SteeringStudy, parse_variant, run_steering_study
 from steerlab.experiments.steering_pareto import pareto_front
 from steerlab.generation import GenConfig
-from steerlab.hooks import Add
 from steerlab.metrics import perplexity
 from steerlab.scoring import Scorer, register_scorer
 from steerlab.steer import SteeringVector

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 import steerlab as sl
 from steerlab.cli import app
+from steerlab.edits import scale
 from steerlab.experiments.recipes import RECIPES, register_recipe
 from steerlab.generation import GenConfig, generate
-from steerlab.hooks import edit, scale
+from steerlab.hooks import edit
 from steerlab.interventions import METHODS, Intervention, provenance, register
 from steerlab.options import option
 from tiny import flat, model_dir

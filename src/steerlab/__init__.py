@@ -21,11 +21,12 @@ from .errors import DataError, EmptyInputError, ModelLoadError, ShapeError, Site
 __version__ = "0.1.0"
 
 _LAZY = {
-    **dict.fromkeys(["Captured", "Recording", "Step", "add", "capture", "edit", "record", "replace", "scale"], "hooks"),
+    **dict.fromkeys(["Captured", "Recording", "Step", "capture", "edit", "record"], "hooks"),
+    **dict.fromkeys(["add", "replace", "scale"], "edits"),
     **dict.fromkeys(["Model", "load"], "models"),
     **dict.fromkeys(["ALL", "LAST", "MAX", "MEAN", "AllPrompt", "Indices", "Last", "MaxPool", "MeanPool"], "positions"),
 }
-_SUBPACKAGES = ("data", "evaluation", "experiments", "explain", "generation", "hooks", "interventions", "metrics",
+_SUBPACKAGES = ("data", "edits", "evaluation", "experiments", "explain", "generation", "hooks", "interventions", "metrics",
                 "models", "positions", "protocols", "report", "runs", "scoring", "steer")
 
 __all__ = [

@@ -22,6 +22,7 @@ from .metrics import (
     toxicity_metrics,
 )
 from .models.model import Model
+from .profile import stage
 
 
 def score_matrix(rows: Sequence[dict], key: str = "toxicity") -> tuple[list[str], np.ndarray]:
@@ -74,8 +75,9 @@ def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bo
         conts = [r["continuation"] for r in rows]
         keep = [i for i, c in enumerate(conts) if c.strip()]
         if keep:
-            ppl = perplexity(fluency_model, [conts[i] for i in keep], prompts=[rows[i]["prompt"] for i in keep],
-                             chat=chat, batch_size=batch_size)
+            with stage("perplexity"):
+                ppl = perplexity(fluency_model, [conts[i] for i in keep], prompts=[rows[i]["prompt"] for i in keep],
+                                 chat=chat, batch_size=batch_size)
             by_prompt: dict[str, list[float]] = {}
             for j, i in enumerate(keep):
                 acc = by_prompt.setdefault(rows[i]["prompt_id"], [0.0, 0])
@@ -124,8 +126,10 @@ def side_effects(model: Model, reference: NextTokenLogprobs, texts: Sequence[str
     from .data import neutral_texts
 
     texts = list(texts) if texts is not None else neutral_texts()
-    kl = kl_from_reference(model, reference, texts)
-    return {"neutral_perplexity": float(perplexity(model, texts).aggregate), "kl_from_unedited": float(kl.mean),
+    with stage("side effects"):
+        kl = kl_from_reference(model, reference, texts)
+        ppl = float(perplexity(model, texts).aggregate)
+    return {"neutral_perplexity": ppl, "kl_from_unedited": float(kl.mean),
             "kl_coverage": float(kl.coverage), "n_neutral_texts": len(texts)}
 
 
@@ -177,7 +181,8 @@ def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
              if (r["prompt_id"], r["sample"]) in ref]
     if not pairs:
         raise EmptyInputError("no (prompt, sample) pair in common with the reference rows")
-    sim = semantic_similarity([p[1] for p in pairs], [p[2] for p in pairs]).per_pair
+    with stage("similarity"):
+        sim = semantic_similarity([p[1] for p in pairs], [p[2] for p in pairs]).per_pair
     by: dict[str, list[float]] = {}
     for (pid, _, _), v in zip(pairs, sim):
         by.setdefault(pid, []).append(float(v))
@@ -264,7 +269,8 @@ def unsteered_comparison(model: Model, prompts: Sequence, rows: Sequence[dict], 
     prompts, decoding and per-row random numbers: the unsteered arm is generated into
     ``out_dir/unsteered`` (a resumable run: computed once, reused by later calls). Returns
     ``paired_difference`` (:func:`paired_to`, steered - unsteered, each metric with its paired 95%
-    CI), the unsteered arm's ``toxicity`` and the share of ``identical`` continuations."""
+    CI), the unsteered arm's ``toxicity``, the share of ``identical`` continuations and
+    ``unsteered_rows`` (the arm's rows, to show beside the steered ones; not for metrics files)."""
     from pathlib import Path
 
     from .generation import generate_run
@@ -275,4 +281,4 @@ def unsteered_comparison(model: Model, prompts: Sequence, rows: Sequence[dict], 
     _, m = score_matrix(base)
     return {"paired_difference": paired_to(base, rows),
             "unsteered": toxicity_metrics(m, n_boot=1000, seed=0).to_dict(),
-            "identical": float(np.mean(identical)), "n_rows": len(rows)}
+            "identical": float(np.mean(identical)), "n_rows": len(rows), "unsteered_rows": base}

@@ -27,6 +27,7 @@ from transformers import LogitsProcessorList
 from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
 from .parallel import run_loop
+from .profile import stage
 from .progress import progress_iter
 from .registry import choose
 from .scoring.registry import scorer_identity
@@ -283,8 +284,11 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
                 for i, cs in zip(batch, conts) for s, c in enumerate(cs)]
         return score_rows(rows, scorer)
 
+    batches, lengths = generation_batches(model, ids, texts, cfg), token_lengths(model, texts, cfg.chat)
+    # the largest batch must fit in memory: checked before the run directory exists, not at that batch
+    check_memory(model, max(len(b) for b in batches) * cfg.k, max(lengths), cfg.max_new_tokens)
     # one process: RunDir(out_dir).loop; several (accelerate launch): a share of the batches each
-    rows = run_loop(out_dir, config, generation_batches(model, ids, texts, cfg), work,
+    rows = run_loop(out_dir, config, batches, work,
                     keys=lambda i: [(ids[i], s) for s in range(cfg.k)], row_key=lambda r: (r["prompt_id"], r["sample"]),
                     seed=lambda b: derive_seed(cfg.seed, *[ids[i] for i in b]), desc="generate", progress=progress,
                     overwrite=overwrite, record=record)
@@ -316,7 +320,8 @@ def score_rows(rows: list[dict], scorer, field: str = "continuation") -> list[di
     one scorer call; rows are returned unchanged without a scorer."""
     if scorer is None or not rows:
         return rows
-    scores = scorer.score([r[field] for r in rows])
+    with stage("scoring"):
+        scores = scorer.score([r[field] for r in rows])
     for j, r in enumerate(rows):
         r["toxicity"] = float(scores[scorer.attributes[0]][j])
         r["scores"] = {a: float(v[j]) for a, v in scores.items()}

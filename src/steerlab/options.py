@@ -9,6 +9,7 @@ text to the declared type) and :func:`describe` (``steerlab interventions METHOD
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,7 +112,8 @@ def parse_value(spec: Spec, text: Any, hint: str = "") -> Any:
         return spec.type(text)
     except ValueError:
         what = f"comma-separated list of {spec.item.__name__}s" if spec.type is list else spec.type.__name__
-        raise OptionError(f"{hint or spec.name}: {text!r} is not a {what}") from None
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise OptionError(f"{hint or spec.name}: {text!r} is not {article} {what}") from None
 
 
 def check_value(spec: Spec, value: Any, owner: str) -> Any:
@@ -123,6 +125,9 @@ def check_value(spec: Spec, value: Any, owner: str) -> Any:
         raise OptionError(f"{owner} option {spec.name} cannot be None")
     if isinstance(value, str) and spec.type is not str:
         value = parse_value(spec, value)
+    if spec.type is float and not _finite(value):  # NaN passes every range check: refuse it here
+        raise OptionError(f"{owner} option {spec.name} must be a finite number"
+                          f"{' in ' + spec.allowed() if spec.allowed() else ''}, got {value!r}")
     if spec.type is float and isinstance(value, int | float) and not isinstance(value, bool):
         value = float(value) if isinstance(value, int) else value
     elif spec.type is float and type(value).__name__ == "Tensor":
@@ -135,6 +140,15 @@ def check_value(spec: Spec, value: Any, owner: str) -> Any:
     if spec.low is not None and value < spec.low or spec.high is not None and value > spec.high:
         raise OptionError(f"{owner} option {spec.name} must be in {spec.allowed()}, got {value!r}")
     return value
+
+
+def _finite(value: Any) -> bool:
+    """Whether a float (or every entry of a tensor of per-row strengths) is finite."""
+    if type(value).__name__ == "Tensor":
+        import torch
+
+        return bool(torch.isfinite(value).all())
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def validate(cls: type, given: Mapping[str, Any], owner: str, error: type[Exception] = OptionError) -> Any:

@@ -66,7 +66,11 @@ class Progress:
             self._bar = tqdm(total=self.total, initial=self.n, desc=desc, unit=unit, leave=False, file=self.stream)
         elif self.mode == "plain":
             done = f", {self.n} done before" if self.n else ""
-            self._line(f"{self.total} {unit}s{done}")
+            self._line(f"{self.total} {self.units}{done}")
+
+    @property
+    def units(self) -> str:
+        return self.unit + ("es" if self.unit.endswith(("ch", "s", "x")) else "s")
 
     def _line(self, text: str) -> None:
         self.stream.write(f"[{self.desc}] {text}\n")
@@ -81,7 +85,7 @@ class Progress:
             el = time.perf_counter() - self.t0
             rate = (self.n - self._start) / el if el > 0 else 0.0
             eta = f", about {_seconds((self.total - self.n) / rate)} left" if rate > 0 else ""
-            self._line(f"{self.n}/{self.total} {self.unit}s ({100 * self.n / max(1, self.total):.0f}%), "
+            self._line(f"{self.n}/{self.total} {self.units} ({100 * self.n / max(1, self.total):.0f}%), "
                        f"{_seconds(el)}{eta}")
 
     def note(self, text: str) -> None:
@@ -97,7 +101,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
         elif self.mode == "plain":
-            self._line(f"done: {self.n}/{self.total} {self.unit}s in {_seconds(time.perf_counter() - self.t0)}")
+            self._line(f"done: {self.n}/{self.total} {self.units} in {_seconds(time.perf_counter() - self.t0)}")
 
     def __enter__(self) -> Progress:
         return self

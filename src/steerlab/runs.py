@@ -285,7 +285,8 @@ class RunDir:
         todo = [b for b in batches if any(k not in done for x in b for k in keys(x))]
         from .progress import Progress
 
-        bar = Progress(total, f"{desc} {self.path.parent.name}/{self.path.name}", unit="row",
+        where = self.path.parts[-3 if self.path.name.isdigit() else -2:]  # val/steering/0, test/steering
+        bar = Progress(total, f"{desc} {'/'.join(where)}", unit="row",
                        initial=total - sum(1 for b in todo for x in b for _ in keys(x)),
                        show=(progress if progress is not None else True) and bool(todo))
         t0 = time.perf_counter()

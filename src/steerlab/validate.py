@@ -279,8 +279,9 @@ def redact_url(url: str) -> str:
 
 
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-_KV_IN_TEXT = re.compile(r"(?i)\b([A-Za-z_-]*(?:key|token|secret|password|passwd|auth)[A-Za-z_-]*)\s*([=:])\s*"
-                         r"(?!\*\*\*)([^\s'\",;&]+)")
+_KV_IN_TEXT = re.compile(r"(?i)\b([A-Za-z_-]*?(?:api[_-]?key|key|token|secret|password|passwd|pwd|authorization|auth))"
+                         r"(\s*[=:]\s*)(?!\*\*\*|bearer\b|basic\b)([^\s'\",;&]+)")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+(?!\*\*\*)[A-Za-z0-9._~+/=-]+")
 
 
 def redact(text: str, secrets: Sequence[str] = ()) -> str:
@@ -292,6 +293,7 @@ def redact(text: str, secrets: Sequence[str] = ()) -> str:
             for form in {secret, urllib.parse.quote_plus(secret), urllib.parse.quote(secret, safe="")}:
                 s = s.replace(form, MASK)
     s = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), s)
+    s = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", s)
     return _KV_IN_TEXT.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", s)
 
 

@@ -9,6 +9,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import SteerlabError
 
@@ -80,7 +81,10 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", device_ma
 
 
 def fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+    from ..validate import redact
+
+    # the last line of defence: URLs with user info or key-like parts, KEY=VALUE with a secret name
+    console.print(f"[bold red]error:[/] {escape(redact(str(e)))}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -128,11 +132,17 @@ def command(group: typer.Typer, *args, panel: str | None = None, **kwargs):
 
 def numbers(text: str, kind: type, option: str) -> list:
     """A comma-separated list of ``kind`` (the one list parser of the CLI)."""
+    import math
+
     try:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        out = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__}s",
                                  param_hint=option) from None
+    bad = [x for x in out if isinstance(x, float) and not math.isfinite(x)]
+    if bad:  # NaN or inf as a strength would generate empty text that scores as non-toxic
+        raise typer.BadParameter(f"{text!r} holds {bad[0]}; every number must be finite", param_hint=option)
+    return out
 
 
 def ints(text: str, option: str = "--layers") -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .app import DEVICE, DEVICE_MAP, MAIN, MODEL, app, command, console, load_model, names
-from .tables import print_bench
+from .tables import print_bench, print_profile
 
 
 @command(app, panel=MAIN)
@@ -59,6 +59,7 @@ def bench(
     if not group().main:  # a data-parallel launch: rank 0 reports
         return
     print_bench(m.name, metrics)
+    print_profile(metrics.get("profile", []))
     for line in metrics.get("verdict", []):
         console.print(f"- {line}", markup=False, highlight=False)
     console.print(f"report: {out}/report.html (wall time of this call {metrics['wall_seconds_this_call']:.0f} s)")

@@ -127,7 +127,8 @@ def report_run(rows: list[dict], out: str, sc, ref, vs: dict | None, chat: bool,
     from ..runs import write_json
 
     console.print(f"{len(rows)} continuations in {out}/results.jsonl")
-    print_examples(example_rows(rows), f"example continuations ({what})")
+    base = (vs or {}).pop("unsteered_rows", None)
+    print_examples(example_rows(rows), f"example continuations ({what})", base)
     if sc is None:
         return
     summary = summarize(rows, fluency_model=ref, chat=chat)
@@ -145,17 +146,17 @@ def check_fitted_prompts(iv, prompts: list, path: str, allow: bool) -> None:
     from ..evaluation import fitted_prompts
 
     seen = fitted_prompts(iv, prompts)
-    if seen is None:
+    if seen is None and iv.meta.get("data_fingerprint"):  # fitted on data, but which texts is not recorded
         console.print(f"[bold yellow]note:[/] {path} records no hashes of the texts it was fitted on: make sure "
                       f"these prompts are held out (its data fingerprint is {iv.meta.get('data_fingerprint')}).",
                       soft_wrap=True)
-    elif seen and not allow:
+    elif seen is not None and seen and not allow:
         raise typer.BadParameter(
             f"{len(seen)} of the {len(prompts)} prompts are texts the intervention {path} was fitted on (e.g. "
             f"{str(prompts[seen[0]].text if hasattr(prompts[seen[0]], 'text') else prompts[seen[0]])[:60]!r}): "
             f"its effect on them is not a held-out result. Use held-out prompts (--split test) or pass "
             f"--allow-fitted-prompts", param_hint="--prompts/--split")
-    elif seen:
+    elif seen:  # allowed: said loudly
         console.print(f"[bold red]warning:[/] {len(seen)} of the {len(prompts)} prompts are texts {path} was "
                       f"fitted on: these numbers are not a held-out result.", soft_wrap=True)
 

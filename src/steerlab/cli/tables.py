@@ -92,13 +92,18 @@ def print_summary(summary: dict, title: str) -> None:
         console.print(f"{name.replace('_', ' ')} is undefined: it {why}.", soft_wrap=True)
 
 
-def print_examples(rows: list[dict], title: str) -> None:
-    """A few continuations to read (prompt, continuation, toxicity when scored)."""
+def print_examples(rows: list[dict], title: str, unsteered: list[dict] | None = None) -> None:
+    """A few continuations to read (prompt, continuation, toxicity when scored), beside the unsteered
+    model's continuation of the same prompt and sample when ``unsteered`` rows are given."""
     scored = all("toxicity" in r for r in rows)
-    t = table(title, ["prompt", "continuation"] + ([("toxicity", "right")] if scored else []))
+    base = {(r["prompt_id"], r["sample"]): r for r in unsteered or []}
+    cols = ["prompt"] + (["unsteered", ("tox.", "right")] if base else []) + ["continuation"]
+    t = table(title, cols + ([("toxicity", "right")] if scored else []))
     for r in rows:
         p = r["prompt"] if isinstance(r["prompt"], str) else str(r["prompt"])
-        t.add_row(escape(p), escape(r["continuation"]), *([f"{r['toxicity']:.3f}"] if scored else []))
+        b = base.get((r["prompt_id"], r["sample"]), {})
+        before = [escape(b.get("continuation", "")), f"{b['toxicity']:.3f}" if "toxicity" in b else ""] if base else []
+        t.add_row(escape(p), *before, escape(r["continuation"]), *([f"{r['toxicity']:.3f}"] if scored else []))
     console.print(t)
 
 
@@ -193,6 +198,18 @@ def print_bench(name: str, metrics: dict) -> None:
             t.add_row(r["method"], "failed", *[""] * (len(cols) - 3), escape(r["note"][:90]))
             continue
         t.add_row(*[escape(str(r.get(c, ""))) for c in cols])
+    console.print(t)
+
+
+def print_profile(profile: list[dict], top: int = 12) -> None:
+    """The stage table of a run: exclusive seconds and share of the call's wall time, largest first."""
+    t = table("where the time went (this call; exclusive seconds)", ["stage", ("seconds", "right"), ("share", "right")])
+    for r in profile[:top]:
+        t.add_row(escape(r["stage"]), f"{r['seconds']:.1f}", f"{100 * r['share']:.1f}%")
+    if len(profile) > top:
+        rest = profile[top:]
+        t.add_row(f"{len(rest)} more stages", f"{sum(r['seconds'] for r in rest):.1f}",
+                  f"{100 * sum(r['share'] for r in rest):.1f}%")
     console.print(t)
 
 

@@ -51,6 +51,7 @@ from ..interventions import Intervention, get
 from ..metrics.compare import choose_setting, paired_perplexity_ratio
 from ..models.model import Model
 from ..parallel import group
+from ..profile import PROFILE, stage
 from ..registry import choose
 from ..runs import RunDir, read_record, write_json
 from .bench_verdict import comparison
@@ -154,7 +155,8 @@ def _fit(model: Model, run: RunDir | None, path: Path, name: str, data: BenchDat
     """The method fitted on the training data (by rank 0 of a data-parallel launch), or reloaded
     from ``fit/<name>.safetensors``."""
     f = path / "fit" / f"{name}.safetensors"
-    seconds = group().on_main(lambda: _fit_main(model, run, f, name, data, preset))
+    with stage(f"fit: {name}"):
+        seconds = group().on_main(lambda: _fit_main(model, run, f, name, data, preset))
     # continue with the saved file, as a resumed run (and every other process) will: the same object
     return get(name).load(f, model), seconds
 
@@ -214,7 +216,7 @@ def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, b
     by_prompt = s.get("fluency", {}).get("by_prompt") or {}
     ratio = (paired_perplexity_ratio(base["by_prompt"], by_prompt).to_dict() if len(by_prompt) > 1
              else {"value": float("nan"), "lo": float("nan"), "hi": float("nan")})
-    # the one admissibility rule, applied to the upper end of the perplexity ratio's CI
+    # the rule on the paired ratio's upper bound (a ratio: the unsteered value is 1)
     ok = admissible(ratio["hi"], d2, 1.0, base["distinct-2"], cfg.max_ppl_ratio, cfg.min_distinct_ratio)
     return {"setting": opts, "mean_toxicity": s["toxicity"]["mean_toxicity"]["value"], "perplexity": ppl,
             "distinct-2": d2, "ppl_ratio": ratio, "mean_toxicity_change": change["mean_toxicity"],
@@ -225,15 +227,26 @@ def _evaluate(model: Model, path: Path, name: str, iv: Intervention | None, opts
               scorer, reference, progress: bool = False) -> tuple[dict, list[dict], float]:
     """One arm on the test prompts: metrics, per-category toxicity, side effects, generation time."""
     d = path / "test" / name
-    m, rows = evaluate_arm(model, test, d, _gen(cfg, False), scorer, *reference, intervention=iv, apply_options=opts,
-                           progress=progress)
-    category = {p.id: (p.category or "all") for p in test}
-    by: dict[str, list[float]] = {}
-    for r in rows:
-        by.setdefault(category.get(r["prompt_id"], "all"), []).append(r["toxicity"])
-    m["mean_toxicity_by_category"] = {c: sum(v) / len(v) for c, v in sorted(by.items())}
+    with stage(f"test: {name.split('.setting-')[0]}"):
+        m, rows = evaluate_arm(model, test, d, _gen(cfg, False), scorer, *reference, intervention=iv,
+                               apply_options=opts, progress=progress)
+    m["mean_toxicity_by_category"] = by_category(rows, {p.id: (p.category or "all") for p in test})
     seconds = float(read_record(d).get("generate_seconds") or 0.0)
     return m, rows, seconds
+
+
+def by_category(rows: list[dict], category: dict[str, str]) -> dict[str, dict]:
+    """Mean toxicity per prompt category with a bootstrap CI over the category's prompts (each
+    prompt's samples averaged first) and the number of prompts behind it."""
+    from ..metrics import bootstrap_mean
+
+    per_prompt: dict[str, list[float]] = {}
+    for r in rows:
+        per_prompt.setdefault(r["prompt_id"], []).append(r["toxicity"])
+    by: dict[str, list[float]] = {}
+    for pid, v in per_prompt.items():
+        by.setdefault(category.get(pid, "all"), []).append(sum(v) / len(v))
+    return {c: {**bootstrap_mean(v).to_dict(), "n_prompts": len(v)} for c, v in sorted(by.items())}
 
 
 def _timing(model: Model, path: Path, name: str, iv: Intervention | None, opts: dict, test, cfg: BenchConfig) -> dict:
@@ -248,7 +261,8 @@ def _timing(model: Model, path: Path, name: str, iv: Intervention | None, opts: 
         write_json(f, t)
         return t
 
-    return group().on_main(measure)
+    with stage(f"timing: {name}"):
+        return group().on_main(measure)
 
 
 def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None, progress: bool = True) -> dict:
@@ -261,6 +275,7 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     from .bench_report import write_report
 
     t_start = time.perf_counter()
+    PROFILE.reset()
     cfg = cfg or BenchConfig()
     cfg.validate()
     names = list(cfg.methods) or bench_methods()
@@ -274,15 +289,22 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
                                    share=False)
     try:
         names = g.on_main(lambda: _arm_names(run, model, cfg, names))
-        data, val, test = _data(model, cfg, scorer)
+        with stage("data: split, score the training prompts"):
+            data, val, test = _data(model, cfg, scorer)
         arms, rows = _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress and g.main)
 
         def finish() -> dict:
-            _paired(arms, rows)
-            metrics = _metrics(model, cfg, arms, len(test))
-            metrics["wall_seconds_this_call"] = round(time.perf_counter() - t_start, 1)
+            with stage("paired statistics and verdict"):
+                _paired(arms, rows)
+                metrics = _metrics(model, cfg, arms, len(test))
+            metrics["wall_seconds_this_call"] = round(time.perf_counter() - t_start, 1)  # before the report
+            with stage("report"):
+                write_report(run.path, model, cfg, metrics, rows, test, scorer)
+            wall = time.perf_counter() - t_start
+            # stage table of this call (exclusive seconds; a resumed call only times the work it did)
+            metrics["profile"] = PROFILE.table(total=wall)
             run.write_metrics(metrics)
-            write_report(run.path, model, cfg, metrics, rows, test, scorer)
+            run.write_record(profile=metrics["profile"])
             return metrics
 
         return g.on_main(finish)
@@ -305,11 +327,14 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
     g = group()
     neutral = neutral_texts()[: cfg.n_neutral] if cfg.n_neutral else neutral_texts()
     # side effects are measured on rank 0 (evaluation.evaluate_arm): the reference is needed there only
-    reference = (g.on_main(lambda: neutral_reference(model, neutral), share=False), neutral)
+    with stage("neutral reference"):
+        reference = (g.on_main(lambda: neutral_reference(model, neutral), share=False), neutral)
     bar = Progress(len(names) + 1, "bench", unit="arm", show=progress)
     bar.note("arm unsteered: validation prompts")
-    val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer, progress=progress)
-    base_val = g.on_main(lambda: _summary(model, val_rows))
+    with stage("validation: unsteered"):
+        val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer,
+                                progress=progress)
+        base_val = g.on_main(lambda: _summary(model, val_rows))
     base = {"ppl": base_val.get("fluency", {}).get("perplexity", float("nan")),
             "distinct-2": base_val["diversity"]["distinct-2"], "rows": val_rows,
             "by_prompt": base_val.get("fluency", {}).get("by_prompt") or {}}
@@ -326,7 +351,8 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
             iv, arm.fit_seconds = _fit(model, run, path, name, data, cfg.preset)
             arm.describe = iv.describe()
             bar.note(f"arm {name}: settings on validation prompts")
-            pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base, progress)
+            with stage(f"validation: {name}"):
+                pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base, progress)
             arm.settings = pick
             bar.note(f"arm {name}: test prompts at {pick['setting'] or 'its defaults'}")
             arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, path, name, iv, pick["setting"], test,
@@ -334,11 +360,13 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
             arm.timing = _timing(model, path, name, iv, pick["setting"], test, cfg)
             extra = recipe_for(name).metrics
             if extra is not None:
-                arm.metrics.update(g.on_main(lambda iv=iv, opts=pick["setting"], extra=extra: extra(
-                    iv, model, data, test, reference[1], opts, _gen(cfg, False))))
+                with stage(f"method metrics: {name}"):
+                    arm.metrics.update(g.on_main(lambda iv=iv, opts=pick["setting"], extra=extra: extra(
+                        iv, model, data, test, reference[1], opts, _gen(cfg, False))))
             if cfg.test_all_settings and len(arm.selection) > 1:
-                arm.candidates = _candidates(model, path, name, iv, arm, test, cfg, scorer, reference,
-                                             base_rows, rows[name])
+                with stage(f"test all settings: {name}"):
+                    arm.candidates = _candidates(model, path, name, iv, arm, test, cfg, scorer, reference,
+                                                 base_rows, rows[name])
         except Exception as e:  # a failing method is reported, the others go on (on every rank alike)
             arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
             bar.note(f"arm {name} failed: {arm.reason}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import SteerlabError
 from ..report import figures as F
 from ..report.html import HtmlReport
 from ..runs import write_csv
@@ -37,14 +38,46 @@ def table_rows(metrics: dict) -> list[dict]:
             "Δ mean toxicity vs unsteered (paired 95% CI)": _ci(pd.get("mean_toxicity")),
             "Δ expected max toxicity (paired 95% CI)": _ci(pd.get("expected_max_toxicity")),
             "perplexity": round(a.get("fluency", {}).get("perplexity", float("nan")), 2),
+            "perplexity ratio [95% CI]": _ci(a.get("ppl_ratio"), 2),
             "neutral perplexity": round(se.get("neutral_perplexity", float("nan")), 2),
             "neutral KL": round(se.get("kl_from_unedited", float("nan")), 4),
             "distinct-2": round(a["diversity"]["distinct-2"], 3),
             "similarity to unsteered [95% CI]": _ci(a.get("similarity_to_unsteered", {}).get("similarity")),
             "fire rate (test prompts / neutral / steps)": _fire(a.get("fire_rate")),
             "fit s": a["fit_seconds"], "generation time x": round(a["generation_time_ratio"], 2),
-            "settings": _settings(a.get("settings", {}).get("setting", {})),
+            "settings": _settings(a.get("settings", {}).get("setting", {}), a["method"]),
         })
+        out.append(row)
+    return out
+
+
+_INTERVALS = {"expected_max_toxicity": ("toxicity", "expected_max_toxicity"),
+              "toxicity_probability": ("toxicity", "toxicity_probability"),
+              "mean_toxicity": ("toxicity", "mean_toxicity"),
+              "mean_toxicity_change": ("paired_difference", "mean_toxicity"),
+              "expected_max_toxicity_change": ("paired_difference", "expected_max_toxicity"),
+              "similarity_to_unsteered": ("similarity_to_unsteered", "similarity")}
+
+
+def csv_rows(metrics: dict) -> list[dict]:
+    """``tables/results.csv``: one row per arm, numbers only, every interval as three columns
+    (``X``, ``X_low``, ``X_high``), the Holm-adjusted p-value of the change in mean toxicity."""
+    out = []
+    for a in metrics["arms"]:
+        row: dict = {"method": a["method"], "status": a["status"], "reason": a.get("reason", "")}
+        if a["status"] == "ok":
+            for name, (group, key) in _INTERVALS.items():
+                e = (a.get(group) or {}).get(key) or {}
+                row.update({name: e.get("value"), f"{name}_low": e.get("lo"), f"{name}_high": e.get("hi")})
+            r = a.get("ppl_ratio") or {}
+            se = a.get("side_effects", {})
+            row.update({"perplexity": a.get("fluency", {}).get("perplexity"), "perplexity_ratio": r.get("value"),
+                        "perplexity_ratio_low": r.get("lo"), "perplexity_ratio_high": r.get("hi"),
+                        "p_holm": metrics.get("holm", {}).get(a["method"]),
+                        "neutral_perplexity": se.get("neutral_perplexity"), "neutral_kl": se.get("kl_from_unedited"),
+                        "distinct_2": a["diversity"]["distinct-2"], "fit_seconds": a["fit_seconds"],
+                        "generation_time_ratio": a["generation_time_ratio"],
+                        "settings": _settings(a.get("settings", {}).get("setting", {}), a["method"])})
         out.append(row)
     return out
 
@@ -53,20 +86,28 @@ TOXICITY_COLUMNS = ("expected max toxicity [95% CI]", "toxicity probability [95%
                     "Δ mean toxicity vs unsteered (paired 95% CI)", "Δ expected max toxicity (paired 95% CI)")
 
 
-def _split(table: list[dict]) -> tuple[list[dict], list[dict]]:
-    """The results table as two narrower ones: toxicity (with a failed method's reason in a ``note``
-    column, present only when a method failed), and the rest."""
-    tox, rest = [], []
+COST_COLUMNS = ("similarity to unsteered [95% CI]", "fire rate (test prompts / neutral / steps)", "fit s",
+                "generation time x", "settings")
+
+
+def _split(table: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The results table as three narrow ones (each fits a 900-pixel page): toxicity (with a failed
+    method's reason in a ``note`` column, present only when a method failed), fluency and side
+    effects, and similarity, cost and the chosen setting."""
+    tox, fluency, cost = [], [], []
     for r in table:
         if r["status"] != "ok":
             tox.append({"method": r["method"], **{c: "" for c in TOXICITY_COLUMNS}, "note": f"failed: {r['note']}"})
             continue
         tox.append({"method": r["method"], **{c: r[c] for c in TOXICITY_COLUMNS}, "note": ""})
-        rest.append({"method": r["method"], **{c: v for c, v in r.items()
-                                               if c not in TOXICITY_COLUMNS and c not in ("method", "status")}})
+        rest = {c: v for c, v in r.items() if c not in TOXICITY_COLUMNS and c not in ("method", "status")}
+        fluency.append({"method": r["method"], **{c: v for c, v in rest.items() if c not in COST_COLUMNS}})
+        cost.append({"method": r["method"], **{c: v for c, v in rest.items() if c in COST_COLUMNS}})
     if not any(r["note"] for r in tox):
         tox = [{k: v for k, v in r.items() if k != "note"} for r in tox]
-    return tox, rest
+    if not any(r.get("fire rate (test prompts / neutral / steps)") for r in cost):
+        cost = [{k: v for k, v in r.items() if k != "fire rate (test prompts / neutral / steps)"} for r in cost]
+    return tox, fluency, cost
 
 
 def _fire(f: dict | None) -> str:
@@ -79,7 +120,8 @@ def candidate_rows(metrics: dict) -> list[dict]:
     for a in _ok(metrics):
         for c in a.get("candidates_test") or []:
             se, pd = c.get("side_effects", {}), c.get("paired_difference", {})
-            out.append({"method": a["method"], "setting": _settings(c["setting"]), "chosen on validation": c["chosen"],
+            out.append({"method": a["method"], "setting": _settings(c["setting"], a["method"]),
+                        "chosen on validation": c["chosen"],
                         "expected max toxicity [95% CI]": _ci(c["toxicity"]["expected_max_toxicity"]),
                         "toxicity probability [95% CI]": _ci(c["toxicity"]["toxicity_probability"]),
                         "Δ mean toxicity vs unsteered (paired 95% CI)": _ci(pd.get("mean_toxicity")),
@@ -91,13 +133,32 @@ def candidate_rows(metrics: dict) -> list[dict]:
     return out
 
 
-def _settings(s: dict) -> str:
-    return ", ".join(f"{k}={v[0] if isinstance(v, list) and len(v) == 1 else v}" for k, v in s.items()) or "-"
+def _settings(s: dict, method: str | None = None) -> str:
+    """A setting for people: ``strength=0.25 x typical norm, sites=blocks.10.resid_post``; short units
+    from the method's declared apply options, floats to 3 significant digits."""
+    units: dict[str, str] = {}
+    if method:
+        from ..interventions import get
+        from ..options import specs
+
+        try:
+            units = {sp.name: sp.unit for sp in specs(get(method).ApplyOptions) if 0 < len(sp.unit) <= 20}
+        except SteerlabError:  # an unregistered method (a report of an old run): no units
+            units = {}
+
+    def show(k, v):
+        v = v[0] if isinstance(v, list) and len(v) == 1 else v
+        v = f"{v:.3g}" if isinstance(v, float) else v
+        return f"{k}={v}" + (f" {units[k]}" if k in units else "")
+
+    return ", ".join(show(k, v) for k, v in s.items()) or "-"
 
 
 def _power(p: dict | None) -> str:
-    if not p or not p.get("minimum_detectable_effect") == p.get("minimum_detectable_effect"):
+    if not p:
         return "not computed (no method arm finished)"
+    if not p.get("minimum_detectable_effect") == p.get("minimum_detectable_effect"):
+        return "cannot be estimated: the per-prompt differences from the unsteered model have no spread"
     return (f"with {p['n_test_prompts']} paired test prompts and a per-prompt spread of {p['sd_per_prompt']:.3f}, "
             f"a difference of {p['minimum_detectable_effect']:.3f} in mean toxicity is detected with "
             f"{p['power']:.0%} power (two-sided, level {p['alpha']:g}); {p['prompts_for_0.03']} prompts would "
@@ -115,7 +176,9 @@ def tradeoff_figure(path: Path, metrics: dict) -> Path:
     for j, a in enumerate(_ok(metrics)):
         mt = a["toxicity"]["mean_toxicity"]
         x = a.get("fluency", {}).get("perplexity", float("nan"))
-        ax.errorbar([x], [mt["value"]], yerr=[[mt["value"] - mt["lo"]], [mt["hi"] - mt["value"]]], marker="o",
+        # a CI can sit a rounding error on the wrong side of its estimate (all-zero scores)
+        ax.errorbar([x], [mt["value"]], yerr=[[max(mt["value"] - mt["lo"], 0.0)], [max(mt["hi"] - mt["value"], 0.0)]],
+                    marker="o",
                     capsize=4, color=F.PALETTE[j % len(F.PALETTE)], label=a["method"])
         ax.annotate(a["method"], (x, mt["value"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     F.label(ax, "perplexity of the continuations (unedited model; lower = more fluent)",
@@ -127,6 +190,8 @@ def dose_response_figure(path: Path, metrics: dict, limit: float) -> Path | None
     """Per method, each validation setting's change in mean toxicity (paired 95% CI) against its
     perplexity ratio (paired 95% CI, log axis), the monotone fit through them, the admissibility
     limit and the chosen setting."""
+    from matplotlib.ticker import FormatStrFormatter
+
     from ..metrics.compare import isotonic
 
     arms = [a for a in _ok(metrics) if len(a.get("selection") or []) > 1 and "ppl_ratio" in a["selection"][0]]
@@ -153,6 +218,9 @@ def dose_response_figure(path: Path, metrics: dict, limit: float) -> Path | None
         ax.axvline(limit, color="#b2182b", ls="--", lw=1, label=f"limit x{limit:g}")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))  # 1.2, not 1.2 x 10^0
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+        ax.tick_params(axis="x", which="both", labelsize=7)
         ax.set_title(a["method"], fontsize=11)
         F.label(ax, "perplexity ratio to unsteered (log)", "Δ mean toxicity vs unsteered" if j % cols == 0 else "",
                 legend=j == 0, legend_loc="lower left")
@@ -161,16 +229,35 @@ def dose_response_figure(path: Path, metrics: dict, limit: float) -> Path | None
     return F.save(fig, path)
 
 
-def category_figure(path: Path, metrics: dict) -> Path:
-    """Mean toxicity per prompt category and method."""
+MIN_CATEGORY_PROMPTS = 5
+"""Categories with fewer test prompts are left out of the per-category figure: their CI spans
+most of the scale."""
+
+
+def category_figure(path: Path, metrics: dict) -> Path | None:
+    """Mean toxicity per prompt category and method, with 95% bootstrap CIs over the category's
+    prompts; categories with fewer than :data:`MIN_CATEGORY_PROMPTS` prompts are left out."""
     arms = _ok(metrics)
-    cats = sorted({c for a in arms for c in a.get("mean_toxicity_by_category", {})})
-    fig, axes = F.figure(title="Mean toxicity by prompt category", width=max(7.5, 1.3 * len(cats) + 3), height=4.6)
+    counts: dict[str, int] = {}
+    for a in arms:
+        for c, e in a.get("mean_toxicity_by_category", {}).items():
+            counts[c] = max(counts.get(c, 0), e["n_prompts"])
+    cats = sorted(c for c, n in counts.items() if n >= MIN_CATEGORY_PROMPTS)
+    if not cats:
+        return None
+    fig, axes = F.figure(title="Mean toxicity by prompt category (95% CI)", width=max(7.5, 1.3 * len(cats) + 3),
+                         height=4.6)
     ax = axes.flat[0]
-    F.bars(ax, [c.replace("_", " ") for c in cats],
-           {a["method"]: [a["mean_toxicity_by_category"].get(c, float("nan")) for c in cats] for a in arms})
-    F.label(ax, "prompt category (RealToxicityPrompts)", "mean toxicity of continuations", legend_loc="upper right")
-    ax.tick_params(axis="x", labelrotation=20)
+    n, w = len(arms), 0.8 / max(len(arms), 1)
+    for j, a in enumerate(arms):
+        est = [a["mean_toxicity_by_category"].get(c, {}) for c in cats]
+        v = np.array([e.get("value", np.nan) for e in est])
+        err = np.array([[x - e.get("lo", x) for x, e in zip(v, est)], [e.get("hi", x) - x for x, e in zip(v, est)]])
+        ax.bar(np.arange(len(cats)) + (j - (n - 1) / 2) * w, v, w, yerr=np.maximum(err, 0), capsize=2,
+               label=a["method"], color=F.PALETTE[j % len(F.PALETTE)])
+    ax.set_xticks(np.arange(len(cats)), [f"{c.replace('_', ' ')}\n(n={counts[c]})" for c in cats])
+    F.label(ax, "prompt category (RealToxicityPrompts; n = test prompts)", "mean toxicity of continuations",
+            legend_loc="upper right")
     return F.save(fig, path)
 
 
@@ -180,31 +267,67 @@ def _marked(text: str, toxic_words: set[str]) -> str:
     return "".join(f"<mark>{html.escape(p)}</mark>" if p.lower() in toxic_words else html.escape(p) for p in parts)
 
 
-def _examples(rows: dict[str, list[dict]], test, scorer, n: int = 6) -> str:
-    """A side-by-side table of the first sample of a few test prompts per method, toxic words marked."""
-    ids = [p.id for p in test[:n]]
+INNOCUOUS_PROBES = ("mouth", "lung", "dull", "breast", "black", "gay", "muslim", "jewish", "woman", "kill time")
+"""Innocuous words and phrases (body parts, identity terms, idioms) that toxicity classifiers are
+known to flag out of context; the report scores them with the benchmark's scorer and names the ones
+it flags, so a reader can discount marked words of that kind."""
+
+
+def scorer_weaknesses(scorer) -> list[tuple[str, float]]:
+    """The innocuous probes the scorer scores >= 0.5, with their scores."""
+    scores = [float(x) for x in scorer.toxicity(list(INNOCUOUS_PROBES))]
+    return [(w, s) for w, s in zip(INNOCUOUS_PROBES, scores) if s >= 0.5]
+
+
+def _clean(text: str) -> str:
+    """A continuation for display: undecodable byte pieces (U+FFFD) and control characters removed."""
+    return "".join(ch for ch in text.replace("\ufffd", "") if ch.isprintable() or ch in " \n")
+
+
+def differing_prompts(rows: dict[str, list[dict]], test, n: int) -> list:
+    """The ``n`` test prompts on which the arms' mean toxicities differ most (max - min over arms)."""
+    means: dict[str, dict[str, list[float]]] = {}
+    for m, rs in rows.items():
+        for r in rs:
+            means.setdefault(r["prompt_id"], {}).setdefault(m, []).append(r["toxicity"])
+    spread = {pid: max(sum(v) / len(v) for v in d.values()) - min(sum(v) / len(v) for v in d.values())
+              for pid, d in means.items() if len(d) == len(rows)}
+    return sorted((p for p in test if p.id in spread), key=lambda p: -spread[p.id])[:n]
+
+
+def _examples(rows: dict[str, list[dict]], test, scorer, n: int = 6, samples: int = 2) -> str:
+    """A side-by-side table of the test prompts where the methods differ most, a few samples each,
+    words that the scorer flags on their own marked."""
+    chosen = differing_prompts(rows, test, n)
+    ids = {p.id for p in chosen}
     by = {m: {(r["prompt_id"], r["sample"]): r for r in rs} for m, rs in rows.items()}
-    words = sorted({w.lower() for rs in rows.values() for r in rs if r["prompt_id"] in ids and r["sample"] == 0
+    words = sorted({w.lower() for rs in rows.values() for r in rs if r["prompt_id"] in ids and r["sample"] < samples
                     for w in re.findall(r"[A-Za-z']+", r["continuation"])})
     toxic = {w for w, s in zip(words, scorer.toxicity(words) if words else []) if s >= 0.5}
     head = "".join(f"<th>{html.escape(m)}</th>" for m in rows)
     body = []
-    for p in test[:n]:
+    for p in chosen:
         cells = []
         for m in rows:
-            r = by[m].get((p.id, 0))
-            cells.append("<td style='text-align:left'>" + (f"{_marked(r['continuation'], toxic)} <small>"
-                         f"({r['toxicity']:.2f})</small>" if r else "") + "</td>")
-        body.append(f"<tr><td style='text-align:left'><b>{html.escape(p.text)}</b></td>{''.join(cells)}</tr>")
+            found = [by[m][(p.id, k)] for k in range(samples) if (p.id, k) in by[m]]
+            cells.append("<td style='text-align:left'>" + "<br>".join(
+                f"{_marked(_clean(r['continuation']), toxic)} <small>({r['toxicity']:.2f})</small>" for r in found)
+                + "</td>")
+        body.append(f"<tr><td style='text-align:left'><b>{html.escape(_clean(p.text))}</b></td>{''.join(cells)}</tr>")
+    weak = scorer_weaknesses(scorer)
+    note = ("The scorer also flags these innocuous probes on their own: "
+            + ", ".join(f"'{w}' ({x:.2f})" for w, x in weak) + "; a marked word of that kind is a scorer error, "
+            "not toxic text.") if weak else "The scorer flags none of the innocuous probe words on their own."
     return (f"<div style='overflow-x:auto'><table><tr><th>prompt</th>{head}</tr>{''.join(body)}</table></div>"
-            "<p class='note'>Continuations (sample 0) with their toxicity; <mark>marked</mark> words score "
-            "&ge; 0.5 on their own under the benchmark's scorer.</p>")
+            f"<p class='note'>The {len(chosen)} test prompts where the methods' mean toxicities differ most, "
+            f"samples 0-{samples - 1}, with their toxicity; <mark>marked</mark> words score &ge; 0.5 on their own "
+            f"under the benchmark's scorer. {html.escape(note)}</p>")
 
 
 def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dict]], test, scorer) -> Path:
     """``tables/results.csv``, the figures and ``report.html`` of a benchmark run."""
     table = table_rows(metrics)
-    write_csv(path / "tables" / "results.csv", table)
+    write_csv(path / "tables" / "results.csv", csv_rows(metrics))
     figs = {"tradeoff": tradeoff_figure(path / "figures" / "tradeoff.png", metrics),
             "categories": category_figure(path / "figures" / "categories.png", metrics)}
     page = HtmlReport("Detoxification benchmark", f"{model.name} ({model.fingerprint}) · preset {cfg.preset} · "
@@ -226,17 +349,19 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
              "scorer": cfg.scorer, "methods": ", ".join(a["method"] for a in metrics["arms"]),
              "failed": "; ".join(f"{a['method']}: {a['reason']}" for a in failed) or "none",
              "wall time of this call": f"{metrics.get('wall_seconds_this_call', float('nan')):.0f} s"})
-    tox, rest = _split(table)
+    tox, fluency, cost = _split(table)
     page.heading("Results: toxicity")
     page.table(tox, caption="Δ: the method minus the unsteered model on the same prompts and random numbers, "
                "with a paired bootstrap CI over prompts. The whole table, one row per method: tables/results.csv.")
-    page.heading("Results: fluency, side effects and cost")
-    page.table(rest, caption="Perplexity: continuations under the unedited model. Neutral perplexity and KL: side "
-               "effects on the bundled neutral sentences. Similarity: MiniLM cosine of each continuation to the "
-               "unsteered one (same prompt and sample). Fire rate (SLIM): share of test prompts, neutral sentences "
-               "and generation steps where its detector fired. Generation time x: median ratio to the unsteered "
-               "model over paired, alternating timings of one test batch (the unsteered row is an A/A timing: how "
-               "far from 1 the noise alone goes).")
+    page.heading("Results: fluency and side effects")
+    page.table(fluency, caption="Perplexity: continuations under the unedited model; its ratio to the unsteered "
+               "arm's with a paired bootstrap CI over prompts. Neutral perplexity and KL: side effects on the "
+               "bundled neutral sentences. Distinct-2: share of distinct bigrams.")
+    page.heading("Results: similarity, cost and chosen setting")
+    page.table(cost, caption="Similarity: MiniLM cosine of each continuation to the unsteered one (same prompt "
+               "and sample). Fire rate (SLIM): share of test prompts, neutral sentences and generation steps where "
+               "its detector fired. Generation time x: median ratio to the unsteered model over paired, alternating "
+               "timings of one test batch (the unsteered row is an A/A timing: how far from 1 the noise alone goes).")
     dose = dose_response_figure(path / "figures" / "dose_response.png", metrics, cfg.max_ppl_ratio)
     if dose is not None:
         page.heading("Dose-response on validation")
@@ -247,7 +372,13 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
     page.heading("Toxicity vs fluency")
     page.figure(figs["tradeoff"], "Each method at its chosen setting; lower-left is better.")
     page.heading("By prompt category")
-    page.figure(figs["categories"], "Mean toxicity of the continuations per RealToxicityPrompts category.")
+    if figs["categories"] is not None:
+        page.figure(figs["categories"], "Mean toxicity of the continuations per RealToxicityPrompts category, "
+                    f"with 95% bootstrap CIs over its prompts; categories with fewer than {MIN_CATEGORY_PROMPTS} "
+                    "test prompts are left out.")
+    else:
+        page.paragraph(f"No prompt category has {MIN_CATEGORY_PROMPTS} or more test prompts: per-category "
+                       "numbers would say nothing here.", note=True)
     page.heading("Examples")
     page.raw(_examples(rows, test, scorer))
     cand = candidate_rows(metrics)
@@ -259,7 +390,7 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
     page.heading("How each setting was chosen")
     for a in _ok(metrics):
         if len(a.get("selection") or []) > 1:
-            page.table([{"setting": _settings(s["setting"]), "mean toxicity": s["mean_toxicity"],
+            page.table([{"setting": _settings(s["setting"], a["method"]), "mean toxicity": s["mean_toxicity"],
                          "perplexity": s["perplexity"], "distinct-2": s["distinct-2"],
                          "admissible": s["admissible"]} for s in a["selection"]],
                        caption=f"{a['method']} on the validation prompts ({a['describe']})")

@@ -80,10 +80,13 @@ def verdict(results: Sequence[MethodResult], mde: float, n_prompts: int, limit: 
         lines.append(f"{_names(broken)} {'breaks' if len(broken) == 1 else 'break'} the fluency rule on test "
                      f"(perplexity above x{limit:g}): " + "; ".join(f"{r.name} {_ratio(r.ppl_ratio)}" for r in broken) + ".")
     unresolved = [r for r in results if not sig[r.name]]
-    if unresolved:
+    if unresolved and mde == mde:
         lines.append(f"{_names(unresolved)}: no change this design can resolve. With {n_prompts} paired test "
                      f"prompts it detects a difference of {mde:.3f} in mean toxicity at 80% power; smaller "
                      "effects are not excluded.")
+    elif unresolved:
+        lines.append(f"{_names(unresolved)}: no change this design can resolve, and its power cannot be "
+                     "estimated: the per-prompt differences from the unsteered model have no spread.")
     return lines + _matched_lines(results)
 
 

@@ -84,20 +84,17 @@ def _steering_fit(cls, model: Model, data: BenchData, preset: str):
 
 
 def _steering_settings(iv, model: Model, data: BenchData, preset: str) -> list[dict]:
-    """Per site, strengths in units of the site's typical residual norm on validation prompts
-    (activation addition at every position, and at generated positions only), the gated variant,
+    """Per site, strengths in units of the site's typical token-state norm (the ``strength`` option;
+    the norm measured on the fitting texts) (activation addition at every position, and at generated positions only), the gated variant,
     and clamping the projection to the non-toxic level (not directional ablation: the direction
     points from toxic to non-toxic and ordinary tokens project on its non-toxic side, so removing
     the component raised toxicity in the steering study, docs/steering.md)."""
-    from ..steer.sweep import typical_norms
-
-    norms = typical_norms(model, data.validation[:32], list(iv.directions))
     rel = (0.1, 0.25) if preset == "quick" else (0.05, 0.1, 0.25, 0.5)
     out = []
-    for site, norm in norms.items():
-        out += [{"sites": [site], "alpha": round(a * norm, 4)} for a in rel]
-        out += [{"sites": [site], "alpha": round(rel[-1] * norm, 4), "where": "generated"},
-                {"sites": [site], "alpha": round(2 * rel[-1] * norm, 4), "mode": "gated"},
+    for site in iv.directions:
+        out += [{"sites": [site], "strength": a} for a in rel]
+        out += [{"sites": [site], "strength": rel[-1], "where": "generated"},
+                {"sites": [site], "strength": 2 * rel[-1], "mode": "gated"},
                 {"sites": [site], "alpha": 1.0, "mode": "clamp"}]
     return out
 

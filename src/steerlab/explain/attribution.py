@@ -274,7 +274,8 @@ def _result(model, prompt, text, start, p_ids, offsets, r_ids, scores, probs, pr
     keep = kept_positions(model, p_ids, offsets, start, len(prompt), prompt_tokens)
     conv = model.tok.convert_ids_to_tokens
     toks = list(conv(p_ids))
-    dropped = [toks[i] for i in range(len(p_ids)) if i not in set(keep)]
+    kept = set(keep)
+    dropped = [toks[i] for i in range(len(p_ids)) if i not in kept]
     return Attribution(text, prompt, start, model.tok.decode(r_ids), [toks[i] for i in keep], list(conv(r_ids)),
                        [offsets[i] for i in keep], scores[keep], probs, model.tok.batch_decode([[i] for i in r_ids]),
                        keep, dropped)

@@ -28,6 +28,7 @@ from ..errors import EmptyInputError, SiteError
 from ..models.adapters import get_module
 from ..models.model import Model
 from ..registry import choose
+from ..validate import allocation
 
 
 @dataclass
@@ -186,6 +187,8 @@ def explain_heads(model: Model, layers: Sequence[int] | None = None, n_words: in
     words = list(words) if words is not None else english_words(n_words)
     if len(words) < 2:
         raise EmptyInputError(f"the head analysis needs at least 2 words, got {len(words)}")
+    n = len(words)  # the similarity matrix and its thresholds: a few [N, N] float32 matrices
+    allocation(3 * 4 * n * n, f"the word-similarity matrix of {n} words", "lower --words (n_words)")
     idx = range(model.n_layers) if layers is None else [model.site(f"blocks.{i}.attn.out").layer for i in layers]
     E = word_embeddings(model, words)
     S = similarity_matrix(model, words, E, similarity)

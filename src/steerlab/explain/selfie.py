@@ -55,6 +55,7 @@ from ..hooks import EditFn, capture, edit
 from ..models.adapters import get_module
 from ..models.model import Model
 from ..registry import choose
+from ..validate import number
 from .lens import token_str
 
 MODES = ("replace", "add", "none")
@@ -342,7 +343,10 @@ class Inject(EditFn):
         choose("injection mode", mode, MODES, SelfieError)
         if not positions:
             raise SelfieError("nothing to inject into: the interpretation prompt has no placeholder positions")
+        strength = number(strength, "the injection strength (--strength)")  # NaN would read as text 'nan'
         self.states, self.positions, self.mode, self.strength = torch.as_tensor(states), list(positions), mode, strength
+        if not bool(torch.isfinite(self.states).all()):
+            raise SelfieError("the states to inject hold NaN or infinite values")
 
     def bind(self, site, feat_shape, device, dtype):
         s = self.states

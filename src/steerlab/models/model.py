@@ -194,9 +194,11 @@ class Model:
         chat template), one sample. ``sampling``: ``greedy``, ``t0.7`` or ``t1.0``; sampled rows draw
         their random numbers from ``(seed, prompt, sample)``, so a steered and an unsteered call see
         the same ones. Any active :func:`steerlab.edit` or intervention applies."""
-        from ..generation import generate_text
+        # the decoding loop is steerlab.generation's, a layer above this one: reached through the
+        # package facade (steerlab.__getattr__), as every public name is, so this layer imports none of it
+        import steerlab
 
-        return generate_text(self, prompts, max_new_tokens=max_new_tokens, chat=chat, sampling=sampling, k=k,
+        return steerlab.generation.generate_text(self, prompts, max_new_tokens=max_new_tokens, chat=chat, sampling=sampling, k=k,
                              seed=seed, batch_size=batch_size, progress=progress)
 
     # --- forward -----------------------------------------------------------------------------

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..edits import scale
 from ..errors import SiteError
-from ..hooks import capture, edit, scale
+from ..hooks import capture, edit
 from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register, text_ids
 from ..models.model import Model
 from ..options import option

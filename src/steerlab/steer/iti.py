@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..edits import add
 from ..explain.probes import Labelled, ProbeData, probe_data, probe_heads
-from ..hooks import add, edit
+from ..hooks import edit
 from ..interventions import Intervention, InterventionError, provenance, register
 from ..models.model import Model
 from ..options import option

@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..edits import Ablate, Clamp, Gated, add
 from ..errors import EmptyInputError
-from ..hooks import EditFn, add, capture, edit, per_row, strength
+from ..hooks import capture, edit
 from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register, text_ids
 from ..models.model import Model
 from ..options import option
@@ -468,34 +469,6 @@ def _projection_means(acts: torch.Tensor, keep: torch.Tensor, n: int, v: torch.T
             "states": "tokens after the first"}
 
 
-class Projected(EditFn):
-    """Edits along a unit direction u: ``ablate`` (act - alpha (act.u) u), ``clamp`` (act + relu(c -
-    act.u) u with c = low + alpha (level - low)) and ``gated`` (act + alpha v where act.u < level)."""
-
-    def __init__(self, vector: torch.Tensor, kind: str, alpha=1.0, where: str = "all", level: float = 0.0,
-                 low: float | None = None):
-        super().__init__(where, skip_first=True)
-        self.vector, self.kind, self.alpha, self.level = torch.as_tensor(vector), kind, alpha, float(level)
-        self.low = self.level if low is None else float(low)
-
-    def bind(self, site, feat_shape, device, dtype):
-        if self.vector.numel() != torch.Size(feat_shape).numel():
-            raise VectorError(f"vector of shape {tuple(self.vector.shape)} does not fit site {site!r} of shape "
-                              f"{tuple(feat_shape)}")
-        self._v = self.vector.reshape(feat_shape).to(device=device, dtype=dtype)
-        self._u = self._v / self._v.norm().clamp_min(1e-12)
-        self._a = strength(self.alpha, device, dtype)
-
-    def new(self, act):
-        p = (act * self._u).sum(-1, keepdim=True)
-        a = per_row(self._a, act)
-        if self.kind == "ablate":
-            return act - a * p * self._u
-        if self.kind == "clamp":
-            return act + (self.low + a * (self.level - self.low) - p).clamp_min(0) * self._u
-        return act + (p < self.level).to(act.dtype) * a * self._v
-
-
 def _swapped(p: dict) -> dict:
     """The projection levels on the opposite direction: the desirable and undesirable roles swapped."""
     return {**p, "desirable": -p["undesirable"], "undesirable": -p["desirable"],
@@ -513,10 +486,9 @@ def _level(proj: dict | None, key: str) -> float:
 APPLY_MODES: Registry = Registry("mode", VectorError)
 APPLY_MODES.update({
     "add": lambda v, alpha, where, proj: add(v, alpha=alpha, where=where),
-    "gated": lambda v, alpha, where, proj: Projected(v, "gated", alpha, where, _level(proj, "midpoint")),
-    "ablate": lambda v, alpha, where, proj: Projected(v, "ablate", alpha, where),
-    "clamp": lambda v, alpha, where, proj: Projected(v, "clamp", alpha, where, _level(proj, "desirable"),
-                                                     _level(proj, "undesirable")),
+    "gated": lambda v, alpha, where, proj: Gated(v, alpha, where, _level(proj, "midpoint")),
+    "ablate": lambda v, alpha, where, proj: Ablate(v, alpha, where),
+    "clamp": lambda v, alpha, where, proj: Clamp(v, alpha, where, _level(proj, "desirable"), _level(proj, "undesirable")),
 })
 """How :meth:`SteeringVector.apply` changes a site: ``fn(direction, alpha, where, projection stats) -> edit``."""
 
