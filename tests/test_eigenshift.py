@@ -262,13 +262,13 @@ def test_apply_with_fewer_directions_uses_the_largest_delta_first():
     with pytest.raises(EigenShiftError, match="this edit holds 6 directions but k=7 asks for 7: refit"):
         with iv.apply(m, k=7):
             pass
-    # bench: the k of the grid this edit holds (6 directions: k 1 and 4 of the quick grid, 1, 2, 4 of the full)
+    # bench: the k of the grid this edit holds (6 directions: k 1 of the quick grid, 1, 2, 4 of the full)
     from steerlab.experiments.recipes import recipe_for
 
     assert recipe_for("eigenshift").settings(iv, m, None, "quick") == [
-        {"k": k, "alpha": a} for k in (1, 4) for a in (0.0, 0.5)]
+        {"rank": r, "k": 1, "alpha": a} for r in ("t", "abs") for a in (0.0, 0.5)]
     assert recipe_for("eigenshift").settings(iv, m, None, "full") == [
-        {"k": k, "alpha": a} for k in (1, 2, 4) for a in (0.0, 0.25, 0.5)]
+        {"rank": r, "k": k, "alpha": a} for r in ("t", "abs") for k in (1, 2, 4) for a in (0.0, 0.25, 0.5)]
     assert torch.equal(m.W_U, torch.from_numpy(U).float())
 
 
@@ -333,3 +333,27 @@ def test_matched_positions_draw_non_toxic_states_from_the_toxic_positions():
         matched_nontoxic(m, [(new, states)], [], seed=0)
     with pytest.raises(StateCollectionError, match="unknown positions"):
         collect_states(m, ["hi"], GenConfig(max_new_tokens=2), scorer="profanity", positions="middle")
+
+
+def test_apply_rank_reranks_every_direction_from_the_saved_delta_and_t(tmp_path):
+    m = tiny_model("llama")
+    rng = np.random.default_rng(7)
+    tox = torch.from_numpy(rng.normal(size=(30, 32)) * rng.uniform(0.2, 5, size=32) + rng.normal(size=32)).float()
+    non = torch.from_numpy(rng.normal(size=(30, 32)) * rng.uniform(0.2, 5, size=32)).float()
+    iv = EigenShift.fit(m, (tox, non), k=2, alpha=0.0)  # rank abs, two directions saved
+    ref = EigenShift.fit(m, (tox, non), k=5, alpha=0.0, rank="t")
+    assert EigenShift.fit(m, (tox, non), k=5).indices.tolist() != ref.indices.tolist()  # the ranks disagree
+    back = I.load(iv.save(tmp_path / "es.safetensors"), m)  # t is saved with the edit
+    for edit in (iv, back):
+        with edit.apply(m, rank="t", k=5) as W:
+            got = W.detach().clone()
+        with ref.apply(m) as W:
+            torch.testing.assert_close(got, W.detach())
+    seven = EigenShift.fit(m, (tox, non), k=7, alpha=0.0)
+    with seven.apply(m) as W:
+        want = W.detach().clone()
+    with iv.apply(m, rank="abs", k=7) as W:  # more than saved: re-ranked from delta
+        torch.testing.assert_close(W.detach(), want)
+    with pytest.raises(EigenShiftError, match="does not hold"):
+        with EigenShift(iv.indices, iv.sigma, iv.delta, 0.0, dict(iv.meta)).apply(m, rank="t"):
+            pass

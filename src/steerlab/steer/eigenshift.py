@@ -69,6 +69,7 @@ class Dampening:
     indices: torch.Tensor
     sigma: torch.Tensor
     sigma_new: torch.Tensor
+    tstat: torch.Tensor | None = None
 
 
 RANKS = ("abs", "signed", "t")
@@ -117,9 +118,19 @@ def dampen(dec: SVD, toxic: torch.Tensor, nontoxic: torch.Tensor, k: int, alpha:
     B = dec.Vt if basis is None else basis
     pt, pn = projections(B, toxic), projections(B, nontoxic)
     delta = pt.mean(0) - pn.mean(0)
-    key = {"abs": delta.abs, "signed": lambda: delta, "t": lambda: welch_t(pt, pn).abs()}[rank]()
-    idx = key.topk(k).indices
-    return Dampening(delta, idx, dec.s[idx], float(alpha) * dec.s[idx])
+    t = welch_t(pt, pn) if rank == "t" or (len(pt) > 1 and len(pn) > 1) else None
+    idx = rank_key(rank, delta, t).topk(k).indices
+    return Dampening(delta, idx, dec.s[idx], float(alpha) * dec.s[idx], t)
+
+
+def rank_key(rank: str, delta: torch.Tensor, tstat: torch.Tensor | None) -> torch.Tensor:
+    """What the directions are ranked by (largest first): ``|delta|``, ``delta`` or ``|t|``."""
+    if rank == "t":
+        if tstat is None:
+            raise EigenShiftError("rank='t' needs the Welch t of each direction, which this edit does not hold "
+                                  "(fitted from fewer than 2 states of a kind, or saved by an older steerlab): refit")
+        return tstat.abs()
+    return delta.abs() if rank == "abs" else delta
 
 
 def edited_weight(U: torch.Tensor, dec: SVD, indices: torch.Tensor, sigma_new: torch.Tensor) -> torch.Tensor:
@@ -192,6 +203,8 @@ class EigenShiftApplyOptions:
                                low=0.0, high=1.0)
     k: int = option(None, "use only the first k saved directions (largest |delta| first)", type=int, low=1,
                     unit="directions")
+    rank: str = option(None, "re-rank all directions from the saved delta and t (abs, signed, t; default: the "
+                       "fitted order of the saved directions)", type=str, choices=RANKS)
 
 
 @register
@@ -204,6 +217,7 @@ class EigenShift(Intervention):
     delta: torch.Tensor
     alpha: float = 0.1
     meta: dict = field(default_factory=dict)
+    tstat: torch.Tensor | None = None
     method = "eigenshift"
     FitOptions = EigenShiftFitOptions
     ApplyOptions = EigenShiftApplyOptions
@@ -213,6 +227,7 @@ class EigenShift(Intervention):
         self.indices = torch.as_tensor(self.indices).long().cpu()
         self.sigma = torch.as_tensor(self.sigma).float().cpu()
         self.delta = torch.as_tensor(self.delta).float().cpu()
+        self.tstat = None if self.tstat is None else torch.as_tensor(self.tstat).float().cpu()
         self.meta = {**self.meta, "sites": ["unembed"]}
         self._cache: dict = {}
         n, d = len(self.indices), self.meta.get("d_model")
@@ -255,7 +270,7 @@ class EigenShift(Intervention):
                           d_model=model.d_model, vocab_size=model.vocab_size,
                           unembed_fingerprint=matrix_fingerprint(U), tied=model.tied(), stats=states.stats,
                           **({"data_text_ids": fitted} if fitted else {}))
-        return cls(damp.indices, damp.sigma, damp.delta, alpha, meta)
+        return cls(damp.indices, damp.sigma, damp.delta, alpha, meta, damp.tstat)
 
     def check(self, model: Model, strict: bool = True) -> None:
         """Sizes always; the model and unembedding fingerprints when ``strict``."""
@@ -305,12 +320,23 @@ class EigenShift(Intervention):
                                   f"refit with a lower --percentile or a larger --k")
         return n
 
-    def weight(self, model: Model, alpha: float | None = None, n: int | None = None) -> torch.Tensor:
+    def order(self, model: Model, rank: str | None, percentile: float | None, k: int | None) -> torch.Tensor:
+        """The directions an apply dampens: the first of the saved ones (``rank`` None: the fitted
+        order), or the first ``k`` / ``ceil(d (1 - percentile))`` / as many as saved of all directions
+        ranked by ``rank`` from the saved ``delta`` and ``t``."""
+        if rank is None:
+            return self.indices[:self.n_directions(model, percentile, k)]
+        choose("rank", rank, RANKS, EigenShiftError)
+        n = len(self.indices) if percentile is None and k is None else choose_k(model.d_model, percentile, k)
+        return rank_key(rank, self.delta, self.tstat).topk(n).indices
+
+    def weight(self, model: Model, alpha: float | None = None, n: int | None = None,
+               indices: torch.Tensor | None = None) -> torch.Tensor:
         """The edited unembedding ``U'`` for ``model`` with the first ``n`` saved directions (default
-        all) scaled by ``alpha`` (SVD recomputed once per model and cached)."""
+        all; or the directions ``indices``) scaled by ``alpha`` (SVD recomputed once per model and cached)."""
         a = self.alpha if alpha is None else number(alpha, "EigenShift alpha")
-        n = len(self.indices) if n is None else int(n)
-        key = (model.fingerprint, a, n)
+        idx = self.indices[:len(self.indices) if n is None else int(n)] if indices is None else indices
+        key = (model.fingerprint, a, tuple(idx.tolist()))
         if key not in self._cache:
             fp, dec = self._cache.get("svd", (None, None))
             if fp != model.fingerprint:
@@ -321,7 +347,7 @@ class EigenShift(Intervention):
                                           f"directions are {found[:4].tolist()}..., not {self.sigma[:4].tolist()}...: "
                                           f"this edit was fitted on another matrix")
             # one edited matrix at a time (each is vocab x d), the SVD kept for the next setting
-            w = edited_weight(model.W_U, dec, self.indices[:n], a * self.sigma[:n])
+            w = edited_weight(model.W_U, dec, idx, a * dec.s[idx.to(dec.s.device)])
             if not bool(torch.isfinite(w).all()):
                 raise NonFiniteError(f"EigenShift with alpha={a} makes the edited unembedding non-finite (NaN or "
                                      f"inf); use an alpha in [0, 1)")
@@ -329,19 +355,19 @@ class EigenShift(Intervention):
         return self._cache[key]
 
     @contextmanager
-    def apply(self, model: Model, *, alpha, percentile, k, strict: bool = True):
+    def apply(self, model: Model, *, alpha, percentile, k, rank, strict: bool = True):
         """Context manager: the unembedding is ``U'`` (singular values at the saved directions times
         ``alpha``, default the fitted one) while the body runs; restored bit for bit on exit.
         ``percentile`` or ``k`` uses only the first ``ceil(d (1 - percentile))`` or ``k`` saved
-        directions (the largest |delta| first), so one fit serves several settings."""
+        directions (the largest |delta| first), so one fit serves several settings; ``rank`` re-ranks
+        all directions from the saved ``delta`` and ``t`` (:meth:`order`)."""
         self.check(model, strict)
-        n = self.n_directions(model, percentile, k)
-        with swapped_unembedding(model, self.weight(model, alpha, n)) as w:
+        with swapped_unembedding(model, self.weight(model, alpha, indices=self.order(model, rank, percentile, k))) as w:
             yield w
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"indices": self.indices, "sigma": self.sigma, "sigma_new": self.alpha * self.sigma,
-                "delta": self.delta}
+                "delta": self.delta, **({"tstat": self.tstat} if self.tstat is not None else {})}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> EigenShift:
@@ -349,4 +375,4 @@ class EigenShift(Intervention):
             if name not in tensors:
                 raise EigenShiftError(f"EigenShift file lacks the tensor {name!r} (has {sorted(tensors)})")
         return cls(tensors["indices"], tensors["sigma"], tensors["delta"],
-                   float((meta.get("options") or {}).get("alpha", 0.1)), meta)
+                   float((meta.get("options") or {}).get("alpha", 0.1)), meta, tensors.get("tstat"))
