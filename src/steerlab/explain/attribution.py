@@ -172,8 +172,7 @@ def kept_positions(model: Model, p_ids: Sequence[int], offsets, start: int, user
     the paper, whose matrices cover the prompt's own tokens only (BOS dropped); when the template
     changed the prompt's text, as ``"text"``. ``"text"``: every token but the special ones.
     ``"all"``: every prompt token."""
-    if prompt_tokens not in PROMPT_TOKENS:
-        raise ShapeError(f"unknown prompt_tokens {prompt_tokens!r}; choose one of {', '.join(PROMPT_TOKENS)}")
+    choose("prompt_tokens", prompt_tokens, PROMPT_TOKENS, ShapeError)
     n = len(p_ids)
     if prompt_tokens == "all":
         return list(range(n))

@@ -193,8 +193,7 @@ _HEAD_SITE = re.compile(r"^blocks\.(-?\d+)\.attn\.head\.(\d+)$")
 
 
 def _check_numbering(numbering: str) -> None:
-    if numbering not in NUMBERINGS:
-        raise SelfieError(f"unknown layer numbering {numbering!r}; choose one of {', '.join(NUMBERINGS)}")
+    choose("layer numbering", numbering, NUMBERINGS, SelfieError)
 
 
 def layer_index(model: Model, layer: int, numbering: str = "hf") -> int:
@@ -592,8 +591,7 @@ def control_states(states: torch.Tensor, kind: str = "norm", seed: int = 0) -> t
     """Random control states with the real states' statistics, one per row of ``states``:
     ``"norm"``, a random Gaussian direction scaled to the row's norm; ``"permute"``, the row's own
     coordinates in a random order (same norm, same distribution of values, no structure)."""
-    if kind not in BASELINES:
-        raise SelfieError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
+    choose("baseline", kind, BASELINES, SelfieError)
     g = torch.Generator().manual_seed(seed)
     x = states.detach().float().cpu()
     if kind == "norm":

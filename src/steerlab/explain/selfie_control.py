@@ -30,6 +30,7 @@ from ..interventions import Intervention, InterventionError, provenance, registe
 from ..models.adapters import get_module
 from ..models.model import Model, position_ids
 from ..options import option
+from ..registry import choose
 from .selfie import SelfieError, layer_index, layer_site, read_states
 
 PARAMS = ("mlp", "down")
@@ -56,8 +57,7 @@ def control_block(model: Model, layer: int, numbering: str = "blocks") -> int:
 def mlp_parameters(model: Model, block: int, params: str = "mlp") -> dict[str, torch.nn.Parameter]:
     """Name (in ``model.hf``) -> parameter of block ``block``'s MLP (``"mlp"``: all of them, ``"down"``:
     the down projection's weight)."""
-    if params not in PARAMS:
-        raise ControlError(f"unknown params {params!r}; choose one of {', '.join(PARAMS)}")
+    choose("params", params, PARAMS, ControlError)
     blk = model.layer(block)
     if params == "down":
         wanted = [get_module(blk, model.arch.mlp_down).weight]

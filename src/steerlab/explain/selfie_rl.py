@@ -32,6 +32,7 @@ from ..hooks import capture
 from ..interventions import provenance, register
 from ..models.model import Model
 from ..options import option
+from ..registry import choose
 from .selfie import as_interpretation_prompt, interpret_states, layer_site
 from .selfie_control import PARAMS, ControlError, SelfieControl, block_output, control_block, mlp_parameters
 
@@ -225,8 +226,7 @@ class SelfieRL(SelfieControl):
         """Learn deltas on block ``layer``'s MLP from rewards on the interpretations of the states after
         it at every token of ``data`` (one prompt or a list; ``tokens``: only these token indices of
         each). ``reward``: ``"words:a,b"``, ``"scorer:NAME"`` or a callable ``texts -> [float]``."""
-        if estimator not in ESTIMATORS:
-            raise ControlError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        choose("estimator", estimator, ESTIMATORS, ControlError)
         if steps < 1 or lr <= 0 or samples < 1 or sigma <= 0:
             raise ControlError(f"steps and samples must be >= 1, lr and sigma > 0 (got {steps}, {samples}, {lr}, {sigma})")
         reward_fn = reward if callable(reward) else reward_from_spec(reward, threshold)
