@@ -397,23 +397,36 @@ class RowSampler:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logp = (scores.float() / self.temperature).log_softmax(-1)
-        sorted_lp, idx = self._ranked(logp)
+        step, pick = input_ids.shape[1] - self.prompt_len, torch.empty(len(logp), 1, dtype=torch.long,
+                                                                         device=logp.device)
+        for rows, sorted_lp, idx in self._ranked(logp):
+            pick[rows] = self._draw(sorted_lp, idx, self.seeds.to(logp.device)[rows], step)
+        return torch.full_like(scores, float("-inf")).scatter(-1, pick, 0.0)
+
+    def _draw(self, sorted_lp: torch.Tensor, idx: torch.Tensor, seeds: torch.Tensor, step: int) -> torch.Tensor:
+        """One token id per row ``[n, 1]``: the Gumbel-max draw over the row's nucleus (``sorted_lp``:
+        log-probabilities in decreasing order, ``idx`` their token ids)."""
         keep = torch.isfinite(sorted_lp)
         if self.top_p < 1.0:  # the smallest set of top tokens whose mass reaches top_p
             p = sorted_lp.exp()
             keep &= (p.cumsum(-1) - p) < self.top_p
         K = int(keep.sum(-1).max())
         lp = sorted_lp[:, :K].masked_fill(~keep[:, :K], float("-inf"))
-        u = row_uniforms(self.seeds, input_ids.shape[1] - self.prompt_len, idx[:, :K])
-        pick = idx[:, :K].gather(-1, (lp.double() - torch.log(-torch.log(u))).argmax(-1, keepdim=True))
-        return torch.full_like(scores, float("-inf")).scatter(-1, pick, 0.0)
+        u = row_uniforms(seeds, step, idx[:, :K])
+        return idx[:, :K].gather(-1, (lp.double() - torch.log(-torch.log(u))).argmax(-1, keepdim=True))
 
-    def _ranked(self, logp: torch.Tensor, first: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities in decreasing order with their token ids: only the top ``first`` when
-        they already hold the nucleus of every row (a partial selection is much cheaper than sorting
-        the whole vocabulary), else all of them."""
+    def _ranked(self, logp: torch.Tensor, first: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Groups of rows ``(row mask, log-probabilities in decreasing order, their token ids)``: the
+        rows whose nucleus lies within their top ``first`` tokens get only those (a partial selection
+        is much cheaper than sorting the whole vocabulary); the other rows are sorted in full. The
+        draw depends on (row seed, step, token id) only, so the grouping does not change it."""
+        every = torch.ones(len(logp), dtype=torch.bool, device=logp.device)
         if self.top_p < 1.0 and logp.shape[-1] > first:
             top = logp.topk(first, dim=-1)
-            if bool((top.values.exp().sum(-1) >= self.top_p).all()):
-                return top.values, top.indices
-        return logp.sort(-1, descending=True)
+            ok = top.values.exp().sum(-1) >= self.top_p
+            groups = [(ok, top.values[ok], top.indices[ok])] if bool(ok.any()) else []
+            if not bool(ok.all()):
+                rest = logp[~ok].sort(-1, descending=True)
+                groups.append((~ok, rest.values, rest.indices))
+            return groups
+        return [(every, *logp.sort(-1, descending=True))]
