@@ -178,7 +178,7 @@ def _summary(model: Model, rows: list[dict]) -> dict:
 
 
 def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchData, val, cfg: BenchConfig,
-            base: dict, progress: bool = False) -> tuple[dict, list[dict]]:
+            base: dict, reference, progress: bool = False) -> tuple[dict, list[dict]]:
     """Every setting on the validation prompts, then :func:`choose_candidate` (see the module docstring).
     In a data-parallel launch, rank 0 lists the settings and measures each; every rank chooses from that."""
     g = group()
@@ -186,7 +186,8 @@ def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchDa
     for i, opts in enumerate(g.on_main(lambda: recipe_for(name).settings(iv, model, data, cfg.preset))):
         rows = generate_run(model, val, path / "val" / name / str(i), _gen(cfg, True), scorer=data.scorer,
                             intervention=iv, apply_options=opts, progress=progress)
-        table.append(g.on_main(lambda opts=opts, rows=rows: _setting_row(model, opts, rows, cfg, base)))
+        table.append(g.on_main(lambda opts=opts, rows=rows: {**_setting_row(model, opts, rows, cfg, base),
+                                                              "neutral_kl": candidate_kl(model, iv, opts, reference)}))
     return choose_candidate(table, cfg.max_ppl_ratio), table
 
 
@@ -204,6 +205,17 @@ def choose_candidate(table: list[dict], limit: float) -> dict:
     if i is not None:
         return rows[i]
     return {**rows[0], "note": "no setting met the fluency/diversity rule: the most fluent one is tested"}
+
+
+def candidate_kl(model: Model, iv: Intervention, opts: dict, reference) -> float:
+    """The neutral-text KL(unedited || edited) of one setting (``reference``: the unedited model's
+    next-token distributions on the neutral texts, and those texts), with the method's options for
+    fixed text (:meth:`~steerlab.interventions.Intervention.fixed_text_options`): the x axis of the
+    report's second dose-response figure."""
+    from ..metrics.lm import kl_from_reference
+
+    with stage("validation: neutral KL"), iv.apply(model, **iv.fixed_text_options(opts)):
+        return float(kl_from_reference(model, reference[0], reference[1]).mean)
 
 
 def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, base: dict) -> dict:
@@ -352,7 +364,7 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
             arm.describe = iv.describe()
             bar.note(f"arm {name}: settings on validation prompts")
             with stage(f"validation: {name}"):
-                pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base, progress)
+                pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base, reference, progress)
             arm.settings = pick
             bar.note(f"arm {name}: test prompts at {pick['setting'] or 'its defaults'}")
             arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, path, name, iv, pick["setting"], test,
