@@ -182,6 +182,21 @@ def test_bench_test_all_settings_reports_every_candidate_on_test(tmp_path, llama
     assert abs(other["paired_difference"]["mean_toxicity"]["value"] - diff) < 1e-9
     assert (out / "tables" / "candidates.csv").exists()
     assert "not used for the choice" in (out / "report.html").read_text()
+    # every tested candidate has its paired perplexity ratio; the figures draw them beside validation
+    assert all(c["ppl_ratio"]["lo"] <= c["ppl_ratio"]["value"] <= c["ppl_ratio"]["hi"] for c in cands)
+    for f in ("figures/dose_response.png", "figures/dose_response_kl.png"):
+        assert (out / f).stat().st_size > 0, f
+    # each validation candidate's neutral KL, against KL computed by hand under that setting
+    from steerlab.data import neutral_texts
+    from steerlab.metrics.lm import kl_from_reference, next_token_logprobs
+
+    texts = neutral_texts()[:cfg.n_neutral]
+    ref = next_token_logprobs(llama, texts, top_k=256)
+    for sel in arm["selection"][:2]:
+        with iv.apply(llama, **sel["setting"]):
+            assert sel["neutral_kl"] == pytest.approx(float(kl_from_reference(llama, ref, texts).mean), rel=1e-5)
+    assert arm["selection"][0]["expected_max_toxicity_change"]["value"] == pytest.approx(
+        arm["selection"][0]["mean_toxicity_change"]["value"])  # one sample per validation prompt
     # the option is not part of the run's identity: the same directory resumes without it
     again = run_bench(llama, out, _cfg(methods=["aura"], sampling="greedy", k=1), progress=False)
     assert {a["method"]: a for a in again["arms"]}["aura"]["toxicity"] == arm["toxicity"]

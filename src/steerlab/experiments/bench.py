@@ -232,6 +232,7 @@ def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, b
     ok = admissible(ratio["hi"], d2, 1.0, base["distinct-2"], cfg.max_ppl_ratio, cfg.min_distinct_ratio)
     return {"setting": opts, "mean_toxicity": s["toxicity"]["mean_toxicity"]["value"], "perplexity": ppl,
             "distinct-2": d2, "ppl_ratio": ratio, "mean_toxicity_change": change["mean_toxicity"],
+            "expected_max_toxicity_change": change["expected_max_toxicity"],
             "p": change["p_two_sided"]["mean_toxicity"], "admissible": bool(ok)}
 
 
@@ -378,7 +379,7 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
             if cfg.test_all_settings and len(arm.selection) > 1:
                 with stage(f"test all settings: {name}"):
                     arm.candidates = _candidates(model, path, name, iv, arm, test, cfg, scorer, reference,
-                                                 base_rows, rows[name])
+                                                 base_rows, rows[name], arms[0].metrics)
         except Exception as e:  # a failing method is reported, the others go on (on every rank alike)
             arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
             bar.note(f"arm {name} failed: {arm.reason}")
@@ -389,7 +390,7 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
 
 
 def _candidates(model, path, name, iv, arm: Arm, test, cfg, scorer, reference, base_rows,
-                chosen_rows) -> list[dict]:
+                chosen_rows, base_metrics: dict) -> list[dict]:
     """Every candidate setting of ``arm`` on the test prompts, after the choice was made on validation
     (``--test-all-settings``): for reporting each setting, never for choosing. The chosen one is not rerun."""
     out = []
@@ -400,8 +401,12 @@ def _candidates(model, path, name, iv, arm: Arm, test, cfg, scorer, reference, b
         else:
             m, rows, secs = _evaluate(model, path, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
         m["paired_difference"] = group().on_main(lambda b=base_rows, r=rows: paired_to(b, r))
+        ref, own = (x.get("fluency", {}).get("by_prompt") or {} for x in (base_metrics, m))
+        if len(ref) > 1 and len(own) > 1:
+            m["ppl_ratio"] = paired_perplexity_ratio(ref, own).to_dict()
         out.append({"setting": opts, "chosen": opts == arm.settings["setting"], "generate_seconds": secs,
-                    **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference")
+                    **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference",
+                                         "ppl_ratio")
                        if k in m}})
     return out
 
