@@ -158,7 +158,8 @@ def test_bench_test_all_settings_reports_every_candidate_on_test(tmp_path, llama
     from steerlab.generation import GenConfig, generate
 
     out = tmp_path / "b"
-    cfg = _cfg(methods=["aura"], sampling="greedy", k=1, test_all_settings=True)
+    # matched costs inside the range of the tiny model's perplexity ratios (0.6-1.1), so some are reached
+    cfg = _cfg(methods=["aura"], sampling="greedy", k=1, test_all_settings=True, matched_ppl=(0.7, 0.9, 5.0))
     metrics = run_bench(llama, out, cfg, progress=False)
     arm = {a["method"]: a for a in metrics["arms"]}["aura"]
     cands = arm["candidates_test"]
@@ -182,6 +183,17 @@ def test_bench_test_all_settings_reports_every_candidate_on_test(tmp_path, llama
     assert abs(other["paired_difference"]["mean_toxicity"]["value"] - diff) < 1e-9
     assert (out / "tables" / "candidates.csv").exists()
     assert "not used for the choice" in (out / "report.html").read_text()
+    assert "At matched fluency" in (out / "report.html").read_text()
+    # the matched read-outs are confirmed on the settings closest to each cost, reusing the tested candidates
+    from steerlab.experiments.bench_verdict import matched_settings
+
+    want = matched_settings(arm["selection"], cfg.matched_ppl)
+    assert len(want) >= 1 and {float(c): t["index"] for c, t in arm["matched_test"].items()} == want
+    for c, t in (arm.get("matched_test") or {}).items():
+        assert t["paired_difference"] == cands[t["index"]]["paired_difference"]
+        assert metrics["matched_test"][c]["aura"]["change"] == t["paired_difference"]["mean_toxicity"]
+    assert {d.name for d in (out / "test").iterdir()} == {"unsteered", "aura"} | {
+        f"aura.setting-{i}" for i, c in enumerate(cands) if not c["chosen"]}
     # every tested candidate has its paired perplexity ratio; the figures draw them beside validation
     assert all(c["ppl_ratio"]["lo"] <= c["ppl_ratio"]["value"] <= c["ppl_ratio"]["hi"] for c in cands)
     for f in ("figures/dose_response.png", "figures/dose_response_kl.png"):
@@ -197,8 +209,9 @@ def test_bench_test_all_settings_reports_every_candidate_on_test(tmp_path, llama
             assert sel["neutral_kl"] == pytest.approx(float(kl_from_reference(llama, ref, texts).mean), rel=1e-5)
     assert arm["selection"][0]["expected_max_toxicity_change"]["value"] == pytest.approx(
         arm["selection"][0]["mean_toxicity_change"]["value"])  # one sample per validation prompt
-    # the option is not part of the run's identity: the same directory resumes without it
-    again = run_bench(llama, out, _cfg(methods=["aura"], sampling="greedy", k=1), progress=False)
+    # the options are not part of the run's identity: the same directory resumes without them
+    again = run_bench(llama, out, _cfg(methods=["aura"], sampling="greedy", k=1, matched_ppl=(0.7, 0.9, 5.0),
+                                      confirm_matched=False), progress=False)
     assert {a["method"]: a for a in again["arms"]}["aura"]["toxicity"] == arm["toxicity"]
 
 

@@ -14,7 +14,7 @@ def demo(model: str = MODEL,
     """The main job: the quick detoxification benchmark on the embedded model (`steerlab bench --preset quick`)."""
     bench(out=out, model=model, preset="quick", methods="", prompts="rtp", scorer="default", n_test=None, k=None,
           n_val=None, max_new_tokens=None, seed=0, batch_size=None, device="cpu", device_map="", test_all_settings=False,
-          timing_reps=None)
+          timing_reps=None, confirm_matched=True)
 
 
 @command(app, panel=MAIN)
@@ -40,6 +40,8 @@ def bench(
                                            "and without the method this many times, alternating; the time column is "
                                            "the median ratio (the baseline's row: an A/A run, the noise); default "
                                            "from --preset (quick 1, others 3)."),
+    confirm_matched: bool = typer.Option(True, help="Test each method's setting closest to perplexity x1.1 and "
+                                         "x1.25 on validation (the fluency-matched comparison on test)."),
     device: str = DEVICE,
     device_map: str = DEVICE_MAP,
 ) -> None:
@@ -52,7 +54,8 @@ def bench(
 
     cfg = make_config(preset, methods=names(methods) or None, prompts=prompts,
                       scorer=scorer, n_test=n_test, k=k, n_val=n_val, max_new_tokens=max_new_tokens, seed=seed,
-                      batch_size=batch_size, test_all_settings=test_all_settings, timing_reps=timing_reps)
+                      batch_size=batch_size, test_all_settings=test_all_settings, timing_reps=timing_reps,
+                      confirm_matched=confirm_matched)
     cfg.validate()
     m = load_model(model, device=device, device_map=device_map)
     metrics = run_bench(m, out, cfg, progress=group().main)

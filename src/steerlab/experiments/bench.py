@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,7 @@ class BenchConfig:
     test_all_settings: bool = False     # also test every candidate setting (reported apart, not used to choose)
     timing_reps: int = 3                # paired timing of one test batch per arm (evaluation.generation_overhead)
     matched_ppl: tuple[float, ...] = (1.1, 1.25)  # perplexity ratios at which methods are compared
+    confirm_matched: bool = True        # test each method's setting closest to every matched cost
 
     def validate(self) -> None:
         choose("preset", self.preset, PRESETS, BenchError)
@@ -130,6 +132,7 @@ class Arm:
     generate_seconds: float = 0.0       # wall time of the whole test generation (load-dependent)
     timing: dict = None                 # type: ignore[assignment]  # paired timing against the baseline
     candidates: list = None             # type: ignore[assignment]
+    matched_test: dict = None           # type: ignore[assignment]  # the matched settings on test
 
 
 def _data(model: Model, cfg: BenchConfig, scorer) -> tuple[BenchData, list, list]:
@@ -296,7 +299,8 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     g, path = group(), Path(out_dir)
     # the methods are not part of the run's identity: rerunning with more methods adds their arms
     # to the same directory and reuses the baseline and every arm already done
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "test_all_settings", "timing_reps")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "test_all_settings", "timing_reps",
+                                                                          "confirm_matched")}
     run: RunDir | None = g.on_main(lambda: RunDir(out_dir, {"kind": "bench", "model": model.name,
                                                             "model_fingerprint": model.fingerprint, **settings}),
                                    share=False)
@@ -376,10 +380,17 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
                 with stage(f"method metrics: {name}"):
                     arm.metrics.update(g.on_main(lambda iv=iv, opts=pick["setting"], extra=extra: extra(
                         iv, model, data, test, reference[1], opts, _gen(cfg, False))))
+            tested = partial(_test_setting, model, path, name, iv, arm, test=test, cfg=cfg, scorer=scorer,
+                             reference=reference, base_rows=base_rows, chosen_rows=rows[name],
+                             base_metrics=arms[0].metrics)
             if cfg.test_all_settings and len(arm.selection) > 1:
                 with stage(f"test all settings: {name}"):
-                    arm.candidates = _candidates(model, path, name, iv, arm, test, cfg, scorer, reference,
-                                                 base_rows, rows[name], arms[0].metrics)
+                    arm.candidates = _candidates(tested, arm)
+            if cfg.confirm_matched and len(arm.selection) > 1:
+                bar.note(f"arm {name}: the settings closest to perplexity x{', x'.join(map(str, cfg.matched_ppl))} "
+                         "on test")
+                with stage(f"test matched settings: {name}"):
+                    arm.matched_test = _matched_on_test(tested, arm, cfg.matched_ppl)
         except Exception as e:  # a failing method is reported, the others go on (on every rank alike)
             arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
             bar.note(f"arm {name} failed: {arm.reason}")
@@ -389,25 +400,41 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
     return arms, rows
 
 
-def _candidates(model, path, name, iv, arm: Arm, test, cfg, scorer, reference, base_rows,
-                chosen_rows, base_metrics: dict) -> list[dict]:
+def _test_setting(model, path, name, iv, arm: Arm, i: int, test, cfg, scorer, reference, base_rows,
+                  chosen_rows, base_metrics: dict) -> dict:
+    """Validation candidate ``i`` of ``arm`` on the test prompts (``test/NAME.setting-I``; the chosen
+    one is not rerun), paired to the unsteered arm: for reporting (``--test-all-settings``) and for
+    confirming a matched read-out, never for choosing."""
+    opts = arm.selection[i]["setting"]
+    if opts == arm.settings["setting"]:
+        m, rows, secs = dict(arm.metrics), chosen_rows, arm.generate_seconds
+    else:
+        m, rows, secs = _evaluate(model, path, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
+    m["paired_difference"] = group().on_main(lambda b=base_rows, r=rows: paired_to(b, r))
+    ref, own = (x.get("fluency", {}).get("by_prompt") or {} for x in (base_metrics, m))
+    if len(ref) > 1 and len(own) > 1:
+        m["ppl_ratio"] = paired_perplexity_ratio(ref, own).to_dict()
+    return {"setting": opts, "chosen": opts == arm.settings["setting"], "generate_seconds": secs,
+            **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference", "ppl_ratio")
+               if k in m}}
+
+
+def _candidates(test_setting, arm: Arm) -> list[dict]:
     """Every candidate setting of ``arm`` on the test prompts, after the choice was made on validation
-    (``--test-all-settings``): for reporting each setting, never for choosing. The chosen one is not rerun."""
-    out = []
-    for i, sel in enumerate(arm.selection):
-        opts = sel["setting"]
-        if opts == arm.settings["setting"]:
-            m, rows, secs = dict(arm.metrics), chosen_rows, arm.generate_seconds
-        else:
-            m, rows, secs = _evaluate(model, path, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
-        m["paired_difference"] = group().on_main(lambda b=base_rows, r=rows: paired_to(b, r))
-        ref, own = (x.get("fluency", {}).get("by_prompt") or {} for x in (base_metrics, m))
-        if len(ref) > 1 and len(own) > 1:
-            m["ppl_ratio"] = paired_perplexity_ratio(ref, own).to_dict()
-        out.append({"setting": opts, "chosen": opts == arm.settings["setting"], "generate_seconds": secs,
-                    **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference",
-                                         "ppl_ratio")
-                       if k in m}})
+    (``--test-all-settings``)."""
+    return [test_setting(i) for i in range(len(arm.selection))]
+
+
+def _matched_on_test(test_setting, arm: Arm, targets) -> dict[str, dict]:
+    """Per matched cost the method reaches on validation, its setting closest to that cost
+    (:func:`.bench_verdict.matched_settings`) on the test prompts; keyed by the cost (``"1.25"``)."""
+    from .bench_verdict import matched_settings
+
+    done: dict[int, dict] = {}
+    out = {}
+    for cost, i in matched_settings(arm.selection, targets).items():
+        done[i] = done.get(i) or test_setting(i)
+        out[f"{cost:g}"] = {**done[i], "index": i}
     return out
 
 
@@ -436,6 +463,8 @@ def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> di
             row["selection"] = a.selection
             if a.candidates:
                 row["candidates_test"] = a.candidates
+            if a.matched_test:
+                row["matched_test"] = a.matched_test
             row.update(a.metrics)
         table.append(row)
     out = {"model": model.name, "model_fingerprint": model.fingerprint, "preset": cfg.preset,

@@ -110,6 +110,23 @@ def _split(table: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     return tox, fluency, cost
 
 
+def matched_rows(metrics: dict) -> list[dict]:
+    """One row per method and matched cost: the validation read-out and the test confirmation."""
+    out = []
+    confirmed = metrics.get("matched_test") or {}
+    for method, by_cost in (metrics.get("matched") or {}).items():
+        for cost, val in by_cost.items():
+            t = confirmed.get(f"{float(cost):g}", {}).get(method)
+            out.append({"method": method, "perplexity ratio": f"x{float(cost):g}",
+                        "validation Δ (fit)": "-" if val is None else f"{val:+.3f}",
+                        "test Δ [paired 95% CI]": (f"{t['change']['value']:+.3f} [{t['change']['lo']:+.3f}, "
+                                                   f"{t['change']['hi']:+.3f}]") if t else "-",
+                        "test perplexity ratio": f"x{t['ppl_ratio']['value']:.2f}" if t and t.get("ppl_ratio") else "-",
+                        "Holm p": f"{t['p_holm']:.3g}" if t else "-",
+                        "setting": _settings(t["setting"], method) if t else "-"})
+    return out
+
+
 def _fire(f: dict | None) -> str:
     return "" if not f else (f"{f['test_prompts']:.2f} / {f['neutral_texts']:.2f} / {f['generation_steps']:.2f}")
 
@@ -393,6 +410,14 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
              "scorer": cfg.scorer, "methods": ", ".join(a["method"] for a in metrics["arms"]),
              "failed": "; ".join(f"{a['method']}: {a['reason']}" for a in failed) or "none",
              "wall time of this call": f"{metrics.get('wall_seconds_this_call', float('nan')):.0f} s"})
+    matched = matched_rows(metrics)
+    if matched:
+        page.heading("At matched fluency")
+        page.table(matched, caption="Each method's change in mean toxicity at the same fluency cost. Validation: "
+                   "read from its monotone dose-response fit at that perplexity ratio. Test: its setting closest to "
+                   "that cost on validation, run on the test prompts, paired to the unsteered model (95% bootstrap CI); "
+                   "Holm-adjusted across the methods that reach the cost. '-': the method's strongest setting stays "
+                   "below that cost.")
     tox, fluency, cost = _split(table)
     page.heading("Results: toxicity")
     page.table(tox, caption="Δ: the method minus the unsteered model on the same prompts and random numbers, "
