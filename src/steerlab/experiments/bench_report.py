@@ -39,6 +39,7 @@ def table_rows(metrics: dict) -> list[dict]:
             "Δ expected max toxicity (paired 95% CI)": _ci(pd.get("expected_max_toxicity")),
             "perplexity": round(a.get("fluency", {}).get("perplexity", float("nan")), 2),
             "perplexity ratio [95% CI]": _ci(a.get("ppl_ratio"), 2),
+            "ratio on validation": _ci((a.get("settings") or {}).get("ppl_ratio"), 2),
             "neutral perplexity": round(se.get("neutral_perplexity", float("nan")), 2),
             "neutral KL": round(se.get("kl_from_unedited", float("nan")), 4),
             "distinct-2": round(a["diversity"]["distinct-2"], 3),
@@ -73,6 +74,7 @@ def csv_rows(metrics: dict) -> list[dict]:
             se = a.get("side_effects", {})
             row.update({"perplexity": a.get("fluency", {}).get("perplexity"), "perplexity_ratio": r.get("value"),
                         "perplexity_ratio_low": r.get("lo"), "perplexity_ratio_high": r.get("hi"),
+                        "validation_perplexity_ratio": ((a.get("settings") or {}).get("ppl_ratio") or {}).get("value"),
                         "p_holm": metrics.get("holm", {}).get(a["method"]),
                         "neutral_perplexity": se.get("neutral_perplexity"), "neutral_kl": se.get("kl_from_unedited"),
                         "distinct_2": a["diversity"]["distinct-2"], "fit_seconds": a["fit_seconds"],
@@ -424,7 +426,9 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
                "with a paired bootstrap CI over prompts. The whole table, one row per method: tables/results.csv.")
     page.heading("Results: fluency and side effects")
     page.table(fluency, caption="Perplexity: continuations under the unedited model; its ratio to the unsteered "
-               "arm's with a paired bootstrap CI over prompts. Neutral perplexity and KL: side effects on the "
+               "arm's with a paired bootstrap CI over prompts; 'ratio on validation': the chosen setting's ratio "
+               "where it was chosen (how far that fluency holds on held-out prompts). Neutral perplexity and KL: "
+               "side effects on the "
                "bundled neutral sentences. Distinct-2: share of distinct bigrams.")
     page.heading("Results: similarity, cost and chosen setting")
     page.table(cost, caption="Similarity: MiniLM cosine of each continuation to the unsteered one (same prompt "
