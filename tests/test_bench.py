@@ -122,7 +122,10 @@ def test_bench_every_weight_and_head_method_runs_or_fails_cleanly(tmp_path, llam
         assert arms[name]["status"] == "ok", arms[name]
         assert arms[name]["paired_difference"]["mean_toxicity"]["lo"] <= arms[name]["paired_difference"][
             "mean_toxicity"]["hi"]
-    assert len(arms["iti"]["selection"]) == 5 and len(arms["slim"]["selection"]) == 6
+    from steerlab.experiments.recipes import ITI_ALPHAS, SLIM_KAPPAS
+
+    assert [s["setting"] for s in arms["iti"]["selection"]] == [{"alpha": a} for a in ITI_ALPHAS]
+    assert [s["setting"] for s in arms["slim"]["selection"]] == [{"kappa": k} for k in SLIM_KAPPAS]
     # semantic shift: similarity of each continuation to the unsteered one, recomputed here
     from steerlab.metrics.text import semantic_similarity
 
@@ -163,9 +166,8 @@ def test_bench_test_all_settings_reports_every_candidate_on_test(tmp_path, llama
     metrics = run_bench(llama, out, cfg, progress=False)
     arm = {a["method"]: a for a in metrics["arms"]}["aura"]
     cands = arm["candidates_test"]
-    # proportional, then damp and det0 of the top 0.3%, 1% and 3% of the 384 experts
-    assert [c["setting"] for c in cands] == [{"variant": "aura"}] + [
-        {"variant": v, "top_n": t} for v in ("damp", "det0") for t in (1, 4, 12)]
+    # proportional, then det0 of the top 0.1-0.3%, 1%, 3% and 10% of the 384 experts
+    assert [c["setting"] for c in cands] == [{"variant": "aura"}] + [{"variant": "det0", "top_n": t} for t in (1, 4, 12, 38)]
     assert sum(c["chosen"] for c in cands) == 1
     chosen = next(c for c in cands if c["chosen"])
     assert chosen["setting"] == arm["settings"]["setting"] and chosen["toxicity"] == arm["toxicity"]
