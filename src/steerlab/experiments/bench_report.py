@@ -284,7 +284,7 @@ def dose_response_figure(path: Path, metrics: dict, limit: float, axis: str = "p
         ax.tick_params(axis="x", which="both", labelsize=7)
         ax.set_title(a["method"], fontsize=11)
         xlabel = ("perplexity ratio to unsteered (log)" if axis == "ppl"
-                  else f"neutral-text KL from the unedited model (log; 0 shown at {KL_FLOOR:g})")
+                  else "neutral-text KL from the unedited model (log)")
         F.label(ax, xlabel, "Δ mean toxicity vs unsteered" if j % cols == 0 else "",
                 legend=j == 0, legend_loc="lower left")
     for ax in list(flat):
@@ -449,7 +449,8 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
                                   cfg.k_val)
         if kl is not None:
             page.figure(kl, "The same settings against their side effect on neutral text: KL(unedited || edited) "
-                        "of next-token distributions, averaged over the positions of the bundled neutral sentences.")
+                        "of next-token distributions, averaged over the positions of the bundled neutral sentences (a setting "
+                        f"that changes nothing has KL 0, drawn at {KL_FLOOR:g}).")
     page.heading("Toxicity vs fluency")
     page.figure(figs["tradeoff"], "Each method at its chosen setting; lower-left is better.")
     page.heading("By prompt category")
