@@ -54,6 +54,9 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
         assert stages.get(name, 0) > 0, name
     assert 0 < sum(r["share"] for r in metrics["profile"]) <= 1 + 5e-3  # exclusive times within the call's wall time
     assert json.loads((out / "record.json").read_text())["profile"] == metrics["profile"]
+    # every test row generated its tokens in this call (and validation, timing and probes more)
+    assert metrics["generation"]["generated_tokens"] >= 2 * 5 * 2 * 3
+    assert json.loads((out / "record.json").read_text())["generation"] == metrics["generation"]
     # every column of the table, for every arm that ran
     rows = {r["method"]: r for r in table_rows(metrics)}
     for col in ("expected max toxicity [95% CI]", "toxicity probability [95% CI]", "mean toxicity [95% CI]",

@@ -52,7 +52,7 @@ from ..interventions import Intervention, get
 from ..metrics.compare import choose_setting, paired_perplexity_ratio
 from ..models.model import Model
 from ..parallel import group
-from ..profile import PROFILE, stage
+from ..profile import PROFILE, generation_summary, stage
 from ..registry import choose
 from ..runs import RunDir, read_record, write_json
 from .bench_verdict import comparison
@@ -321,8 +321,9 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
             wall = time.perf_counter() - t_start
             # stage table of this call (exclusive seconds; a resumed call only times the work it did)
             metrics["profile"] = PROFILE.table(total=wall)
+            metrics["generation"] = generation_summary(wall)
             run.write_metrics(metrics)
-            run.write_record(profile=metrics["profile"])
+            run.write_record(profile=metrics["profile"], generation=metrics["generation"])
             return metrics
 
         return g.on_main(finish)
