@@ -35,7 +35,7 @@ from .generation import (
     token_lengths,
 )
 from .models.model import Model
-from .parallel import group
+from .parallel import SHARDS, group
 from .progress import Progress
 from .runs import RunDir
 from .validate import NonFiniteError, ValidationError
@@ -59,7 +59,8 @@ def generate_grid(model: Model, prompts: Sequence, out_dirs: Sequence[str | Path
     larger of ``cfg.batch_size`` and :data:`GRID_ROWS`; fewer when :func:`check_memory` refuses).
     Every setting is validated and every group tried on two tokens before anything is written.
     One progress bar counts the rows of the whole grid (``desc``). In a data-parallel launch
-    (``steerlab.parallel.group().size > 1``) it runs one :func:`generate_run` per setting instead."""
+    (``steerlab.parallel.group().size > 1``), or when a directory holds the shards of an interrupted
+    launch, it runs one :func:`generate_run` per setting instead (the same rows)."""
     cfg = cfg or GenConfig()
     settings, dirs = [dict(s) for s in settings], [Path(d) for d in out_dirs]
     if not settings or len(dirs) != len(settings) or len(set(dirs)) != len(dirs):
@@ -69,7 +70,7 @@ def generate_grid(model: Model, prompts: Sequence, out_dirs: Sequence[str | Path
     intervention.check(model)
     for s in settings:  # an option the method does not have: named here, before anything is written
         intervention.apply_options(s)
-    if group().size > 1:
+    if group().size > 1 or any((d / SHARDS).exists() for d in dirs):  # shards of an interrupted launch: merged there
         return [generate_run(model, prompts, d, cfg, scorer=scorer, intervention=intervention, apply_options=s,
                              progress=progress) for d, s in zip(dirs, settings)]
     groups = check_groups(intervention.grid_groups(settings), len(settings), intervention.method)
