@@ -273,18 +273,10 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
     cfg = cfg or GenConfig()
     ids, texts = prompt_ids_texts(prompts)
     opts = dict(apply_options or {})
-    config = {"kind": "generate", "model": model.name, "model_fingerprint": model.fingerprint, **asdict(cfg),
-              **scorer_identity(scorer), "prompts_fingerprint": text_id("\n".join(ids)),
-              "n_prompts": len(ids), **(extra_config or {})}
-    extra_record: dict = {}
     if intervention is not None:
         intervention.check(model)
         probe(model, intervention, texts[0], ids[0], cfg, opts)
-        config["intervention"] = {"method": intervention.method, "fingerprint": intervention.fingerprint(),
-                                  "apply": opts}
-        extra_record = {"intervention": intervention.describe()}
-    record = dict(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed,
-                  n_rows_expected=len(ids) * cfg.k, **extra_record)
+    config, record = run_identity(model, ids, cfg, scorer, intervention, opts, extra_config)
 
     def work(batch: Sequence[int], seed: int) -> list[dict]:
         chunk, keys = [texts[i] for i in batch], [ids[i] for i in batch]
@@ -304,6 +296,23 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
                     overwrite=overwrite, record=record)
     pos = {pid: i for i, pid in enumerate(ids)}
     return sorted(rows, key=lambda r: (pos.get(r["prompt_id"], len(pos)), r["sample"]))
+
+
+def run_identity(model: Model, ids: list[str], cfg: GenConfig, scorer=None, intervention=None,
+                 apply_options: dict | None = None, extra_config: dict | None = None) -> tuple[dict, dict]:
+    """The ``config.json`` (the run's identity) and the first ``record.json`` fields of a
+    :func:`generate_run` over prompts ``ids``."""
+    config = {"kind": "generate", "model": model.name, "model_fingerprint": model.fingerprint, **asdict(cfg),
+              **scorer_identity(scorer), "prompts_fingerprint": text_id("\n".join(ids)),
+              "n_prompts": len(ids), **(extra_config or {})}
+    extra_record: dict = {}
+    if intervention is not None:
+        config["intervention"] = {"method": intervention.method, "fingerprint": intervention.fingerprint(),
+                                  "apply": dict(apply_options or {})}
+        extra_record = {"intervention": intervention.describe()}
+    record = dict(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed,
+                  n_rows_expected=len(ids) * cfg.k, **extra_record)
+    return config, record
 
 
 def probe(model: Model, intervention, text, key: str, cfg: GenConfig, options: dict) -> None:

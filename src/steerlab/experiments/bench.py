@@ -24,7 +24,8 @@ decoding, per-row random numbers and scorer, in one run directory (``steerlab be
    baseline's own row is an A/A run, the timing noise).
 5. **Report.** ``metrics.json``, ``tables/results.csv``, figures and a self-contained
    ``report.html`` (:mod:`.bench_report`).
-Every generation goes through :func:`steerlab.generation.generate_run`, so killing the command and
+Every generation goes through :func:`steerlab.generation.generate_run` (validation grids through
+:func:`steerlab.grid.generate_grid`, which writes the same run directories), so killing the command and
 rerunning it resumes where it stopped and reaches the same numbers.
 """
 
@@ -48,6 +49,7 @@ from ..evaluation import (
     summarize,
 )
 from ..generation import SAMPLING, GenConfig, generate_run
+from ..grid import generate_grid
 from ..interventions import Intervention, get
 from ..metrics.compare import choose_setting, paired_perplexity_ratio
 from ..models.model import Model
@@ -187,9 +189,12 @@ def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchDa
     In a data-parallel launch, rank 0 lists the settings and measures each; every rank chooses from that."""
     g = group()
     table = []
-    for i, opts in enumerate(g.on_main(lambda: recipe_for(name).settings(iv, model, data, cfg.preset))):
-        rows = generate_run(model, val, path / "val" / name / str(i), _gen(cfg, True), scorer=data.scorer,
-                            intervention=iv, apply_options=opts, progress=progress)
+    settings = g.on_main(lambda: recipe_for(name).settings(iv, model, data, cfg.preset))
+    # the settings that can share a batch are generated together (grid.generate_grid)
+    runs = generate_grid(model, val, [path / "val" / name / str(i) for i in range(len(settings))], _gen(cfg, True),
+                         iv, settings, scorer=data.scorer, progress=progress,
+                         desc=f"validation: {name}, {len(settings)} settings")
+    for opts, rows in zip(settings, runs):
         table.append(g.on_main(lambda opts=opts, rows=rows: {**_setting_row(model, opts, rows, cfg, base),
                                                               "neutral_kl": candidate_kl(model, iv, opts, reference)}))
     return choose_candidate(table, cfg.max_ppl_ratio), table

@@ -41,7 +41,7 @@ import torch
 from ..errors import SteerlabError
 from ..explain.probes import Labelled, ProbeData, probe_data, risk_probes
 from ..hooks import EditFn, edit
-from ..interventions import Intervention, InterventionError, provenance, register
+from ..interventions import Intervention, InterventionError, groups_by, provenance, register
 from ..models.model import Model
 from ..options import option
 from ..registry import choose
@@ -443,6 +443,17 @@ class SLIM(Intervention):
         fn = SLIMEdit(self, kappa, where)
         with edit(model, {heads_site(self.layer): fn}) as step:
             yield step
+
+    def grid_groups(self, settings) -> list[list[int]]:
+        """Settings with the same schedule (where) share a batch, one kappa per row."""
+        return groups_by([self.apply_options(dict(s)) for s in settings], lambda o: o["where"])
+
+    def apply_rows(self, model: Model, settings, row_setting, strict: bool = True):
+        """Settings that differ in ``kappa`` only: the edit with one kappa per row."""
+        if len({o["where"] for o in settings}) > 1:
+            raise SLIMError("SLIM settings with different schedules (where) are generated apart")
+        kappa = torch.tensor([settings[j]["kappa"] for j in row_setting.tolist()], dtype=torch.float64)
+        return self.apply(model, kappa=kappa, where=settings[0]["where"], strict=strict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: (v.to(torch.uint8) if k == "active" else v) for k, v in self.params.items()}
