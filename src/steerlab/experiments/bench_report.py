@@ -387,6 +387,26 @@ def _examples(rows: dict[str, list[dict]], test, scorer, n: int = 6, samples: in
             f"under the benchmark's scorer. {html.escape(note)}</p>")
 
 
+def _dose_figures(page: HtmlReport, path: Path, metrics: dict, cfg) -> None:
+    """The two dose-response figures (perplexity ratio and neutral KL) with their captions."""
+    dose = dose_response_figure(path / "figures" / "dose_response.png", metrics, cfg.max_ppl_ratio, "ppl", cfg.k_val)
+    if dose is not None:
+        page.heading("Dose-response")
+        tested = any(a.get("candidates_test") for a in _ok(metrics))
+        page.figure(dose, "Each candidate setting on the validation prompts: change in mean toxicity and "
+                    "perplexity ratio, both paired to the unsteered model with 95% bootstrap CIs; the line is the "
+                    "monotone (isotonic) fit; the star is the chosen setting (one-standard-error rule among the "
+                    "settings whose perplexity-ratio CI stays under the dashed limit)." +
+                    (" Hollow squares and dashed lines: every setting on the test prompts (--test-all-settings), "
+                     "measured after the choice." if tested else ""))
+        kl = dose_response_figure(path / "figures" / "dose_response_kl.png", metrics, cfg.max_ppl_ratio, "kl",
+                                  cfg.k_val)
+        if kl is not None:
+            page.figure(kl, "The same settings against their side effect on neutral text: KL(unedited || edited) "
+                        "of next-token distributions, averaged over the positions of the bundled neutral sentences (a setting "
+                        f"that changes nothing has KL 0, drawn at {KL_FLOOR:g}).")
+
+
 def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dict]], test, scorer) -> Path:
     """``tables/results.csv``, the figures and ``report.html`` of a benchmark run."""
     table = table_rows(metrics)
@@ -435,22 +455,7 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
                "and sample). Fire rate (SLIM): share of test prompts, neutral sentences and generation steps where "
                "its detector fired. Generation time x: median ratio to the unsteered model over paired, alternating "
                "timings of one test batch (the unsteered row is an A/A timing: how far from 1 the noise alone goes).")
-    dose = dose_response_figure(path / "figures" / "dose_response.png", metrics, cfg.max_ppl_ratio, "ppl", cfg.k_val)
-    if dose is not None:
-        page.heading("Dose-response")
-        tested = any(a.get("candidates_test") for a in _ok(metrics))
-        page.figure(dose, "Each candidate setting on the validation prompts: change in mean toxicity and "
-                    "perplexity ratio, both paired to the unsteered model with 95% bootstrap CIs; the line is the "
-                    "monotone (isotonic) fit; the star is the chosen setting (one-standard-error rule among the "
-                    "settings whose perplexity-ratio CI stays under the dashed limit)." +
-                    (" Hollow squares and dashed lines: every setting on the test prompts (--test-all-settings), "
-                     "measured after the choice." if tested else ""))
-        kl = dose_response_figure(path / "figures" / "dose_response_kl.png", metrics, cfg.max_ppl_ratio, "kl",
-                                  cfg.k_val)
-        if kl is not None:
-            page.figure(kl, "The same settings against their side effect on neutral text: KL(unedited || edited) "
-                        "of next-token distributions, averaged over the positions of the bundled neutral sentences (a setting "
-                        f"that changes nothing has KL 0, drawn at {KL_FLOOR:g}).")
+    _dose_figures(page, path, metrics, cfg)
     page.heading("Toxicity vs fluency")
     page.figure(figs["tradeoff"], "Each method at its chosen setting; lower-left is better.")
     page.heading("By prompt category")
