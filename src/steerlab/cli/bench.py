@@ -14,7 +14,7 @@ def demo(model: str = MODEL,
     """The main job: the quick detoxification benchmark on the embedded model (`steerlab bench --preset quick`)."""
     bench(out=out, model=model, preset="quick", methods="", prompts="rtp", scorer="default", n_test=None, k=None,
           n_val=None, max_new_tokens=None, seed=0, batch_size=None, device="cpu", device_map="", test_all_settings=False,
-          timing_reps=None, confirm_matched=True)
+          timing_reps=None, confirm_matched=True, timing_max_reps=None)
 
 
 @command(app, panel=MAIN)
@@ -37,9 +37,12 @@ def bench(
     batch_size: int | None = typer.Option(None, min=1, help="Rows (prompt x sample) per generate call; default "
                                           "from --preset."),
     timing_reps: int | None = typer.Option(None, min=1, help="Paired timing per arm: one test batch generated with "
-                                           "and without the method this many times, alternating; the time column is "
-                                           "the median ratio (the baseline's row: an A/A run, the noise); default "
-                                           "from --preset (quick 1, others 3)."),
+                                           "and without the method at least this many times, alternating; the time "
+                                           "column is the median ratio (the baseline's row: an A/A run, the noise); "
+                                           "default from --preset (quick 2, others 3)."),
+    timing_max_reps: int | None = typer.Option(None, min=1, help="Pairs are added up to this many until the ratio's "
+                                               "bootstrap CI is within +-3%; default from --preset (quick 2, others "
+                                               "12)."),
     confirm_matched: bool = typer.Option(True, help="Test each method's setting closest to perplexity x1.1 and "
                                          "x1.25 on validation (the fluency-matched comparison on test)."),
     device: str = DEVICE,
@@ -55,7 +58,7 @@ def bench(
     cfg = make_config(preset, methods=names(methods) or None, prompts=prompts,
                       scorer=scorer, n_test=n_test, k=k, n_val=n_val, max_new_tokens=max_new_tokens, seed=seed,
                       batch_size=batch_size, test_all_settings=test_all_settings, timing_reps=timing_reps,
-                      confirm_matched=confirm_matched)
+                      confirm_matched=confirm_matched, timing_max_reps=timing_max_reps)
     cfg.validate()
     m = load_model(model, device=device, device_map=device_map)
     metrics = run_bench(m, out, cfg, progress=group().main)

@@ -31,6 +31,7 @@ class BenchData:
     validation: list[str]
     scorer: Any
     seed: int = 0
+    pool: Any = None  # the model's own scored continuations of the training prompts (experiments.pool.Pool)
 
 
 def fit_on_contrast(cls: type[Intervention], model: Model, data: BenchData, preset: str) -> Intervention:
@@ -47,12 +48,14 @@ def default_settings(iv: Intervention, model: Model, data: BenchData, preset: st
 class Recipe:
     """One method's benchmark recipe: ``fit(cls, model, data, preset)``, ``settings(iv, model, data,
     preset)`` (apply options tried on validation; the least toxic admissible one is tested) and
-    ``metrics(iv, model, data, prompts, neutral, options, cfg)`` (added to the arm's metrics)."""
+    ``metrics(iv, model, data, prompts, neutral, options, cfg)`` (added to the arm's metrics). With
+    ``pool``, the benchmark generates its pool of continuations before the fit (``data.pool``)."""
 
     fit: Callable[..., Intervention] = fit_on_contrast
     settings: Callable[..., list[dict]] = default_settings
     metrics: Callable[..., dict] | None = None
     default: bool = True  # joins `steerlab bench` when no --methods are given
+    pool: bool = False  # its fit learns from the model's own continuations (``data.pool``, experiments.pool)
 
 
 RECIPES: Registry = Registry("benchmark recipe", InterventionError)
@@ -149,22 +152,56 @@ EIGENSHIFT_RANKS = ("t", "abs")
 run) to halving them; the quick preset takes every fourth k and alpha 0 (10 settings instead of 48)."""
 
 
+def bench_pool(data: BenchData):
+    """The benchmark's pool of continuations (:mod:`.pool`), which the benchmark builds before fitting
+    a recipe with ``pool=True``."""
+    if data.pool is None:
+        raise InterventionError("this recipe learns from the benchmark's pool of the model's own continuations "
+                                "(data.pool, built by steerlab.experiments.pool.build_pool), which was not given")
+    return data.pool
+
+
 def _eigenshift_fit(cls, model: Model, data: BenchData, preset: str):
     """States from the model's own continuations of the benchmark's training prompts, scored by the
-    benchmark's scorer: the prompts with the most toxic training scores (quick: the 128 most toxic x
-    8 samples of 16 tokens; otherwise every training prompt x 8 of 20 tokens: toxic-prone prompts
-    give toxic continuations, which the argmax filter thins out). Directions ranked by Welch's t (a
-    difference that stands out from the spread of the states, not a wide spread); the fit keeps the
-    largest k of the grid, so every setting applies a prefix of them."""
-    from ..generation import GenConfig
+    benchmark's scorer: the pool (:mod:`.pool`; quick: the 128 prompts with the most toxic training
+    scores x 8 samples of 16 tokens; otherwise every training prompt x 8 of 20 tokens: toxic-prone
+    prompts give toxic continuations, which the argmax filter thins out), selected as
+    ``collect_states`` does. Directions ranked by Welch's t (a difference that stands out from the
+    spread of the states, not a wide spread); the fit keeps the largest k of the grid, so every
+    setting applies a prefix of them."""
+    from ..interventions import text_ids
+    from .pool import pool_states
 
-    quick = preset == "quick"
-    order = sorted(range(len(data.train)), key=lambda i: -data.train_scores[i])
-    prompts = [data.train[i] for i in (order[:128] if quick else order)]
-    cfg = GenConfig(max_new_tokens=16 if quick else 20, sampling="t1.0", k=8, seed=data.seed)
-    ks = EIGENSHIFT_K["quick" if quick else "full"]
-    return cls.fit(model, prompts, k=min(max(ks), model.d_model), alpha=0.0, rank="t", cfg=cfg,
-                   scorer=data.scorer, progress=False)
+    pool = bench_pool(data)
+    ks = EIGENSHIFT_K["quick" if preset == "quick" else "full"]
+    iv = cls.fit(model, pool_states(model, pool, data.scorer), k=min(max(ks), model.d_model), alpha=0.0, rank="t")
+    iv.meta["data_text_ids"] = text_ids(sorted({r["prompt"] for r in pool.rows}))
+    iv.meta["bench_data"] = f"the pool: {len(pool.rows)} continuations of {len(pool.prompt_ids)} training prompts"
+    return iv
+
+
+AURA_MIN_TEXTS = 8
+
+
+def _aura_fit(cls, model: Model, data: BenchData, preset: str):
+    """AurA's data are toxic and non-toxic sentences (METHODS.md section 3; the paper's are Jigsaw
+    comments): here the model's own continuations in the pool, toxic when the benchmark's scorer
+    gives the continuation >= 0.5 (as ``steerlab fit aura`` labels generations, but without the
+    prompt: every pooled prompt is a toxic-prone one, so prompt + continuation would label the prompt).
+    With fewer than 8 of either kind, the contrast set's prompts (most toxic against least toxic
+    training prompts), and ``bench_data`` says so."""
+    pool = bench_pool(data)
+    non, tox = pool.texts(0.5)
+    n = f"{len(tox)} toxic and {len(non)} non-toxic continuations"
+    if min(len(non), len(tox)) >= AURA_MIN_TEXTS:
+        iv = cls.fit(model, (non, tox), seed=data.seed)
+        iv.meta["bench_data"] = f"the pool: {n} of {len(pool.prompt_ids)} training prompts"
+    else:
+        iv = cls.fit(model, data.contrast, seed=data.seed)
+        iv.meta["bench_data"] = (f"the contrast set's prompts (fallback: the pool has {n}, fewer than "
+                                 f"{AURA_MIN_TEXTS} of each)")
+    iv.meta["n_texts"] = {"non_toxic": len(non), "toxic": len(tox)}
+    return iv
 
 
 def _eigenshift_settings(iv, model: Model, data: BenchData, preset: str) -> list[dict]:
@@ -207,8 +244,8 @@ register_recipe("steering", fit=_steering_fit, settings=_steering_settings)
 register_recipe("iti", fit=_iti_fit, settings=lambda iv, model, data, preset: [{"alpha": a} for a in ITI_ALPHAS])
 register_recipe("slim", fit=lambda cls, model, data, preset: _probe_fit(cls, model, data), metrics=_slim_metrics,
                 settings=lambda iv, model, data, preset: [{"kappa": k} for k in SLIM_KAPPAS])
-register_recipe("aura", settings=_aura_settings)
-register_recipe("eigenshift", fit=_eigenshift_fit, settings=_eigenshift_settings)
+register_recipe("aura", fit=_aura_fit, settings=_aura_settings, pool=True)
+register_recipe("eigenshift", fit=_eigenshift_fit, settings=_eigenshift_settings, pool=True)
 # nothing to learn from the benchmark's data: the strong detox instruction
 register_recipe("selfcorrect", fit=lambda cls, model, data, preset: cls.fit(model))
 register_recipe("selfie-control", default=False)  # edits one state toward a target: not a detox method
