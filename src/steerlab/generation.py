@@ -26,6 +26,7 @@ from transformers import LogitsProcessorList
 
 from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
+from .models.site import UPPER
 from .parallel import run_loop
 from .profile import stage
 from .progress import progress_iter
@@ -430,3 +431,6 @@ class RowSampler:
                 groups.append((~ok, rest.values, rest.indices))
             return groups
         return [(every, *logp.sort(-1, descending=True))]
+
+
+UPPER["generation"].register("generate_text", generate_text)  # Model.generate's decoding loop
