@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from steerlab.cli import app
 from steerlab.cli.settings import settings_options
 from steerlab.experiments import steering_config
+from steerlab.experiments.bench_config import PRESETS as BENCH_PRESETS
+from steerlab.experiments.bench_config import BenchConfig
 from steerlab.experiments.selfcorrect_config import PRESETS, SelfCorrectConfig
 from steerlab.experiments.steering_config import SteeringStudy
 from steerlab.options import option, specs
@@ -25,7 +27,8 @@ def _params(*path):
 
 
 @pytest.mark.parametrize("cls, path, presets", [(SteeringStudy, ("steer", "study"), {}),
-                                                (SelfCorrectConfig, ("selfcorrect",), PRESETS)])
+                                                (SelfCorrectConfig, ("selfcorrect",), PRESETS),
+                                                (BenchConfig, ("bench",), BENCH_PRESETS)])
 def test_every_command_line_setting_is_an_option_with_the_declared_default_and_help(cls, path, presets):
     params = _params(*path)
     preset_fields = {k for p in presets.values() for k in p}
@@ -39,8 +42,8 @@ def test_every_command_line_setting_is_an_option_with_the_declared_default_and_h
         assert p.help.startswith(s.help.rstrip(".")), (s.name, p.help)
         if s.name in preset_fields:
             assert p.default is None and "default from --preset" in p.help
-        elif s.type is list:  # a comma-separated text that parses back to the declared default
-            assert [s.item(x) for x in p.default.split(",")] == s.default
+        elif s.type in (list, tuple):  # a comma-separated text that parses back to the declared default
+            assert [s.item(x) for x in p.default.split(",") if x] == list(s.default)
         else:
             assert p.default == s.default, s.name
     # the dataclass's own defaults are the declared ones (the command and Python agree)
@@ -66,6 +69,10 @@ def test_generated_options_reach_the_settings(tmp_path):
     assert r.exit_code == 2 and "comma-separated list of floats" in r.output
     r = runner.invoke(app, ["steer", "study", "--out", str(tmp_path / "s"), "--sampling", "greedy"])
     assert r.exit_code == 2 and "No such option" in r.output  # declared cli=False: Python only
+    r = runner.invoke(app, ["bench", "--out", str(tmp_path / "b"), "--methods", "steering,nope", "--k", "1"])
+    assert r.exit_code == 2 and "unknown intervention method 'nope'" in r.output and not (tmp_path / "b").exists()
+    r = runner.invoke(app, ["bench", "--out", str(tmp_path / "b"), "--preset", "huge"])
+    assert r.exit_code == 2 and "unknown preset 'huge'" in r.output
 
 
 def test_a_setting_declared_twice_is_refused():

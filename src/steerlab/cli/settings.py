@@ -52,7 +52,8 @@ def _value(spec: Spec, given: Any) -> Any:
 
 def settings_options(cls: type, presets: Mapping[str, Mapping[str, Any]] | None = None):
     """Decorator: ``fn(..., settings: dict)`` becomes a command with one option per command-line field
-    of ``cls`` (after ``fn``'s own options); ``settings`` receives their parsed values by field name.
+    of ``cls`` (after ``fn``'s own options); ``settings`` receives their parsed values by field name
+    (called from Python with ``settings=`` given, the command passes that dict on as it is).
     Fields set by any of ``presets`` default to None (their value then comes from the preset)."""
     preset_fields = {k for p in (presets or {}).values() for k in p}
     fields = [s for s in specs(cls) if s.cli]
@@ -67,6 +68,8 @@ def settings_options(cls: type, presets: Mapping[str, Mapping[str, Any]] | None 
 
         @functools.wraps(fn)
         def run(*a, **k):
+            if "settings" in k:  # a direct call from Python (e.g. `demo` runs `bench`) gives the dict itself
+                return fn(*a, **k)
             settings = {s.name: _value(s, k.pop(s.name)) for s in fields}
             return fn(*a, settings=settings, **k)
 
