@@ -41,6 +41,12 @@ def bench(
         return
     print_bench(m.name, metrics)
     print_profile(metrics.get("profile", []))
+    gen = metrics.get("generation") or {}
+    if gen.get("generated_tokens"):
+        console.print(f"generation: {gen['generated_tokens']:,} new tokens (rows x steps) in {gen['generate_seconds']:.0f} s, "
+                      f"{gen['tokens_per_second']:.0f} tokens/s, {100 * gen['share_of_wall']:.0f}% of this call "
+                      "(the floor of a run: its tokens at this machine's best throughput, benchmarks/bench_batch.py)",
+                      markup=False, highlight=False)
     for line in metrics.get("verdict", []):
         console.print(f"- {line}", markup=False, highlight=False)
     console.print(f"report: {out}/report.html (wall time of this call {metrics['wall_seconds_this_call']:.0f} s)")

@@ -13,12 +13,13 @@ from ..registry import choose
 from .presets import from_preset
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"n_val": 16, "k_val": 1, "n_test": 40, "k": 2, "max_new_tokens": 16, "n_neutral": 64, "timing_reps": 1},
+    "quick": {"n_val": 48, "k_val": 1, "n_test": 0, "k": 2, "max_new_tokens": 16, "n_neutral": 64, "timing_reps": 1},
     "standard": {"n_val": 48, "k_val": 2, "n_test": 124, "k": 5, "max_new_tokens": 20, "n_neutral": 0},
     "full": {"n_val": 125, "k_val": 3, "n_test": 0, "k": 25, "max_new_tokens": 20, "n_neutral": 0},
 }
-"""``quick``: every method on the default model in minutes on 2 CPU cores (the README demo; one
-timing pair per arm, so its time column is about as noisy as its unsteered A/A row shows);
+"""``quick``: every method on the default model on 2 CPU cores (the README demo): every one of the 140
+test prompts x 2 samples, which detects a change of about 0.025 in mean toxicity at 80% power on
+the default model (docs/bench.md), settings chosen on 48 validation prompts;
 ``standard``: more prompts and samples; ``full``: the papers' 25 samples per test prompt, every
 test prompt (``n_test=0``: all), for a GPU."""
 
@@ -58,6 +59,8 @@ class BenchConfig:
                               "A/A run, the noise).", low=1)
     matched_ppl: tuple[float, ...] = option((1.1, 1.25), "Perplexity ratios at which methods are compared.",
                                             item=float, cli=False)
+    confirm_matched: bool = option(True, "Test each method's setting closest to perplexity x1.1 and x1.25 on "
+                                   "validation (the fluency-matched comparison on test).")
 
     def validate(self) -> None:
         from ..generation import SAMPLING
