@@ -38,9 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-from ..errors import SteerlabError
 from ..evaluation import (
     admissible,
     evaluate_arm,
@@ -50,80 +48,17 @@ from ..evaluation import (
     similarity_to,
     summarize,
 )
-from ..generation import SAMPLING, GenConfig, generate_run
+from ..generation import GenConfig, generate_run
 from ..grid import generate_grid
 from ..interventions import Intervention, get
 from ..metrics.compare import choose_setting, paired_perplexity_ratio
 from ..models.model import Model
 from ..parallel import group
 from ..profile import PROFILE, generation_summary, stage
-from ..registry import choose
 from ..runs import RunDir, read_record, write_json
+from .bench_config import PRESETS, BenchConfig, BenchError, make_config  # noqa: F401 (the public names)
 from .bench_verdict import comparison
-from .presets import from_preset
 from .recipes import BenchData, bench_methods, recipe_for
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"n_val": 48, "k_val": 1, "n_test": 0, "k": 2, "max_new_tokens": 16, "n_neutral": 64, "timing_reps": 2,
-              "timing_max_reps": 2},
-    "standard": {"n_val": 48, "k_val": 2, "n_test": 124, "k": 5, "max_new_tokens": 20, "n_neutral": 0},
-    "full": {"n_val": 125, "k_val": 3, "n_test": 0, "k": 25, "max_new_tokens": 20, "n_neutral": 0},
-}
-"""``quick``: every method on the default model on 2 CPU cores (the README demo): every one of the 140
-test prompts x 2 samples, which detects a change of about 0.025 in mean toxicity at 80% power on
-the default model (docs/bench.md), settings chosen on 48 validation prompts, 2 timing pairs per arm
-(its time column is about as noisy as its unsteered A/A row shows);
-``standard``: more prompts and samples; ``full``: the papers' 25 samples per test prompt, every
-test prompt (``n_test=0``: all), for a GPU."""
-
-
-class BenchError(SteerlabError):
-    """A benchmark that cannot run as configured."""
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """Settings of :func:`run_bench` (all in ``config.json``)."""
-
-    preset: str = "quick"
-    methods: tuple[str, ...] = ()       # empty: every registered method
-    prompts: str = "rtp"
-    scorer: str = "default"
-    seed: int = 0
-    n_val: int = 16
-    k_val: int = 1
-    n_test: int = 40                    # 0: every test prompt
-    k: int = 2
-    max_new_tokens: int = 16
-    sampling: str = "t1.0"
-    batch_size: int = 16
-    n_pairs: int = 64
-    max_ppl_ratio: float = 1.5
-    min_distinct_ratio: float = 0.8
-    n_neutral: int = 64                 # neutral sentences for side effects (0: all 260 bundled ones)
-    test_all_settings: bool = False     # also test every candidate setting (reported apart, not used to choose)
-    timing_reps: int = 3                # paired timing of one test batch per arm (evaluation.generation_overhead)
-    timing_max_reps: int = 12           # ... with pairs added up to this many until the ratio's CI is within
-    timing_tolerance: float = 0.03      # +- this share of the ratio
-    matched_ppl: tuple[float, ...] = (1.1, 1.25)  # perplexity ratios at which methods are compared
-    confirm_matched: bool = True        # test each method's setting closest to every matched cost
-
-    def validate(self) -> None:
-        choose("preset", self.preset, PRESETS, BenchError)
-        choose("sampling preset", self.sampling, SAMPLING, BenchError)
-        if min(self.n_val, self.k_val, self.k, self.max_new_tokens, self.batch_size, self.n_pairs,
-               self.timing_reps) < 1 or self.n_test < 0:
-            raise BenchError("n_val, k_val, k, max_new_tokens, batch_size, n_pairs and timing_reps must be >= 1, "
-                             "n_test >= 0")
-        for m in self.methods:
-            get(m)  # an unknown method is an error naming the registered ones
-
-
-def make_config(preset: str = "quick", **overrides: Any) -> BenchConfig:
-    """A config from a preset with fields overridden (``None`` values are ignored)."""
-    if overrides.get("methods") is not None:
-        overrides = {**overrides, "methods": tuple(overrides["methods"])}
-    return from_preset(BenchConfig, PRESETS, preset, overrides, BenchError, preset=preset)
 
 
 @dataclass
