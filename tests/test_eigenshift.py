@@ -276,10 +276,12 @@ def test_apply_with_fewer_directions_uses_the_largest_delta_first():
     # bench: the k of the grid this edit holds (6 directions: k 1, 4 of the quick grid, 1, 2, 4 of the full)
     from steerlab.experiments.recipes import recipe_for
 
+    # (fitted from states at the first token only: no matched-positions settings)
     assert recipe_for("eigenshift").settings(iv, m, None, "quick") == [
-        {"rank": r, "k": k, "alpha": 0.0} for r in ("t", "abs") for k in (1, 4)]
+        {"rank": r, "positions": "first", "k": k, "alpha": 0.0} for r in ("t", "abs") for k in (1, 4)]
     assert recipe_for("eigenshift").settings(iv, m, None, "full") == [
-        {"rank": r, "k": k, "alpha": a} for r in ("t", "abs") for k in (1, 2, 4) for a in (0.0, 0.25, 0.5)]
+        {"rank": r, "positions": "first", "k": k, "alpha": a} for r in ("t", "abs") for k in (1, 2, 4)
+        for a in (0.0, 0.25, 0.5)]
     assert torch.equal(m.W_U, torch.from_numpy(U).float())
 
 
@@ -368,3 +370,38 @@ def test_apply_rank_reranks_every_direction_from_the_saved_delta_and_t(tmp_path)
     with pytest.raises(EigenShiftError, match="does not hold"):
         with EigenShift(iv.indices, iv.sigma, iv.delta, 0.0, dict(iv.meta)).apply(m, rank="t"):
             pass
+
+
+def test_added_positions_rank_as_a_fit_on_those_states_would(tmp_path):
+    m = tiny_model("llama")
+    tox, first = _states(m.d_model, seed=0)
+    _, matched = _states(m.d_model, seed=5, shift=torch.linspace(-1, 1, m.d_model, dtype=torch.float64))
+    st = lambda non, where: ToxicStates(tox.float(), non.float(), {"positions": where})  # noqa: E731
+    iv = EigenShift.fit(m, st(first, "first"), k=6, alpha=0.0, rank="t")
+    ref = EigenShift.fit(m, st(matched, "matched"), k=6, alpha=0.0, rank="t")  # independent: fitted on them
+    assert iv.positions == "first" and ref.positions == "matched"
+    with pytest.raises(EigenShiftError, match="not 'matched': add them with add_positions"):
+        with iv.apply(m, positions="matched"):
+            pass
+    iv.add_positions(m, st(matched, "matched"))
+    torch.testing.assert_close(iv.alt["matched"][0], ref.delta)
+    torch.testing.assert_close(iv.alt["matched"][1], ref.tstat)
+    for rank, k in (("t", 3), ("abs", 6)):
+        assert iv.order(m, rank, None, k, "matched").tolist() == ref.order(m, rank, None, k).tolist()
+        with _applied(iv, m, rank=rank, k=k, positions="matched") as a:
+            pass
+        with _applied(ref, m, rank=rank, k=k) as b:
+            torch.testing.assert_close(a, b)
+    with _applied(iv, m, positions="first") as a:
+        pass
+    with _applied(iv, m) as b:  # the fitted positions: as before
+        torch.testing.assert_close(a, b)
+    # saved and loaded with its added statistics; the benchmark's grid then spans both positions
+    back = I.load(iv.save(tmp_path / "e.safetensors"), m)
+    assert back.order(m, "t", None, 3, "matched").tolist() == ref.order(m, "t", None, 3).tolist()
+    from steerlab.experiments.recipes import recipe_for
+
+    grid = recipe_for("eigenshift").settings(back, m, None, "quick")
+    assert {(g["rank"], g["positions"]) for g in grid} == {("t", "first"), ("abs", "first"), ("t", "matched")}
+    with pytest.raises(EigenShiftError, match="fitted on states at positions 'first' already"):
+        iv.add_positions(m, st(first, "first"))

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import SteerlabError
 from ..interventions import METHODS, Intervention, InterventionError
 from ..models.model import Model
 from ..registry import Registry
@@ -145,11 +146,16 @@ def _slim_metrics(iv, model: Model, data: BenchData, prompts, neutral, options: 
 
 EIGENSHIFT_K: dict[str, tuple[int, ...]] = {"quick": (1, 4, 16, 64, 144), "full": (1, 2, 4, 8, 16, 32, 64, 144)}
 EIGENSHIFT_ALPHA: dict[str, tuple[float, ...]] = {"quick": (0.0,), "full": (0.0, 0.25, 0.5)}
-EIGENSHIFT_RANKS = ("t", "abs")
-"""The (rank, k, alpha) grid the benchmark tries on validation: directions ranked by Welch's t or by
-|delta|, k from 1 (the public code's default for d = 576) to 144 (a quarter of the default model's
-576 directions, where fluency is gone), alpha from removing the directions (0, the paper's reported
-run) to halving them; the quick preset takes every fourth k and alpha 0 (10 settings instead of 48)."""
+EIGENSHIFT_RANKS: dict[str, tuple[tuple[str, str], ...]] = {
+    "quick": (("t", "first"), ("abs", "first"), ("t", "matched")),
+    "full": (("t", "first"), ("abs", "first"), ("t", "matched"), ("abs", "matched"))}
+"""The (rank, positions, k, alpha) grid the benchmark tries on validation: directions ranked by
+Welch's t or by |delta|, of non-toxic states at the first generated token (the paper) or at the
+positions of the toxic ones (position-matched, so that the two sets differ in toxicity rather than
+in position), k from 1 (the public code's default for d = 576) to 144 (a quarter of the default
+model's 576 directions, where fluency is gone), alpha from removing the directions (0, the paper's
+reported run) to halving them; the quick preset leaves out |delta| with matched positions, takes
+every fourth k and alpha 0 (15 settings instead of 96)."""
 
 
 def bench_pool(data: BenchData):
@@ -175,6 +181,10 @@ def _eigenshift_fit(cls, model: Model, data: BenchData, preset: str):
     pool = bench_pool(data)
     ks = EIGENSHIFT_K["quick" if preset == "quick" else "full"]
     iv = cls.fit(model, pool_states(model, pool, data.scorer), k=min(max(ks), model.d_model), alpha=0.0, rank="t")
+    try:  # the position-matched statistics too, from the same pooled generations (a settings axis)
+        iv.add_positions(model, pool_states(model, pool, data.scorer, positions="matched"))
+    except SteerlabError as e:  # too few matched states: the axis is left out, and said so
+        iv.meta["positions_note"] = f"matched positions left out: {e}"
     iv.meta["data_text_ids"] = text_ids(sorted({r["prompt"] for r in pool.rows}))
     iv.meta["bench_data"] = f"the pool: {len(pool.rows)} continuations of {len(pool.prompt_ids)} training prompts"
     return iv
@@ -205,12 +215,13 @@ def _aura_fit(cls, model: Model, data: BenchData, preset: str):
 
 
 def _eigenshift_settings(iv, model: Model, data: BenchData, preset: str) -> list[dict]:
-    """The (rank, k, alpha) grid of :data:`EIGENSHIFT_RANKS` x :data:`EIGENSHIFT_K` x
-    :data:`EIGENSHIFT_ALPHA` for the k up to the number of directions this edit holds (each rank
-    re-ranks all directions from the saved delta and t)."""
+    """The (rank, positions, k, alpha) grid of :data:`EIGENSHIFT_RANKS` x :data:`EIGENSHIFT_K` x
+    :data:`EIGENSHIFT_ALPHA` for the k up to the number of directions this edit holds and the
+    positions whose statistics it holds (each rank re-ranks all directions from the saved delta and t)."""
     key = "quick" if preset == "quick" else "full"
-    return [{"rank": r, "k": k, "alpha": a} for r in EIGENSHIFT_RANKS for k in EIGENSHIFT_K[key]
-            if k <= len(iv.indices) for a in EIGENSHIFT_ALPHA[key]]
+    held = {iv.positions, *iv.alt}
+    return [{"rank": r, "positions": p, "k": k, "alpha": a} for r, p in EIGENSHIFT_RANKS[key] if p in held
+            for k in EIGENSHIFT_K[key] if k <= len(iv.indices) for a in EIGENSHIFT_ALPHA[key]]
 
 
 AURA_SHARES: dict[str, tuple[float, ...]] = {"quick": (0.001, 0.003, 0.01, 0.03, 0.1),

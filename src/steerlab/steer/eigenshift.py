@@ -89,6 +89,7 @@ def welch_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 PROJECTIONS = ("standard", "public")
+POSITIONS = ("first", "matched")
 
 
 def public_basis(U: torch.Tensor) -> torch.Tensor:
@@ -117,12 +118,19 @@ def dampen(dec: SVD, toxic: torch.Tensor, nontoxic: torch.Tensor, k: int, alpha:
         if h.shape[0] == 0:
             raise EigenShiftError(f"no {name} states: EigenShift needs at least one of each")
     k = choose_k(d, k=k)
+    delta, t = direction_stats(dec, toxic, nontoxic, basis, need_t=rank == "t")
+    idx = rank_key(rank, delta, t).topk(k).indices
+    return Dampening(delta, idx, dec.s[idx], float(alpha) * dec.s[idx], t)
+
+
+def direction_stats(dec: SVD, toxic: torch.Tensor, nontoxic: torch.Tensor, basis: torch.Tensor | None = None,
+                    need_t: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per direction, ``delta`` (difference of mean projections) and Welch's ``t`` (None with fewer
+    than 2 states of a kind, unless ``need_t``, which then raises) of toxic against non-toxic states."""
     B = dec.Vt if basis is None else basis
     pt, pn = projections(B, toxic), projections(B, nontoxic)
     delta = pt.mean(0) - pn.mean(0)
-    t = welch_t(pt, pn) if rank == "t" or (len(pt) > 1 and len(pn) > 1) else None
-    idx = rank_key(rank, delta, t).topk(k).indices
-    return Dampening(delta, idx, dec.s[idx], float(alpha) * dec.s[idx], t)
+    return delta, (welch_t(pt, pn) if need_t or (len(pt) > 1 and len(pn) > 1) else None)
 
 
 def rank_key(rank: str, delta: torch.Tensor, tstat: torch.Tensor | None) -> torch.Tensor:
@@ -188,7 +196,7 @@ class EigenShiftFitOptions:
                              "code's transposed Vt^T h with numpy's signs (the paper's published setting, not "
                              "recommended)", choices=PROJECTIONS)
     positions: str = option("first", "non-toxic states at: first (the first generated token, the paper) or "
-                            "matched (positions drawn from those of the toxic states)", choices=("first", "matched"))
+                            "matched (positions drawn from those of the toxic states)", choices=POSITIONS)
     scorer: str = option("default", "scorer labelling the continuations")
     threshold: float = option(0.5, "toxic when the scorer gives >= threshold", low=0.0, high=1.0)
     saliency: str = option("auto", "how toxic words are found", choices=("auto", "bilstm", "lexicon"))
@@ -208,6 +216,9 @@ class EigenShiftApplyOptions:
                     unit="directions")
     rank: str = option(None, "re-rank all directions from the saved delta and t (abs, signed, t; default: the "
                        "fitted order of the saved directions)", type=str, choices=RANKS)
+    positions: str = option(None, "rank from the statistics of non-toxic states at these positions (first, "
+                            "matched; an edit holds the fitted ones and those added with add_positions; default: "
+                            "the fitted ones)", type=str, choices=POSITIONS)
 
 
 @register
@@ -221,6 +232,7 @@ class EigenShift(Intervention):
     alpha: float = 0.1
     meta: dict = field(default_factory=dict)
     tstat: torch.Tensor | None = None
+    alt: dict = field(default_factory=dict)  # other positions' (delta, t): add_positions
     method = "eigenshift"
     FitOptions = EigenShiftFitOptions
     ApplyOptions = EigenShiftApplyOptions
@@ -231,6 +243,8 @@ class EigenShift(Intervention):
         self.sigma = torch.as_tensor(self.sigma).float().cpu()
         self.delta = torch.as_tensor(self.delta).float().cpu()
         self.tstat = None if self.tstat is None else torch.as_tensor(self.tstat).float().cpu()
+        self.alt = {p: (torch.as_tensor(d).float().cpu(), None if t is None else torch.as_tensor(t).float().cpu())
+                    for p, (d, t) in self.alt.items()}
         self.meta = {**self.meta, "sites": ["unembed"]}
         self._cache: dict = {}
         n, d = len(self.indices), self.meta.get("d_model")
@@ -323,15 +337,49 @@ class EigenShift(Intervention):
                                   f"refit with a lower --percentile or a larger --k")
         return n
 
-    def order(self, model: Model, rank: str | None, percentile: float | None, k: int | None) -> torch.Tensor:
+    @property
+    def positions(self) -> str:
+        """Where the fit took its non-toxic states (``first`` or ``matched``)."""
+        return (self.meta.get("stats") or {}).get("positions") or (self.meta.get("options") or {}).get(
+            "positions", "first")
+
+    def add_positions(self, model: Model, states: ToxicStates) -> EigenShift:
+        """Keep the direction statistics (``delta``, ``t``) of ``states`` (toxic and non-toxic states
+        taken at other positions, ``states.stats["positions"]``, from the same generations), projected as
+        the fit projects, so that ``apply(positions=...)`` can rank by them: one fit then serves both
+        position choices, and the benchmark chooses between them on validation. Returns ``self``."""
+        where = states.stats.get("positions")
+        choose("positions of the added states", where, POSITIONS, EigenShiftError)
+        if where == self.positions:
+            raise EigenShiftError(f"this edit was fitted on states at positions {where!r} already")
+        U = model.unembed.weight
+        basis = public_basis(U) if (self.meta.get("options") or {}).get("projection") == "public" else None
+        delta, t = direction_stats(self.decomposition(model), states.toxic.to(U.device), states.nontoxic.to(U.device),
+                                   basis)
+        self.alt[where] = (delta.float().cpu(), None if t is None else t.float().cpu())
+        self.meta = {**self.meta, "positions_added": sorted(self.alt),
+                     f"stats_{where}": {k: v for k, v in states.stats.items() if isinstance(v, (int, float, str))}}
+        return self
+
+    def order(self, model: Model, rank: str | None, percentile: float | None, k: int | None,
+              positions: str | None = None) -> torch.Tensor:
         """The directions an apply dampens: the first of the saved ones (``rank`` None: the fitted
         order), or the first ``k`` / ``ceil(d (1 - percentile))`` / as many as saved of all directions
-        ranked by ``rank`` from the saved ``delta`` and ``t``."""
+        ranked by ``rank`` from the saved ``delta`` and ``t`` (of the fitted positions, or of
+        ``positions`` added with :meth:`add_positions`; ``rank`` then defaults to the fitted one)."""
+        delta, tstat = self.delta, self.tstat
+        if positions is not None and positions != self.positions:
+            if positions not in self.alt:
+                raise EigenShiftError(f"this edit holds the statistics of non-toxic states at {self.positions!r} "
+                                      f"positions{' and ' + ', '.join(map(repr, self.alt)) if self.alt else ''}, "
+                                      f"not {positions!r}: add them with add_positions")
+            delta, tstat = self.alt[positions]
+            rank = rank or (self.meta.get("options") or {}).get("rank", "abs")
         if rank is None:
             return self.indices[:self.n_directions(model, percentile, k)]
         choose("rank", rank, RANKS, EigenShiftError)
         n = len(self.indices) if percentile is None and k is None else choose_k(model.d_model, percentile, k)
-        return rank_key(rank, self.delta, self.tstat).topk(n).indices
+        return rank_key(rank, delta, tstat).topk(n).indices
 
     def weight(self, model: Model, alpha: float | None = None, n: int | None = None,
                indices: torch.Tensor | None = None) -> torch.Tensor:
@@ -361,24 +409,25 @@ class EigenShift(Intervention):
         return dec
 
     def correction(self, model: Model, alpha: float | None, percentile: float | None, k: int | None,
-                   rank: str | None, rows: torch.Tensor | None = None) -> Correction:
+                   rank: str | None, rows: torch.Tensor | None = None, positions: str | None = None) -> Correction:
         """One setting's logit correction (:func:`shifted_logits`) on ``rows`` (None: every row):
         the directions :meth:`order` chooses, each ``s_i`` changed to ``alpha s_i``."""
         a = self.alpha if alpha is None else number(alpha, "EigenShift alpha")
         dec = self.decomposition(model)
-        idx = self.order(model, rank, percentile, k).to(dec.s.device)
+        idx = self.order(model, rank, percentile, k, positions).to(dec.s.device)
         return rows, dec.Vt[idx], a * dec.s[idx] - dec.s[idx], dec.A[:, idx].contiguous()
 
     @contextmanager
-    def apply(self, model: Model, *, alpha, percentile, k, rank, strict: bool = True):
+    def apply(self, model: Model, *, alpha, percentile, k, rank, positions, strict: bool = True):
         """Context manager: the logits are those of ``U'`` (singular values at the saved directions
         times ``alpha``, default the fitted one) while the body runs, through the rank-k correction of
         the unembedding's output (:func:`shifted_logits`; no weight changes). ``percentile`` or ``k``
         uses only the first ``ceil(d (1 - percentile))`` or ``k`` saved directions (the largest |delta|
         first), so one fit serves several settings; ``rank`` re-ranks all directions from the saved
-        ``delta`` and ``t`` (:meth:`order`). Yields the correction."""
+        ``delta`` and ``t`` (:meth:`order`), those of other ``positions`` when added
+        (:meth:`add_positions`). Yields the correction."""
         self.check(model, strict)
-        part = self.correction(model, alpha, percentile, k, rank)
+        part = self.correction(model, alpha, percentile, k, rank, positions=positions)
         with shifted_logits(model, [part]):
             yield part
 
@@ -392,18 +441,22 @@ class EigenShift(Intervention):
         on that setting's rows as :meth:`apply` computes it on a batch of them."""
         self.check(model, strict)
         parts = [self.correction(model, o["alpha"], o["percentile"], o["k"], o["rank"],
-                                 torch.nonzero(row_setting == j).flatten()) for j, o in enumerate(settings)]
+                                 torch.nonzero(row_setting == j).flatten(), o["positions"])
+                 for j, o in enumerate(settings)]
         with shifted_logits(model, [p for p in parts if len(p[0])]):
             yield parts
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        alt = {f"{name}.{p}": x for p, pair in self.alt.items() for name, x in zip(("delta", "tstat"), pair)
+               if x is not None}
         return {"indices": self.indices, "sigma": self.sigma, "sigma_new": self.alpha * self.sigma,
-                "delta": self.delta, **({"tstat": self.tstat} if self.tstat is not None else {})}
+                "delta": self.delta, **({"tstat": self.tstat} if self.tstat is not None else {}), **alt}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> EigenShift:
         for name in ("indices", "sigma", "delta"):
             if name not in tensors:
                 raise EigenShiftError(f"EigenShift file lacks the tensor {name!r} (has {sorted(tensors)})")
+        alt = {p: (tensors[f"delta.{p}"], tensors.get(f"tstat.{p}")) for p in POSITIONS if f"delta.{p}" in tensors}
         return cls(tensors["indices"], tensors["sigma"], tensors["delta"],
-                   float((meta.get("options") or {}).get("alpha", 0.1)), meta, tensors.get("tstat"))
+                   float((meta.get("options") or {}).get("alpha", 0.1)), meta, tensors.get("tstat"), alt)
