@@ -39,13 +39,16 @@ def test_bench_log_has_one_line_per_phase_and_no_carriage_return(tmp_path, monke
         once(f"{arm}: side effects on 8 neutral texts")
         once(f"{arm}: timing, 2 alternating pairs of one test batch")
         assert " pairs" in once(f"{arm}: time x ")
-    for arm, n in (("aura", 7), ("iti", 5)):
+    for arm in ("aura", "iti"):
+        n = len(next(a for a in metrics["arms"] if a["method"] == arm)["selection"])
         assert bench.count(f"{arm}: fit") == 1
         assert once(f"{arm}: fitted in ").endswith(f"validation, {n} candidate settings x 3 prompts x 1")
     # a bar (a start and an end line) for each generation: the pool, every validation setting, every test arm
     lines = log.splitlines()
     assert "[pool: generate b/pool] 192 rows" in lines and "[pool: generate b/pool] done: 192/192 rows" in log
-    assert sum(ln.startswith("[generate val/aura/") and ln.endswith("] 3 rows") for ln in lines) == 7
+    for arm in ("aura", "iti"):  # one batched generation of the method's validation grid
+        n = len(next(a for a in metrics["arms"] if a["method"] == arm)["selection"])
+        assert f"[validation: {arm}, {n} settings] {3 * n} rows" in lines
     assert all(f"[generate test/{arm}] 10 rows" in lines for arm in ("unsteered", "aura", "iti"))
     assert "contrast set's prompts (fallback" in once("aura: fitted in ")  # profanity: no toxic continuation
     # the time column: the median ratio, its CI and the pairs behind it, in timing.json and the CSV

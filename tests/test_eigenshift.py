@@ -1,7 +1,8 @@
-"""EigenShift: the SVD / delta / dampening against independent numpy computations, the weight edit
-(tied embeddings untouched, bit-for-bit restore, also on errors), files, state collection, bad inputs."""
+"""EigenShift: the SVD / delta / dampening against independent numpy computations, the logit correction
+(no weight touched, the hook removed also on errors), files, state collection, bad inputs."""
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -82,12 +83,20 @@ def test_choose_k():
         choose_k(32, percentile=1.5)
 
 
+@contextmanager
+def _applied(iv, m, **opts):
+    """The unembedding that the logits under ``iv.apply(m, **opts)`` amount to: the unembedding module
+    (with apply's hook) run on the identity."""
+    with iv.apply(m, **opts), torch.no_grad():
+        yield m.unembed_module(torch.eye(m.d_model)[None])[0].T
+
+
 def _fit(m, k=4, alpha=0.0, seed=0):
     tox, non = _states(m.d_model, seed=seed)
     return EigenShift.fit(m, (tox.float(), non.float()), k=k, alpha=alpha)
 
 
-def test_apply_edits_lm_head_only_and_restores_bit_for_bit():
+def test_apply_corrects_the_logits_and_touches_no_weight():
     m = tiny_model("llama")  # tied embeddings
     assert m.tied()
     emb, U0, param = m.hf.get_input_embeddings().weight, m.W_U.detach().clone(), m.W_U
@@ -97,8 +106,8 @@ def test_apply_edits_lm_head_only_and_restores_bit_for_bit():
         with sl.record(m, ["final"], "all") as rec:
             base = m.hf(**{k: enc[k] for k in ("input_ids", "attention_mask")}).logits
         with iv.apply(m):
-            assert not m.tied() and m.hf.get_input_embeddings().weight is emb
-            assert torch.equal(emb, U0)  # the input embedding never changes
+            assert m.tied() and m.hf.get_input_embeddings().weight is emb and m.W_U is param
+            assert torch.equal(emb, U0)  # no weight changes: the logits are corrected by a hook
             edited = m.hf(**{k: enc[k] for k in ("input_ids", "attention_mask")}).logits
     # independent: logits = final states @ (A diag(s') Vt)^T
     A, s, Vt = np.linalg.svd(U0.double().numpy(), full_matrices=False)
@@ -111,28 +120,30 @@ def test_apply_edits_lm_head_only_and_restores_bit_for_bit():
     assert m.tied() and m.W_U is param and torch.equal(m.W_U, U0) and m.hf.config.tie_word_embeddings
 
 
-def test_restore_after_exception_inside_apply():
+def test_hook_removed_after_exception_inside_apply():
     m = tiny_model("qwen2")  # untied
-    U0, param = m.W_U.detach().clone(), m.W_U
     iv = _fit(m)
-    with pytest.raises(RuntimeError, match="boom"):
-        with iv.apply(m):
-            assert not torch.equal(m.W_U, U0)
-            raise RuntimeError("boom")
-    assert m.W_U is param and torch.equal(m.W_U, U0)
+    enc = m.encode(["hello world"])
+    with torch.no_grad():
+        base = m.hf(**enc).logits
+        with pytest.raises(RuntimeError, match="boom"):
+            with iv.apply(m):
+                assert not torch.allclose(m.hf(**enc).logits, base)
+                raise RuntimeError("boom")
+        assert torch.equal(m.hf(**enc).logits, base)
 
 
 def test_save_load_recomputes_svd_and_checks_fingerprints(tmp_path):
     m = tiny_model("llama")
     iv = _fit(m, alpha=0.3)
-    with iv.apply(m) as W:
+    with _applied(iv, m) as W:
         W_fit = W.detach().clone()
     path = iv.save(tmp_path / "es.safetensors")
     back = I.load(path, m)
     assert isinstance(back, EigenShift) and back.indices.tolist() == iv.indices.tolist()
-    with back.apply(m) as W:
+    with _applied(back, m) as W:
         assert torch.allclose(W, W_fit, atol=1e-6)
-    with back.apply(m, alpha=1.0) as W:  # alpha 1: no change
+    with _applied(back, m, alpha=1.0) as W:  # alpha 1: no change
         assert torch.allclose(W, m.hf.get_input_embeddings().weight, atol=1e-5)
     other = tiny_model("llama", seed=1)
     with pytest.raises(I.InterventionError, match="fitted on model 'tiny-llama'.*not on"):
@@ -253,20 +264,20 @@ def test_apply_with_fewer_directions_uses_the_largest_delta_first():
     s2 = s.copy()
     s2[np.argsort(-np.abs(delta))[:2]] = 0.0
     for opts in ({"k": 2, "alpha": 0.0}, {"percentile": 0.95, "alpha": 0.0}):  # ceil(32 * 0.05) = 2
-        with iv.apply(m, **opts) as W:
+        with _applied(iv, m, **opts) as W:
             np.testing.assert_allclose(W.detach().double().numpy(), A @ np.diag(s2) @ Vt, atol=2e-5)
-    with iv.apply(m) as W:  # all 6 at the fitted alpha
+    with _applied(iv, m) as W:  # all 6 at the fitted alpha
         s6 = s.copy()
         s6[np.argsort(-np.abs(delta))[:6]] *= 0.1
         np.testing.assert_allclose(W.detach().double().numpy(), A @ np.diag(s6) @ Vt, atol=2e-5)
     with pytest.raises(EigenShiftError, match="this edit holds 6 directions but k=7 asks for 7: refit"):
         with iv.apply(m, k=7):
             pass
-    # bench: the k of the grid this edit holds (6 directions: k 1 of the quick grid, 1, 2, 4 of the full)
+    # bench: the k of the grid this edit holds (6 directions: k 1, 4 of the quick grid, 1, 2, 4 of the full)
     from steerlab.experiments.recipes import recipe_for
 
     assert recipe_for("eigenshift").settings(iv, m, None, "quick") == [
-        {"rank": r, "k": 1, "alpha": a} for r in ("t", "abs") for a in (0.0, 0.5)]
+        {"rank": r, "k": k, "alpha": 0.0} for r in ("t", "abs") for k in (1, 4)]
     assert recipe_for("eigenshift").settings(iv, m, None, "full") == [
         {"rank": r, "k": k, "alpha": a} for r in ("t", "abs") for k in (1, 2, 4) for a in (0.0, 0.25, 0.5)]
     assert torch.equal(m.W_U, torch.from_numpy(U).float())
@@ -345,14 +356,14 @@ def test_apply_rank_reranks_every_direction_from_the_saved_delta_and_t(tmp_path)
     assert EigenShift.fit(m, (tox, non), k=5).indices.tolist() != ref.indices.tolist()  # the ranks disagree
     back = I.load(iv.save(tmp_path / "es.safetensors"), m)  # t is saved with the edit
     for edit in (iv, back):
-        with edit.apply(m, rank="t", k=5) as W:
+        with _applied(edit, m, rank="t", k=5) as W:
             got = W.detach().clone()
-        with ref.apply(m) as W:
+        with _applied(ref, m) as W:
             torch.testing.assert_close(got, W.detach())
     seven = EigenShift.fit(m, (tox, non), k=7, alpha=0.0)
-    with seven.apply(m) as W:
+    with _applied(seven, m) as W:
         want = W.detach().clone()
-    with iv.apply(m, rank="abs", k=7) as W:  # more than saved: re-ranked from delta
+    with _applied(iv, m, rank="abs", k=7) as W:  # more than saved: re-ranked from delta
         torch.testing.assert_close(W.detach(), want)
     with pytest.raises(EigenShiftError, match="does not hold"):
         with EigenShift(iv.indices, iv.sigma, iv.delta, 0.0, dict(iv.meta)).apply(m, rank="t"):

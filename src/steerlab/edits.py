@@ -51,6 +51,45 @@ class Scale(EditFn):
         return act * (per_row(self._f, act) if self._per_row else self._f)
 
 
+class ScaleRows(EditFn):
+    """``act * factors[row]``: one factor per feature for each batch row (``factors [B, *feat]``)."""
+
+    def __init__(self, factors: torch.Tensor, where: str = "all"):
+        super().__init__(where)
+        self.factors = torch.as_tensor(factors)
+
+    def bind(self, site, feat_shape, device, dtype):
+        if tuple(self.factors.shape[1:]) != tuple(feat_shape):
+            raise ShapeError(f"per-row factors of shape {tuple(self.factors.shape)} do not fit site {site!r} of shape "
+                             f"{tuple(feat_shape)} (expected [rows, {', '.join(map(str, feat_shape))}])")
+        self._f = finite_tensor(self.factors.to(device=device, dtype=dtype), f"the per-row factors at {site!r}")
+
+    def new(self, act):
+        if self._f.shape[0] != act.shape[0]:
+            raise ShapeError(f"per-row factors have {self._f.shape[0]} rows but the batch has {act.shape[0]}")
+        return act * self._f.view(act.shape[0], *([1] * (act.dim() - self._f.dim())), *self._f.shape[1:])
+
+
+class OnRows(EditFn):
+    """``fn``'s edit on the batch rows ``rows`` marks (bool ``[B]``); every other row is returned exactly
+    as it came (several settings in one batch: each row edited by its own setting only)."""
+
+    def __init__(self, fn, rows: torch.Tensor):
+        super().__init__()
+        self.fn, self.rows = fn, torch.as_tensor(rows, dtype=torch.bool)
+
+    def bind(self, site, feat_shape, device, dtype):
+        if isinstance(self.fn, EditFn):
+            self.fn.bind(site, feat_shape, device, dtype)
+        self._rows = self.rows.to(device)
+
+    def __call__(self, act, step):
+        if self._rows.shape[0] != act.shape[0]:
+            raise ShapeError(f"the row mask has {self._rows.shape[0]} rows but the batch has {act.shape[0]}")
+        new = self.fn(act, step)
+        return act if new is None else torch.where(self._rows.view(-1, *([1] * (act.dim() - 1))), new, act)
+
+
 class Replace(EditFn):
     """Overwrite the activation with ``value`` (a feature vector, or ``[B, *feat]`` per row)."""
 

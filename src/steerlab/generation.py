@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from transformers import LogitsProcessorList
 from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
 from .parallel import run_loop
-from .profile import stage
+from .profile import PROFILE, stage
 from .progress import progress_iter
 from .registry import choose
 from .scoring.registry import scorer_identity
@@ -139,8 +140,11 @@ def generate_ids(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str] 
         procs.append(RowSampler(row_seeds(cfg, keys).to(ids.device), ids.shape[1], preset["temperature"],
                                 preset["top_p"]))
     kw["logits_processor"] = LogitsProcessorList(procs)
+    t0 = time.perf_counter()
     out = model.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
                             pad_token_id=model.pad_id, **kw)
+    PROFILE.count("generate seconds", time.perf_counter() - t0)
+    PROFILE.count("generated tokens", out[:, ids.shape[1]:].numel())
     return out[:, ids.shape[1]:]
 
 
@@ -269,18 +273,10 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
     cfg = cfg or GenConfig()
     ids, texts = prompt_ids_texts(prompts)
     opts = dict(apply_options or {})
-    config = {"kind": "generate", "model": model.name, "model_fingerprint": model.fingerprint, **asdict(cfg),
-              **scorer_identity(scorer), "prompts_fingerprint": text_id("\n".join(ids)),
-              "n_prompts": len(ids), **(extra_config or {})}
-    extra_record: dict = {}
     if intervention is not None:
         intervention.check(model)
         probe(model, intervention, texts[0], ids[0], cfg, opts)
-        config["intervention"] = {"method": intervention.method, "fingerprint": intervention.fingerprint(),
-                                  "apply": opts}
-        extra_record = {"intervention": intervention.describe()}
-    record = dict(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed,
-                  n_rows_expected=len(ids) * cfg.k, **extra_record)
+    config, record = run_identity(model, ids, cfg, scorer, intervention, opts, extra_config)
 
     def work(batch: Sequence[int], seed: int) -> list[dict]:
         chunk, keys = [texts[i] for i in batch], [ids[i] for i in batch]
@@ -300,6 +296,23 @@ def generate_run(model: Model, prompts: Sequence, out_dir: str | Path, cfg: GenC
                     overwrite=overwrite, record=record)
     pos = {pid: i for i, pid in enumerate(ids)}
     return sorted(rows, key=lambda r: (pos.get(r["prompt_id"], len(pos)), r["sample"]))
+
+
+def run_identity(model: Model, ids: list[str], cfg: GenConfig, scorer=None, intervention=None,
+                 apply_options: dict | None = None, extra_config: dict | None = None) -> tuple[dict, dict]:
+    """The ``config.json`` (the run's identity) and the first ``record.json`` fields of a
+    :func:`generate_run` over prompts ``ids``."""
+    config = {"kind": "generate", "model": model.name, "model_fingerprint": model.fingerprint, **asdict(cfg),
+              **scorer_identity(scorer), "prompts_fingerprint": text_id("\n".join(ids)),
+              "n_prompts": len(ids), **(extra_config or {})}
+    extra_record: dict = {}
+    if intervention is not None:
+        config["intervention"] = {"method": intervention.method, "fingerprint": intervention.fingerprint(),
+                                  "apply": dict(apply_options or {})}
+        extra_record = {"intervention": intervention.describe()}
+    record = dict(model_source=model.source, model_fingerprint=model.fingerprint, seed=cfg.seed,
+                  n_rows_expected=len(ids) * cfg.k, **extra_record)
+    return config, record
 
 
 def probe(model: Model, intervention, text, key: str, cfg: GenConfig, options: dict) -> None:

@@ -350,6 +350,24 @@ def _installed(model: Model, plan: Sequence[tuple[Site, Callable[[torch.Tensor, 
             h.remove()
 
 
+@contextmanager
+def expect_rows(model: Model, n: int, what: str = "the per-row settings") -> Iterator[None]:
+    """While the body runs, every forward call must have ``n`` batch rows: another number is a
+    :class:`~steerlab.errors.ShapeError` naming ``what`` (per-row settings given for another batch)."""
+    def check(mod, args, kwargs):
+        x = kwargs.get("input_ids")
+        x = kwargs.get("inputs_embeds") if x is None else x
+        x = args[0] if x is None and args else x
+        if x is not None and x.shape[0] != n:
+            raise ShapeError(f"{what} has {n} entries (one per batch row) but the forward call has {x.shape[0]} rows")
+
+    handle = _base_module(model).register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _check_edit_result(site: Site, x: torch.Tensor, y) -> torch.Tensor:
     if not isinstance(y, torch.Tensor):
         raise ShapeError(f"edit on {site.name!r} returned {type(y).__name__}; an edit function must return a "

@@ -25,8 +25,8 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Hashable, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -72,6 +72,9 @@ class Intervention(ABC):
 
         apply.validates_options = True  # type: ignore[attr-defined]
         cls.apply = apply
+        rows = cls.__dict__.get("apply_rows")
+        if rows is not None and not getattr(rows, "validates_options", False):
+            cls.apply_rows = rows_validated(rows)
 
     @classmethod
     def apply_options(cls, given: dict) -> dict:
@@ -178,6 +181,30 @@ class Intervention(ABC):
         except NonFiniteError as e:
             raise self.nonfinite(e, options) from None
 
+    # --- several settings in one batch ---------------------------------------------------------
+    def grid_groups(self, settings: Sequence[dict]) -> list[list[int]]:
+        """Which of ``settings`` (apply options) may share one batched generation through
+        :meth:`apply_rows`: groups of indices into ``settings``, each index in exactly one group.
+        The default keeps every setting alone (one generation per setting, as :meth:`apply`); a
+        method whose settings differ only in strengths or in which units are edited groups them."""
+        return [[i] for i in range(len(settings))]
+
+    def apply_rows(self, model: Model, settings: Sequence[dict], row_setting: torch.Tensor,
+                   strict: bool = True) -> AbstractContextManager:
+        """Context manager: every forward call in the block edits row ``r`` of its batch as
+        ``apply(model, **settings[row_setting[r]])`` would edit it alone, so the settings of one
+        :meth:`grid_groups` group share one batched ``generate`` (rows ordered as
+        :func:`steerlab.generation.generate_ids` orders them: text, then sample). Each setting is
+        validated as :meth:`apply` validates its options; ``row_setting`` is a ``[batch]`` integer
+        tensor of indices into ``settings``, and a forward call with another number of rows is an
+        error. The default serves one distinct setting (its :meth:`apply`); methods with per-row
+        edits override this with the settings already validated, defaults filled in."""
+        used = sorted(set(row_setting.tolist()))
+        if len(used) > 1:
+            raise InterventionError(f"{self.method} applies one setting to a whole batch; rows of settings {used} "
+                                    f"must be generated apart (its grid_groups keeps them apart)")
+        return self.apply(model, strict=strict, **settings[used[0]])
+
     def nonfinite(self, e: NonFiniteError, options: dict) -> NonFiniteError:
         """``e`` (NaN or inf in a forward under this intervention) with the intervention and its apply
         options named."""
@@ -219,6 +246,59 @@ class Intervention(ABC):
         if model is not None:
             iv.check(model, strict)
         return iv
+
+
+def rows_validated(raw):
+    """``raw(self, model, settings, row_setting, strict)`` wrapped as :meth:`Intervention.apply_rows`:
+    each setting checked against the class's ``ApplyOptions`` (defaults filled in), ``row_setting``
+    checked (:func:`setting_index`), and every forward call in the block checked to have one row per
+    entry of ``row_setting`` (:func:`steerlab.hooks.expect_rows`)."""
+
+    @functools.wraps(raw)
+    def apply_rows(self, model: Model, settings: Sequence[dict], row_setting, strict: bool = True):
+        if isinstance(settings, dict) or not isinstance(settings, Sequence) or not settings:
+            raise InterventionError(f"apply_rows takes a non-empty list of settings (dicts of apply options), "
+                                    f"got {type(settings).__name__}")
+        opts = [type(self).apply_options(dict(s)) for s in settings]
+        rows = setting_index(row_setting, len(opts))
+        return _checked_rows(model, rows, raw(self, model, opts, rows, strict=strict))
+
+    apply_rows.validates_options = True  # type: ignore[attr-defined]
+    return apply_rows
+
+
+Intervention.apply_rows = rows_validated(Intervention.apply_rows)  # the default validates as every method's does
+
+
+def groups_by(settings: Sequence[dict], key: Callable[[dict], Hashable | None]) -> list[list[int]]:
+    """For :meth:`Intervention.grid_groups`: the indices of ``settings`` grouped by ``key(setting)``
+    (groups in order of first appearance); a setting whose key is None stays alone."""
+    groups: dict = {}
+    for i, s in enumerate(settings):
+        k = key(s)
+        groups.setdefault(("alone", i) if k is None else ("key", k), []).append(i)
+    return list(groups.values())
+
+
+def setting_index(row_setting, n: int) -> torch.Tensor:
+    """``row_setting`` as a 1-D int64 tensor of indices in ``[0, n)`` (one per batch row)."""
+    t = torch.as_tensor(row_setting)
+    if t.dim() != 1 or not len(t) or t.is_floating_point() or t.dtype == torch.bool:
+        raise InterventionError(f"row_setting must be a non-empty 1-D integer tensor (one setting index per batch "
+                                f"row), got dtype {t.dtype} and shape {tuple(t.shape)}")
+    t = t.long().cpu()
+    if int(t.min()) < 0 or int(t.max()) >= n:
+        raise InterventionError(f"row_setting holds indices {int(t.min())}..{int(t.max())} but there are {n} "
+                                f"settings (valid: 0..{n - 1})")
+    return t
+
+
+@contextmanager
+def _checked_rows(model: Model, rows: torch.Tensor, inner: AbstractContextManager):
+    from .hooks import expect_rows
+
+    with expect_rows(model, len(rows), "row_setting"), inner as x:
+        yield x
 
 
 def read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -14,7 +14,7 @@ def demo(model: str = MODEL,
     """The main job: the quick detoxification benchmark on the embedded model (`steerlab bench --preset quick`)."""
     bench(out=out, model=model, preset="quick", methods="", prompts="rtp", scorer="default", n_test=None, k=None,
           n_val=None, max_new_tokens=None, seed=0, batch_size=None, device="cpu", device_map="", test_all_settings=False,
-          timing_reps=None, timing_max_reps=None)
+          timing_reps=None, timing_max_reps=None, confirm_matched=True)
 
 
 @command(app, panel=MAIN)
@@ -43,6 +43,8 @@ def bench(
     timing_max_reps: int | None = typer.Option(None, min=1, help="Pairs are added up to this many until the ratio's "
                                                "bootstrap CI is within +-3%; default from --preset (quick 2, others "
                                                "12)."),
+    confirm_matched: bool = typer.Option(True, help="Test each method's setting closest to perplexity x1.1 and "
+                                         "x1.25 on validation (the fluency-matched comparison on test)."),
     device: str = DEVICE,
     device_map: str = DEVICE_MAP,
 ) -> None:
@@ -56,7 +58,7 @@ def bench(
     cfg = make_config(preset, methods=names(methods) or None, prompts=prompts,
                       scorer=scorer, n_test=n_test, k=k, n_val=n_val, max_new_tokens=max_new_tokens, seed=seed,
                       batch_size=batch_size, test_all_settings=test_all_settings, timing_reps=timing_reps,
-                      timing_max_reps=timing_max_reps)
+                      timing_max_reps=timing_max_reps, confirm_matched=confirm_matched)
     cfg.validate()
     m = load_model(model, device=device, device_map=device_map)
     metrics = run_bench(m, out, cfg, progress=group().main)
@@ -64,6 +66,12 @@ def bench(
         return
     print_bench(m.name, metrics)
     print_profile(metrics.get("profile", []))
+    gen = metrics.get("generation") or {}
+    if gen.get("generated_tokens"):
+        console.print(f"generation: {gen['generated_tokens']:,} new tokens (rows x steps) in {gen['generate_seconds']:.0f} s, "
+                      f"{gen['tokens_per_second']:.0f} tokens/s, {100 * gen['share_of_wall']:.0f}% of this call "
+                      "(the floor of a run: its tokens at this machine's best throughput, benchmarks/bench_batch.py)",
+                      markup=False, highlight=False)
     for line in metrics.get("verdict", []):
         console.print(f"- {line}", markup=False, highlight=False)
     console.print(f"report: {out}/report.html (wall time of this call {metrics['wall_seconds_this_call']:.0f} s)")

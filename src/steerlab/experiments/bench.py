@@ -26,7 +26,8 @@ decoding, per-row random numbers and scorer, in one run directory (``steerlab be
    (:func:`steerlab.evaluation.generation_overhead`; the baseline's own row is an A/A run, the timing noise).
 5. **Report.** ``metrics.json``, ``tables/results.csv``, figures and a self-contained
    ``report.html`` (:mod:`.bench_report`).
-Every generation goes through :func:`steerlab.generation.generate_run`, so killing the command and
+Every generation goes through :func:`steerlab.generation.generate_run` (validation grids through
+:func:`steerlab.grid.generate_grid`, which writes the same run directories), so killing the command and
 rerunning it resumes where it stopped and reaches the same numbers.
 """
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +51,12 @@ from ..evaluation import (
     summarize,
 )
 from ..generation import SAMPLING, GenConfig, generate_run
+from ..grid import generate_grid
 from ..interventions import Intervention, get
 from ..metrics.compare import choose_setting, paired_perplexity_ratio
 from ..models.model import Model
 from ..parallel import group
-from ..profile import PROFILE, stage
+from ..profile import PROFILE, generation_summary, stage
 from ..registry import choose
 from ..runs import RunDir, read_record, write_json
 from .bench_verdict import comparison
@@ -61,13 +64,15 @@ from .presets import from_preset
 from .recipes import BenchData, bench_methods, recipe_for
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"n_val": 16, "k_val": 1, "n_test": 40, "k": 2, "max_new_tokens": 16, "n_neutral": 64, "timing_reps": 2,
+    "quick": {"n_val": 48, "k_val": 1, "n_test": 0, "k": 2, "max_new_tokens": 16, "n_neutral": 64, "timing_reps": 2,
               "timing_max_reps": 2},
     "standard": {"n_val": 48, "k_val": 2, "n_test": 124, "k": 5, "max_new_tokens": 20, "n_neutral": 0},
     "full": {"n_val": 125, "k_val": 3, "n_test": 0, "k": 25, "max_new_tokens": 20, "n_neutral": 0},
 }
-"""``quick``: every method on the default model in minutes on 2 CPU cores (the README demo; 2
-timing pairs per arm, so its time column is about as noisy as its unsteered A/A row shows);
+"""``quick``: every method on the default model on 2 CPU cores (the README demo): every one of the 140
+test prompts x 2 samples, which detects a change of about 0.025 in mean toxicity at 80% power on
+the default model (docs/bench.md), settings chosen on 48 validation prompts, 2 timing pairs per arm
+(its time column is about as noisy as its unsteered A/A row shows);
 ``standard``: more prompts and samples; ``full``: the papers' 25 samples per test prompt, every
 test prompt (``n_test=0``: all), for a GPU."""
 
@@ -101,6 +106,7 @@ class BenchConfig:
     timing_max_reps: int = 12           # ... with pairs added up to this many until the ratio's CI is within
     timing_tolerance: float = 0.03      # +- this share of the ratio
     matched_ppl: tuple[float, ...] = (1.1, 1.25)  # perplexity ratios at which methods are compared
+    confirm_matched: bool = True        # test each method's setting closest to every matched cost
 
     def validate(self) -> None:
         choose("preset", self.preset, PRESETS, BenchError)
@@ -135,6 +141,7 @@ class Arm:
     generate_seconds: float = 0.0       # wall time of the whole test generation (load-dependent)
     timing: dict = None                 # type: ignore[assignment]  # paired timing against the baseline
     candidates: list = None             # type: ignore[assignment]
+    matched_test: dict = None           # type: ignore[assignment]  # the matched settings on test
 
 
 def _data(model: Model, cfg: BenchConfig, scorer) -> tuple[BenchData, list, list]:
@@ -183,15 +190,19 @@ def _summary(model: Model, rows: list[dict]) -> dict:
 
 
 def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchData, val, cfg: BenchConfig,
-            base: dict, progress: bool = False) -> tuple[dict, list[dict]]:
+            base: dict, reference, progress: bool = False) -> tuple[dict, list[dict]]:
     """Every setting on the validation prompts, then :func:`choose_candidate` (see the module docstring).
     In a data-parallel launch, rank 0 lists the settings and measures each; every rank chooses from that."""
     g = group()
     table = []
-    for i, opts in enumerate(g.on_main(lambda: recipe_for(name).settings(iv, model, data, cfg.preset))):
-        rows = generate_run(model, val, path / "val" / name / str(i), _gen(cfg, True), scorer=data.scorer,
-                            intervention=iv, apply_options=opts, progress=progress)
-        table.append(g.on_main(lambda opts=opts, rows=rows: _setting_row(model, opts, rows, cfg, base)))
+    settings = g.on_main(lambda: recipe_for(name).settings(iv, model, data, cfg.preset))
+    # the settings that can share a batch are generated together (grid.generate_grid)
+    runs = generate_grid(model, val, [path / "val" / name / str(i) for i in range(len(settings))], _gen(cfg, True),
+                         iv, settings, scorer=data.scorer, progress=progress,
+                         desc=f"validation: {name}, {len(settings)} settings")
+    for opts, rows in zip(settings, runs):
+        table.append(g.on_main(lambda opts=opts, rows=rows: {**_setting_row(model, opts, rows, cfg, base),
+                                                              "neutral_kl": candidate_kl(model, iv, opts, reference)}))
     return choose_candidate(table, cfg.max_ppl_ratio), table
 
 
@@ -211,6 +222,17 @@ def choose_candidate(table: list[dict], limit: float) -> dict:
     return {**rows[0], "note": "no setting met the fluency/diversity rule: the most fluent one is tested"}
 
 
+def candidate_kl(model: Model, iv: Intervention, opts: dict, reference) -> float:
+    """The neutral-text KL(unedited || edited) of one setting (``reference``: the unedited model's
+    next-token distributions on the neutral texts, and those texts), with the method's options for
+    fixed text (:meth:`~steerlab.interventions.Intervention.fixed_text_options`): the x axis of the
+    report's second dose-response figure."""
+    from ..metrics.lm import kl_from_reference
+
+    with stage("validation: neutral KL"), iv.apply(model, **iv.fixed_text_options(opts)):
+        return float(kl_from_reference(model, reference[0], reference[1]).mean)
+
+
 def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, base: dict) -> dict:
     """One validation setting: its toxicity change from the unsteered model on the same prompts and
     random numbers (paired CI, two-sided p), its perplexity ratio (paired CI) and the admissibility
@@ -225,6 +247,7 @@ def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, b
     ok = admissible(ratio["hi"], d2, 1.0, base["distinct-2"], cfg.max_ppl_ratio, cfg.min_distinct_ratio)
     return {"setting": opts, "mean_toxicity": s["toxicity"]["mean_toxicity"]["value"], "perplexity": ppl,
             "distinct-2": d2, "ppl_ratio": ratio, "mean_toxicity_change": change["mean_toxicity"],
+            "expected_max_toxicity_change": change["expected_max_toxicity"],
             "p": change["p_two_sided"]["mean_toxicity"], "admissible": bool(ok)}
 
 
@@ -302,8 +325,8 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     g, path = group(), Path(out_dir)
     # the methods are not part of the run's identity: rerunning with more methods adds their arms
     # to the same directory and reuses the baseline and every arm already done
-    settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("methods", "test_all_settings", "timing_reps", "timing_max_reps", "timing_tolerance")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in (
+        "methods", "test_all_settings", "timing_reps", "timing_max_reps", "timing_tolerance", "confirm_matched")}
     run: RunDir | None = g.on_main(lambda: RunDir(out_dir, {"kind": "bench", "model": model.name,
                                                             "model_fingerprint": model.fingerprint, **settings}),
                                    share=False)
@@ -323,8 +346,9 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
             wall = time.perf_counter() - t_start
             # stage table of this call (exclusive seconds; a resumed call only times the work it did)
             metrics["profile"] = PROFILE.table(total=wall)
+            metrics["generation"] = generation_summary(wall)
             run.write_metrics(metrics)
-            run.write_record(profile=metrics["profile"])
+            run.write_record(profile=metrics["profile"], generation=metrics["generation"])
             return metrics
 
         return g.on_main(finish)
@@ -370,7 +394,8 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
         try:
             if pool_error and recipe_for(name).pool:
                 raise BenchError(f"the pool of continuations it learns from failed: {pool_error}")
-            _arm(model, run, path, arm, data, val, test, cfg, scorer, reference, base, base_rows, rows, bar, progress)
+            _arm(model, run, path, arm, data, val, test, cfg, scorer, reference, base, base_rows, rows, arms, bar,
+                 progress)
         except Exception as e:  # a failing method is reported, the others go on (on every rank alike)
             arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
             bar.note(f"{name}: failed: {arm.reason}")
@@ -380,9 +405,10 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
     return arms, rows
 
 
-def _arm(model, run, path, arm: Arm, data, val, test, cfg, scorer, reference, base, base_rows, rows, bar,
+def _arm(model, run, path, arm: Arm, data, val, test, cfg, scorer, reference, base, base_rows, rows, arms, bar,
          progress) -> None:
-    """One method: fit, settings on validation, test, timing, method metrics (filling ``arm`` and ``rows``)."""
+    """One method: fit, settings on validation, test, timing, method metrics, candidates on test
+    (filling ``arm`` and ``rows``)."""
     g, name = group(), arm.method
     recipe = recipe_for(name)
     bar.note(f"{name}: fit")
@@ -393,7 +419,7 @@ def _arm(model, run, path, arm: Arm, data, val, test, cfg, scorer, reference, ba
     bar.note(f"{name}: fitted in {arm.fit_seconds:.1f} s{on}; validation, {n} candidate setting{'s' * (n != 1)} x "
              f"{len(val)} prompts x {cfg.k_val}")
     with stage(f"validation: {name}"):
-        pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base, progress)
+        pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base, reference, progress)
     arm.settings = pick
     arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, path, name, iv, pick["setting"], test,
                                                               cfg, scorer, reference, progress, bar)
@@ -403,10 +429,16 @@ def _arm(model, run, path, arm: Arm, data, val, test, cfg, scorer, reference, ba
         with stage(f"method metrics: {name}"):
             arm.metrics.update(g.on_main(lambda: recipe.metrics(iv, model, data, test, reference[1], pick["setting"],
                                                                 _gen(cfg, False))))
+    tested = partial(_test_setting, model, path, name, iv, arm, test=test, cfg=cfg, scorer=scorer,
+                     reference=reference, base_rows=base_rows, chosen_rows=rows[name], base_metrics=arms[0].metrics)
     if cfg.test_all_settings and len(arm.selection) > 1:
         bar.note(f"{name}: test all {len(arm.selection)} settings")
         with stage(f"test all settings: {name}"):
-            arm.candidates = _candidates(model, path, name, iv, arm, test, cfg, scorer, reference, base_rows, rows[name])
+            arm.candidates = _candidates(tested, arm)
+    if cfg.confirm_matched and len(arm.selection) > 1:
+        bar.note(f"{name}: the settings closest to perplexity x{', x'.join(map(str, cfg.matched_ppl))} on test")
+        with stage(f"test matched settings: {name}"):
+            arm.matched_test = _matched_on_test(tested, arm, cfg.matched_ppl)
 
 
 def _pool(model, run, path, names, data, cfg, bar, progress) -> str:
@@ -436,21 +468,41 @@ def _pool(model, run, path, names, data, cfg, bar, progress) -> str:
     return ""
 
 
-def _candidates(model, path, name, iv, arm: Arm, test, cfg, scorer, reference, base_rows,
-                chosen_rows) -> list[dict]:
+def _test_setting(model, path, name, iv, arm: Arm, i: int, test, cfg, scorer, reference, base_rows,
+                  chosen_rows, base_metrics: dict) -> dict:
+    """Validation candidate ``i`` of ``arm`` on the test prompts (``test/NAME.setting-I``; the chosen
+    one is not rerun), paired to the unsteered arm: for reporting (``--test-all-settings``) and for
+    confirming a matched read-out, never for choosing."""
+    opts = arm.selection[i]["setting"]
+    if opts == arm.settings["setting"]:
+        m, rows, secs = dict(arm.metrics), chosen_rows, arm.generate_seconds
+    else:
+        m, rows, secs = _evaluate(model, path, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
+    m["paired_difference"] = group().on_main(lambda b=base_rows, r=rows: paired_to(b, r))
+    ref, own = (x.get("fluency", {}).get("by_prompt") or {} for x in (base_metrics, m))
+    if len(ref) > 1 and len(own) > 1:
+        m["ppl_ratio"] = paired_perplexity_ratio(ref, own).to_dict()
+    return {"setting": opts, "chosen": opts == arm.settings["setting"], "generate_seconds": secs,
+            **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference", "ppl_ratio")
+               if k in m}}
+
+
+def _candidates(test_setting, arm: Arm) -> list[dict]:
     """Every candidate setting of ``arm`` on the test prompts, after the choice was made on validation
-    (``--test-all-settings``): for reporting each setting, never for choosing. The chosen one is not rerun."""
-    out = []
-    for i, sel in enumerate(arm.selection):
-        opts = sel["setting"]
-        if opts == arm.settings["setting"]:
-            m, rows, secs = dict(arm.metrics), chosen_rows, arm.generate_seconds
-        else:
-            m, rows, secs = _evaluate(model, path, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
-        m["paired_difference"] = group().on_main(lambda b=base_rows, r=rows: paired_to(b, r))
-        out.append({"setting": opts, "chosen": opts == arm.settings["setting"], "generate_seconds": secs,
-                    **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference")
-                       if k in m}})
+    (``--test-all-settings``)."""
+    return [test_setting(i) for i in range(len(arm.selection))]
+
+
+def _matched_on_test(test_setting, arm: Arm, targets) -> dict[str, dict]:
+    """Per matched cost the method reaches on validation, its setting closest to that cost
+    (:func:`.bench_verdict.matched_settings`) on the test prompts; keyed by the cost (``"1.25"``)."""
+    from .bench_verdict import matched_settings
+
+    done: dict[int, dict] = {}
+    out = {}
+    for cost, i in matched_settings(arm.selection, targets).items():
+        done[i] = done.get(i) or test_setting(i)
+        out[f"{cost:g}"] = {**done[i], "index": i}
     return out
 
 
@@ -479,6 +531,8 @@ def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> di
             row["selection"] = a.selection
             if a.candidates:
                 row["candidates_test"] = a.candidates
+            if a.matched_test:
+                row["matched_test"] = a.matched_test
             row.update(a.metrics)
         table.append(row)
     out = {"model": model.name, "model_fingerprint": model.fingerprint, "preset": cfg.preset,

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..edits import scale
+from ..edits import ScaleRows, scale
 from ..errors import SiteError
 from ..hooks import capture, edit
 from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register, text_ids
@@ -260,9 +260,33 @@ class AurA(Intervention):
         """Context manager: each unit's activation times its factor, at every position. ``variant``
         (and ``top_n``) replace the fitted factors by that variant's, from the saved AUROCs."""
         self.check(model, strict)
-        factors = self.factors if variant is None and top_n is None else \
-            self.variant_factors(variant or self.meta.get("options", {}).get("variant", "aura"), top_n)
-        edits = {s: scale(f) for s, f in factors.items() if (f != 1).any()}
+        edits = {s: scale(f) for s, f in self.setting_factors(variant, top_n).items() if (f != 1).any()}
+        if not edits:
+            yield None
+            return
+        with edit(model, edits) as step:
+            yield step
+
+    def setting_factors(self, variant: str | None, top_n: int | None) -> dict[str, torch.Tensor]:
+        """The per-site factors one setting of :meth:`apply`'s options applies."""
+        if variant is None and top_n is None:
+            return self.factors
+        return self.variant_factors(variant or self.meta.get("options", {}).get("variant", "aura"), top_n)
+
+    def grid_groups(self, settings) -> list[list[int]]:
+        """Every setting in one group: each is a vector of unit factors (:meth:`apply_rows`)."""
+        return [list(range(len(settings)))]
+
+    @contextmanager
+    def apply_rows(self, model: Model, settings, row_setting, strict: bool = True):
+        """Several settings in one batch: each row's units times its own setting's factors (``[rows,
+        units]`` at every site that any setting edits; a factor of 1 leaves a unit exactly as it is)."""
+        self.check(model, strict)
+        per = [self.setting_factors(o["variant"], o["top_n"]) for o in settings]
+        sites = list(dict.fromkeys(s for f in per for s, x in f.items() if (x != 1).any()))
+        size = {s: x for f in per for s, x in f.items()}
+        edits = {s: ScaleRows(torch.stack([f.get(s, torch.ones_like(size[s])) for f in per])[row_setting])
+                 for s in sites}
         if not edits:
             yield None
             return

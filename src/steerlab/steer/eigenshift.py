@@ -11,9 +11,12 @@ does that under a fixed sign convention), ``s_i <- alpha
 s_i``, and ``U' = A diag(s') Vt``, computed as ``U + A_k diag(s'_k - s_k) Vt_k`` so that the other
 directions keep their exact weights. ``k = ceil(d (1 - percentile))`` or given; ``d`` is the model's.
 
-Applying is a weight edit: ``lm_head`` gets a new parameter holding ``U'`` (so a tied input
-embedding, which keeps the original parameter, never changes) and gets its original parameter
-back on exit, also on errors: restored bit for bit. The file holds the dampened indices, their
+Applying corrects the logits by the rank-k change instead of swapping the weight: a hook on the
+unembedding adds ``((h Vt_k^T) diag(s'_k - s_k)) A_k^T`` to its output ``h U^T`` (equal to ``h U'^T``
+up to floating-point rounding; no weight is touched, so a tied input embedding never changes, and a
+[vocab, d] matrix per setting is never built). Several settings share one batch through
+:meth:`EigenShift.apply_rows`: each row gets its own setting's correction, computed exactly as
+:meth:`EigenShift.apply` computes it for a batch of that setting alone. The file holds the dampened indices, their
 original and new singular values and ``delta`` (not the matrix) plus fingerprints of the model and
 of ``U``; loading recomputes the SVD of the model's ``U`` and checks both.
 """
@@ -28,7 +31,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..interventions import Intervention, InterventionError, provenance, register, text_ids
 from ..models.model import Model
@@ -146,26 +148,27 @@ def matrix_fingerprint(W: torch.Tensor) -> str:
     return hashlib.sha256(W.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
+Correction = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]
+"""One setting's logit correction: ``(rows or None for all, Vt_k [k, d], c [k], A_k [vocab, k])``."""
+
+
 @contextmanager
-def swapped_unembedding(model: Model, weight: torch.Tensor):
-    """While the block runs, the unembedding uses ``weight`` as its own parameter (untied from the
-    input embedding, which is not touched); the original parameter and tie flags come back on exit,
-    also on errors."""
-    head = model.unembed_module
-    original = head.weight
-    cfgs = [model.hf.config]
-    if hasattr(model.hf.config, "get_text_config") and model.hf.config.get_text_config() is not model.hf.config:
-        cfgs.append(model.hf.config.get_text_config())
-    flags = [getattr(c, "tie_word_embeddings", None) for c in cfgs]
+def shifted_logits(model: Model, parts: Sequence[Correction]):
+    """While the block runs, the unembedding's output gets ``((h Vt_k^T) * c) A_k^T`` added for each
+    part, on the batch rows the part names (``None``: every row); the hook is removed on exit."""
+    def hook(mod, args, kwargs, out):
+        h = args[0] if args else next(iter(kwargs.values()))
+        for rows, V, c, A in parts:
+            x = h.contiguous() if rows is None else h.index_select(0, rows.to(h.device))
+            corr = ((x.to(V.dtype) @ V.T) * c) @ A.T
+            out = out + corr.to(out.dtype) if rows is None else out.index_add(0, rows.to(out.device), corr.to(out.dtype))
+        return out
+
+    handle = model.unembed_module.register_forward_hook(hook, with_kwargs=True)
     try:
-        head.weight = nn.Parameter(weight.to(device=original.device, dtype=original.dtype), requires_grad=False)
-        for c in cfgs:
-            c.tie_word_embeddings = False
-        yield head.weight
+        yield
     finally:
-        head.weight = original
-        for c, f in zip(cfgs, flags):
-            c.tie_word_embeddings = f
+        handle.remove()
 
 
 @dataclass
@@ -336,34 +339,62 @@ class EigenShift(Intervention):
         all; or the directions ``indices``) scaled by ``alpha`` (SVD recomputed once per model and cached)."""
         a = self.alpha if alpha is None else number(alpha, "EigenShift alpha")
         idx = self.indices[:len(self.indices) if n is None else int(n)] if indices is None else indices
-        key = (model.fingerprint, a, tuple(idx.tolist()))
-        if key not in self._cache:
-            fp, dec = self._cache.get("svd", (None, None))
-            if fp != model.fingerprint:
-                dec = svd(model.W_U)
-                found = dec.s[self.indices.to(dec.s.device)].float().cpu()
-                if not torch.allclose(found, self.sigma, rtol=1e-3, atol=1e-5):
-                    raise EigenShiftError(f"the singular values of {model.name}'s unembedding at the saved "
-                                          f"directions are {found[:4].tolist()}..., not {self.sigma[:4].tolist()}...: "
-                                          f"this edit was fitted on another matrix")
-            # one edited matrix at a time (each is vocab x d), the SVD kept for the next setting
-            w = edited_weight(model.W_U, dec, idx, a * dec.s[idx.to(dec.s.device)])
-            if not bool(torch.isfinite(w).all()):
-                raise NonFiniteError(f"EigenShift with alpha={a} makes the edited unembedding non-finite (NaN or "
-                                     f"inf); use an alpha in [0, 1)")
-            self._cache = {"svd": (model.fingerprint, dec), key: w}
-        return self._cache[key]
+        dec = self.decomposition(model)
+        w = edited_weight(model.W_U, dec, idx, a * dec.s[idx.to(dec.s.device)])
+        if not bool(torch.isfinite(w).all()):
+            raise NonFiniteError(f"EigenShift with alpha={a} makes the edited unembedding non-finite (NaN or "
+                                 f"inf); use an alpha in [0, 1)")
+        return w
+
+    def decomposition(self, model: Model) -> SVD:
+        """The SVD of ``model``'s unembedding (computed once per model and cached), checked against the
+        saved singular values."""
+        fp, dec = self._cache.get("svd", (None, None))
+        if fp != model.fingerprint:
+            dec = svd(model.W_U)
+            found = dec.s[self.indices.to(dec.s.device)].float().cpu()
+            if not torch.allclose(found, self.sigma, rtol=1e-3, atol=1e-5):
+                raise EigenShiftError(f"the singular values of {model.name}'s unembedding at the saved "
+                                      f"directions are {found[:4].tolist()}..., not {self.sigma[:4].tolist()}...: "
+                                      f"this edit was fitted on another matrix")
+            self._cache = {"svd": (model.fingerprint, dec)}
+        return dec
+
+    def correction(self, model: Model, alpha: float | None, percentile: float | None, k: int | None,
+                   rank: str | None, rows: torch.Tensor | None = None) -> Correction:
+        """One setting's logit correction (:func:`shifted_logits`) on ``rows`` (None: every row):
+        the directions :meth:`order` chooses, each ``s_i`` changed to ``alpha s_i``."""
+        a = self.alpha if alpha is None else number(alpha, "EigenShift alpha")
+        dec = self.decomposition(model)
+        idx = self.order(model, rank, percentile, k).to(dec.s.device)
+        return rows, dec.Vt[idx], a * dec.s[idx] - dec.s[idx], dec.A[:, idx].contiguous()
 
     @contextmanager
     def apply(self, model: Model, *, alpha, percentile, k, rank, strict: bool = True):
-        """Context manager: the unembedding is ``U'`` (singular values at the saved directions times
-        ``alpha``, default the fitted one) while the body runs; restored bit for bit on exit.
-        ``percentile`` or ``k`` uses only the first ``ceil(d (1 - percentile))`` or ``k`` saved
-        directions (the largest |delta| first), so one fit serves several settings; ``rank`` re-ranks
-        all directions from the saved ``delta`` and ``t`` (:meth:`order`)."""
+        """Context manager: the logits are those of ``U'`` (singular values at the saved directions
+        times ``alpha``, default the fitted one) while the body runs, through the rank-k correction of
+        the unembedding's output (:func:`shifted_logits`; no weight changes). ``percentile`` or ``k``
+        uses only the first ``ceil(d (1 - percentile))`` or ``k`` saved directions (the largest |delta|
+        first), so one fit serves several settings; ``rank`` re-ranks all directions from the saved
+        ``delta`` and ``t`` (:meth:`order`). Yields the correction."""
         self.check(model, strict)
-        with swapped_unembedding(model, self.weight(model, alpha, indices=self.order(model, rank, percentile, k))) as w:
-            yield w
+        part = self.correction(model, alpha, percentile, k, rank)
+        with shifted_logits(model, [part]):
+            yield part
+
+    def grid_groups(self, settings) -> list[list[int]]:
+        """Every setting in one group: each is a per-row correction of the logits (:meth:`apply_rows`)."""
+        return [list(range(len(settings)))]
+
+    @contextmanager
+    def apply_rows(self, model: Model, settings, row_setting, strict: bool = True):
+        """Several settings in one batch: each row's logits get its own setting's correction, computed
+        on that setting's rows as :meth:`apply` computes it on a batch of them."""
+        self.check(model, strict)
+        parts = [self.correction(model, o["alpha"], o["percentile"], o["k"], o["rank"],
+                                 torch.nonzero(row_setting == j).flatten()) for j, o in enumerate(settings)]
+        with shifted_logits(model, [p for p in parts if len(p[0])]):
+            yield parts
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"indices": self.indices, "sigma": self.sigma, "sigma_new": self.alpha * self.sigma,

@@ -23,7 +23,7 @@ import torch
 from ..edits import add
 from ..explain.probes import Labelled, ProbeData, probe_data, probe_heads
 from ..hooks import edit
-from ..interventions import Intervention, InterventionError, provenance, register
+from ..interventions import Intervention, InterventionError, groups_by, provenance, register
 from ..models.model import Model
 from ..options import option
 
@@ -220,6 +220,19 @@ class ITI(Intervention):
             raise ITIError("a baked shift takes one scalar alpha, not one per row")
         with bake_shifts(model, {s: float(alpha) * d for s, d in self.deltas.items()}):
             yield None
+
+    def grid_groups(self, settings) -> list[list[int]]:
+        """Runtime settings with the same schedule share a batch (one alpha per row); baked ones stay alone."""
+        return groups_by([self.apply_options(dict(s)) for s in settings],
+                         lambda o: None if o["bake"] else o["where"] or "last")
+
+    def apply_rows(self, model: Model, settings, row_setting, strict: bool = True):
+        """Settings that differ in ``alpha`` only: the runtime edit with one alpha per row."""
+        if any(o["bake"] for o in settings) or len({o["where"] or "last" for o in settings}) > 1:
+            raise ITIError("ITI settings share a batch only as runtime edits with one schedule (where); baked "
+                           "settings and different schedules are generated apart")
+        alpha = torch.tensor([settings[j]["alpha"] for j in row_setting.tolist()], dtype=torch.float64)
+        return self.apply(model, alpha=alpha, where=settings[0]["where"], bake=False, strict=strict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"delta.{s}": d for s, d in self.deltas.items()}

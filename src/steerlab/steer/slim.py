@@ -41,7 +41,7 @@ import torch
 from ..errors import SteerlabError
 from ..explain.probes import Labelled, ProbeData, probe_data, risk_probes
 from ..hooks import EditFn, edit
-from ..interventions import Intervention, InterventionError, provenance, register
+from ..interventions import Intervention, InterventionError, groups_by, provenance, register
 from ..models.model import Model
 from ..options import option
 from ..registry import choose
@@ -219,10 +219,15 @@ def edit_shift(a: torch.Tensor, w, b0, tau: int, A, b, active, kappa: float = 1.
 
 
 def risk_se(fires: torch.Tensor, y: torch.Tensor, b: float = 1.0) -> torch.Tensor:
-    """Binomial standard error of ``FPR + b FNR`` for layer decisions ``fires [L, N]``: ``[L]``."""
+    """Binomial standard error of ``FPR + b FNR`` for layer decisions ``fires [L, N]``: ``[L]``. Each
+    rate enters with the Agresti-Coull adjustment, ``(errors + 2) / (n + 4)`` over ``n + 4``, so a
+    layer without a validation error still has an uncertainty (the plain formula gives 0 there,
+    and the one-standard-error rule would then keep only error-free layers)."""
     y = y.bool()
-    fpr, fnr = fires[:, ~y].float().mean(1), (~fires[:, y]).float().mean(1)
-    return (fpr * (1 - fpr) / int((~y).sum()) + b * b * fnr * (1 - fnr) / int(y.sum())).sqrt()
+    n_neg, n_pos = int((~y).sum()), int(y.sum())
+    fpr = (fires[:, ~y].float().sum(1) + 2) / (n_neg + 4)
+    fnr = ((~fires[:, y]).float().sum(1) + 2) / (n_pos + 4)
+    return (fpr * (1 - fpr) / (n_neg + 4) + b * b * fnr * (1 - fnr) / (n_pos + 4)).sqrt()
 
 
 def choose_layer_by_effect(pd: ProbeData, rp, b: float, maps) -> tuple[int, dict]:
@@ -438,6 +443,17 @@ class SLIM(Intervention):
         fn = SLIMEdit(self, kappa, where)
         with edit(model, {heads_site(self.layer): fn}) as step:
             yield step
+
+    def grid_groups(self, settings) -> list[list[int]]:
+        """Settings with the same schedule (where) share a batch, one kappa per row."""
+        return groups_by([self.apply_options(dict(s)) for s in settings], lambda o: o["where"])
+
+    def apply_rows(self, model: Model, settings, row_setting, strict: bool = True):
+        """Settings that differ in ``kappa`` only: the edit with one kappa per row."""
+        if len({o["where"] for o in settings}) > 1:
+            raise SLIMError("SLIM settings with different schedules (where) are generated apart")
+        kappa = torch.tensor([settings[j]["kappa"] for j in row_setting.tolist()], dtype=torch.float64)
+        return self.apply(model, kappa=kappa, where=settings[0]["where"], strict=strict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: (v.to(torch.uint8) if k == "active" else v) for k, v in self.params.items()}

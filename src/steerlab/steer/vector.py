@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..edits import Ablate, Clamp, Gated, add
+from ..edits import Ablate, Clamp, Gated, OnRows, add
 from ..errors import EmptyInputError
 from ..hooks import capture, edit
 from ..interventions import Intervention, InterventionError, contrast_texts, provenance, register, text_ids
@@ -215,10 +215,30 @@ class SteeringVector(Intervention):
         edit to some of the vector's sites. ``strength`` (add, gated) replaces ``alpha`` by the
         added vector's norm in units of the site's typical token-state norm (:data:`SteeringApplyOptions`)."""
         self.check(model, strict)
+        with edit(model, self.edits(alpha, strength, where, mode, sites)) as step:
+            yield step
+
+    def edits(self, alpha, strength, where: str, mode: str, sites) -> dict:
+        """The edit of each site for one setting of :meth:`apply`'s options."""
         directions = self.only(list(sites)).directions if sites is not None else self.directions
         alphas = {s: alpha for s in directions} if strength is None else self.relative(strength, mode, directions)
-        fns = {s: APPLY_MODES[mode](v, alphas[s], where, (self.meta.get("projection") or {}).get(s))
-               for s, v in directions.items()}
+        return {s: APPLY_MODES[mode](v, alphas[s], where, (self.meta.get("projection") or {}).get(s))
+                for s, v in directions.items()}
+
+    def grid_groups(self, settings) -> list[list[int]]:
+        """Every setting in one group: each row gets its own setting's edits (:meth:`apply_rows`)."""
+        return [list(range(len(settings)))]
+
+    @contextmanager
+    def apply_rows(self, model: Model, settings, row_setting, strict: bool = True):
+        """Several settings in one batch: each setting's edits (any sites, modes, schedules and
+        strengths) act on its own rows only; the other rows pass through them unchanged, bit for bit."""
+        self.check(model, strict)
+        fns: dict[str, list] = {}
+        for j, o in enumerate(settings):
+            own = self.edits(o["alpha"], o["strength"], o["where"], o["mode"], o["sites"])  # checked even if unused
+            for s, fn in own.items() if bool((row_setting == j).any()) else ():
+                fns.setdefault(s, []).append(OnRows(fn, row_setting == j))
         with edit(model, fns) as step:
             yield step
 
