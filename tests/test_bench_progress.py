@@ -45,7 +45,7 @@ def test_bench_log_has_one_line_per_phase_and_no_carriage_return(tmp_path, monke
         assert once(f"{arm}: fitted in ").endswith(f"validation, {n} candidate settings x 3 prompts x 1")
     # a bar (a start and an end line) for each generation: the pool, every validation setting, every test arm
     lines = log.splitlines()
-    assert "[pool: generate b/pool] 192 rows" in lines and "[pool: generate b/pool] done: 192/192 rows" in log
+    assert "[generate b/pool] 192 rows" in lines and "[generate b/pool] done: 192/192 rows" in log
     for arm in ("aura", "iti"):  # one batched generation of the method's validation grid
         n = len(next(a for a in metrics["arms"] if a["method"] == arm)["selection"])
         assert f"[validation: {arm}, {n} settings] {3 * n} rows" in lines
