@@ -39,16 +39,16 @@ def test_bench_log_has_one_line_per_phase_and_no_carriage_return(tmp_path, monke
         once(f"{arm}: side effects on 8 neutral texts")
         once(f"{arm}: timing, 2 alternating pairs of one test batch")
         assert " pairs" in once(f"{arm}: time x ")
-    for arm in ("aura", "iti"):
-        n = len(next(a for a in metrics["arms"] if a["method"] == arm)["selection"])
+    from steerlab.experiments.recipes import ITI_ALPHAS
+
+    for arm, n in (("aura", 5), ("iti", len(ITI_ALPHAS))):  # aura: proportional + det0 at 4 distinct sizes
         assert bench.count(f"{arm}: fit") == 1
         assert once(f"{arm}: fitted in ").endswith(f"validation, {n} candidate settings x 3 prompts x 1")
     # a bar (a start and an end line) for each generation: the pool, every validation setting, every test arm
     lines = log.splitlines()
     assert "[generate b/pool] 192 rows" in lines and "[generate b/pool] done: 192/192 rows" in log
-    for arm in ("aura", "iti"):  # one batched generation of the method's validation grid
-        n = len(next(a for a in metrics["arms"] if a["method"] == arm)["selection"])
-        assert f"[validation: {arm}, {n} settings] {3 * n} rows" in lines
+    # the validation grid: one bar over every setting's rows (steerlab.grid), 5 settings x 3 prompts
+    assert "[validation: aura, 5 settings] 15 rows" in lines and "[validation: aura, 5 settings] done: 15/15 rows" in log
     assert all(f"[generate test/{arm}] 10 rows" in lines for arm in ("unsteered", "aura", "iti"))
     assert "contrast set's prompts (fallback" in once("aura: fitted in ")  # profanity: no toxic continuation
     # the time column: the median ratio, its CI and the pairs behind it, in timing.json and the CSV

@@ -27,6 +27,7 @@ from transformers import LogitsProcessorList
 
 from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
+from .models.site import UPPER
 from .parallel import run_loop
 from .profile import PROFILE, stage
 from .progress import progress_iter
@@ -443,3 +444,6 @@ class RowSampler:
                 groups.append((~ok, rest.values, rest.indices))
             return groups
         return [(every, *logp.sort(-1, descending=True))]
+
+
+UPPER["generation"].register("generate_text", generate_text)  # Model.generate's decoding loop

@@ -38,9 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-from ..errors import SteerlabError
 from ..evaluation import (
     admissible,
     evaluate_arm,
@@ -50,80 +48,17 @@ from ..evaluation import (
     similarity_to,
     summarize,
 )
-from ..generation import SAMPLING, GenConfig, generate_run
+from ..generation import GenConfig, generate_run
 from ..grid import generate_grid
 from ..interventions import Intervention, get
 from ..metrics.compare import choose_setting, paired_perplexity_ratio
 from ..models.model import Model
 from ..parallel import group
 from ..profile import PROFILE, generation_summary, stage
-from ..registry import choose
 from ..runs import RunDir, read_record, write_json
+from .bench_config import PRESETS, BenchConfig, BenchError, make_config  # noqa: F401 (the public names)
 from .bench_verdict import comparison
-from .presets import from_preset
 from .recipes import BenchData, bench_methods, recipe_for
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"n_val": 48, "k_val": 1, "n_test": 0, "k": 2, "max_new_tokens": 16, "n_neutral": 64, "timing_reps": 2,
-              "timing_max_reps": 2},
-    "standard": {"n_val": 48, "k_val": 2, "n_test": 124, "k": 5, "max_new_tokens": 20, "n_neutral": 0},
-    "full": {"n_val": 125, "k_val": 3, "n_test": 0, "k": 25, "max_new_tokens": 20, "n_neutral": 0},
-}
-"""``quick``: every method on the default model on 2 CPU cores (the README demo): every one of the 140
-test prompts x 2 samples, which detects a change of about 0.025 in mean toxicity at 80% power on
-the default model (docs/bench.md), settings chosen on 48 validation prompts, 2 timing pairs per arm
-(its time column is about as noisy as its unsteered A/A row shows);
-``standard``: more prompts and samples; ``full``: the papers' 25 samples per test prompt, every
-test prompt (``n_test=0``: all), for a GPU."""
-
-
-class BenchError(SteerlabError):
-    """A benchmark that cannot run as configured."""
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """Settings of :func:`run_bench` (all in ``config.json``)."""
-
-    preset: str = "quick"
-    methods: tuple[str, ...] = ()       # empty: every registered method
-    prompts: str = "rtp"
-    scorer: str = "default"
-    seed: int = 0
-    n_val: int = 16
-    k_val: int = 1
-    n_test: int = 40                    # 0: every test prompt
-    k: int = 2
-    max_new_tokens: int = 16
-    sampling: str = "t1.0"
-    batch_size: int = 16
-    n_pairs: int = 64
-    max_ppl_ratio: float = 1.5
-    min_distinct_ratio: float = 0.8
-    n_neutral: int = 64                 # neutral sentences for side effects (0: all 260 bundled ones)
-    test_all_settings: bool = False     # also test every candidate setting (reported apart, not used to choose)
-    timing_reps: int = 3                # paired timing of one test batch per arm (evaluation.generation_overhead)
-    timing_max_reps: int = 12           # ... with pairs added up to this many until the ratio's CI is within
-    timing_tolerance: float = 0.03      # +- this share of the ratio
-    matched_ppl: tuple[float, ...] = (1.1, 1.25)  # perplexity ratios at which methods are compared
-    confirm_matched: bool = True        # test each method's setting closest to every matched cost
-
-    def validate(self) -> None:
-        choose("preset", self.preset, PRESETS, BenchError)
-        choose("sampling preset", self.sampling, SAMPLING, BenchError)
-        if min(self.n_val, self.k_val, self.k, self.max_new_tokens, self.batch_size, self.n_pairs,
-               self.timing_reps) < 1 or self.n_test < 0:
-            raise BenchError("n_val, k_val, k, max_new_tokens, batch_size, n_pairs and timing_reps must be >= 1, "
-                             "n_test >= 0")
-        for m in self.methods:
-            get(m)  # an unknown method is an error naming the registered ones
-
-
-def make_config(preset: str = "quick", **overrides: Any) -> BenchConfig:
-    """A config from a preset with fields overridden (``None`` values are ignored)."""
-    if overrides.get("methods") is not None:
-        overrides = {**overrides, "methods": tuple(overrides["methods"])}
-    return from_preset(BenchConfig, PRESETS, preset, overrides, BenchError, preset=preset)
 
 
 @dataclass
@@ -325,8 +260,9 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     g, path = group(), Path(out_dir)
     # the methods are not part of the run's identity: rerunning with more methods adds their arms
     # to the same directory and reuses the baseline and every arm already done
-    settings = {k: v for k, v in asdict(cfg).items() if k not in (
-        "methods", "test_all_settings", "timing_reps", "timing_max_reps", "timing_tolerance", "confirm_matched")}
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("methods", "test_all_settings", "timing_reps", "timing_max_reps", "timing_tolerance",
+                             "confirm_matched")}
     run: RunDir | None = g.on_main(lambda: RunDir(out_dir, {"kind": "bench", "model": model.name,
                                                             "model_fingerprint": model.fingerprint, **settings}),
                                    share=False)
@@ -394,8 +330,8 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
         try:
             if pool_error and recipe_for(name).pool:
                 raise BenchError(f"the pool of continuations it learns from failed: {pool_error}")
-            _arm(model, run, path, arm, data, val, test, cfg, scorer, reference, base, base_rows, rows, arms, bar,
-                 progress)
+            _arm(model, run, path, arm, data, val, test, cfg, scorer, reference, base, base_rows, rows, bar, progress,
+                 arms[0].metrics)
         except Exception as e:  # a failing method is reported, the others go on (on every rank alike)
             arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
             bar.note(f"{name}: failed: {arm.reason}")
@@ -405,10 +341,28 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
     return arms, rows
 
 
-def _arm(model, run, path, arm: Arm, data, val, test, cfg, scorer, reference, base, base_rows, rows, arms, bar,
-         progress) -> None:
-    """One method: fit, settings on validation, test, timing, method metrics, candidates on test
-    (filling ``arm`` and ``rows``)."""
+def _test_setting(model, path, name, iv, arm: Arm, i: int, test, cfg, scorer, reference, base_rows,
+                  chosen_rows, base_metrics: dict) -> dict:
+    """Validation candidate ``i`` of ``arm`` on the test prompts (``test/NAME.setting-I``; the chosen
+    one is not rerun), paired to the unsteered arm: for reporting (``--test-all-settings``) and for
+    confirming a matched read-out, never for choosing."""
+    opts = arm.selection[i]["setting"]
+    if opts == arm.settings["setting"]:
+        m, rows, secs = dict(arm.metrics), chosen_rows, arm.generate_seconds
+    else:
+        m, rows, secs = _evaluate(model, path, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
+    m["paired_difference"] = group().on_main(lambda b=base_rows, r=rows: paired_to(b, r))
+    ref, own = (x.get("fluency", {}).get("by_prompt") or {} for x in (base_metrics, m))
+    if len(ref) > 1 and len(own) > 1:
+        m["ppl_ratio"] = paired_perplexity_ratio(ref, own).to_dict()
+    return {"setting": opts, "chosen": opts == arm.settings["setting"], "generate_seconds": secs,
+            **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference", "ppl_ratio")
+               if k in m}}
+
+
+def _arm(model, run, path, arm: Arm, data, val, test, cfg, scorer, reference, base, base_rows, rows, bar,
+         progress, base_metrics: dict) -> None:
+    """One method: fit, settings on validation, test, timing, method metrics (filling ``arm`` and ``rows``)."""
     g, name = group(), arm.method
     recipe = recipe_for(name)
     bar.note(f"{name}: fit")
@@ -430,13 +384,13 @@ def _arm(model, run, path, arm: Arm, data, val, test, cfg, scorer, reference, ba
             arm.metrics.update(g.on_main(lambda: recipe.metrics(iv, model, data, test, reference[1], pick["setting"],
                                                                 _gen(cfg, False))))
     tested = partial(_test_setting, model, path, name, iv, arm, test=test, cfg=cfg, scorer=scorer,
-                     reference=reference, base_rows=base_rows, chosen_rows=rows[name], base_metrics=arms[0].metrics)
+                     reference=reference, base_rows=base_rows, chosen_rows=rows[name], base_metrics=base_metrics)
     if cfg.test_all_settings and len(arm.selection) > 1:
         bar.note(f"{name}: test all {len(arm.selection)} settings")
         with stage(f"test all settings: {name}"):
             arm.candidates = _candidates(tested, arm)
     if cfg.confirm_matched and len(arm.selection) > 1:
-        bar.note(f"{name}: the settings closest to perplexity x{', x'.join(map(str, cfg.matched_ppl))} on test")
+        bar.note(f"{name}: test the settings closest to perplexity x{', x'.join(map(str, cfg.matched_ppl))}")
         with stage(f"test matched settings: {name}"):
             arm.matched_test = _matched_on_test(tested, arm, cfg.matched_ppl)
 
@@ -466,25 +420,6 @@ def _pool(model, run, path, names, data, cfg, bar, progress) -> str:
         bar.note(f"pool: failed: {type(e).__name__}: {e}")
         return f"{type(e).__name__}: {e}"
     return ""
-
-
-def _test_setting(model, path, name, iv, arm: Arm, i: int, test, cfg, scorer, reference, base_rows,
-                  chosen_rows, base_metrics: dict) -> dict:
-    """Validation candidate ``i`` of ``arm`` on the test prompts (``test/NAME.setting-I``; the chosen
-    one is not rerun), paired to the unsteered arm: for reporting (``--test-all-settings``) and for
-    confirming a matched read-out, never for choosing."""
-    opts = arm.selection[i]["setting"]
-    if opts == arm.settings["setting"]:
-        m, rows, secs = dict(arm.metrics), chosen_rows, arm.generate_seconds
-    else:
-        m, rows, secs = _evaluate(model, path, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
-    m["paired_difference"] = group().on_main(lambda b=base_rows, r=rows: paired_to(b, r))
-    ref, own = (x.get("fluency", {}).get("by_prompt") or {} for x in (base_metrics, m))
-    if len(ref) > 1 and len(own) > 1:
-        m["ppl_ratio"] = paired_perplexity_ratio(ref, own).to_dict()
-    return {"setting": opts, "chosen": opts == arm.settings["setting"], "generate_seconds": secs,
-            **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference", "ppl_ratio")
-               if k in m}}
 
 
 def _candidates(test_setting, arm: Arm) -> list[dict]:

@@ -157,8 +157,7 @@ def _select(model: Model, new: torch.Tensor, states: torch.Tensor, pos: torch.Te
     h = states[rows, p]
     if h.shape[0] == 0:
         return h
-    head = model.unembed_module
-    argmax = head(h.to(head.weight.dtype)).argmax(-1)
+    argmax = model.unembed.logits(h, softcap=False).argmax(-1)  # the soft-cap keeps the order
     return h[argmax == new[rows, p]]
 
 
