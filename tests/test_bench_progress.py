@@ -46,7 +46,7 @@ def test_bench_log_has_one_line_per_phase_and_no_carriage_return(tmp_path, monke
         assert once(f"{arm}: fitted in ").endswith(f"validation, {n} candidate settings x 3 prompts x 1")
     # a bar (a start and an end line) for each generation: the pool, every validation setting, every test arm
     lines = log.splitlines()
-    assert "[pool: generate b/pool] 192 rows" in lines and "[pool: generate b/pool] done: 192/192 rows" in log
+    assert "[generate b/pool] 192 rows" in lines and "[generate b/pool] done: 192/192 rows" in log
     # the validation grid: one bar over every setting's rows (steerlab.grid), 5 settings x 3 prompts
     assert "[validation: aura, 5 settings] 15 rows" in lines and "[validation: aura, 5 settings] done: 15/15 rows" in log
     assert all(f"[generate test/{arm}] 10 rows" in lines for arm in ("unsteered", "aura", "iti"))

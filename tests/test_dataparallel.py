@@ -67,8 +67,8 @@ def untimed(obj):
     """metrics without the timings (wall and generation seconds, the profile's stage shares differ between
     any two runs)."""
     if isinstance(obj, dict):
-        return {k: untimed(v) for k, v in obj.items() if "seconds" not in k and k not in ("generation_time_ratio",
-                                                                                     "generation_timing", "profile")}
+        return {k: untimed(v) for k, v in obj.items() if "seconds" not in k and k not in (
+            "generation_time_ratio", "generation_timing", "profile", "generation")}  # generation: rank 0's own counts
     if isinstance(obj, list):
         return [untimed(v) for v in obj]
     return obj

@@ -193,6 +193,7 @@ def test_a_killed_benchmark_reuses_its_pool(tmp_path, monkeypatch):
     es = {a["method"]: a for a in resumed["arms"]}["eigenshift"]
     assert es["status"] == "failed" and "0 toxic" in es["reason"]
     assert "pool: generate" in {r["stage"] for r in fresh["profile"]}
+    assert json.loads((out / "pool" / "record.json").read_text())["n_rows"] == 8 * 24
 
 
 @pytest.mark.integration

@@ -122,7 +122,7 @@ def build_pool(model: Model, path: str | Path, prompts: list[str], cfg: GenConfi
 
     rows = run_loop(path, config, batches, work, keys=lambda i: [(ids[i], s) for s in range(cfg.k)],
                     row_key=lambda r: (r["prompt_id"], r["sample"]),
-                    seed=lambda b: derive_seed(cfg.seed, *[ids[i] for i in b]), desc="pool: generate",
+                    seed=lambda b: derive_seed(cfg.seed, *[ids[i] for i in b]), desc="generate",
                     progress=progress, record={"model_source": model.source, "seed": cfg.seed,
                                                "n_rows_expected": len(ids) * cfg.k})
     pos = {pid: i for i, pid in enumerate(ids)}
