@@ -207,7 +207,7 @@ def test_bench_test_all_settings_reports_every_candidate_on_test(tmp_path, llama
     from steerlab.data import neutral_texts
     from steerlab.metrics.lm import kl_from_reference, next_token_logprobs
 
-    texts = neutral_texts()[:cfg.n_neutral]
+    texts = neutral_texts()[:min(cfg.n_neutral, cfg.n_neutral_val)]
     ref = next_token_logprobs(llama, texts, top_k=256)
     for sel in arm["selection"][:2]:
         with iv.apply(llama, **sel["setting"]):

@@ -137,7 +137,8 @@ def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchDa
                          desc=f"validation: {name}, {len(settings)} settings")
     for opts, rows in zip(settings, runs):
         table.append(g.on_main(lambda opts=opts, rows=rows: {**_setting_row(model, opts, rows, cfg, base),
-                                                              "neutral_kl": candidate_kl(model, iv, opts, reference)}))
+                                                              "neutral_kl": candidate_kl(model, iv, opts, reference,
+                                                                                        cfg.n_neutral_val)}))
     return choose_candidate(table, cfg.max_ppl_ratio), table
 
 
@@ -157,15 +158,24 @@ def choose_candidate(table: list[dict], limit: float) -> dict:
     return {**rows[0], "note": "no setting met the fluency/diversity rule: the most fluent one is tested"}
 
 
-def candidate_kl(model: Model, iv: Intervention, opts: dict, reference) -> float:
-    """The neutral-text KL(unedited || edited) of one setting (``reference``: the unedited model's
-    next-token distributions on the neutral texts, and those texts), with the method's options for
-    fixed text (:meth:`~steerlab.interventions.Intervention.fixed_text_options`): the x axis of the
-    report's second dose-response figure."""
+_VAL_REFERENCE: dict = {}
+
+
+def candidate_kl(model: Model, iv: Intervention, opts: dict, reference, n: int) -> float:
+    """The neutral-text KL(unedited || edited) of one setting on the first ``n`` of the neutral texts
+    of ``reference`` (the unedited model's next-token distributions on them, and the texts; the
+    reference over those ``n`` is computed once), with the method's options for fixed text
+    (:meth:`~steerlab.interventions.Intervention.fixed_text_options`): the x axis of the report's
+    second dose-response figure. Each candidate costs one forward pass over the ``n`` texts."""
     from ..metrics.lm import kl_from_reference
 
+    texts = list(reference[1][:n])
+    key = (model.fingerprint, tuple(texts))
+    if key not in _VAL_REFERENCE:
+        _VAL_REFERENCE.clear()
+        _VAL_REFERENCE[key] = neutral_reference(model, texts)
     with stage("validation: neutral KL"), iv.apply(model, **iv.fixed_text_options(opts)):
-        return float(kl_from_reference(model, reference[0], reference[1]).mean)
+        return float(kl_from_reference(model, _VAL_REFERENCE[key], texts).mean)
 
 
 def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, base: dict) -> dict:

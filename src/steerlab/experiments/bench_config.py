@@ -54,6 +54,8 @@ class BenchConfig:
     min_distinct_ratio: float = option(0.8, "A chosen setting's distinct-2 must be at least this times the "
                                        "unsteered one.", low=0, cli=False)
     n_neutral: int = option(64, "Neutral sentences for side effects (0: all 260 bundled ones).", low=0, cli=False)
+    n_neutral_val: int = option(16, "Neutral sentences for each validation candidate's KL (the KL dose-response "
+                                "figure; one forward pass over them per candidate).", low=1, cli=False)
     test_all_settings: bool = option(False, "After the choice on validation, also test every candidate setting "
                                      "(tables/candidates.csv; reported, not used to choose).")
     timing_reps: int = option(3, "Paired timing per arm: one test batch generated with and without the method at "
