@@ -207,8 +207,11 @@ def test_variant_apply_from_saved_aurocs_equals_a_fit_of_that_variant():
     from steerlab.experiments.recipes import recipe_for
 
     n = sum(a.numel() for a in iv.aurocs.values())  # 3 layers x (gate 48 + up 48 + down 32) = 384 experts
+    # 0.1% and 0.3% (both 1 unit), 1%, 3% and 10% of them; det0 only in quick, damp too otherwise
     assert n == 384 and recipe_for("aura").settings(iv, m, None, "quick") == [{"variant": "aura"}] + [
-        {"variant": v, "top_n": t} for v in ("damp", "det0") for t in (1, 4, 12)]  # 0.3%, 1%, 3% of them
+        {"variant": "det0", "top_n": t} for t in (1, 4, 12, 38)]
+    assert recipe_for("aura").settings(iv, m, None, "standard") == [{"variant": "aura"}] + [
+        {"variant": v, "top_n": t} for v in ("damp", "det0") for t in (1, 4, 12, 38)]
     auc = np.concatenate([iv.aurocs[s].numpy() for s in iv.aurocs])
     top = np.argsort(-auc, kind="stable")[:5]  # by hand: the 5 units with the highest AUROC over all layers
     hand = np.ones_like(auc)

@@ -54,6 +54,9 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
         assert stages.get(name, 0) > 0, name
     assert 0 < sum(r["share"] for r in metrics["profile"]) <= 1 + 5e-3  # exclusive times within the call's wall time
     assert json.loads((out / "record.json").read_text())["profile"] == metrics["profile"]
+    # every test row generated its tokens in this call (and validation, timing and probes more)
+    assert metrics["generation"]["generated_tokens"] >= 2 * 5 * 2 * 3
+    assert json.loads((out / "record.json").read_text())["generation"] == metrics["generation"]
     # every column of the table, for every arm that ran
     rows = {r["method"]: r for r in table_rows(metrics)}
     for col in ("expected max toxicity [95% CI]", "toxicity probability [95% CI]", "mean toxicity [95% CI]",
@@ -122,7 +125,10 @@ def test_bench_every_weight_and_head_method_runs_or_fails_cleanly(tmp_path, llam
         assert arms[name]["status"] == "ok", arms[name]
         assert arms[name]["paired_difference"]["mean_toxicity"]["lo"] <= arms[name]["paired_difference"][
             "mean_toxicity"]["hi"]
-    assert len(arms["iti"]["selection"]) == 5 and len(arms["slim"]["selection"]) == 6
+    from steerlab.experiments.recipes import ITI_ALPHAS, SLIM_KAPPAS
+
+    assert [s["setting"] for s in arms["iti"]["selection"]] == [{"alpha": a} for a in ITI_ALPHAS]
+    assert [s["setting"] for s in arms["slim"]["selection"]] == [{"kappa": k} for k in SLIM_KAPPAS]
     # semantic shift: similarity of each continuation to the unsteered one, recomputed here
     from steerlab.metrics.text import semantic_similarity
 
@@ -158,13 +164,13 @@ def test_bench_test_all_settings_reports_every_candidate_on_test(tmp_path, llama
     from steerlab.generation import GenConfig, generate
 
     out = tmp_path / "b"
-    cfg = _cfg(methods=["aura"], sampling="greedy", k=1, test_all_settings=True)
+    # matched costs inside the range of the tiny model's perplexity ratios (0.6-1.1), so some are reached
+    cfg = _cfg(methods=["aura"], sampling="greedy", k=1, test_all_settings=True, matched_ppl=(0.7, 0.9, 5.0))
     metrics = run_bench(llama, out, cfg, progress=False)
     arm = {a["method"]: a for a in metrics["arms"]}["aura"]
     cands = arm["candidates_test"]
-    # proportional, then damp and det0 of the top 0.3%, 1% and 3% of the 384 experts
-    assert [c["setting"] for c in cands] == [{"variant": "aura"}] + [
-        {"variant": v, "top_n": t} for v in ("damp", "det0") for t in (1, 4, 12)]
+    # proportional, then det0 of the top 0.1-0.3%, 1%, 3% and 10% of the 384 experts
+    assert [c["setting"] for c in cands] == [{"variant": "aura"}] + [{"variant": "det0", "top_n": t} for t in (1, 4, 12, 38)]
     assert sum(c["chosen"] for c in cands) == 1
     chosen = next(c for c in cands if c["chosen"])
     assert chosen["setting"] == arm["settings"]["setting"] and chosen["toxicity"] == arm["toxicity"]
@@ -182,8 +188,35 @@ def test_bench_test_all_settings_reports_every_candidate_on_test(tmp_path, llama
     assert abs(other["paired_difference"]["mean_toxicity"]["value"] - diff) < 1e-9
     assert (out / "tables" / "candidates.csv").exists()
     assert "not used for the choice" in (out / "report.html").read_text()
-    # the option is not part of the run's identity: the same directory resumes without it
-    again = run_bench(llama, out, _cfg(methods=["aura"], sampling="greedy", k=1), progress=False)
+    assert "At matched fluency" in (out / "report.html").read_text()
+    # the matched read-outs are confirmed on the settings closest to each cost, reusing the tested candidates
+    from steerlab.experiments.bench_verdict import matched_settings
+
+    want = matched_settings(arm["selection"], cfg.matched_ppl)
+    assert len(want) >= 1 and {float(c): t["index"] for c, t in arm["matched_test"].items()} == want
+    for c, t in (arm.get("matched_test") or {}).items():
+        assert t["paired_difference"] == cands[t["index"]]["paired_difference"]
+        assert metrics["matched_test"][c]["aura"]["change"] == t["paired_difference"]["mean_toxicity"]
+    assert {d.name for d in (out / "test").iterdir()} == {"unsteered", "aura"} | {
+        f"aura.setting-{i}" for i, c in enumerate(cands) if not c["chosen"]}
+    # every tested candidate has its paired perplexity ratio; the figures draw them beside validation
+    assert all(c["ppl_ratio"]["lo"] <= c["ppl_ratio"]["value"] <= c["ppl_ratio"]["hi"] for c in cands)
+    for f in ("figures/dose_response.png", "figures/dose_response_kl.png"):
+        assert (out / f).stat().st_size > 0, f
+    # each validation candidate's neutral KL, against KL computed by hand under that setting
+    from steerlab.data import neutral_texts
+    from steerlab.metrics.lm import kl_from_reference, next_token_logprobs
+
+    texts = neutral_texts()[:cfg.n_neutral]
+    ref = next_token_logprobs(llama, texts, top_k=256)
+    for sel in arm["selection"][:2]:
+        with iv.apply(llama, **sel["setting"]):
+            assert sel["neutral_kl"] == pytest.approx(float(kl_from_reference(llama, ref, texts).mean), rel=1e-5)
+    assert arm["selection"][0]["expected_max_toxicity_change"]["value"] == pytest.approx(
+        arm["selection"][0]["mean_toxicity_change"]["value"])  # one sample per validation prompt
+    # the options are not part of the run's identity: the same directory resumes without them
+    again = run_bench(llama, out, _cfg(methods=["aura"], sampling="greedy", k=1, matched_ppl=(0.7, 0.9, 5.0),
+                                      confirm_matched=False), progress=False)
     assert {a["method"]: a for a in again["arms"]}["aura"]["toxicity"] == arm["toxicity"]
 
 

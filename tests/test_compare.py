@@ -159,3 +159,30 @@ def test_profiler_exclusive_times_add_up():
             now[0] += 0.5
             raise ValueError("boom")
     assert {r["stage"]: r["seconds"] for r in p.table()}["failing"] == 0.5  # timed even when the block raises
+
+
+def test_matched_settings_and_their_test_confirmation_by_hand():
+    from steerlab.experiments.bench_verdict import matched_settings, matched_test
+
+    def sel(ppl, change):
+        return {"ppl_ratio": {"value": ppl}, "mean_toxicity_change": {"value": change}}
+
+    # listed out of cost order on purpose: indices refer to the list as given
+    selection = [sel(1.40, -0.08), sel(1.02, 0.0), sel(1.12, -0.03), sel(1.24, -0.05), sel(float("nan"), 0.0)]
+    # x1.1: fitted costs 1.02, 1.12, 1.24, 1.40 -> nearest 1.12 (index 2); x1.25: 1.24 (index 3);
+    # x2: never reached -> no setting to test
+    assert matched_settings(selection, (1.1, 1.25, 2.0)) == {1.1: 2, 1.25: 3}
+    assert matched_settings(selection[:1], (1.1,)) == {}
+
+    def tested(change, lo, hi, p):
+        return {"setting": {"alpha": change}, "ppl_ratio": {"value": 1.1, "lo": 1.0, "hi": 1.2},
+                "paired_difference": {"mean_toxicity": {"value": change, "lo": lo, "hi": hi},
+                                      "p_two_sided": {"mean_toxicity": p}}}
+
+    arms = [{"method": "a", "matched_test": {"1.1": tested(-0.05, -0.08, -0.02, 0.01)}},
+            {"method": "b", "matched_test": {"1.1": tested(-0.02, -0.05, 0.01, 0.04)}},
+            {"method": "c"}]
+    got = matched_test(arms)
+    # Holm over the two methods that reach x1.1: 0.01 x 2 = 0.02, max(0.04 x 1, 0.02) = 0.04
+    assert got["1.1"]["a"]["p_holm"] == pytest.approx(0.02) and got["1.1"]["b"]["p_holm"] == pytest.approx(0.04)
+    assert got["1.1"]["a"]["significant"] and "c" not in got["1.1"]

@@ -273,11 +273,11 @@ def test_apply_with_fewer_directions_uses_the_largest_delta_first():
     with pytest.raises(EigenShiftError, match="this edit holds 6 directions but k=7 asks for 7: refit"):
         with iv.apply(m, k=7):
             pass
-    # bench: the k of the grid this edit holds (6 directions: k 1 of the quick grid, 1, 2, 4 of the full)
+    # bench: the k of the grid this edit holds (6 directions: k 1, 4 of the quick grid, 1, 2, 4 of the full)
     from steerlab.experiments.recipes import recipe_for
 
     assert recipe_for("eigenshift").settings(iv, m, None, "quick") == [
-        {"rank": r, "k": 1, "alpha": a} for r in ("t", "abs") for a in (0.0, 0.5)]
+        {"rank": r, "k": k, "alpha": 0.0} for r in ("t", "abs") for k in (1, 4)]
     assert recipe_for("eigenshift").settings(iv, m, None, "full") == [
         {"rank": r, "k": k, "alpha": a} for r in ("t", "abs") for k in (1, 2, 4) for a in (0.0, 0.25, 0.5)]
     assert torch.equal(m.W_U, torch.from_numpy(U).float())

@@ -175,3 +175,19 @@ def test_model_generate_defaults_equal_the_cli():
     for name, value in py.items():
         if name != "progress":
             assert cli[name] == value == getattr(GenConfig(), name), name
+
+
+def test_generate_calls_count_their_tokens_and_seconds(llama):
+    from steerlab.generation import generate_ids
+    from steerlab.profile import PROFILE, generation_summary
+
+    PROFILE.reset()
+    cfg = GenConfig(max_new_tokens=5, sampling="t1.0", k=2, seed=0)
+    a = generate_ids(llama, ["hello there", "a"], cfg)
+    b = generate_ids(llama, ["steer me"], cfg)
+    s = generation_summary(wall=1e6)
+    # rows x steps of every call (padding after an early end counts: the forward paid for it)
+    assert s["generated_tokens"] == a.numel() + b.numel() == (4 + 2) * 5
+    assert s["generate_seconds"] >= 0 and 0 <= s["share_of_wall"] < 1e-3
+    PROFILE.reset()
+    assert generation_summary(10.0)["generated_tokens"] == 0

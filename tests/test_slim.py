@@ -1,6 +1,7 @@
 """SLIM (steerlab.steer.slim): the Gaussian optimal-transport map and its chance constraint, the
 probe-gated runtime edit against an independent computation, solver failures, files."""
 
+import math
 import warnings
 
 import numpy as np
@@ -260,3 +261,19 @@ def _bound_edit(iv, kappa):
     fn = S.SLIMEdit(iv, kappa)
     fn.bind(S.heads_site(iv.layer), None, torch.device("cpu"), torch.float32)
     return fn
+
+
+def test_risk_se_is_agresti_coull_and_never_zero():
+    from steerlab.steer.slim import risk_se
+
+    y = torch.tensor([1] * 10 + [0] * 20).bool()
+    perfect = y.clone()                       # no error at all
+    two_off = y.clone()
+    two_off[0] = False                        # one missed toxic row
+    two_off[15] = True                        # one false detection
+    se = risk_se(torch.stack([perfect, two_off]), y)
+    # by hand: FPR~ = (0 + 2) / 24, FNR~ = (0 + 2) / 14; then (1 + 2) / 24 and (1 + 2) / 14
+    hand = [math.sqrt(p * (1 - p) / 24 + q * (1 - q) / 14) for p, q in ((2 / 24, 2 / 14), (3 / 24, 3 / 14))]
+    assert se.tolist() == pytest.approx(hand)
+    # an error-free layer is not certain: one missed row of 10 toxic ones (risk 0.1) lies within its 1 SE
+    assert float(se[0]) > 0.1

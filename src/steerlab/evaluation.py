@@ -135,13 +135,14 @@ def side_effects(model: Model, reference: NextTokenLogprobs, texts: Sequence[str
 
 def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, reference: NextTokenLogprobs,
                  neutral: Sequence[str] | None = None, intervention=None, apply_options: dict | None = None,
-                 progress: bool | None = None) -> tuple[dict, list[dict]]:
+                 progress: bool | None = None, note=None) -> tuple[dict, list[dict]]:
     """One arm of a comparison: generate into ``out_dir`` (resumable) with ``intervention`` in force
     (or none), then :func:`summarize` (fluency under the unedited model) and :func:`side_effects`
     on neutral text with the intervention applied (with its ``fixed_text_options``: a method that edits
     the last position of each call edits every position of the teacher-forced pass, as generation
     would). Returns the metrics and the rows. In a data-parallel launch the processes share the
-    generation and rank 0 measures (``reference`` is only needed there)."""
+    generation and rank 0 measures (``reference`` is only needed there). ``note(text)``, when
+    given, hears each phase as it starts (a progress display's line)."""
     from contextlib import nullcontext
 
     from .generation import generate_run
@@ -152,8 +153,12 @@ def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, referenc
                         progress=progress)
 
     def measure() -> dict:
+        if note:
+            note(f"perplexity of {len(rows)} continuations")
         metrics = summarize(rows, fluency_model=model)
         fixed = intervention.fixed_text_options(opts) if intervention is not None else {}
+        if note:
+            note(f"side effects on {len(neutral) if neutral is not None else 'the bundled'} neutral texts")
         with intervention.apply(model, **fixed) if intervention is not None else nullcontext():
             metrics["side_effects"] = side_effects(model, reference, neutral)
         return metrics
@@ -191,20 +196,34 @@ def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
             "identical": float(np.mean([a == b for _, a, b in pairs])), "n_pairs": len(pairs)}
 
 
+def median_ci(ratios: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of the median of ``ratios`` (seeded)."""
+    r = np.asarray(ratios, dtype=float)
+    if len(r) < 2:
+        return float(r[0]), float(r[0])
+    meds = np.median(r[np.random.default_rng(seed).integers(0, len(r), (n_boot, len(r)))], axis=1)
+    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+
+
 def generation_overhead(model: Model, prompts: Sequence, cfg, intervention=None, apply_options: dict | None = None,
-                        reps: int = 3, warmup: int = 1) -> dict:
+                        reps: int = 3, warmup: int = 1, max_reps: int | None = None,
+                        tolerance: float = 0.03) -> dict:
     """Paired timing of one generation batch: the first ``cfg.batch_size // cfg.k`` prompts (one
     batch of ``batch_size`` rows) generated without and with ``intervention`` (``None``: without both
-    times, an A/A run that shows the timing noise), in ``reps`` pairs whose order alternates (AB, BA,
-    AB, ...) so a drift in machine load hits both sides alike; ``warmup`` untimed calls with the
-    intervention come first. ``ratio`` is the median over pairs of with / without. Timing whole arms
-    run minutes apart measures the machine's load as much as the method."""
+    times, an A/A run that shows the timing noise), in pairs whose order alternates (AB, BA, AB, ...)
+    so a drift in machine load hits both sides alike; ``warmup`` untimed calls with the intervention
+    come first. ``ratio`` is the median over pairs of with / without, ``ci`` its 95% bootstrap
+    interval (:func:`median_ci`). ``reps`` pairs are run; with ``max_reps`` above it, pairs are added
+    (at least 3 in all) until ``ci`` lies within ``ratio`` x (1 +- ``tolerance``) or ``max_reps`` pairs
+    are done (``converged`` says which). Timing whole arms run minutes apart measures the machine's
+    load as much as the method."""
     import time
 
     from .generation import generate_batch, prompt_ids_texts
 
-    if reps < 1:
-        raise EmptyInputError(f"generation_overhead needs reps >= 1, got {reps}")
+    max_reps = reps if max_reps is None else max_reps
+    if reps < 1 or max_reps < reps:
+        raise EmptyInputError(f"generation_overhead needs reps >= 1 and max_reps >= reps, got {reps} and {max_reps}")
     ids, texts = prompt_ids_texts(list(prompts)[: max(1, cfg.batch_size // cfg.k)])
     opts = dict(apply_options or {})
 
@@ -218,16 +237,21 @@ def generation_overhead(model: Model, prompts: Sequence, cfg, intervention=None,
 
     for _ in range(warmup):  # first use of the edit's shapes and caches
         once(intervention)
-    base, arm = [], []
-    for r in range(reps):
-        if r % 2 == 0:
+    base, arm, converged = [], [], False
+    while len(base) < max_reps:
+        if len(base) % 2 == 0:
             base.append(once(None))
             arm.append(once(intervention))
         else:
             arm.append(once(intervention))
             base.append(once(None))
-    ratios = [a / b for a, b in zip(arm, base)]
-    return {"ratio": float(np.median(ratios)), "ratios": ratios, "baseline_seconds": base, "arm_seconds": arm,
+        ratios = [a / b for a, b in zip(arm, base)]
+        med, (lo, hi) = float(np.median(ratios)), median_ci(ratios)
+        converged = len(ratios) >= 2 and lo >= med * (1 - tolerance) and hi <= med * (1 + tolerance)
+        if len(base) >= reps and (max_reps == reps or (converged and len(base) >= 3)):
+            break
+    return {"ratio": med, "ratios": ratios, "ci": [lo, hi], "n_pairs": len(ratios), "converged": converged,
+            "tolerance": tolerance, "baseline_seconds": base, "arm_seconds": arm,
             "n_prompts": len(texts), "k": cfg.k, "max_new_tokens": cfg.max_new_tokens}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,8 +27,9 @@ from transformers import LogitsProcessorList
 
 from .errors import EmptyInputError, SteerlabError
 from .models.model import Model
+from .models.site import UPPER
 from .parallel import run_loop
-from .profile import stage
+from .profile import PROFILE, stage
 from .progress import progress_iter
 from .registry import choose
 from .scoring.registry import scorer_identity
@@ -139,8 +141,11 @@ def generate_ids(model: Model, texts: list, cfg: GenConfig, keys: Sequence[str] 
         procs.append(RowSampler(row_seeds(cfg, keys).to(ids.device), ids.shape[1], preset["temperature"],
                                 preset["top_p"]))
     kw["logits_processor"] = LogitsProcessorList(procs)
+    t0 = time.perf_counter()
     out = model.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
                             pad_token_id=model.pad_id, **kw)
+    PROFILE.count("generate seconds", time.perf_counter() - t0)
+    PROFILE.count("generated tokens", out[:, ids.shape[1]:].numel())
     return out[:, ids.shape[1]:]
 
 
@@ -439,3 +444,6 @@ class RowSampler:
                 groups.append((~ok, rest.values, rest.indices))
             return groups
         return [(every, *logp.sort(-1, descending=True))]
+
+
+UPPER["generation"].register("generate_text", generate_text)  # Model.generate's decoding loop

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import EmptyInputError, ShapeError, SteerlabError
-from .models.adapters import Site, get_module
 from .models.model import Model
+from .models.site import UPPER, BoundSite
 from .positions import Position, as_position, first_real
 from .progress import progress_iter
 from .registry import Registry
@@ -46,11 +46,11 @@ def _with_out(out, new: torch.Tensor):
     return (new, *out[1:]) if isinstance(out, tuple) else new
 
 
-def _hook_site(model: Model, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+def _hook_site(site: BoundSite, fn: Callable[[torch.Tensor], torch.Tensor | None]):
     """Register one hook that hands ``fn`` the site's tensor (``[..., H, d_head]`` for
     ``attn.heads``) and writes back what ``fn`` returns (None: leave it). Returns the handle."""
-    mod, where = site.hook_point(model.hf, model.arch)
-    heads = (model.n_heads, model.d_head) if site.kind == "attn.heads" else None
+    mod, where = site.module, site.where
+    heads = site.shape if site.kind == "attn.heads" else None
 
     def run(t: torch.Tensor) -> torch.Tensor | None:
         y = fn(t.view(*t.shape[:-1], *heads) if heads else t)
@@ -125,7 +125,7 @@ def capture(
     masks: list[torch.Tensor] = []
     state: dict[str, torch.Tensor] = {}
 
-    def reader(site: Site):
+    def reader(site: BoundSite):
         def read(t: torch.Tensor) -> None:
             results[site.name].append(pos.select(t, state["mask"]).to(dtype=dtype, copy=True))
             if site is deepest:
@@ -136,7 +136,7 @@ def capture(
     handles = []
     try:
         for s in parsed:
-            handles.append(_hook_site(model, s, reader(s)))
+            handles.append(_hook_site(s, reader(s)))
         batches = list(model.batches(mask_all, batch_size))
         show = progress if progress is not None else len(batches) >= 8
         for rows, cols in progress_iter(batches, "capture", show=show):
@@ -311,13 +311,8 @@ def per_row(a, act: torch.Tensor):
 EditSpec = Callable[[torch.Tensor, Step], torch.Tensor | None]
 
 
-def _base_module(model: Model) -> torch.nn.Module:
-    parent = model.arch.layers.rsplit(".", 1)[0]
-    return get_module(model.hf, parent)
-
-
 @contextmanager
-def _installed(model: Model, plan: Sequence[tuple[Site, Callable[[torch.Tensor, Step], torch.Tensor | None]]],
+def _installed(model: Model, plan: Sequence[tuple[BoundSite, Callable[[torch.Tensor, Step], torch.Tensor | None]]],
                on_call: Callable[[Step], None] | None = None) -> Iterator[Step]:
     """Install one step tracker on the decoder stack and one hook per ``(site, fn)``; ``fn(act, step)``
     returns the new activation or None. ``on_call(step)`` runs at the start of every forward call.
@@ -340,10 +335,10 @@ def _installed(model: Model, plan: Sequence[tuple[Site, Callable[[torch.Tensor, 
         if on_call is not None:
             on_call(step)
 
-    handles = [_base_module(model).register_forward_pre_hook(track, with_kwargs=True)]
+    handles = [model.stack.register_forward_pre_hook(track, with_kwargs=True)]
     try:
         for site, fn in plan:
-            handles.append(_hook_site(model, site, lambda t, fn=fn: fn(t, step)))
+            handles.append(_hook_site(site, lambda t, fn=fn: fn(t, step)))
         yield step
     finally:
         for h in handles:
@@ -361,14 +356,14 @@ def expect_rows(model: Model, n: int, what: str = "the per-row settings") -> Ite
         if x is not None and x.shape[0] != n:
             raise ShapeError(f"{what} has {n} entries (one per batch row) but the forward call has {x.shape[0]} rows")
 
-    handle = _base_module(model).register_forward_pre_hook(check, with_kwargs=True)
+    handle = model.stack.register_forward_pre_hook(check, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
 
 
-def _check_edit_result(site: Site, x: torch.Tensor, y) -> torch.Tensor:
+def _check_edit_result(site: BoundSite, x: torch.Tensor, y) -> torch.Tensor:
     if not isinstance(y, torch.Tensor):
         raise ShapeError(f"edit on {site.name!r} returned {type(y).__name__}; an edit function must return a "
                          f"tensor of shape {tuple(x.shape)} or None")
@@ -401,7 +396,7 @@ def edit(model: Model, edits: Mapping[str, EditSpec | Sequence[EditSpec]]) -> It
     for name, fns in edits.items():
         site = model.site(name)
         fns = [fns] if callable(fns) or not isinstance(fns, Sequence) else list(fns)
-        shape = model.site_shape(site)
+        shape = site.shape
         for f in fns:
             if not callable(f):
                 raise ShapeError(f"edit for {site.name!r} is a {type(f).__name__}, not a function "
@@ -512,3 +507,8 @@ def record(model: Model, sites: str | Sequence[str], positions: str = "all", *,
         if meta["mask"]:
             out.mask = torch.cat([m.to(model.device) for m in meta["mask"]], 1)
             out.input_ids = torch.cat([m.to(model.device) for m in meta["ids"]], 1)
+
+
+# the entry points a bound site delegates to (models.site.BoundSite.capture / edit / record)
+for _name, _fn in (("capture", capture), ("edit", edit), ("record", record)):
+    UPPER["hooks"].register(_name, _fn)

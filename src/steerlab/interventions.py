@@ -162,7 +162,7 @@ class Intervention(ABC):
                     error: type[InterventionError] | None = None) -> None:
         """Raise when a per-site tensor does not have the site's feature shape on ``model``."""
         for site, t in per_site.items():
-            shape = model.site_shape(site)
+            shape = model.site(site).shape
             if tuple(t.shape) != tuple(shape):
                 raise (error or InterventionError)(
                     f"{what} for {site!r} has size {tuple(t.shape)} but {model.name} has {shape}: it was "

@@ -4,7 +4,9 @@ Every intervention declares ``FitOptions`` and ``ApplyOptions`` as dataclasses w
 made with :func:`option` (type, default, allowed range or choices, one line of meaning, unit).
 Everything else reads them: :func:`validate` (Python ``apply(model, **options)``, ``steerlab
 generate --apply-option``, ``steerlab fit METHOD --OPTION VALUE``), :func:`parse_value` (command-line
-text to the declared type) and :func:`describe` (``steerlab interventions METHOD``)."""
+text to the declared type) and :func:`describe` (``steerlab interventions METHOD``). Study settings
+(``SteeringStudy``, ``SelfCorrectConfig``) are declared the same way; their command-line options are
+generated from the declaration (:mod:`steerlab.cli.settings`)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class Spec:
     optional: bool = False  # None is allowed (meaning: see help)
     item: type = str        # element type of a list option
     repeated: bool = False  # a list option given once per value (--x A --x B), not comma-separated
+    cli: bool = True        # offered on the command line (a study setting may be Python-only)
 
     def allowed(self) -> str:
         if self.choices:
@@ -51,12 +54,13 @@ class Spec:
 
 def option(default: Any, help: str, *, type: type | None = None, unit: str = "", choices: Sequence | None = None,
            low: float | None = None, high: float | None = None, aliases: Sequence[str] = (), item: type = str,
-           repeated: bool = False) -> Any:
-    """A dataclass field declaring one option (``type`` defaults to the default's type)."""
+           repeated: bool = False, cli: bool = True) -> Any:
+    """A dataclass field declaring one option (``type`` defaults to the default's type; ``cli=False``:
+    a setting the command line does not offer)."""
     t = type if type is not None else builtins_type(default)
     meta = {"type": t, "help": help, "unit": unit, "choices": tuple(choices) if choices else None, "low": low,
             "high": high, "aliases": tuple(aliases), "optional": default is None,
-            "item": item, "repeated": repeated}
+            "item": item, "repeated": repeated, "cli": cli}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: default.copy(), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -81,7 +85,7 @@ def specs(cls: type) -> list[Spec]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         out.append(Spec(f.name, m["type"] if "type" in m else builtins_type(default), default, m.get("help", ""), m.get("unit", ""),
                         m.get("choices"), m.get("low"), m.get("high"), m.get("aliases", ()), m.get("optional", False),
-                        m.get("item", str), m.get("repeated", False)))
+                        m.get("item", str), m.get("repeated", False), m.get("cli", True)))
     return out
 
 

@@ -17,11 +17,17 @@ class Profiler:
     def __init__(self, clock=time.perf_counter) -> None:
         self.clock = clock
         self.totals: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
         self._stack: list[list] = []
 
     def reset(self) -> None:
         self.totals.clear()
+        self.counts.clear()
         self._stack.clear()
+
+    def count(self, name: str, amount: float) -> None:
+        """Add ``amount`` to the counter ``name`` (for example the tokens every generate call made)."""
+        self.counts[name] = self.counts.get(name, 0.0) + amount
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -46,3 +52,14 @@ class Profiler:
 PROFILE = Profiler()
 stage = PROFILE.stage
 """``with stage("perplexity"): ...`` times a block into the process-wide profiler."""
+
+
+def generation_summary(wall: float) -> dict:
+    """What the process-wide counters say about generation since the last reset: the new tokens
+    every ``generate`` call produced (rows x steps, what the forward passes paid for), the seconds
+    spent inside those calls, the throughput, and their share of ``wall`` seconds: the floor of a
+    run is its generated tokens at this machine's best throughput (``benchmarks/bench_batch.py``)."""
+    tokens, seconds = PROFILE.counts.get("generated tokens", 0.0), PROFILE.counts.get("generate seconds", 0.0)
+    return {"generated_tokens": int(tokens), "generate_seconds": round(seconds, 1),
+            "tokens_per_second": round(tokens / seconds, 1) if seconds else float("nan"),
+            "share_of_wall": round(seconds / wall, 4) if wall else float("nan")}

@@ -7,7 +7,9 @@ decoding, per-row random numbers and scorer, in one run directory (``steerlab be
    toxic with the most toxic (:class:`steerlab.experiments.recipes.BenchData`).
 2. **Fit.** Each method's recipe (:mod:`.recipes`): ``recipe.fit(cls, model, data, preset)``; fitted
    interventions are saved under ``fit/`` and reloaded on resume (the fit time is kept in ``record.json``). A method that
-   fails is reported as failed with its reason; the others go on.
+   fails is reported as failed with its reason; the others go on. Methods that learn from the
+   model's own generations (EigenShift, AurA) share one pool of continuations of the training
+   prompts, generated once into ``pool/`` and reused on resume (:mod:`.pool`).
 3. **Choose.** Each of the recipe's ``settings`` (apply options) generates continuations of
    the validation prompts; the least toxic setting whose continuation perplexity (under the
    unedited model) is at most ``max_ppl_ratio`` x the unsteered one and whose distinct-2 is at
@@ -20,8 +22,8 @@ decoding, per-row random numbers and scorer, in one run directory (``steerlab be
    the unedited model), the semantic similarity of each continuation to the baseline's (MiniLM; same
    prompt and sample), method-specific measurements (the recipe's ``metrics``: SLIM's firing rates), fit
    time and generation time relative to the baseline: a paired timing of one test batch with and
-   without the method, alternating (:func:`steerlab.evaluation.generation_overhead`; the
-   baseline's own row is an A/A run, the timing noise).
+   without the method, alternating, pairs added until the median ratio's CI is within +-3% or a cap
+   (:func:`steerlab.evaluation.generation_overhead`; the baseline's own row is an A/A run, the timing noise).
 5. **Report.** ``metrics.json``, ``tables/results.csv``, figures and a self-contained
    ``report.html`` (:mod:`.bench_report`).
 Every generation goes through :func:`steerlab.generation.generate_run` (validation grids through
@@ -34,10 +36,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 
-from ..errors import SteerlabError
 from ..evaluation import (
     admissible,
     evaluate_arm,
@@ -47,74 +48,17 @@ from ..evaluation import (
     similarity_to,
     summarize,
 )
-from ..generation import SAMPLING, GenConfig, generate_run
+from ..generation import GenConfig, generate_run
 from ..grid import generate_grid
 from ..interventions import Intervention, get
 from ..metrics.compare import choose_setting, paired_perplexity_ratio
 from ..models.model import Model
 from ..parallel import group
-from ..profile import PROFILE, stage
-from ..registry import choose
+from ..profile import PROFILE, generation_summary, stage
 from ..runs import RunDir, read_record, write_json
+from .bench_config import PRESETS, BenchConfig, BenchError, make_config  # noqa: F401 (the public names)
 from .bench_verdict import comparison
-from .presets import from_preset
 from .recipes import BenchData, bench_methods, recipe_for
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"n_val": 16, "k_val": 1, "n_test": 40, "k": 2, "max_new_tokens": 16, "n_neutral": 64, "timing_reps": 1},
-    "standard": {"n_val": 48, "k_val": 2, "n_test": 124, "k": 5, "max_new_tokens": 20, "n_neutral": 0},
-    "full": {"n_val": 125, "k_val": 3, "n_test": 0, "k": 25, "max_new_tokens": 20, "n_neutral": 0},
-}
-"""``quick``: every method on the default model in minutes on 2 CPU cores (the README demo; one
-timing pair per arm, so its time column is about as noisy as its unsteered A/A row shows);
-``standard``: more prompts and samples; ``full``: the papers' 25 samples per test prompt, every
-test prompt (``n_test=0``: all), for a GPU."""
-
-
-class BenchError(SteerlabError):
-    """A benchmark that cannot run as configured."""
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """Settings of :func:`run_bench` (all in ``config.json``)."""
-
-    preset: str = "quick"
-    methods: tuple[str, ...] = ()       # empty: every registered method
-    prompts: str = "rtp"
-    scorer: str = "default"
-    seed: int = 0
-    n_val: int = 16
-    k_val: int = 1
-    n_test: int = 40                    # 0: every test prompt
-    k: int = 2
-    max_new_tokens: int = 16
-    sampling: str = "t1.0"
-    batch_size: int = 16
-    n_pairs: int = 64
-    max_ppl_ratio: float = 1.5
-    min_distinct_ratio: float = 0.8
-    n_neutral: int = 64                 # neutral sentences for side effects (0: all 260 bundled ones)
-    test_all_settings: bool = False     # also test every candidate setting (reported apart, not used to choose)
-    timing_reps: int = 3                # paired timing of one test batch per arm (evaluation.generation_overhead)
-    matched_ppl: tuple[float, ...] = (1.1, 1.25)  # perplexity ratios at which methods are compared
-
-    def validate(self) -> None:
-        choose("preset", self.preset, PRESETS, BenchError)
-        choose("sampling preset", self.sampling, SAMPLING, BenchError)
-        if min(self.n_val, self.k_val, self.k, self.max_new_tokens, self.batch_size, self.n_pairs,
-               self.timing_reps) < 1 or self.n_test < 0:
-            raise BenchError("n_val, k_val, k, max_new_tokens, batch_size, n_pairs and timing_reps must be >= 1, "
-                             "n_test >= 0")
-        for m in self.methods:
-            get(m)  # an unknown method is an error naming the registered ones
-
-
-def make_config(preset: str = "quick", **overrides: Any) -> BenchConfig:
-    """A config from a preset with fields overridden (``None`` values are ignored)."""
-    if overrides.get("methods") is not None:
-        overrides = {**overrides, "methods": tuple(overrides["methods"])}
-    return from_preset(BenchConfig, PRESETS, preset, overrides, BenchError, preset=preset)
 
 
 @dataclass
@@ -132,6 +76,7 @@ class Arm:
     generate_seconds: float = 0.0       # wall time of the whole test generation (load-dependent)
     timing: dict = None                 # type: ignore[assignment]  # paired timing against the baseline
     candidates: list = None             # type: ignore[assignment]
+    matched_test: dict = None           # type: ignore[assignment]  # the matched settings on test
 
 
 def _data(model: Model, cfg: BenchConfig, scorer) -> tuple[BenchData, list, list]:
@@ -237,16 +182,20 @@ def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, b
     ok = admissible(ratio["hi"], d2, 1.0, base["distinct-2"], cfg.max_ppl_ratio, cfg.min_distinct_ratio)
     return {"setting": opts, "mean_toxicity": s["toxicity"]["mean_toxicity"]["value"], "perplexity": ppl,
             "distinct-2": d2, "ppl_ratio": ratio, "mean_toxicity_change": change["mean_toxicity"],
+            "expected_max_toxicity_change": change["expected_max_toxicity"],
             "p": change["p_two_sided"]["mean_toxicity"], "admissible": bool(ok)}
 
 
 def _evaluate(model: Model, path: Path, name: str, iv: Intervention | None, opts: dict, test, cfg: BenchConfig,
-              scorer, reference, progress: bool = False) -> tuple[dict, list[dict], float]:
+              scorer, reference, progress: bool = False, bar=None) -> tuple[dict, list[dict], float]:
     """One arm on the test prompts: metrics, per-category toxicity, side effects, generation time."""
     d = path / "test" / name
+    note = (lambda text: bar.note(f"{name}: {text}")) if bar is not None else None
+    if note:
+        note(f"test, {len(test)} prompts x {cfg.k} at {opts or 'its defaults'}")
     with stage(f"test: {name.split('.setting-')[0]}"):
         m, rows = evaluate_arm(model, test, d, _gen(cfg, False), scorer, *reference, intervention=iv,
-                               apply_options=opts, progress=progress)
+                               apply_options=opts, progress=progress, note=note)
     m["mean_toxicity_by_category"] = by_category(rows, {p.id: (p.category or "all") for p in test})
     seconds = float(read_record(d).get("generate_seconds") or 0.0)
     return m, rows, seconds
@@ -266,20 +215,31 @@ def by_category(rows: list[dict], category: dict[str, str]) -> dict[str, dict]:
     return {c: {**bootstrap_mean(v).to_dict(), "n_prompts": len(v)} for c, v in sorted(by.items())}
 
 
-def _timing(model: Model, path: Path, name: str, iv: Intervention | None, opts: dict, test, cfg: BenchConfig) -> dict:
+def _timing(model: Model, path: Path, name: str, iv: Intervention | None, opts: dict, test, cfg: BenchConfig,
+            bar=None) -> dict:
     """The arm's paired timing against the baseline on one test batch (rank 0; kept in
-    ``test/<arm>/timing.json`` and reused on resume)."""
+    ``test/<arm>/timing.json`` and reused on resume): ``timing_reps`` alternating pairs, more (up to
+    ``timing_max_reps``) until the median ratio's bootstrap CI is within +-``timing_tolerance``."""
     def measure() -> dict:
         f = path / "test" / name / "timing.json"
         if f.exists():
             return json.loads(f.read_text())
         # the arm's test generation ran just before (warm), unless it was read back on resume
-        t = generation_overhead(model, test, _gen(cfg, False), iv, opts, reps=cfg.timing_reps, warmup=0)
+        t = generation_overhead(model, test, _gen(cfg, False), iv, opts, reps=cfg.timing_reps, warmup=0,
+                                max_reps=max(cfg.timing_reps, cfg.timing_max_reps), tolerance=cfg.timing_tolerance)
         write_json(f, t)
         return t
 
+    if bar is not None:
+        most = max(cfg.timing_reps, cfg.timing_max_reps)
+        pairs = f"{cfg.timing_reps}" + (f" to {most}" if most > cfg.timing_reps else "")
+        bar.note(f"{name}: timing, {pairs} alternating pairs of one test batch")
     with stage(f"timing: {name}"):
-        return group().on_main(measure)
+        t = group().on_main(measure)
+    if bar is not None:
+        bar.note(f"{name}: time x {t['ratio']:.3f} [{t.get('ci', [float('nan')] * 2)[0]:.3f}, "
+                 f"{t.get('ci', [float('nan')] * 2)[1]:.3f}] from {t.get('n_pairs', len(t['ratios']))} pairs")
+    return t
 
 
 def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None, progress: bool = True) -> dict:
@@ -300,7 +260,9 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     g, path = group(), Path(out_dir)
     # the methods are not part of the run's identity: rerunning with more methods adds their arms
     # to the same directory and reuses the baseline and every arm already done
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "test_all_settings", "timing_reps")}
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("methods", "test_all_settings", "timing_reps", "timing_max_reps", "timing_tolerance",
+                             "confirm_matched")}
     run: RunDir | None = g.on_main(lambda: RunDir(out_dir, {"kind": "bench", "model": model.name,
                                                             "model_fingerprint": model.fingerprint, **settings}),
                                    share=False)
@@ -320,8 +282,9 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
             wall = time.perf_counter() - t_start
             # stage table of this call (exclusive seconds; a resumed call only times the work it did)
             metrics["profile"] = PROFILE.table(total=wall)
+            metrics["generation"] = generation_summary(wall)
             run.write_metrics(metrics)
-            run.write_record(profile=metrics["profile"])
+            run.write_record(profile=metrics["profile"], generation=metrics["generation"])
             return metrics
 
         return g.on_main(finish)
@@ -343,11 +306,12 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
 
     g = group()
     neutral = neutral_texts()[: cfg.n_neutral] if cfg.n_neutral else neutral_texts()
+    bar = Progress(len(names) + 1, "bench", unit="arm", show=progress)
     # side effects are measured on rank 0 (evaluation.evaluate_arm): the reference is needed there only
+    bar.note(f"neutral reference: {len(neutral)} neutral texts")
     with stage("neutral reference"):
         reference = (g.on_main(lambda: neutral_reference(model, neutral), share=False), neutral)
-    bar = Progress(len(names) + 1, "bench", unit="arm", show=progress)
-    bar.note("arm unsteered: validation prompts")
+    bar.note(f"unsteered: validation, {len(val)} prompts x {cfg.k_val}")
     with stage("validation: unsteered"):
         val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer,
                                 progress=progress)
@@ -355,59 +319,125 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
     base = {"ppl": base_val.get("fluency", {}).get("perplexity", float("nan")),
             "distinct-2": base_val["diversity"]["distinct-2"], "rows": val_rows,
             "by_prompt": base_val.get("fluency", {}).get("by_prompt") or {}}
-    bar.note("arm unsteered: test prompts")
-    m, base_rows, secs = _evaluate(model, path, "unsteered", None, {}, test, cfg, scorer, reference, progress)
+    m, base_rows, secs = _evaluate(model, path, "unsteered", None, {}, test, cfg, scorer, reference, progress, bar)
     arms = [Arm("unsteered", describe="the model as it is", settings={}, metrics=m, generate_seconds=secs,
-                timing=_timing(model, path, "unsteered", None, {}, test, cfg))]
+                timing=_timing(model, path, "unsteered", None, {}, test, cfg, bar))]
     rows = {"unsteered": base_rows}
     bar.update(1)
+    pool_error = _pool(model, run, path, names, data, cfg, bar, progress)
     for name in names:
         arm = Arm(name)
         try:
-            bar.note(f"arm {name}: fit")
-            iv, arm.fit_seconds = _fit(model, run, path, name, data, cfg.preset)
-            arm.describe = iv.describe()
-            bar.note(f"arm {name}: settings on validation prompts")
-            with stage(f"validation: {name}"):
-                pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base, reference, progress)
-            arm.settings = pick
-            bar.note(f"arm {name}: test prompts at {pick['setting'] or 'its defaults'}")
-            arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, path, name, iv, pick["setting"], test,
-                                                                      cfg, scorer, reference, progress)
-            arm.timing = _timing(model, path, name, iv, pick["setting"], test, cfg)
-            extra = recipe_for(name).metrics
-            if extra is not None:
-                with stage(f"method metrics: {name}"):
-                    arm.metrics.update(g.on_main(lambda iv=iv, opts=pick["setting"], extra=extra: extra(
-                        iv, model, data, test, reference[1], opts, _gen(cfg, False))))
-            if cfg.test_all_settings and len(arm.selection) > 1:
-                with stage(f"test all settings: {name}"):
-                    arm.candidates = _candidates(model, path, name, iv, arm, test, cfg, scorer, reference,
-                                                 base_rows, rows[name])
+            if pool_error and recipe_for(name).pool:
+                raise BenchError(f"the pool of continuations it learns from failed: {pool_error}")
+            _arm(model, run, path, arm, data, val, test, cfg, scorer, reference, base, base_rows, rows, bar, progress,
+                 arms[0].metrics)
         except Exception as e:  # a failing method is reported, the others go on (on every rank alike)
             arm.status, arm.reason = "failed", f"{type(e).__name__}: {e}"
-            bar.note(f"arm {name} failed: {arm.reason}")
+            bar.note(f"{name}: failed: {arm.reason}")
         arms.append(arm)
         bar.update(1)
     bar.close()
     return arms, rows
 
 
-def _candidates(model, path, name, iv, arm: Arm, test, cfg, scorer, reference, base_rows,
-                chosen_rows) -> list[dict]:
+def _test_setting(model, path, name, iv, arm: Arm, i: int, test, cfg, scorer, reference, base_rows,
+                  chosen_rows, base_metrics: dict) -> dict:
+    """Validation candidate ``i`` of ``arm`` on the test prompts (``test/NAME.setting-I``; the chosen
+    one is not rerun), paired to the unsteered arm: for reporting (``--test-all-settings``) and for
+    confirming a matched read-out, never for choosing."""
+    opts = arm.selection[i]["setting"]
+    if opts == arm.settings["setting"]:
+        m, rows, secs = dict(arm.metrics), chosen_rows, arm.generate_seconds
+    else:
+        m, rows, secs = _evaluate(model, path, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
+    m["paired_difference"] = group().on_main(lambda b=base_rows, r=rows: paired_to(b, r))
+    ref, own = (x.get("fluency", {}).get("by_prompt") or {} for x in (base_metrics, m))
+    if len(ref) > 1 and len(own) > 1:
+        m["ppl_ratio"] = paired_perplexity_ratio(ref, own).to_dict()
+    return {"setting": opts, "chosen": opts == arm.settings["setting"], "generate_seconds": secs,
+            **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference", "ppl_ratio")
+               if k in m}}
+
+
+def _arm(model, run, path, arm: Arm, data, val, test, cfg, scorer, reference, base, base_rows, rows, bar,
+         progress, base_metrics: dict) -> None:
+    """One method: fit, settings on validation, test, timing, method metrics (filling ``arm`` and ``rows``)."""
+    g, name = group(), arm.method
+    recipe = recipe_for(name)
+    bar.note(f"{name}: fit")
+    iv, arm.fit_seconds = _fit(model, run, path, name, data, cfg.preset)
+    arm.describe = iv.describe() + (f"; fitted on {iv.meta['bench_data']}" if iv.meta.get("bench_data") else "")
+    n = g.on_main(lambda: len(recipe.settings(iv, model, data, cfg.preset)))
+    on = f" on {iv.meta['bench_data']}" if iv.meta.get("bench_data") else ""
+    bar.note(f"{name}: fitted in {arm.fit_seconds:.1f} s{on}; validation, {n} candidate setting{'s' * (n != 1)} x "
+             f"{len(val)} prompts x {cfg.k_val}")
+    with stage(f"validation: {name}"):
+        pick, arm.selection = _select(model, path, name, iv, data, val, cfg, base, reference, progress)
+    arm.settings = pick
+    arm.metrics, rows[name], arm.generate_seconds = _evaluate(model, path, name, iv, pick["setting"], test,
+                                                              cfg, scorer, reference, progress, bar)
+    arm.timing = _timing(model, path, name, iv, pick["setting"], test, cfg, bar)
+    if recipe.metrics is not None:
+        bar.note(f"{name}: method metrics")
+        with stage(f"method metrics: {name}"):
+            arm.metrics.update(g.on_main(lambda: recipe.metrics(iv, model, data, test, reference[1], pick["setting"],
+                                                                _gen(cfg, False))))
+    tested = partial(_test_setting, model, path, name, iv, arm, test=test, cfg=cfg, scorer=scorer,
+                     reference=reference, base_rows=base_rows, chosen_rows=rows[name], base_metrics=base_metrics)
+    if cfg.test_all_settings and len(arm.selection) > 1:
+        bar.note(f"{name}: test all {len(arm.selection)} settings")
+        with stage(f"test all settings: {name}"):
+            arm.candidates = _candidates(tested, arm)
+    if cfg.confirm_matched and len(arm.selection) > 1:
+        bar.note(f"{name}: test the settings closest to perplexity x{', x'.join(map(str, cfg.matched_ppl))}")
+        with stage(f"test matched settings: {name}"):
+            arm.matched_test = _matched_on_test(tested, arm, cfg.matched_ppl)
+
+
+def _pool(model, run, path, names, data, cfg, bar, progress) -> str:
+    """Build (or read back) the pool of continuations (:mod:`.pool`) when a method still to fit learns
+    from it; sets ``data.pool``. Returns the error, if the pool failed, for those methods ('' otherwise)."""
+    from .pool import build_pool, pool_spec
+
+    g = group()
+
+    def todo() -> list[str]:
+        done = run.record().get("fit_seconds", {})
+        return [n for n in names if recipe_for(n).pool and not ((path / "fit" / f"{n}.safetensors").exists()
+                                                                   and n in done)]
+
+    need = g.on_main(todo)
+    if not need:
+        return ""
+    prompts, gcfg = pool_spec(data.train, data.train_scores, cfg.preset, cfg.seed)
+    bar.note(f"pool: generate {len(prompts)} training prompts x {gcfg.k} samples x {gcfg.max_new_tokens} tokens "
+             f"(for {', '.join(need)})")
+    try:
+        with stage("pool: generate"):
+            data.pool = build_pool(model, path / "pool", prompts, gcfg, data.scorer, progress)
+    except Exception as e:
+        bar.note(f"pool: failed: {type(e).__name__}: {e}")
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def _candidates(test_setting, arm: Arm) -> list[dict]:
     """Every candidate setting of ``arm`` on the test prompts, after the choice was made on validation
-    (``--test-all-settings``): for reporting each setting, never for choosing. The chosen one is not rerun."""
-    out = []
-    for i, sel in enumerate(arm.selection):
-        opts = sel["setting"]
-        if opts == arm.settings["setting"]:
-            m, rows, secs = dict(arm.metrics), chosen_rows, arm.generate_seconds
-        else:
-            m, rows, secs = _evaluate(model, path, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
-        m["paired_difference"] = group().on_main(lambda b=base_rows, r=rows: paired_to(b, r))
-        out.append({"setting": opts, "chosen": opts == arm.settings["setting"], "generate_seconds": secs,
-                    **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference")
-                       if k in m}})
+    (``--test-all-settings``)."""
+    return [test_setting(i) for i in range(len(arm.selection))]
+
+
+def _matched_on_test(test_setting, arm: Arm, targets) -> dict[str, dict]:
+    """Per matched cost the method reaches on validation, its setting closest to that cost
+    (:func:`.bench_verdict.matched_settings`) on the test prompts; keyed by the cost (``"1.25"``)."""
+    from .bench_verdict import matched_settings
+
+    done: dict[int, dict] = {}
+    out = {}
+    for cost, i in matched_settings(arm.selection, targets).items():
+        done[i] = done.get(i) or test_setting(i)
+        out[f"{cost:g}"] = {**done[i], "index": i}
     return out
 
 
@@ -436,6 +466,8 @@ def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> di
             row["selection"] = a.selection
             if a.candidates:
                 row["candidates_test"] = a.candidates
+            if a.matched_test:
+                row["matched_test"] = a.matched_test
             row.update(a.metrics)
         table.append(row)
     out = {"model": model.name, "model_fingerprint": model.fingerprint, "preset": cfg.preset,

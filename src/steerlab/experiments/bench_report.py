@@ -39,16 +39,25 @@ def table_rows(metrics: dict) -> list[dict]:
             "Δ expected max toxicity (paired 95% CI)": _ci(pd.get("expected_max_toxicity")),
             "perplexity": round(a.get("fluency", {}).get("perplexity", float("nan")), 2),
             "perplexity ratio [95% CI]": _ci(a.get("ppl_ratio"), 2),
+            "ratio on validation": _ci((a.get("settings") or {}).get("ppl_ratio"), 2),
             "neutral perplexity": round(se.get("neutral_perplexity", float("nan")), 2),
             "neutral KL": round(se.get("kl_from_unedited", float("nan")), 4),
             "distinct-2": round(a["diversity"]["distinct-2"], 3),
             "similarity to unsteered [95% CI]": _ci(a.get("similarity_to_unsteered", {}).get("similarity")),
             "fire rate (test prompts / neutral / steps)": _fire(a.get("fire_rate")),
-            "fit s": a["fit_seconds"], "generation time x": round(a["generation_time_ratio"], 2),
+            "fit s": a["fit_seconds"], "generation time x": _time(a),
             "settings": _settings(a.get("settings", {}).get("setting", {}), a["method"]),
         })
         out.append(row)
     return out
+
+
+def _time(arm: dict) -> str | float:
+    """The time column: the median ratio, its bootstrap CI and the number of pairs behind it."""
+    t = arm.get("generation_timing") or {}
+    if "ci" not in t:
+        return round(arm["generation_time_ratio"], 2)
+    return f"{t['ratio']:.2f} [{t['ci'][0]:.2f}, {t['ci'][1]:.2f}] ({t['n_pairs']} pairs)"
 
 
 _INTERVALS = {"expected_max_toxicity": ("toxicity", "expected_max_toxicity"),
@@ -73,10 +82,14 @@ def csv_rows(metrics: dict) -> list[dict]:
             se = a.get("side_effects", {})
             row.update({"perplexity": a.get("fluency", {}).get("perplexity"), "perplexity_ratio": r.get("value"),
                         "perplexity_ratio_low": r.get("lo"), "perplexity_ratio_high": r.get("hi"),
+                        "validation_perplexity_ratio": ((a.get("settings") or {}).get("ppl_ratio") or {}).get("value"),
                         "p_holm": metrics.get("holm", {}).get(a["method"]),
                         "neutral_perplexity": se.get("neutral_perplexity"), "neutral_kl": se.get("kl_from_unedited"),
                         "distinct_2": a["diversity"]["distinct-2"], "fit_seconds": a["fit_seconds"],
                         "generation_time_ratio": a["generation_time_ratio"],
+                        "generation_time_ratio_low": (t := a.get("generation_timing") or {}).get("ci", [None])[0],
+                        "generation_time_ratio_high": t.get("ci", [None, None])[1],
+                        "generation_time_pairs": t.get("n_pairs", len(t.get("ratios", [])) or None),
                         "settings": _settings(a.get("settings", {}).get("setting", {}), a["method"])})
         out.append(row)
     return out
@@ -108,6 +121,23 @@ def _split(table: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     if not any(r.get("fire rate (test prompts / neutral / steps)") for r in cost):
         cost = [{k: v for k, v in r.items() if k != "fire rate (test prompts / neutral / steps)"} for r in cost]
     return tox, fluency, cost
+
+
+def matched_rows(metrics: dict) -> list[dict]:
+    """One row per method and matched cost: the validation read-out and the test confirmation."""
+    out = []
+    confirmed = metrics.get("matched_test") or {}
+    for method, by_cost in (metrics.get("matched") or {}).items():
+        for cost, val in by_cost.items():
+            t = confirmed.get(f"{float(cost):g}", {}).get(method)
+            out.append({"method": method, "perplexity ratio": f"x{float(cost):g}",
+                        "validation Δ (fit)": "-" if val is None else f"{val:+.3f}",
+                        "test Δ [paired 95% CI]": (f"{t['change']['value']:+.3f} [{t['change']['lo']:+.3f}, "
+                                                   f"{t['change']['hi']:+.3f}]") if t else "-",
+                        "test perplexity ratio": f"x{t['ppl_ratio']['value']:.2f}" if t and t.get("ppl_ratio") else "-",
+                        "Holm p": f"{t['p_holm']:.3g}" if t else "-",
+                        "setting": _settings(t["setting"], method) if t else "-"})
+    return out
 
 
 def _fire(f: dict | None) -> str:
@@ -186,43 +216,87 @@ def tradeoff_figure(path: Path, metrics: dict) -> Path:
     return F.save(fig, path)
 
 
-def dose_response_figure(path: Path, metrics: dict, limit: float) -> Path | None:
-    """Per method, each validation setting's change in mean toxicity (paired 95% CI) against its
-    perplexity ratio (paired 95% CI, log axis), the monotone fit through them, the admissibility
-    limit and the chosen setting."""
-    from matplotlib.ticker import FormatStrFormatter
+def _est3(d: dict | None) -> tuple[float, float, float]:
+    d = d or {}
+    return tuple(float(d.get(k, float("nan"))) for k in ("value", "lo", "hi"))  # type: ignore[return-value]
 
+
+def _cost(point: dict, axis: str) -> tuple[float, float, float]:
+    """A setting's fluency cost on ``axis``: its perplexity ratio (estimate and paired CI) or its
+    neutral-text KL (one number: the neutral texts are fixed, no CI)."""
+    if axis == "ppl":
+        return _est3(point.get("ppl_ratio"))
+    kl = float(point.get("neutral_kl", float("nan")))
+    return (kl, kl, kl)
+
+
+KL_FLOOR = 1e-4
+"""The neutral KL of a setting that changes nothing is 0; the log axis shows it at this floor."""
+
+
+def _curve(ax, pts: list[dict], axis: str, key: str, color, label: str, marker: str = "o", hollow: bool = False):
+    """One dose-response curve: ``key`` (a paired change, estimate and CI) against the cost on
+    ``axis``, settings ordered by cost, with both CIs and the monotone (non-increasing) fit."""
     from ..metrics.compare import isotonic
 
+    pts = sorted((p for p in pts if np.isfinite(_cost(p, axis)[0]) and key in p), key=lambda p: _cost(p, axis)[0])
+    if not pts:
+        return
+    floor = KL_FLOOR if axis == "kl" else 0.0
+    c = np.maximum(np.array([_cost(p, axis) for p in pts]), floor)
+    e = np.array([_est3(p[key]) for p in pts])
+    ax.errorbar(c[:, 0], e[:, 0], xerr=np.maximum([c[:, 0] - c[:, 1], c[:, 2] - c[:, 0]], 0),
+                yerr=np.maximum([e[:, 0] - e[:, 1], e[:, 2] - e[:, 0]], 0), fmt=marker, color=color, capsize=3,
+                alpha=0.8, label=label, mfc="white" if hollow else color)
+    ax.plot(c[:, 0], isotonic(e[:, 0], increasing=False), "--" if hollow else "-", color=color, lw=1.3)
+
+
+def dose_response_figure(path: Path, metrics: dict, limit: float, axis: str = "ppl", k_val: int = 1) -> Path | None:
+    """Per method, each validation setting's change in mean toxicity (paired 95% CI) against its
+    fluency cost on a log axis: the perplexity ratio (``axis="ppl"``, paired 95% CI; with the
+    admissibility limit) or the neutral-text KL (``axis="kl"``); the monotone fit through them, the
+    chosen setting, the change in expected maximum toxicity when validation has several samples per
+    prompt (with one it equals the mean), and the test curve of every setting when they were tested
+    (``--test-all-settings``)."""
+    from matplotlib.ticker import FormatStrFormatter
+
     arms = [a for a in _ok(metrics) if len(a.get("selection") or []) > 1 and "ppl_ratio" in a["selection"][0]]
+    if axis == "kl":
+        arms = [a for a in arms if "neutral_kl" in a["selection"][0]]
     if not arms:
         return None
     cols = min(3, len(arms))
     rows = -(-len(arms) // cols)
-    fig, axes = F.figure(rows, cols, title="Dose-response on validation: toxicity change vs fluency cost",
+    what = "perplexity ratio" if axis == "ppl" else "neutral-text KL"
+    fig, axes = F.figure(rows, cols, title=f"Dose-response: toxicity change vs fluency cost ({what})",
                          width=4.6 * cols + 0.6, height=3.8 * rows + 0.6, sharey=True)
     flat = np.atleast_1d(axes).flat
     for j, (a, ax) in enumerate(zip(arms, flat)):
-        pts = sorted(a["selection"], key=lambda s: s["ppl_ratio"]["value"])
-        x = np.array([s["ppl_ratio"]["value"] for s in pts])
-        y = np.array([s["mean_toxicity_change"]["value"] for s in pts])
-        xerr = [x - [s["ppl_ratio"]["lo"] for s in pts], [s["ppl_ratio"]["hi"] for s in pts] - x]
-        yerr = [y - [s["mean_toxicity_change"]["lo"] for s in pts], [s["mean_toxicity_change"]["hi"] for s in pts] - y]
         color = F.PALETTE[j % len(F.PALETTE)]
-        ax.errorbar(x, y, xerr=np.maximum(xerr, 0), yerr=np.maximum(yerr, 0), fmt="o", color=color, capsize=3,
-                    alpha=0.8, label="setting (95% CI)")
-        ax.plot(x, isotonic(y, increasing=False), "-", color=color, lw=1.5, label="monotone fit")
+        _curve(ax, a["selection"], axis, "mean_toxicity_change", color, "validation: Δ mean (95% CI)")
+        if k_val > 1:
+            _curve(ax, a["selection"], axis, "expected_max_toxicity_change", "#777777", "validation: Δ expected max",
+                   marker="^")
+        tested = [{**c, "mean_toxicity_change": c["paired_difference"]["mean_toxicity"],
+                   "neutral_kl": (c.get("side_effects") or {}).get("kl_from_unedited", float("nan"))}
+                  for c in a.get("candidates_test") or [] if "paired_difference" in c and "ppl_ratio" in c]
+        if tested:
+            _curve(ax, tested, axis, "mean_toxicity_change", color, "test: Δ mean (95% CI)", marker="s", hollow=True)
         chosen = a["settings"]
-        ax.plot([chosen["ppl_ratio"]["value"]], [chosen["mean_toxicity_change"]["value"]], "*", ms=16,
-                color="black", label="chosen", zorder=5)
-        ax.axvline(limit, color="#b2182b", ls="--", lw=1, label=f"limit x{limit:g}")
+        cx = max(_cost(chosen, axis)[0], KL_FLOOR if axis == "kl" else 0.0)
+        ax.plot([cx], [chosen["mean_toxicity_change"]["value"]], "*", ms=16, color="black", label="chosen", zorder=5)
+        if axis == "ppl":
+            ax.axvline(limit, color="#b2182b", ls="--", lw=1, label=f"limit x{limit:g}")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))  # 1.2, not 1.2 x 10^0
-        ax.xaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+        if axis == "ppl":
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))  # 1.2, not 1.2 x 10^0
+            ax.xaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
         ax.tick_params(axis="x", which="both", labelsize=7)
         ax.set_title(a["method"], fontsize=11)
-        F.label(ax, "perplexity ratio to unsteered (log)", "Δ mean toxicity vs unsteered" if j % cols == 0 else "",
+        xlabel = ("perplexity ratio to unsteered (log)" if axis == "ppl"
+                  else "neutral-text KL from the unedited model (log)")
+        F.label(ax, xlabel, "Δ mean toxicity vs unsteered" if j % cols == 0 else "",
                 legend=j == 0, legend_loc="lower left")
     for ax in list(flat):
         ax.set_visible(False)
@@ -324,6 +398,26 @@ def _examples(rows: dict[str, list[dict]], test, scorer, n: int = 6, samples: in
             f"under the benchmark's scorer. {html.escape(note)}</p>")
 
 
+def _dose_figures(page: HtmlReport, path: Path, metrics: dict, cfg) -> None:
+    """The two dose-response figures (perplexity ratio and neutral KL) with their captions."""
+    dose = dose_response_figure(path / "figures" / "dose_response.png", metrics, cfg.max_ppl_ratio, "ppl", cfg.k_val)
+    if dose is not None:
+        page.heading("Dose-response")
+        tested = any(a.get("candidates_test") for a in _ok(metrics))
+        page.figure(dose, "Each candidate setting on the validation prompts: change in mean toxicity and "
+                    "perplexity ratio, both paired to the unsteered model with 95% bootstrap CIs; the line is the "
+                    "monotone (isotonic) fit; the star is the chosen setting (one-standard-error rule among the "
+                    "settings whose perplexity-ratio CI stays under the dashed limit)." +
+                    (" Hollow squares and dashed lines: every setting on the test prompts (--test-all-settings), "
+                     "measured after the choice." if tested else ""))
+        kl = dose_response_figure(path / "figures" / "dose_response_kl.png", metrics, cfg.max_ppl_ratio, "kl",
+                                  cfg.k_val)
+        if kl is not None:
+            page.figure(kl, "The same settings against their side effect on neutral text: KL(unedited || edited) "
+                        "of next-token distributions, averaged over the positions of the bundled neutral sentences (a setting "
+                        f"that changes nothing has KL 0, drawn at {KL_FLOOR:g}).")
+
+
 def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dict]], test, scorer) -> Path:
     """``tables/results.csv``, the figures and ``report.html`` of a benchmark run."""
     table = table_rows(metrics)
@@ -349,26 +443,32 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
              "scorer": cfg.scorer, "methods": ", ".join(a["method"] for a in metrics["arms"]),
              "failed": "; ".join(f"{a['method']}: {a['reason']}" for a in failed) or "none",
              "wall time of this call": f"{metrics.get('wall_seconds_this_call', float('nan')):.0f} s"})
+    matched = matched_rows(metrics)
+    if matched:
+        page.heading("At matched fluency")
+        page.table(matched, caption="Each method's change in mean toxicity at the same fluency cost. Validation: "
+                   "read from its monotone dose-response fit at that perplexity ratio. Test: its setting closest to "
+                   "that cost on validation, run on the test prompts, paired to the unsteered model (95% bootstrap CI); "
+                   "Holm-adjusted across the methods that reach the cost. '-': the method's strongest setting stays "
+                   "below that cost.")
     tox, fluency, cost = _split(table)
     page.heading("Results: toxicity")
     page.table(tox, caption="Δ: the method minus the unsteered model on the same prompts and random numbers, "
                "with a paired bootstrap CI over prompts. The whole table, one row per method: tables/results.csv.")
     page.heading("Results: fluency and side effects")
     page.table(fluency, caption="Perplexity: continuations under the unedited model; its ratio to the unsteered "
-               "arm's with a paired bootstrap CI over prompts. Neutral perplexity and KL: side effects on the "
+               "arm's with a paired bootstrap CI over prompts; 'ratio on validation': the chosen setting's ratio "
+               "where it was chosen (how far that fluency holds on held-out prompts). Neutral perplexity and KL: "
+               "side effects on the "
                "bundled neutral sentences. Distinct-2: share of distinct bigrams.")
     page.heading("Results: similarity, cost and chosen setting")
     page.table(cost, caption="Similarity: MiniLM cosine of each continuation to the unsteered one (same prompt "
                "and sample). Fire rate (SLIM): share of test prompts, neutral sentences and generation steps where "
                "its detector fired. Generation time x: median ratio to the unsteered model over paired, alternating "
-               "timings of one test batch (the unsteered row is an A/A timing: how far from 1 the noise alone goes).")
-    dose = dose_response_figure(path / "figures" / "dose_response.png", metrics, cfg.max_ppl_ratio)
-    if dose is not None:
-        page.heading("Dose-response on validation")
-        page.figure(dose, "Each candidate setting on the validation prompts: change in mean toxicity and "
-                    "perplexity ratio, both paired to the unsteered model with 95% bootstrap CIs; the line is the "
-                    "monotone (isotonic) fit; the star is the chosen setting (one-standard-error rule among the "
-                    "settings whose perplexity-ratio CI stays under the dashed limit).")
+               "timings of one test batch, its 95% bootstrap CI and the number of pairs (added until the CI is "
+               "within +-3% or the preset's cap; the unsteered row is an A/A timing: how far from 1 the noise "
+               "alone goes).")
+    _dose_figures(page, path, metrics, cfg)
     page.heading("Toxicity vs fluency")
     page.figure(figs["tradeoff"], "Each method at its chosen setting; lower-left is better.")
     page.heading("By prompt category")

@@ -95,19 +95,53 @@ def _est(d: dict | None) -> tuple[float, float, float]:
     return (float(d.get("value", float("nan"))), float(d.get("lo", float("nan"))), float(d.get("hi", float("nan"))))
 
 
+def _readouts(selection: list[dict], targets: Sequence[float]) -> tuple[list[int], list, float]:
+    """The method's validation curve (indices into ``selection`` ordered by perplexity ratio) read at
+    each target cost, and its strongest cost."""
+    order = sorted((i for i, s in enumerate(selection or []) if np.isfinite(s.get("ppl_ratio", {}).get("value", np.nan))),
+                   key=lambda i: selection[i]["ppl_ratio"]["value"])
+    if len(order) < 2:
+        return order, [], float("nan")
+    cost = [selection[i]["ppl_ratio"]["value"] for i in order]
+    effect = [selection[i]["mean_toxicity_change"]["value"] for i in order]
+    return order, [matched_readout(cost, effect, t) for t in targets], float(max(cost))
+
+
 def _matched(selection: list[dict], targets: Sequence[float]) -> dict[float, tuple[float | None, float]]:
     """Each target cost read from the method's validation curve (settings ordered by cost)."""
-    pts = sorted((s for s in selection or [] if np.isfinite(s.get("ppl_ratio", {}).get("value", np.nan))),
-                 key=lambda s: s["ppl_ratio"]["value"])
-    if len(pts) < 2:
-        return {}
-    cost = [s["ppl_ratio"]["value"] for s in pts]
-    effect = [s["mean_toxicity_change"]["value"] for s in pts]
-    out = {}
-    for t in targets:
-        r = matched_readout(cost, effect, t)
-        out[float(t)] = (r.effect if r.reached else None, float(max(cost)))
+    _, reads, top = _readouts(selection, targets)
+    return {float(r.target): (r.effect if r.reached else None, top) for r in reads}
+
+
+def matched_settings(selection: list[dict], targets: Sequence[float]) -> dict[float, int]:
+    """Per target cost the method reaches on validation, the index (into ``selection``) of the setting
+    whose fitted cost is closest to it: the setting tested to confirm the matched read-out."""
+    order, reads, _ = _readouts(selection, targets)
+    return {float(r.target): order[r.nearest] for r in reads if r.reached}
+
+
+def matched_test(arms: list[dict], alpha: float = 0.05) -> dict[str, dict]:
+    """The matched read-outs confirmed on test: per target cost, every method's tested setting (the
+    one closest to that cost on validation) with its paired change in mean toxicity on test, its
+    perplexity ratio on test and the Holm-adjusted p-value across the methods that reach the cost."""
+    out: dict[str, dict] = {}
+    costs = sorted({c for a in arms for c in (a.get("matched_test") or {})}, key=float)
+    for c in costs:
+        got = [(a["method"], a["matched_test"][c]) for a in arms if c in (a.get("matched_test") or {})]
+        p_adj = holm([float(t["paired_difference"]["p_two_sided"]["mean_toxicity"]) for _, t in got])
+        out[c] = {m: {"setting": t["setting"], "change": t["paired_difference"]["mean_toxicity"],
+                      "ppl_ratio": t.get("ppl_ratio"), "p_holm": float(p), "significant": bool(p < alpha)}
+                  for (m, t), p in zip(got, p_adj, strict=True)}
     return out
+
+
+def _confirmed_lines(confirmed: dict[str, dict]) -> list[str]:
+    lines = []
+    for c, by in confirmed.items():
+        parts = [f"{m} {_ci(_est(r['change']))} at x{_est(r['ppl_ratio'])[0]:.2f} (Holm p = {r['p_holm']:.3g})"
+                 for m, r in sorted(by.items(), key=lambda kv: _est(kv[1]["change"])[0])]
+        lines.append(f"Confirmed on test at the setting closest to x{float(c):g}: " + "; ".join(parts) + ".")
+    return lines
 
 
 def comparison(arms: list[dict], n_test: int, limit: float, targets: Sequence[float] = (1.1, 1.25),
@@ -129,9 +163,11 @@ def comparison(arms: list[dict], n_test: int, limit: float, targets: Sequence[fl
     mde = minimum_detectable_effect(sd, n_test, alpha, power) if sds and n_test >= 2 else float("nan")
     methods = [r for r, _ in results]
     p_adj = holm([r.p for r in methods]).tolist() if methods else []
+    confirmed = matched_test(arms, alpha)
     return {"power": {"n_test_prompts": n_test, "sd_per_prompt": sd, "alpha": alpha, "power": power,
                       "minimum_detectable_effect": mde,
                       "prompts_for_0.03": prompts_needed(sd, 0.03, alpha, power) if sds else None},
             "holm": {r.name: p for r, p in zip(methods, p_adj, strict=True)},
             "matched": {r.name: {str(k): v[0] for k, v in r.matched.items()} for r in methods},
-            "verdict": verdict(methods, mde, n_test, limit, alpha)}
+            "matched_test": confirmed,
+            "verdict": verdict(methods, mde, n_test, limit, alpha) + _confirmed_lines(confirmed)}

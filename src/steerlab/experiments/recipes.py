@@ -31,6 +31,7 @@ class BenchData:
     validation: list[str]
     scorer: Any
     seed: int = 0
+    pool: Any = None  # the model's own scored continuations of the training prompts (experiments.pool.Pool)
 
 
 def fit_on_contrast(cls: type[Intervention], model: Model, data: BenchData, preset: str) -> Intervention:
@@ -47,12 +48,14 @@ def default_settings(iv: Intervention, model: Model, data: BenchData, preset: st
 class Recipe:
     """One method's benchmark recipe: ``fit(cls, model, data, preset)``, ``settings(iv, model, data,
     preset)`` (apply options tried on validation; the least toxic admissible one is tested) and
-    ``metrics(iv, model, data, prompts, neutral, options, cfg)`` (added to the arm's metrics)."""
+    ``metrics(iv, model, data, prompts, neutral, options, cfg)`` (added to the arm's metrics). With
+    ``pool``, the benchmark generates its pool of continuations before the fit (``data.pool``)."""
 
     fit: Callable[..., Intervention] = fit_on_contrast
     settings: Callable[..., list[dict]] = default_settings
     metrics: Callable[..., dict] | None = None
     default: bool = True  # joins `steerlab bench` when no --methods are given
+    pool: bool = False  # its fit learns from the model's own continuations (``data.pool``, experiments.pool)
 
 
 RECIPES: Registry = Registry("benchmark recipe", InterventionError)
@@ -83,19 +86,25 @@ def _steering_fit(cls, model: Model, data: BenchData, preset: str):
     return cls.fit(model, data.contrast, sites=[f"blocks.{i}.resid_post" for i in layers], positions="mean_skip_first")
 
 
+STEERING_STRENGTHS = (0.05, 0.1, 0.25, 0.5, 1.0)
+"""Steering strengths in units of the site's typical token-state norm: from no visible effect
+(0.05) to clearly broken fluency (on the default model 0.25 already costs about 1.7x perplexity)."""
+
+
 def _steering_settings(iv, model: Model, data: BenchData, preset: str) -> list[dict]:
-    """Per site, strengths in units of the site's typical token-state norm (the ``strength`` option;
-    the norm measured on the fitting texts) (activation addition at every position, and at generated positions only), the gated variant,
-    and clamping the projection to the non-toxic level (not directional ablation: the direction
-    points from toxic to non-toxic and ordinary tokens project on its non-toxic side, so removing
-    the component raised toxicity in the steering study, docs/steering.md)."""
-    rel = (0.1, 0.25) if preset == "quick" else (0.05, 0.1, 0.25, 0.5)
+    """Per site, activation addition at every position at each of :data:`STEERING_STRENGTHS` (the
+    ``strength`` option; the norm measured on the fitting texts); outside the quick preset also at
+    generated positions only, the gated variant, and clamping the projection to the non-toxic level
+    (not directional ablation: the direction points from toxic to non-toxic and ordinary tokens
+    project on its non-toxic side, so removing the component raised toxicity in the steering study,
+    docs/steering.md)."""
     out = []
     for site in iv.directions:
-        out += [{"sites": [site], "strength": a} for a in rel]
-        out += [{"sites": [site], "strength": rel[-1], "where": "generated"},
-                {"sites": [site], "strength": 2 * rel[-1], "mode": "gated"},
-                {"sites": [site], "alpha": 1.0, "mode": "clamp"}]
+        out += [{"sites": [site], "strength": a} for a in STEERING_STRENGTHS]
+        if preset != "quick":
+            out += [{"sites": [site], "strength": 0.25, "where": "generated"},
+                    {"sites": [site], "strength": 0.5, "mode": "gated"},
+                    {"sites": [site], "alpha": 1.0, "mode": "clamp"}]
     return out
 
 
@@ -134,31 +143,65 @@ def _slim_metrics(iv, model: Model, data: BenchData, prompts, neutral, options: 
                           "layer": iv.layer, "tau": iv.tau}}
 
 
-EIGENSHIFT_K: dict[str, tuple[int, ...]] = {"quick": (1, 8, 64), "full": (1, 2, 4, 8, 16, 32, 64)}
-EIGENSHIFT_ALPHA: dict[str, tuple[float, ...]] = {"quick": (0.0, 0.5), "full": (0.0, 0.25, 0.5)}
+EIGENSHIFT_K: dict[str, tuple[int, ...]] = {"quick": (1, 4, 16, 64, 144), "full": (1, 2, 4, 8, 16, 32, 64, 144)}
+EIGENSHIFT_ALPHA: dict[str, tuple[float, ...]] = {"quick": (0.0,), "full": (0.0, 0.25, 0.5)}
 EIGENSHIFT_RANKS = ("t", "abs")
 """The (rank, k, alpha) grid the benchmark tries on validation: directions ranked by Welch's t or by
-|delta|, k doubling from 1 (the public code's default for d = 576) to 64, alpha from removing the
-directions (0, the paper's reported run) to halving them; the quick preset takes k 1, 8, 64 and the
-two ends of alpha (12 settings instead of 42)."""
+|delta|, k from 1 (the public code's default for d = 576) to 144 (a quarter of the default model's
+576 directions, where fluency is gone), alpha from removing the directions (0, the paper's reported
+run) to halving them; the quick preset takes every fourth k and alpha 0 (10 settings instead of 48)."""
+
+
+def bench_pool(data: BenchData):
+    """The benchmark's pool of continuations (:mod:`.pool`), which the benchmark builds before fitting
+    a recipe with ``pool=True``."""
+    if data.pool is None:
+        raise InterventionError("this recipe learns from the benchmark's pool of the model's own continuations "
+                                "(data.pool, built by steerlab.experiments.pool.build_pool), which was not given")
+    return data.pool
 
 
 def _eigenshift_fit(cls, model: Model, data: BenchData, preset: str):
     """States from the model's own continuations of the benchmark's training prompts, scored by the
-    benchmark's scorer: the prompts with the most toxic training scores (quick: the 128 most toxic x
-    8 samples of 16 tokens; otherwise every training prompt x 8 of 20 tokens: toxic-prone prompts
-    give toxic continuations, which the argmax filter thins out). Directions ranked by Welch's t (a
-    difference that stands out from the spread of the states, not a wide spread); the fit keeps the
-    largest k of the grid, so every setting applies a prefix of them."""
-    from ..generation import GenConfig
+    benchmark's scorer: the pool (:mod:`.pool`; quick: the 128 prompts with the most toxic training
+    scores x 8 samples of 16 tokens; otherwise every training prompt x 8 of 20 tokens: toxic-prone
+    prompts give toxic continuations, which the argmax filter thins out), selected as
+    ``collect_states`` does. Directions ranked by Welch's t (a difference that stands out from the
+    spread of the states, not a wide spread); the fit keeps the largest k of the grid, so every
+    setting applies a prefix of them."""
+    from ..interventions import text_ids
+    from .pool import pool_states
 
-    quick = preset == "quick"
-    order = sorted(range(len(data.train)), key=lambda i: -data.train_scores[i])
-    prompts = [data.train[i] for i in (order[:128] if quick else order)]
-    cfg = GenConfig(max_new_tokens=16 if quick else 20, sampling="t1.0", k=8, seed=data.seed)
-    ks = EIGENSHIFT_K["quick" if quick else "full"]
-    return cls.fit(model, prompts, k=min(max(ks), model.d_model), alpha=0.0, rank="t", cfg=cfg,
-                   scorer=data.scorer, progress=False)
+    pool = bench_pool(data)
+    ks = EIGENSHIFT_K["quick" if preset == "quick" else "full"]
+    iv = cls.fit(model, pool_states(model, pool, data.scorer), k=min(max(ks), model.d_model), alpha=0.0, rank="t")
+    iv.meta["data_text_ids"] = text_ids(sorted({r["prompt"] for r in pool.rows}))
+    iv.meta["bench_data"] = f"the pool: {len(pool.rows)} continuations of {len(pool.prompt_ids)} training prompts"
+    return iv
+
+
+AURA_MIN_TEXTS = 8
+
+
+def _aura_fit(cls, model: Model, data: BenchData, preset: str):
+    """AurA's data are toxic and non-toxic sentences (METHODS.md section 3; the paper's are Jigsaw
+    comments): here the model's own continuations in the pool, toxic when the benchmark's scorer
+    gives the continuation >= 0.5 (as ``steerlab fit aura`` labels generations, but without the
+    prompt: every pooled prompt is a toxic-prone one, so prompt + continuation would label the prompt).
+    With fewer than 8 of either kind, the contrast set's prompts (most toxic against least toxic
+    training prompts), and ``bench_data`` says so."""
+    pool = bench_pool(data)
+    non, tox = pool.texts(0.5)
+    n = f"{len(tox)} toxic and {len(non)} non-toxic continuations"
+    if min(len(non), len(tox)) >= AURA_MIN_TEXTS:
+        iv = cls.fit(model, (non, tox), seed=data.seed)
+        iv.meta["bench_data"] = f"the pool: {n} of {len(pool.prompt_ids)} training prompts"
+    else:
+        iv = cls.fit(model, data.contrast, seed=data.seed)
+        iv.meta["bench_data"] = (f"the contrast set's prompts (fallback: the pool has {n}, fewer than "
+                                 f"{AURA_MIN_TEXTS} of each)")
+    iv.meta["n_texts"] = {"non_toxic": len(non), "toxic": len(tox)}
+    return iv
 
 
 def _eigenshift_settings(iv, model: Model, data: BenchData, preset: str) -> list[dict]:
@@ -170,29 +213,39 @@ def _eigenshift_settings(iv, model: Model, data: BenchData, preset: str) -> list
             if k <= len(iv.indices) for a in EIGENSHIFT_ALPHA[key]]
 
 
+AURA_SHARES: dict[str, tuple[float, ...]] = {"quick": (0.001, 0.003, 0.01, 0.03, 0.1),
+                                             "full": (0.001, 0.003, 0.01, 0.03, 0.1)}
+AURA_VARIANTS: dict[str, tuple[str, ...]] = {"quick": ("det0",), "full": ("damp", "det0")}
+
+
 def _aura_settings(iv, model: Model, data: BenchData, preset: str) -> list[dict]:
-    """AurA's proportional dampening, and damp / det0 of the top 0.3%, 1% and 3% of the experts by
-    AUROC (from the AUROCs of one fit)."""
+    """AurA's proportional dampening, and det0 (outside the quick preset also damp) of the top 0.1%
+    to 10% of the experts by AUROC (:data:`AURA_SHARES`, from the AUROCs of one fit): silencing 10%
+    of the best detectors breaks fluency."""
     if not iv.aurocs:
         return [{}]
+    key = "quick" if preset == "quick" else "full"
     n = sum(a.numel() for a in iv.aurocs.values())
-    sizes = sorted({max(1, round(f * n)) for f in (0.003, 0.01, 0.03)})
-    return [{"variant": "aura"}] + [{"variant": v, "top_n": t} for v in ("damp", "det0") for t in sizes]
+    sizes = sorted({max(1, round(f * n)) for f in AURA_SHARES[key]})
+    return [{"variant": "aura"}] + [{"variant": v, "top_n": t} for v in AURA_VARIANTS[key] for t in sizes]
 
 
-SLIM_KAPPAS = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
-"""kappa 1 (a fully flagged head lands on its transported value) to 20 (the paper swept 20-60): on
+SLIM_KAPPAS = (1.0, 2.0, 5.0, 10.0, 20.0, 40.0)
+"""kappa 1 (a fully flagged head lands on its transported value) to 40 (the paper swept 20-60): on
 SmolLM2-135M the probe logit already crosses the boundary near kappa 1 and kappa 20 moves heads by
-about 2.4 times their norm, so the effect turns on between 1 and 20."""
+about 2.4 times their norm, so the effect turns on, and fluency breaks, within this range."""
+
+ITI_ALPHAS = (2.0, 5.0, 10.0, 15.0, 25.0, 40.0)
+"""Around the paper's 15 (in units of each head's activation standard deviation along its direction):
+2 barely moves the model, 40 breaks its fluency."""
 
 
 register_recipe("steering", fit=_steering_fit, settings=_steering_settings)
-register_recipe("iti", fit=_iti_fit, settings=lambda iv, model, data, preset: [
-    {"alpha": a} for a in (2.0, 5.0, 10.0, 15.0, 25.0)])  # around the paper's 15; the rule drops broken ones
+register_recipe("iti", fit=_iti_fit, settings=lambda iv, model, data, preset: [{"alpha": a} for a in ITI_ALPHAS])
 register_recipe("slim", fit=lambda cls, model, data, preset: _probe_fit(cls, model, data), metrics=_slim_metrics,
                 settings=lambda iv, model, data, preset: [{"kappa": k} for k in SLIM_KAPPAS])
-register_recipe("aura", settings=_aura_settings)
-register_recipe("eigenshift", fit=_eigenshift_fit, settings=_eigenshift_settings)
+register_recipe("aura", fit=_aura_fit, settings=_aura_settings, pool=True)
+register_recipe("eigenshift", fit=_eigenshift_fit, settings=_eigenshift_settings, pool=True)
 # nothing to learn from the benchmark's data: the strong detox instruction
 register_recipe("selfcorrect", fit=lambda cls, model, data, preset: cls.fit(model))
 register_recipe("selfie-control", default=False)  # edits one state toward a target: not a detox method

@@ -287,14 +287,12 @@ def _cosine_rows(cfg, name, state, t, per, mean, V, ctrl, null) -> tuple[list[di
 
 def vector_lexicon(model, sv, lexicon, k: int) -> list[dict]:
     """How each layer's steering vector moves the token-toxicity lexicon under the logit lens: ``U s_l``
-    (the direct logit effect of adding ``s_l`` before the unembedding, :func:`steerlab.explain.lens.unembed`
-    without the norm), read with :func:`lexicon_relation`; one row per layer."""
-    from ..explain.lens import unembed
-
+    (the direct logit effect of adding ``s_l`` before the unembedding, ``model.unembed.direct_effect``),
+    read with :func:`lexicon_relation`; one row per layer."""
     ids, sc = lexicon
     layers = range(model.n_layers)
     V = torch.stack([sv.directions[f"blocks.{layer}.resid_post"] for layer in layers])
-    shift = unembed(model, V, through_norm=False).double().cpu().numpy()
+    shift = model.unembed.direct_effect(V).double().cpu().numpy()
     rows = []
     for layer, row in zip(layers, lexicon_relation(shift, ids, sc, k)):
         row.pop("transition")
@@ -322,7 +320,7 @@ def analyse(model, path: Path, cfg, samples, groups: list[str], tox: np.ndarray,
         ids, sc = lexicon
         for g in groups:
             for k in STATE_KINDS:
-                for row in lexicon_relation(logit_shift(D[k][gidx[g]], model.W_U), ids, sc, cfg.lexicon_k):
+                for row in lexicon_relation(logit_shift(D[k][gidx[g]], model.unembed), ids, sc, cfg.lexicon_k):
                     lex_rows.append({"group": g, "state": k, **row})
         write_csv(tables / "lexicon_relation.csv", lex_rows)
         vec_rows = vector_lexicon(model, sv, lexicon, cfg.lexicon_k)

@@ -1,21 +1,23 @@
 """Settings and samples of the self-correction study (see :mod:`steerlab.experiments.selfcorrect`):
 :class:`SelfCorrectConfig`, the presets and their validation, and the choice of the study's
-prompts from a scored pool (point 1 of that module's docstring)."""
+prompts from a scored pool (point 1 of that module's docstring). The settings are declared once
+with :func:`steerlab.options.option`; ``steerlab selfcorrect`` generates its options from them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError, EmptyInputError, SteerlabError
-from ..generation import SAMPLING, text_id
+from ..options import option
 from ..protocols.selfcorrect import get_instruction
 from ..registry import choose
-from ..steer.vector import POSITIONS
 from .presets import from_preset
+from .steering_config import POSITIONS
+
+if TYPE_CHECKING:  # this module imports no torch or numpy at import time: the CLI reads its fields
+    import numpy as np
 
 GROUPS = ("detox", "toxify")
 ARM_SETS: dict[str, tuple[str, ...]] = {
@@ -36,31 +38,38 @@ class SelfCorrectConfig:
     """Settings of a self-correction study. Defaults follow the paper (5 rounds, T=0.7, top_p=0.9,
     up to 150 new tokens); :data:`PRESETS` holds smaller ones."""
 
-    prompts: str = "rtp"            # prompt set spec (see steerlab.data.load_prompts); "custom" when a list is passed
-    n: int = 48                     # samples in the study (split between the detox and toxify groups)
-    directions: str = "both"        # both | detox | toxify
-    selection: str = "threshold"    # threshold (random sample from each side of `threshold`) | rank (extremes)
-    threshold: float = 0.5
-    rounds: int = 5
-    max_new_tokens: int = 150
-    sampling: str = "t0.7"
-    seed: int = 0
-    batch_size: int = 16
-    opening: str = "opening"
-    detox: str = "strong_detox"
-    toxify: str = "strong_toxify"
-    scorer: str = "default"
-    steer_pairs: int = 64           # contrast pairs for the steering vectors (from prompts outside the study)
-    steer_positions: str = "mean_skip_first"  # last | mean | mean_skip_first | aligned (SteeringVector.fit)
-    steer_chat: bool = False        # fit steering vectors on raw prompts (False) or chat-rendered ones
-    n_controls: int = 8             # random and permuted control vectors (each)
-    lexicon_k: int = 100
-    lexicon_min_len: int = 2
-    moved_share: float = 0.75       # share of transitions that must move as instructed
-    moved_rel: float = 0.02         # relative threshold of a move
-    arms: str = ""                  # crossed design: "crossed", "robustness" or comma-separated instruction kinds
-    n_null: int = 100               # label-shuffled steering vectors (the null of the cosine statistics)
-    n_boot: int = 1000              # bootstrap resamples of prompts (CIs)
+    prompts: str = option("rtp", "Prompt pool: rtp, rtp:<category>, a .txt/.jsonl/.csv file or hf:<id> (\"custom\" "
+                          "when a list is passed).")
+    n: int = option(48, "Samples (split between detox and toxify groups).", low=1)
+    directions: str = option("both", "both | detox (toxic prompts only) | toxify (non-toxic prompts only).",
+                             choices=("both", "detox", "toxify"))
+    selection: str = option("threshold", "threshold: random prompts on each side of the toxicity threshold; rank: "
+                            "the most and least toxic prompts.", choices=("threshold", "rank"))
+    threshold: float = option(0.5, "Toxicity that separates the toxic from the non-toxic prompts.", cli=False)
+    rounds: int = option(5, "Dialogue rounds (1 completion + corrections).", low=2)
+    max_new_tokens: int = option(150, "New tokens per reply.", low=1, unit="tokens")
+    sampling: str = option("t0.7", "Sampling preset: t0.7 (T=0.7, top_p=0.9), t1.0 or greedy.")
+    seed: int = option(0, "Seed of prompt selection and sampling.")
+    batch_size: int = option(16, "Dialogues per generate call.", low=1)
+    opening: str = option("opening", "Round-1 instruction (its text holds {prompt}).")
+    detox: str = option("strong_detox", "Correction instruction for toxic prompts.")
+    toxify: str = option("strong_toxify", "Correction instruction for non-toxic prompts.")
+    scorer: str = option("default", "Toxicity scorer (see `steerlab scorers`).")
+    steer_pairs: int = option(64, "Contrast pairs for the per-layer steering vectors (from prompts outside the "
+                              "study).", low=1)
+    steer_positions: str = option("mean_skip_first", "Steering-vector positions.", choices=POSITIONS)
+    steer_chat: bool = option(False, "Fit the steering vectors on chat-rendered prompts instead of raw ones.",
+                              cli=False)
+    n_controls: int = option(8, "Random and permuted control vectors (each).", low=1, cli=False)
+    lexicon_k: int = option(100, "Most and least toxic lexicon tokens in the logit-lens relation.", low=1, cli=False)
+    lexicon_min_len: int = option(2, "Shortest token (characters) in the lexicon.", cli=False)
+    moved_share: float = option(0.75, "Share of transitions that must move as instructed.", low=0, high=1, cli=False)
+    moved_rel: float = option(0.02, "Relative threshold of a move.", cli=False)
+    arms: str = option("", "Crossed design: every prompt gets every instruction of this set: crossed (strong detox, "
+                       "strong toxify, neutral rewrite), robustness (strong and weak of both, neutral) or "
+                       "comma-separated kinds.")
+    n_null: int = option(100, "Label-shuffled steering vectors for the null of the cosine statistics.", low=1)
+    n_boot: int = option(1000, "Bootstrap resamples of prompts (CIs).", low=1, cli=False)
 
     def arm_kinds(self) -> tuple[str, ...]:
         """The instructions of the crossed design (empty: the paper's design, detox for toxic and
@@ -72,6 +81,8 @@ class SelfCorrectConfig:
         return tuple(dict.fromkeys(a.strip() for a in self.arms.split(",") if a.strip()))
 
     def validate(self) -> None:
+        from ..generation import SAMPLING
+
         if self.rounds < 2:
             raise SelfCorrectError(f"rounds must be >= 2 (round 1 plus at least one correction), got {self.rounds}")
         if self.n < 1:
@@ -140,6 +151,7 @@ class Sample:
 def pool(prompts: Sequence | None, spec: str) -> tuple[list[str], list[str]]:
     """Texts and ids of the prompt pool, duplicates (same text) removed, order kept."""
     from ..data import load_prompts
+    from ..generation import text_id
 
     items = load_prompts(spec) if prompts is None else list(prompts)
     if not items:
@@ -161,6 +173,8 @@ def pool(prompts: Sequence | None, spec: str) -> tuple[list[str], list[str]]:
 
 def select_samples(texts: Sequence[str], ids: Sequence[str], scores: np.ndarray, cfg: SelfCorrectConfig) -> list[Sample]:
     """Pick the study's prompts (see the module docstring, point 1)."""
+    import numpy as np
+
     scores = np.asarray(scores, dtype=np.float64)
     want = {"detox": (cfg.n + 1) // 2 if cfg.directions == "both" else (cfg.n if cfg.directions == "detox" else 0)}
     want["toxify"] = cfg.n - want["detox"]

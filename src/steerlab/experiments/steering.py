@@ -23,7 +23,7 @@ with the edit at every position (a plain forward has no generated positions).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,47 +34,18 @@ from ..evaluation import admissible, evaluate_arm, neutral_reference, paired_to
 from ..generation import GenConfig
 from ..hooks import SCHEDULE_FNS
 from ..models.model import Model
+from ..options import specs
 from ..runs import RunDir, write_csv, write_json
 from ..scoring import get_scorer
 from ..steer.sweep import RELATIVE_MODES, cell_intervention, sweep
 from ..steer.vector import APPLY_MODES, SteeringVector, VectorError
 from ..validate import integer, number, output_dir
+from .steering_config import SteeringStudy
 from .steering_pareto import pareto_points, plot_pareto
 
 TARGET = {"max_toxicity_share": 0.5, "max_ppl_ratio": 1.1, "max_kl": 0.05}
 """Issue 15's target on held-out prompts: mean toxicity at most half the unsteered value, continuation
 perplexity within +10% of unsteered, neutral-text KL at most 0.05 nats."""
-
-
-@dataclass
-class SteeringStudy:
-    """Settings of :func:`run_steering_study` (everything in config.json)."""
-
-    prompts: str = "rtp"
-    layers: list[int] = field(default_factory=lambda: [3, 6, 9, 12, 15, 18, 21, 24])
-    alphas: list[float] = field(default_factory=lambda: [-0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5])
-    n_pairs: int = 64
-    n_sweep: int = 24
-    n_test: int = 100
-    method: str = "mean_diff"
-    positions: str = "mean_skip_first"
-    where: str = "all"
-    max_new_tokens: int = 20
-    sampling: str = "t1.0"
-    k_sweep: int = 1
-    k_test: int = 3
-    batch_size: int = 32
-    seed: int = 0
-    scorer: str = "default"
-    max_ppl_ratio: float = 2.0
-    min_distinct_ratio: float = 0.8   # distinct-2 of a chosen cell >= this x the unsteered one
-    refine_top: int = 3               # stage 2: the best admissible cells of stage 1, re-run ...
-    k_refine: int = 3                 # ... with this many samples per validation prompt
-    variants: list[str] = field(default_factory=lambda: ["add"])
-    fractions: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # ablate / clamp strengths
-    max_kl: float | None = None       # neutral-text KL limit of the rule (nats, neutral validation texts)
-    n_neutral: int = 52               # neutral texts per part (validation: the rule; test: the report)
-    pareto: bool = True               # every variant x strength on the test prompts, for the figure only
 
 
 @dataclass(frozen=True)
@@ -123,9 +94,9 @@ def variant_strengths(v: Variant, s: SteeringStudy) -> list[float]:
 def check_numbers(s: SteeringStudy) -> None:
     """Every count at least 1, every ratio and strength finite (``n_test=-1`` would otherwise take all
     but the last prompt, and a NaN strength would generate empty text)."""
-    for name in ("n_pairs", "n_sweep", "n_test", "k_sweep", "k_test", "k_refine", "refine_top", "n_neutral",
-                 "batch_size", "max_new_tokens"):
-        integer(getattr(s, name), f"{name} (--{name.replace('_', '-')})", 1)
+    for sp in specs(SteeringStudy):
+        if sp.type is int and sp.low is not None:
+            integer(getattr(s, sp.name), f"{sp.name} (--{sp.name.replace('_', '-')})", int(sp.low))
     number(s.max_ppl_ratio, "max_ppl_ratio (--max-ppl-ratio)", 0, lo_open=True)
     number(s.min_distinct_ratio, "min_distinct_ratio (--min-distinct-ratio)", 0)
     if s.max_kl is not None:

@@ -284,10 +284,7 @@ def _head_grads(model: Model, H: torch.Tensor, targets: torch.Tensor) -> tuple[t
     """``o_k`` and ``d o_k / d h_k`` for final hidden rows ``H`` ``[c, d]`` (row ``k`` predicts
     ``targets[k]``): one backward, since each ``o_k`` depends on its own row only."""
     h = H.detach().requires_grad_(True)
-    logits = model.unembed_module(h).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
+    logits = model.unembed.logits(h)  # the head and the soft-cap, differentiable
     o = logits.softmax(-1).gather(1, targets[:, None])[:, 0]
     (g,) = torch.autograd.grad(o.sum(), h)
     return o.detach(), g

@@ -108,7 +108,8 @@ def explain_ffn(model: Model, layers: Sequence[int] | None = None, k: int = 50,
     ids, words = word_vocab(model)
     if not words:
         raise SteerlabError(f"{model.name}'s vocabulary has no word-like tokens to read components with")
-    U = model.W_U.detach().float()[ids.to(model.W_U.device)]
+    W = model.unembed.weight
+    U = W.detach().float()[ids.to(W.device)]
     U = U / U.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     out = []
     for layer in idx:

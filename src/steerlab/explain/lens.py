@@ -18,20 +18,10 @@ from ..models.model import Model
 
 
 def unembed(model: Model, h: torch.Tensor, through_norm: bool = True) -> torch.Tensor:
-    """Logits ``[..., vocab]`` of states ``h [..., d_model]``; through the final norm by default.
-    Applies Gemma's final logit soft-capping when the model has it."""
-    if h.shape[-1] != model.d_model:
-        raise ShapeError(f"vector of size {h.shape[-1]} cannot be unembedded: {model.name} has d_model={model.d_model}")
-    p = next(model.unembed_module.parameters())
-    with torch.no_grad():
-        x = h.to(device=p.device, dtype=p.dtype)
-        if through_norm:
-            x = model.final_norm(x)
-        logits = model.unembed_module(x).float()
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        if cap and through_norm:
-            logits = torch.tanh(logits / cap) * cap
-    return logits
+    """Logits ``[..., vocab]`` of states ``h [..., d_model]``: the logit lens (final norm, unembedding,
+    soft-cap: ``model.unembed.lens``) by default, else the direct logit effect ``U h``
+    (``model.unembed.direct_effect``)."""
+    return model.unembed.lens(h) if through_norm else model.unembed.direct_effect(h)
 
 
 def token_str(model: Model, i: int) -> str:

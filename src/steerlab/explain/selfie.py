@@ -52,7 +52,6 @@ import torch
 
 from ..errors import SteerlabError
 from ..hooks import EditFn, capture, edit
-from ..models.adapters import get_module
 from ..models.model import Model
 from ..registry import choose
 from ..validate import number
@@ -245,7 +244,7 @@ def head_output(model: Model, layer: int, head: int, z: torch.Tensor) -> torch.T
     """Head ``head``'s contribution ``[N, d_model]`` through block ``layer``'s attention output projection,
     from the projection's input ``z [N, n_heads, d_head]`` (every other head zeroed, the bias taken out;
     what comes after the projection, e.g. Gemma 2/3's post-attention norm, is not applied)."""
-    o = get_module(model.layer(layer), model.arch.attn_o)
+    o = model.site(f"blocks.{layer}.attn.heads").module  # the projection whose input is the heads
     only = torch.zeros_like(z)
     only[:, head] = z[:, head]
     flat = only.reshape(z.shape[0], -1)

@@ -40,14 +40,16 @@ def moved_as_instructed(tox: np.ndarray, sign: np.ndarray | float, share: float 
     return moved.sum(1) >= need
 
 
-def logit_shift(diffs: np.ndarray | torch.Tensor, W_U: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Mean logit shift per transition, ``s_r = mean_i U D_{i,r}`` (Table 2 of the paper).
+def logit_shift(diffs: np.ndarray | torch.Tensor, W_U) -> np.ndarray:
+    """Mean logit shift per transition, ``s_r = mean_i U D_{i,r}`` (Table 2 of the paper): the direct
+    logit effect of the mean move.
 
     ``diffs`` is ``[N, T, d]`` (difference vectors of ``N`` samples over ``T`` transitions),
-    ``W_U`` the unembedding ``[V, d]``; returns ``[T, V]`` (float64) over the model's vocabulary.
-    By linearity this is ``U (mean_i D_{i,r})``."""
+    ``W_U`` a model's ``unembed`` (:class:`steerlab.models.unembed.Unembed`) or the unembedding
+    matrix ``[V, d]``; returns ``[T, V]`` (float64) over the model's vocabulary. By linearity this
+    is ``U (mean_i D_{i,r})``, computed in float64."""
     D = torch.as_tensor(diffs, dtype=torch.float64)
-    U = torch.as_tensor(W_U).detach().to(dtype=torch.float64, device="cpu")
+    U = torch.as_tensor(getattr(W_U, "weight", W_U)).detach().to(dtype=torch.float64, device="cpu")
     if D.ndim != 3 or D.shape[-1] != U.shape[1]:
         raise ShapeError(f"diffs must be [N, T, d] with d = {U.shape[1]}, got {tuple(D.shape)}")
     return (D.mean(0) @ U.T).numpy()

@@ -12,6 +12,8 @@ from torch import nn
 from ..errors import EmptyInputError, ShapeError
 from ..validate import check_text
 from .adapters import Arch, Site, arch_for, get_module
+from .site import UPPER, BoundSite
+from .unembed import Unembed
 
 
 class Model:
@@ -33,6 +35,7 @@ class Model:
         self._fingerprint = fingerprint
         self.arch: Arch = arch_for(hf)
         self._accepts: dict[str, bool] = {}
+        self._unembed: Unembed | None = None
         hf.eval()
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.pad_id: int = int(pad) if pad is not None else 0
@@ -87,7 +90,7 @@ class Model:
 
     @property
     def vocab_size(self) -> int:
-        return self.unembed_module.weight.shape[0]
+        return self.unembed.weight.shape[0]
 
     @property
     def device(self) -> torch.device:
@@ -106,47 +109,55 @@ class Model:
         return get_module(self.hf, self.arch.layers)[i]
 
     @property
+    def unembed(self) -> Unembed:
+        """The readout: final norm, unembedding ``U`` and soft-cap; the logit lens and the direct logit
+        effect of a vector (:class:`steerlab.models.unembed.Unembed`)."""
+        if self._unembed is None:
+            self._unembed = Unembed(self)
+        return self._unembed
+
+    @property
     def final_norm(self) -> nn.Module:
-        return get_module(self.hf, self.arch.final_norm)
+        return self.unembed.norm
 
     @property
     def unembed_module(self) -> nn.Module:
-        return get_module(self.hf, self.arch.unembed)
+        return self.unembed.module
 
     @property
     def W_U(self) -> torch.Tensor:
-        """The unembedding matrix U, ``[vocab, d_model]``."""
-        return self.unembed_module.weight
+        """The unembedding matrix U, ``[vocab, d_model]`` (``model.unembed.weight``)."""
+        return self.unembed.weight
 
-    def site(self, name: str | Site) -> Site:
-        """Parse and validate a canonical site name against this model."""
-        if isinstance(name, Site):
-            return name
-        s = Site.parse(name, self.n_layers, self.name)
-        s.hook_point(self.hf, self.arch)  # raises a SiteError when the module is missing
-        return s
+    @property
+    def stack(self) -> nn.Module:
+        """The decoder stack: the module whose ``forward`` takes the input ids and runs the blocks."""
+        return get_module(self.hf, self.arch.layers.rsplit(".", 1)[0])
 
-    def site_shape(self, name: str | Site) -> tuple[int, ...]:
-        """Feature shape of a site's activation at one position."""
-        s = self.site(name)
-        if s.kind == "attn.heads":
-            return (self.n_heads, self.d_head)
-        if s.kind == "mlp.act":
-            return (self.d_mlp,)
-        if s.kind in ("mlp.gate", "mlp.up"):
-            mod, _ = s.hook_point(self.hf, self.arch)
-            return (mod.weight.shape[1] if type(mod).__name__ == "Conv1D" else mod.out_features,)
-        return (self.d_model,)
+    def site(self, name: str | Site | BoundSite) -> BoundSite:
+        """A canonical site name parsed, validated and bound to this model (:class:`BoundSite`: its
+        module, input or output, shape; ``capture`` / ``edit`` / ``record``). Negative layers count
+        from the end; a site of another model is bound again by name."""
+        if isinstance(name, BoundSite):
+            if name.model is self:
+                return name
+            name = name.name
+        s = name if isinstance(name, Site) else Site.parse(name, self.n_layers, self.name)
+        return BoundSite(self, s)  # a SiteError when the module is missing
+
+    def site_shape(self, name: str | Site | BoundSite) -> tuple[int, ...]:
+        """Feature shape of a site's activation at one position (``model.site(name).shape``)."""
+        return self.site(name).shape
 
     def tied(self) -> bool:
-        return self.W_U.data_ptr() == self.hf.get_input_embeddings().weight.data_ptr()
+        return self.unembed.weight.data_ptr() == self.hf.get_input_embeddings().weight.data_ptr()
 
     def untie_unembedding(self) -> None:
         """Give ``lm_head`` its own copy of the weights when it shares them with the input embedding,
         so that editing U (EigenShift) leaves the input embeddings unchanged."""
         if not self.tied():
             return
-        head = self.unembed_module
+        head = self.unembed.module
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
         self.hf.config.tie_word_embeddings = False
         if hasattr(self.hf.config, "get_text_config"):
@@ -194,11 +205,10 @@ class Model:
         chat template), one sample. ``sampling``: ``greedy``, ``t0.7`` or ``t1.0``; sampled rows draw
         their random numbers from ``(seed, prompt, sample)``, so a steered and an unsteered call see
         the same ones. Any active :func:`steerlab.edit` or intervention applies."""
-        # the decoding loop is steerlab.generation's, a layer above this one: reached through the
-        # package facade (steerlab.__getattr__), as every public name is, so this layer imports none of it
-        import steerlab
-
-        return steerlab.generation.generate_text(self, prompts, max_new_tokens=max_new_tokens, chat=chat, sampling=sampling, k=k,
+        # the decoding loop is steerlab.generation's, a layer above this one: it registers itself in
+        # models.site.UPPER, which imports it by name on first use (this layer imports none of it)
+        generate_text = UPPER["generation"]["generate_text"]
+        return generate_text(self, prompts, max_new_tokens=max_new_tokens, chat=chat, sampling=sampling, k=k,
                              seed=seed, batch_size=batch_size, progress=progress)
 
     # --- forward -----------------------------------------------------------------------------

@@ -264,7 +264,7 @@ class EigenShift(Intervention):
             states = collect_states(model, data, min_states=min_states, **collect)
             fitted = text_ids([p if isinstance(p, str) else getattr(p, "text", "") for p in data])
         check_counts(states, min_states)
-        U = model.W_U
+        U = model.unembed.weight
         basis = public_basis(U) if projection == "public" else None
         damp = dampen(svd(U), states.toxic.to(U.device), states.nontoxic.to(U.device), kk, alpha, rank, basis)
         meta = provenance(model, states.data_fingerprint,

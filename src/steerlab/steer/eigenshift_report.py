@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def direction_tokens(model: Model, iv: EigenShift, k: int = 8) -> list[dict]:
     """One row per dampened direction: index, delta, singular value and its top tokens both ways."""
-    dec = svd(model.W_U)
+    dec = svd(model.unembed.weight)
     rows = []
     for i in iv.indices.tolist():
         ts = top_tokens(model, dec.Vt[i].to(model.dtype), k=k)

@@ -251,7 +251,7 @@ def bake_shifts(model: Model, shifts: dict[str, torch.Tensor]):
     try:
         for s, d in shifts.items():
             site = model.site(s)
-            mod, where = site.hook_point(model.hf, model.arch)
+            mod, where = site.module, site.where
             if site.kind != "attn.heads" or where != "in":
                 raise ITIError(f"cannot bake a shift at {s!r}: only attn.heads sites feed an output projection")
             w = mod.weight

@@ -219,10 +219,15 @@ def edit_shift(a: torch.Tensor, w, b0, tau: int, A, b, active, kappa: float = 1.
 
 
 def risk_se(fires: torch.Tensor, y: torch.Tensor, b: float = 1.0) -> torch.Tensor:
-    """Binomial standard error of ``FPR + b FNR`` for layer decisions ``fires [L, N]``: ``[L]``."""
+    """Binomial standard error of ``FPR + b FNR`` for layer decisions ``fires [L, N]``: ``[L]``. Each
+    rate enters with the Agresti-Coull adjustment, ``(errors + 2) / (n + 4)`` over ``n + 4``, so a
+    layer without a validation error still has an uncertainty (the plain formula gives 0 there,
+    and the one-standard-error rule would then keep only error-free layers)."""
     y = y.bool()
-    fpr, fnr = fires[:, ~y].float().mean(1), (~fires[:, y]).float().mean(1)
-    return (fpr * (1 - fpr) / int((~y).sum()) + b * b * fnr * (1 - fnr) / int(y.sum())).sqrt()
+    n_neg, n_pos = int((~y).sum()), int(y.sum())
+    fpr = (fires[:, ~y].float().sum(1) + 2) / (n_neg + 4)
+    fnr = ((~fires[:, y]).float().sum(1) + 2) / (n_pos + 4)
+    return (fpr * (1 - fpr) / (n_neg + 4) + b * b * fnr * (1 - fnr) / (n_pos + 4)).sqrt()
 
 
 def choose_layer_by_effect(pd: ProbeData, rp, b: float, maps) -> tuple[int, dict]:

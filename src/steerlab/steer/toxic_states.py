@@ -157,8 +157,7 @@ def _select(model: Model, new: torch.Tensor, states: torch.Tensor, pos: torch.Te
     h = states[rows, p]
     if h.shape[0] == 0:
         return h
-    head = model.unembed_module
-    argmax = head(h.to(head.weight.dtype)).argmax(-1)
+    argmax = model.unembed.logits(h, softcap=False).argmax(-1)  # the soft-cap keeps the order
     return h[argmax == new[rows, p]]
 
 
@@ -177,55 +176,92 @@ def matched_nontoxic(model: Model, pending: list[tuple[torch.Tensor, torch.Tenso
     return torch.cat(out)
 
 
+class StateSelector:
+    """The state selection of :func:`collect_states` over generated batches, however they were
+    produced (generated here, or read back from the benchmark's pool of continuations): for each batch
+    of generated ids ``new [n, T]``, the ``final`` states that produced them ``states [n, T, d]``, the
+    decoded continuations and their scores, :meth:`add` keeps the states at the first generated token
+    of the non-toxic rows and at the first toxic-word token of the toxic ones (argmax filter);
+    :meth:`result` returns them as :class:`ToxicStates`."""
+
+    def __init__(self, model: Model, scorer="default", threshold: float = 0.5, saliency: str = "auto",
+                 positions: str = "first"):
+        from ..scoring import get_scorer
+
+        self.model, self.sc, self.threshold = model, get_scorer(scorer), threshold
+        choose("saliency", saliency, ("auto", "bilstm", "lexicon"), StateCollectionError)
+        choose("positions", positions, ("first", "matched"), StateCollectionError)
+        self.saliency = ("bilstm" if self.sc.name in BILSTM_SCORERS else "lexicon") if saliency == "auto" else saliency
+        self.positions = positions
+        self.tox: list[torch.Tensor] = []
+        self.non: list[torch.Tensor] = []
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.found: list[int] = []
+        self.lexicon: dict = {}
+        self.stats = {"continuations": 0, "toxic_continuations": 0, "toxic_word_found": 0}
+
+    def score(self, conts: list[str]) -> np.ndarray:
+        """The scorer's toxicity of continuations (what :meth:`add` expects as ``scores``)."""
+        return np.asarray(self.sc.toxicity(conts), dtype=float)
+
+    def add(self, new: torch.Tensor, states: torch.Tensor, conts: list[str], scores) -> None:
+        model = self.model
+        is_tox = torch.as_tensor(np.asarray(scores, dtype=float) >= self.threshold, device=new.device)
+        self.stats["continuations"] += len(conts)
+        self.stats["toxic_continuations"] += int(is_tox.sum())
+        pos = torch.zeros(len(conts), dtype=torch.long, device=new.device).masked_fill(is_tox, -1)
+        if self.positions == "first":
+            self.non.append(_select(model, new, states, pos))
+        else:
+            self.pending.append((new[pos == 0], states[pos == 0]))
+        t_rows = is_tox.nonzero().squeeze(1)
+        t_pos = torch.full_like(pos, -1)
+        t_pos[t_rows] = _toxic_positions(model, new[t_rows], [conts[i] for i in t_rows.tolist()], self.saliency,
+                                         self.sc, self.threshold, self.lexicon)
+        self.stats["toxic_word_found"] += int((t_pos >= 0).sum())
+        self.found += t_pos[t_pos >= 0].tolist()
+        self.tox.append(_select(model, new, states, t_pos))
+
+    def result(self, seed: int, data_fingerprint: str = "") -> ToxicStates:
+        """The states kept so far (``seed`` draws the matched positions)."""
+        d = self.model.d_model
+        non = [matched_nontoxic(self.model, self.pending, self.found, seed)] if self.positions == "matched" else self.non
+        cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, d, device=self.model.device)  # noqa: E731
+        out = ToxicStates(cat(self.tox), cat(non), {**self.stats, "saliency": self.saliency, "scorer": self.sc.name,
+                                                    "threshold": self.threshold, "positions": self.positions},
+                          data_fingerprint)
+        out.stats.update(toxic_states=len(out.toxic), nontoxic_states=len(out.nontoxic))
+        return out
+
+
 def collect_states(model: Model, prompts: Sequence, cfg: GenConfig | None = None, scorer="default",
                    threshold: float = 0.5, saliency: str = "auto", min_states: int = 8,
                    progress: bool | None = None, positions: str = "first") -> ToxicStates:
     """Generate continuations of ``prompts`` and return the toxic and non-toxic ``final`` states
-    (see the module docstring). ``saliency``: ``auto`` (the BiLSTM where the scorer contains it,
-    else the lexicon), ``bilstm`` or ``lexicon``. ``positions``: non-toxic states at the first
-    generated token (``first``, the paper) or at positions drawn from those of the toxic-word tokens
-    (``matched``, :func:`matched_nontoxic`: the two sets then differ in toxicity, not in position).
-    Raises :class:`StateCollectionError` with the counts when fewer than ``min_states`` states of
-    either kind are found."""
+    (see the module docstring; :class:`StateSelector` selects them). ``saliency``: ``auto`` (the
+    BiLSTM where the scorer contains it, else the lexicon), ``bilstm`` or ``lexicon``. ``positions``:
+    non-toxic states at the first generated token (``first``, the paper) or at positions drawn from
+    those of the toxic-word tokens (``matched``, :func:`matched_nontoxic`: the two sets then differ in
+    toxicity, not in position). Raises :class:`StateCollectionError` with the counts when fewer than
+    ``min_states`` states of either kind are found."""
     from ..progress import progress_iter
-    from ..scoring import get_scorer
 
     cfg = cfg or GenConfig(sampling="t1.0", k=4)
-    sc = get_scorer(scorer)
-    choose("saliency", saliency, ("auto", "bilstm", "lexicon"), StateCollectionError)
-    choose("positions", positions, ("first", "matched"), StateCollectionError)
-    if saliency == "auto":
-        saliency = "bilstm" if sc.name in BILSTM_SCORERS else "lexicon"
+    sel = StateSelector(model, scorer, threshold, saliency, positions)
     ids, texts = prompt_ids_texts(prompts)
-    tox, non, lexicon, pending, found = [], [], {}, [], []
-    stats = {"continuations": 0, "toxic_continuations": 0, "toxic_word_found": 0}
     batches = generation_batches(model, ids, texts, cfg)
     for b in progress_iter(batches, "collect states", show=progress if progress is not None else len(batches) >= 4):
         new, states = generate_with_states(model, [texts[i] for i in b], cfg, [ids[i] for i in b])
         conts = model.tok.batch_decode(new, skip_special_tokens=True)
-        is_tox = torch.as_tensor(sc.toxicity(conts) >= threshold, device=new.device)
-        stats["continuations"] += len(conts)
-        stats["toxic_continuations"] += int(is_tox.sum())
-        pos = torch.zeros(len(conts), dtype=torch.long, device=new.device).masked_fill(is_tox, -1)
-        if positions == "first":
-            non.append(_select(model, new, states, pos))
-        else:
-            pending.append((new[pos == 0], states[pos == 0]))
-        t_rows = is_tox.nonzero().squeeze(1)
-        t_pos = torch.full_like(pos, -1)
-        t_pos[t_rows] = _toxic_positions(model, new[t_rows], [conts[i] for i in t_rows.tolist()], saliency, sc,
-                                         threshold, lexicon)
-        stats["toxic_word_found"] += int((t_pos >= 0).sum())
-        found += t_pos[t_pos >= 0].tolist()
-        tox.append(_select(model, new, states, t_pos))
-    if positions == "matched":
-        non = [matched_nontoxic(model, pending, found, cfg.seed)]
-    out = ToxicStates(torch.cat(tox), torch.cat(non), {**stats, "saliency": saliency, "scorer": sc.name,
-                                                        "threshold": threshold, "positions": positions},
-                      f"{derive_seed(*ids, cfg):08x}")
-    out.stats.update(toxic_states=len(out.toxic), nontoxic_states=len(out.nontoxic))
+        sel.add(new, states, conts, sel.score(conts))
+    out = sel.result(cfg.seed, states_fingerprint(ids, cfg))
     check_counts(out, min_states, len(ids), cfg)
     return out
+
+
+def states_fingerprint(ids: Sequence[str], cfg: GenConfig) -> str:
+    """The data fingerprint of states collected from the prompts ``ids`` with ``cfg``."""
+    return f"{derive_seed(*ids, cfg):08x}"
 
 
 def check_counts(states: ToxicStates, min_states: int, n_prompts: int | None = None, cfg: GenConfig | None = None):

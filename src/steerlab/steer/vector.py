@@ -139,11 +139,12 @@ class SteeringVector(Intervention):
             raise VectorError(f"method {method!r} with positions {positions!r} needs paired texts, got "
                               f"{len(desirable)} desirable and {len(undesirable)} undesirable")
         names = [sites] if isinstance(sites, str) else list(sites)
-        canon = [model.site(s).name for s in names]
-        for s in canon:
-            if len(model.site_shape(s)) != 1:
-                raise VectorError(f"steering vectors live on d-dimensional sites; {s!r} has shape "
-                                  f"{model.site_shape(s)} (use resid/attn.out/mlp.out/final/embed or mlp.act)")
+        bound = [model.site(s) for s in names]
+        for s in bound:
+            if len(s.shape) != 1:
+                raise VectorError(f"steering vectors live on d-dimensional sites; {s.name!r} has shape "
+                                  f"{s.shape} (use resid/attn.out/mlp.out/final/embed or mlp.act)")
+        canon = [s.name for s in bound]
         caps = capture(model, desirable + undesirable, canon, "all", batch_size=batch_size, chat=chat)
         keep = after_first(caps.mask)
         n = len(desirable)
