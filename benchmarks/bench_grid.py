@@ -3,7 +3,7 @@ default model: the benchmark recipe's candidate settings (``steerlab bench --pre
 first validation prompts, each setting written to its own run directory, with the benchmark's scorer,
 first one ``generate_run`` per setting (what ``bench._select`` did), then ``steerlab.grid.generate_grid``
 (what it does now). Asserts that both write the same rows (tokens and scores) and prints the wall
-seconds of each. Fits as the benchmark does (steering, ITI, SLIM, AurA: the recipe's fit on the
+and CPU seconds of each (CPU seconds, both threads, vary less than wall seconds on a shared machine). Fits as the benchmark does (steering, ITI, SLIM, AurA: the recipe's fit on the
 training split), except EigenShift, whose fit generates 1,024 continuations: here it is fitted on the
 last-token ``final`` states of the contrast set's toxic and non-toxic prompts (the grid costs the same
 whichever directions it dampens).
@@ -14,6 +14,7 @@ whichever directions it dampens).
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -63,16 +64,17 @@ def main() -> None:
         settings = recipe_for(name).settings(iv, model, data, "quick")
         groups = iv.grid_groups(settings)
         root = Path(tempfile.mkdtemp(prefix=f"grid-{name}-"))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         one = [generate_run(model, prompts, root / "one" / str(i), cfg, scorer=data.scorer, intervention=iv,
                             apply_options=s, progress=False) for i, s in enumerate(settings)]
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         grid = generate_grid(model, prompts, [root / "grid" / str(i) for i in range(len(settings))], cfg, iv,
                              settings, scorer=data.scorer, max_rows=args.max_rows, progress=False)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         same = grid == one
-        print(f"{name}: {len(settings)} settings in {len(groups)} group(s); one at a time {t1 - t0:.1f} s, "
-              f"batched {t2 - t1:.1f} s ({(t1 - t0) / (t2 - t1):.2f}x); identical rows: {same}", flush=True)
+        print(f"{name}: {len(settings)} settings in {len(groups)} group(s); one at a time {t1 - t0:.1f} s wall, "
+              f"{c1 - c0:.1f} s CPU; batched {t2 - t1:.1f} s wall, {c2 - c1:.1f} s CPU (wall {(t1 - t0) / (t2 - t1):.2f}x, "
+              f"CPU {(c1 - c0) / (c2 - c1):.2f}x); identical rows: {same}; load {os.getloadavg()[0]:.1f}", flush=True)
         assert same, f"{name}: the batched grid's rows differ from one setting at a time"
 
 

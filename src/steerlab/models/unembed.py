@@ -8,8 +8,8 @@ are already normed (:meth:`Unembed.logits`), and the direct logit effect of addi
 before the unembedding (:meth:`Unembed.direct_effect`: ``U v``, no norm, no soft-cap). EigenShift's
 SVD, FFN concepts, shift analysis and the self-correction study read ``U`` as :attr:`Unembed.weight`.
 
-The modules are looked up on each use, so an edit that swaps the unembedding's parameter
-(EigenShift) or unties it is seen at once."""
+The modules are looked up on each use, so an edit that swaps the unembedding's parameter or unties
+it is seen at once (EigenShift swaps nothing: it corrects the unembedding module's output by a hook)."""
 
 from __future__ import annotations
 
