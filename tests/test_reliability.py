@@ -182,3 +182,19 @@ def test_unwritable_output_path_is_an_error_and_leaves_nothing(tmp_path):
     with pytest.raises(SteerlabError, match="cannot write"):
         sv.save(blocker / "v.safetensors")  # root ignores permission bits; a path under a file is unwritable
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_rows_holding_unicode_line_separators_read_back_whole(tmp_path):
+    """A model's continuation can hold U+2028 and other characters that str.splitlines() splits on
+    (found in a real pool of continuations); JSON writes them raw, and reading must not cut the row."""
+    from steerlab.data.prompts import jsonl_rows
+    from steerlab.runs import RunDir, write_jsonl
+
+    odd = ["them.\u2028You cannot", "a\u2029b", "c\x85d", "e\x1cf\x1dg\x1eh", "i\x0bj\x0ck", "plain"]
+    rows = [{"prompt_id": str(i), "sample": 0, "continuation": t} for i, t in enumerate(odd)]
+    with RunDir(tmp_path / "run", {"kind": "test"}) as run:
+        run.append(rows)
+        assert run.rows() == rows
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    assert [r for _, r in jsonl_rows(tmp_path / "p.jsonl")] == rows
+    assert [n for n, _ in jsonl_rows(tmp_path / "p.jsonl")] == list(range(1, len(rows) + 1))

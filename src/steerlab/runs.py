@@ -230,7 +230,9 @@ class RunDir:
                 f.truncate(cut)
             data = data[:cut]
         rows, seen = [], set()
-        for i, line in enumerate(data.decode().splitlines(), 1):
+        # split on "\n" only: str.splitlines() also splits inside a string at U+2028, U+0085 and other
+        # separators, which JSON writes raw (a model's continuation can hold them)
+        for i, line in enumerate(data.decode().split("\n")[:-1] if data else [], 1):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

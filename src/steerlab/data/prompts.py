@@ -188,7 +188,8 @@ def _pick_field(keys: Iterable[str], given: str | None) -> str | None:
 def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for every non-blank line of a UTF-8 JSONL file; a line that is not
     valid JSON or not a JSON object is a :class:`DataError` naming the file and line."""
-    for n, line in enumerate(_read_text(Path(path)).splitlines(), 1):
+    # lines end at "\n" (and "\r\n"): not at U+2028 or other separators a JSON string may hold raw
+    for n, line in enumerate(_read_text(Path(path)).split("\n"), 1):
         if not line.strip():
             continue
         try:
