@@ -116,3 +116,13 @@ def test_a_registered_toy_method_appears_everywhere(tmp_path, toy):
     metrics = json.loads((bench / "metrics.json").read_text())
     arm = {a["method"]: a for a in metrics["arms"]}["toy-gain"]
     assert arm["status"] == "ok" and [s["setting"] for s in arm["selection"]] == [{"mix": 0.5}, {"mix": 1.0}]
+
+
+def test_the_benchmark_runs_the_detox_methods_only_by_default():
+    from steerlab.experiments.recipes import bench_methods
+    from steerlab.methods import BUILTIN
+
+    # every built-in method either joins `steerlab bench` by default or is a known non-detox method
+    assert set(bench_methods()) >= {"steering", "iti", "slim", "aura", "eigenshift", "selfcorrect"}
+    assert not {"selfie-control", "selfie-rl"} & set(bench_methods())
+    assert set(bench_methods()) <= set(BUILTIN) | {"toy"}

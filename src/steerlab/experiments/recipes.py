@@ -259,4 +259,6 @@ register_recipe("aura", fit=_aura_fit, settings=_aura_settings, pool=True)
 register_recipe("eigenshift", fit=_eigenshift_fit, settings=_eigenshift_settings, pool=True)
 # nothing to learn from the benchmark's data: the strong detox instruction
 register_recipe("selfcorrect", fit=lambda cls, model, data, preset: cls.fit(model))
-register_recipe("selfie-control", default=False)  # edits one state toward a target: not a detox method
+# edit one state toward a target (supervised control, its RL variant): not detox methods
+register_recipe("selfie-control", default=False)
+register_recipe("selfie-rl", default=False)
