@@ -18,8 +18,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "standard": {"n_val": 48, "k_val": 2, "n_test": 124, "k": 5, "max_new_tokens": 20, "n_neutral": 0},
     "full": {"n_val": 125, "k_val": 3, "n_test": 0, "k": 25, "max_new_tokens": 20, "n_neutral": 0},
 }
-"""``quick``: every method on the default model on 2 CPU cores (the README demo): every one of the 140
-test prompts x 2 samples, which detects a change of about 0.025 in mean toxicity at 80% power on
+"""``quick``: every method on the default model on 2 CPU cores (the README demo): every one of the test
+prompts (124 after de-duplication) x 2 samples, which detects a change of about 0.025 in mean toxicity at 80% power on
 the default model (docs/bench.md), settings chosen on 48 validation prompts, 2 timing pairs per arm
 (its time column is about as noisy as its unsteered A/A row shows);
 ``standard``: more prompts and samples; ``full``: the papers' 25 samples per test prompt, every
