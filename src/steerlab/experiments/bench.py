@@ -362,9 +362,9 @@ def _test_setting(model, path, name, iv, arm: Arm, i: int, test, cfg, scorer, re
     else:
         m, rows, secs = _evaluate(model, path, f"{name}.setting-{i}", iv, opts, test, cfg, scorer, reference)
     m["paired_difference"] = group().on_main(lambda b=base_rows, r=rows: paired_to(b, r))
-    ref, own = (x.get("fluency", {}).get("by_prompt") or {} for x in (base_metrics, m))
-    if len(ref) > 1 and len(own) > 1:
-        m["ppl_ratio"] = paired_perplexity_ratio(ref, own).to_dict()
+    ratio = ppl_ratio_to(base_metrics, m)
+    if ratio is not None:
+        m["ppl_ratio"] = ratio
     return {"setting": opts, "chosen": opts == arm.settings["setting"], "generate_seconds": secs,
             **{k: m[k] for k in ("toxicity", "fluency", "diversity", "side_effects", "paired_difference", "ppl_ratio")
                if k in m}}
@@ -451,15 +451,22 @@ def _matched_on_test(test_setting, arm: Arm, targets) -> dict[str, dict]:
     return out
 
 
+def ppl_ratio_to(base_metrics: dict, metrics: dict) -> dict | None:
+    """The perplexity ratio of an arm's metrics to the unsteered arm's, paired over prompts (bootstrap
+    CI), or None when either has fewer than two prompts' perplexities."""
+    ref, own = (x.get("fluency", {}).get("by_prompt") or {} for x in (base_metrics, metrics))
+    return paired_perplexity_ratio(ref, own).to_dict() if len(ref) > 1 and len(own) > 1 else None
+
+
 def _paired(arms: list[Arm], rows: dict[str, list[dict]]) -> None:
     """The paired bootstrap difference of every arm from the baseline, on the same prompts, and the
     semantic similarity of each continuation to the baseline's (same prompt and sample)."""
     for arm in arms:
         if arm.status == "ok":
             arm.metrics["paired_difference"] = paired_to(rows["unsteered"], rows[arm.method])
-            ref, own = (a.metrics.get("fluency", {}).get("by_prompt") or {} for a in (arms[0], arm))
-            if len(ref) > 1 and len(own) > 1:
-                arm.metrics["ppl_ratio"] = paired_perplexity_ratio(ref, own).to_dict()
+            ratio = ppl_ratio_to(arms[0].metrics, arm.metrics)
+            if ratio is not None:
+                arm.metrics["ppl_ratio"] = ratio
             if arm.method != "unsteered":
                 arm.metrics["similarity_to_unsteered"] = similarity_to(rows["unsteered"], rows[arm.method])
 

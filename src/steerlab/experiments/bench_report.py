@@ -13,6 +13,7 @@ from ..errors import SteerlabError
 from ..report import figures as F
 from ..report.html import HtmlReport
 from ..runs import write_csv
+from .bench_verdict import estimate
 
 
 def _ci(e: dict | None, digits: int = 3) -> str:
@@ -216,16 +217,11 @@ def tradeoff_figure(path: Path, metrics: dict) -> Path:
     return F.save(fig, path)
 
 
-def _est3(d: dict | None) -> tuple[float, float, float]:
-    d = d or {}
-    return tuple(float(d.get(k, float("nan"))) for k in ("value", "lo", "hi"))  # type: ignore[return-value]
-
-
 def _cost(point: dict, axis: str) -> tuple[float, float, float]:
     """A setting's fluency cost on ``axis``: its perplexity ratio (estimate and paired CI) or its
     neutral-text KL (one number: the neutral texts are fixed, no CI)."""
     if axis == "ppl":
-        return _est3(point.get("ppl_ratio"))
+        return estimate(point.get("ppl_ratio"))
     kl = float(point.get("neutral_kl", float("nan")))
     return (kl, kl, kl)
 
@@ -244,7 +240,7 @@ def _curve(ax, pts: list[dict], axis: str, key: str, color, label: str, marker: 
         return
     floor = KL_FLOOR if axis == "kl" else 0.0
     c = np.maximum(np.array([_cost(p, axis) for p in pts]), floor)
-    e = np.array([_est3(p[key]) for p in pts])
+    e = np.array([estimate(p[key]) for p in pts])
     ax.errorbar(c[:, 0], e[:, 0], xerr=np.maximum([c[:, 0] - c[:, 1], c[:, 2] - c[:, 0]], 0),
                 yerr=np.maximum([e[:, 0] - e[:, 1], e[:, 2] - e[:, 0]], 0), fmt=marker, color=color, capsize=3,
                 alpha=0.8, label=label, mfc="white" if hollow else color)

@@ -90,7 +90,8 @@ def verdict(results: Sequence[MethodResult], mde: float, n_prompts: int, limit: 
     return lines + _matched_lines(results)
 
 
-def _est(d: dict | None) -> tuple[float, float, float]:
+def estimate(d: dict | None) -> tuple[float, float, float]:
+    """``(value, lo, hi)`` of an interval dict (NaN where missing)."""
     d = d or {}
     return (float(d.get("value", float("nan"))), float(d.get("lo", float("nan"))), float(d.get("hi", float("nan"))))
 
@@ -138,8 +139,8 @@ def matched_test(arms: list[dict], alpha: float = 0.05) -> dict[str, dict]:
 def _confirmed_lines(confirmed: dict[str, dict]) -> list[str]:
     lines = []
     for c, by in confirmed.items():
-        parts = [f"{m} {_ci(_est(r['change']))} at x{_est(r['ppl_ratio'])[0]:.2f} (Holm p = {r['p_holm']:.3g})"
-                 for m, r in sorted(by.items(), key=lambda kv: _est(kv[1]["change"])[0])]
+        parts = [f"{m} {_ci(estimate(r['change']))} at x{estimate(r['ppl_ratio'])[0]:.2f} (Holm p = {r['p_holm']:.3g})"
+                 for m, r in sorted(by.items(), key=lambda kv: estimate(kv[1]["change"])[0])]
         lines.append(f"Confirmed on test at the setting closest to x{float(c):g}: " + "; ".join(parts) + ".")
     return lines
 
@@ -154,9 +155,9 @@ def comparison(arms: list[dict], n_test: int, limit: float, targets: Sequence[fl
         if a.get("method") == "unsteered" or a.get("status") != "ok" or "paired_difference" not in a:
             continue
         pd = a["paired_difference"]
-        results.append((MethodResult(a["method"], _est(pd["mean_toxicity"]),
+        results.append((MethodResult(a["method"], estimate(pd["mean_toxicity"]),
                                      float(pd.get("p_two_sided", {}).get("mean_toxicity", 1.0)),
-                                     _est(a.get("ppl_ratio")), _matched(a.get("selection"), targets)),
+                                     estimate(a.get("ppl_ratio")), _matched(a.get("selection"), targets)),
                         float(pd.get("sd_per_prompt", 0.0))))
     sds = [sd for _, sd in results if sd > 0]
     sd = float(np.median(sds)) if sds else float("nan")
