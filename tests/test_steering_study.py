@@ -75,7 +75,8 @@ def test_side_effects_zero_without_edit_and_positive_with(llama):
     from steerlab.evaluation import neutral_reference, side_effects
     from steerlab.metrics import perplexity
 
-    texts = ["a plain sentence about the weather.", "the train leaves at nine."]
+    # texts of different lengths (padding), one of them a single token (nothing to score)
+    texts = ["a plain sentence about the weather.", "the train leaves at nine.", "ok"]
     ref = neutral_reference(llama, texts, top_k=None)  # exact distributions
     plain = side_effects(llama, ref, texts)
     assert plain["kl_from_unedited"] == pytest.approx(0.0, abs=1e-6) and plain["kl_coverage"] == 1.0
@@ -83,5 +84,7 @@ def test_side_effects_zero_without_edit_and_positive_with(llama):
     v = SteeringVector({"blocks.1.resid_post": torch.ones(32)})
     with v.apply(llama, alpha=2.0, strict=False):
         edited = side_effects(llama, ref, texts)
+        # perplexity comes from the KL pass itself: equal to perplexity's own teacher-forced pass
+        assert edited["neutral_perplexity"] == pytest.approx(perplexity(llama, texts).aggregate, rel=1e-5)
     assert edited["kl_from_unedited"] > 0.01
     assert edited["neutral_perplexity"] != pytest.approx(plain["neutral_perplexity"])

@@ -122,14 +122,14 @@ def neutral_reference(model: Model, texts: Sequence[str] | None = None, top_k: i
 def side_effects(model: Model, reference: NextTokenLogprobs, texts: Sequence[str] | None = None) -> dict:
     """Side effects of whatever edits are active now, on neutral text: the text's perplexity
     under the edited model and KL(unedited || edited) of next-token distributions (mean over
-    positions; a top-k reference gives a lower bound, ``kl_coverage`` says how much mass it saw)."""
+    positions; a top-k reference gives a lower bound, ``kl_coverage`` says how much mass it saw), both
+    from one forward pass over the texts."""
     from .data import neutral_texts
 
     texts = list(texts) if texts is not None else neutral_texts()
     with stage("side effects"):
         kl = kl_from_reference(model, reference, texts)
-        ppl = float(perplexity(model, texts).aggregate)
-    return {"neutral_perplexity": ppl, "kl_from_unedited": float(kl.mean),
+    return {"neutral_perplexity": kl.perplexity, "kl_from_unedited": float(kl.mean),
             "kl_coverage": float(kl.coverage), "n_neutral_texts": len(texts)}
 
 

@@ -137,8 +137,8 @@ def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchDa
                          desc=f"validation: {name}, {len(settings)} settings")
     for opts, rows in zip(settings, runs):
         table.append(g.on_main(lambda opts=opts, rows=rows: {**_setting_row(model, opts, rows, cfg, base),
-                                                              "neutral_kl": candidate_kl(model, iv, opts, reference,
-                                                                                        cfg.n_neutral_val)}))
+                                                              "neutral_kl": candidate_kl(model, iv, opts,
+                                                                                        base["kl_reference"])}))
     return choose_candidate(table, cfg.max_ppl_ratio), table
 
 
@@ -158,24 +158,16 @@ def choose_candidate(table: list[dict], limit: float) -> dict:
     return {**rows[0], "note": "no setting met the fluency/diversity rule: the most fluent one is tested"}
 
 
-_VAL_REFERENCE: dict = {}
-
-
-def candidate_kl(model: Model, iv: Intervention, opts: dict, reference, n: int) -> float:
-    """The neutral-text KL(unedited || edited) of one setting on the first ``n`` of the neutral texts
-    of ``reference`` (the unedited model's next-token distributions on them, and the texts; the
-    reference over those ``n`` is computed once), with the method's options for fixed text
+def candidate_kl(model: Model, iv: Intervention, opts: dict, reference) -> float:
+    """The neutral-text KL(unedited || edited) of one setting on the validation neutral texts
+    (``reference``: the unedited model's next-token distributions on them, computed once per run by
+    :func:`_run_arms`, and the texts), with the method's options for fixed text
     (:meth:`~steerlab.interventions.Intervention.fixed_text_options`): the x axis of the report's
-    second dose-response figure. Each candidate costs one forward pass over the ``n`` texts."""
+    second dose-response figure. Each candidate costs one forward pass over the texts."""
     from ..metrics.lm import kl_from_reference
 
-    texts = list(reference[1][:n])
-    key = (model.fingerprint, tuple(texts))
-    if key not in _VAL_REFERENCE:
-        _VAL_REFERENCE.clear()
-        _VAL_REFERENCE[key] = neutral_reference(model, texts)
     with stage("validation: neutral KL"), iv.apply(model, **iv.fixed_text_options(opts)):
-        return float(kl_from_reference(model, _VAL_REFERENCE[key], texts).mean)
+        return float(kl_from_reference(model, reference[0], reference[1]).mean)
 
 
 def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, base: dict) -> dict:
@@ -326,9 +318,13 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
         val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer,
                                 progress=progress)
         base_val = g.on_main(lambda: _summary(model, val_rows))
+    # each validation candidate's KL is read on the first n_neutral_val neutral texts: their reference once
+    val_neutral = neutral[: cfg.n_neutral_val]
+    with stage("neutral reference"):
+        kl_reference = (g.on_main(lambda: neutral_reference(model, val_neutral), share=False), val_neutral)
     base = {"ppl": base_val.get("fluency", {}).get("perplexity", float("nan")),
             "distinct-2": base_val["diversity"]["distinct-2"], "rows": val_rows,
-            "by_prompt": base_val.get("fluency", {}).get("by_prompt") or {}}
+            "by_prompt": base_val.get("fluency", {}).get("by_prompt") or {}, "kl_reference": kl_reference}
     m, base_rows, secs = _evaluate(model, path, "unsteered", None, {}, test, cfg, scorer, reference, progress, bar)
     arms = [Arm("unsteered", describe="the model as it is", settings={}, metrics=m, generate_seconds=secs,
                 timing=_timing(model, path, "unsteered", None, {}, test, cfg, bar))]
@@ -393,6 +389,7 @@ def _arm(model, run, path, arm: Arm, data, val, test, cfg, scorer, reference, ba
         with stage(f"method metrics: {name}"):
             arm.metrics.update(g.on_main(lambda: recipe.metrics(iv, model, data, test, reference[1], pick["setting"],
                                                                 _gen(cfg, False))))
+    _pregenerate(model, path, name, iv, arm, test, cfg, scorer, progress)
     tested = partial(_test_setting, model, path, name, iv, arm, test=test, cfg=cfg, scorer=scorer,
                      reference=reference, base_rows=base_rows, chosen_rows=rows[name], base_metrics=base_metrics)
     if cfg.test_all_settings and len(arm.selection) > 1:
@@ -403,6 +400,25 @@ def _arm(model, run, path, arm: Arm, data, val, test, cfg, scorer, reference, ba
         bar.note(f"{name}: test the settings closest to perplexity x{', x'.join(map(str, cfg.matched_ppl))}")
         with stage(f"test matched settings: {name}"):
             arm.matched_test = _matched_on_test(tested, arm, cfg.matched_ppl)
+
+
+def _pregenerate(model, path, name, iv, arm: Arm, test, cfg, scorer, progress) -> None:
+    """The test generations of the candidates that ``--test-all-settings`` and the matched
+    confirmations will evaluate, as one batched grid (:func:`~steerlab.grid.generate_grid`) into the
+    directories :func:`_test_setting` reads: its :func:`_evaluate` then finds their rows written."""
+    from .bench_verdict import matched_settings
+
+    if len(arm.selection) < 2:
+        return
+    todo = set(range(len(arm.selection))) if cfg.test_all_settings else set()
+    if cfg.confirm_matched:
+        todo |= set(matched_settings(arm.selection, cfg.matched_ppl).values())
+    todo = sorted(i for i in todo if arm.selection[i]["setting"] != arm.settings["setting"])
+    if todo:
+        with stage(f"test: {name}"):
+            generate_grid(model, test, [path / "test" / f"{name}.setting-{i}" for i in todo], _gen(cfg, False), iv,
+                          [arm.selection[i]["setting"] for i in todo], scorer=scorer, progress=progress,
+                          desc=f"test: {name}, {len(todo)} more setting{'s' * (len(todo) != 1)}")
 
 
 def _pool(model, run, path, names, data, cfg, bar, progress) -> str:

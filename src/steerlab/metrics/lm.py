@@ -163,12 +163,24 @@ class NextTokenLogprobs:
 class KLResult:
     """KL divergence ``KL(P_ref || P_model)`` of next-token distributions: ``mean`` over all real
     positions of all texts, ``per_text`` the mean over each text's positions, ``n_positions`` their
-    counts, ``coverage`` the reference mass the comparison saw exactly (1 unless top-k)."""
+    counts, ``coverage`` the reference mass the comparison saw exactly (1 unless top-k).
+    The same pass reads the compared model's own negative log-likelihood of each text (``nll``: the
+    summed NLL in nats of every token after the first, as :func:`perplexity` scores a text on its
+    own); ``perplexity`` is their aggregate, so side effects need one forward, not two."""
 
     mean: float
     per_text: np.ndarray
     n_positions: np.ndarray
     coverage: float
+    nll: np.ndarray | None = None
+
+    @property
+    def perplexity(self) -> float:
+        """The compared model's perplexity of the texts (every token after each text's first)."""
+        if self.nll is None:
+            raise ValueError("this KL result holds no likelihoods")
+        scored = int(np.maximum(self.n_positions - 1, 0).sum())
+        return float(np.exp(self.nll.sum() / scored)) if scored else float("nan")
 
 
 def kl_divergence(ref_logprobs: torch.Tensor, new_logprobs: torch.Tensor,
@@ -265,6 +277,7 @@ def kl_from_reference(
     if not texts:
         raise EmptyInputError("kl_from_reference got no texts")
     per_text = np.zeros(len(texts))
+    nll = np.zeros(len(texts))
     n_pos = np.zeros(len(texts), dtype=np.int64)
     if isinstance(reference, Model):
         ref_iter = _position_logprobs(reference, texts, batch_size)
@@ -294,9 +307,11 @@ def kl_from_reference(
                     covered += float((-torch.expm1(tail.double())).sum())
             per_text[i] = float(kl.double().mean()) if len(t) else float("nan")
             n_pos[i] = len(t)
+            # the text's own likelihood from the same log-probs: position p predicts token p + 1
+            nll[i] = -float(lp[:-1].gather(1, t[1:, None].long()).double().sum())
     total = int(n_pos.sum())
     mean = float(np.nansum(per_text * n_pos) / total) if total else float("nan")
-    return KLResult(mean, per_text, n_pos, covered / total if total else float("nan"))
+    return KLResult(mean, per_text, n_pos, covered / total if total else float("nan"), nll)
 
 
 def _check_same(ref_ids: torch.Tensor, ids: torch.Tensor, i: int) -> None:
