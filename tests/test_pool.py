@@ -15,6 +15,7 @@ import torch
 
 import steerlab as sl
 from steerlab import interventions as I
+from steerlab.experiments import pool
 from steerlab.experiments.pool import build_pool, pool_spec, pool_states
 from steerlab.generation import GenConfig
 from steerlab.runs import RunError
@@ -167,10 +168,10 @@ def test_a_killed_benchmark_reuses_its_pool(tmp_path, monkeypatch):
     # killed (SIGKILL) after two of the pool's batches, then killed again right after the pool is written
     assert _killed(tmp_path, _bench_args(d, prompts, out), kill_at=3) == -signal.SIGKILL
     rows = [json.loads(x) for x in (out / "pool" / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 16 and not (out / "fit").exists()
+    assert len(rows) == 2 * pool.POOL_BATCH and not (out / "fit").exists()
     assert _killed(tmp_path, _bench_args(d, prompts, out), kill_at=0) == -signal.SIGKILL
     n_batches = len(list((out / "pool" / "states").iterdir()))
-    assert len((out / "pool" / "results.jsonl").read_text().splitlines()) == 8 * 24 and n_batches == 12
+    assert len((out / "pool" / "results.jsonl").read_text().splitlines()) == 8 * 24 and n_batches == -(-8 * 24 // pool.POOL_BATCH)
     assert not (out / "metrics.json").exists()
     # the rerun: nothing of the pool is generated again, and it reaches an uninterrupted run's numbers
     plain, calls = toxic_states.generate_with_states, []

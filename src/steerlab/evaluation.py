@@ -21,6 +21,7 @@ from .metrics import (
     perplexity,
     toxicity_metrics,
 )
+from .metrics.lm import FIXED_TEXT_BATCH
 from .models.model import Model
 from .profile import stage
 
@@ -56,7 +57,7 @@ def undefined_metrics(k: int) -> dict[str, str]:
 
 
 def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bool = False,
-              n_boot: int = 1000, seed: int = 0, batch_size: int = 8) -> dict:
+              n_boot: int = 1000, seed: int = 0, batch_size: int = FIXED_TEXT_BATCH) -> dict:
     """Toxicity metrics (expected max, probability, mean, each with a 95% bootstrap CI),
     distinct-1/2/3 (per prompt, averaged) and, given ``fluency_model``, the perplexity of the
     continuations conditioned on their prompts. With one sample per prompt, ``undefined`` names the

@@ -47,7 +47,8 @@ class BenchConfig:
     k: int = option(2, "Samples per test prompt.", low=1)
     max_new_tokens: int = option(16, "New tokens per continuation.", low=1, unit="tokens")
     sampling: str = option("t1.0", "Sampling preset.", cli=False)
-    batch_size: int = option(16, "Rows (prompt x sample) per generate call.", low=1)
+    batch_size: int = option(64, "Rows (prompt x sample) per generate call (64: the fastest of 8-64 on 2 "
+                                          "CPU cores, benchmarks/bench_batch.py; also the timing batch).", low=1)
     n_pairs: int = option(64, "Contrast pairs the methods fit on.", low=1, cli=False)
     max_ppl_ratio: float = option(1.5, "A chosen setting's perplexity may be at most this times the unsteered one.",
                                   low=0, cli=False)

@@ -32,7 +32,7 @@ from ..profile import stage
 from ..scoring.registry import scorer_identity
 
 POOL_K = 8
-POOL_BATCH = 16
+POOL_BATCH = 64  # rows per generate call: the fastest on 2 CPU cores (benchmarks/bench_batch.py)
 
 
 class PoolError(SteerlabError):

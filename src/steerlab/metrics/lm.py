@@ -33,6 +33,11 @@ class Perplexity:
     mean_per_text: float
 
 
+# batch size of the passes over fixed text (perplexity, KL): the fastest of 8/16/32/64 on a quiet
+# 2-core machine (benchmarks/bench_batch.py, 2026-12-07: 367 / 466 / 392 / 256 tokens/s)
+FIXED_TEXT_BATCH = 16
+
+
 def _logits(model: Model, ids: torch.Tensor, mask: torch.Tensor, keep: int | None = None) -> torch.Tensor:
     """Logits ``[B, keep or T, V]`` (float32) of the last ``keep`` positions (all when None)."""
     logits = model.forward(ids, mask, logits_to_keep=keep).logits
@@ -44,7 +49,7 @@ def token_nlls(
     model: Model,
     contexts: Sequence[Sequence[int]],
     targets: Sequence[Sequence[int]],
-    batch_size: int = 8,
+    batch_size: int = FIXED_TEXT_BATCH,
 ) -> list[np.ndarray]:
     """Per-token negative log-likelihoods (nats) of ``targets[i]`` given ``contexts[i]`` (token
     ids; each context needs at least one token). Batches of similar length, left-padded with an
@@ -82,7 +87,7 @@ def perplexity(
     model: Model,
     texts: Sequence[str],
     prompts: Sequence[str] | None = None,
-    batch_size: int = 8,
+    batch_size: int = FIXED_TEXT_BATCH,
     chat: bool = False,
 ) -> Perplexity:
     """Perplexity of ``texts`` under ``model`` (the reference model: unedited for fluency, or
@@ -226,7 +231,7 @@ def _position_logprobs(model: Model, texts: Sequence[str], batch_size: int
 
 @torch.no_grad()
 def next_token_logprobs(model: Model, texts: Sequence[str], top_k: int | None = 256,
-                        batch_size: int = 8) -> NextTokenLogprobs:
+                        batch_size: int = FIXED_TEXT_BATCH) -> NextTokenLogprobs:
     """Next-token log-probabilities of ``model`` (with whatever hooks or weight edits are active)
     at every real position of ``texts``, to serve as the reference of :func:`kl_from_reference`.
 
@@ -263,7 +268,7 @@ def kl_from_reference(
     model: Model,
     reference: NextTokenLogprobs | Model,
     texts: Sequence[str],
-    batch_size: int = 8,
+    batch_size: int = FIXED_TEXT_BATCH,
 ) -> KLResult:
     """``KL(P_ref || P_model)`` of next-token distributions at every real position of ``texts``
     (neutral text, for side effects), averaged over positions.
