@@ -216,7 +216,8 @@ def generation_overhead(model: Model, prompts: Sequence, cfg, intervention=None,
     come first. ``ratio`` is the median over pairs of with / without, ``ci`` its 95% bootstrap
     interval (:func:`median_ci`). ``reps`` pairs are run; with ``max_reps`` above it, pairs are added
     (at least 3 in all) until ``ci`` lies within ``ratio`` x (1 +- ``tolerance``) or ``max_reps`` pairs
-    are done (``converged`` says which). Timing whole arms run minutes apart measures the machine's
+    are done (``converged`` says which; never with fewer than 3 pairs, whose
+    bootstrap interval is only their range). Timing whole arms run minutes apart measures the machine's
     load as much as the method."""
     import time
 
@@ -248,7 +249,7 @@ def generation_overhead(model: Model, prompts: Sequence, cfg, intervention=None,
             base.append(once(None))
         ratios = [a / b for a, b in zip(arm, base)]
         med, (lo, hi) = float(np.median(ratios)), median_ci(ratios)
-        converged = len(ratios) >= 2 and lo >= med * (1 - tolerance) and hi <= med * (1 + tolerance)
+        converged = len(ratios) >= 3 and lo >= med * (1 - tolerance) and hi <= med * (1 + tolerance)
         if len(base) >= reps and (max_reps == reps or (converged and len(base) >= 3)):
             break
     return {"ratio": med, "ratios": ratios, "ci": [lo, hi], "n_pairs": len(ratios), "converged": converged,

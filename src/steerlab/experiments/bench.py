@@ -177,9 +177,8 @@ def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, b
     s = _summary(model, rows)
     ppl, d2 = s.get("fluency", {}).get("perplexity", float("nan")), s["diversity"]["distinct-2"]
     change = paired_to(base["rows"], rows)
-    by_prompt = s.get("fluency", {}).get("by_prompt") or {}
-    ratio = (paired_perplexity_ratio(base["by_prompt"], by_prompt).to_dict() if len(by_prompt) > 1
-             else {"value": float("nan"), "lo": float("nan"), "hi": float("nan")})
+    ratio = (ppl_ratio_to({"fluency": {"by_prompt": base["by_prompt"]}}, s)
+             or {"value": float("nan"), "lo": float("nan"), "hi": float("nan")})
     # the rule on the paired ratio's upper bound (a ratio: the unsteered value is 1)
     ok = admissible(ratio["hi"], d2, 1.0, base["distinct-2"], cfg.max_ppl_ratio, cfg.min_distinct_ratio)
     return {"setting": opts, "mean_toxicity": s["toxicity"]["mean_toxicity"]["value"], "perplexity": ppl,
@@ -239,8 +238,9 @@ def _timing(model: Model, path: Path, name: str, iv: Intervention | None, opts: 
     with stage(f"timing: {name}"):
         t = group().on_main(measure)
     if bar is not None:
-        bar.note(f"{name}: time x {t['ratio']:.3f} [{t.get('ci', [float('nan')] * 2)[0]:.3f}, "
-                 f"{t.get('ci', [float('nan')] * 2)[1]:.3f}] from {t.get('n_pairs', len(t['ratios']))} pairs")
+        n, (lo, hi) = t.get("n_pairs", len(t["ratios"])), t.get("ci", [float("nan")] * 2)
+        ci = f" [{lo:.3f}, {hi:.3f}]" if n >= 3 else ""  # fewer than 3 ratios: no interval
+        bar.note(f"{name}: time x {t['ratio']:.3f}{ci} from {n} pair{'s' * (n != 1)}")
     return t
 
 

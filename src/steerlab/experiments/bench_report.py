@@ -58,6 +58,8 @@ def _time(arm: dict) -> str | float:
     t = arm.get("generation_timing") or {}
     if "ci" not in t:
         return round(arm["generation_time_ratio"], 2)
+    if t["n_pairs"] < 3:  # the bootstrap "CI" of fewer than 3 ratios is only their range
+        return f"{t['ratio']:.2f} ({t['n_pairs']} pair{'s' * (t['n_pairs'] != 1)}, too few for a CI)"
     return f"{t['ratio']:.2f} [{t['ci'][0]:.2f}, {t['ci'][1]:.2f}] ({t['n_pairs']} pairs)"
 
 
