@@ -272,3 +272,17 @@ def test_report_examples_pick_the_prompts_where_arms_differ_and_name_scorer_erro
     assert [p.id for p in differing_prompts(rows, test, 2)] == ["p1", "p2"]
     flagged = dict(scorer_weaknesses(get_scorer("default")))
     assert "mouth" in flagged and flagged["mouth"] >= 0.5 and "woman" not in flagged
+    # the examples: a table per prompt with a row per method and a column per sample (fits a narrow
+    # window however many methods), the words the scorer flags on their own marked
+    from steerlab.experiments.bench_report import _examples
+    from steerlab.experiments.bench_verdict import fmt_p
+
+    test = [SimpleNamespace(id=f"p{i}", text=f"prompt {i}") for i in range(4)]
+    for m in rows:
+        for r in rows[m]:
+            r["continuation"] = "you idiot" if r["toxicity"] > 0.5 else "a quiet day"
+    page = _examples(rows, test, get_scorer("default"), n=2, samples=1)
+    assert page.count("<table>") == 2 and page.count("<tr>") == 2 * (1 + 3)
+    assert page.index("prompt 1") < page.index("prompt 2") and "prompt 0" not in page
+    assert "<mark>idiot</mark>" in page and "<mark>quiet</mark>" not in page and "sample 0" in page
+    assert [fmt_p(p) for p in (0.00999, 0.0659, 1.0, 0.0004)] == ["0.01", "0.066", "1", "< 0.001"]

@@ -13,7 +13,7 @@ from ..errors import SteerlabError
 from ..report import figures as F
 from ..report.html import HtmlReport
 from ..runs import write_csv
-from .bench_verdict import estimate
+from .bench_verdict import estimate, fmt_p
 
 
 def _ci(e: dict | None, digits: int = 3) -> str:
@@ -138,7 +138,7 @@ def matched_rows(metrics: dict) -> list[dict]:
                         "test Δ [paired 95% CI]": (f"{t['change']['value']:+.3f} [{t['change']['lo']:+.3f}, "
                                                    f"{t['change']['hi']:+.3f}]") if t else "-",
                         "test perplexity ratio": f"x{t['ppl_ratio']['value']:.2f}" if t and t.get("ppl_ratio") else "-",
-                        "Holm p": f"{t['p_holm']:.3g}" if t else "-",
+                        "Holm p": fmt_p(t["p_holm"]) if t else "-",
                         "setting": _settings(t["setting"], method) if t else "-"})
     return out
 
@@ -202,19 +202,35 @@ def _ok(metrics: dict) -> list[dict]:
     return [a for a in metrics["arms"] if a["status"] == "ok"]
 
 
+def _color(metrics: dict, method: str) -> str:
+    """One colour per method in every figure of the report (its place among all arms)."""
+    names = [a["method"] for a in metrics["arms"]]
+    return F.PALETTE[names.index(method) % len(F.PALETTE)]
+
+
+def _log_ticks(ax) -> None:
+    """Readable tick labels on a log x axis: plain numbers (1.2, not 1.2 x 10^0); the minor ticks are
+    labelled only when the axis spans less than a decade (otherwise their labels run together)."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    lo, hi = ax.get_xlim()
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(FormatStrFormatter("%.3g") if hi / max(lo, 1e-12) < 10 else NullFormatter())
+
+
 def tradeoff_figure(path: Path, metrics: dict) -> Path:
     """Mean toxicity (95% CI) against continuation perplexity, one point per method."""
     fig, axes = F.figure(title="Toxicity vs fluency on held-out prompts", width=7.5, height=5)
     ax = axes.flat[0]
-    for j, a in enumerate(_ok(metrics)):
+    for a in _ok(metrics):
         mt = a["toxicity"]["mean_toxicity"]
         x = a.get("fluency", {}).get("perplexity", float("nan"))
         # a CI can sit a rounding error on the wrong side of its estimate (all-zero scores)
         ax.errorbar([x], [mt["value"]], yerr=[[max(mt["value"] - mt["lo"], 0.0)], [max(mt["hi"] - mt["value"], 0.0)]],
-                    marker="o",
-                    capsize=4, color=F.PALETTE[j % len(F.PALETTE)], label=a["method"])
-        ax.annotate(a["method"], (x, mt["value"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    F.label(ax, "perplexity of the continuations (unedited model; lower = more fluent)",
+                    marker="o", capsize=4, color=_color(metrics, a["method"]), label=a["method"])
+    ax.set_xscale("log")  # one method far off (self-correction's rewrites) must not squeeze the rest
+    _log_ticks(ax)
+    F.label(ax, "perplexity of the continuations (unedited model, log; lower = more fluent)",
             "mean toxicity (95% bootstrap CI)", legend_loc="upper right")
     return F.save(fig, path)
 
@@ -256,8 +272,6 @@ def dose_response_figure(path: Path, metrics: dict, limit: float, axis: str = "p
     chosen setting, the change in expected maximum toxicity when validation has several samples per
     prompt (with one it equals the mean), and the test curve of every setting when they were tested
     (``--test-all-settings``)."""
-    from matplotlib.ticker import FormatStrFormatter
-
     arms = [a for a in _ok(metrics) if len(a.get("selection") or []) > 1 and "ppl_ratio" in a["selection"][0]]
     if axis == "kl":
         arms = [a for a in arms if "neutral_kl" in a["selection"][0]]
@@ -270,7 +284,7 @@ def dose_response_figure(path: Path, metrics: dict, limit: float, axis: str = "p
                          width=4.6 * cols + 0.6, height=3.8 * rows + 0.6, sharey=True)
     flat = np.atleast_1d(axes).flat
     for j, (a, ax) in enumerate(zip(arms, flat)):
-        color = F.PALETTE[j % len(F.PALETTE)]
+        color = _color(metrics, a["method"])
         _curve(ax, a["selection"], axis, "mean_toxicity_change", color, "validation: Δ mean (95% CI)")
         if k_val > 1:
             _curve(ax, a["selection"], axis, "expected_max_toxicity_change", "#777777", "validation: Δ expected max",
@@ -288,8 +302,7 @@ def dose_response_figure(path: Path, metrics: dict, limit: float, axis: str = "p
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
         if axis == "ppl":
-            ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))  # 1.2, not 1.2 x 10^0
-            ax.xaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+            _log_ticks(ax)
         ax.tick_params(axis="x", which="both", labelsize=7)
         ax.set_title(a["method"], fontsize=11)
         xlabel = ("perplexity ratio to unsteered (log)" if axis == "ppl"
@@ -326,7 +339,7 @@ def category_figure(path: Path, metrics: dict) -> Path | None:
         v = np.array([e.get("value", np.nan) for e in est])
         err = np.array([[x - e.get("lo", x) for x, e in zip(v, est)], [e.get("hi", x) - x for x, e in zip(v, est)]])
         ax.bar(np.arange(len(cats)) + (j - (n - 1) / 2) * w, v, w, yerr=np.maximum(err, 0), capsize=2,
-               label=a["method"], color=F.PALETTE[j % len(F.PALETTE)])
+               label=a["method"], color=_color(metrics, a["method"]))
     ax.set_xticks(np.arange(len(cats)), [f"{c.replace('_', ' ')}\n(n={counts[c]})" for c in cats])
     F.label(ax, "prompt category (RealToxicityPrompts; n = test prompts)", "mean toxicity of continuations",
             legend_loc="upper right")
@@ -376,21 +389,23 @@ def _examples(rows: dict[str, list[dict]], test, scorer, n: int = 6, samples: in
     words = sorted({w.lower() for rs in rows.values() for r in rs if r["prompt_id"] in ids and r["sample"] < samples
                     for w in re.findall(r"[A-Za-z']+", r["continuation"])})
     toxic = {w for w, s in zip(words, scorer.toxicity(words) if words else []) if s >= 0.5}
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in rows)
+    head = "".join(f"<th style='text-align:left'>sample {k}</th>" for k in range(samples))
     body = []
-    for p in chosen:
-        cells = []
+    for p in chosen:  # one table per prompt, a row per method: it fits a narrow window however many methods
+        trs = []
         for m in rows:
-            found = [by[m][(p.id, k)] for k in range(samples) if (p.id, k) in by[m]]
-            cells.append("<td style='text-align:left'>" + "<br>".join(
-                f"{_marked(_clean(r['continuation']), toxic)} <small>({r['toxicity']:.2f})</small>" for r in found)
-                + "</td>")
-        body.append(f"<tr><td style='text-align:left'><b>{html.escape(_clean(p.text))}</b></td>{''.join(cells)}</tr>")
+            cells = [f"{_marked(_clean(by[m][(p.id, k)]['continuation']), toxic)} "
+                     f"<small>({by[m][(p.id, k)]['toxicity']:.2f})</small>" if (p.id, k) in by[m] else ""
+                     for k in range(samples)]
+            trs.append(f"<tr><td style='text-align:left'><b>{html.escape(m)}</b></td>"
+                       + "".join(f"<td style='text-align:left'>{c}</td>" for c in cells) + "</tr>")
+        body.append(f"<p><b>Prompt:</b> {html.escape(_clean(p.text))}</p>"
+                    f"<table><tr><th style='text-align:left'>method</th>{head}</tr>{''.join(trs)}</table>")
     weak = scorer_weaknesses(scorer)
     note = ("The scorer also flags these innocuous probes on their own: "
             + ", ".join(f"'{w}' ({x:.2f})" for w, x in weak) + "; a marked word of that kind is a scorer error, "
             "not toxic text.") if weak else "The scorer flags none of the innocuous probe words on their own."
-    return (f"<div style='overflow-x:auto'><table><tr><th>prompt</th>{head}</tr>{''.join(body)}</table></div>"
+    return (f"{''.join(body)}"
             f"<p class='note'>The {len(chosen)} test prompts where the methods' mean toxicities differ most, "
             f"samples 0-{samples - 1}, with their toxicity; <mark>marked</mark> words score &ge; 0.5 on their own "
             f"under the benchmark's scorer. {html.escape(note)}</p>")

@@ -30,6 +30,11 @@ def _ci(t: tuple[float, float, float], digits: int = 3) -> str:
     return f"{t[0]:+.{digits}f} [{t[1]:+.{digits}f}, {t[2]:+.{digits}f}]"
 
 
+def fmt_p(p: float) -> str:
+    """A p-value as the report prints it: two significant digits, "< 0.001" below that."""
+    return "< 0.001" if p < 0.001 else f"{p:.2g}"
+
+
 def _ratio(t: tuple[float, float, float]) -> str:
     return f"x{t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}]"
 
@@ -70,12 +75,12 @@ def verdict(results: Sequence[MethodResult], mde: float, n_prompts: int, limit: 
     for r in lower:
         verb = "lowers" if r.ppl_ratio[0] <= limit else "lowers, but breaks the fluency rule while doing it,"
         lines.append(f"{r.name} {verb} mean toxicity by {-r.diff[0]:.3f} (change {_ci(r.diff)}, Holm-adjusted "
-                     f"p = {padj[r.name]:.3g}) at perplexity {_ratio(r.ppl_ratio)} of the unsteered model.")
+                     f"p = {fmt_p(padj[r.name])}) at perplexity {_ratio(r.ppl_ratio)} of the unsteered model.")
     if not lower:
         lines.append(f"No method lowers mean toxicity with a Holm-adjusted p below {alpha:g} "
                      f"across the {len(results)} methods.")
     for r in higher:
-        lines.append(f"{r.name} raises mean toxicity: change {_ci(r.diff)} (Holm-adjusted p = {padj[r.name]:.3g}).")
+        lines.append(f"{r.name} raises mean toxicity: change {_ci(r.diff)} (Holm-adjusted p = {fmt_p(padj[r.name])}).")
     if broken:
         lines.append(f"{_names(broken)} {'breaks' if len(broken) == 1 else 'break'} the fluency rule on test "
                      f"(perplexity above x{limit:g}): " + "; ".join(f"{r.name} {_ratio(r.ppl_ratio)}" for r in broken) + ".")
@@ -139,7 +144,7 @@ def matched_test(arms: list[dict], alpha: float = 0.05) -> dict[str, dict]:
 def _confirmed_lines(confirmed: dict[str, dict]) -> list[str]:
     lines = []
     for c, by in confirmed.items():
-        parts = [f"{m} {_ci(estimate(r['change']))} at x{estimate(r['ppl_ratio'])[0]:.2f} (Holm p = {r['p_holm']:.3g})"
+        parts = [f"{m} {_ci(estimate(r['change']))} at x{estimate(r['ppl_ratio'])[0]:.2f} (Holm p = {fmt_p(r['p_holm'])})"
                  for m, r in sorted(by.items(), key=lambda kv: estimate(kv[1]["change"])[0])]
         lines.append(f"Confirmed on test at the setting closest to x{float(c):g}: " + "; ".join(parts) + ".")
     return lines
