@@ -13,14 +13,15 @@ from ..registry import choose
 from .presets import from_preset
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"n_val": 48, "k_val": 1, "n_test": 0, "k": 2, "max_new_tokens": 16, "n_neutral": 64, "timing_reps": 2,
+    "quick": {"n_val": 48, "k_val": 1, "n_test": 0, "k": 3, "max_new_tokens": 16, "n_neutral": 64, "timing_reps": 2,
               "timing_max_reps": 2},
     "standard": {"n_val": 48, "k_val": 2, "n_test": 124, "k": 5, "max_new_tokens": 20, "n_neutral": 0},
     "full": {"n_val": 125, "k_val": 3, "n_test": 0, "k": 25, "max_new_tokens": 20, "n_neutral": 0},
 }
 """``quick``: every method on the default model on 2 CPU cores (the README demo): every one of the test
-prompts (124 after de-duplication) x 2 samples, which detects a change of about 0.025 in mean toxicity at 80% power on
-the default model (docs/bench.md), settings chosen on 48 validation prompts, 2 timing pairs per arm
+prompts (124 after de-duplication) x 3 samples, about what detecting a change of 0.03 in mean toxicity at 80% power
+takes on the default model (x 2 measured 0.035; docs/bench.md), settings chosen on 48 validation prompts, 2 timing
+pairs per arm
 (its time column is about as noisy as its unsteered A/A row shows);
 ``standard``: more prompts and samples; ``full``: the papers' 25 samples per test prompt, every
 test prompt (``n_test=0``: all), for a GPU."""
@@ -34,7 +35,7 @@ class BenchError(SteerlabError):
 class BenchConfig:
     """Settings of :func:`run_bench` (all in ``config.json``)."""
 
-    preset: str = option("quick", "quick (every method on the default model in minutes on 2 CPU cores), standard, "
+    preset: str = option("quick", "quick (every method on the default model, about 45 min on 2 CPU cores), standard, "
                          "or full (the papers' 25 samples per prompt; for a GPU).", choices=tuple(PRESETS))
     methods: tuple[str, ...] = option((), "Comma-separated intervention methods (default: every registered one; see "
                                       "`steerlab interventions`).")
