@@ -460,7 +460,9 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
     if matched:
         page.heading("At matched fluency")
         page.table(matched, caption="Each method's change in mean toxicity at the same fluency cost. Validation: "
-                   "read from its monotone dose-response fit at that perplexity ratio. Test: its setting closest to "
+                   "read from its monotone dose-response fit at that perplexity ratio (every validation change is paired "
+                   "with the same unsteered validation draw, whose noise they share: compare methods on test). "
+                   "Test: its setting closest to "
                    "that cost on validation, run on the test prompts, paired to the unsteered model (95% bootstrap CI); "
                    "Holm-adjusted across the methods that reach the cost. '-': the method's strongest setting stays "
                    "below that cost.")
