@@ -36,6 +36,33 @@ def test_batched_logistic_matches_sklearn():
         np.testing.assert_allclose(probes.w[p].numpy(), clf.coef_[0] / sd, rtol=1e-3, atol=1e-4)
 
 
+def test_wide_head_probes_fit_with_several_threads():
+    """72 problems of 256 features (Gemma-3-270M's 18 layers x 4 heads of 256): batched LU failed on
+    CPU with 2 MKL threads ("Pivots given to lu_solve ..."); the Cholesky solve fits them and agrees
+    with numpy's solve, and its ridge fallback rescues a singular system."""
+    threads = torch.get_num_threads()
+    X, y, Xv, yv = _synthetic(P=72, n=90, nv=38, D=256)
+    torch.set_num_threads(1)
+    one = pr.fit_logistic(X, y)
+    torch.set_num_threads(2)
+    try:
+        probes = pr.fit_logistic(X, y)
+        assert torch.isfinite(probes.w).all() and (pr.accuracy(probes.logits(Xv), yv)[:4] == 1).all()
+        torch.testing.assert_close(probes.w, one.w, rtol=1e-3, atol=1e-4)
+        g = torch.Generator().manual_seed(3)
+        A = torch.randn(72, 257, 257, generator=g)
+        H, b = A @ A.transpose(1, 2) / 257 + 0.1 * torch.eye(257), torch.randn(72, 257, generator=g)
+        np.testing.assert_allclose(pr.spd_solve(H, b).numpy(),
+                                   np.linalg.solve(H.double().numpy(), b.double().numpy()[..., None])[..., 0],
+                                   rtol=1e-3, atol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
+    singular = torch.zeros(2, 3, 3)
+    singular[0] = torch.eye(3)
+    out = pr.spd_solve(singular, torch.ones(2, 3))
+    assert torch.equal(out[0], torch.ones(3)) and torch.isfinite(out[1]).all()
+
+
 def test_auroc_and_risk_against_independent_computations():
     g = torch.Generator().manual_seed(1)
     scores = torch.randint(0, 5, (4, 30), generator=g).float()  # many ties

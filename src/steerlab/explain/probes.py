@@ -209,6 +209,23 @@ def _logistic_loss(Z: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, l2: flo
     return ll + 0.5 * l2 * (beta[:, :-1] ** 2).sum(1)
 
 
+def spd_solve(H: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``H^-1 g`` for a batch of symmetric positive definite ``H [P, D, D]`` and ``g [P, D]``, by
+    Cholesky. (Batched LU, ``torch.linalg.solve``, fails on CPU with several MKL threads from about 64
+    problems of 257 unknowns on: "Pivots given to lu_solve must all be greater or equal to 1", which
+    stopped every head probe of a model with 256-wide heads such as Gemma-3-270M.) A problem whose
+    factorisation fails numerically gets a ridge of 1e-6 of its mean diagonal, in float64."""
+    L, info = torch.linalg.cholesky_ex(H)
+    bad = info > 0
+    if bool(bad.any()):
+        Hb = H[bad].double()
+        eye = torch.eye(H.shape[-1], dtype=Hb.dtype, device=Hb.device)
+        ridge = 1e-6 * Hb.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
+        L = L.clone()
+        L[bad] = torch.linalg.cholesky(Hb + ridge * eye).to(H.dtype)
+    return torch.cholesky_solve(g[..., None], L)[..., 0]
+
+
 @torch.no_grad()
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, iters: int = 50, tol: float = 1e-7) -> LinearProbes:
     """L2-regularised logistic regression for every problem ``p`` of ``X [P, N, D]`` with labels
@@ -231,7 +248,7 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, iters: int 
         if g.abs().max() < tol:
             break
         Hs = torch.einsum("pnd,pn,pne->pde", Z, p * (1 - p), Z) / N + torch.diag(reg)
-        d = torch.linalg.solve(Hs, g[..., None])[..., 0]  # [P, D+1]
+        d = spd_solve(Hs, g)  # [P, D+1]
         cand = beta[..., None] - d[..., None] * steps  # [P, D+1, K]
         loss0 = _logistic_loss(Z, y, beta[..., None], l2)  # [P, 1]
         ok = _logistic_loss(Z, y, cand, l2) <= loss0 - 1e-4 * steps * (g * d).sum(-1, keepdim=True)
