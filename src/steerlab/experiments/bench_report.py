@@ -431,6 +431,14 @@ def _dose_figures(page: HtmlReport, path: Path, metrics: dict, cfg) -> None:
                         f"that changes nothing has KL 0, drawn at {KL_FLOOR:g}).")
 
 
+MATCHED_CAPTION = (
+    "Each method's change in mean toxicity at the same fluency cost. Validation: read from its monotone "
+    "dose-response fit at that perplexity ratio (every validation change is paired with the same unsteered "
+    "validation draw, whose noise they share: compare methods on test). Test: its setting closest to that cost "
+    "on validation, run on the test prompts, paired to the unsteered model (95% bootstrap CI); Holm-adjusted "
+    "across the methods that reach the cost. '-': the method's strongest setting stays below that cost.")
+
+
 def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dict]], test, scorer) -> Path:
     """``tables/results.csv``, the figures and ``report.html`` of a benchmark run."""
     table = table_rows(metrics)
@@ -459,13 +467,7 @@ def write_report(path: Path, model, cfg, metrics: dict, rows: dict[str, list[dic
     matched = matched_rows(metrics)
     if matched:
         page.heading("At matched fluency")
-        page.table(matched, caption="Each method's change in mean toxicity at the same fluency cost. Validation: "
-                   "read from its monotone dose-response fit at that perplexity ratio (every validation change is paired "
-                   "with the same unsteered validation draw, whose noise they share: compare methods on test). "
-                   "Test: its setting closest to "
-                   "that cost on validation, run on the test prompts, paired to the unsteered model (95% bootstrap CI); "
-                   "Holm-adjusted across the methods that reach the cost. '-': the method's strongest setting stays "
-                   "below that cost.")
+        page.table(matched, caption=MATCHED_CAPTION)
     tox, fluency, cost = _split(table)
     page.heading("Results: toxicity")
     page.table(tox, caption="Δ: the method minus the unsteered model on the same prompts and random numbers, "
