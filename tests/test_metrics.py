@@ -284,3 +284,14 @@ def test_kl_reference_reused_across_edits(llama):
         M.kl_from_reference(llama, ref, ["other", "texts", "than", "these"])
     with pytest.raises(ShapeError):
         M.kl_from_reference(llama, ref, NEUTRAL[:2])
+    # the reference of the first texts is a slice of it: the same KL as a reference computed on them alone
+    other = tiny_model("llama", seed=1)
+    for top_k in (None, 16):
+        whole = M.next_token_logprobs(llama, NEUTRAL, top_k=top_k)
+        alone = M.next_token_logprobs(llama, NEUTRAL[:2], top_k=top_k)
+        assert M.kl_from_reference(other, whole.head(2), NEUTRAL[:2]).mean == pytest.approx(
+            M.kl_from_reference(other, alone, NEUTRAL[:2]).mean, rel=1e-5)
+    with pytest.raises(EmptyInputError, match="head"):
+        ref.head(0)
+    with pytest.raises(EmptyInputError, match="head"):
+        ref.head(len(NEUTRAL) + 1)

@@ -206,6 +206,20 @@ def median_ci(ratios: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tup
     return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
 
 
+MIN_TIMING_PAIRS = 3
+"""Fewer alternating pairs give no interval: the bootstrap CI of two ratios is only their range."""
+
+
+def timing_label(t: dict, digits: int = 2) -> str:
+    """A paired timing (:func:`generation_overhead`'s result) as the report and the progress print it:
+    the median ratio, its CI when there are enough pairs, and the number of pairs."""
+    n = t.get("n_pairs", len(t["ratios"]))
+    pairs = f"{n} pair{'s' * (n != 1)}"
+    if n < MIN_TIMING_PAIRS or "ci" not in t:
+        return f"{t['ratio']:.{digits}f} ({pairs}, too few for a CI)"
+    return f"{t['ratio']:.{digits}f} [{t['ci'][0]:.{digits}f}, {t['ci'][1]:.{digits}f}] ({pairs})"
+
+
 def generation_overhead(model: Model, prompts: Sequence, cfg, intervention=None, apply_options: dict | None = None,
                         reps: int = 3, warmup: int = 1, max_reps: int | None = None,
                         tolerance: float = 0.03) -> dict:
@@ -249,8 +263,8 @@ def generation_overhead(model: Model, prompts: Sequence, cfg, intervention=None,
             base.append(once(None))
         ratios = [a / b for a, b in zip(arm, base)]
         med, (lo, hi) = float(np.median(ratios)), median_ci(ratios)
-        converged = len(ratios) >= 3 and lo >= med * (1 - tolerance) and hi <= med * (1 + tolerance)
-        if len(base) >= reps and (max_reps == reps or (converged and len(base) >= 3)):
+        converged = len(ratios) >= MIN_TIMING_PAIRS and lo >= med * (1 - tolerance) and hi <= med * (1 + tolerance)
+        if len(base) >= reps and (max_reps == reps or converged):
             break
     return {"ratio": med, "ratios": ratios, "ci": [lo, hi], "n_pairs": len(ratios), "converged": converged,
             "tolerance": tolerance, "baseline_seconds": base, "arm_seconds": arm,

@@ -47,6 +47,7 @@ from ..evaluation import (
     paired_to,
     similarity_to,
     summarize,
+    timing_label,
 )
 from ..generation import GenConfig, generate_run
 from ..grid import generate_grid
@@ -238,9 +239,7 @@ def _timing(model: Model, path: Path, name: str, iv: Intervention | None, opts: 
     with stage(f"timing: {name}"):
         t = group().on_main(measure)
     if bar is not None:
-        n, (lo, hi) = t.get("n_pairs", len(t["ratios"])), t.get("ci", [float("nan")] * 2)
-        ci = f" [{lo:.3f}, {hi:.3f}]" if n >= 3 else ""  # fewer than 3 ratios: no interval
-        bar.note(f"{name}: time x {t['ratio']:.3f}{ci} from {n} pair{'s' * (n != 1)}")
+        bar.note(f"{name}: time x {timing_label(t, 3)}")
     return t
 
 
@@ -318,10 +317,9 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
         val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer,
                                 progress=progress)
         base_val = g.on_main(lambda: _summary(model, val_rows))
-    # each validation candidate's KL is read on the first n_neutral_val neutral texts: their reference once
+    # each validation candidate's KL is read on the first n_neutral_val neutral texts: a slice of the reference
     val_neutral = neutral[: cfg.n_neutral_val]
-    with stage("neutral reference"):
-        kl_reference = (g.on_main(lambda: neutral_reference(model, val_neutral), share=False), val_neutral)
+    kl_reference = (g.on_main(lambda: reference[0].head(len(val_neutral)), share=False), val_neutral)
     base = {"ppl": base_val.get("fluency", {}).get("perplexity", float("nan")),
             "distinct-2": base_val["diversity"]["distinct-2"], "rows": val_rows,
             "by_prompt": base_val.get("fluency", {}).get("by_prompt") or {}, "kl_reference": kl_reference}

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SteerlabError
+from ..evaluation import timing_label
 from ..report import figures as F
 from ..report.html import HtmlReport
 from ..runs import write_csv
@@ -58,9 +59,7 @@ def _time(arm: dict) -> str | float:
     t = arm.get("generation_timing") or {}
     if "ci" not in t:
         return round(arm["generation_time_ratio"], 2)
-    if t["n_pairs"] < 3:  # the bootstrap "CI" of fewer than 3 ratios is only their range
-        return f"{t['ratio']:.2f} ({t['n_pairs']} pair{'s' * (t['n_pairs'] != 1)}, too few for a CI)"
-    return f"{t['ratio']:.2f} [{t['ci'][0]:.2f}, {t['ci'][1]:.2f}] ({t['n_pairs']} pairs)"
+    return timing_label(t)
 
 
 _INTERVALS = {"expected_max_toxicity": ("toxicity", "expected_max_toxicity"),

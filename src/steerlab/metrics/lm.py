@@ -156,6 +156,15 @@ class NextTokenLogprobs:
     def n_texts(self) -> int:
         return len(self.offsets) - 1
 
+    def head(self, n: int) -> NextTokenLogprobs:
+        """The reference of the first ``n`` texts only (a view: no forward pass)."""
+        if not 0 < n <= self.n_texts:
+            raise EmptyInputError(f"head({n}) of a reference over {self.n_texts} texts")
+        end = int(self.offsets[n])
+        cut = lambda t: None if t is None else t[:end]  # noqa: E731
+        return NextTokenLogprobs(self.values[:end], cut(self.indices), cut(self.tail), self.offsets[: n + 1],
+                                 self.token_ids[:end])
+
     @property
     def coverage(self) -> float:
         """Mean probability mass held by the stored tokens (1 for full distributions)."""
