@@ -273,12 +273,14 @@ def test_apply_with_fewer_directions_uses_the_largest_delta_first():
     with pytest.raises(EigenShiftError, match="this edit holds 6 directions but k=7 asks for 7: refit"):
         with iv.apply(m, k=7):
             pass
-    # bench: the k of the grid this edit holds (6 directions: k 1, 4 of the quick grid, 1, 2, 4 of the full)
+    # bench: the k of the grid this edit holds (6 directions: k 1, 2, 4 at alpha 0 and 0.5 for t and 1, 4
+    # at alpha 0 for |delta| in the quick grid; 1, 2, 4 at three alphas for both in the full one)
     from steerlab.experiments.recipes import recipe_for
 
     # (fitted from states at the first token only: no matched-positions settings)
     assert recipe_for("eigenshift").settings(iv, m, None, "quick") == [
-        {"rank": r, "positions": "first", "k": k, "alpha": 0.0} for r in ("t", "abs") for k in (1, 4)]
+        {"rank": "t", "positions": "first", "k": k, "alpha": a} for k in (1, 2, 4) for a in (0.0, 0.5)] + [
+        {"rank": "abs", "positions": "first", "k": k, "alpha": 0.0} for k in (1, 4)]
     assert recipe_for("eigenshift").settings(iv, m, None, "full") == [
         {"rank": r, "positions": "first", "k": k, "alpha": a} for r in ("t", "abs") for k in (1, 2, 4)
         for a in (0.0, 0.25, 0.5)]

@@ -144,18 +144,20 @@ def _slim_metrics(iv, model: Model, data: BenchData, prompts, neutral, options: 
                           "layer": iv.layer, "tau": iv.tau}}
 
 
-EIGENSHIFT_K: dict[str, tuple[int, ...]] = {"quick": (1, 4, 16, 64, 144), "full": (1, 2, 4, 8, 16, 32, 64, 144)}
-EIGENSHIFT_ALPHA: dict[str, tuple[float, ...]] = {"quick": (0.0,), "full": (0.0, 0.25, 0.5)}
-EIGENSHIFT_RANKS: dict[str, tuple[tuple[str, str], ...]] = {
-    "quick": (("t", "first"), ("abs", "first"), ("t", "matched")),
-    "full": (("t", "first"), ("abs", "first"), ("t", "matched"), ("abs", "matched"))}
+EIGENSHIFT_K: dict[str, tuple[int, ...]] = {"quick": (1, 2, 4, 8, 16, 32, 64, 144), "full": (1, 2, 4, 8, 16, 32, 64, 144)}
+EIGENSHIFT_GRID: dict[str, tuple[tuple[str, str, tuple[int, ...], tuple[float, ...]], ...]] = {
+    "quick": (("t", "first", EIGENSHIFT_K["quick"], (0.0, 0.5)), ("abs", "first", (1, 4, 16, 64, 144), (0.0,)),
+              ("t", "matched", (1, 4, 16, 64, 144), (0.0,))),
+    "full": tuple((r, p, EIGENSHIFT_K["full"], (0.0, 0.25, 0.5))
+                  for r, p in (("t", "first"), ("abs", "first"), ("t", "matched"), ("abs", "matched")))}
 """The (rank, positions, k, alpha) grid the benchmark tries on validation: directions ranked by
 Welch's t or by |delta|, of non-toxic states at the first generated token (the paper) or at the
 positions of the toxic ones (position-matched, so that the two sets differ in toxicity rather than
-in position), k from 1 (the public code's default for d = 576) to 144 (a quarter of the default
-model's 576 directions, where fluency is gone), alpha from removing the directions (0, the paper's
-reported run) to halving them; the quick preset leaves out |delta| with matched positions, takes
-every fourth k and alpha 0 (15 settings instead of 96)."""
+in position), k doubling from 1 (the public code's default for d = 576) to 64, and 144 (a quarter of
+the default model's 576 directions, where fluency is gone), alpha from removing the directions (0,
+the paper's reported run) to halving them. The quick preset keeps the whole k axis and alpha 0 and
+0.5 for the benchmark's variant (t, first positions) and every fourth k at alpha 0 for the two
+comparison variants, and leaves out |delta| with matched positions (26 settings instead of 96)."""
 
 
 def bench_pool(data: BenchData):
@@ -215,13 +217,13 @@ def _aura_fit(cls, model: Model, data: BenchData, preset: str):
 
 
 def _eigenshift_settings(iv, model: Model, data: BenchData, preset: str) -> list[dict]:
-    """The (rank, positions, k, alpha) grid of :data:`EIGENSHIFT_RANKS` x :data:`EIGENSHIFT_K` x
-    :data:`EIGENSHIFT_ALPHA` for the k up to the number of directions this edit holds and the
-    positions whose statistics it holds (each rank re-ranks all directions from the saved delta and t)."""
+    """The (rank, positions, k, alpha) grid of :data:`EIGENSHIFT_GRID` for the k up to the number of
+    directions this edit holds and the positions whose statistics it holds (each rank re-ranks all
+    directions from the saved delta and t)."""
     key = "quick" if preset == "quick" else "full"
     held = {iv.positions, *iv.alt}
-    return [{"rank": r, "positions": p, "k": k, "alpha": a} for r, p in EIGENSHIFT_RANKS[key] if p in held
-            for k in EIGENSHIFT_K[key] if k <= len(iv.indices) for a in EIGENSHIFT_ALPHA[key]]
+    return [{"rank": r, "positions": p, "k": k, "alpha": a} for r, p, ks, alphas in EIGENSHIFT_GRID[key]
+            if p in held for k in ks if k <= len(iv.indices) for a in alphas]
 
 
 AURA_SHARES: dict[str, tuple[float, ...]] = {"quick": (0.001, 0.003, 0.01, 0.03, 0.1),
