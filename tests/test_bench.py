@@ -96,6 +96,12 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
     again = run_bench(llama, out, _cfg(), progress=False)
     for a, b in zip(metrics["arms"], again["arms"]):
         assert a.get("toxicity") == b.get("toxicity") and a.get("paired_difference") == b.get("paired_difference")
+        assert a.get("fluency") == b.get("fluency") and a.get("side_effects") == b.get("side_effects")
+        assert a.get("selection") == b.get("selection")
+    # ... and measures nothing again: the regenerated rows are the same texts, whose likelihoods, side
+    # effects and candidates' KL were kept beside them
+    stages = {r["stage"] for r in again["profile"]}
+    assert not stages & {"perplexity", "side effects", "validation: neutral KL"}, stages
 
 
 def test_bench_runs_prompt_side_methods_on_a_chat_model(tmp_path):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -198,3 +199,48 @@ def test_rows_holding_unicode_line_separators_read_back_whole(tmp_path):
     write_jsonl(tmp_path / "p.jsonl", rows)
     assert [r for _, r in jsonl_rows(tmp_path / "p.jsonl")] == rows
     assert [n for n, _ in jsonl_rows(tmp_path / "p.jsonl")] == list(range(1, len(rows) + 1))
+
+
+def test_measurements_are_cached_by_their_inputs_and_read_back(tmp_path, llama, monkeypatch):
+    """A resumed run measures nothing twice: the continuations' likelihoods and an arm's side effects
+    are kept in the run directory under a key of their inputs, read back while it holds, and measured
+    again when an input changes (or the file is unreadable); the numbers read back equal fresh ones."""
+    import steerlab.evaluation as E
+    from steerlab.evaluation import neutral_reference
+    from steerlab.metrics.lm import perplexity
+    from steerlab.runs import cached_json
+
+    calls = []
+    real = E.perplexity
+    monkeypatch.setattr(E, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompts, conts = ["The cat", "A dog is"], [" sat on the mat", " here"]
+    f = tmp_path / "fluency.json"
+    nll, n = E.continuation_nll(llama, prompts, conts, cache=f)
+    fresh = perplexity(llama, conts, prompts=prompts)
+    np.testing.assert_array_equal(nll, fresh.nll)
+    np.testing.assert_array_equal(n, fresh.n_tokens)
+    again = E.continuation_nll(llama, prompts, conts, cache=f)
+    assert len(calls) == 1 and np.array_equal(again[0], nll) and np.array_equal(again[1], n)
+    other = E.continuation_nll(llama, prompts, [" sat on the mat", " there"], cache=f)  # a changed text
+    assert len(calls) == 2 and other[0][0] == nll[0] and other[0][1] != nll[1]
+    f.write_text("{not json")  # an unreadable cache is measured again and rewritten
+    assert np.array_equal(E.continuation_nll(llama, prompts, conts, cache=f)[0], nll) and len(calls) == 3
+    g = tmp_path / "value.json"
+    assert cached_json(g, {"x": 1}, lambda: 5.0) == 5.0 and cached_json(g, {"x": 1}, lambda: 7.0) == 5.0
+    assert cached_json(g, {"x": 2}, lambda: 7.0) == 7.0 and cached_json(None, {"x": 2}, lambda: 8.0) == 8.0
+    # an arm's perplexity and side effects: measured once per (rows, edit, options, texts)
+    texts = ["Water boils at one hundred degrees.", "The train leaves at noon."]
+    ref = neutral_reference(llama, texts)
+    from steerlab.scoring import get_scorer
+    from steerlab.steer.vector import SteeringVector
+
+    iv = SteeringVector({"blocks.1.resid_post": torch.randn(llama.d_model, generator=torch.Generator().manual_seed(0))})
+    cfg, scorer = GenConfig(max_new_tokens=3, sampling="greedy", k=1), get_scorer("profanity")
+    first, _ = E.evaluate_arm(llama, prompts, tmp_path / "arm", cfg, scorer, ref, texts, intervention=iv)
+    n_calls = len(calls)
+    second, _ = E.evaluate_arm(llama, prompts, tmp_path / "arm", cfg, scorer, ref, texts, intervention=iv)
+    assert len(calls) == n_calls and second["side_effects"] == first["side_effects"]
+    assert second["fluency"] == first["fluency"] and (tmp_path / "arm" / "side_effects.json").exists()
+    stronger, _ = E.evaluate_arm(llama, prompts, tmp_path / "arm3", cfg, scorer, ref, texts, intervention=iv,
+                                 apply_options={"alpha": 3.0})
+    assert stronger["side_effects"]["kl_from_unedited"] != first["side_effects"]["kl_from_unedited"]

@@ -57,12 +57,13 @@ def undefined_metrics(k: int) -> dict[str, str]:
 
 
 def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bool = False,
-              n_boot: int = 1000, seed: int = 0, batch_size: int = FIXED_TEXT_BATCH) -> dict:
+              n_boot: int = 1000, seed: int = 0, batch_size: int = FIXED_TEXT_BATCH, cache=None) -> dict:
     """Toxicity metrics (expected max, probability, mean, each with a 95% bootstrap CI),
     distinct-1/2/3 (per prompt, averaged) and, given ``fluency_model``, the perplexity of the
     continuations conditioned on their prompts. With one sample per prompt, ``undefined`` names the
     metrics that need several (:func:`undefined_metrics`) and why; their numbers are kept for
-    programs but a report should not show them."""
+    programs but a report should not show them. ``cache``: a JSON file that keeps the continuations'
+    likelihoods, keyed by the model's fingerprint and the texts (:func:`continuation_nll`)."""
     ids, m = score_matrix(rows)
     out: dict = {"n_prompts": len(ids), "k": int(m.shape[1])}
     out["toxicity"] = toxicity_metrics(m, n_boot=n_boot, seed=seed).to_dict()
@@ -76,18 +77,44 @@ def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bo
         conts = [r["continuation"] for r in rows]
         keep = [i for i, c in enumerate(conts) if c.strip()]
         if keep:
-            with stage("perplexity"):
-                ppl = perplexity(fluency_model, [conts[i] for i in keep], prompts=[rows[i]["prompt"] for i in keep],
-                                 chat=chat, batch_size=batch_size)
+            nll, n = continuation_nll(fluency_model, [rows[i]["prompt"] for i in keep], [conts[i] for i in keep],
+                                      chat, batch_size, cache)
             by_prompt: dict[str, list[float]] = {}
             for j, i in enumerate(keep):
                 acc = by_prompt.setdefault(rows[i]["prompt_id"], [0.0, 0])
-                acc[0] += float(ppl.nll[j])
-                acc[1] += int(ppl.n_tokens[j])
+                acc[0] += float(nll[j])
+                acc[1] += int(n[j])
             # per prompt (summed NLL in nats, scored tokens): paired perplexity ratios between arms
-            out["fluency"] = {"perplexity": float(ppl.aggregate), "reference_model": fluency_model.name,
-                              "n_scored": len(keep), "by_prompt": by_prompt}
+            total = n.sum()
+            out["fluency"] = {"perplexity": float(np.exp(nll.sum() / total)) if total else float("nan"),
+                              "reference_model": fluency_model.name, "n_scored": len(keep), "by_prompt": by_prompt}
     return out
+
+
+MEASURE_VERSION = 1
+"""Part of every cached measurement's key (:func:`~steerlab.runs.cached_json`): raised when the way a
+measurement is computed changes, so that runs measured before are measured again on resume."""
+
+
+def continuation_nll(model: Model, prompts: Sequence, continuations: Sequence[str], chat: bool = False,
+                     batch_size: int = FIXED_TEXT_BATCH, cache=None) -> tuple[np.ndarray, np.ndarray]:
+    """Each continuation's summed NLL (nats) and scored-token count given its prompt under ``model``
+    (:func:`~steerlab.metrics.lm.perplexity`), kept in the JSON file ``cache`` (when given) under a key
+    of the model's fingerprint and the texts, and read back while they are the same."""
+    import json
+
+    from .generation import text_id
+    from .runs import cached_json
+
+    def compute() -> dict:
+        with stage("perplexity"):
+            ppl = perplexity(model, list(continuations), prompts=list(prompts), chat=chat, batch_size=batch_size)
+        return {"nll": ppl.nll.tolist(), "n_tokens": ppl.n_tokens.tolist()}
+
+    key = {"measure": "continuation NLL", "version": MEASURE_VERSION, "model": model.fingerprint, "chat": chat,
+           "texts": text_id(json.dumps([list(prompts), list(continuations)], default=str))}
+    v = cached_json(cache, key, compute)
+    return np.asarray(v["nll"], dtype=float), np.asarray(v["n_tokens"], dtype=int)
 
 
 def admissible(perplexity, distinct2, base_perplexity: float, base_distinct2: float,
@@ -144,10 +171,14 @@ def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, referenc
     would). Returns the metrics and the rows. In a data-parallel launch the processes share the
     generation and rank 0 measures (``reference`` is only needed there). ``note(text)``, when
     given, hears each phase as it starts (a progress display's line)."""
+    import json
     from contextlib import nullcontext
+    from pathlib import Path
 
-    from .generation import generate_run
+    from .data import neutral_texts
+    from .generation import generate_run, text_id
     from .parallel import group
+    from .runs import cached_json
 
     opts = dict(apply_options or {})
     rows = generate_run(model, prompts, out_dir, cfg, scorer=scorer, intervention=intervention, apply_options=opts,
@@ -156,12 +187,21 @@ def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, referenc
     def measure() -> dict:
         if note:
             note(f"perplexity of {len(rows)} continuations")
-        metrics = summarize(rows, fluency_model=model)
+        metrics = summarize(rows, fluency_model=model, cache=Path(out_dir) / "fluency.json")
         fixed = intervention.fixed_text_options(opts) if intervention is not None else {}
+        texts = list(neutral) if neutral is not None else neutral_texts()
         if note:
-            note(f"side effects on {len(neutral) if neutral is not None else 'the bundled'} neutral texts")
-        with intervention.apply(model, **fixed) if intervention is not None else nullcontext():
-            metrics["side_effects"] = side_effects(model, reference, neutral)
+            note(f"side effects on {len(texts)} neutral texts")
+
+        def effects() -> dict:
+            with intervention.apply(model, **fixed) if intervention is not None else nullcontext():
+                return side_effects(model, reference, texts)
+
+        key = {"measure": "side effects", "version": MEASURE_VERSION, "model": model.fingerprint,
+               "intervention": intervention.fingerprint() if intervention is not None else None, "options": fixed,
+               "texts": text_id(json.dumps(texts)), "reference": list(reference.values.shape)}
+        held = cached_json(Path(out_dir) / "side_effects.json", key, effects)
+        metrics["side_effects"] = {k: float("nan") if v is None else v for k, v in held.items()}
         return metrics
 
     return group().on_main(measure), rows  # in a data-parallel launch: measured on rank 0, sent to all

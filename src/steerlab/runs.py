@@ -112,6 +112,26 @@ def read_json(path: Path, what: str, error: type[SteerlabError] = SteerlabError)
         raise error(f"{what} {path} cannot be read as JSON: {e}") from e
 
 
+def cached_json(path: str | os.PathLike | None, key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept in the JSON file ``path`` beside ``key``: while the file holds the same key
+    (compared as JSON) its value is read back instead of computed again, so that a resumed run does not
+    measure twice what it measured before; another key (a changed input) or an unreadable file computes
+    and overwrites. ``path`` None: compute only. Non-finite floats read back as None (JSON)."""
+    if path is None:
+        return compute()
+    f, want = Path(path), json.loads(_dumps(key))
+    if f.exists():
+        try:
+            held = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            held = None
+        if isinstance(held, dict) and "value" in held and held.get("key") == want:
+            return held["value"]
+    value = compute()
+    write_json(f, {"key": want, "value": value})
+    return value
+
+
 def read_record(path: str | os.PathLike) -> dict:
     """The ``record.json`` of a run directory (empty when there is none), read without taking its lock."""
     f = Path(path) / "record.json"

@@ -121,8 +121,9 @@ def _fit_main(model: Model, run: RunDir, f: Path, name: str, data: BenchData, pr
     return seconds
 
 
-def _summary(model: Model, rows: list[dict]) -> dict:
-    return summarize(rows, fluency_model=model)  # fluency under the unedited model (outside any apply)
+def _summary(model: Model, rows: list[dict], cache: Path | None = None) -> dict:
+    # fluency under the unedited model (outside any apply)
+    return summarize(rows, fluency_model=model, cache=cache)
 
 
 def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchData, val, cfg: BenchConfig,
@@ -136,10 +137,11 @@ def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchDa
     runs = generate_grid(model, val, [path / "val" / name / str(i) for i in range(len(settings))], _gen(cfg, True),
                          iv, settings, scorer=data.scorer, progress=progress,
                          desc=f"validation: {name}, {len(settings)} settings")
-    for opts, rows in zip(settings, runs):
-        table.append(g.on_main(lambda opts=opts, rows=rows: {**_setting_row(model, opts, rows, cfg, base),
-                                                              "neutral_kl": candidate_kl(model, iv, opts,
-                                                                                        base["kl_reference"])}))
+    for i, (opts, rows) in enumerate(zip(settings, runs)):
+        d = path / "val" / name / str(i)  # measured once: a resumed run reads both back
+        table.append(g.on_main(lambda opts=opts, rows=rows, d=d: {
+            **_setting_row(model, opts, rows, cfg, base, d / "fluency.json"),
+            "neutral_kl": candidate_kl(model, iv, opts, base["kl_reference"], d / "neutral_kl.json")}))
     return choose_candidate(table, cfg.max_ppl_ratio), table
 
 
@@ -159,23 +161,38 @@ def choose_candidate(table: list[dict], limit: float) -> dict:
     return {**rows[0], "note": "no setting met the fluency/diversity rule: the most fluent one is tested"}
 
 
-def candidate_kl(model: Model, iv: Intervention, opts: dict, reference) -> float:
+def candidate_kl(model: Model, iv: Intervention, opts: dict, reference, cache: Path | None = None) -> float:
     """The neutral-text KL(unedited || edited) of one setting on the validation neutral texts
     (``reference``: the unedited model's next-token distributions on them, computed once per run by
     :func:`_run_arms`, and the texts), with the method's options for fixed text
     (:meth:`~steerlab.interventions.Intervention.fixed_text_options`): the x axis of the report's
-    second dose-response figure. Each candidate costs one forward pass over the texts."""
+    second dose-response figure. Each candidate costs one forward pass over the texts, kept in the JSON
+    file ``cache`` when given (keyed by the model, the edit, its options and the texts)."""
+    from ..evaluation import MEASURE_VERSION
+    from ..generation import text_id
     from ..metrics.lm import kl_from_reference
+    from ..runs import cached_json
 
-    with stage("validation: neutral KL"), iv.apply(model, **iv.fixed_text_options(opts)):
-        return float(kl_from_reference(model, reference[0], reference[1]).mean)
+    fixed = iv.fixed_text_options(opts)
+
+    def compute() -> float:
+        with stage("validation: neutral KL"), iv.apply(model, **fixed):
+            return float(kl_from_reference(model, reference[0], reference[1]).mean)
+
+    key = {"measure": "neutral KL", "version": MEASURE_VERSION, "model": model.fingerprint,
+           "intervention": iv.fingerprint(), "options": fixed, "texts": text_id(json.dumps(list(reference[1]))),
+           "reference": list(reference[0].values.shape)}
+    v = cached_json(cache, key, compute)
+    return float("nan") if v is None else float(v)
 
 
-def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, base: dict) -> dict:
+def _setting_row(model: Model, opts: dict, rows: list[dict], cfg: BenchConfig, base: dict,
+                 cache: Path | None = None) -> dict:
     """One validation setting: its toxicity change from the unsteered model on the same prompts and
     random numbers (paired CI, two-sided p), its perplexity ratio (paired CI) and the admissibility
-    rule: perplexity-ratio CI upper bound <= ``max_ppl_ratio`` and distinct-2 >= ``min_distinct_ratio`` x."""
-    s = _summary(model, rows)
+    rule: perplexity-ratio CI upper bound <= ``max_ppl_ratio`` and distinct-2 >= ``min_distinct_ratio`` x.
+    ``cache``: where the continuations' likelihoods are kept (:func:`~steerlab.evaluation.summarize`)."""
+    s = _summary(model, rows, cache)
     ppl, d2 = s.get("fluency", {}).get("perplexity", float("nan")), s["diversity"]["distinct-2"]
     change = paired_to(base["rows"], rows)
     ratio = (ppl_ratio_to({"fluency": {"by_prompt": base["by_prompt"]}}, s)
@@ -316,7 +333,7 @@ def _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress) -
     with stage("validation: unsteered"):
         val_rows = generate_run(model, val, path / "val" / "unsteered", _gen(cfg, True), scorer=scorer,
                                 progress=progress)
-        base_val = g.on_main(lambda: _summary(model, val_rows))
+        base_val = g.on_main(lambda: _summary(model, val_rows, path / "val" / "unsteered" / "fluency.json"))
     # each validation candidate's KL is read on the first n_neutral_val neutral texts: a slice of the reference
     val_neutral = neutral[: cfg.n_neutral_val]
     kl_reference = (g.on_main(lambda: reference[0].head(len(val_neutral)), share=False), val_neutral)
