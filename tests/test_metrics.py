@@ -191,6 +191,31 @@ def test_perplexity_padding_invariance(any_model):
     assert p_batch == pytest.approx(p_alone, rel=1e-4)
 
 
+def test_shared_prefix_nlls_equal_one_forward_per_row_on_every_arch(any_model):
+    """Each distinct context forwarded once, its cache shared by the targets that follow it (several
+    per context, of different lengths, one empty; contexts of different lengths in one batch): the
+    same per-token NLLs as a full forward of each context + target, on every architecture."""
+    g = torch.Generator().manual_seed(0)
+    V = any_model.hf.config.vocab_size
+    ctxs = [torch.randint(3, V, (n,), generator=g).tolist() for n in (5, 9, 1, 12, 5)]
+    C, T = [], []
+    for k, c in enumerate(ctxs):
+        for s in range(3):
+            C.append(c)
+            T.append(torch.randint(3, V, ((k + s) % 6,), generator=g).tolist())
+    a, b = L.token_nlls(any_model, C, T, batch_size=2), L.shared_prefix_nlls(any_model, C, T, batch_size=2)
+    assert [len(x) for x in b] == [len(t) for t in T]
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(y, x, atol=1e-4)
+    conts, prompts = [" me", " me gently", "!!"], ["steer", "steer", "a much longer prompt here"]
+    np.testing.assert_allclose(M.perplexity(any_model, conts, prompts=prompts, shared_prefix=True).nll,
+                               M.perplexity(any_model, conts, prompts=prompts).nll, rtol=1e-4)
+    with pytest.raises(ShapeError, match="every context needs at least one token"):
+        L.shared_prefix_nlls(any_model, [[]], [[1]])
+    with pytest.raises(ShapeError, match="2 contexts for 1 targets"):
+        L.shared_prefix_nlls(any_model, [[1], [2]], [[1]])
+
+
 def test_perplexity_edge_cases(llama):
     # a text of one token (<bos> + nothing) has nothing to score
     res = M.perplexity(llama, ["", "ab"])

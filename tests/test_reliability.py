@@ -214,17 +214,23 @@ def test_measurements_are_cached_by_their_inputs_and_read_back(tmp_path, llama, 
     real = E.perplexity
     monkeypatch.setattr(E, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
     prompts, conts = ["The cat", "A dog is"], [" sat on the mat", " here"]
+    rows = lambda cs: [{"prompt": p, "continuation": c} for p, c in zip(prompts, cs)]  # noqa: E731
     f = tmp_path / "fluency.json"
-    nll, n = E.continuation_nll(llama, prompts, conts, cache=f)
+    [(nll, n)] = E.continuation_nlls(llama, [rows(conts)], caches=[f])
     fresh = perplexity(llama, conts, prompts=prompts)
-    np.testing.assert_array_equal(nll, fresh.nll)
+    np.testing.assert_allclose(nll, fresh.nll, rtol=1e-5)
     np.testing.assert_array_equal(n, fresh.n_tokens)
-    again = E.continuation_nll(llama, prompts, conts, cache=f)
+    [again] = E.continuation_nlls(llama, [rows(conts)], caches=[f])
     assert len(calls) == 1 and np.array_equal(again[0], nll) and np.array_equal(again[1], n)
-    other = E.continuation_nll(llama, prompts, [" sat on the mat", " there"], cache=f)  # a changed text
-    assert len(calls) == 2 and other[0][0] == nll[0] and other[0][1] != nll[1]
+    [other] = E.continuation_nlls(llama, [rows([" sat on the mat", " there"])], caches=[f])  # a changed text
+    assert len(calls) == 2 and abs(other[0][0] - nll[0]) < 1e-5 and other[0][1] != nll[1]
     f.write_text("{not json")  # an unreadable cache is measured again and rewritten
-    assert np.array_equal(E.continuation_nll(llama, prompts, conts, cache=f)[0], nll) and len(calls) == 3
+    assert np.allclose(E.continuation_nlls(llama, [rows(conts)], caches=[f])[0][0], nll) and len(calls) == 3
+    # several groups: the ones held are read back, the others measured together in one pass
+    h = tmp_path / "other.json"
+    both = E.continuation_nlls(llama, [rows(conts), rows([" is", " barking"])], caches=[f, h])
+    assert len(calls) == 4 and np.array_equal(both[0][0], E.continuation_nlls(llama, [rows(conts)], caches=[f])[0][0])
+    np.testing.assert_allclose(both[1][0], perplexity(llama, [" is", " barking"], prompts=prompts).nll, rtol=1e-5)
     g = tmp_path / "value.json"
     assert cached_json(g, {"x": 1}, lambda: 5.0) == 5.0 and cached_json(g, {"x": 1}, lambda: 7.0) == 5.0
     assert cached_json(g, {"x": 2}, lambda: 7.0) == 7.0 and cached_json(None, {"x": 2}, lambda: 8.0) == 8.0

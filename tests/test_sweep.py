@@ -42,6 +42,14 @@ def test_sweep_rows_equal_separate_steered_runs(tmp_path, llama):
     cell = [r["toxicity"] for r in res.rows if r["site"] == "blocks.1.resid_post" and r["alpha"] == 3.0]
     assert res.toxicity[1, alphas.index(3.0)] == pytest.approx(np.mean(cell))
     assert res.toxicity.shape == (2, 4) and np.isfinite(res.perplexity).all()
+    # each cell's perplexity (all cells in one shared-prefix pass) equals the cell's rows scored alone
+    from steerlab.metrics import perplexity
+    rs = [r for r in res.rows if (r["site"], r["alpha"]) == ("blocks.0.resid_post", -2.0) and r["continuation"].strip()]
+    assert res.perplexity[0, 0] == pytest.approx(perplexity(
+        llama, [r["continuation"] for r in rs], prompts=[r["prompt"] for r in rs]).aggregate, rel=1e-4)
+    base_rows = [r for r in res.rows if r["site"] == "none" and r["continuation"].strip()]
+    assert res.baseline_perplexity == pytest.approx(perplexity(
+        llama, [r["continuation"] for r in base_rows], prompts=[r["prompt"] for r in base_rows]).aggregate, rel=1e-4)
     # resume: a rerun generates nothing new and returns the same rows
     n = (tmp_path / "sw" / "results.jsonl").read_text().count("\n")
     again = sweep(llama, sv, PROMPTS, alphas, BangScorer(), tmp_path / "sw", cfg, progress=False)

@@ -63,7 +63,7 @@ def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bo
     continuations conditioned on their prompts. With one sample per prompt, ``undefined`` names the
     metrics that need several (:func:`undefined_metrics`) and why; their numbers are kept for
     programs but a report should not show them. ``cache``: a JSON file that keeps the continuations'
-    likelihoods, keyed by the model's fingerprint and the texts (:func:`continuation_nll`)."""
+    likelihoods, keyed by the model's fingerprint and the texts (:func:`continuation_nlls`)."""
     ids, m = score_matrix(rows)
     out: dict = {"n_prompts": len(ids), "k": int(m.shape[1])}
     out["toxicity"] = toxicity_metrics(m, n_boot=n_boot, seed=seed).to_dict()
@@ -74,11 +74,9 @@ def summarize(rows: Sequence[dict], fluency_model: Model | None = None, chat: bo
         by_prompt.setdefault(r["prompt_id"], []).append(r["continuation"])
     out["diversity"] = distinct(list(by_prompt.values()))
     if fluency_model is not None:
-        conts = [r["continuation"] for r in rows]
-        keep = [i for i, c in enumerate(conts) if c.strip()]
+        keep = fluency_rows(rows)
         if keep:
-            nll, n = continuation_nll(fluency_model, [rows[i]["prompt"] for i in keep], [conts[i] for i in keep],
-                                      chat, batch_size, cache)
+            nll, n = continuation_nlls(fluency_model, [[rows[i] for i in keep]], chat, batch_size, [cache])[0]
             by_prompt: dict[str, list[float]] = {}
             for j, i in enumerate(keep):
                 acc = by_prompt.setdefault(rows[i]["prompt_id"], [0.0, 0])
@@ -96,25 +94,47 @@ MEASURE_VERSION = 1
 measurement is computed changes, so that runs measured before are measured again on resume."""
 
 
-def continuation_nll(model: Model, prompts: Sequence, continuations: Sequence[str], chat: bool = False,
-                     batch_size: int = FIXED_TEXT_BATCH, cache=None) -> tuple[np.ndarray, np.ndarray]:
-    """Each continuation's summed NLL (nats) and scored-token count given its prompt under ``model``
-    (:func:`~steerlab.metrics.lm.perplexity`), kept in the JSON file ``cache`` (when given) under a key
-    of the model's fingerprint and the texts, and read back while they are the same."""
+def fluency_rows(rows: Sequence[dict]) -> list[int]:
+    """The rows whose continuation fluency scores: those with a non-empty continuation."""
+    return [i for i, r in enumerate(rows) if r["continuation"].strip()]
+
+
+def continuation_nlls(model: Model, groups: Sequence[Sequence[dict]], chat: bool = False,
+                      batch_size: int = FIXED_TEXT_BATCH, caches: Sequence | None = None
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each group of rows (``prompt``, ``continuation``), each continuation's summed NLL (nats) and
+    scored-token count given its prompt under the unedited ``model``
+    (:func:`~steerlab.metrics.lm.perplexity`). Every group not read back from its cache is measured in
+    one pass that forwards each distinct prompt once for all its continuations, in every group
+    (:func:`~steerlab.metrics.lm.shared_prefix_nlls`: the k samples of a prompt, the candidates of a
+    grid). ``caches[g]``: a JSON file that keeps group ``g``'s values under a key of the model's
+    fingerprint and the texts, read back while they are the same (:func:`~steerlab.runs.cached_json`)."""
     import json
 
     from .generation import text_id
-    from .runs import cached_json
+    from .runs import read_cached, write_json
 
-    def compute() -> dict:
+    caches = list(caches) if caches is not None else [None] * len(groups)
+    keys = [{"measure": "continuation NLL", "version": MEASURE_VERSION, "model": model.fingerprint, "chat": chat,
+             "texts": text_id(json.dumps([[r["prompt"] for r in g], [r["continuation"] for r in g]], default=str))}
+            for g in groups]
+    held = [read_cached(c, k) for c, k in zip(caches, keys, strict=True)]
+    todo = [j for j, (found, _) in enumerate(held) if not found and len(groups[j])]
+    values = {j: v for j, (found, v) in enumerate(held) if found}
+    if todo:
+        flat = [r for j in todo for r in groups[j]]
         with stage("perplexity"):
-            ppl = perplexity(model, list(continuations), prompts=list(prompts), chat=chat, batch_size=batch_size)
-        return {"nll": ppl.nll.tolist(), "n_tokens": ppl.n_tokens.tolist()}
-
-    key = {"measure": "continuation NLL", "version": MEASURE_VERSION, "model": model.fingerprint, "chat": chat,
-           "texts": text_id(json.dumps([list(prompts), list(continuations)], default=str))}
-    v = cached_json(cache, key, compute)
-    return np.asarray(v["nll"], dtype=float), np.asarray(v["n_tokens"], dtype=int)
+            ppl = perplexity(model, [r["continuation"] for r in flat], prompts=[r["prompt"] for r in flat], chat=chat,
+                             batch_size=batch_size, shared_prefix=True)
+        start = 0
+        for j in todo:
+            end = start + len(groups[j])
+            values[j] = {"nll": ppl.nll[start:end].tolist(), "n_tokens": ppl.n_tokens[start:end].tolist()}
+            if caches[j] is not None:
+                write_json(caches[j], {"key": keys[j], "value": values[j]})
+            start = end
+    return [(np.asarray(values.get(j, {}).get("nll", []), dtype=float),
+             np.asarray(values.get(j, {}).get("n_tokens", []), dtype=int)) for j in range(len(groups))]
 
 
 def admissible(perplexity, distinct2, base_perplexity: float, base_distinct2: float,

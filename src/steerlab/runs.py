@@ -119,17 +119,25 @@ def cached_json(path: str | os.PathLike | None, key: Any, compute: Callable[[], 
     and overwrites. ``path`` None: compute only. Non-finite floats read back as None (JSON)."""
     if path is None:
         return compute()
-    f, want = Path(path), json.loads(_dumps(key))
-    if f.exists():
-        try:
-            held = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            held = None
-        if isinstance(held, dict) and "value" in held and held.get("key") == want:
-            return held["value"]
-    value = compute()
-    write_json(f, {"key": want, "value": value})
+    found, value = read_cached(path, key)
+    if not found:
+        value = compute()
+        write_json(path, {"key": key, "value": value})
     return value
+
+
+def read_cached(path: str | os.PathLike | None, key: Any) -> tuple[bool, Any]:
+    """``(True, value)`` when the JSON file ``path`` holds ``key`` (:func:`cached_json`), else ``(False, None)``."""
+    f = Path(path) if path is not None else None
+    if f is None or not f.exists():
+        return False, None
+    try:
+        held = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False, None
+    if isinstance(held, dict) and "value" in held and held.get("key") == json.loads(_dumps(key)):
+        return True, held["value"]
+    return False, None
 
 
 def read_record(path: str | os.PathLike) -> dict:

@@ -41,7 +41,9 @@ from pathlib import Path
 
 from ..evaluation import (
     admissible,
+    continuation_nlls,
     evaluate_arm,
+    fluency_rows,
     generation_overhead,
     neutral_reference,
     paired_to,
@@ -134,11 +136,13 @@ def _select(model: Model, path: Path, name: str, iv: Intervention, data: BenchDa
     table = []
     settings = g.on_main(lambda: recipe_for(name).settings(iv, model, data, cfg.preset))
     # the settings that can share a batch are generated together (grid.generate_grid)
-    runs = generate_grid(model, val, [path / "val" / name / str(i) for i in range(len(settings))], _gen(cfg, True),
-                         iv, settings, scorer=data.scorer, progress=progress,
+    dirs = [path / "val" / name / str(i) for i in range(len(settings))]
+    runs = generate_grid(model, val, dirs, _gen(cfg, True), iv, settings, scorer=data.scorer, progress=progress,
                          desc=f"validation: {name}, {len(settings)} settings")
-    for i, (opts, rows) in enumerate(zip(settings, runs)):
-        d = path / "val" / name / str(i)  # measured once: a resumed run reads both back
+    # every candidate's continuations in one pass that forwards each prompt once (kept in fluency.json)
+    g.on_main(lambda: continuation_nlls(model, [[r[j] for j in fluency_rows(r)] for r in runs],
+                                        caches=[d / "fluency.json" for d in dirs]), share=False)
+    for opts, rows, d in zip(settings, runs, dirs):  # measured once: a resumed run reads both back
         table.append(g.on_main(lambda opts=opts, rows=rows, d=d: {
             **_setting_row(model, opts, rows, cfg, base, d / "fluency.json"),
             "neutral_kl": candidate_kl(model, iv, opts, base["kl_reference"], d / "neutral_kl.json")}))

@@ -36,6 +36,7 @@ class Perplexity:
 # batch size of the passes over fixed text (perplexity, KL): the fastest of 8/16/32/64 on a quiet
 # 2-core machine (benchmarks/bench_batch.py, 2026-12-07: 367 / 466 / 392 / 256 tokens/s)
 FIXED_TEXT_BATCH = 16
+TARGET_ROWS = 32
 
 
 def _logits(model: Model, ids: torch.Tensor, mask: torch.Tensor, keep: int | None = None) -> torch.Tensor:
@@ -83,12 +84,82 @@ def token_nlls(
     return out
 
 
+@torch.no_grad()
+def shared_prefix_nlls(
+    model: Model,
+    contexts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    batch_size: int = FIXED_TEXT_BATCH,
+) -> list[np.ndarray]:
+    """:func:`token_nlls` with each distinct context forwarded once: its KV cache (and the logits at
+    its last token, which predict the first target token) serve every target that follows it, as
+    the k samples of a prompt or the candidate settings of a grid do. Contexts go in batches of
+    similar length (left-padded), their targets in right-padded batches of ``2 x batch_size`` rows on
+    a copy of the cache (position ids continue each row's own context). Two forward calls per
+    target: for the unedited model only (an edit that acts on the last position of each call would
+    act twice). Equal to :func:`token_nlls` within float32 rounding (tests)."""
+    import copy
+
+    from ..models.model import position_ids
+
+    if len(contexts) != len(targets):
+        raise ShapeError(f"{len(contexts)} contexts for {len(targets)} targets")
+    if not contexts:
+        raise EmptyInputError("shared_prefix_nlls got no texts")
+    if batch_size < 1:
+        raise ShapeError(f"batch_size must be >= 1, got {batch_size}")
+    if any(len(c) == 0 for c in contexts):
+        raise ShapeError("every context needs at least one token to condition on")
+    index: dict[tuple[int, ...], int] = {}
+    of = [index.setdefault(tuple(c), len(index)) for c in contexts]
+    followers: list[list[int]] = [[] for _ in index]
+    for i, u in enumerate(of):
+        if len(targets[i]):
+            followers[u].append(i)
+    out: list[np.ndarray] = [np.zeros(0)] * len(contexts)
+    ids_all, mask_all = model.pad(list(index))
+    pos_kw = model.accepts("position_ids")
+    for urows, cols in model.batches(mask_all, batch_size):
+        todo = [(j, i) for j, u in enumerate(urows.tolist()) for i in followers[u]]
+        if not todo:
+            continue
+        ids, mask = ids_all[urows, cols], mask_all[urows, cols]
+        kw = {"position_ids": position_ids(mask)} if pos_kw else {}
+        if model.accepts("logits_to_keep"):
+            kw["logits_to_keep"] = 1
+        first = model.hf(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
+        cache, last = first["cache"] if "cache" in first else first.past_key_values, first.logits[:, -1].float()
+        for part in range(0, len(todo), TARGET_ROWS):
+            chunk = todo[part: part + TARGET_ROWS]
+            sel = torch.tensor([j for j, _ in chunk], device=ids.device)
+            lens = [len(targets[i]) for _, i in chunk]
+            T = max(lens)
+            tgt = torch.full((len(chunk), T), model.pad_id, dtype=torch.long)
+            tmask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for r, (_, i) in enumerate(chunk):
+                tgt[r, : lens[r]] = torch.as_tensor(list(targets[i]), dtype=torch.long)
+                tmask[r, : lens[r]] = 1
+            tgt, tmask = tgt.to(ids.device), tmask.to(ids.device)
+            c = copy.deepcopy(cache)
+            c.batch_select_indices(sel)
+            kw = {"position_ids": mask[sel].sum(-1, keepdim=True) + torch.arange(T, device=ids.device)} if pos_kw else {}
+            kw["cache" if model.accepts("cache") else "past_key_values"] = c
+            more = model.hf(input_ids=tgt, attention_mask=torch.cat([mask[sel], tmask], 1), use_cache=True, **kw)
+            logits = torch.cat([last[sel, None], more.logits[:, :-1].float()], 1)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
+            nll = nll.view(len(chunk), T).double().cpu().numpy()
+            for r, (_, i) in enumerate(chunk):
+                out[i] = nll[r, : lens[r]]
+    return out
+
+
 def perplexity(
     model: Model,
     texts: Sequence[str],
     prompts: Sequence[str] | None = None,
     batch_size: int = FIXED_TEXT_BATCH,
     chat: bool = False,
+    shared_prefix: bool = False,
 ) -> Perplexity:
     """Perplexity of ``texts`` under ``model`` (the reference model: unedited for fluency, or
     edited for side effects on neutral text).
@@ -98,7 +169,9 @@ def perplexity(
     ``model(ids, labels=ids)`` loss does. With ``prompts`` (aligned with ``texts``) each text is a
     continuation: the prompt is tokenized with special tokens (rendered as a user turn with the
     chat template when ``chat=True``), the continuation without, and only the continuation's
-    tokens are scored, conditioned on the prompt. Token NLLs come from :func:`token_nlls`."""
+    tokens are scored, conditioned on the prompt. Token NLLs come from :func:`token_nlls`, or with
+    ``shared_prefix`` (for the unedited model) from :func:`shared_prefix_nlls`, which forwards each
+    distinct prompt once for all the continuations that follow it."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise EmptyInputError("perplexity got no texts")
@@ -120,8 +193,9 @@ def perplexity(
     keep = [i for i, c in enumerate(ctx) if c]
     nlls: list[np.ndarray] = [np.zeros(0)] * len(texts)
     if keep:
-        for i, v in zip(keep, token_nlls(model, [ctx[i] for i in keep], [tgt[i] for i in keep],
-                                         batch_size), strict=True):
+        nlls_of = shared_prefix_nlls if shared_prefix and prompts is not None else token_nlls
+        for i, v in zip(keep, nlls_of(model, [ctx[i] for i in keep], [tgt[i] for i in keep], batch_size),
+                        strict=True):
             nlls[i] = v
     nll = np.array([v.sum() for v in nlls])
     n = np.array([v.size for v in nlls])

@@ -263,24 +263,30 @@ def _summarise(model, rows, sites, alphas, scale, cfg, fluency) -> SweepResult:
     def cell(site, alpha):
         return [r for r in rows if (r["site"], r["alpha"]) == (site, alpha)]
 
-    def ppl(rs):
-        keep = [r for r in rs if r["continuation"].strip()]
-        if not fluency or not keep:
-            return float("nan")
-        return float(perplexity(model, [r["continuation"] for r in keep], prompts=[r["prompt"] for r in keep],
-                                chat=cfg.chat).aggregate)
-
     def d2(rs):
         return distinct([r["continuation"] for r in rs], ns=(2,))["distinct-2"]
 
+    # every cell's continuations in one perplexity pass that forwards each prompt once
+    kept = {c: [r for r in cell(*c) if r["continuation"].strip()]
+            for c in [("none", 0.0)] + [(s, a) for s in sites for a in alphas if a != 0]}
+    ppl: dict[tuple[str, float], float] = {}
+    flat = [r for rs in kept.values() for r in rs]
+    if fluency and flat:
+        res = perplexity(model, [r["continuation"] for r in flat], prompts=[r["prompt"] for r in flat],
+                         chat=cfg.chat, shared_prefix=True)
+        start = 0
+        for c, rs in kept.items():
+            nll, n = res.nll[start: start + len(rs)], res.n_tokens[start: start + len(rs)]
+            ppl[c] = float(np.exp(nll.sum() / n.sum())) if n.sum() else float("nan")
+            start += len(rs)
     base = cell("none", 0.0)
-    base_tox, base_ppl = float(np.mean([r["toxicity"] for r in base])), ppl(base)
+    base_tox, base_ppl = float(np.mean([r["toxicity"] for r in base])), ppl.get(("none", 0.0), float("nan"))
     tox = np.full((len(sites), len(alphas)), np.nan)
     pp, dd = np.full_like(tox, np.nan), np.full_like(tox, np.nan)
     for i, s in enumerate(sites):
         for j, a in enumerate(alphas):
             rs = base if a == 0 else cell(s, a)
             tox[i, j] = np.mean([r["toxicity"] for r in rs])
-            pp[i, j] = base_ppl if a == 0 else ppl(rs)
+            pp[i, j] = base_ppl if a == 0 else ppl.get((s, a), float("nan"))
             dd[i, j] = d2(rs)
     return SweepResult(sites, alphas, scale, tox, pp, base_tox, base_ppl, rows, dd, d2(base))
