@@ -203,6 +203,7 @@ def test_shared_prefix_nlls_equal_one_forward_per_row_on_every_arch(any_model):
         for s in range(3):
             C.append(c)
             T.append(torch.randint(3, V, ((k + s) % 6,), generator=g).tolist())
+    C, T = C + [C[4], C[0]], T + [list(T[4]), list(T[1])]  # repeated pairs (scored once, copied)
     a, b = L.token_nlls(any_model, C, T, batch_size=2), L.shared_prefix_nlls(any_model, C, T, batch_size=2)
     assert [len(x) for x in b] == [len(t) for t in T]
     for x, y in zip(a, b, strict=True):

@@ -93,7 +93,8 @@ def shared_prefix_nlls(
 ) -> list[np.ndarray]:
     """:func:`token_nlls` with each distinct context forwarded once: its KV cache (and the logits at
     its last token, which predict the first target token) serve every target that follows it, as
-    the k samples of a prompt or the candidate settings of a grid do. Contexts go in batches of
+    the k samples of a prompt or the candidate settings of a grid do (a repeated context + target pair,
+    as when a gentle edit leaves a sample unchanged, is scored once). Contexts go in batches of
     similar length (left-padded), their targets in right-padded batches of ``2 x batch_size`` rows on
     a copy of the cache (position ids continue each row's own context). Two forward calls per
     target: for the unedited model only (an edit that acts on the last position of each call would
@@ -113,8 +114,9 @@ def shared_prefix_nlls(
     index: dict[tuple[int, ...], int] = {}
     of = [index.setdefault(tuple(c), len(index)) for c in contexts]
     followers: list[list[int]] = [[] for _ in index]
+    once: dict[tuple, int] = {}  # a repeated (context, target) pair is scored once
     for i, u in enumerate(of):
-        if len(targets[i]):
+        if len(targets[i]) and once.setdefault((u, tuple(targets[i])), i) == i:
             followers[u].append(i)
     out: list[np.ndarray] = [np.zeros(0)] * len(contexts)
     ids_all, mask_all = model.pad(list(index))
@@ -150,6 +152,9 @@ def shared_prefix_nlls(
             nll = nll.view(len(chunk), T).double().cpu().numpy()
             for r, (_, i) in enumerate(chunk):
                 out[i] = nll[r, : lens[r]]
+    for i, u in enumerate(of):
+        if len(targets[i]):
+            out[i] = out[once[(u, tuple(targets[i]))]]
     return out
 
 
