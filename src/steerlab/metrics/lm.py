@@ -45,6 +45,17 @@ def _logits(model: Model, ids: torch.Tensor, mask: torch.Tensor, keep: int | Non
     return (logits[:, -keep:] if keep else logits).float()
 
 
+def _check_pairs(contexts: Sequence, targets: Sequence, batch_size: int, who: str) -> None:
+    if len(contexts) != len(targets):
+        raise ShapeError(f"{len(contexts)} contexts for {len(targets)} targets")
+    if not contexts:
+        raise EmptyInputError(f"{who} got no texts")
+    if batch_size < 1:
+        raise ShapeError(f"batch_size must be >= 1, got {batch_size}")
+    if any(len(c) == 0 for c in contexts):
+        raise ShapeError("every context needs at least one token to condition on")
+
+
 @torch.no_grad()
 def token_nlls(
     model: Model,
@@ -56,14 +67,7 @@ def token_nlls(
     ids; each context needs at least one token). Batches of similar length, left-padded with an
     attention mask and position ids counted from each row's first real token; only the logits of
     the target positions are computed (``logits_to_keep``) and pads never enter a sum."""
-    if len(contexts) != len(targets):
-        raise ShapeError(f"{len(contexts)} contexts for {len(targets)} targets")
-    if not contexts:
-        raise EmptyInputError("token_nlls got no texts")
-    if batch_size < 1:
-        raise ShapeError(f"batch_size must be >= 1, got {batch_size}")
-    if any(len(c) == 0 for c in contexts):
-        raise ShapeError("every context needs at least one token to condition on")
+    _check_pairs(contexts, targets, batch_size, "token_nlls")
     seqs = [list(c) + list(t) for c, t in zip(contexts, targets, strict=True)]
     ids_all, mask_all = model.pad(seqs)
     out: list[np.ndarray] = [np.zeros(0)] * len(contexts)
@@ -103,14 +107,7 @@ def shared_prefix_nlls(
 
     from ..models.model import position_ids
 
-    if len(contexts) != len(targets):
-        raise ShapeError(f"{len(contexts)} contexts for {len(targets)} targets")
-    if not contexts:
-        raise EmptyInputError("shared_prefix_nlls got no texts")
-    if batch_size < 1:
-        raise ShapeError(f"batch_size must be >= 1, got {batch_size}")
-    if any(len(c) == 0 for c in contexts):
-        raise ShapeError("every context needs at least one token to condition on")
+    _check_pairs(contexts, targets, batch_size, "shared_prefix_nlls")
     index: dict[tuple[int, ...], int] = {}
     of = [index.setdefault(tuple(c), len(index)) for c in contexts]
     followers: list[list[int]] = [[] for _ in index]
