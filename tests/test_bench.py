@@ -87,6 +87,15 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
         <= float(st_csv["mean_toxicity_change_high"])
     for f in ("report.html", "figures/tradeoff.png", "figures/dose_response.png", "tables/results.csv"):
         assert (out / f).stat().st_size > 0, f
+    # the terminal table fits a log file's 130 columns without cutting a number; settings listed under it
+    from steerlab.cli.app import console
+    from steerlab.cli.tables import print_bench
+
+    with console.capture() as cap:
+        print_bench("tiny", metrics)
+    printed = cap.get()
+    assert all(len(line) <= 130 for line in printed.splitlines()) and printed.count("[") == printed.count("]")
+    assert f"steering: {rows['steering']['settings']}" in printed and "selfcorrect: " in printed
     html = (out / "report.html").read_text()
     assert "Detoxification benchmark" in html and "data:image/png;base64" in html and "failed" in html
     assert "Verdict" in html and html.index("Verdict") < html.index("Results: toxicity")

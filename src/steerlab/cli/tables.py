@@ -179,26 +179,36 @@ def print_selfcorrect(name: str, h: dict, rounds: int) -> None:
 
 
 BENCH_COLUMNS = {"method": "method", "expected max toxicity [95% CI]": "exp. max toxicity [95% CI]",
-                 "Δ mean toxicity vs unsteered (paired 95% CI)": "Δ mean toxicity [paired 95% CI]",
+                 "Δ mean toxicity vs unsteered (paired 95% CI)": "Δ mean tox. [paired CI]",
                  "perplexity": "ppl", "neutral KL": "neutral KL", "distinct-2": "dist-2",
-                 "generation time x": "time x", "settings": "chosen settings"}
+                 "generation time x": "time x"}
+FEW_PAIRS = ", too few for a CI)"
 
 
 def print_bench(name: str, metrics: dict) -> None:
+    """The benchmark's table in the terminal (numbers never cut: it fits the 130 columns of a log
+    file), each method's chosen settings listed under it."""
     from ..experiments.bench_report import table_rows
 
     cols = BENCH_COLUMNS
     t = Table(title=f"{name}: detoxification benchmark, {metrics['n_test_prompts']} held-out prompts x "
                     f"{metrics['k']} ({metrics['preset']}); full table in report.html", title_justify="left")
     for c, short in cols.items():
-        t.add_column(short, justify="left" if c in ("method", "settings") else "right",
-                     no_wrap=c not in ("settings",), overflow="fold")
-    for r in table_rows(metrics):
+        t.add_column(short, justify="left" if c == "method" else "right", no_wrap=True)
+    rows, few = table_rows(metrics), False
+    for r in rows:
         if r["status"] != "ok":
-            t.add_row(r["method"], "failed", *[""] * (len(cols) - 3), escape(r["note"][:90]))
+            t.add_row(r["method"], "failed", *[""] * (len(cols) - 2))
             continue
-        t.add_row(*[escape(str(r.get(c, ""))) for c in cols])
+        time_x = str(r.get("generation time x", ""))
+        few |= FEW_PAIRS in time_x
+        t.add_row(*[escape(str(r.get(c, ""))) for c in cols][:-1], escape(time_x.replace(FEW_PAIRS, ")")))
     console.print(t)
+    if few:
+        console.print("time x: the median ratio of paired generation timings; fewer than 3 pairs give no CI")
+    for r in rows:
+        what = r["note"][:200] if r["status"] != "ok" else r.get("settings", "")
+        console.print(f"{r['method']}: {escape(str(what))}", soft_wrap=True)
 
 
 def print_profile(profile: list[dict], top: int = 12) -> None:
