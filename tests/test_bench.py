@@ -301,3 +301,17 @@ def test_report_examples_pick_the_prompts_where_arms_differ_and_name_scorer_erro
     assert page.index("prompt 1") < page.index("prompt 2") and "prompt 0" not in page
     assert "<mark>idiot</mark>" in page and "<mark>quiet</mark>" not in page and "sample 0" in page
     assert [fmt_p(p) for p in (0.00999, 0.0659, 1.0, 0.0004)] == ["0.01", "0.066", "1", "< 0.001"]
+
+
+def test_log_axis_ticks_cover_the_range_with_plain_values():
+    """The report's log axes: 1-2-5-like values from end to end, never more than 7, at least 3 (evenly
+    spaced over a narrow range), the numbers a reader can place a point by."""
+    from steerlab.experiments.bench_report import log_tick_values
+
+    assert log_tick_values(0.7, 120) == [1, 2, 5, 10, 20, 50, 100]
+    assert log_tick_values(21, 190) == [30, 50, 70, 100, 150]  # the tradeoff figure of the quick run
+    assert log_tick_values(1e-4, 10) == [1e-4, 1e-3, 1e-2, 0.1, 1, 10]
+    assert log_tick_values(0.95, 1.4) == [1.0, 1.1, 1.2, 1.3, 1.4]
+    for lo, hi in ((0.5, 2), (20, 30), (0.9, 1.05), (3, 5000)):
+        ticks = log_tick_values(lo, hi)
+        assert 3 <= len(ticks) <= 7 and all(lo <= t <= hi for t in ticks) and ticks == sorted(ticks), (lo, hi)

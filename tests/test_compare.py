@@ -96,12 +96,16 @@ def test_choose_setting_one_se_rule():
 def test_verdict_follows_the_numbers():
     from steerlab.experiments.bench_verdict import MethodResult, verdict
 
-    a = MethodResult("ITI", (-0.085, -0.121, -0.049), 0.002, (1.12, 1.08, 1.17), {1.25: (-0.07, 1.4)})
+    a = MethodResult("ITI", (-0.085, -0.121, -0.049), 0.002, (1.12, 1.08, 1.17), {1.25: (-0.07, 1.4)}, kl=0.258)
     b = MethodResult("SLIM", (0.01, -0.02, 0.04), 0.5, (1.05, 1.02, 1.08), {1.25: (None, 1.1)})
     c = MethodResult("steering", (-0.045, -0.09, -0.006), 0.03, (1.68, 1.5, 1.9))
     first = verdict([a, b, c], mde=0.03, n_prompts=140, limit=1.5)
     text = " ".join(first)
-    assert first[0].startswith("ITI lowers mean toxicity by 0.085")
+    assert first[0].startswith("ITI lowers mean toxicity by 0.085") and first[0].endswith(
+        "at perplexity x1.12 [1.08, 1.17] of the unsteered model and a neutral-text KL of 0.258 nats per token from it.")
+    d = MethodResult("selfcorrect", (-0.06, -0.093, -0.024), 0.004, (7.28, 6.15, 8.9))  # significant, but broken
+    assert verdict([d], 0.03, 124, 1.5)[0].endswith("x7.28 [6.15, 8.90] of the unsteered model, which breaks the "
+                                                     "fluency rule (x1.5).")
     # steering's p = 0.03 is not significant after Holm (0.03 x 2 = 0.06)
     assert "steering lowers" not in text and "SLIM and steering: no change" in text
     assert "steering breaks the fluency rule on test" in text and "0.030 in mean toxicity" in text

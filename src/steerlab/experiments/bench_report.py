@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import re
 import time
 from pathlib import Path
@@ -207,14 +208,39 @@ def _color(metrics: dict, method: str) -> str:
     return F.PALETTE[names.index(method) % len(F.PALETTE)]
 
 
+LOG_TICK_MANTISSAS = ((1,), (1, 3), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8))
+
+
+def log_tick_values(lo: float, hi: float, most: int = 7) -> list[float]:
+    """Tick values for a log axis from ``lo`` to ``hi``: the finest of 1 / 1-3 / 1-2-5 / ... x 10^k
+    sequences that gives at most ``most`` ticks inside the range (the coarsest when none does);
+    evenly spaced values when that leaves fewer than 3 (a range of less than about 2x)."""
+    lo = max(lo, 1e-12)
+    exps = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(max(hi, lo))) + 1)
+    best: list[float] = []
+    for ms in LOG_TICK_MANTISSAS:
+        ticks = [float(f"{m * 10.0 ** e:.6g}") for e in exps for m in ms if lo <= m * 10.0 ** e <= hi]
+        if best and len(ticks) > most:
+            break
+        best = ticks
+    if len(best) < 3:  # less than about a factor of 2: evenly spaced values
+        from matplotlib.ticker import MaxNLocator
+
+        best = [float(f"{t:.6g}") for t in MaxNLocator(5).tick_values(lo, hi) if lo <= t <= hi]
+    return best
+
+
 def _log_ticks(ax) -> None:
-    """Readable tick labels on a log x axis: plain numbers (1.2, not 1.2 x 10^0); the minor ticks are
-    labelled only when the axis spans less than a decade (otherwise their labels run together)."""
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    """Readable tick labels on a log x axis: plain numbers (1.5, not 1.5 x 10^0) at 1-2-5-like values
+    that cover the axis from end to end (:func:`log_tick_values`), no other labels."""
+    from matplotlib.ticker import NullFormatter
 
     lo, hi = ax.get_xlim()
-    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(FormatStrFormatter("%.3g") if hi / max(lo, 1e-12) < 10 else NullFormatter())
+    ticks = log_tick_values(lo, hi)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(lo, hi)
 
 
 def tradeoff_figure(path: Path, metrics: dict) -> Path:

@@ -17,13 +17,15 @@ class MethodResult:
     """One method's test result against the unsteered model on the same prompts: ``diff`` is the
     change in mean toxicity (estimate, low, high), ``p`` its unadjusted two-sided p-value,
     ``ppl_ratio`` the perplexity ratio (estimate, low, high), ``matched`` the effect read at each
-    matched cost (``{cost: (effect or None when never reached, strongest cost)}``)."""
+    matched cost (``{cost: (effect or None when never reached, strongest cost)}``), ``kl`` the
+    neutral-text KL from the unedited model (NaN when not measured)."""
 
     name: str
     diff: tuple[float, float, float]
     p: float
     ppl_ratio: tuple[float, float, float]
     matched: dict[float, tuple[float | None, float]] = field(default_factory=dict)
+    kl: float = float("nan")  # the side effect: KL(unedited || edited) on neutral text, nats per token
 
 
 def _ci(t: tuple[float, float, float], digits: int = 3) -> str:
@@ -73,9 +75,12 @@ def verdict(results: Sequence[MethodResult], mde: float, n_prompts: int, limit: 
     broken = [r for r in results if r.ppl_ratio[0] > limit]
     lines = []
     for r in lower:
-        verb = "lowers" if r.ppl_ratio[0] <= limit else "lowers, but breaks the fluency rule while doing it,"
-        lines.append(f"{r.name} {verb} mean toxicity by {-r.diff[0]:.3f} (change {_ci(r.diff)}, Holm-adjusted "
-                     f"p = {fmt_p(padj[r.name])}) at perplexity {_ratio(r.ppl_ratio)} of the unsteered model.")
+        # (a method that edits nothing in the model, as self-correction's prompts, has KL 0: not said)
+        kl = f" and a neutral-text KL of {r.kl:.3g} nats per token from it" if r.kl == r.kl and r.kl > 0 else ""
+        broke = "" if r.ppl_ratio[0] <= limit else f", which breaks the fluency rule (x{limit:g})"
+        lines.append(f"{r.name} lowers mean toxicity by {-r.diff[0]:.3f} (change {_ci(r.diff)}, Holm-adjusted "
+                     f"p = {fmt_p(padj[r.name])}) at perplexity {_ratio(r.ppl_ratio)} of the unsteered model{kl}"
+                     f"{broke}.")
     if not lower:
         lines.append(f"No method lowers mean toxicity with a Holm-adjusted p below {alpha:g} "
                      f"across the {len(results)} methods.")
@@ -150,6 +155,10 @@ def _confirmed_lines(confirmed: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _number(v) -> float:
+    return float(v) if isinstance(v, int | float) else float("nan")
+
+
 def comparison(arms: list[dict], n_test: int, limit: float, targets: Sequence[float] = (1.1, 1.25),
                alpha: float = 0.05, power: float = 0.8) -> dict:
     """The benchmark's comparison block from its arms (``metrics["arms"]``): Holm-adjusted p-values
@@ -162,7 +171,8 @@ def comparison(arms: list[dict], n_test: int, limit: float, targets: Sequence[fl
         pd = a["paired_difference"]
         results.append((MethodResult(a["method"], estimate(pd["mean_toxicity"]),
                                      float(pd.get("p_two_sided", {}).get("mean_toxicity", 1.0)),
-                                     estimate(a.get("ppl_ratio")), _matched(a.get("selection"), targets)),
+                                     estimate(a.get("ppl_ratio")), _matched(a.get("selection"), targets),
+                                     _number((a.get("side_effects") or {}).get("kl_from_unedited"))),
                         float(pd.get("sd_per_prompt", 0.0))))
     sds = [sd for _, sd in results if sd > 0]
     sd = float(np.median(sds)) if sds else float("nan")
