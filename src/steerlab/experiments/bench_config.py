@@ -35,7 +35,7 @@ class BenchError(SteerlabError):
 class BenchConfig:
     """Settings of :func:`run_bench` (all in ``config.json``)."""
 
-    preset: str = option("quick", "quick (every method on the default model, about 45 min on 2 CPU cores), standard, "
+    preset: str = option("quick", "quick (every method on the default model, about 40 min on 2 CPU cores), standard, "
                          "or full (the papers' 25 samples per prompt; for a GPU).", choices=tuple(PRESETS))
     methods: tuple[str, ...] = option((), "Comma-separated intervention methods (default: every registered one; see "
                                       "`steerlab interventions`).")
