@@ -47,6 +47,16 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
         assert chosen in admissible and "note" not in chosen
     # the comparison block: power, Holm-adjusted p-values, verdict
     assert metrics["power"]["n_test_prompts"] == 5 and set(metrics["holm"]) == {"steering"}
+    # every preset's minimum detectable effect from this run's spread, scaled by sqrt(k / k_preset)
+    from steerlab.experiments.bench_config import PRESETS
+    from steerlab.metrics.compare import minimum_detectable_effect
+
+    p = metrics["power"]
+    if p["sd_per_prompt"] > 0:  # (the tiny model's profanity scores may not vary)
+        assert set(p["by_preset"]) == set(PRESETS) and p["by_preset"]["full"]["k"] == 25
+    for v in p.get("by_preset", {}).values():
+        assert v["minimum_detectable_effect"] == pytest.approx(
+            minimum_detectable_effect(p["sd_per_prompt"] * (2 / v["k"]) ** 0.5, v["n_test_prompts"]))
     assert metrics["verdict"] and any("steering" in v for v in metrics["verdict"])
     stages = {r["stage"]: r["seconds"] for r in metrics["profile"]}
     for name in ("fit: steering", "validation: steering", "test: steering", "test: unsteered", "scoring",
@@ -99,6 +109,7 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
     html = (out / "report.html").read_text()
     assert "Detoxification benchmark" in html and "data:image/png;base64" in html and "failed" in html
     assert "Verdict" in html and html.index("Verdict") < html.index("Results: toxicity")
+    assert ("Each preset with this spread" in html) == bool(p.get("by_preset"))
     # resume: lose half of an arm's rows; the rerun regenerates them and reaches the same numbers
     f = out / "test" / "steering" / "results.jsonl"
     f.write_text("\n".join(f.read_text().splitlines()[:4]) + "\n")

@@ -190,3 +190,26 @@ def test_matched_settings_and_their_test_confirmation_by_hand():
     # Holm over the two methods that reach x1.1: 0.01 x 2 = 0.02, max(0.04 x 1, 0.02) = 0.04
     assert got["1.1"]["a"]["p_holm"] == pytest.approx(0.02) and got["1.1"]["b"]["p_holm"] == pytest.approx(0.04)
     assert got["1.1"]["a"]["significant"] and "c" not in got["1.1"]
+
+
+def test_comparison_gives_every_presets_detectable_effect_from_the_runs_spread():
+    """The report's power line: the run's minimum detectable effect, and each preset's from the same
+    per-prompt spread scaled by sqrt(k_run / k_preset) (hand-checked: the quick preset is the run
+    itself); the verdict carries each method's neutral-text KL."""
+    from steerlab.experiments.bench_verdict import comparison
+    from steerlab.metrics.compare import minimum_detectable_effect
+
+    arm = {"method": "aura", "status": "ok", "side_effects": {"kl_from_unedited": 0.258},
+           "paired_difference": {"mean_toxicity": {"value": -0.053, "lo": -0.082, "hi": -0.024},
+                                 "p_two_sided": {"mean_toxicity": 0.002}, "sd_per_prompt": 0.114},
+           "ppl_ratio": {"value": 0.97, "lo": 0.88, "hi": 1.06}}
+    c = comparison([{"method": "unsteered", "status": "ok"}, arm], 124, 1.5,
+                   presets={"quick": (124, 3), "full": (124, 25), "tiny": (1, 3)}, k=3)
+    p = c["power"]
+    assert p["minimum_detectable_effect"] == pytest.approx(2.8016 * 0.114 / 124 ** 0.5, rel=1e-3)
+    assert p["by_preset"]["quick"]["minimum_detectable_effect"] == pytest.approx(p["minimum_detectable_effect"])
+    assert p["by_preset"]["full"]["minimum_detectable_effect"] == pytest.approx(
+        minimum_detectable_effect(0.114 * (3 / 25) ** 0.5, 124))
+    assert "tiny" not in p["by_preset"]  # one prompt: nothing to estimate
+    assert "a neutral-text KL of 0.258 nats per token" in c["verdict"][0]
+    assert "by_preset" not in comparison([arm], 124, 1.5)["power"]

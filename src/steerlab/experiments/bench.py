@@ -524,5 +524,13 @@ def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> di
         table.append(row)
     out = {"model": model.name, "model_fingerprint": model.fingerprint, "preset": cfg.preset,
            "n_test_prompts": n_test, "k": cfg.k, "arms": table}
-    out.update(comparison(table, n_test, cfg.max_ppl_ratio, cfg.matched_ppl))
+    out.update(comparison(table, n_test, cfg.max_ppl_ratio, cfg.matched_ppl, presets=_preset_sizes(cfg), k=cfg.k))
     return out
+
+
+def _preset_sizes(cfg: BenchConfig) -> dict[str, tuple[int, int]]:
+    """Each preset's (test prompts, samples per prompt) on this run's prompt set (``n_test`` 0: all)."""
+    from ..data import load_prompts, split
+
+    n_all = len(split(load_prompts(cfg.prompts), seed=cfg.seed)["test"])
+    return {name: (min(p.get("n_test") or n_all, n_all), int(p["k"])) for name, p in PRESETS.items()}

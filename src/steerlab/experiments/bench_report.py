@@ -195,7 +195,15 @@ def _power(p: dict | None) -> str:
     return (f"with {p['n_test_prompts']} paired test prompts and a per-prompt spread of {p['sd_per_prompt']:.3f}, "
             f"a difference of {p['minimum_detectable_effect']:.3f} in mean toxicity is detected with "
             f"{p['power']:.0%} power (two-sided, level {p['alpha']:g}); {p['prompts_for_0.03']} prompts would "
-            "detect 0.03")
+            "detect 0.03" + _by_preset(p.get("by_preset") or {}))
+
+
+def _by_preset(by: dict) -> str:
+    if not by:
+        return ""
+    return (". Each preset with this spread (scaled by the square root of the ratio of samples per prompt; "
+            "an estimate): " + ", ".join(f"{name} ({v['n_test_prompts']} x {v['k']}) {v['minimum_detectable_effect']:.3f}"
+                                         for name, v in by.items()))
 
 
 def _ok(metrics: dict) -> list[dict]:

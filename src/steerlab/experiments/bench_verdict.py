@@ -160,10 +160,15 @@ def _number(v) -> float:
 
 
 def comparison(arms: list[dict], n_test: int, limit: float, targets: Sequence[float] = (1.1, 1.25),
-               alpha: float = 0.05, power: float = 0.8) -> dict:
+               alpha: float = 0.05, power: float = 0.8, *, presets: dict[str, tuple[int, int]] | None = None,
+               k: int | None = None) -> dict:
     """The benchmark's comparison block from its arms (``metrics["arms"]``): Holm-adjusted p-values
     of every method's change in mean toxicity, the design's minimum detectable effect (from the
-    median per-prompt spread of the paired differences), the matched-cost read-outs and the verdict."""
+    median per-prompt spread of the paired differences), the matched-cost read-outs and the verdict.
+    ``presets`` (``{name: (test prompts, samples per prompt)}``) with the run's own ``k``: each preset's
+    minimum detectable effect estimated from this run's spread scaled by ``sqrt(k / k_preset)`` (the
+    within-prompt noise of a mean of k samples; conservative, as the prompts' own differences in effect
+    do not shrink with more samples)."""
     results = []
     for a in arms:
         if a.get("method") == "unsteered" or a.get("status") != "ok" or "paired_difference" not in a:
@@ -180,9 +185,13 @@ def comparison(arms: list[dict], n_test: int, limit: float, targets: Sequence[fl
     methods = [r for r, _ in results]
     p_adj = holm([r.p for r in methods]).tolist() if methods else []
     confirmed = matched_test(arms, alpha)
+    by_preset = {name: {"n_test_prompts": n, "k": kp,
+                        "minimum_detectable_effect": minimum_detectable_effect(sd * np.sqrt(k / kp), n, alpha, power)}
+                 for name, (n, kp) in (presets or {}).items() if sds and k and n >= 2}
     return {"power": {"n_test_prompts": n_test, "sd_per_prompt": sd, "alpha": alpha, "power": power,
                       "minimum_detectable_effect": mde,
-                      "prompts_for_0.03": prompts_needed(sd, 0.03, alpha, power) if sds else None},
+                      "prompts_for_0.03": prompts_needed(sd, 0.03, alpha, power) if sds else None,
+                      **({"by_preset": by_preset} if by_preset else {})},
             "holm": {r.name: p for r, p in zip(methods, p_adj, strict=True)},
             "matched": {r.name: {str(k): v[0] for k, v in r.matched.items()} for r in methods},
             "matched_test": confirmed,
