@@ -121,7 +121,7 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path, llama):
     # ... and measures nothing again: the regenerated rows are the same texts, whose likelihoods, side
     # effects and candidates' KL were kept beside them
     stages = {r["stage"] for r in again["profile"]}
-    assert not stages & {"perplexity", "side effects", "validation: neutral KL"}, stages
+    assert not stages & {"perplexity", "side effects", "validation: neutral KL", "similarity"}, stages
 
 
 def test_bench_runs_prompt_side_methods_on_a_chat_model(tmp_path):
@@ -181,6 +181,12 @@ def test_bench_every_weight_and_head_method_runs_or_fails_cleanly(tmp_path, llam
     assert 0 <= fr["neutral_texts"] <= 1 and 0 <= fr["generation_steps"] <= 1 and fr["layer"] == iv.layer
     # a random tiny model writes no toxic text: EigenShift cannot collect toxic states and says so
     assert arms["eigenshift"]["status"] == "failed" and "toxic" in arms["eigenshift"]["reason"]
+    # resumed: SLIM's firing rates and every similarity are read back, not measured again, and equal
+    again = run_bench(llama, tmp_path / "b", _cfg(methods=["aura", "iti", "slim", "eigenshift"]), progress=False)
+    stages = {r["stage"] for r in again["profile"]}
+    assert not stages & {"similarity", "method metrics: slim", "perplexity", "side effects"}, stages
+    back = {a["method"]: a for a in again["arms"]}
+    assert back["slim"]["fire_rate"] == fr and back["iti"]["similarity_to_unsteered"] == sim
 
 
 def test_bench_test_all_settings_reports_every_candidate_on_test(tmp_path, llama):

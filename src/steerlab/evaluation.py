@@ -235,20 +235,29 @@ def paired_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
     return paired_difference(base, m[[arm_ids.index(i) for i in ids]]).to_dict()
 
 
-def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict]) -> dict:
+def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict], cache=None) -> dict:
     """Semantic shift of an arm: the MiniLM cosine similarity of each continuation to the reference
     arm's continuation of the same prompt and sample (common random numbers make them comparable),
-    its mean with a 95% bootstrap CI over prompts, and the share of identical continuations."""
+    its mean with a 95% bootstrap CI over prompts, and the share of identical continuations.
+    ``cache``: a JSON file that keeps the per-pair similarities under a key of the texts."""
+    import json
+
+    from .generation import text_id
     from .metrics import bootstrap_mean
     from .metrics.text import semantic_similarity
+    from .runs import cached_json
 
     ref = {(r["prompt_id"], r["sample"]): r["continuation"] for r in reference_rows}
     pairs = [(r["prompt_id"], ref[(r["prompt_id"], r["sample"])], r["continuation"]) for r in rows
              if (r["prompt_id"], r["sample"]) in ref]
     if not pairs:
         raise EmptyInputError("no (prompt, sample) pair in common with the reference rows")
-    with stage("similarity"):
-        sim = semantic_similarity([p[1] for p in pairs], [p[2] for p in pairs]).per_pair
+    def compute() -> list[float]:
+        with stage("similarity"):
+            return [float(v) for v in semantic_similarity([p[1] for p in pairs], [p[2] for p in pairs]).per_pair]
+
+    key = {"measure": "similarity", "version": MEASURE_VERSION, "pairs": text_id(json.dumps(pairs))}
+    sim = cached_json(cache, key, compute)
     by: dict[str, list[float]] = {}
     for (pid, _, _), v in zip(pairs, sim):
         by.setdefault(pid, []).append(float(v))

@@ -116,12 +116,13 @@ def cached_json(path: str | os.PathLike | None, key: Any, compute: Callable[[], 
     """``compute()``, kept in the JSON file ``path`` beside ``key``: while the file holds the same key
     (compared as JSON) its value is read back instead of computed again, so that a resumed run does not
     measure twice what it measured before; another key (a changed input) or an unreadable file computes
-    and overwrites. ``path`` None: compute only. Non-finite floats read back as None (JSON)."""
+    and overwrites. ``path`` None: compute only. The value is returned as JSON reads it back (non-finite
+    floats as None, tuples as lists), the first time too."""
     if path is None:
         return compute()
     found, value = read_cached(path, key)
-    if not found:
-        value = compute()
+    if not found:  # returned as it reads back, so that a first call and a resumed one see the same value
+        value = json.loads(_dumps(compute()))
         write_json(path, {"key": key, "value": value})
     return value
 

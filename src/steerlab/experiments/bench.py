@@ -40,6 +40,7 @@ from functools import partial
 from pathlib import Path
 
 from ..evaluation import (
+    MEASURE_VERSION,
     admissible,
     continuation_nlls,
     evaluate_arm,
@@ -51,14 +52,14 @@ from ..evaluation import (
     summarize,
     timing_label,
 )
-from ..generation import GenConfig, generate_run
+from ..generation import GenConfig, generate_run, text_id
 from ..grid import generate_grid
 from ..interventions import Intervention, get
 from ..metrics.compare import choose_setting, paired_perplexity_ratio
 from ..models.model import Model
 from ..parallel import group
 from ..profile import PROFILE, generation_summary, stage
-from ..runs import RunDir, read_record, write_json
+from ..runs import RunDir, cached_json, read_record, write_json
 from .bench_config import PRESETS, BenchConfig, BenchError, make_config  # noqa: F401 (the public names)
 from .bench_verdict import comparison
 from .recipes import BenchData, bench_methods, recipe_for
@@ -296,7 +297,7 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
 
         def finish() -> dict:
             with stage("paired statistics and verdict"):
-                _paired(arms, rows)
+                _paired(arms, rows, path)
                 metrics = _metrics(model, cfg, arms, len(test))
             metrics["wall_seconds_this_call"] = round(time.perf_counter() - t_start, 1)  # before the report
             with stage("report"):
@@ -405,9 +406,15 @@ def _arm(model, run, path, arm: Arm, data, val, test, cfg, scorer, reference, ba
     arm.timing = _timing(model, path, name, iv, pick["setting"], test, cfg, bar)
     if recipe.metrics is not None:
         bar.note(f"{name}: method metrics")
-        with stage(f"method metrics: {name}"):
-            arm.metrics.update(g.on_main(lambda: recipe.metrics(iv, model, data, test, reference[1], pick["setting"],
-                                                                _gen(cfg, False))))
+        key = {"measure": f"method metrics: {name}", "version": MEASURE_VERSION, "model": model.fingerprint,
+               "intervention": iv.fingerprint(), "options": pick["setting"], "gen": asdict(_gen(cfg, False)),
+               "prompts": [p.id for p in test], "neutral": text_id(json.dumps(list(reference[1])))}
+        def measure() -> dict:
+            with stage(f"method metrics: {name}"):
+                return recipe.metrics(iv, model, data, test, reference[1], pick["setting"], _gen(cfg, False))
+
+        # kept in test/<name>/method_metrics.json: a resumed run reads it back
+        arm.metrics.update(g.on_main(lambda: cached_json(path / "test" / name / "method_metrics.json", key, measure)))
     _pregenerate(model, path, name, iv, arm, test, cfg, scorer, progress)
     tested = partial(_test_setting, model, path, name, iv, arm, test=test, cfg=cfg, scorer=scorer,
                      reference=reference, base_rows=base_rows, chosen_rows=rows[name], base_metrics=base_metrics)
@@ -493,9 +500,10 @@ def ppl_ratio_to(base_metrics: dict, metrics: dict) -> dict | None:
     return paired_perplexity_ratio(ref, own).to_dict() if len(ref) > 1 and len(own) > 1 else None
 
 
-def _paired(arms: list[Arm], rows: dict[str, list[dict]]) -> None:
+def _paired(arms: list[Arm], rows: dict[str, list[dict]], path: Path) -> None:
     """The paired bootstrap difference of every arm from the baseline, on the same prompts, and the
-    semantic similarity of each continuation to the baseline's (same prompt and sample)."""
+    semantic similarity of each continuation to the baseline's (same prompt and sample; kept in
+    ``test/<arm>/similarity.json``)."""
     for arm in arms:
         if arm.status == "ok":
             arm.metrics["paired_difference"] = paired_to(rows["unsteered"], rows[arm.method])
@@ -503,7 +511,8 @@ def _paired(arms: list[Arm], rows: dict[str, list[dict]]) -> None:
             if ratio is not None:
                 arm.metrics["ppl_ratio"] = ratio
             if arm.method != "unsteered":
-                arm.metrics["similarity_to_unsteered"] = similarity_to(rows["unsteered"], rows[arm.method])
+                arm.metrics["similarity_to_unsteered"] = similarity_to(rows["unsteered"], rows[arm.method],
+                                                                       path / "test" / arm.method / "similarity.json")
 
 
 def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> dict:

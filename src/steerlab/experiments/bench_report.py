@@ -144,7 +144,11 @@ def matched_rows(metrics: dict) -> list[dict]:
 
 
 def _fire(f: dict | None) -> str:
-    return "" if not f else (f"{f['test_prompts']:.2f} / {f['neutral_texts']:.2f} / {f['generation_steps']:.2f}")
+    def rate(k: str) -> str:  # (a rate over no text is NaN, read back from JSON as None)
+        v = f.get(k)
+        return f"{v:.2f}" if isinstance(v, int | float) and v == v else "n/a"
+
+    return "" if not f else " / ".join(rate(k) for k in ("test_prompts", "neutral_texts", "generation_steps"))
 
 
 def candidate_rows(metrics: dict) -> list[dict]:
