@@ -252,6 +252,7 @@ def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict], cache=No
              if (r["prompt_id"], r["sample"]) in ref]
     if not pairs:
         raise EmptyInputError("no (prompt, sample) pair in common with the reference rows")
+
     def compute() -> list[float]:
         with stage("similarity"):
             return [float(v) for v in semantic_similarity([p[1] for p in pairs], [p[2] for p in pairs]).per_pair]

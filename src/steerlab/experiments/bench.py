@@ -173,10 +173,7 @@ def candidate_kl(model: Model, iv: Intervention, opts: dict, reference, cache: P
     (:meth:`~steerlab.interventions.Intervention.fixed_text_options`): the x axis of the report's
     second dose-response figure. Each candidate costs one forward pass over the texts, kept in the JSON
     file ``cache`` when given (keyed by the model, the edit, its options and the texts)."""
-    from ..evaluation import MEASURE_VERSION
-    from ..generation import text_id
     from ..metrics.lm import kl_from_reference
-    from ..runs import cached_json
 
     fixed = iv.fixed_text_options(opts)
 
