@@ -42,7 +42,6 @@ every row and untouched by the injection: their KV cache is computed once and sh
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -52,7 +51,7 @@ import torch
 
 from ..errors import SteerlabError
 from ..hooks import EditFn, capture, edit
-from ..models.model import Model
+from ..models.model import Model, cache_of, cache_rows
 from ..registry import choose
 from ..validate import number
 from .lens import token_str
@@ -388,18 +387,12 @@ def prefix_cache(model: Model, ip: InterpretationPrompt):
     n = ip.positions[0]
     if n == 0:
         return None
-    return _cache_of(model.hf(input_ids=torch.tensor([ip.ids[:n]], device=model.device), use_cache=True))
-
-
-def _cache_of(out):
-    """The KV cache of a forward's output (``cache`` in recent transformers, ``past_key_values`` before)."""
-    return out["cache"] if "cache" in out else out.past_key_values
+    return cache_of(model.hf(input_ids=torch.tensor([ip.ids[:n]], device=model.device), use_cache=True))
 
 
 def _rows_of(cache, B: int):
-    c = copy.deepcopy(cache)
-    c.batch_repeat_interleave(B)
-    return c
+    """``B`` copies of a one-row cache."""
+    return cache_rows(cache, torch.zeros(B, dtype=torch.long))
 
 
 @torch.no_grad()
@@ -437,7 +430,7 @@ def prompt_cache(model: Model, ip: InterpretationPrompt):
     """``(cache, last_logits [1, vocab])`` of the whole interpretation prompt without injection (one
     row): what every row shares when nothing is injected."""
     out = model.hf(input_ids=torch.tensor([ip.ids], device=model.device), use_cache=True)
-    return _cache_of(out), out.logits[:, -1:]
+    return cache_of(out), out.logits[:, -1:]
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ class Perplexity:
 # batch size of the passes over fixed text (perplexity, KL): the fastest of 8/16/32/64 on a quiet
 # 2-core machine (benchmarks/bench_batch.py, 2026-12-07: 367 / 466 / 392 / 256 tokens/s)
 FIXED_TEXT_BATCH = 16
+# rows per target pass of shared_prefix_nlls (16, 32, 64 and 128 were within noise of each other, 2026-12-07)
 TARGET_ROWS = 32
 
 
@@ -99,13 +100,11 @@ def shared_prefix_nlls(
     its last token, which predict the first target token) serve every target that follows it, as
     the k samples of a prompt or the candidate settings of a grid do (a repeated context + target pair,
     as when a gentle edit leaves a sample unchanged, is scored once). Contexts go in batches of
-    similar length (left-padded), their targets in right-padded batches of ``2 x batch_size`` rows on
-    a copy of the cache (position ids continue each row's own context). Two forward calls per
+    similar length (left-padded), their targets in right-padded batches of :data:`TARGET_ROWS` rows
+    on a copy of the cache (position ids continue each row's own context). Two forward calls per
     target: for the unedited model only (an edit that acts on the last position of each call would
     act twice). Equal to :func:`token_nlls` within float32 rounding (tests)."""
-    import copy
-
-    from ..models.model import position_ids
+    from ..models.model import cache_of, cache_rows, position_ids
 
     _check_pairs(contexts, targets, batch_size, "shared_prefix_nlls")
     index: dict[tuple[int, ...], int] = {}
@@ -127,7 +126,7 @@ def shared_prefix_nlls(
         if model.accepts("logits_to_keep"):
             kw["logits_to_keep"] = 1
         first = model.hf(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
-        cache, last = first["cache"] if "cache" in first else first.past_key_values, first.logits[:, -1].float()
+        cache, last = cache_of(first), first.logits[:, -1].float()
         for part in range(0, len(todo), TARGET_ROWS):
             chunk = todo[part: part + TARGET_ROWS]
             sel = torch.tensor([j for j, _ in chunk], device=ids.device)
@@ -139,10 +138,8 @@ def shared_prefix_nlls(
                 tgt[r, : lens[r]] = torch.as_tensor(list(targets[i]), dtype=torch.long)
                 tmask[r, : lens[r]] = 1
             tgt, tmask = tgt.to(ids.device), tmask.to(ids.device)
-            c = copy.deepcopy(cache)
-            c.batch_select_indices(sel)
             kw = {"position_ids": mask[sel].sum(-1, keepdim=True) + torch.arange(T, device=ids.device)} if pos_kw else {}
-            kw["cache" if model.accepts("cache") else "past_key_values"] = c
+            kw["cache" if model.accepts("cache") else "past_key_values"] = cache_rows(cache, sel)
             more = model.hf(input_ids=tgt, attention_mask=torch.cat([mask[sel], tmask], 1), use_cache=True, **kw)
             logits = torch.cat([last[sel, None], more.logits[:, :-1].float()], 1)
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")

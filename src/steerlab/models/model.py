@@ -257,6 +257,21 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def cache_of(out):
+    """The KV cache of a forward's output (``cache`` in recent transformers, ``past_key_values`` before)."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+def cache_rows(cache, index: torch.Tensor):
+    """A copy of a KV cache holding the batch rows ``index`` (repeats allowed: ``[0] * B`` gives B copies of
+    row 0); the cache itself is left as it is, for the next selection."""
+    import copy
+
+    c = copy.deepcopy(cache)
+    c.batch_select_indices(index)
+    return c
+
+
 def parameter_fingerprint(model: nn.Module) -> str:
     """A hash of all parameters' bytes (for in-memory models with no weight files)."""
     h = hashlib.sha256()
