@@ -94,6 +94,20 @@ MEASURE_VERSION = 1
 measurement is computed changes, so that runs measured before are measured again on resume."""
 
 
+def measure_key(measure: str, model: Model | None = None, intervention=None, options=None, **inputs) -> dict:
+    """The key under which a measurement is kept (:func:`~steerlab.runs.cached_json`): what it is,
+    :data:`MEASURE_VERSION`, the model's and the edit's fingerprints, the options, and a hash of each
+    other input (texts, pairs, prompt ids...)."""
+    import json
+
+    from .generation import text_id
+
+    return {"measure": measure, "version": MEASURE_VERSION,
+            "model": model.fingerprint if model is not None else None,
+            "intervention": intervention.fingerprint() if intervention is not None else None, "options": options,
+            **{k: text_id(json.dumps(v, default=str)) for k, v in inputs.items()}}
+
+
 def fluency_rows(rows: Sequence[dict]) -> list[int]:
     """The rows whose continuation fluency scores: those with a non-empty continuation."""
     return [i for i, r in enumerate(rows) if r["continuation"].strip()]
@@ -109,15 +123,11 @@ def continuation_nlls(model: Model, groups: Sequence[Sequence[dict]], chat: bool
     (:func:`~steerlab.metrics.lm.shared_prefix_nlls`: the k samples of a prompt, the candidates of a
     grid). ``caches[g]``: a JSON file that keeps group ``g``'s values under a key of the model's
     fingerprint and the texts, read back while they are the same (:func:`~steerlab.runs.cached_json`)."""
-    import json
-
-    from .generation import text_id
-    from .runs import read_cached, write_json
+    from .runs import read_cached, write_cached
 
     caches = list(caches) if caches is not None else [None] * len(groups)
-    keys = [{"measure": "continuation NLL", "version": MEASURE_VERSION, "model": model.fingerprint, "chat": chat,
-             "texts": text_id(json.dumps([[r["prompt"] for r in g], [r["continuation"] for r in g]], default=str))}
-            for g in groups]
+    keys = [measure_key("continuation NLL", model, options={"chat": chat},
+                        texts=[[r["prompt"] for r in g], [r["continuation"] for r in g]]) for g in groups]
     held = [read_cached(c, k) for c, k in zip(caches, keys, strict=True)]
     todo = [j for j, (found, _) in enumerate(held) if not found and len(groups[j])]
     values = {j: v for j, (found, v) in enumerate(held) if found}
@@ -131,7 +141,7 @@ def continuation_nlls(model: Model, groups: Sequence[Sequence[dict]], chat: bool
             end = start + len(groups[j])
             values[j] = {"nll": ppl.nll[start:end].tolist(), "n_tokens": ppl.n_tokens[start:end].tolist()}
             if caches[j] is not None:
-                write_json(caches[j], {"key": keys[j], "value": values[j]})
+                write_cached(caches[j], keys[j], values[j])
             start = end
     return [(np.asarray(values.get(j, {}).get("nll", []), dtype=float),
              np.asarray(values.get(j, {}).get("n_tokens", []), dtype=int)) for j in range(len(groups))]
@@ -191,12 +201,11 @@ def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, referenc
     would). Returns the metrics and the rows. In a data-parallel launch the processes share the
     generation and rank 0 measures (``reference`` is only needed there). ``note(text)``, when
     given, hears each phase as it starts (a progress display's line)."""
-    import json
     from contextlib import nullcontext
     from pathlib import Path
 
     from .data import neutral_texts
-    from .generation import generate_run, text_id
+    from .generation import generate_run
     from .parallel import group
     from .runs import cached_json
 
@@ -217,9 +226,7 @@ def evaluate_arm(model: Model, prompts: Sequence, out_dir, cfg, scorer, referenc
             with intervention.apply(model, **fixed) if intervention is not None else nullcontext():
                 return side_effects(model, reference, texts)
 
-        key = {"measure": "side effects", "version": MEASURE_VERSION, "model": model.fingerprint,
-               "intervention": intervention.fingerprint() if intervention is not None else None, "options": fixed,
-               "texts": text_id(json.dumps(texts)), "reference": list(reference.values.shape)}
+        key = measure_key("side effects", model, intervention, fixed, texts=texts, reference=list(reference.values.shape))
         held = cached_json(Path(out_dir) / "side_effects.json", key, effects)
         metrics["side_effects"] = {k: float("nan") if v is None else v for k, v in held.items()}
         return metrics
@@ -240,9 +247,6 @@ def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict], cache=No
     arm's continuation of the same prompt and sample (common random numbers make them comparable),
     its mean with a 95% bootstrap CI over prompts, and the share of identical continuations.
     ``cache``: a JSON file that keeps the per-pair similarities under a key of the texts."""
-    import json
-
-    from .generation import text_id
     from .metrics import bootstrap_mean
     from .metrics.text import semantic_similarity
     from .runs import cached_json
@@ -257,8 +261,7 @@ def similarity_to(reference_rows: Sequence[dict], rows: Sequence[dict], cache=No
         with stage("similarity"):
             return [float(v) for v in semantic_similarity([p[1] for p in pairs], [p[2] for p in pairs]).per_pair]
 
-    key = {"measure": "similarity", "version": MEASURE_VERSION, "pairs": text_id(json.dumps(pairs))}
-    sim = cached_json(cache, key, compute)
+    sim = cached_json(cache, measure_key("similarity", pairs=pairs), compute)
     by: dict[str, list[float]] = {}
     for (pid, _, _), v in zip(pairs, sim):
         by.setdefault(pid, []).append(float(v))

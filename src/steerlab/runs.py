@@ -122,8 +122,15 @@ def cached_json(path: str | os.PathLike | None, key: Any, compute: Callable[[], 
         return compute()
     found, value = read_cached(path, key)
     if not found:  # returned as it reads back, so that a first call and a resumed one see the same value
-        value = json.loads(_dumps(compute()))
-        write_json(path, {"key": key, "value": value})
+        value = write_cached(path, key, compute())
+    return value
+
+
+def write_cached(path: str | os.PathLike, key: Any, value: Any) -> Any:
+    """Keep ``value`` in the JSON file ``path`` under ``key`` (as :func:`cached_json` reads it back);
+    returns the value as JSON reads it back."""
+    value = json.loads(_dumps(value))
+    write_json(path, {"key": key, "value": value})
     return value
 
 

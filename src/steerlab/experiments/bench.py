@@ -40,19 +40,19 @@ from functools import partial
 from pathlib import Path
 
 from ..evaluation import (
-    MEASURE_VERSION,
     admissible,
     continuation_nlls,
     evaluate_arm,
     fluency_rows,
     generation_overhead,
+    measure_key,
     neutral_reference,
     paired_to,
     similarity_to,
     summarize,
     timing_label,
 )
-from ..generation import GenConfig, generate_run, text_id
+from ..generation import GenConfig, generate_run
 from ..grid import generate_grid
 from ..interventions import Intervention, get
 from ..metrics.compare import choose_setting, paired_perplexity_ratio
@@ -181,9 +181,7 @@ def candidate_kl(model: Model, iv: Intervention, opts: dict, reference, cache: P
         with stage("validation: neutral KL"), iv.apply(model, **fixed):
             return float(kl_from_reference(model, reference[0], reference[1]).mean)
 
-    key = {"measure": "neutral KL", "version": MEASURE_VERSION, "model": model.fingerprint,
-           "intervention": iv.fingerprint(), "options": fixed, "texts": text_id(json.dumps(list(reference[1]))),
-           "reference": list(reference[0].values.shape)}
+    key = measure_key("neutral KL", model, iv, fixed, texts=list(reference[1]), reference=list(reference[0].values.shape))
     v = cached_json(cache, key, compute)
     return float("nan") if v is None else float(v)
 
@@ -403,9 +401,8 @@ def _arm(model, run, path, arm: Arm, data, val, test, cfg, scorer, reference, ba
     arm.timing = _timing(model, path, name, iv, pick["setting"], test, cfg, bar)
     if recipe.metrics is not None:
         bar.note(f"{name}: method metrics")
-        key = {"measure": f"method metrics: {name}", "version": MEASURE_VERSION, "model": model.fingerprint,
-               "intervention": iv.fingerprint(), "options": pick["setting"], "gen": asdict(_gen(cfg, False)),
-               "prompts": [p.id for p in test], "neutral": text_id(json.dumps(list(reference[1])))}
+        key = measure_key(f"method metrics: {name}", model, iv, pick["setting"], gen=asdict(_gen(cfg, False)),
+                          prompts=[p.id for p in test], neutral=list(reference[1]))
         def measure() -> dict:
             with stage(f"method metrics: {name}"):
                 return recipe.metrics(iv, model, data, test, reference[1], pick["setting"], _gen(cfg, False))
