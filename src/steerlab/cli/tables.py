@@ -200,9 +200,10 @@ def print_bench(name: str, metrics: dict) -> None:
         if r["status"] != "ok":
             t.add_row(r["method"], "failed", *[""] * (len(cols) - 2))
             continue
-        time_x = str(r.get("generation time x", ""))
-        few |= FEW_PAIRS in time_x
-        t.add_row(*[escape(str(r.get(c, ""))) for c in cols][:-1], escape(time_x.replace(FEW_PAIRS, ")")))
+        cells = {c: str(r.get(c, "")) for c in cols}
+        few |= FEW_PAIRS in cells["generation time x"]
+        cells["generation time x"] = cells["generation time x"].replace(FEW_PAIRS, ")")
+        t.add_row(*[escape(v) for v in cells.values()])
     console.print(t)
     if few:
         console.print("time x: the median ratio of paired generation timings; fewer than 3 pairs give no CI")

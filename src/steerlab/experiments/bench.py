@@ -83,7 +83,8 @@ class Arm:
     matched_test: dict = None           # type: ignore[assignment]  # the matched settings on test
 
 
-def _data(model: Model, cfg: BenchConfig, scorer) -> tuple[BenchData, list, list]:
+def _data(model: Model, cfg: BenchConfig, scorer) -> tuple[BenchData, list, list, int]:
+    """The benchmark's data, validation and test prompts, and how many test prompts the split holds."""
     from ..data import contrast_from_scores, load_prompts, split
 
     parts = split(load_prompts(cfg.prompts), seed=cfg.seed)
@@ -93,7 +94,7 @@ def _data(model: Model, cfg: BenchConfig, scorer) -> tuple[BenchData, list, list
     val = parts["validation"][: cfg.n_val]
     test = parts["test"][: cfg.n_test] if cfg.n_test else parts["test"]
     data = BenchData(train, scores, contrast, [p.text for p in parts["validation"]], scorer, cfg.seed)
-    return data, val, test
+    return data, val, test, len(parts["test"])
 
 
 def _gen(cfg: BenchConfig, val: bool) -> GenConfig:
@@ -287,13 +288,13 @@ def run_bench(model: Model, out_dir: str | Path, cfg: BenchConfig | None = None,
     try:
         names = g.on_main(lambda: _arm_names(run, model, cfg, names))
         with stage("data: split, score the training prompts"):
-            data, val, test = _data(model, cfg, scorer)
+            data, val, test, n_split = _data(model, cfg, scorer)
         arms, rows = _run_arms(model, run, path, names, data, val, test, cfg, scorer, progress and g.main)
 
         def finish() -> dict:
             with stage("paired statistics and verdict"):
                 _paired(arms, rows, path)
-                metrics = _metrics(model, cfg, arms, len(test))
+                metrics = _metrics(model, cfg, arms, len(test), n_split)
             metrics["wall_seconds_this_call"] = round(time.perf_counter() - t_start, 1)  # before the report
             with stage("report"):
                 write_report(run.path, model, cfg, metrics, rows, test, scorer)
@@ -509,7 +510,7 @@ def _paired(arms: list[Arm], rows: dict[str, list[dict]], path: Path) -> None:
                                                                        path / "test" / arm.method / "similarity.json")
 
 
-def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> dict:
+def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int, n_split: int) -> dict:
     table = []
     for a in arms:
         ok = a.status == "ok" and a.timing
@@ -527,13 +528,10 @@ def _metrics(model: Model, cfg: BenchConfig, arms: list[Arm], n_test: int) -> di
         table.append(row)
     out = {"model": model.name, "model_fingerprint": model.fingerprint, "preset": cfg.preset,
            "n_test_prompts": n_test, "k": cfg.k, "arms": table}
-    out.update(comparison(table, n_test, cfg.max_ppl_ratio, cfg.matched_ppl, presets=_preset_sizes(cfg), k=cfg.k))
+    out.update(comparison(table, n_test, cfg.max_ppl_ratio, cfg.matched_ppl, presets=preset_sizes(n_split), k=cfg.k))
     return out
 
 
-def _preset_sizes(cfg: BenchConfig) -> dict[str, tuple[int, int]]:
-    """Each preset's (test prompts, samples per prompt) on this run's prompt set (``n_test`` 0: all)."""
-    from ..data import load_prompts, split
-
-    n_all = len(split(load_prompts(cfg.prompts), seed=cfg.seed)["test"])
-    return {name: (min(p.get("n_test") or n_all, n_all), int(p["k"])) for name, p in PRESETS.items()}
+def preset_sizes(n_split: int) -> dict[str, tuple[int, int]]:
+    """Each preset's (test prompts, samples per prompt) on a split of ``n_split`` test prompts (``n_test`` 0: all)."""
+    return {name: (min(p.get("n_test") or n_split, n_split), int(p["k"])) for name, p in PRESETS.items()}
